@@ -1,0 +1,58 @@
+"""Checks at the public boundary: every failure is one line naming the argument and the fix."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+
+Array = torch.Tensor | np.ndarray
+
+
+def as_float64(name: str, value: Any, min_dim: int = 0) -> torch.Tensor:
+    """Return `value` as a finite float64 tensor (kept on its device if it already is a tensor).
+
+    Raises ValueError naming `name` for non-numeric input, NaN/inf entries, or fewer than
+    `min_dim` dimensions.
+    """
+    if isinstance(value, torch.Tensor):
+        tensor = value.detach().to(torch.float64)
+    else:
+        try:
+            tensor = torch.as_tensor(np.asarray(value, dtype=np.float64))
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{name} must be a numeric array or tensor, got {type(value).__name__}") from exc
+    if tensor.dim() < min_dim:
+        raise ValueError(f"{name} must have at least {min_dim} dimensions, got shape {tuple(tensor.shape)}")
+    if not torch.isfinite(tensor).all():
+        raise ValueError(f"{name} contains NaN or inf: clean or mask those entries before calling")
+    return tensor
+
+
+def check_positive(name: str, value: float) -> float:
+    """Return `value` as a float after checking it is finite and > 0."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{name} must be a positive number, got {value!r}") from exc
+    if not math.isfinite(number) or number <= 0:
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    return number
+
+
+def check_count(name: str, value: int, minimum: int = 0) -> int:
+    """Return `value` after checking it is an integer >= `minimum`."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value}")
+    return int(value)
+
+
+def check_choice(name: str, value: str, choices: tuple[str, ...]) -> str:
+    """Return `value` after checking it is one of `choices`."""
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+    return value

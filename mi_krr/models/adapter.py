@@ -1,0 +1,85 @@
+"""The contract between models and probes.
+
+Probes only ever talk to a model through `ICLModel`: how a task becomes input (`encode`), which
+hook names hold the residual stream after each block and each layer's attention, and how a
+residual vector becomes a prediction (`readout`). Every model class in mi-krr (`ICLTransformer`,
+the TransformerBridge model, Garg-format checkpoints, the constructed reference models)
+implements it; `adapter_for` checks a model does, naming what is missing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+import torch
+
+from mi_krr.models.encoding import EncodedPrompt
+from mi_krr.tasks import ICLTask
+
+
+@dataclass(frozen=True)
+class AttentionHooks:
+    """Hook names of one attention layer. `pattern` fires with the weights actually applied
+    `[batch, head, query_pos, key_pos]`; `scores` with pre-normalisation scores of the same shape,
+    or None where the model cannot expose them; `q`/`k` fire with `[batch, pos, head, d_head]`."""
+
+    pattern: str
+    scores: str | None
+    q: str
+    k: str
+
+
+@runtime_checkable
+class ICLModel(Protocol):
+    """What a model must offer for probes to work on it.
+
+    Attributes:
+        n_layers: number of blocks L.
+        n_heads: attention heads per block.
+    """
+
+    n_layers: int
+    n_heads: int
+
+    def encode(self, task: ICLTask) -> EncodedPrompt:
+        """Token sequences for `task` (see `EncodedPrompt`)."""
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Per-position scalar outputs `[batch', seq]` for tokens `[batch', seq, d_token]`."""
+
+    def residual_hook_names(self) -> list[str]:
+        """L + 1 hook names: index 0 holds the residual stream entering block 0 (embeddings),
+        index l the residual stream after block l. Each fires with `[batch', seq, d_model]`."""
+
+    def attention_hook_names(self) -> list[AttentionHooks]:
+        """One `AttentionHooks` per block (empty names are not allowed)."""
+
+    def readout(self, resid: torch.Tensor) -> torch.Tensor:
+        """The model's own final norm and read-out: `[..., d_model]` -> `[...]`."""
+
+    def predict(self, task: ICLTask) -> torch.Tensor:
+        """Query predictions `[batch, n_query]`."""
+
+
+def adapter_for(model: object) -> ICLModel:
+    """Return `model` after checking it implements `ICLModel` and fires every hook it names.
+
+    Raises ValueError naming the missing method or hook.
+    """
+    for method in ("encode", "forward", "residual_hook_names", "attention_hook_names", "readout", "predict"):
+        if not callable(getattr(model, method, None)):
+            raise ValueError(
+                f"{type(model).__name__} has no method {method!r}: probes need an mi_krr ICL model "
+                "(ICLTransformer, BridgeICLModel, load_garg_checkpoint(...), or a mi_krr.construct model)"
+            )
+    hook_dict = getattr(model, "hook_dict", None)
+    if hook_dict is None:
+        raise ValueError(f"{type(model).__name__} has no hook_dict: it must be a TransformerLens HookedRootModule or bridge")
+    names = list(model.residual_hook_names())
+    for hooks in model.attention_hook_names():
+        names += [hooks.pattern, hooks.q, hooks.k] + ([hooks.scores] if hooks.scores else [])
+    missing = [name for name in names if name not in hook_dict]
+    if missing:
+        raise ValueError(f"{type(model).__name__} lacks hook {missing[0]!r} that probes need (missing: {len(missing)} hooks)")
+    return model

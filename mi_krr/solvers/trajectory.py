@@ -1,0 +1,41 @@
+"""The result every solver returns: the whole iterate sequence, not only the answer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+
+@dataclass
+class Trajectory:
+    """Per-step states of an iterative solver for (K + lam I) alpha = y (or its feature-space
+    counterpart), batched over leading dimensions `...`.
+
+    Attributes:
+        alpha: dual coefficients per step `[..., T+1, n]`; step 0 is the start (alpha = 0).
+        residual_norm: ||y - (K + lam I) alpha_t||_2 per step `[..., T+1]`.
+        pred: query predictions K_query @ alpha_t per step `[..., T+1, m]`, or None when no
+            K_query was given.
+        method: solver name, e.g. "cg", "richardson".
+        lam: the ridge parameter.
+        step: the step size used (a float, a per-prompt tensor `[...]`, or None for methods
+            without one, e.g. CG).
+        preconditioner: "none", "jacobi", "rowsum", or None.
+        params: any further parameters (momentum, eigenvalue bounds, ...).
+    """
+
+    alpha: torch.Tensor
+    residual_norm: torch.Tensor
+    pred: torch.Tensor | None
+    method: str
+    lam: float
+    step: float | torch.Tensor | None = None
+    preconditioner: str | None = None
+    params: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def n_steps(self) -> int:
+        """T: the number of iterations taken (alpha has T + 1 entries)."""
+        return self.alpha.shape[-2] - 1
