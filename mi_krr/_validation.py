@@ -12,13 +12,14 @@ Array = torch.Tensor | np.ndarray
 
 
 def as_float64(name: str, value: Any, min_dim: int = 0) -> torch.Tensor:
-    """Return `value` as a finite float64 tensor (kept on its device if it already is a tensor).
+    """Return `value` as a finite float64 tensor (kept on its device, and in the autograd graph,
+    if it already is a tensor).
 
     Raises ValueError naming `name` for non-numeric input, NaN/inf entries, or fewer than
     `min_dim` dimensions.
     """
     if isinstance(value, torch.Tensor):
-        tensor = value.detach().to(torch.float64)
+        tensor = value.to(torch.float64)
     else:
         try:
             tensor = torch.as_tensor(np.asarray(value, dtype=np.float64))
@@ -26,7 +27,7 @@ def as_float64(name: str, value: Any, min_dim: int = 0) -> torch.Tensor:
             raise ValueError(f"{name} must be a numeric array or tensor, got {type(value).__name__}") from exc
     if tensor.dim() < min_dim:
         raise ValueError(f"{name} must have at least {min_dim} dimensions, got shape {tuple(tensor.shape)}")
-    if not torch.isfinite(tensor).all():
+    if not torch.isfinite(tensor.detach()).all():
         raise ValueError(f"{name} contains NaN or inf: clean or mask those entries before calling")
     return tensor
 
