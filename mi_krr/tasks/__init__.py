@@ -1,5 +1,24 @@
-"""In-context regression prompts (`ICLTask`) and seeded samplers."""
+"""In-context regression prompts (`ICLTask`), seeded samplers, distribution shifts, and SPD test
+systems with an exact condition number."""
 
+from mi_krr.tasks.samplers import SAMPLERS, GPRegressionSampler, LinearRegressionSampler, Sampler, sampler_from_config
+from mi_krr.tasks.shifts import DEFAULT_SHIFTS, SHIFT_KINDS, Shift, applicable_shifts, apply_shift, shift_applies
+from mi_krr.tasks.spd import SPDSystem, sample_spd_system
 from mi_krr.tasks.task import ICLTask
 
-__all__ = ["ICLTask"]
+__all__ = [
+    "ICLTask",
+    "LinearRegressionSampler",
+    "GPRegressionSampler",
+    "Sampler",
+    "SAMPLERS",
+    "sampler_from_config",
+    "Shift",
+    "SHIFT_KINDS",
+    "DEFAULT_SHIFTS",
+    "apply_shift",
+    "shift_applies",
+    "applicable_shifts",
+    "SPDSystem",
+    "sample_spd_system",
+]

@@ -1,0 +1,125 @@
+"""Batched CG trajectories (mi_krr.solvers.cg) against a SciPy per-prompt loop, side by side.
+
+Both sides produce, for every prompt, every CG iterate alpha_0..alpha_T and the query
+predictions K_query @ alpha_t at every step, in float64 on 2 CPU threads. The SciPy side is the
+loop a careful user would write: per prompt, A = K + lam I as a dense ndarray,
+scipy.sparse.linalg.cg from x0 = 0 with rtol = atol = 0 and maxiter = T (so exactly T steps),
+a callback that copies each iterate, then one matmul for all steps' predictions.
+
+Timings are medians over interleaved repeats. Run: .venv/bin/python benchmarks/bench_solvers.py
+"""
+
+from __future__ import annotations
+
+import os
+
+for _variable in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+    os.environ[_variable] = "2"
+
+import argparse  # noqa: E402
+import statistics  # noqa: E402
+import time  # noqa: E402
+
+import numpy as np  # noqa: E402
+import scipy  # noqa: E402
+import scipy.sparse.linalg  # noqa: E402
+import torch  # noqa: E402
+
+from mi_krr.solvers import cg, cg_block_size  # noqa: E402
+
+THREADS = 2
+LAM = 0.1
+DIM = 8
+CONFIGS = [  # (batch, n_support, n_steps, speed-up goal)
+    (256, 64, 30, 10.0),
+    (64, 128, 30, 2.0),
+]
+
+
+def gaussian_prompts(batch: int, n: int, m: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """K `[batch, n, n]`, y `[batch, n]`, K_query `[batch, m, n]` from a Gaussian kernel
+    (bandwidth sqrt(d)) on standard normal inputs in d = 8 dimensions."""
+    rng = np.random.default_rng(seed)
+    support = rng.standard_normal((batch, n, DIM))
+    query = rng.standard_normal((batch, m, DIM))
+    y = rng.standard_normal((batch, n))
+
+    def kernel(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        squared = (a**2).sum(-1)[:, :, None] + (b**2).sum(-1)[:, None, :] - 2 * a @ b.transpose(0, 2, 1)
+        return np.exp(-np.maximum(squared, 0) / (2 * DIM))
+
+    K = kernel(support, support)
+    return (K + K.transpose(0, 2, 1)) / 2, y, kernel(query, support)
+
+
+def scipy_loop(K: np.ndarray, y: np.ndarray, K_query: np.ndarray, lam: float, n_steps: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per prompt: CG iterates `[T+1, n]` and predictions `[T+1, m]`."""
+    n = K.shape[-1]
+    identity = np.eye(n)
+    results = []
+    for k, labels, k_query in zip(K, y, K_query):
+        iterates = [np.zeros(n)]
+        scipy.sparse.linalg.cg(
+            k + lam * identity,
+            labels,
+            x0=np.zeros(n),
+            rtol=0.0,
+            atol=0.0,
+            maxiter=n_steps,
+            callback=lambda x: iterates.append(x.copy()),
+        )
+        alpha = np.stack(iterates)
+        results.append((alpha, alpha @ k_query.T))
+    return results
+
+
+def median_times(functions: dict[str, callable], repeats: int) -> dict[str, float]:
+    """Median wall time (s) of each function, repeats interleaved so load changes hit all alike."""
+    for function in functions.values():
+        function()  # warm-up
+    times = {name: [] for name in functions}
+    for _ in range(repeats):
+        for name, function in functions.items():
+            start = time.perf_counter()
+            function()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=9, help="interleaved timing repeats (median reported)")
+    parser.add_argument("--queries", type=int, default=None, help="queries per prompt m (default m = n)")
+    args = parser.parse_args()
+    torch.set_num_threads(THREADS)
+    print(f"torch {torch.__version__} ({torch.get_num_threads()} threads), numpy {np.__version__}, scipy {scipy.__version__}")
+    print(f"float64, lam = {LAM}, Gaussian kernel, d = {DIM}; medians of {args.repeats} interleaved repeats\n")
+    header = f"{'B':>4} {'n':>4} {'m':>4} {'T':>3} {'block':>5} | {'scipy loop':>11} {'mi_krr cg':>10} | {'speed-up':>8} {'goal':>5}  {'met':<4} | max pred diff"
+    print(header)
+    print("-" * len(header))
+    for batch, n, n_steps, goal in CONFIGS:
+        m = args.queries or n
+        K, y, K_query = gaussian_prompts(batch, n, m)
+        K_t, y_t, K_query_t = (torch.from_numpy(a) for a in (K, y, K_query))
+        block = cg_block_size(n)
+        reference = scipy_loop(K, y, K_query, LAM, n_steps)
+        trajectory = cg(K_t, y_t, LAM, n_steps, K_query=K_query_t)
+        pred_reference = np.stack([pred for _, pred in reference])
+        difference = np.abs(trajectory.pred.numpy() - pred_reference).max() / np.abs(pred_reference).max()
+        times = median_times(
+            {
+                "scipy": lambda: scipy_loop(K, y, K_query, LAM, n_steps),
+                "torch": lambda: cg(K_t, y_t, LAM, n_steps, K_query=K_query_t),
+            },
+            args.repeats,
+        )
+        speed_up = times["scipy"] / times["torch"]
+        print(
+            f"{batch:>4} {n:>4} {m:>4} {n_steps:>3} {min(block, batch):>5} | {times['scipy'] * 1e3:>8.2f} ms "
+            f"{times['torch'] * 1e3:>7.2f} ms | {speed_up:>7.1f}x {goal:>4.0f}x  {'yes' if speed_up >= goal else 'NO':<4} | "
+            f"{difference:.1e}"
+        )
+
+
+if __name__ == "__main__":
+    main()

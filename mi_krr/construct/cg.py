@@ -1,0 +1,210 @@
+"""A linear-attention transformer that runs conjugate gradient on (K + lam I) alpha = y exactly.
+
+Kernel: K = Phi Phi^T with Phi = phi(x_support) `[n, m]`, phi the feature map the embedding
+applies (identity for the exact linear kernel; `RandomProjection` (linear) or
+`PositiveRandomFeatures` (exp, gaussian) of width m = the head width otherwise). The model runs
+CG on that K exactly; with a random feature map, on an approximation of the named kernel.
+
+Tokens: n support tokens, m query tokens, one aggregator token (see `ConstructedTransformer`).
+
+Residual coordinates (`model.state_coordinates`; fixed order, d_model = 23 + dim + 2 m):
+    0 is_support, 1 is_query, 2 is_aux (the aggregator's flag)
+    x [dim], y, feat_support [m] (phi(x_i) on support tokens), feat_query [m] (phi(x_*) on queries)
+    support states: alpha, r, p, Kp = (K p)_i, and scratch Kr, bp, bKp
+    query states:   pred = k_*^T alpha, kq = k_*^T p, and scratch kr, bkq
+    aggregator:     rr = r^T r, rr_new, inv_rr, pAp, inv_pAp (scratch)
+Scratch coordinates are 0 at every step boundary.
+
+The embedding sets alpha = 0, r = y, p = Kp = kq = 0, pred = 0 and rr = 1 on the aggregator.
+One CG step is `layers_per_step = 4` blocks (the same weights for every step); every product is
+done by linear attention (a score times a value is a product of two token's coordinates), so
+the MLPs only copy, clear and take reciprocals:
+    1. heads: Kr_i = sum_j phi_i . phi_j r_j (support queries, support keys); kr_* = k_*^T r
+       (query tokens); rr_new = sum_j r_j r_j (the aggregator: score r_j, value r_j).
+       MLP (aggregator): inv_rr = 1 / rr; rr <- rr_new.
+    2. heads, keys = the aggregator, score = coordinate * rr, value inv_rr, so each output is
+       b * coordinate with b = rr_new / rr_old: bp = b p, bKp = b Kp (support), bkq = b kq (queries).
+       MLP: p <- r + bp, Kp <- Kr + bKp, kq <- kr + bkq, scratch cleared.
+    3. head: pAp = sum_j p_j (Kp_j + lam p_j) (the aggregator). MLP: inv_pAp = 1 / pAp.
+    4. heads, keys = the aggregator, score = coordinate * rr, value inv_pAp (a = rr / pAp):
+       alpha += a p, r -= a (Kp + lam p) (support), pred += a kq (queries). MLP clears inv_pAp.
+Step t therefore forms the direction p_{t-1} = r_{t-1} + beta p_{t-2} first (beta multiplies
+p = 0 at t = 1) and then moves along it: after step t's blocks the residual holds alpha_t, r_t,
+pred_t = k_*^T alpha_t, rr = r_{t-1}^T r_{t-1}, and p = p_{t-1}, the direction of step t
+(0-indexed CG: alpha_t = alpha_{t-1} + a_{t-1} p_{t-1}), Kp = K p_{t-1}.
+
+Arithmetic: mlp="exact" uses an idealised reciprocal unit; mlp="relu" replaces 1/s by a ReLU
+interpolant on [recip_range] (CG's only approximated operation), whose error falls with mlp_width.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mi_krr._validation import check_choice, check_count, check_positive
+from mi_krr.construct.primitives import Linear, Reciprocal, ReluArithmetic, const, coord
+from mi_krr.construct.transformer import BlockSpec, ConstructedTransformer, FeatureSlot, HeadSpec, ResidualLayout
+from mi_krr.feature_maps import FeatureMap, LinearFeatures, PositiveRandomFeatures, RandomProjection
+from mi_krr.kernels import KERNEL_NAMES
+
+CG_SUPPORT_STATES = ("alpha", "r", "p", "Kp", "y")
+CG_QUERY_STATES = ("pred", "kq")
+CG_AGGREGATOR_STATES = ("rr",)
+
+
+def kernel_feature_map(
+    kernel: str,
+    dim: int,
+    head_width: int | None,
+    temperature: float,
+    bandwidth: float,
+    seed: int,
+) -> FeatureMap:
+    """The head's feature map: exact for the linear kernel without `head_width`, else rank-m
+    `RandomProjection` (linear) or `PositiveRandomFeatures` (exp, gaussian)."""
+    check_choice("kernel", kernel, KERNEL_NAMES)
+    if kernel == "linear":
+        if head_width is None:
+            return LinearFeatures(dim)
+        return RandomProjection(dim, check_count("head_width", head_width, minimum=1), seed=seed)
+    if head_width is None:
+        raise ValueError(f"head_width is required for kernel {kernel!r} (no finite exact feature map): pass e.g. head_width=256")
+    head_width = check_count("head_width", head_width, minimum=1)
+    if kernel == "exp":
+        return PositiveRandomFeatures(dim, head_width, kind="exp", temperature=check_positive("temperature", temperature), seed=seed)
+    return PositiveRandomFeatures(dim, head_width, kind="gaussian", bandwidth=check_positive("bandwidth", bandwidth), seed=seed)
+
+
+def cg_transformer(
+    n_steps: int,
+    lam: float,
+    kernel: str = "linear",
+    dim: int = 8,
+    feature_map: FeatureMap | None = None,
+    head_width: int | None = None,
+    temperature: float = 1.0,
+    bandwidth: float = 1.0,
+    mlp: str = "exact",
+    mlp_width: int = 256,
+    recip_range: tuple[float, float] = (1e-6, 1e4),
+    dtype: torch.dtype = torch.float64,
+    device: torch.device | str | None = None,
+    seed: int = 0,
+) -> ConstructedTransformer:
+    """A linear-attention transformer of `4 * n_steps` blocks running CG (module docstring).
+
+    Args:
+        n_steps: CG steps T >= 1.
+        lam: ridge > 0.
+        kernel: "linear", "exp" or "gaussian" (the latter two through random features).
+        dim: largest task dimension d accepted (smaller tasks are zero-padded).
+        feature_map: an explicit map phi (`in_dim == dim`); overrides kernel/head_width.
+        head_width: m, the width of phi (None: exact linear features, m = dim).
+        temperature, bandwidth: kernel parameters for "exp" / "gaussian".
+        mlp: "exact" (idealised reciprocal units) or "relu".
+        mlp_width, recip_range: ReLU units per reciprocal and the range it is accurate on.
+        dtype, device: of the weights; float64 for exactness.
+        seed: seed of the random feature map.
+
+    The model's `feature_map` attribute is the phi used: compare with
+    `mi_krr.solvers.cg(feature_map.kernel(x), ...)`.
+    """
+    n_steps = check_count("n_steps", n_steps, minimum=1)
+    lam = check_positive("lam", lam)
+    dim = check_count("dim", dim, minimum=1)
+    check_choice("kernel", kernel, KERNEL_NAMES)
+    check_choice("mlp", mlp, ("exact", "relu"))
+    if feature_map is None:
+        feature_map = kernel_feature_map(kernel, dim, head_width, temperature, bandwidth, seed)
+    elif feature_map.in_dim != dim:
+        raise ValueError(f"feature_map must have in_dim == dim ({dim}), got {feature_map.in_dim}")
+    width = feature_map.out_dim
+    layout = ResidualLayout(
+        [("x", dim), ("y", 1), ("feat_support", width), ("feat_query", width)]
+        + [(name, 1) for name in ("alpha", "r", "p", "Kp", "Kr", "bp", "bKp")]
+        + [(name, 1) for name in ("pred", "kq", "kr", "bkq")]
+        + [(name, 1) for name in ("rr", "rr_new", "inv_rr", "pAp", "inv_pAp")]
+    )
+    c = {name: coord(index) for name, index in layout.scalars().items()}
+    i = layout.scalars()
+    feat_s = tuple(coord(j) for j in layout.span("feat_support"))
+    feat_q = tuple(coord(j) for j in layout.span("feat_query"))
+    one = (const(1.0),)
+
+    def from_aggregator(query_type: str, factor, value: str, target: str, coef: float) -> HeadSpec:
+        """Token coordinate `factor` times rr times the aggregator's `value`, added to `target`."""
+        return HeadSpec((query_type,), ("aux",), (factor,), (c["rr"],), c[value], ((i[target], coef),))
+
+    Ap = c["Kp"] + lam * c["p"]
+    blocks = [
+        BlockSpec(
+            heads=(
+                HeadSpec(("support",), ("support",), feat_s, feat_s, c["r"], ((i["Kr"], 1.0),)),
+                HeadSpec(("query",), ("support",), feat_q, feat_s, c["r"], ((i["kr"], 1.0),)),
+                HeadSpec(("aux",), ("support",), one, (c["r"],), c["r"], ((i["rr_new"], 1.0),)),
+            ),
+            mlp=(
+                Reciprocal(i["inv_rr"], c["rr"], only_on=i["is_aux"]),
+                Linear(i["rr"], c["rr_new"] - c["rr"]),
+                Linear(i["rr_new"], -c["rr_new"]),
+            ),
+        ),
+        BlockSpec(
+            heads=(
+                from_aggregator("support", c["p"], "inv_rr", "bp", 1.0),
+                from_aggregator("support", c["Kp"], "inv_rr", "bKp", 1.0),
+                from_aggregator("query", c["kq"], "inv_rr", "bkq", 1.0),
+            ),
+            mlp=(
+                Linear(i["p"], c["r"] + c["bp"] - c["p"]),
+                Linear(i["Kp"], c["Kr"] + c["bKp"] - c["Kp"]),
+                Linear(i["kq"], c["kr"] + c["bkq"] - c["kq"]),
+                *(Linear(i[name], -c[name]) for name in ("bp", "bKp", "bkq", "Kr", "kr", "inv_rr")),
+            ),
+        ),
+        BlockSpec(
+            heads=(HeadSpec(("aux",), ("support",), one, (c["p"],), Ap, ((i["pAp"], 1.0),)),),
+            mlp=(
+                Reciprocal(i["inv_pAp"], c["pAp"], only_on=i["is_aux"]),
+                Linear(i["pAp"], -c["pAp"]),
+            ),
+        ),
+        BlockSpec(
+            heads=(
+                from_aggregator("support", c["p"], "inv_pAp", "alpha", 1.0),
+                from_aggregator("support", Ap, "inv_pAp", "r", -1.0),
+                from_aggregator("query", c["kq"], "inv_pAp", "pred", 1.0),
+            ),
+            mlp=(Linear(i["inv_pAp"], -c["inv_pAp"]),),
+        ),
+    ]
+    x_span = layout.span("x")
+    model = ConstructedTransformer(
+        construction="cg",
+        layout=layout,
+        step_blocks=blocks,
+        n_steps=n_steps,
+        dim=dim,
+        n_aux=1,
+        attention="linear",
+        placement=[(j, x_span[j], 1.0) for j in range(dim)] + [(dim, i["y"], 1.0), (dim, i["r"], 1.0)],
+        constants=[("aux", i["rr"], 1.0)],
+        features=[
+            FeatureSlot(feature_map, "support", layout.span("feat_support")),
+            FeatureSlot(feature_map, "query", layout.span("feat_query")),
+        ],
+        readout_coordinate=i["pred"],
+        readout_sign=1.0,
+        state_tokens={
+            **{name: "support" for name in CG_SUPPORT_STATES},
+            **{name: "query" for name in CG_QUERY_STATES},
+            **{name: "aux" for name in CG_AGGREGATOR_STATES},
+        },
+        arithmetic=mlp,
+        relu=ReluArithmetic(width=mlp_width, low=recip_range[0], high=recip_range[1]) if mlp == "relu" else None,
+        params={"lam": lam, "kernel": kernel, "head_width": width, "temperature": temperature, "bandwidth": bandwidth, "seed": seed},
+        dtype=dtype,
+        device=device,
+    )
+    model.feature_map = feature_map
+    return model

@@ -1,0 +1,158 @@
+"""Models whose backbone is a TransformerLens `TransformerBridge` fed float `inputs_embeds` from
+our own read-in: `BridgeICLModel` (a native bridge built from an `ICLTransformerConfig`) and,
+through `BridgeBackedMixin`, the Garg-format checkpoints in `mi_krr.models.garg`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from mi_krr.models.adapter import AttentionHooks
+from mi_krr.models.config import ICLTransformerConfig
+from mi_krr.models.hook_names import attention_hook_names, residual_hook_names
+from mi_krr.models.masks import allowed_attention
+from mi_krr.models.prompting import PromptedModelMixin
+
+
+class BridgeBackedMixin:
+    """Hook API of a model = read-in Linear + `TransformerBridge` (+ its read-out).
+
+    The subclass sets `read_in` (d_token -> d_model), `bridge`, and implements
+    `_bridge_mask(tokens, n_support)` (a bool `[batch|1, 1, q_pos, k_pos]` blocked-entry mask or
+    None) and `_outputs(bridge_output)` (`[batch, seq, 1]` -> `[batch, seq]`).
+    `run_with_cache`, `run_with_hooks`, `hooks`, `reset_hooks` and `hook_dict` take our continuous
+    tokens and reach the bridge's hooks; hook names are the bridge's (TransformerLens) names.
+    """
+
+    read_in: nn.Linear
+    bridge: nn.Module
+
+    def _embed(self, tokens: torch.Tensor, n_support: int | None) -> tuple[torch.Tensor, dict[str, Any]]:
+        n_support = self._resolve_n_support(tokens, n_support)
+        if tokens.shape[-1] != self.read_in.in_features:
+            raise ValueError(
+                f"tokens must have width d_token={self.read_in.in_features} ({self.layout} layout), got {tokens.shape[-1]}: "
+                "build them with model.encode(task)"
+            )
+        if self.max_seq_len is not None and tokens.shape[1] > self.max_seq_len:
+            raise ValueError(f"sequence of {tokens.shape[1]} tokens is longer than max_seq_len={self.max_seq_len}: shorten the prompt")
+        mask = self._bridge_mask(tokens, n_support)
+        return self.read_in(tokens), ({} if mask is None else {"attention_mask": mask})
+
+    def _finish(self, output: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
+        # stop_at_layer makes the bridge return a residual stream, not read-out logits.
+        return output if kwargs.get("stop_at_layer") is not None else self._outputs(output)
+
+    def forward(self, tokens: torch.Tensor, n_support: int | None = None) -> torch.Tensor:
+        """tokens `[batch, seq, d_token]` -> per-position outputs `[batch, seq]`."""
+        embeds, mask_kwargs = self._embed(tokens, n_support)
+        return self._outputs(self.bridge(embeds, **mask_kwargs))
+
+    def run_with_cache(self, tokens: torch.Tensor, *args: Any, n_support: int | None = None, **kwargs: Any):
+        """`(outputs [batch, seq], ActivationCache)`; other arguments go to the bridge's
+        `run_with_cache` (names_filter, stop_at_layer, ...)."""
+        embeds, mask_kwargs = self._embed(tokens, n_support)
+        output, cache = self.bridge.run_with_cache(embeds, *args, **mask_kwargs, **kwargs)
+        return self._finish(output, kwargs), cache
+
+    def run_with_hooks(self, tokens: torch.Tensor, *args: Any, n_support: int | None = None, **kwargs: Any):
+        """Outputs `[batch, seq]` with the given `fwd_hooks`/`bwd_hooks` (bridge `run_with_hooks`)."""
+        embeds, mask_kwargs = self._embed(tokens, n_support)
+        return self._finish(self.bridge.run_with_hooks(embeds, *args, **mask_kwargs, **kwargs), kwargs)
+
+    def hooks(self, *args: Any, **kwargs: Any):
+        """The bridge's hook context manager (`with model.hooks(fwd_hooks=[...]): model(tokens)`)."""
+        return self.bridge.hooks(*args, **kwargs)
+
+    def reset_hooks(self, *args: Any, **kwargs: Any) -> None:
+        self.bridge.reset_hooks(*args, **kwargs)
+
+    @property
+    def hook_dict(self) -> dict[str, nn.Module]:
+        return self.bridge.hook_dict
+
+
+class BridgeICLModel(BridgeBackedMixin, PromptedModelMixin, nn.Module):
+    """An `ICLTransformerConfig` architecture on `TransformerBridge.boot_native` blocks.
+
+    Read-in Linear (ours) -> bridge (positional embedding, pre-norm blocks, final norm
+    `ln_final`, read-out `unembed` = Linear(d_model, 1) without bias) + `read_out_bias`.
+    Softmax attention only. Concat layout: the bridge runs bidirectionally under the concat mask of
+    `allowed_attention` (passed as a 4-d attention mask) and its positional embedding is zeroed and
+    frozen, so the model stays permutation-invariant over support tokens. Interleaved layout:
+    causal, learned positional embedding.
+
+    Differences from `ICLTransformer` a probe may meet: `hook_attn_scores` of a native bridge
+    carries the post-softmax pattern, so `attention_hook_names()` gives `scores=None` (rebuild
+    scores from `hook_q`/`hook_k`: q.k / sqrt(d_head)); `run_with_cache` returns an
+    `ActivationCache` (not a dict); `hook_embed` does not fire (the read-in is outside the bridge);
+    RMS norms compute in float32 even in a float64 model.
+    """
+
+    def __init__(self, cfg: ICLTransformerConfig, device: torch.device | str | None = None):
+        super().__init__()
+        if not isinstance(cfg, ICLTransformerConfig):
+            raise ValueError(f"cfg must be an ICLTransformerConfig, got {type(cfg).__name__}")
+        if cfg.attention != "softmax":
+            raise ValueError(
+                f"BridgeICLModel supports attention='softmax' only (TransformerBridge native blocks), got {cfg.attention!r}: "
+                "use ICLTransformer for linear or relu attention"
+            )
+        from transformer_lens.config import TransformerBridgeConfig
+        from transformer_lens.model_bridge import TransformerBridge
+
+        self.cfg = cfg
+        bridge_cfg = TransformerBridgeConfig(
+            d_model=cfg.d_model,
+            n_layers=cfg.n_layers,
+            n_heads=cfg.n_heads,
+            d_head=cfg.d_head,
+            d_mlp=cfg.d_mlp,
+            act_fn=cfg.act_fn,
+            attn_only=not cfg.mlp,
+            normalization_type=cfg.normalization_type,
+            n_ctx=cfg.max_seq_len,
+            d_vocab=1,
+            d_vocab_out=1,
+            positional_embedding_type="standard",
+            attention_dir="causal" if cfg.layout == "interleaved" else "bidirectional",
+        )
+        self.read_in = nn.Linear(cfg.d_token, cfg.d_model, device=device, dtype=cfg.torch_dtype)
+        self.bridge = TransformerBridge.boot_native(bridge_cfg, device=device, dtype=cfg.torch_dtype)
+        self.read_out_bias = nn.Parameter(torch.zeros((), device=device, dtype=cfg.torch_dtype))
+        if cfg.layout == "concat":
+            positional = self.bridge.pos_embed.original_component.weight
+            with torch.no_grad():
+                positional.zero_()
+            positional.requires_grad_(False)
+
+    n_layers = property(lambda self: self.cfg.n_layers)
+    n_heads = property(lambda self: self.cfg.n_heads)
+    n_dims = property(lambda self: self.cfg.n_dims)
+    layout = property(lambda self: self.cfg.layout)
+    max_seq_len = property(lambda self: self.cfg.max_seq_len)
+
+    def _bridge_mask(self, tokens: torch.Tensor, n_support: int | None) -> torch.Tensor | None:
+        if self.cfg.layout == "interleaved":
+            return None  # the bridge's own causal mask
+        allowed = allowed_attention("concat", tokens.shape[1], n_support, self.cfg.causal, device=tokens.device)
+        return ~allowed[None, None]
+
+    def _outputs(self, bridge_output: torch.Tensor) -> torch.Tensor:
+        return bridge_output[..., 0] + self.read_out_bias
+
+    def readout(self, resid: torch.Tensor) -> torch.Tensor:
+        """Final norm and read-out: `[..., d_model]` -> `[...]`."""
+        return self.bridge.unembed(self.bridge.ln_final(resid))[..., 0] + self.read_out_bias
+
+    def residual_hook_names(self) -> list[str]:
+        return residual_hook_names(self.n_layers)
+
+    def attention_hook_names(self) -> list[AttentionHooks]:
+        return attention_hook_names(self.n_layers, with_scores=False)
+
+    def config_dict(self) -> dict[str, Any]:
+        """JSON-able description `model_from_config` rebuilds this architecture from."""
+        return {"model_type": type(self).__name__, **self.cfg.to_dict()}

@@ -1,0 +1,127 @@
+"""Task-level methods every mi-krr model class shares: encode a task for the model, read query
+predictions, and the predictions a trainer scores. A model class supplies `layout`, `n_dims`,
+`max_seq_len` and `forward(tokens, n_support=None) -> [batch', seq]`; this mixin does the rest.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from mi_krr.models.encoding import EncodedPrompt, encode, interleave_pairs
+from mi_krr.tasks import ICLTask
+
+
+@dataclass
+class TrainingPredictions:
+    """What a trainer scores on one batch.
+
+    Attributes:
+        pred: model predictions `[batch, k]`.
+        target: the labels they predict `[batch, k]` (interleaved layout: y_support, one
+            prediction per prefix; concat layout: y_query).
+    """
+
+    pred: torch.Tensor
+    target: torch.Tensor
+
+    def mse(self) -> torch.Tensor:
+        """Mean squared error over every prediction (a scalar in the autograd graph)."""
+        return (self.pred - self.target).square().mean()
+
+
+def encoded_length(layout: str, n_support: int, n_query: int) -> int:
+    """Sequence length of one encoded prompt: n + m (concat) or 2n + 1 (interleaved)."""
+    return n_support + n_query if layout == "concat" else 2 * n_support + 1
+
+
+def check_task_fits(model: object, task: ICLTask) -> None:
+    """Raise one clear ValueError if `task`'s dimension is not the model's `n_dims` or its encoded
+    prompt is longer than the model's `max_seq_len` (None: no limit)."""
+    if not isinstance(task, ICLTask):
+        raise ValueError(f"task must be an mi_krr.tasks.ICLTask, got {type(task).__name__}")
+    n_dims = model.n_dims
+    if task.dim != n_dims:
+        raise ValueError(
+            f"task dimension d={task.dim} does not fit this model (n_dims={n_dims}): "
+            f"sample tasks with d={n_dims} (zero-pad lower-dimensional inputs)"
+        )
+    max_len = model.max_seq_len
+    length = encoded_length(model.layout, task.n_support, task.n_query)
+    if max_len is not None and length > max_len:
+        raise ValueError(
+            f"the {model.layout} prompt for n_support={task.n_support}, n_query={task.n_query} has {length} tokens, "
+            f"more than this model's max_seq_len={max_len}: use fewer support points"
+        )
+
+
+class PromptedModelMixin:
+    """`encode`, `predict`, `prefix_predictions`, `training_predictions` on top of `forward`.
+
+    The concat layout's attention mask depends on how many support tokens a sequence starts with.
+    `forward(tokens, n_support=None)` takes it explicitly, or, when omitted, from the last
+    `encode` of a prompt of the same length, so `model.run_with_cache(model.encode(task).tokens)`
+    works as in TransformerLens. The interleaved layout is causal and needs no n_support.
+    """
+
+    layout: str
+    n_dims: int
+    max_seq_len: int | None
+    _last_encoded: tuple[int, int] | None = None
+
+    def _param_like(self) -> torch.Tensor:
+        return next(self.parameters())
+
+    def encode(self, task: ICLTask) -> EncodedPrompt:
+        """Token sequences for `task` on the model's device and dtype (see `EncodedPrompt`)."""
+        check_task_fits(self, task)
+        reference = self._param_like()
+        prompt = encode(task.to(device=reference.device, dtype=reference.dtype), self.layout)
+        self._last_encoded = (prompt.tokens.shape[1], prompt.n_support)
+        return prompt
+
+    def _resolve_n_support(self, tokens: torch.Tensor, n_support: int | None) -> int | None:
+        """The n_support the attention mask of `tokens` `[batch', seq, d_token]` needs."""
+        if tokens.dim() != 3:
+            raise ValueError(f"tokens must be [batch, seq, d_token], got shape {tuple(tokens.shape)}")
+        if self.layout == "interleaved":
+            return None
+        if n_support is not None:
+            return n_support
+        seq_len = tokens.shape[1]
+        if self._last_encoded is not None and self._last_encoded[0] == seq_len:
+            return self._last_encoded[1]
+        raise ValueError(
+            f"a concat-layout model needs to know how many of the {seq_len} tokens are support tokens: "
+            "pass n_support=prompt.n_support, or encode the task with model.encode(task) first"
+        )
+
+    def predict(self, task: ICLTask) -> torch.Tensor:
+        """Query predictions `[batch, n_query]`."""
+        prompt = self.encode(task)
+        return prompt.gather_queries(self(prompt.tokens, n_support=prompt.n_support))
+
+    def prefix_predictions(self, task: ICLTask) -> torch.Tensor:
+        """Interleaved layout only: predictions at every support x position `[batch, n_support]`;
+        entry i predicts y_i from pairs 0..i-1 (Garg et al.'s `prediction[:, ::2]`)."""
+        if self.layout != "interleaved":
+            raise ValueError(
+                "prefix_predictions needs the causal interleaved layout; a concat model scores its "
+                "queries: use predict(task) or training_predictions(task)"
+            )
+        check_task_fits(self, task)
+        reference = self._param_like()
+        task = task.to(device=reference.device, dtype=reference.dtype)
+        return self(interleave_pairs(task.x_support, task.y_support))[:, 0::2]
+
+    def training_predictions(self, task: ICLTask) -> TrainingPredictions:
+        """Predictions and targets a trainer scores: every prefix of the support sequence against
+        y_support (interleaved), or the queries against y_query (concat). Loss: `.mse()`."""
+        if self.layout == "interleaved":
+            target = task.y_support
+            pred = self.prefix_predictions(task)
+        else:
+            target = task.y_query
+            pred = self.predict(task)
+        return TrainingPredictions(pred=pred, target=target.to(device=pred.device, dtype=pred.dtype))

@@ -1,0 +1,180 @@
+"""The validated linear system (K + lam I) alpha = y that every solver works on.
+
+Solvers see one flat batch: leading dimensions `...` are folded into `batch` on the way in and
+restored on the way out, so each solver is written once for `[batch, n, n]`.
+
+Vectors are kept as row vectors `[batch, k, n]`: since K is symmetric, A v = (v^T A)^T, and
+`v @ K` is a batched row-times-matrix product, which torch runs several times faster on CPU
+than the batched matrix-times-column product `K @ v[..., None]`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from mi_krr._validation import as_float64, check_count, check_positive
+from mi_krr.solvers.trajectory import Trajectory
+
+SYMMETRY_RTOL = 1e-8
+"""K counts as symmetric when max |K - K^T| <= SYMMETRY_RTOL * max |K|."""
+
+TINY = torch.finfo(torch.float64).tiny
+
+
+@dataclass(frozen=True)
+class KRRSystem:
+    """(K + lam I) alpha = y, leading dimensions `...` folded into one `batch` dimension.
+
+    Attributes:
+        K: kernel matrices `[batch, n, n]`, symmetric, float64.
+        y: labels as row vectors `[batch, 1, n]`.
+        lam: the ridge parameter (> 0).
+        K_query: query-support kernel `[batch, m, n]`, or None.
+        batch_shape: the caller's leading dimensions `...`.
+    """
+
+    K: torch.Tensor
+    y: torch.Tensor
+    lam: float
+    K_query: torch.Tensor | None
+    batch_shape: torch.Size
+
+    @property
+    def n(self) -> int:
+        return self.K.shape[-1]
+
+    @property
+    def diagonal(self) -> torch.Tensor:
+        """diag(K + lam I) as row vectors `[batch, 1, n]`."""
+        return (torch.diagonal(self.K, dim1=-2, dim2=-1) + self.lam).unsqueeze(-2)
+
+    def apply(self, v: torch.Tensor) -> torch.Tensor:
+        """(K + lam I) applied to row vectors `v` `[batch, k, n]` -> `[batch, k, n]`."""
+        return torch.baddbmm(v, v, self.K, beta=self.lam)
+
+    def residual_norms(self, alpha: torch.Tensor) -> torch.Tensor:
+        """||y - (K + lam I) alpha_t|| for iterates `alpha` `[batch, T+1, n]` -> `[batch, T+1]`."""
+        return torch.linalg.vector_norm(self.y - self.apply(alpha), dim=-1)
+
+    def predictions(self, alpha: torch.Tensor) -> torch.Tensor | None:
+        """K_query @ alpha_t for iterates `[batch, T+1, n]` -> `[batch, T+1, m]` (None without K_query)."""
+        if self.K_query is None:
+            return None
+        return torch.bmm(alpha, self.K_query.mT)
+
+    def unflatten(self, value: torch.Tensor) -> torch.Tensor:
+        """Restore the caller's leading dimensions: `[batch, *rest]` -> `[..., *rest]`."""
+        return value.reshape((*self.batch_shape, *value.shape[1:]))
+
+    def per_prompt(self, name: str, value: Any, positive: bool = True) -> torch.Tensor:
+        """A per-prompt parameter (number, or array broadcastable to `...`) as `[batch, 1, 1]`.
+
+        Raises ValueError naming `name` when it is not finite, not > 0 (if `positive`), or does
+        not broadcast to `...`.
+        """
+        tensor = as_float64(name, value).to(self.K.device)
+        try:
+            tensor = tensor.expand(self.batch_shape)
+        except RuntimeError as exc:
+            raise ValueError(
+                f"{name} must be a number or broadcast to the batch shape {tuple(self.batch_shape)}, "
+                f"got shape {tuple(tensor.shape)}"
+            ) from exc
+        if positive and not (tensor.detach() > 0).all():
+            raise ValueError(f"{name} must be > 0, got {value!r}")
+        return tensor.reshape(-1, 1, 1)
+
+    def recorded(self, given: Any, per_prompt: torch.Tensor) -> float | torch.Tensor:
+        """How a parameter is recorded in the Trajectory: a user's plain number as given, anything
+        else as the per-prompt tensor `[...]`."""
+        if isinstance(given, (int, float)):
+            return float(given)
+        return self.unflatten(per_prompt.reshape(-1))
+
+    def trajectory(
+        self,
+        alpha: torch.Tensor,
+        residual_norm: torch.Tensor,
+        method: str,
+        step: float | torch.Tensor | None = None,
+        preconditioner: str | None = None,
+        params: dict[str, Any] | None = None,
+    ) -> Trajectory:
+        """Package flat `[batch, T+1, n]` iterates and `[batch, T+1]` residual norms (predictions
+        are computed here) with the caller's leading dimensions restored."""
+        pred = self.predictions(alpha)
+        return Trajectory(
+            alpha=self.unflatten(alpha),
+            residual_norm=self.unflatten(residual_norm),
+            pred=None if pred is None else self.unflatten(pred),
+            method=method,
+            lam=self.lam,
+            step=step,
+            preconditioner=preconditioner,
+            params=params or {},
+        )
+
+
+def krr_system(K: Any, y: Any, lam: float, K_query: Any = None) -> KRRSystem:
+    """Validate solver inputs and fold leading dimensions.
+
+    Args:
+        K: kernel matrices `[..., n, n]` (symmetric; tensor or array).
+        y: labels `[..., n]`.
+        lam: ridge parameter, finite and > 0.
+        K_query: query-support kernel `[..., m, n]`, or None.
+
+    Raises ValueError (one line, naming the argument and the fix) on any bad input.
+    """
+    lam = check_positive("lam", lam)
+    K = as_float64("K", K, min_dim=2)
+    if K.shape[-1] != K.shape[-2]:
+        raise ValueError(f"K must be square [..., n, n], got shape {tuple(K.shape)}")
+    n = K.shape[-1]
+    if n < 1:
+        raise ValueError("K must hold at least one support point (n >= 1), got n = 0")
+    scale = K.detach().abs().amax() if K.numel() else torch.zeros((), dtype=K.dtype)
+    if K.numel() and (K.detach() - K.detach().mT).abs().amax() > SYMMETRY_RTOL * scale:
+        raise ValueError("K must be symmetric (a kernel matrix): symmetrise it with (K + K.mT) / 2")
+    batch_shape = K.shape[:-2]
+    y = as_float64("y", y).to(K.device)
+    if y.shape != K.shape[:-1]:
+        raise ValueError(f"y must have shape [..., n] = {tuple(K.shape[:-1])} to match K, got {tuple(y.shape)}")
+    if K_query is not None:
+        K_query = as_float64("K_query", K_query, min_dim=2).to(K.device)
+        if K_query.shape[-1] != n or K_query.shape[:-2] != batch_shape:
+            raise ValueError(
+                f"K_query must have shape [..., m, n] = {(*batch_shape, 'm', n)} to match K, got {tuple(K_query.shape)}"
+            )
+        K_query = K_query.reshape(math.prod(batch_shape), K_query.shape[-2], n)
+    return KRRSystem(
+        K=K.reshape(math.prod(batch_shape), n, n),
+        y=y.reshape(math.prod(batch_shape), 1, n),
+        lam=lam,
+        K_query=K_query,
+        batch_shape=batch_shape,
+    )
+
+
+def check_steps(n_steps: Any) -> int:
+    """n_steps as an int >= 0 (ValueError otherwise)."""
+    return check_count("n_steps", n_steps)
+
+
+def ratio(numerator: torch.Tensor, denominator: torch.Tensor) -> torch.Tensor:
+    """numerator / denominator where denominator > TINY, else numerator unchanged.
+
+    Used for CG's step lengths, whose denominators vanish only on exact convergence, where the
+    numerator vanishes too: the result is then 0, and its value and gradient stay finite.
+    """
+    return numerator / torch.where(denominator > TINY, denominator, 1.0)
+
+
+def safe_sqrt(value: torch.Tensor) -> torch.Tensor:
+    """sqrt for values >= 0 whose gradient is 0 (not inf) at 0."""
+    positive = value > 0
+    return torch.where(positive, torch.where(positive, value, 1.0).sqrt(), 0.0)

@@ -1,0 +1,63 @@
+"""Symmetric positive-definite systems with an exactly chosen condition number, for testing
+solvers and hand-built transformers where the answer must be known to rounding."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from mi_krr._validation import check_count
+from mi_krr.tasks._checks import check_condition_number
+from mi_krr.feature_maps import random_orthogonal
+
+__all__ = ["SPDSystem", "sample_spd_system"]
+
+
+@dataclass
+class SPDSystem:
+    """A batch of systems K a = y.
+
+    Attributes:
+        matrix: K `[batch, n, n]`, symmetric positive definite, cond(K) = kappa.
+        rhs: y `[batch, n]`, standard Gaussian.
+        eigenvalues: K's eigenvalues `[n]`, descending: kappa^(-i/(n-1)), from 1 down to 1/kappa
+            (the same spectrum for every prompt; the eigenbases differ).
+    """
+
+    matrix: torch.Tensor
+    rhs: torch.Tensor
+    eigenvalues: torch.Tensor
+
+
+def sample_spd_system(
+    batch_size: int,
+    n: int,
+    kappa: float,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float64,
+    device: torch.device | str | None = None,
+) -> SPDSystem:
+    """K = U diag(kappa^(-i/(n-1))) U^T with U Haar-random per prompt, and y ~ N(0, I).
+
+    cond(K) = kappa exactly (to float64 rounding). A ridge shifts it: cond(K + lam I) =
+    (1 + lam) / (1 / kappa + lam), so pass lam=0 to a solver to test at exactly kappa.
+    Drawn in float64 on the CPU from `seed`, then cast to `dtype` and moved to `device`.
+    """
+    check_count("batch_size", batch_size, minimum=1)
+    check_count("n", n, minimum=1)
+    kappa = check_condition_number("kappa", kappa)
+    if n == 1 and kappa != 1:
+        raise ValueError("kappa must be 1 when n == 1: a 1x1 matrix has condition number 1")
+    check_count("seed", seed)
+    generator = torch.Generator().manual_seed(seed)
+    eigenvalues = kappa ** (-torch.arange(n, dtype=torch.float64) / max(n - 1, 1))
+    bases = torch.stack([random_orthogonal(n, generator) for _ in range(batch_size)])
+    matrix = (bases * eigenvalues) @ bases.mT
+    matrix = (matrix + matrix.mT) / 2
+    rhs = torch.randn(batch_size, n, generator=generator, dtype=torch.float64)
+    return SPDSystem(
+        matrix=matrix.to(device=device, dtype=dtype),
+        rhs=rhs.to(device=device, dtype=dtype),
+        eigenvalues=eigenvalues.to(device=device, dtype=dtype),
+    )

@@ -1,0 +1,100 @@
+"""`mi-krr train`: train a preset or a run config, with checkpoints and exact resume.
+
+    mi-krr train --preset softmax_gp --out runs/gp
+    mi-krr train --resume --out runs/gp                 # continue an interrupted run
+    mi-krr train --config my_run.yaml --steps 2000 --out runs/mine
+
+`--out`, `--seed` and `--device` are the command line's common options (mi_krr.cli adds them);
+with --resume the run's own config.json is used and only --device may change.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+# TrainConfig fields a flag may override, with their types.
+_OVERRIDES: dict[str, type] = {
+    "steps": int,
+    "batch_size": int,
+    "lr": float,
+    "n_support": int,
+    "eval_every": int,
+    "checkpoint_every": int,
+}
+
+
+def add_train_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Register the `train` subcommand on `subparsers` (from `parser.add_subparsers()`); its
+    handler is `run_train`, stored as the parser's `handler` default."""
+    parser = subparsers.add_parser(
+        "train",
+        help="train an in-context regression transformer (checkpoints, exact resume)",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--preset", help="a shipped run: softmax_gp or linear_lr")
+    source.add_argument("--config", help="JSON/YAML file (or run folder) with model, sampler and train sections")
+    parser.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
+    parser.add_argument("--until-step", type=int, default=None, help="stop after this many steps (resumable)")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    for name, kind in _OVERRIDES.items():
+        parser.add_argument(f"--{name.replace('_', '-')}", type=kind, default=None, help=f"override train.{name}")
+    parser.set_defaults(handler=run_train)
+    return parser
+
+
+def run_description(args: argparse.Namespace) -> dict[str, Any]:
+    """The run description `args` select, with flag overrides applied.
+
+    Fresh run: --preset or --config, then the override flags, --seed, --device and --out.
+    --resume: the config.json of the run in --out (or --config), with only --device applied.
+    """
+    from mi_krr.train.runs import preset_config, read_run_config
+
+    out, seed, device = getattr(args, "out", None), getattr(args, "seed", None), getattr(args, "device", None)
+    if args.resume:
+        if args.preset:
+            raise ValueError("--resume continues the run in --out with its own config.json: drop --preset")
+        overridden = [name for name in _OVERRIDES if getattr(args, name) is not None]
+        if overridden:
+            raise ValueError(f"--resume keeps the run's own settings: drop --{overridden[0].replace('_', '-')}")
+        source = args.config if args.config else out
+        if source is None:
+            raise ValueError("--resume needs the run folder: pass --out DIR")
+        description = read_run_config(source)
+        if out is not None:
+            description["train"]["out_dir"] = out
+    else:
+        if not (args.preset or args.config):
+            raise ValueError("say what to train: pass --preset softmax_gp|linear_lr or --config FILE")
+        description = preset_config(args.preset) if args.preset else read_run_config(args.config)
+        train = description["train"]
+        for name in _OVERRIDES:
+            value = getattr(args, name)
+            if value is not None:
+                train[name] = value
+        if seed is not None:
+            train["seed"] = seed
+        if out is not None:
+            train["out_dir"] = out
+    if device is not None:
+        description["train"]["device"] = device
+    if description["train"].get("out_dir") is None:
+        raise ValueError("a run folder is needed: pass --out DIR (or set train.out_dir in the config)")
+    return description
+
+
+def run_train(args: argparse.Namespace) -> int:
+    """Train the run `args` describe; print the final metrics as one JSON line. Returns 0."""
+    from mi_krr.train.loop import train
+    from mi_krr.train.runs import build_run
+
+    run = build_run(run_description(args))
+    result = train(run.model, run.sampler, run.cfg, resume=args.resume, progress=not args.no_progress, until_step=args.until_step)
+    summary = {key: result.final_metrics[key] for key in ("step", "model_mse", "optimal_mse", "ratio", "zero_mse")}
+    summary["run_dir"] = run.cfg.out_dir
+    print(json.dumps(summary))
+    return 0

@@ -1,0 +1,113 @@
+"""`TrainConfig`: every setting of a training run, validated once, serialisable to JSON."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from mi_krr._validation import check_count, check_positive
+
+# Settings that change nothing about the sequence of weights a run produces: a resumed run may
+# change these; any other difference from the checkpointed run is refused.
+OPERATIONAL_FIELDS = ("eval_every", "eval_prompts", "eval_seed", "checkpoint_every", "keep_checkpoints", "out_dir", "device")
+
+
+@dataclass
+class TrainConfig:
+    """How to train an in-context regression model.
+
+    Optimisation: AdamW (`lr`, `weight_decay` on weight matrices only), linear warm-up over
+    `warmup_steps` then a cosine decay to `min_lr` at `steps`, gradients clipped to global norm
+    `grad_clip` (None: no clipping).
+
+    Curriculum (Garg et al. style): the prompt length rises from `n_support_start` to `n_support`
+    and the number of active input coordinates from `active_dim_start` to the sampler's dimension,
+    both linearly (in whole units) over the first `curriculum_steps` steps. None for a start value
+    means no curriculum on that axis.
+
+    Evaluation: every `eval_every` steps on `eval_prompts` held-out prompts drawn once from
+    `eval_seed` at the final prompt length and full dimension, against the Bayes-optimal predictor.
+
+    Checkpoints: every `checkpoint_every` steps into `out_dir` (None: write nothing), keeping the
+    latest `keep_checkpoints` training-state files.
+
+    Batches: the batch of step s is a deterministic function of (`seed`, s), so a resumed run sees
+    exactly the batches an uninterrupted one would.
+    """
+
+    steps: int = 10_000
+    batch_size: int = 64
+    lr: float = 1e-3
+    min_lr: float = 1e-5
+    weight_decay: float = 0.0
+    warmup_steps: int = 500
+    grad_clip: float | None = 1.0
+    n_support: int = 32
+    n_query: int = 8
+    n_support_start: int | None = None
+    active_dim_start: int | None = None
+    curriculum_steps: int = 0
+    eval_every: int = 500
+    eval_prompts: int = 512
+    eval_seed: int = 20_240_601
+    checkpoint_every: int = 1_000
+    keep_checkpoints: int = 2
+    out_dir: str | None = None
+    seed: int = 0
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        check_count("steps", self.steps, minimum=1)
+        check_count("batch_size", self.batch_size, minimum=1)
+        check_positive("lr", self.lr)
+        if not isinstance(self.min_lr, (int, float)) or not math.isfinite(self.min_lr) or not 0 <= self.min_lr <= self.lr:
+            raise ValueError(f"min_lr must be a number in [0, lr={self.lr}], got {self.min_lr!r}")
+        if not isinstance(self.weight_decay, (int, float)) or not math.isfinite(self.weight_decay) or self.weight_decay < 0:
+            raise ValueError(f"weight_decay must be a finite number >= 0, got {self.weight_decay!r}")
+        check_count("warmup_steps", self.warmup_steps)
+        if self.warmup_steps > self.steps:
+            raise ValueError(f"warmup_steps must be <= steps={self.steps}, got {self.warmup_steps}")
+        if self.grad_clip is not None:
+            check_positive("grad_clip", self.grad_clip)
+        check_count("n_support", self.n_support, minimum=1)
+        check_count("n_query", self.n_query, minimum=1)
+        if self.n_support_start is not None:
+            check_count("n_support_start", self.n_support_start, minimum=1)
+            if self.n_support_start > self.n_support:
+                raise ValueError(f"n_support_start must be <= n_support={self.n_support}, got {self.n_support_start}")
+        if self.active_dim_start is not None:
+            check_count("active_dim_start", self.active_dim_start, minimum=1)
+        check_count("curriculum_steps", self.curriculum_steps)
+        if self.curriculum_steps > self.steps:
+            raise ValueError(f"curriculum_steps must be <= steps={self.steps}, got {self.curriculum_steps}")
+        check_count("eval_every", self.eval_every, minimum=1)
+        check_count("eval_prompts", self.eval_prompts, minimum=1)
+        check_count("eval_seed", self.eval_seed)
+        check_count("checkpoint_every", self.checkpoint_every, minimum=1)
+        check_count("keep_checkpoints", self.keep_checkpoints, minimum=1)
+        check_count("seed", self.seed)
+        if self.out_dir is not None and not isinstance(self.out_dir, str):
+            self.out_dir = str(self.out_dir)
+        if not isinstance(self.device, str):
+            self.device = str(self.device)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-serialisable dict of every field."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
+        """Inverse of `to_dict`; unknown keys raise a ValueError naming them."""
+        if not isinstance(values, dict):
+            raise ValueError(f"train config must be a dict of TrainConfig fields, got {type(values).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown TrainConfig field(s) {unknown}: valid fields are {sorted(known)}")
+        return cls(**values)
+
+    def trajectory_fields(self) -> dict[str, Any]:
+        """The fields that determine the weights a run produces (all but `OPERATIONAL_FIELDS`)."""
+        return {key: value for key, value in self.to_dict().items() if key not in OPERATIONAL_FIELDS}

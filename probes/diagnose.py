@@ -1,0 +1,495 @@
+"""`diagnose(model, tasks)`: which KRR algorithm, if any, do the model's layers follow?
+
+For each task set: build the KRR system from the prompts (kernel and lam from the arguments or
+from what the sampler recorded in `task.info`), run every candidate solver for `n_steps`,
+read each layer's predictions (and label sensitivities, and attention-kernel alignment) from the
+model, score every algorithm against the layers (`probes.scoring`) and give the verdict
+(`probes.identifiability`). The result, `Diagnosis`, prints (`summary`), plots (`plot`),
+tabulates (`to_dataframe`), serialises (`to_json`) and writes a report folder (`save`).
+
+    import probes
+    d = probes.diagnose(model, task)
+    print(d.summary())
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from mi_krr._validation import check_choice, check_count, check_positive
+from mi_krr.kernels import KERNEL_NAMES, condition_number, kernel_matrix, kernel_parameters
+from mi_krr.solvers import ALGORITHMS
+from mi_krr.solvers.direct import krr
+from mi_krr.tasks import ICLTask
+from probes.identifiability import Verdict, identifiability_verdict
+from probes.kernel_alignment import REFERENCE_KERNELS, KernelAlignment, kernel_alignment
+from probes.layer_predictions import METHODS, layer_predictions
+from probes.scoring import AlgorithmScore, score_algorithms
+from probes.sensitivity import label_sensitivities, solver_sensitivities
+from probes.streaming import encode_for_probe, resolve_layers
+
+DEFAULT_ALGORITHMS = ("cg", "jacobi_cg", "gd", "richardson_jacobi", "richardson_rowsum", "chebyshev", "heavy_ball", "newton")
+STAGES = ("KRR system", "solver trajectories", "layer predictions", "sensitivities", "kernel alignment", "scores")
+
+
+def default_n_steps(n_layers: int) -> int:
+    """Solver steps compared with an L-layer model: max(2 L, 20), so the alignment can give each
+    layer up to two steps on average (trained models often do more than one step per layer) and
+    short models still see the slow solvers' early trajectory."""
+    return max(2 * n_layers, 20)
+
+
+@dataclass
+class TaskSetDiagnosis:
+    """Everything `diagnose` measured on one task set.
+
+    Attributes:
+        name: the task set's name.
+        info: the task's `info` (sampler configuration).
+        kernel, kernel_params, lam: the KRR system the algorithms solve.
+        n_steps: solver steps T.
+        layers: residual indices probed (0 = embeddings).
+        kappa: condition number of K + lam I per prompt `[B]`.
+        layer_predictions: the model's per-layer query predictions `[B, L', m]`.
+        krr_predictions: exact KRR predictions `[B, m]`.
+        step_predictions: algorithm -> per-step predictions `[B, T+1, m]`.
+        scores: algorithm -> `AlgorithmScore`.
+        verdict: the identifiability `Verdict`.
+        layer_sensitivities: the model's d yhat / d y per layer `[B, L', m, n]`, or None.
+        step_sensitivities: algorithm -> d pred_t / d y per step `[B, T+1, m, n]`, or None.
+        kernel_alignment: per-layer/head alignment of attention with reference kernels, or None.
+        notes: what was skipped and why.
+        seconds: wall time per stage.
+    """
+
+    name: str
+    info: dict[str, Any]
+    kernel: str
+    kernel_params: dict[str, float]
+    lam: float
+    n_steps: int
+    layers: list[int]
+    kappa: np.ndarray
+    layer_predictions: np.ndarray
+    krr_predictions: np.ndarray
+    step_predictions: dict[str, np.ndarray]
+    scores: dict[str, AlgorithmScore]
+    verdict: Verdict
+    layer_sensitivities: np.ndarray | None = None
+    step_sensitivities: dict[str, np.ndarray] | None = None
+    kernel_alignment: KernelAlignment | None = None
+    notes: list[str] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def n_prompts(self) -> int:
+        return self.layer_predictions.shape[0]
+
+    @property
+    def n_query(self) -> int:
+        return self.layer_predictions.shape[2]
+
+
+@dataclass
+class Diagnosis:
+    """The result of `diagnose`: one `TaskSetDiagnosis` per task set, and the settings used."""
+
+    task_sets: dict[str, TaskSetDiagnosis]
+    settings: dict[str, Any]
+
+    def __getitem__(self, name: str) -> TaskSetDiagnosis:
+        return self.task_sets[name]
+
+    def to_dataframe(self):
+        """Long-format pandas DataFrame, one row per (task_set, algorithm, layer, step): r2, mse,
+        sensitivity_r2, aligned (step is the layer's monotone-aligned step), argmin (step is the
+        layer's MSE argmin), score (the algorithm's path R2), best (the verdict's best)."""
+        try:
+            import pandas as pd
+        except ImportError as exc:  # pragma: no cover - pandas ships with the test extra
+            raise ImportError("Diagnosis.to_dataframe needs pandas: pip install pandas") from exc
+        rows = []
+        for set_name, result in self.task_sets.items():
+            for algorithm, score in result.scores.items():
+                for row, layer in enumerate(score.layers):
+                    for step in range(score.r2.shape[1]):
+                        rows.append(
+                            {
+                                "task_set": set_name,
+                                "algorithm": algorithm,
+                                "layer": int(layer),
+                                "step": step,
+                                "r2": score.r2[row, step],
+                                "mse": score.mse[row, step],
+                                "sensitivity_r2": np.nan if score.sensitivity_r2 is None else score.sensitivity_r2[row, step],
+                                "aligned": bool(score.aligned_steps[row] == step),
+                                "argmin": bool(score.argmin_steps[row] == step),
+                                "score": score.score,
+                                "best": algorithm == result.verdict.best,
+                            }
+                        )
+        return pd.DataFrame(rows)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Every statistic as nested lists and floats (NaN / inf kept as floats)."""
+        return {"settings": self.settings, "task_sets": {name: _task_set_dict(result) for name, result in self.task_sets.items()}}
+
+    def to_json(self, path: str | Path | None = None) -> str:
+        """`to_dict()` as JSON text (Python's json: NaN and Infinity written as such); also written
+        to `path` when given."""
+        text = json.dumps(self.to_dict(), indent=1)
+        if path is not None:
+            Path(path).write_text(text)
+        return text
+
+    def summary(self) -> str:
+        """A readable table per task set: every algorithm's score, the best one's step per layer,
+        and the verdict."""
+        from probes.report import summary_text
+
+        return summary_text(self)
+
+    def __repr__(self) -> str:
+        verdicts = ", ".join(
+            f"{name}: {'identified ' + r.verdict.best if r.verdict.identified else 'not identified'}" for name, r in self.task_sets.items()
+        )
+        return f"Diagnosis({verdicts})"
+
+    def plot(self, task_set: str | None = None) -> dict[str, Any]:
+        """matplotlib figures by name (see `probes.plots.diagnosis_figures`)."""
+        from probes.plots import diagnosis_figures
+
+        return diagnosis_figures(self, task_set)
+
+    def save(self, folder: str | Path) -> Path:
+        """Write the report (Markdown index, PNG figures, JSON, arrays) to `folder`; returns the
+        index path (see `probes.report.write_report`)."""
+        from probes.report import write_report
+
+        return write_report(self, folder)
+
+
+def diagnose(
+    model: Any,
+    tasks: ICLTask | dict[str, ICLTask],
+    algorithms: Sequence[str] = DEFAULT_ALGORITHMS,
+    kernels: Sequence[str] = REFERENCE_KERNELS,
+    kernel: str = "auto",
+    kernel_params: dict[str, float] | None = None,
+    lam: float | None = None,
+    n_steps: int | None = None,
+    method: str = "readout",
+    layers: Sequence[int] | None = None,
+    train_task: ICLTask | None = None,
+    sensitivities: bool = True,
+    bootstrap: int = 1000,
+    seed: int = 0,
+    n_kappa_bins: int = 3,
+    min_score: float = 0.9,
+    min_gap: float = 0.01,
+    agreement_threshold: float = 0.99,
+    progress: bool = True,
+) -> Diagnosis:
+    """Diagnose which KRR algorithm the model's layers follow on each task set.
+
+    Args:
+        model: an mi-krr ICL model (`mi_krr.models.adapter.ICLModel`).
+        tasks: an `ICLTask`, or a dict name -> `ICLTask` (e.g. in-distribution and shifts).
+        algorithms: candidate solvers, names in `mi_krr.solvers.ALGORITHMS`.
+        kernels: reference kernels for the attention alignment ("exp", "gaussian"); empty skips it.
+        kernel: the KRR kernel ("linear", "exp", "gaussian"), or "auto": `task.info["kernel"]`
+            (GP sampler), "linear" for the linear-regression sampler, else an error.
+        kernel_params: the kernel's keywords (bandwidth / temperature); default: from
+            `task.info`, else the kernel's defaults.
+        lam: the ridge; default `task.info["noise_std"] ** 2` (the GP posterior mean's ridge).
+        n_steps: solver steps T; default `default_n_steps(model.n_layers)` = max(2 L, 20).
+        method: layer predictions, "readout" (the model's own read-out on every layer) or
+            "ridge" (probes fitted on `train_task`).
+        layers: residual indices to probe (default all 0..L); layer 0 is never scored.
+        train_task: prompts to fit ridge probes on (method="ridge" only).
+        sensitivities: also compare label sensitivities d yhat / d y (one backward pass per
+            layer and query; the slowest stage).
+        bootstrap: prompt resamples for the intervals (0: no intervals and no verdict).
+        seed: seed of the resamples.
+        n_kappa_bins: quantile bins of the condition number for stratified scores.
+        min_score, min_gap, agreement_threshold: verdict thresholds (see
+            `probes.identifiability`).
+        progress: show a progress bar over the stages.
+    """
+    task_sets = _check_tasks(tasks)
+    algorithms = _check_algorithms(algorithms)
+    kernels = tuple(kernels)
+    for name in kernels:
+        check_choice("kernels entry", name, REFERENCE_KERNELS)
+    check_choice("method", method, METHODS)
+    if method == "ridge" and train_task is None:
+        raise ValueError("method='ridge' needs train_task: prompts (disjoint from the diagnosed ones) to fit the probes on")
+    if kernel != "auto":
+        check_choice("kernel", kernel, KERNEL_NAMES)
+    layers = resolve_layers(model, layers)
+    if not any(layer > 0 for layer in layers):
+        raise ValueError("layers must include at least one block output (index >= 1); layer 0 is the embedding")
+    n_steps = default_n_steps(model.n_layers) if n_steps is None else check_count("n_steps", n_steps, 1)
+    if lam is not None:
+        lam = check_positive("lam", lam)
+    check_count("bootstrap", bootstrap, 0)
+    settings = {
+        "algorithms": list(algorithms),
+        "kernels": list(kernels),
+        "method": method,
+        "n_steps": n_steps,
+        "bootstrap": bootstrap,
+        "seed": seed,
+        "n_kappa_bins": n_kappa_bins,
+        "min_score": min_score,
+        "min_gap": min_gap,
+        "agreement_threshold": agreement_threshold,
+        "layers": layers,
+        "n_layers": int(model.n_layers),
+    }
+    device, dtype = _model_device_dtype(model)
+    for task in task_sets.values():
+        encode_for_probe(model, task.to(device=device, dtype=dtype))  # the model's own checks (dimension, length), up front
+    bar = tqdm(total=len(task_sets) * len(STAGES), desc="diagnose", disable=not progress, leave=False)
+    results = {}
+    with bar:
+        for set_name, task in task_sets.items():
+            results[set_name] = _diagnose_task_set(
+                model,
+                set_name,
+                task.to(device=device, dtype=dtype),
+                bar,
+                algorithms=algorithms,
+                kernels=kernels,
+                kernel=kernel,
+                kernel_params=kernel_params,
+                lam=lam,
+                n_steps=n_steps,
+                method=method,
+                layers=layers,
+                train_task=None if train_task is None else train_task.to(device=device, dtype=dtype),
+                sensitivities=sensitivities,
+                bootstrap=bootstrap,
+                seed=seed,
+                n_kappa_bins=n_kappa_bins,
+                verdict_thresholds={"min_score": min_score, "min_gap": min_gap, "agreement_threshold": agreement_threshold},
+            )
+    return Diagnosis(task_sets=results, settings=settings)
+
+
+def _diagnose_task_set(model, set_name, task, bar, *, algorithms, kernels, kernel, kernel_params, lam, n_steps, method,
+                       layers, train_task, sensitivities, bootstrap, seed, n_kappa_bins, verdict_thresholds) -> TaskSetDiagnosis:
+    """All stages on one task set (see `diagnose`)."""
+    seconds: dict[str, float] = {}
+    notes: list[str] = []
+    clock = [time.perf_counter()]
+
+    def stage_done(stage: str) -> None:
+        now = time.perf_counter()
+        seconds[stage] = now - clock[0]
+        clock[0] = now
+        bar.set_postfix_str(f"{set_name}: {stage}")
+        bar.update(1)
+
+    kernel_name, params = resolve_kernel(task, kernel, kernel_params)
+    lam = resolve_lam(task, lam)
+    x_support = task.x_support.detach().to(torch.float64)
+    x_query = task.x_query.detach().to(torch.float64)
+    y = task.y_support.detach().to(torch.float64)
+    K = kernel_matrix(kernel_name, x_support, **params)
+    K_query = kernel_matrix(kernel_name, x_query, x_support, **params)
+    kappa = condition_number(K, lam)
+    krr_pred = torch.einsum("bmn,bn->bm", K_query, krr(K, y, lam))
+    stage_done("KRR system")
+
+    step_preds = {}
+    for name in algorithms:
+        try:
+            step_preds[name] = ALGORITHMS[name](K, y, lam, n_steps, K_query=K_query).pred
+        except ValueError as error:  # e.g. the row-sum preconditioner on a kernel with negative rows
+            notes.append(f"{name} left out: it does not apply to this system ({error})")
+    if not step_preds:
+        raise ValueError(f"none of the algorithms {algorithms} applies to task set {set_name!r}: {'; '.join(notes)}")
+    algorithms = tuple(step_preds)
+    stage_done("solver trajectories")
+
+    layer_pred = layer_predictions(model, task, method=method, layers=layers, train_task=train_task)
+    stage_done("layer predictions")
+
+    layer_sens, step_sens = None, None
+    if sensitivities and method == "readout":
+        layer_sens = label_sensitivities(model, task, layers=layers)
+        step_sens = {name: _numpy(solver_sensitivities(name, K, K_query, lam, n_steps, y=y)) for name in algorithms}
+    elif sensitivities:
+        notes.append("label sensitivities skipped: they are defined for the read-out lens (method='readout'), not fitted probes")
+    stage_done("sensitivities")
+
+    alignment = None
+    if kernels:
+        try:
+            alignment = kernel_alignment(model, task, kernels=kernels)
+        except ValueError as error:
+            notes.append(f"kernel alignment skipped: {error}")
+    stage_done("kernel alignment")
+
+    step_preds = {name: _numpy(pred) for name, pred in step_preds.items()}
+    layer_pred = _numpy(layer_pred)
+    scores = score_algorithms(
+        layer_pred,
+        step_preds,
+        _numpy(krr_pred),
+        layers=layers,
+        bootstrap=bootstrap,
+        seed=seed,
+        layer_sensitivity=None if layer_sens is None else _numpy(layer_sens),
+        step_sensitivities=step_sens,
+        kappa=_numpy(kappa),
+        n_kappa_bins=n_kappa_bins,
+    )
+    verdict = identifiability_verdict(scores, step_preds, **verdict_thresholds)
+    stage_done("scores")
+    return TaskSetDiagnosis(
+        name=set_name,
+        info=dict(task.info),
+        kernel=kernel_name,
+        kernel_params=params,
+        lam=lam,
+        n_steps=n_steps,
+        layers=list(layers),
+        kappa=_numpy(kappa),
+        layer_predictions=layer_pred,
+        krr_predictions=_numpy(krr_pred),
+        step_predictions=step_preds,
+        scores=scores,
+        verdict=verdict,
+        layer_sensitivities=None if layer_sens is None else _numpy(layer_sens),
+        step_sensitivities=step_sens,
+        kernel_alignment=alignment,
+        notes=notes,
+        seconds=seconds,
+    )
+
+
+def resolve_kernel(task: ICLTask, kernel: str, kernel_params: dict[str, float] | None) -> tuple[str, dict[str, float]]:
+    """The KRR kernel name and keywords for `task` ("auto": from `task.info`, see `diagnose`)."""
+    if kernel == "auto":
+        if "kernel" in task.info:
+            kernel = task.info["kernel"]
+        elif task.info.get("sampler") == "linear_regression":
+            kernel = "linear"
+        else:
+            raise ValueError(
+                "kernel='auto' found no kernel in task.info (sampled by neither the GP nor the linear-regression "
+                f"sampler): pass kernel= one of {KERNEL_NAMES}"
+            )
+    check_choice("kernel", kernel, KERNEL_NAMES)
+    allowed = kernel_parameters(kernel)
+    if kernel_params is None:
+        return kernel, {name: float(task.info[name]) for name in allowed if task.info.get(name) is not None}
+    unknown = sorted(set(kernel_params) - set(allowed))
+    if unknown:
+        raise ValueError(f"kernel_params for {kernel!r} may only set {allowed or 'nothing'}, got {unknown}")
+    return kernel, {name: check_positive(f"kernel_params[{name!r}]", value) for name, value in kernel_params.items()}
+
+
+def resolve_lam(task: ICLTask, lam: float | None) -> float:
+    """`lam`, or the noise variance `task.info["noise_std"] ** 2` when None."""
+    if lam is not None:
+        return lam
+    noise = task.info.get("noise_std")
+    if noise is None or not math.isfinite(float(noise)) or float(noise) <= 0:
+        raise ValueError("lam=None needs task.info['noise_std'] > 0 (the ridge is the noise variance): pass lam= explicitly")
+    return float(noise) ** 2
+
+
+def _check_tasks(tasks: Any) -> dict[str, ICLTask]:
+    """`tasks` as a non-empty dict name -> ICLTask."""
+    if isinstance(tasks, ICLTask):
+        return {"tasks": tasks}
+    if not isinstance(tasks, dict) or not tasks:
+        raise ValueError("tasks must be an ICLTask or a non-empty dict name -> ICLTask")
+    for name, task in tasks.items():
+        if not isinstance(task, ICLTask):
+            raise ValueError(f"tasks[{name!r}] must be an mi_krr.tasks.ICLTask, got {type(task).__name__}")
+    return {str(name): task for name, task in tasks.items()}
+
+
+def _check_algorithms(algorithms: Sequence[str]) -> tuple[str, ...]:
+    """Non-empty, known, distinct algorithm names."""
+    if isinstance(algorithms, str):
+        algorithms = (algorithms,)
+    algorithms = tuple(algorithms)
+    if not algorithms:
+        raise ValueError(f"algorithms must name at least one of {tuple(ALGORITHMS)}")
+    unknown = [name for name in algorithms if name not in ALGORITHMS]
+    if unknown:
+        raise ValueError(f"unknown algorithm {unknown[0]!r}: choose from {tuple(ALGORITHMS)}")
+    if len(set(algorithms)) != len(algorithms):
+        raise ValueError(f"algorithms must be distinct, got {algorithms}")
+    return algorithms
+
+
+def _model_device_dtype(model: Any) -> tuple[torch.device, torch.dtype]:
+    """Where the model's parameters live (CPU / float32 for a parameter-free model)."""
+    parameter = next(iter(model.parameters()), None) if hasattr(model, "parameters") else None
+    if parameter is None:
+        return torch.device("cpu"), torch.float32
+    return parameter.device, parameter.dtype
+
+
+def _numpy(value: Any) -> np.ndarray:
+    """A float64 NumPy copy of a tensor or array."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().to(device="cpu", dtype=torch.float64).numpy()
+    return np.asarray(value, dtype=np.float64)
+
+
+def _jsonable(value: Any) -> Any:
+    """Arrays and NumPy scalars as lists and Python numbers, recursively."""
+    if isinstance(value, dict):
+        return {str(key): _jsonable(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(item) for item in value]
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu().tolist()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def _task_set_dict(result: TaskSetDiagnosis) -> dict[str, Any]:
+    """One task set's statistics as plain data (predictions stay in `save`'s arrays.npz)."""
+    scores = {}
+    for name, score in result.scores.items():
+        entry = {key: getattr(score, key) for key in score.__dataclass_fields__ if key != "strata"}
+        entry["strata"] = [vars(stratum) for stratum in score.strata]
+        scores[name] = entry
+    verdict = dict(vars(result.verdict))
+    return _jsonable(
+        {
+            "info": result.info,
+            "kernel": result.kernel,
+            "kernel_params": result.kernel_params,
+            "lam": result.lam,
+            "n_steps": result.n_steps,
+            "layers": result.layers,
+            "n_prompts": result.n_prompts,
+            "kappa": result.kappa,
+            "scores": scores,
+            "verdict": verdict,
+            "kernel_alignment": None if result.kernel_alignment is None else result.kernel_alignment.to_dict(),
+            "notes": result.notes,
+            "seconds": result.seconds,
+        }
+    )

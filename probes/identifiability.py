@@ -1,0 +1,194 @@
+"""Can the probes tell which algorithm the model runs? The verdict, and whether the candidates
+can be told apart at all on this task set.
+
+Two questions, answered separately:
+
+1. Separability of the candidates (no model involved): along the steps the model is aligned to
+   for algorithm A, how much of A's trajectory does algorithm B reproduce at its own best
+   monotone-aligned steps? `agreement[A, B]` is that path R2 (see `probes.scoring`). When it
+   reaches `agreement_threshold`, a model matching A perfectly would match B as well: no probe of
+   predictions can separate them on these prompts (e.g. CG and Jacobi-preconditioned CG on a
+   kernel with a constant diagonal, where the preconditioner is a scalar; or any two solvers
+   that have converged by the aligned steps).
+2. The verdict: the top-scoring algorithm is identified when its path R2 exceeds `min_score`
+   beyond its interval (lower bound >= min_score) AND it beats the best separable runner-up on
+   paired bootstrap resamples (the 95% interval of the score difference excludes 0) by a gap of
+   at least `min_gap` (a real but negligible difference, e.g. 1e-4 in R2, identifies nothing).
+   Algorithms inseparable from the top one are reported as its equivalence class, never as
+   runners-up.
+
+A model that matches no candidate fails the first condition, so it is never identified.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from probes.scoring import AlgorithmScore, monotone_alignment, paired_sums, path_r2, percentile_interval, weighted_sse_sst
+
+
+def algorithm_agreement(step_preds: dict, aligned_steps: dict) -> tuple[list[str], np.ndarray]:
+    """Pairwise agreement of candidate algorithms along the model's aligned steps.
+
+    Args:
+        step_preds: name -> step predictions `[B, T+1, m]`.
+        aligned_steps: name -> the steps of that algorithm the model's scored layers align to
+            `[L'']` (e.g. `score.aligned_steps[score.scored]`).
+
+    Returns:
+        (names, agreement `[A, A]`): agreement[i, j] = path R2 of algorithm i's predictions at
+        its aligned steps (those past step 0, which every solver shares) explained by algorithm
+        j's steps under the monotone alignment; the diagonal is 1. A row is NaN when no aligned
+        step is past step 0 (nothing to compare).
+    """
+    names = list(step_preds)
+    agreement = np.eye(len(names))
+    for i, name in enumerate(names):
+        informative = np.asarray(aligned_steps[name])
+        informative = informative[informative > 0]  # step 0 (alpha = 0) is the same for every solver
+        if informative.size == 0:
+            agreement[i] = np.nan
+            continue
+        rows = np.asarray(step_preds[name])[:, informative]
+        for j, other in enumerate(names):
+            if i == j:
+                continue
+            sse, sst, count = weighted_sse_sst(paired_sums(rows, step_preds[other]))
+            steps, _ = monotone_alignment(sse / count[:, None, None])
+            agreement[i, j] = path_r2(sse, sst, steps)[0]
+    return names, agreement
+
+
+@dataclass
+class Verdict:
+    """Which algorithm the model's layers follow, and how sure that is.
+
+    Attributes:
+        best: the top-scoring algorithm (path R2).
+        score, score_ci: its path R2 and interval.
+        runner_up: the best-scoring algorithm separable from `best` (None if every other
+            candidate is inseparable from it).
+        gap, gap_ci: score(best) - score(runner_up) and its paired-bootstrap interval.
+        equivalent: candidates inseparable from `best` on this task set.
+        identified: the verdict (see module docstring).
+        algorithms: candidate names, the order of `agreement` and `separable`.
+        agreement: `[A, A]` pairwise agreement (see `algorithm_agreement`).
+        separable: `[A, A]` not (agreement[i, j] >= agreement_threshold), False on the diagonal.
+        min_score, min_gap, agreement_threshold: the thresholds used.
+        scores: every candidate's path R2.
+        message: the verdict in words.
+    """
+
+    best: str
+    score: float
+    score_ci: tuple[float, float]
+    runner_up: str | None
+    gap: float
+    gap_ci: tuple[float, float]
+    equivalent: list[str]
+    identified: bool
+    algorithms: list[str]
+    agreement: np.ndarray
+    separable: np.ndarray
+    min_score: float
+    min_gap: float
+    agreement_threshold: float
+    message: str
+    scores: dict[str, float] = field(default_factory=dict)
+
+
+def identifiability_verdict(
+    scores: dict[str, AlgorithmScore],
+    step_preds: dict,
+    *,
+    min_score: float = 0.9,
+    min_gap: float = 0.01,
+    agreement_threshold: float = 0.99,
+    level: float = 0.95,
+) -> Verdict:
+    """The verdict from per-algorithm scores (sharing bootstrap resamples: `score_algorithms`)
+    and the algorithms' step predictions name -> `[B, T+1, m]` (for separability)."""
+    if not scores:
+        raise ValueError("scores must hold at least one algorithm's AlgorithmScore")
+    missing = [name for name in scores if name not in step_preds]
+    if missing:
+        raise ValueError(f"step_preds lacks the trajectories of {missing}: pass the step predictions every score was made from")
+    names = list(scores)
+    aligned = {name: scores[name].aligned_steps[scores[name].scored] for name in names}
+    names, agreement = algorithm_agreement({name: step_preds[name] for name in names}, aligned)
+    separable = ~(agreement >= agreement_threshold)  # NaN (nothing to compare) counts as separable
+    np.fill_diagonal(separable, False)
+
+    ranking = sorted(names, key=lambda name: -_finite(scores[name].score))
+    best = ranking[0]
+    top = scores[best]
+    row = names.index(best)
+    equivalent = [name for name in names if name != best and not separable[row, names.index(name)]]
+    runner_up = next((name for name in ranking[1:] if name not in equivalent), None)
+
+    if runner_up is None:
+        gap, gap_ci = float("nan"), (float("nan"), float("nan"))
+    else:
+        gap = top.score - scores[runner_up].score
+        gap_ci = percentile_interval(top.score_samples - scores[runner_up].score_samples, level)
+    has_intervals = top.score_samples.size > 0
+    good_enough = has_intervals and top.score_ci[0] >= min_score
+    beats_runner_up = runner_up is None or (has_intervals and gap_ci[0] > 0 and gap >= min_gap)
+    identified = bool(good_enough and beats_runner_up)
+
+    message = _message(
+        best, top, runner_up, gap, gap_ci, equivalent, agreement[row], names, identified, has_intervals, min_score, min_gap
+    )
+    return Verdict(
+        best=best,
+        score=top.score,
+        score_ci=top.score_ci,
+        runner_up=runner_up,
+        gap=gap,
+        gap_ci=gap_ci,
+        equivalent=equivalent,
+        identified=identified,
+        algorithms=names,
+        agreement=agreement,
+        separable=separable,
+        min_score=min_score,
+        min_gap=min_gap,
+        agreement_threshold=agreement_threshold,
+        message=message,
+        scores={name: scores[name].score for name in names},
+    )
+
+
+def _finite(value: float) -> float:
+    """NaN sorts last."""
+    return -np.inf if np.isnan(value) else value
+
+
+def _message(best, top, runner_up, gap, gap_ci, equivalent, agreement_row, names, identified, has_intervals, min_score, min_gap) -> str:
+    """The verdict as a few sentences."""
+    ci = f"[{top.score_ci[0]:.4f}, {top.score_ci[1]:.4f}]" if has_intervals else "(no bootstrap interval)"
+    lines = [f"Best: {best}, path R2 {top.score:.4f} {ci}."]
+    if runner_up is not None:
+        lines.append(f"Runner-up: {runner_up}, gap {gap:+.4f} [{gap_ci[0]:+.4f}, {gap_ci[1]:+.4f}] (paired bootstrap).")
+    if equivalent:
+        pairs = ", ".join(f"{name} (agreement {agreement_row[names.index(name)]:.4f})" for name in equivalent)
+        lines.append(
+            f"Inseparable from {best} on this task set: {pairs}. Their trajectories agree along the aligned steps, "
+            "so no probe of predictions can tell them apart here; choose prompts where they differ."
+        )
+    if identified:
+        lines.append(f"Verdict: identified as {best}" + (f" (or its equivalents {', '.join(equivalent)})." if equivalent else "."))
+    elif not has_intervals:
+        lines.append("Verdict: not identified: run with bootstrap > 0 to get the intervals a verdict needs.")
+    elif top.score_ci[0] < min_score:
+        lines.append(
+            f"Verdict: not identified: no algorithm explains the layers well enough (needs path R2 >= {min_score} "
+            "beyond its interval); the model may run none of these candidates."
+        )
+    else:
+        lines.append(
+            f"Verdict: not identified: {best} does not beat {runner_up} beyond the interval by at least {min_gap}."
+        )
+    return " ".join(lines)

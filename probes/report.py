@@ -1,0 +1,91 @@
+"""A `Diagnosis` as text: the summary table, and a report folder (Markdown index, PNG figures,
+JSON statistics, NumPy arrays)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from probes.diagnose import Diagnosis, TaskSetDiagnosis
+
+
+def _kernel_text(result: "TaskSetDiagnosis") -> str:
+    params = ", ".join(f"{key}={value:g}" for key, value in result.kernel_params.items())
+    return f"{result.kernel}({params})"
+
+
+def task_set_summary(result: "TaskSetDiagnosis") -> str:
+    """One task set: header, per-algorithm scores ranked, the best algorithm's aligned step per
+    layer with its R2, the verdict, and any notes."""
+    n_support = result.layer_sensitivities.shape[-1] if result.layer_sensitivities is not None else None
+    header = (
+        f"== {result.name}: {result.n_prompts} prompts, {result.n_query} queries"
+        + (f", {n_support} support points" if n_support else "")
+        + f"; KRR {_kernel_text(result)}, lam={result.lam:g}, {result.n_steps} solver steps; "
+        f"kappa median {np.median(result.kappa):.3g} [{np.min(result.kappa):.3g}, {np.max(result.kappa):.3g}]"
+    )
+    lines = [header, f"{'algorithm':<18} {'path R2':>9} {'95% interval':>20} {'kappa-wtd R2':>13} {'log-err dist':>13} {'sens R2':>9}"]
+    ranking = sorted(result.scores.values(), key=lambda s: -(s.score if np.isfinite(s.score) else -np.inf))
+    for score in ranking:
+        low, high = score.score_ci
+        weighted = "" if score.weighted_r2 is None else f"{score.weighted_r2:.4f}"
+        sens = "" if score.sensitivity_score is None else f"{score.sensitivity_score:.4f}"
+        lines.append(
+            f"{score.algorithm:<18} {score.score:>9.4f} {f'[{low:.4f}, {high:.4f}]':>20} {weighted:>13} "
+            f"{score.profile_distance:>13.3f} {sens:>9}"
+        )
+    best = result.scores[result.verdict.best]
+    lines.append(f"best-matching step per layer ({best.algorithm}, monotone alignment; argmin in parentheses):")
+    lines.append("  layer " + " ".join(f"{layer:>7d}" for layer in best.layers))
+    lines.append("  step  " + " ".join(f"{a:>3d} ({b:>2d})" for a, b in zip(best.aligned_steps, best.argmin_steps)))
+    lines.append("  R2    " + " ".join(f"{value:>7.4f}" if np.isfinite(value) else f"{'-':>7}" for value in best.aligned_r2))
+    lines.append(result.verdict.message)
+    lines += [f"note: {note}" for note in result.notes]
+    return "\n".join(lines)
+
+
+def summary_text(diagnosis: "Diagnosis") -> str:
+    """Every task set's summary, separated by blank lines."""
+    return "\n\n".join(task_set_summary(result) for result in diagnosis.task_sets.values())
+
+
+def write_report(diagnosis: "Diagnosis", folder: str | Path) -> Path:
+    """Write `folder/index.md` (summary and figures), `folder/diagnosis.json` (every statistic),
+    `folder/<task set>_<figure>.png` and `folder/arrays.npz` (layer, step and KRR predictions,
+    kappa). Returns the index path."""
+    import matplotlib.pyplot as plt
+
+    from probes.plots import diagnosis_figures
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    diagnosis.to_json(folder / "diagnosis.json")
+    arrays = {}
+    for name, result in diagnosis.task_sets.items():
+        arrays[f"{name}/layer_predictions"] = result.layer_predictions
+        arrays[f"{name}/krr_predictions"] = result.krr_predictions
+        arrays[f"{name}/kappa"] = result.kappa
+        for algorithm, pred in result.step_predictions.items():
+            arrays[f"{name}/steps/{algorithm}"] = pred
+    np.savez_compressed(folder / "arrays.npz", **arrays)
+
+    lines = ["# mi-krr diagnosis", "", "Settings: " + ", ".join(f"{k}={v}" for k, v in diagnosis.settings.items()), ""]
+    for name, result in diagnosis.task_sets.items():
+        lines += [f"## {name}", "", "```", task_set_summary(result), "```", ""]
+        for figure_name, figure in diagnosis_figures(diagnosis, name).items():
+            file_name = f"{_safe(name)}_{figure_name}.png"
+            figure.savefig(folder / file_name, dpi=110, bbox_inches="tight")
+            plt.close(figure)
+            lines += [f"![{name}: {figure_name}]({file_name})", ""]
+    lines += ["Statistics: [diagnosis.json](diagnosis.json); predictions: arrays.npz.", ""]
+    index = folder / "index.md"
+    index.write_text("\n".join(lines))
+    return index
+
+
+def _safe(name: str) -> str:
+    """A task-set name usable in a file name."""
+    return "".join(char if char.isalnum() or char in "-_" else "_" for char in name)

@@ -1,0 +1,463 @@
+"""Scores of a model's per-layer outputs against an algorithm's per-step outputs.
+
+Everything here is a pure float64 function of arrays, so every statistic can be checked against
+an independent computation. The shapes:
+
+- layer values `[batch, n_layers', ...]`: one row per probed layer (predictions `[B, L', m]`, or
+  label sensitivities `[B, L', m, n]`);
+- step values `[batch, T+1, ...]`: an algorithm's iterates (step 0 is the start, alpha = 0).
+
+Trailing dimensions are pooled: a "value" is one (query) or one (query, support point) entry.
+
+Definitions (the only ones used anywhere in `probes`):
+
+- MSE(l, t) = mean over prompts and values of (layer_l - step_t)^2.
+- R2(l, t) = 1 - SSE(l, t) / SST(t): the fraction of the variance of the algorithm's step-t outputs
+  explained by layer l's outputs taken as they are (no refitting). SST(t) is the sum of squares of
+  step t's outputs around their mean pooled over prompts and values (queries are exchangeable
+  within a prompt, so one pooled mean, not one per query index). R2 is NaN where SST(t) = 0
+  (step 0 of every solver predicts 0 everywhere).
+- Alignment: layer -> step maps minimising the summed MSE, either monotone (non-decreasing, by
+  dynamic programming) or unconstrained (per-layer argmin).
+- Path R2 (the score of an algorithm): 1 - sum_l SSE(l, a_l) / sum_l SST(a_l) over the scored
+  layers at their aligned steps a_l: the fraction of the algorithm's trajectory variance, along
+  the path the model is aligned to, that the model's layers reproduce. Layers aligned to step 0
+  add their error and no variance, so a model whose layers all sit at step 0 scores -inf, not a
+  vacuous 1.
+- Weighted R2 (after MetaRepICL's algorithm-identification summary): the mean of the per-kappa-
+  stratum path R2, weighted by log10 of each stratum's median condition number (at least
+  log10(1.1)), so ill-conditioned prompts, where algorithms differ most, count more.
+
+Resampling never recomputes anything per prompt: `PairedSums` holds per-prompt sums from which
+every statistic follows for any prompt weighting (all ones for the estimate, multinomial counts
+for a bootstrap replicate, an indicator for a kappa stratum).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from mi_krr._validation import check_count
+
+_MIN_STRATUM_WEIGHT = np.log10(1.1)
+
+
+def _as_array(name: str, value, min_dim: int) -> np.ndarray:
+    """`value` as a finite float64 NumPy array with at least `min_dim` dimensions."""
+    if hasattr(value, "detach"):
+        value = value.detach().cpu().numpy()
+    array = np.asarray(value, dtype=np.float64)
+    if array.ndim < min_dim:
+        raise ValueError(f"{name} must have at least {min_dim} dimensions [batch, index, ...], got shape {array.shape}")
+    if not np.isfinite(array).all():
+        raise ValueError(f"{name} contains NaN or inf: drop the diverged prompts or steps before scoring")
+    return array
+
+
+@dataclass
+class PairedSums:
+    """Per-prompt sufficient statistics of layer values against step values.
+
+    Attributes:
+        sse: squared error summed over values, per prompt `[batch, n_rows, T+1]`.
+        step_sum: step values summed over values, per prompt `[batch, T+1]`, centred by the
+            all-prompt mean of each step (shift-invariant; kept centred for accuracy).
+        step_sq: squares of the centred step values summed over values `[batch, T+1]`.
+        n_values: values per prompt (queries, or queries x support points).
+    """
+
+    sse: np.ndarray
+    step_sum: np.ndarray
+    step_sq: np.ndarray
+    n_values: int
+
+    @property
+    def n_prompts(self) -> int:
+        return self.sse.shape[0]
+
+
+def paired_sums(layer_values, step_values) -> PairedSums:
+    """Per-prompt sums comparing every row of `layer_values` `[B, L', ...]` with every step of
+    `step_values` `[B, T+1, ...]` (trailing dimensions must match)."""
+    layers = _as_array("layer_values", layer_values, 2)
+    steps = _as_array("step_values", step_values, 2)
+    if layers.shape[0] != steps.shape[0] or layers.shape[2:] != steps.shape[2:]:
+        raise ValueError(
+            f"layer_values {layers.shape} and step_values {steps.shape} must share the batch and trailing "
+            "dimensions: score the same prompts and queries"
+        )
+    batch = layers.shape[0]
+    layers = layers.reshape(batch, layers.shape[1], -1)
+    steps = steps.reshape(batch, steps.shape[1], -1)
+    sse = np.stack([((steps - layers[:, [row]]) ** 2).sum(-1) for row in range(layers.shape[1])], axis=1)
+    centred = steps - steps.mean(axis=(0, 2), keepdims=True)
+    return PairedSums(sse=sse, step_sum=centred.sum(-1), step_sq=(centred**2).sum(-1), n_values=steps.shape[2])
+
+
+def _weights(sums: PairedSums, weights) -> np.ndarray:
+    """Prompt weights as `[R, B]` (ones when None)."""
+    if weights is None:
+        return np.ones((1, sums.n_prompts))
+    weights = np.asarray(weights, dtype=np.float64)
+    return weights[None] if weights.ndim == 1 else weights
+
+
+def weighted_sse_sst(sums: PairedSums, weights=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """SSE `[R, L', T+1]`, SST `[R, T+1]` and the number of values `[R]` under prompt weights
+    `[B]` or `[R, B]` (None: every prompt once, R = 1)."""
+    w = _weights(sums, weights)
+    sse = np.einsum("rb,blt->rlt", w, sums.sse)
+    count = w.sum(1) * sums.n_values
+    total = w @ sums.step_sum
+    with np.errstate(invalid="ignore", divide="ignore"):
+        sst = w @ sums.step_sq - total**2 / count[:, None]
+    return sse, np.maximum(sst, 0.0), count
+
+
+def r2_and_mse(sums: PairedSums, weights=None) -> tuple[np.ndarray, np.ndarray]:
+    """R2 and MSE matrices `[R, L', T+1]` under prompt weights (see module docstring)."""
+    sse, sst, count = weighted_sse_sst(sums, weights)
+    return _r2(sse, sst), sse / count[:, None, None]
+
+
+def _r2(sse: np.ndarray, sst: np.ndarray) -> np.ndarray:
+    """1 - SSE/SST `[R, L', T+1]` from SSE `[R, L', T+1]` and SST `[R, T+1]`, NaN where SST = 0."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(sst[:, None, :] > 0, 1.0 - sse / sst[:, None, :], np.nan)
+
+
+def r2_matrix(layer_values, step_values) -> np.ndarray:
+    """R2 of layer l's values as predictions of step t's values, `[L', T+1]` (NaN where step t has
+    no variance)."""
+    return r2_and_mse(paired_sums(layer_values, step_values))[0][0]
+
+
+def mse_matrix(layer_values, step_values) -> np.ndarray:
+    """Mean squared difference between layer l's and step t's values, `[L', T+1]`."""
+    return r2_and_mse(paired_sums(layer_values, step_values))[1][0]
+
+
+def monotone_alignment(cost) -> tuple[np.ndarray, np.ndarray]:
+    """The non-decreasing layer -> step map minimising the summed cost.
+
+    cost `[..., L', T+1]` -> (steps `[..., L']` int, total cost `[...]`). Dynamic programming:
+    best[l, t] = cost[l, t] + min over t' <= t of best[l-1, t'], then backtracking; ties go to the
+    earliest step. O(L' T) per matrix, batched over leading dimensions.
+    """
+    cost = np.asarray(cost, dtype=np.float64)
+    if cost.ndim < 2 or cost.shape[-1] < 1 or cost.shape[-2] < 1:
+        raise ValueError(f"cost must be [..., n_layers, n_steps] with both sizes >= 1, got shape {cost.shape}")
+    n_rows = cost.shape[-2]
+    best = np.empty_like(cost)
+    best[..., 0, :] = cost[..., 0, :]
+    for row in range(1, n_rows):
+        best[..., row, :] = cost[..., row, :] + np.minimum.accumulate(best[..., row - 1, :], axis=-1)
+    steps = np.empty(cost.shape[:-1], dtype=np.int64)
+    steps[..., -1] = np.argmin(best[..., -1, :], axis=-1)
+    total = np.take_along_axis(best[..., -1, :], steps[..., -1:], axis=-1)[..., 0]
+    for row in range(n_rows - 2, -1, -1):
+        allowed = np.arange(cost.shape[-1]) <= steps[..., row + 1 : row + 2]
+        steps[..., row] = np.argmin(np.where(allowed, best[..., row, :], np.inf), axis=-1)
+    return steps, total
+
+
+def path_r2(sse: np.ndarray, sst: np.ndarray, steps: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
+    """Path R2 `[R]` of rows `rows` (default all) at steps `steps` `[R, L']`, from SSE
+    `[R, L', T+1]` and SST `[R, T+1]` (see module docstring)."""
+    rows = np.arange(sse.shape[-2]) if rows is None else np.asarray(rows)
+    picked = steps[:, rows]
+    error = np.take_along_axis(sse[:, rows, :], picked[..., None], axis=-1)[..., 0].sum(-1)
+    variance = np.take_along_axis(sst, picked, axis=-1).sum(-1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(variance > 0, 1.0 - error / variance, np.where(error > 0, -np.inf, np.nan))
+
+
+def aligned_r2(sse: np.ndarray, sst: np.ndarray, steps: np.ndarray) -> np.ndarray:
+    """Per-row R2 `[R, L']` at steps `[R, L']` (NaN where the step has no variance)."""
+    error = np.take_along_axis(sse, steps[..., None], axis=-1)[..., 0]
+    variance = np.take_along_axis(sst, steps, axis=-1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(variance > 0, 1.0 - error / variance, np.nan)
+
+
+def log_error_profile(values, reference) -> np.ndarray:
+    """log10 of the MSE of each row against a reference: values `[B, K, m]`, reference `[B, m]`
+    -> `[K]` (the per-layer or per-step error to the exact KRR prediction; floored at 1e-300)."""
+    values = _as_array("values", values, 3)
+    reference = _as_array("reference", reference, 2)
+    mse = ((values - reference[:, None]) ** 2).mean(axis=(0, 2))
+    return np.log10(np.maximum(mse, 1e-300))
+
+
+def profile_distance(model_profile, algorithm_profile, steps) -> float:
+    """Root-mean-square gap between the model's per-layer log-error profile `[L']` and the
+    algorithm's per-step one `[T+1]` read at the aligned steps `[L']` (log10 units)."""
+    model_profile = np.asarray(model_profile, dtype=np.float64)
+    gap = model_profile - np.asarray(algorithm_profile, dtype=np.float64)[np.asarray(steps)]
+    return float(np.sqrt(np.mean(gap**2)))
+
+
+def bootstrap_weights(n_prompts: int, n_resamples: int, seed: int) -> np.ndarray:
+    """Multinomial prompt counts `[n_resamples, n_prompts]`: each row one resample of the prompts
+    with replacement (seeded; the same seed gives the same rows, which pairs algorithms)."""
+    check_count("n_prompts", n_prompts, 1)
+    check_count("n_resamples", n_resamples, 0)
+    rng = np.random.default_rng(seed)
+    return rng.multinomial(n_prompts, np.full(n_prompts, 1.0 / n_prompts), size=n_resamples).astype(np.float64)
+
+
+def percentile_interval(samples, level: float = 0.95) -> tuple[float, float]:
+    """Percentile bootstrap interval of `samples` `[R]` at `level`: the order statistics at
+    ceil(q R) for q = (1 - level)/2 and (1 + level)/2 (no interpolation, so -inf replicates count
+    as the lowest values); NaN replicates are dropped, (nan, nan) when none is left."""
+    samples = np.asarray(samples, dtype=np.float64)
+    samples = samples[~np.isnan(samples)]
+    if samples.size == 0:
+        return (float("nan"), float("nan"))
+    tail = (1.0 - level) / 2.0
+    low, high = np.quantile(samples, [tail, 1.0 - tail], method="inverted_cdf")
+    return (float(low), float(high))
+
+
+def kappa_strata(kappa, n_bins: int) -> tuple[np.ndarray, np.ndarray]:
+    """Quantile bins of per-prompt condition numbers: kappa `[B]` -> (bin index `[B]` in
+    0..n_bins-1, edges `[n_bins + 1]` = the 0, 1/n_bins, ..., 1 quantiles). Bin i holds
+    edges[i] <= kappa < edges[i+1] (the last bin includes its upper edge)."""
+    kappa = _as_array("kappa", kappa, 1)
+    check_count("n_bins", n_bins, 1)
+    edges = np.quantile(kappa, np.linspace(0.0, 1.0, n_bins + 1))
+    index = np.clip(np.searchsorted(edges, kappa, side="right") - 1, 0, n_bins - 1)
+    return index, edges
+
+
+@dataclass
+class KappaStratum:
+    """The score of one algorithm on the prompts of one condition-number bin.
+
+    Attributes:
+        kappa_low, kappa_high: the bin's edges (condition numbers of K + lam I).
+        median_kappa: the bin's median condition number.
+        n_prompts: prompts in the bin.
+        score: path R2 on those prompts at the all-prompt alignment.
+        aligned_r2: per-layer R2 at the aligned steps `[L']`.
+    """
+
+    kappa_low: float
+    kappa_high: float
+    median_kappa: float
+    n_prompts: int
+    score: float
+    aligned_r2: np.ndarray
+
+
+@dataclass
+class AlgorithmScore:
+    """How well a model's layers reproduce one algorithm's trajectory.
+
+    Attributes:
+        algorithm: the algorithm's name.
+        layers: the probed layer indices (rows) `[L']`.
+        scored: row indices entering the score (all rows but layer 0, the embedding).
+        r2, mse: layer x step matrices `[L', T+1]`.
+        aligned_steps: monotone layer -> step alignment minimising summed MSE `[L']`.
+        argmin_steps: per-layer argmin of MSE (no monotonicity) `[L']`.
+        aligned_r2: per-layer R2 at the aligned steps `[L']`, with bootstrap intervals
+            `aligned_r2_ci` `[L', 2]`.
+        score: path R2 over the scored rows (see module docstring), interval `score_ci`, and the
+            bootstrap replicates `score_samples` `[R]` (same resamples for every algorithm).
+        model_profile: the model's per-layer log10 MSE to the exact KRR prediction `[L']`;
+            `algorithm_profile` the algorithm's per-step one `[T+1]`.
+        profile_distance: RMS gap between the profiles at the aligned steps;
+            `profile_steps`, `profile_aligned_distance`: the monotone alignment of the profiles
+            themselves (Yan et al.'s comparison) and the gap under it.
+        sensitivity_r2: R2 matrix of label sensitivities `[L', T+1]` or None;
+            `sensitivity_aligned_r2` `[L']` and `sensitivity_score` (path R2) at the prediction
+            alignment.
+        strata: per-kappa-bin scores; `weighted_r2` their log10-kappa-weighted mean.
+    """
+
+    algorithm: str
+    layers: np.ndarray
+    scored: np.ndarray
+    r2: np.ndarray
+    mse: np.ndarray
+    aligned_steps: np.ndarray
+    argmin_steps: np.ndarray
+    aligned_r2: np.ndarray
+    aligned_r2_ci: np.ndarray
+    score: float
+    score_ci: tuple[float, float]
+    score_samples: np.ndarray
+    model_profile: np.ndarray
+    algorithm_profile: np.ndarray
+    profile_distance: float
+    profile_steps: np.ndarray
+    profile_aligned_distance: float
+    sensitivity_r2: np.ndarray | None = None
+    sensitivity_aligned_r2: np.ndarray | None = None
+    sensitivity_score: float | None = None
+    strata: list[KappaStratum] = field(default_factory=list)
+    weighted_r2: float | None = None
+
+
+def score_algorithm(
+    algorithm: str,
+    layer_pred,
+    step_pred,
+    krr_pred,
+    *,
+    layers=None,
+    resamples: np.ndarray | None = None,
+    layer_sensitivity=None,
+    step_sensitivity=None,
+    kappa=None,
+    n_kappa_bins: int = 3,
+    level: float = 0.95,
+) -> AlgorithmScore:
+    """Score one algorithm against a model's layers.
+
+    Args:
+        algorithm: name recorded in the result.
+        layer_pred: the model's per-layer query predictions `[B, L', m]`.
+        step_pred: the algorithm's per-step predictions `[B, T+1, m]`.
+        krr_pred: the exact KRR predictions `[B, m]` (for the error profiles).
+        layers: layer index of each row `[L']` (default 0..L'-1); layer 0 is not scored.
+        resamples: bootstrap prompt weights `[R, B]` (`bootstrap_weights`; share them across
+            algorithms to pair their scores), or None for no intervals.
+        layer_sensitivity, step_sensitivity: label sensitivities `[B, L', m, n]` and
+            `[B, T+1, m, n]`, or None.
+        kappa: per-prompt condition numbers `[B]` for stratification, or None.
+        n_kappa_bins: number of quantile bins of kappa.
+        level: confidence level of the intervals.
+    """
+    sums = paired_sums(layer_pred, step_pred)
+    n_rows = sums.sse.shape[1]
+    layers = np.arange(n_rows) if layers is None else np.asarray(layers, dtype=np.int64)
+    if layers.shape != (n_rows,):
+        raise ValueError(f"layers must list one layer index per row of layer_pred ({n_rows}), got {layers.tolist()}")
+    scored = np.flatnonzero(layers > 0)
+    if scored.size == 0:
+        raise ValueError("layers must include at least one layer after the embedding (index >= 1) to score")
+
+    sse, sst, count = weighted_sse_sst(sums)
+    steps, _ = monotone_alignment(sse / count[:, None, None])
+    score = float(path_r2(sse, sst, steps, scored)[0])
+    per_layer = aligned_r2(sse, sst, steps)[0]
+
+    if resamples is not None and len(resamples):
+        boot_sse, boot_sst, boot_count = weighted_sse_sst(sums, resamples)
+        boot_steps, _ = monotone_alignment(boot_sse / boot_count[:, None, None])
+        samples = path_r2(boot_sse, boot_sst, boot_steps, scored)
+        boot_layer = aligned_r2(boot_sse, boot_sst, boot_steps)
+        layer_ci = np.array([percentile_interval(boot_layer[:, row], level) for row in range(n_rows)])
+    else:
+        samples = np.empty(0)
+        layer_ci = np.full((n_rows, 2), np.nan)
+
+    krr = _as_array("krr_pred", krr_pred, 2)
+    model_profile = log_error_profile(layer_pred, krr)
+    algorithm_profile = log_error_profile(step_pred, krr)
+    profile_gap = (model_profile[:, None] - algorithm_profile[None, :]) ** 2
+    profile_steps, _ = monotone_alignment(profile_gap)
+
+    result = AlgorithmScore(
+        algorithm=algorithm,
+        layers=layers,
+        scored=scored,
+        r2=_r2(sse, sst)[0],
+        mse=sse[0] / count[0],
+        aligned_steps=steps[0],
+        argmin_steps=np.argmin(sse[0], axis=-1),
+        aligned_r2=per_layer,
+        aligned_r2_ci=layer_ci,
+        score=score,
+        score_ci=percentile_interval(samples, level),
+        score_samples=samples,
+        model_profile=model_profile,
+        algorithm_profile=algorithm_profile,
+        profile_distance=profile_distance(model_profile, algorithm_profile, steps[0]),
+        profile_steps=profile_steps,
+        profile_aligned_distance=profile_distance(model_profile, algorithm_profile, profile_steps),
+    )
+
+    if layer_sensitivity is not None and step_sensitivity is not None:
+        sens = paired_sums(layer_sensitivity, step_sensitivity)
+        sens_sse, sens_sst, _ = weighted_sse_sst(sens)
+        result.sensitivity_r2 = _r2(sens_sse, sens_sst)[0]
+        result.sensitivity_aligned_r2 = aligned_r2(sens_sse, sens_sst, steps)[0]
+        result.sensitivity_score = float(path_r2(sens_sse, sens_sst, steps, scored)[0])
+
+    if kappa is not None:
+        result.strata = _kappa_strata_scores(sums, steps, scored, kappa, n_kappa_bins)
+        finite = [(s.score, max(np.log10(s.median_kappa), _MIN_STRATUM_WEIGHT)) for s in result.strata if np.isfinite(s.score)]
+        if finite:
+            values, weights = np.array(finite).T
+            result.weighted_r2 = float(np.sum(values * weights) / np.sum(weights))
+    return result
+
+
+def _kappa_strata_scores(sums: PairedSums, steps: np.ndarray, scored: np.ndarray, kappa, n_bins: int) -> list[KappaStratum]:
+    """Path R2 and per-layer R2 per kappa bin, at the all-prompt alignment `steps` `[1, L']`."""
+    kappa = _as_array("kappa", kappa, 1)
+    if kappa.shape != (sums.n_prompts,):
+        raise ValueError(f"kappa must hold one condition number per prompt ({sums.n_prompts}), got shape {kappa.shape}")
+    index, edges = kappa_strata(kappa, n_bins)
+    strata = []
+    for bin_id in range(n_bins):
+        members = index == bin_id
+        if not members.any():
+            continue
+        sse, sst, _ = weighted_sse_sst(sums, members.astype(np.float64))
+        strata.append(
+            KappaStratum(
+                kappa_low=float(edges[bin_id]),
+                kappa_high=float(edges[bin_id + 1]),
+                median_kappa=float(np.median(kappa[members])),
+                n_prompts=int(members.sum()),
+                score=float(path_r2(sse, sst, steps, scored)[0]),
+                aligned_r2=aligned_r2(sse, sst, steps)[0],
+            )
+        )
+    return strata
+
+
+def score_algorithms(
+    layer_pred,
+    step_preds: dict,
+    krr_pred,
+    *,
+    layers=None,
+    bootstrap: int = 1000,
+    seed: int = 0,
+    layer_sensitivity=None,
+    step_sensitivities: dict | None = None,
+    kappa=None,
+    n_kappa_bins: int = 3,
+    level: float = 0.95,
+) -> dict[str, AlgorithmScore]:
+    """`score_algorithm` for every algorithm in `step_preds` (name -> `[B, T+1, m]`), all on the
+    same `bootstrap` prompt resamples (seeded by `seed`) so their scores are paired."""
+    if not step_preds:
+        raise ValueError("step_preds must hold at least one algorithm's step predictions")
+    check_count("bootstrap", bootstrap, 0)
+    batch = np.shape(layer_pred)[0]
+    resamples = bootstrap_weights(batch, bootstrap, seed) if bootstrap else None
+    step_sensitivities = step_sensitivities or {}
+    return {
+        name: score_algorithm(
+            name,
+            layer_pred,
+            step_pred,
+            krr_pred,
+            layers=layers,
+            resamples=resamples,
+            layer_sensitivity=layer_sensitivity,
+            step_sensitivity=step_sensitivities.get(name),
+            kappa=kappa,
+            n_kappa_bins=n_kappa_bins,
+            level=level,
+        )
+        for name, step_pred in step_preds.items()
+    }

@@ -1,0 +1,123 @@
+"""Label sensitivities: how each layer's (or each solver step's) query prediction moves with each
+support label, d yhat(query j) / d y_i.
+
+For KRR every predictor is linear in y, yhat = k_*^T (K + lam I)^-1 y, so the sensitivity matrix
+`[n_query, n_support]` is the whole predictor on a prompt: comparing a layer's matrix with a solver
+step's compares the maps themselves, not only their outputs on one y.
+
+The labels enter a model only through `model.encode(task)`, so the derivative is taken with
+respect to `task.y_support` through the model's own encoder: no knowledge of which token or
+coordinate carries y is needed, for any layout.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import einops
+import torch
+
+from mi_krr._validation import as_float64, check_choice, check_count, check_positive
+from mi_krr.models.adapter import ICLModel
+from mi_krr.tasks import ICLTask
+from probes.streaming import encode_for_probe, query_readouts, resolve_layers
+
+LINEAR_IN_Y: frozenset[str] = frozenset(
+    {"gd", "richardson_jacobi", "richardson_rowsum", "chebyshev", "heavy_ball", "newton"}
+)
+"""`ALGORITHMS` entries whose step-t prediction is a fixed linear map of y (step sizes, momenta
+and Newton's scale depend on K and lam only). Any other solver (CG, Jacobi-CG, and any solver
+added later until listed here) is differentiated by autograd at a given y."""
+
+
+def label_sensitivities(
+    model: ICLModel, task: ICLTask, layers: Sequence[int] | None = None, chunk_size: int = 32
+) -> torch.Tensor:
+    """d yhat_l(query j) / d y_i of the read-out lens, by autograd through the model.
+
+    Returns `[batch, len(layers), n_query, n_support]` (float64; layers=None: all L + 1, index 0 =
+    embeddings). Prompts are independent, so one backward pass of the batch-summed prediction
+    gives every prompt's row at once; the `len(layers) * n_query` rows are taken `chunk_size` at a
+    time as vmapped backward passes. Use a float64 model for reference-grade numbers.
+    """
+    layers = resolve_layers(model, layers)
+    check_count("chunk_size", chunk_size, minimum=1)
+    labels = task.y_support.detach().clone().requires_grad_(True)
+    prompt = encode_for_probe(model, dataclasses.replace(task, y_support=labels))
+    pred = query_readouts(model, prompt, layers, grad=True)  # [B, L', m]
+    if not pred.requires_grad:
+        raise ValueError(
+            "the model's predictions do not depend differentiably on task.y_support: its encode() must build "
+            "tokens from the labels with torch operations (no detach / numpy round trip)"
+        )
+    jacobian = batch_jacobian(pred.flatten(1), labels, chunk_size)  # [B, L' * m, n]
+    return einops.rearrange(jacobian, "batch (layer query) n -> batch layer query n", layer=len(layers)).to(torch.float64)
+
+
+def batch_jacobian(outputs: torch.Tensor, inputs: torch.Tensor, chunk_size: int = 32) -> torch.Tensor:
+    """Per-sample Jacobian d outputs[b, k] / d inputs[b, i] -> `[batch, k, n]`, for outputs
+    `[batch, k]` where sample b depends only on inputs[b] `[batch, n]` (no cross-sample terms).
+
+    Row k of every sample comes from one backward pass of outputs[:, k].sum(); rows are batched
+    `chunk_size` at a time with `is_grads_batched`.
+    """
+    n_outputs = outputs.shape[1]
+    basis = torch.eye(n_outputs, dtype=outputs.dtype, device=outputs.device)
+    rows = []
+    for start in range(0, n_outputs, chunk_size):
+        directions = einops.repeat(basis[start : start + chunk_size], "k out -> k batch out", batch=outputs.shape[0])
+        (grad,) = torch.autograd.grad(
+            outputs, inputs, grad_outputs=directions, retain_graph=True, is_grads_batched=True, allow_unused=True
+        )
+        if grad is None:
+            grad = torch.zeros(directions.shape[0], *inputs.shape, dtype=inputs.dtype, device=inputs.device)
+        rows.append(grad)
+    return einops.rearrange(torch.cat(rows), "k batch n -> batch k n")
+
+
+def solver_sensitivities(
+    algorithm: str,
+    K: torch.Tensor,
+    K_query: torch.Tensor,
+    lam: float,
+    n_steps: int,
+    y: torch.Tensor | None = None,
+    chunk_size: int = 64,
+) -> torch.Tensor:
+    """d pred_t(query j) / d y_i along the trajectory of `mi_krr.solvers.ALGORITHMS[algorithm]`
+    -> `[..., T+1, n_query, n_support]` (float64).
+
+    K `[..., n, n]`, K_query `[..., m, n]` (leading dimensions broadcast). Solvers in
+    `LINEAR_IN_Y` have one sensitivity matrix per step whatever y is; it is computed exactly by
+    running the solver on the identity label columns (`y` is not needed). The others (CG and
+    Jacobi-CG, whose step lengths depend on y) need `y` `[..., n]`: their sensitivity at that y
+    is computed by autograd through the solver.
+    """
+    from mi_krr.solvers import ALGORITHMS
+
+    check_choice("algorithm", algorithm, tuple(ALGORITHMS))
+    K = as_float64("K", K, min_dim=2)
+    K_query = as_float64("K_query", K_query, min_dim=2)
+    n, m = K.shape[-1], K_query.shape[-2]
+    if K.shape[-2] != n or K_query.shape[-1] != n:
+        raise ValueError(f"K must be [..., n, n] and K_query [..., m, n]; got shapes {tuple(K.shape)} and {tuple(K_query.shape)}")
+    check_positive("lam", lam)
+    check_count("n_steps", n_steps)
+    check_count("chunk_size", chunk_size, minimum=1)
+    batch_shape = torch.broadcast_shapes(K.shape[:-2], K_query.shape[:-2])
+    K, K_query = K.expand(*batch_shape, n, n), K_query.expand(*batch_shape, m, n)
+    solve = ALGORITHMS[algorithm]
+    if algorithm in LINEAR_IN_Y:
+        columns = torch.eye(n, dtype=K.dtype, device=K.device).expand(*batch_shape, n, n)  # [..., column, n]
+        per_column = (K.unsqueeze(-3).expand(*batch_shape, n, n, n), K_query.unsqueeze(-3).expand(*batch_shape, n, m, n))
+        pred = solve(per_column[0], columns, lam, n_steps, K_query=per_column[1]).pred  # [..., column, T+1, m]
+        return einops.rearrange(pred, "... column step query -> ... step query column")
+    if y is None:
+        raise ValueError(f"algorithm {algorithm!r} is nonlinear in y: pass the labels y [..., n] to take its sensitivity at")
+    y = as_float64("y", y, min_dim=1).detach()
+    labels = y.expand(*batch_shape, n).reshape(-1, n).clone().requires_grad_(True)
+    with torch.enable_grad():
+        pred = solve(K, labels.reshape(*batch_shape, n), lam, n_steps, K_query=K_query).pred  # [..., T+1, m]
+        jacobian = batch_jacobian(pred.reshape(labels.shape[0], -1), labels, chunk_size)  # [B, (T+1) m, n]
+    return jacobian.reshape(*batch_shape, n_steps + 1, m, n)

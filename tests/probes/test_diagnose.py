@@ -1,0 +1,150 @@
+"""`diagnose` end to end: positive controls on constructed transformers, the negative control on
+a random one, the result object's views, and bad inputs."""
+
+import json
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import numpy as np
+import pytest
+import torch
+
+from mi_krr.construct.cg import cg_transformer
+from mi_krr.models import ICLTransformer, ICLTransformerConfig
+from mi_krr.tasks.samplers import GPRegressionSampler, LinearRegressionSampler
+from probes.diagnose import diagnose
+
+LAM = 0.1
+
+
+@pytest.fixture(scope="module")
+def cg_diagnosis():
+    model = cg_transformer(n_steps=4, lam=LAM, dim=4)
+    task = LinearRegressionSampler(dim=4, condition_number=10.0, noise_std=0.1).sample(24, 12, 4, seed=0)
+    return model, diagnose(model, task, lam=LAM, kernels=(), sensitivities=False, bootstrap=300, progress=False)["tasks"]
+
+
+def test_cg_transformer_is_identified_as_cg_with_step_t_at_layer_4t(cg_diagnosis):
+    model, result = cg_diagnosis
+    assert result.verdict.best == "cg" and result.verdict.identified
+    assert result.verdict.runner_up is not None and result.verdict.gap_ci[0] > 0
+    score = result.scores["cg"]
+    boundaries = np.arange(model.layers_per_step, model.n_layers + 1, model.layers_per_step)
+    np.testing.assert_array_equal(score.aligned_steps[boundaries], boundaries // model.layers_per_step)
+    assert np.all(score.aligned_r2[boundaries] > 0.999)
+    # inside a step the prediction slot still holds the previous step's prediction
+    np.testing.assert_array_equal(score.aligned_steps, np.arange(model.n_layers + 1) // model.layers_per_step)
+
+
+def test_cg_diagnosis_leaves_out_the_rowsum_preconditioner_on_a_linear_kernel_and_says_so(cg_diagnosis):
+    _, result = cg_diagnosis
+    assert "richardson_rowsum" not in result.scores
+    assert any(note.startswith("richardson_rowsum left out") for note in result.notes)
+
+
+@pytest.fixture(scope="module")
+def random_diagnosis():
+    torch.manual_seed(0)
+    model = ICLTransformer(ICLTransformerConfig(n_dims=3, d_model=16, n_layers=2, n_heads=2))
+    tasks = {
+        "in_distribution": GPRegressionSampler(dim=3).sample(16, 10, 3, seed=1),
+        "ill_conditioned": GPRegressionSampler(dim=3, condition_number=20.0).sample(16, 10, 3, seed=2),
+    }
+    algorithms = ("cg", "gd", "richardson_rowsum")
+    return tasks, diagnose(model, tasks, algorithms=algorithms, n_steps=6, bootstrap=200, progress=False)
+
+
+def test_random_transformer_is_identified_as_no_algorithm(random_diagnosis):
+    _, diagnosis = random_diagnosis
+    for result in diagnosis.task_sets.values():
+        assert not result.verdict.identified
+        assert "not identified" in result.verdict.message
+
+
+def test_krr_system_is_the_gaussian_kernel_with_the_noise_variance_as_ridge(random_diagnosis):
+    tasks, diagnosis = random_diagnosis
+    task, result = tasks["in_distribution"], diagnosis["in_distribution"]
+    x = task.x_support.double().numpy()
+    xq = task.x_query.double().numpy()
+    lam = 0.1**2  # the GP sampler's default noise_std, squared
+    for b in range(3):
+        gram = np.exp(-((x[b][:, None] - x[b][None]) ** 2).sum(-1) / 2)
+        cross = np.exp(-((xq[b][:, None] - x[b][None]) ** 2).sum(-1) / 2)
+        expected = cross @ np.linalg.solve(gram + lam * np.eye(10), task.y_support[b].double().numpy())
+        np.testing.assert_allclose(result.krr_predictions[b], expected, rtol=1e-8, atol=1e-10)
+        np.testing.assert_allclose(result.kappa[b], np.linalg.cond(gram + lam * np.eye(10)), rtol=1e-6)
+    assert result.kernel == "gaussian" and result.lam == pytest.approx(lam)
+
+
+def test_dataframe_holds_every_layer_step_pair_with_r2_from_the_stored_predictions(random_diagnosis):
+    _, diagnosis = random_diagnosis
+    frame = diagnosis.to_dataframe()
+    assert len(frame) == 2 * 3 * 3 * 7  # task sets x algorithms x layers x steps
+    result = diagnosis["ill_conditioned"]
+    layer, step = 2, 3
+    a = result.layer_predictions[:, layer].ravel()
+    s = result.step_predictions["gd"][:, step].ravel()
+    expected = 1 - np.sum((a - s) ** 2) / np.sum((s - s.mean()) ** 2)
+    row = frame[(frame.task_set == "ill_conditioned") & (frame.algorithm == "gd") & (frame.layer == layer) & (frame.step == step)]
+    assert row.r2.item() == pytest.approx(expected, rel=1e-10)
+    assert row.mse.item() == pytest.approx(np.mean((a - s) ** 2), rel=1e-10)
+    assert frame.groupby(["task_set", "algorithm", "layer"]).aligned.sum().eq(1).all()
+
+
+def test_json_summary_plots_and_report_carry_the_same_numbers(random_diagnosis, tmp_path):
+    _, diagnosis = random_diagnosis
+    data = json.loads(diagnosis.to_json())
+    for name, result in diagnosis.task_sets.items():
+        for algorithm, score in result.scores.items():
+            stored = data["task_sets"][name]["scores"][algorithm]
+            np.testing.assert_allclose(np.array(stored["r2"], dtype=float), score.r2, equal_nan=True)
+            assert stored["aligned_steps"] == score.aligned_steps.tolist()
+        assert data["task_sets"][name]["verdict"]["identified"] is False
+        assert result.layer_sensitivities.shape == (16, 3, 3, 10)
+        assert result.kernel_alignment is not None
+    text = diagnosis.summary()
+    assert "in_distribution" in text and "ill_conditioned" in text and "Verdict" in text
+    figures = diagnosis.plot("in_distribution")
+    assert {"error_profiles", "step_map", "kernel_alignment", "sensitivities"} <= set(figures)
+    index = diagnosis.save(tmp_path / "report")
+    written = {path.name for path in index.parent.iterdir()}
+    assert {"index.md", "diagnosis.json", "arrays.npz", "in_distribution_step_map.png"} <= written
+    assert "![in_distribution: error_profiles]" in index.read_text()
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"algorithms": ("cg", "lanczos")}, "unknown algorithm 'lanczos'"),
+        ({"algorithms": ()}, "at least one"),
+        ({"layers": []}, "at least one"),
+        ({"layers": [0]}, "index >= 1"),
+        ({"kernels": ("laplace",)}, "kernels entry"),
+        ({"method": "ridge"}, "train_task"),
+        ({"kernel": "cosine"}, "kernel must be one of"),
+        ({"n_steps": 0}, "n_steps"),
+    ],
+)
+def test_bad_arguments_raise_one_line_value_errors(kwargs, message):
+    model = ICLTransformer(ICLTransformerConfig(n_dims=3, d_model=8, n_layers=1, n_heads=1))
+    task = GPRegressionSampler(dim=3).sample(2, 4, 1, seed=0)
+    with pytest.raises(ValueError, match=message) as error:
+        diagnose(model, task, progress=False, **kwargs)
+    assert "\n" not in str(error.value)
+
+
+def test_bad_tasks_raise_one_line_value_errors():
+    model = ICLTransformer(ICLTransformerConfig(n_dims=3, d_model=8, n_layers=1, n_heads=1))
+    with pytest.raises(ValueError, match="dimension"):
+        diagnose(model, GPRegressionSampler(dim=5).sample(2, 4, 1, seed=0), sensitivities=False, kernels=(), progress=False)
+    with pytest.raises(ValueError, match="non-empty dict"):
+        diagnose(model, {}, progress=False)
+    unlabelled = GPRegressionSampler(dim=3).sample(2, 4, 1, seed=0)
+    unlabelled.info = {}
+    with pytest.raises(ValueError, match="kernel='auto'"):
+        diagnose(model, unlabelled, progress=False)
+    noiseless = GPRegressionSampler(dim=3, noise_std=0.0).sample(2, 4, 1, seed=0)
+    with pytest.raises(ValueError, match="lam="):
+        diagnose(model, noiseless, progress=False)

@@ -1,0 +1,146 @@
+"""The identifiability verdict on synthetic models built from independently computed solver
+trajectories (NumPy CG and gradient descent on random kernel systems)."""
+
+import itertools
+
+import numpy as np
+import pytest
+
+from probes.identifiability import algorithm_agreement, identifiability_verdict
+from probes.scoring import score_algorithms
+
+BATCH, N, M, STEPS = 40, 12, 4, 8
+
+
+def _systems(seed=0):
+    """Random linear-kernel systems with uneven input norms: K [B, n, n], K_query [B, m, n], y [B, n]."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(BATCH, N + M, 5)) * rng.uniform(0.3, 2.0, size=(BATCH, N + M, 1))
+    gram = x @ x.transpose(0, 2, 1)
+    return gram[:, :N, :N], gram[:, N:, :N], rng.normal(size=(BATCH, N))
+
+
+def _cg_preds(K, K_query, y, lam):
+    """Textbook CG from alpha = 0, predictions per step [B, T+1, m]."""
+    preds = np.zeros((BATCH, STEPS + 1, M))
+    for b in range(BATCH):
+        A = K[b] + lam * np.eye(N)
+        alpha, r = np.zeros(N), y[b].copy()
+        p = r.copy()
+        for t in range(1, STEPS + 1):
+            step = (r @ r) / (p @ A @ p)
+            alpha = alpha + step * p
+            r_new = r - step * A @ p
+            p = r_new + (r_new @ r_new) / (r @ r) * p
+            r = r_new
+            preds[b, t] = K_query[b] @ alpha
+    return preds
+
+
+def _gd_preds(K, K_query, y, lam):
+    """Richardson / gradient descent with step 1 / lambda_max, predictions per step [B, T+1, m]."""
+    preds = np.zeros((BATCH, STEPS + 1, M))
+    for b in range(BATCH):
+        A = K[b] + lam * np.eye(N)
+        step = 1.0 / np.linalg.eigvalsh(A)[-1]
+        alpha = np.zeros(N)
+        for t in range(1, STEPS + 1):
+            alpha = alpha + step * (y[b] - A @ alpha)
+            preds[b, t] = K_query[b] @ alpha
+    return preds
+
+
+@pytest.fixture(scope="module")
+def trajectories():
+    K, K_query, y = _systems()
+    lam = 0.5
+    krr = np.einsum("bmn,bn->bm", K_query, np.linalg.solve(K + lam * np.eye(N), y[..., None])[..., 0])
+    return {"cg": _cg_preds(K, K_query, y, lam), "gd": _gd_preds(K, K_query, y, lam)}, krr
+
+
+def _verdict(layers, preds, krr, **kwargs):
+    scores = score_algorithms(layers, preds, krr, bootstrap=300, seed=0)
+    return identifiability_verdict(scores, preds, **kwargs)
+
+
+def test_model_that_runs_cg_is_identified_as_cg_over_gd(trajectories):
+    preds, krr = trajectories
+    rng = np.random.default_rng(1)
+    layers = preds["cg"][:, [0, 1, 2, 3, 4]] + 1e-3 * rng.normal(size=(BATCH, 5, M))
+    verdict = _verdict(layers, preds, krr)
+    assert verdict.best == "cg" and verdict.runner_up == "gd"
+    assert verdict.identified and verdict.score > 0.99
+    assert verdict.gap_ci[0] > 0 and verdict.equivalent == []
+    assert "identified as cg" in verdict.message
+
+
+def test_model_matching_no_algorithm_is_not_identified(trajectories):
+    preds, krr = trajectories
+    layers = np.random.default_rng(2).normal(size=(BATCH, 5, M))
+    verdict = _verdict(layers, preds, krr)
+    assert not verdict.identified
+    assert verdict.score < 0.9
+    assert "not identified" in verdict.message
+
+
+def test_model_equally_close_to_two_separable_algorithms_is_not_identified(trajectories):
+    preds, krr = trajectories
+    rng = np.random.default_rng(4)
+    spread = preds["cg"].std()
+    shifted = preds["cg"] + 0.2 * spread * rng.normal(size=preds["cg"].shape)
+    shifted[:, 0] = 0.0
+    pair = {"cg": preds["cg"], "cg_shifted": shifted}
+    layers = 0.5 * (pair["cg"][:, :5] + pair["cg_shifted"][:, :5])
+    verdict = _verdict(layers, pair, krr)
+    assert verdict.separable.any(), "the two candidates must be separable for this test to mean anything"
+    assert verdict.runner_up is not None and verdict.score > 0.9
+    assert abs(verdict.gap) < 0.01
+    assert not verdict.identified and "does not beat" in verdict.message
+
+
+def test_identical_candidates_are_reported_inseparable_not_as_runner_up(trajectories):
+    preds, krr = trajectories
+    with_copy = {"cg": preds["cg"], "cg_again": preds["cg"].copy(), "gd": preds["gd"]}
+    layers = preds["cg"][:, :5] + 1e-3 * np.random.default_rng(3).normal(size=(BATCH, 5, M))
+    verdict = _verdict(layers, with_copy, krr)
+    assert set(verdict.equivalent) | {verdict.best} == {"cg", "cg_again"}
+    assert verdict.runner_up == "gd"
+    assert verdict.identified
+    assert "Inseparable" in verdict.message
+    pair = [verdict.algorithms.index("cg"), verdict.algorithms.index("cg_again")]
+    assert not verdict.separable[pair[0], pair[1]]
+    assert verdict.agreement[pair[0], pair[1]] == pytest.approx(1.0)
+
+
+def test_agreement_is_path_r2_under_the_best_monotone_alignment_found_by_brute_force(trajectories):
+    preds, _ = trajectories
+    small = {name: value[:, :5] for name, value in preds.items()}
+    aligned = {"cg": np.array([1, 2, 3]), "gd": np.array([1, 3, 4])}
+    names, agreement = algorithm_agreement(small, aligned)
+    for i, j in itertools.permutations(range(2), 2):
+        rows = small[names[i]][:, aligned[names[i]]]
+        target = small[names[j]]
+
+        def pooled(path):
+            error = sum(np.sum((rows[:, r] - target[:, t]) ** 2) for r, t in enumerate(path))
+            variance = sum(np.sum((target[:, t] - target[:, t].mean()) ** 2) for t in path)
+            return error, variance
+
+        best = min(itertools.combinations_with_replacement(range(5), 3), key=lambda path: pooled(path)[0])
+        error, variance = pooled(best)
+        assert agreement[i, j] == pytest.approx(1 - error / variance, rel=1e-10)
+    np.testing.assert_array_equal(np.diag(agreement), [1.0, 1.0])
+
+
+def test_without_bootstrap_there_is_no_verdict(trajectories):
+    preds, krr = trajectories
+    scores = score_algorithms(preds["cg"][:, :4], preds, krr, bootstrap=0)
+    verdict = identifiability_verdict(scores, preds)
+    assert not verdict.identified and "bootstrap > 0" in verdict.message
+
+
+def test_missing_trajectories_raise_a_clear_error(trajectories):
+    preds, krr = trajectories
+    scores = score_algorithms(preds["cg"][:, :4], preds, krr, bootstrap=10)
+    with pytest.raises(ValueError, match="lacks the trajectories"):
+        identifiability_verdict(scores, {"cg": preds["cg"]})

@@ -1,0 +1,215 @@
+"""Scoring statistics checked against direct NumPy formulas and brute force."""
+
+import itertools
+
+import numpy as np
+import pytest
+
+from probes.scoring import (
+    bootstrap_weights,
+    kappa_strata,
+    log_error_profile,
+    monotone_alignment,
+    mse_matrix,
+    percentile_interval,
+    profile_distance,
+    r2_matrix,
+    score_algorithm,
+    score_algorithms,
+)
+
+
+def _loop_r2_mse(layers, steps):
+    """R2 and MSE by explicit loops over layer/step pairs (pooled mean per step)."""
+    r2 = np.full((layers.shape[1], steps.shape[1]), np.nan)
+    mse = np.zeros_like(r2)
+    for l in range(layers.shape[1]):
+        for t in range(steps.shape[1]):
+            a, s = layers[:, l].ravel(), steps[:, t].ravel()
+            mse[l, t] = np.mean((a - s) ** 2)
+            sst = np.sum((s - s.mean()) ** 2)
+            if sst > 0:
+                r2[l, t] = 1 - np.sum((a - s) ** 2) / sst
+    return r2, mse
+
+
+def test_r2_and_mse_matrices_match_loop_formulas_with_nan_for_constant_steps():
+    rng = np.random.default_rng(0)
+    steps = rng.normal(size=(7, 5, 3))
+    steps[:, 0] = 0.0  # step 0 of a solver: no variance
+    layers = steps[:, [0, 2, 4, 4]] + 0.3 * rng.normal(size=(7, 4, 3))
+    expected_r2, expected_mse = _loop_r2_mse(layers, steps)
+    np.testing.assert_allclose(mse_matrix(layers, steps), expected_mse, rtol=1e-12)
+    got = r2_matrix(layers, steps)
+    assert np.isnan(got[:, 0]).all()
+    np.testing.assert_allclose(got[:, 1:], expected_r2[:, 1:], rtol=1e-10)
+
+
+def test_r2_pools_trailing_dimensions_of_sensitivities():
+    rng = np.random.default_rng(1)
+    steps = rng.normal(size=(4, 3, 2, 5))
+    layers = rng.normal(size=(4, 2, 2, 5))
+    expected_r2, _ = _loop_r2_mse(layers.reshape(4, 2, 10), steps.reshape(4, 3, 10))
+    np.testing.assert_allclose(r2_matrix(layers, steps), expected_r2, rtol=1e-10)
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (1, 5), (4, 1), (3, 4), (5, 3), (6, 6)])
+def test_monotone_alignment_matches_brute_force_over_all_monotone_paths(shape):
+    rng = np.random.default_rng(sum(shape))
+    cost = rng.random(shape)
+    n_rows, n_steps = shape
+    best = min(
+        itertools.combinations_with_replacement(range(n_steps), n_rows),
+        key=lambda path: sum(cost[row, step] for row, step in enumerate(path)),
+    )
+    steps, total = monotone_alignment(cost)
+    assert np.all(np.diff(steps) >= 0)
+    np.testing.assert_allclose(total, sum(cost[row, step] for row, step in enumerate(best)))
+    np.testing.assert_array_equal(steps, best)
+
+
+def test_monotone_alignment_batches_over_leading_dimensions():
+    cost = np.random.default_rng(3).random((4, 5, 6))
+    steps, total = monotone_alignment(cost)
+    for index in range(4):
+        single_steps, single_total = monotone_alignment(cost[index])
+        np.testing.assert_array_equal(steps[index], single_steps)
+        assert total[index] == single_total
+
+
+def test_monotone_alignment_can_differ_from_per_layer_argmin():
+    cost = np.array([[1.0, 0.0, 1.0], [0.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+    steps, total = monotone_alignment(cost)
+    assert np.all(np.diff(steps) >= 0) and total == 1.0
+    assert np.argmin(cost, axis=1).tolist() == [1, 0, 2]
+
+
+def test_path_score_is_pooled_r2_along_the_alignment():
+    rng = np.random.default_rng(4)
+    steps = rng.normal(size=(50, 6, 4)) * np.arange(6)[None, :, None]  # step 0 constant zero
+    layers = steps[:, [0, 1, 3, 5]] + 0.1 * rng.normal(size=(50, 4, 4))
+    krr = steps[:, -1]
+    score = score_algorithm("toy", layers, steps, krr)
+    np.testing.assert_array_equal(score.aligned_steps, [0, 1, 3, 5])
+    path = score.aligned_steps
+    error = sum(np.sum((layers[:, l] - steps[:, path[l]]) ** 2) for l in (1, 2, 3))
+    variance = sum(np.sum((steps[:, path[l]] - steps[:, path[l]].mean()) ** 2) for l in (1, 2, 3))
+    assert score.score == pytest.approx(1 - error / variance, rel=1e-10)
+    assert np.isnan(score.aligned_r2[0])
+    np.testing.assert_array_equal(score.scored, [1, 2, 3])
+
+
+def test_path_score_is_minus_infinity_when_every_layer_sits_at_the_constant_start():
+    rng = np.random.default_rng(5)
+    steps = np.concatenate([np.zeros((20, 1, 3)), 10.0 + rng.normal(size=(20, 3, 3))], axis=1)
+    layers = 0.01 * rng.normal(size=(20, 3, 3))
+    score = score_algorithm("toy", layers, steps, steps[:, -1])
+    assert score.aligned_steps.tolist() == [0, 0, 0]
+    assert score.score == -np.inf
+
+
+def test_log_error_profile_and_profile_distance_match_direct_formulas():
+    rng = np.random.default_rng(6)
+    values, reference = rng.normal(size=(8, 3, 4)), rng.normal(size=(8, 4))
+    expected = [np.log10(np.mean((values[:, k] - reference) ** 2)) for k in range(3)]
+    np.testing.assert_allclose(log_error_profile(values, reference), expected, rtol=1e-12)
+    distance = profile_distance([0.0, -1.0, -2.0], [0.5, 0.0, -1.5, -3.0], [0, 2, 3])
+    assert distance == pytest.approx(np.sqrt((0.25 + 0.25 + 1.0) / 3))
+
+
+def test_bootstrap_weights_are_seeded_resamples_of_all_prompts():
+    weights = bootstrap_weights(12, 40, seed=3)
+    assert weights.shape == (40, 12)
+    np.testing.assert_array_equal(weights.sum(1), np.full(40, 12))
+    np.testing.assert_array_equal(weights, bootstrap_weights(12, 40, seed=3))
+    assert not np.array_equal(weights, bootstrap_weights(12, 40, seed=4))
+    assert abs(weights.mean() - 1.0) < 0.1
+
+
+def test_bootstrap_interval_covers_the_population_r2_about_95_percent_of_the_time():
+    # step values s ~ N(0, 1), layer = s + e with e ~ N(0, 0.5^2): population R2 = 1 - 0.25.
+    rng = np.random.default_rng(7)
+    covered, trials = 0, 150
+    for trial in range(trials):
+        signal = rng.normal(size=(80, 1, 1))
+        steps = np.concatenate([np.zeros_like(signal), signal], axis=1)
+        layers = np.concatenate([np.zeros_like(signal), signal + 0.5 * rng.normal(size=signal.shape)], axis=1)
+        score = score_algorithm("toy", layers, steps, signal[:, 0], resamples=bootstrap_weights(80, 300, seed=trial))
+        low, high = score.score_ci
+        covered += low <= 0.75 <= high
+    assert 0.88 <= covered / trials <= 0.995
+
+
+def test_percentile_interval_is_the_order_statistics_and_ignores_nan():
+    samples = np.r_[np.random.default_rng(8).normal(size=1000), np.nan]
+    ordered = np.sort(samples[:-1])
+    assert percentile_interval(samples, 0.9) == (ordered[49], ordered[949])  # ceil(0.05 * 1000) = 50th
+    assert percentile_interval(np.r_[np.full(10, -np.inf), np.arange(90.0)], 0.8)[0] == 0.0
+    assert np.isnan(percentile_interval([np.nan])[0])
+
+
+def test_kappa_strata_follow_numpy_quantiles():
+    kappa = np.random.default_rng(9).lognormal(mean=3.0, sigma=1.0, size=301)
+    index, edges = kappa_strata(kappa, 4)
+    np.testing.assert_allclose(edges, np.percentile(kappa, [0, 25, 50, 75, 100]))
+    for bin_id in range(4):
+        members = kappa[index == bin_id]
+        assert np.all(members >= edges[bin_id]) and np.all(members <= edges[bin_id + 1])
+        assert abs(members.size - 301 / 4) <= 2
+
+
+def test_strata_scores_and_weighted_r2_match_direct_computation():
+    rng = np.random.default_rng(10)
+    steps = rng.normal(size=(60, 3, 2))
+    steps[:, 0] = 0
+    kappa = np.exp(rng.uniform(0, 6, size=60))
+    noise = (0.05 + 0.5 * (kappa > np.median(kappa)))[:, None, None]  # ill-conditioned prompts fit worse
+    layers = steps[:, [0, 1, 2]] + noise * rng.normal(size=(60, 3, 2))
+    score = score_algorithm("toy", layers, steps, steps[:, -1], kappa=kappa, n_kappa_bins=2)
+    assert [s.n_prompts for s in score.strata] == [30, 30]
+    expected, weights = [], []
+    for stratum, members in zip(score.strata, (kappa <= np.median(kappa), kappa > np.median(kappa))):
+        error = sum(np.sum((layers[members, l] - steps[members, l]) ** 2) for l in (1, 2))
+        variance = sum(np.sum((steps[members, l] - steps[members, l].mean()) ** 2) for l in (1, 2))
+        assert stratum.score == pytest.approx(1 - error / variance, rel=1e-10)
+        assert stratum.median_kappa == pytest.approx(np.median(kappa[members]))
+        expected.append(1 - error / variance)
+        weights.append(max(np.log10(np.median(kappa[members])), np.log10(1.1)))
+    assert score.strata[0].score > score.strata[1].score
+    assert score.weighted_r2 == pytest.approx(np.average(expected, weights=weights), rel=1e-10)
+
+
+def test_score_algorithms_pairs_bootstrap_resamples_across_algorithms():
+    rng = np.random.default_rng(11)
+    steps_a = rng.normal(size=(30, 4, 3))
+    steps_b = steps_a + 0.2 * rng.normal(size=steps_a.shape)
+    layers = steps_a + 0.05 * rng.normal(size=steps_a.shape)
+    scores = score_algorithms(layers, {"a": steps_a, "b": steps_b}, steps_a[:, -1], bootstrap=200, seed=1)
+    gaps = scores["a"].score_samples - scores["b"].score_samples
+    assert scores["a"].score > scores["b"].score
+    assert np.all(gaps > 0)  # paired: a beats b on every resample, not only on average
+
+
+def test_sensitivity_scores_use_the_prediction_alignment():
+    rng = np.random.default_rng(12)
+    steps = rng.normal(size=(10, 4, 2))
+    layers = steps[:, [0, 2, 3]]
+    step_sens = rng.normal(size=(10, 4, 2, 5))
+    layer_sens = step_sens[:, [0, 2, 3]] + 0.1 * rng.normal(size=(10, 3, 2, 5))
+    score = score_algorithm(
+        "toy", layers, steps, steps[:, -1], layer_sensitivity=layer_sens, step_sensitivity=step_sens
+    )
+    expected_r2, _ = _loop_r2_mse(layer_sens.reshape(10, 3, 10), step_sens.reshape(10, 4, 10))
+    np.testing.assert_allclose(score.sensitivity_r2, expected_r2, rtol=1e-10)
+    np.testing.assert_allclose(score.sensitivity_aligned_r2, expected_r2[[0, 1, 2], [0, 2, 3]], rtol=1e-10)
+
+
+def test_bad_inputs_raise_one_line_value_errors():
+    with pytest.raises(ValueError, match="share the batch"):
+        r2_matrix(np.zeros((3, 2, 4)), np.zeros((3, 2, 5)))
+    with pytest.raises(ValueError, match="NaN or inf"):
+        r2_matrix(np.full((3, 2, 4), np.nan), np.zeros((3, 2, 4)))
+    with pytest.raises(ValueError, match="after the embedding"):
+        score_algorithm("toy", np.zeros((3, 1, 2)), np.ones((3, 2, 2)), np.ones((3, 2)), layers=[0])
+    with pytest.raises(ValueError, match="at least one algorithm"):
+        score_algorithms(np.zeros((3, 2, 2)), {}, np.zeros((3, 2)))
