@@ -40,26 +40,27 @@ def make_task(n_dims: int, n_support: int, n_query: int, batch: int = 64, seed: 
 
 
 @torch.no_grad()
-def time_cache_overhead(model, task: ICLTask, repeats: int = 15) -> CacheOverhead:
-    """Alternate plain forward and `run_with_cache` (all hooks) on the encoded task."""
-    model.eval()
-    prompt = model.encode(task)
-
-    def plain() -> None:
-        model(prompt.tokens, n_support=prompt.n_support)
-
-    def cached() -> None:
-        model.run_with_cache(prompt.tokens, n_support=prompt.n_support)
-
-    for run in (plain, cached):  # warm-up
+def time_cache_overhead(models: dict[str, object], tasks: dict[str, ICLTask], repeats: int = 15) -> dict[str, CacheOverhead]:
+    """Time a plain forward and `run_with_cache` (all hooks) of every model, round-robin over
+    models and modes within each repeat, so a change in machine load hits all of them alike."""
+    runs = []
+    for name, model in models.items():
+        model.eval()
+        prompt = model.encode(tasks[name])
+        runs.append((name, "plain", lambda m=model, p=prompt: m(p.tokens, n_support=p.n_support)))
+        runs.append((name, "cached", lambda m=model, p=prompt: m.run_with_cache(p.tokens, n_support=p.n_support)))
+    timings: dict[tuple[str, str], list[float]] = {(name, mode): [] for name, mode, _ in runs}
+    for _, _, run in runs:  # warm-up
         run()
-    timings: dict[str, list[float]] = {"plain": [], "cached": []}
     for _ in range(repeats):
-        for name, run in (("plain", plain), ("cached", cached)):
+        for name, mode, run in runs:
             start = time.perf_counter()
             run()
-            timings[name].append(time.perf_counter() - start)
-    return CacheOverhead(statistics.median(timings["plain"]), statistics.median(timings["cached"]))
+            timings[name, mode].append(time.perf_counter() - start)
+    return {
+        name: CacheOverhead(statistics.median(timings[name, "plain"]), statistics.median(timings[name, "cached"]))
+        for name in models
+    }
 
 
 def main() -> None:
@@ -70,13 +71,14 @@ def main() -> None:
     torch.set_num_threads(2)
     torch.manual_seed(0)
     cfg = ICLTransformerConfig(n_dims=8, d_model=128, n_layers=4, n_heads=4, layout="concat", max_seq_len=128)
-    models = [("ICLTransformer 4x128 softmax", ICLTransformer(cfg)), ("BridgeICLModel 4x128", BridgeICLModel(cfg))]
-    models += [(f"Garg {path}", load_garg_checkpoint(path)) for path in args.garg]
-    print(f"{'model':40s} {'forward ms':>11s} {'cache ms':>9s} {'cache/forward':>14s}")
-    for name, model in models:
-        n_support = 72 if model.layout == "concat" else 39
-        result = time_cache_overhead(model, make_task(model.n_dims, n_support, 8), args.repeats)
-        print(f"{name:40s} {1e3 * result.forward_s:11.1f} {1e3 * result.cache_s:9.1f} {result.ratio:14.2f}")
+    models = {"ICLTransformer 4x128 softmax": ICLTransformer(cfg), "BridgeICLModel 4x128": BridgeICLModel(cfg)}
+    models.update({f"Garg {path}": load_garg_checkpoint(path) for path in args.garg})
+    tasks = {name: make_task(model.n_dims, 72 if model.layout == "concat" else 39, 8) for name, model in models.items()}
+    results = time_cache_overhead(models, tasks, args.repeats)
+    baseline = results["ICLTransformer 4x128 softmax"].forward_s
+    print(f"{'model':40s} {'forward ms':>11s} {'cache ms':>9s} {'cache/forward':>14s} {'forward/ICLTransformer':>22s}")
+    for name, result in results.items():
+        print(f"{name:40s} {1e3 * result.forward_s:11.1f} {1e3 * result.cache_s:9.1f} {result.ratio:14.2f} {result.forward_s / baseline:22.2f}")
 
 
 if __name__ == "__main__":

@@ -90,6 +90,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=9, help="interleaved timing repeats (median reported)")
     parser.add_argument("--queries", type=int, default=None, help="queries per prompt m (default m = n)")
+    parser.add_argument("--block-size", type=int, default=None, help="cg block_size (default: cg_block_size(n))")
     args = parser.parse_args()
     torch.set_num_threads(THREADS)
     print(f"torch {torch.__version__} ({torch.get_num_threads()} threads), numpy {np.__version__}, scipy {scipy.__version__}")
@@ -101,15 +102,15 @@ def main() -> None:
         m = args.queries or n
         K, y, K_query = gaussian_prompts(batch, n, m)
         K_t, y_t, K_query_t = (torch.from_numpy(a) for a in (K, y, K_query))
-        block = cg_block_size(n)
+        block = args.block_size or cg_block_size(n)
         reference = scipy_loop(K, y, K_query, LAM, n_steps)
-        trajectory = cg(K_t, y_t, LAM, n_steps, K_query=K_query_t)
+        trajectory = cg(K_t, y_t, LAM, n_steps, K_query=K_query_t, block_size=block)
         pred_reference = np.stack([pred for _, pred in reference])
         difference = np.abs(trajectory.pred.numpy() - pred_reference).max() / np.abs(pred_reference).max()
         times = median_times(
             {
                 "scipy": lambda: scipy_loop(K, y, K_query, LAM, n_steps),
-                "torch": lambda: cg(K_t, y_t, LAM, n_steps, K_query=K_query_t),
+                "torch": lambda: cg(K_t, y_t, LAM, n_steps, K_query=K_query_t, block_size=block),
             },
             args.repeats,
         )

@@ -14,3 +14,4 @@ from probes.layer_predictions import layer_predictions
 from probes.sensitivity import label_sensitivities, solver_sensitivities
 
 # --- part 2 exports (scoring, diagnose, plots, report) go below this line ---
+from probes.diagnose import Diagnosis, diagnose

@@ -19,7 +19,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -181,7 +181,7 @@ class Diagnosis:
 def diagnose(
     model: Any,
     tasks: ICLTask | dict[str, ICLTask],
-    algorithms: Sequence[str] = DEFAULT_ALGORITHMS,
+    algorithms: Sequence[str] | dict[str, Callable[..., Any]] = DEFAULT_ALGORITHMS,
     kernels: Sequence[str] = REFERENCE_KERNELS,
     kernel: str = "auto",
     kernel_params: dict[str, float] | None = None,
@@ -204,7 +204,11 @@ def diagnose(
     Args:
         model: an mi-krr ICL model (`mi_krr.models.adapter.ICLModel`).
         tasks: an `ICLTask`, or a dict name -> `ICLTask` (e.g. in-distribution and shifts).
-        algorithms: candidate solvers, names in `mi_krr.solvers.ALGORITHMS`.
+        algorithms: candidate solvers: names in `mi_krr.solvers.ALGORITHMS` (each with its
+            spectrum-optimal per-prompt parameters), or a dict name -> solver callable with the
+            registry signature `(K, y, lam, n_steps, K_query=None) -> Trajectory`, e.g.
+            `{"gd(step=0.04)": functools.partial(mi_krr.solvers.richardson, step=0.04)}` for a
+            fixed step, as a transformer's fixed weights would implement.
         kernels: reference kernels for the attention alignment ("exp", "gaussian"); empty skips it.
         kernel: the KRR kernel ("linear", "exp", "gaussian"), or "auto": `task.info["kernel"]`
             (GP sampler), "linear" for the linear-regression sampler, else an error.
@@ -243,7 +247,7 @@ def diagnose(
         lam = check_positive("lam", lam)
     check_count("bootstrap", bootstrap, 0)
     settings = {
-        "algorithms": list(algorithms),
+        "algorithms": {name: getattr(solver, "__name__", repr(solver)) for name, solver in algorithms.items()},
         "kernels": list(kernels),
         "method": method,
         "n_steps": n_steps,
@@ -312,14 +316,14 @@ def _diagnose_task_set(model, set_name, task, bar, *, algorithms, kernels, kerne
     stage_done("KRR system")
 
     step_preds = {}
-    for name in algorithms:
+    for name, solver in algorithms.items():
         try:
-            step_preds[name] = ALGORITHMS[name](K, y, lam, n_steps, K_query=K_query).pred
+            step_preds[name] = solver(K, y, lam, n_steps, K_query=K_query).pred
         except ValueError as error:  # e.g. the row-sum preconditioner on a kernel with negative rows
             notes.append(f"{name} left out: it does not apply to this system ({error})")
     if not step_preds:
-        raise ValueError(f"none of the algorithms {algorithms} applies to task set {set_name!r}: {'; '.join(notes)}")
-    algorithms = tuple(step_preds)
+        raise ValueError(f"none of the algorithms {tuple(algorithms)} applies to task set {set_name!r}: {'; '.join(notes)}")
+    algorithms = {name: algorithms[name] for name in step_preds}
     stage_done("solver trajectories")
 
     layer_pred = layer_predictions(model, task, method=method, layers=layers, train_task=train_task)
@@ -328,7 +332,14 @@ def _diagnose_task_set(model, set_name, task, bar, *, algorithms, kernels, kerne
     layer_sens, step_sens = None, None
     if sensitivities and method == "readout":
         layer_sens = label_sensitivities(model, task, layers=layers)
-        step_sens = {name: _numpy(solver_sensitivities(name, K, K_query, lam, n_steps, y=y)) for name in algorithms}
+        step_sens = {
+            name: _numpy(solver_sensitivities(name, K, K_query, lam, n_steps, y=y))
+            for name, solver in algorithms.items()
+            if solver is ALGORITHMS.get(name)
+        }
+        custom = [name for name in algorithms if name not in step_sens]
+        if custom:
+            notes.append(f"solver sensitivities skipped for custom solvers {custom} (solver_sensitivities takes registry names)")
     elif sensitivities:
         notes.append("label sensitivities skipped: they are defined for the read-out lens (method='readout'), not fitted probes")
     stage_done("sensitivities")
@@ -423,19 +434,29 @@ def _check_tasks(tasks: Any) -> dict[str, ICLTask]:
     return {str(name): task for name, task in tasks.items()}
 
 
-def _check_algorithms(algorithms: Sequence[str]) -> tuple[str, ...]:
-    """Non-empty, known, distinct algorithm names."""
+def _check_algorithms(algorithms: Sequence[str] | dict[str, Callable[..., Any]]) -> dict[str, Callable[..., Any]]:
+    """Candidates as name -> solver: names from `ALGORITHMS`, or a dict of named callables with
+    the registry signature `(K, y, lam, n_steps, K_query=None) -> Trajectory`."""
     if isinstance(algorithms, str):
         algorithms = (algorithms,)
-    algorithms = tuple(algorithms)
-    if not algorithms:
+    if isinstance(algorithms, dict):
+        for name, solver in algorithms.items():
+            if not isinstance(name, str) or not callable(solver):
+                raise ValueError(
+                    f"algorithms entry {name!r} must map a name to a solver callable (K, y, lam, n_steps, K_query=None) -> Trajectory"
+                )
+        candidates = dict(algorithms)
+    else:
+        names = tuple(algorithms)
+        unknown = [name for name in names if name not in ALGORITHMS]
+        if unknown:
+            raise ValueError(f"unknown algorithm {unknown[0]!r}: choose from {tuple(ALGORITHMS)} or pass a dict name -> solver")
+        if len(set(names)) != len(names):
+            raise ValueError(f"algorithms must be distinct, got {names}")
+        candidates = {name: ALGORITHMS[name] for name in names}
+    if not candidates:
         raise ValueError(f"algorithms must name at least one of {tuple(ALGORITHMS)}")
-    unknown = [name for name in algorithms if name not in ALGORITHMS]
-    if unknown:
-        raise ValueError(f"unknown algorithm {unknown[0]!r}: choose from {tuple(ALGORITHMS)}")
-    if len(set(algorithms)) != len(algorithms):
-        raise ValueError(f"algorithms must be distinct, got {algorithms}")
-    return algorithms
+    return candidates
 
 
 def _model_device_dtype(model: Any) -> tuple[torch.device, torch.dtype]:

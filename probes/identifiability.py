@@ -132,7 +132,8 @@ def identifiability_verdict(
         gap, gap_ci = float("nan"), (float("nan"), float("nan"))
     else:
         gap = top.score - scores[runner_up].score
-        gap_ci = percentile_interval(top.score_samples - scores[runner_up].score_samples, level)
+        with np.errstate(invalid="ignore"):  # -inf - -inf: both at step 0 on that resample, dropped as NaN
+            gap_ci = percentile_interval(top.score_samples - scores[runner_up].score_samples, level)
     has_intervals = top.score_samples.size > 0
     good_enough = has_intervals and top.score_ci[0] >= min_score
     beats_runner_up = runner_up is None or (has_intervals and gap_ci[0] > 0 and gap >= min_gap)

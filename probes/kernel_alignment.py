@@ -42,7 +42,8 @@ class KernelAlignment:
     Attributes:
         block: "query" (query x support rows) or "support" (support x support).
         scale: per kernel, the fitted parameter `[layer, head]`: temperature tau for "exp",
-            bandwidth sigma for "gaussian" (inf: the best reference is uniform over the keys).
+            bandwidth sigma for "gaussian" (inf: the best reference is uniform over the keys;
+            NaN: fit="log_lstsq" found the head anti-aligned with the kernel, beta < 0).
         metrics: per kernel, per metric (`METRICS`), the mean over prompts `[layer, head]`
             (NaN-ignoring: row Spearman is undefined on rows that see one key).
         per_prompt: the same per prompt `[batch, layer, head]`.
@@ -118,7 +119,8 @@ def kernel_alignment(
         values = alignment_metrics(attn, reference, mask=keys)
         per_prompt[kernel] = values
         metrics[kernel] = {name: torch.nanmean(value, dim=0) for name, value in values.items()}
-        scale[kernel] = beta.reciprocal() if kernel == "exp" else beta.rsqrt()
+        positive = torch.where(beta >= 0, beta, torch.nan)
+        scale[kernel] = positive.reciprocal() if kernel == "exp" else positive.rsqrt()
     return KernelAlignment(block=block, scale=scale, metrics=metrics, per_prompt=per_prompt)
 
 
@@ -167,8 +169,8 @@ def fit_inverse_scale(attn: torch.Tensor, similarity: torch.Tensor, keys: torch.
     bool like attn -> beta `[L, H]` (pooled over prompts and rows). "log_lstsq": least squares of
     row-centred log attn on row-centred similarity (through the origin). "distance": bounded
     Brent search over log beta of the mean squared Frobenius distance, centred on the log_lstsq
-    value. The log_lstsq beta may be <= 0 (attention anti-aligned with the kernel); "distance"
-    is always > 0.
+    value, then beta = 0 (uniform over the keys) if that is at least as close. The log_lstsq
+    beta may be < 0 (attention anti-aligned with the kernel); "distance" gives beta >= 0.
     """
     similarity = similarity.expand_as(attn)
     weight = keys.to(attn.dtype)
@@ -192,7 +194,9 @@ def fit_inverse_scale(attn: torch.Tensor, similarity: torch.Tensor, keys: torch.
 
             centre = math.log(beta[layer, head]) if beta[layer, head] > 0 else -math.log(spread[layer, head])
             result = optimize.minimize_scalar(loss, bounds=(centre - 7.0, centre + 7.0), method="bounded", options={"xatol": 1e-8})
-            refined[layer, head] = math.exp(result.x)
+            uniform = row_normalised_kernel(torch.zeros_like(s), k)
+            uniform_loss = float((uniform - a).square().sum() / a.shape[0])
+            refined[layer, head] = 0.0 if uniform_loss <= result.fun else math.exp(result.x)
     return refined
 
 

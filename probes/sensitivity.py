@@ -38,8 +38,10 @@ def label_sensitivities(
 
     Returns `[batch, len(layers), n_query, n_support]` (float64; layers=None: all L + 1, index 0 =
     embeddings). Prompts are independent, so one backward pass of the batch-summed prediction
-    gives every prompt's row at once; the `len(layers) * n_query` rows are taken `chunk_size` at a
-    time as vmapped backward passes. Use a float64 model for reference-grade numbers.
+    gives every prompt's row at once (this needs a model that treats prompts independently, as
+    every mi-krr model does: no batch-coupled layers); the `len(layers) * n_query` rows are taken
+    `chunk_size` at a time as vmapped backward passes. Use a float64 model for reference-grade
+    numbers.
     """
     layers = resolve_layers(model, layers)
     check_count("chunk_size", chunk_size, minimum=1)

@@ -142,16 +142,16 @@ def attention_blocks(
     rows = _rows_of_interest(prompt)
     keys = prompt.support_positions
 
-    def pattern_rows(pattern: torch.Tensor) -> torch.Tensor:  # [seqs, head, pos, pos] -> [seqs, head, rows, n]
-        return pattern[:, :, rows][..., keys]
+    def blocks_of(pattern: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # [seqs, head, pos, pos]
+        return _split_blocks(pattern[:, :, rows][..., keys], prompt)
 
     reductions: list[tuple[str, Reduction]] = []
     rebuilt: list[bool] = []
     for hooks in model.attention_hook_names():
         if source == "pattern" or hooks.scores is not None:
-            reductions.append((hooks.pattern if source == "pattern" else hooks.scores, pattern_rows))
+            reductions.append((hooks.pattern if source == "pattern" else hooks.scores, blocks_of))
             rebuilt.append(False)
-        else:
+        else:  # q fires before k is known: keep q's rows and k's support keys, combine after
             reductions += [(hooks.q, lambda q: q[:, rows]), (hooks.k, lambda k: k[:, keys])]
             rebuilt.append(True)
     results = iter(run_with_reductions(model, prompt.tokens, reductions))
@@ -159,10 +159,10 @@ def attention_blocks(
     for needs_qk in rebuilt:
         if needs_qk:
             q, k = next(results), next(results)  # [seqs, rows, head, d_head], [seqs, n, head, d_head]
-            block = einops.einsum(q, k, "seqs row head e, seqs key head e -> seqs head row key") / q.shape[-1] ** 0.5
+            scores = einops.einsum(q, k, "seqs row head e, seqs key head e -> seqs head row key") / q.shape[-1] ** 0.5
+            blocks.append(_split_blocks(scores, prompt))
         else:
-            block = next(results)
-        blocks.append(_split_blocks(block, prompt))
+            blocks.append(next(results))
     support = torch.stack([support for support, _ in blocks], dim=1)
     query = torch.stack([query for _, query in blocks], dim=1)
     return support, query

@@ -146,18 +146,21 @@ class ConstructedAttention(nn.Module):
         self.hook_pattern = HookPoint()
         self.hook_z = HookPoint()
 
-    def _project(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        return einops.einsum(x, weight, "batch pos d_model, head d_model d_head -> batch pos head d_head") + bias
-
     def forward(self, x: torch.Tensor, flags: torch.Tensor) -> torch.Tensor:
         """x `[batch, pos, d_model]`, token-type flags `[batch, pos, 3]` -> `[batch, pos, d_model]`."""
-        q = self.hook_q(self._project(x, self.W_Q, self.b_Q))
-        k = self.hook_k(self._project(x, self.W_K, self.b_K))
-        v = self.hook_v(self._project(x, self.W_V, self.b_V))
-        queries = einops.einsum(flags, self.query_types, "batch pos type, head type -> batch head pos") > 0.5
-        keys = einops.einsum(flags, self.key_types, "batch pos type, head type -> batch head pos") > 0.5
+        n_heads, d_model, d_head = self.W_Q.shape
+        # One matmul for q, k and v (written with matmul/permute: einsum's overhead dominates at
+        # these sizes); hooks see TransformerLens shapes [batch, pos, head, d_head].
+        weights = torch.cat([self.W_Q, self.W_K, self.W_V]).permute(1, 0, 2).reshape(d_model, 3 * n_heads * d_head)
+        biases = torch.cat([self.b_Q, self.b_K, self.b_V]).reshape(-1)
+        qkv = (x @ weights + biases).unflatten(-1, (3, n_heads, d_head))
+        q = self.hook_q(qkv[..., 0, :, :])
+        k = self.hook_k(qkv[..., 1, :, :])
+        v = self.hook_v(qkv[..., 2, :, :])
+        queries = (flags @ self.query_types.T > 0.5).transpose(1, 2)  # [batch, head, pos]
+        keys = (flags @ self.key_types.T > 0.5).transpose(1, 2)
         allowed = queries.unsqueeze(-1) & keys.unsqueeze(-2)  # [batch, head, q_pos, k_pos]
-        scores = einops.einsum(q, k, "batch q_pos head d_head, batch k_pos head d_head -> batch head q_pos k_pos")
+        scores = q.transpose(1, 2) @ k.permute(0, 2, 3, 1)  # [batch, head, q_pos, k_pos]
         if self.kind == "linear":
             pattern = self.hook_attn_scores(scores.masked_fill(~allowed, 0.0))
         else:
@@ -166,8 +169,8 @@ class ConstructedAttention(nn.Module):
             safe = torch.where(has_keys, scores, 0.0)  # rows without keys: finite, zeroed below
             pattern = torch.softmax(safe, dim=-1).masked_fill(~has_keys, 0.0)
         pattern = self.hook_pattern(pattern)
-        z = self.hook_z(einops.einsum(pattern, v, "batch head q_pos k_pos, batch k_pos head d_head -> batch q_pos head d_head"))
-        return einops.einsum(z, self.W_O, "batch pos head d_head, head d_head d_model -> batch pos d_model")
+        z = self.hook_z((pattern @ v.transpose(1, 2)).transpose(1, 2))  # [batch, pos, head, d_head]
+        return z.flatten(-2) @ self.W_O.reshape(n_heads * d_head, d_model)
 
 
 class ConstructedBlock(nn.Module):

@@ -19,11 +19,14 @@ from mi_krr.solvers._system import KRRSystem, check_steps, krr_system, ratio, sa
 from mi_krr.solvers.trajectory import Trajectory
 
 CG_BLOCK_BYTES = 16 * 2**20
-"""Default cache budget for one block's kernels (K + K_query reads per step are K only).
+"""Default cache budget for one block's kernels K `[block, n, n]` (float64).
 
-Measured on a 2-core AMD EPYC (1 MiB L2 per core, 32 MiB shared L3): blocks sized for L2 lose
-more to per-step op overhead than they gain in bandwidth; blocks within L3 are the sweet spot.
-Lower it on machines with smaller last-level caches.
+Each CG step streams every kernel of its block once, so a block whose kernels stay in the
+last-level cache runs all T steps without going back to main memory. Smaller blocks save
+bandwidth but pay the per-step op overhead once per block. On the 2-core AMD EPYC this was
+tuned on (1 MiB L2 per core, 32 MiB shared L3), L2-sized blocks lost more to that overhead
+than they gained, and blocks up to half the L3 were fastest (benchmarks/bench_solvers.py
+--block-size). Set it to about half the last-level cache of other machines.
 """
 
 

@@ -37,7 +37,7 @@ def feature_gd(X: Any, y: Any, lam: float, n_steps: int, step: Any = None, X_que
     """
     gram, moment, X_query = _normal_equations(X, y, X_query)
     trajectory = richardson(gram, moment, lam, n_steps, step=step, precond="none", K_query=X_query)
-    return dataclasses.replace(trajectory, method="feature_gd", preconditioner=None, params={"space": "feature"})
+    return dataclasses.replace(trajectory, method="feature_gd", params={"space": "feature"})
 
 
 def feature_cg(X: Any, y: Any, lam: float, n_steps: int, X_query: Any = None) -> Trajectory:

@@ -26,6 +26,7 @@ from mi_krr._validation import check_choice, check_count, check_positive
 from mi_krr.feature_maps import random_orthogonal
 from mi_krr.kernels import kernel_matrix
 from mi_krr.tasks._checks import check_condition_number, check_finite, check_non_negative
+from mi_krr.tasks.spd import geometric_spectrum
 from mi_krr.tasks.task import ICLTask
 
 __all__ = ["LinearRegressionSampler", "GPRegressionSampler", "Sampler", "SAMPLERS", "sampler_from_config"]
@@ -106,8 +107,7 @@ class _PromptSampler(ABC):
     # ----- input distribution -------------------------------------------------------------
     def input_spectrum(self) -> torch.Tensor:
         """Eigenvalues of Cov(x), descending, `[d]` float64: input_std^2 * kappa^(-i/(d-1))."""
-        exponents = torch.arange(self.dim, dtype=torch.float64) / max(self.dim - 1, 1)
-        return self.input_std**2 * self.condition_number ** (-exponents)
+        return self.input_std**2 * geometric_spectrum(self.dim, self.condition_number)
 
     def input_basis(self) -> torch.Tensor:
         """The eigenbasis U `[d, d]` of Cov(x) (columns, float64): Haar from `rotation_seed`, or I

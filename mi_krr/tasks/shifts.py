@@ -54,8 +54,8 @@ class Shift:
     def __post_init__(self) -> None:
         check_choice("kind", self.kind, SHIFT_KINDS)
         expected, check = _SHIFT_PARAMS[self.kind]
-        if set(self.params) != {expected}:
-            raise ValueError(f"Shift {self.kind!r} takes params {{{expected!r}: ...}}, got keys {sorted(self.params)}")
+        if not isinstance(self.params, Mapping) or set(self.params) != {expected}:
+            raise ValueError(f"Shift {self.kind!r} takes params {{{expected!r}: ...}}, got {self.params!r}")
         object.__setattr__(self, "params", MappingProxyType({expected: check(expected, self.params[expected])}))
 
     @property
@@ -69,7 +69,10 @@ class Shift:
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> "Shift":
-        return cls(kind=config["kind"], params=dict(config["params"]))
+        """Rebuild a shift from `to_config()` output."""
+        if not isinstance(config, Mapping) or set(config) != {"kind", "params"}:
+            raise ValueError(f"config must be {{'kind': ..., 'params': {{...}}}} as written by Shift.to_config(), got {config!r}")
+        return cls(kind=config["kind"], params=config["params"])
 
 
 def _inapplicable_reason(sampler: Sampler, shift: Shift) -> str | None:

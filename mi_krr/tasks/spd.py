@@ -11,7 +11,13 @@ from mi_krr._validation import check_count
 from mi_krr.tasks._checks import check_condition_number
 from mi_krr.feature_maps import random_orthogonal
 
-__all__ = ["SPDSystem", "sample_spd_system"]
+__all__ = ["SPDSystem", "geometric_spectrum", "sample_spd_system"]
+
+
+def geometric_spectrum(n: int, kappa: float) -> torch.Tensor:
+    """`[n]` float64, descending: kappa^(-i/(n-1)) for i = 0..n-1, from 1 down to 1/kappa
+    (just [1.0] when n == 1)."""
+    return kappa ** (-torch.arange(n, dtype=torch.float64) / max(n - 1, 1))
 
 
 @dataclass
@@ -51,7 +57,7 @@ def sample_spd_system(
         raise ValueError("kappa must be 1 when n == 1: a 1x1 matrix has condition number 1")
     check_count("seed", seed)
     generator = torch.Generator().manual_seed(seed)
-    eigenvalues = kappa ** (-torch.arange(n, dtype=torch.float64) / max(n - 1, 1))
+    eigenvalues = geometric_spectrum(n, kappa)
     bases = torch.stack([random_orthogonal(n, generator) for _ in range(batch_size)])
     matrix = (bases * eigenvalues) @ bases.mT
     matrix = (matrix + matrix.mT) / 2

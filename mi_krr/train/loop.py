@@ -113,6 +113,8 @@ def train(
     checkpoint_path = None
     if resume:
         checkpoint_path, start, history = _resume(model, optimizer, generators, config, cfg, out_dir)
+        if stop < start:
+            raise ValueError(f"until_step={stop} is before the checkpoint's step {start}: pass a later until_step or None")
     elif out_dir is not None and latest_checkpoint(out_dir) is not None:
         raise ValueError(f"out_dir {out_dir} already holds checkpoints: pass resume=True to continue it, or choose a new out_dir")
     if out_dir is not None:

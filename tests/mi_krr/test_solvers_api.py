@@ -124,6 +124,15 @@ def test_solvers_accept_tensors_and_keep_their_device_and_float64():
     assert cg(K, np.ones(5), 0.1, 3).pred is None
 
 
+def test_symmetry_check_rejects_small_asymmetry_and_accepts_rounding():
+    K, _ = gaussian_kernel(RNG, 6)
+    skew = np.zeros((6, 6))
+    skew[1, 4], skew[4, 1] = 1e-6, -1e-6
+    with pytest.raises(ValueError, match="^K must be symmetric"):
+        cg(np.stack([K, K + skew]), np.ones((2, 6)), 0.1, 2)
+    assert cg(K + 1e-14 * skew / 1e-6, np.ones(6), 0.1, 2).alpha.shape == (3, 6)
+
+
 K_GOOD, KQ_GOOD = gaussian_kernel(RNG, 4, m=2)
 Y_GOOD = RNG.standard_normal(4)
 

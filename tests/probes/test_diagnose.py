@@ -2,19 +2,22 @@
 a random one, the result object's views, and bad inputs."""
 
 import json
+from functools import partial
 
 import matplotlib
 
 matplotlib.use("Agg")
+import matplotlib.pyplot as plt
 
 import numpy as np
 import pytest
 import torch
 
-from mi_krr.construct.cg import cg_transformer
+from mi_krr.construct import cg_transformer, gd_transformer, richardson_transformer
 from mi_krr.models import ICLTransformer, ICLTransformerConfig
+from mi_krr.solvers import ALGORITHMS, richardson
 from mi_krr.tasks.samplers import GPRegressionSampler, LinearRegressionSampler
-from probes.diagnose import diagnose
+from probes.diagnose import Diagnosis, diagnose
 
 LAM = 0.1
 
@@ -23,7 +26,8 @@ LAM = 0.1
 def cg_diagnosis():
     model = cg_transformer(n_steps=4, lam=LAM, dim=4)
     task = LinearRegressionSampler(dim=4, condition_number=10.0, noise_std=0.1).sample(24, 12, 4, seed=0)
-    return model, diagnose(model, task, lam=LAM, kernels=(), sensitivities=False, bootstrap=300, progress=False)["tasks"]
+    diagnosis = diagnose(model, task, lam=LAM, n_steps=8, kernels=(), sensitivities=False, bootstrap=200, progress=False)
+    return model, diagnosis["tasks"]
 
 
 def test_cg_transformer_is_identified_as_cg_with_step_t_at_layer_4t(cg_diagnosis):
@@ -42,6 +46,41 @@ def test_cg_diagnosis_leaves_out_the_rowsum_preconditioner_on_a_linear_kernel_an
     _, result = cg_diagnosis
     assert "richardson_rowsum" not in result.scores
     assert any(note.startswith("richardson_rowsum left out") for note in result.notes)
+
+
+def test_gd_transformer_is_identified_as_fixed_step_gd_one_step_per_layer():
+    task = LinearRegressionSampler(dim=4, condition_number=10.0, noise_std=0.1).sample(24, 12, 4, seed=0)
+    K = task.x_support.double() @ task.x_support.double().mT
+    lr = float(1.0 / (torch.linalg.eigvalsh(K)[:, -1].max() + LAM))  # one fixed, stable step for every prompt
+    model = gd_transformer(n_steps=6, lr=lr, lam=LAM, dim=4)
+    candidates = {"gd": partial(richardson, step=lr), **{name: ALGORITHMS[name] for name in ("cg", "jacobi_cg", "chebyshev", "heavy_ball")}}
+    result = diagnose(model, task, algorithms=candidates, lam=LAM, n_steps=12, kernels=(), sensitivities=False,
+                      bootstrap=200, progress=False)["tasks"]
+    assert result.verdict.best == "gd" and result.verdict.identified
+    score = result.scores["gd"]
+    np.testing.assert_array_equal(score.aligned_steps, np.arange(7))
+    assert np.all(score.aligned_r2[1:] > 0.999)
+
+
+def test_richardson_transformer_is_identified_as_rowsum_richardson_and_separable_from_gd():
+    sampler = GPRegressionSampler(dim=3, noise_std=0.1, bandwidth=0.7, input_std=1.0, condition_number=10.0)
+    task = sampler.sample(24, 12, 4, seed=0)
+    lam = 0.01
+    K = torch.exp(-torch.cdist(task.x_support.double(), task.x_support.double()) ** 2 / (2 * 0.7**2))
+    rowsum = K.sum(-1, keepdim=True)
+    eigenvalues = torch.linalg.eigvalsh((K + lam * torch.eye(12)) / rowsum.sqrt() / rowsum.sqrt().mT)
+    step = float((2.0 / (eigenvalues[:, 0] + eigenvalues[:, -1])).median())  # the solver's optimal step, typical prompt
+    model = richardson_transformer(n_steps=5, lam=lam, bandwidth=0.7, step=step, dim=3)
+    algorithms = ("richardson_rowsum", "gd", "richardson_jacobi", "cg", "chebyshev")
+    result = diagnose(model, task, algorithms=algorithms, n_steps=15, kernels=(), sensitivities=False,
+                      bootstrap=200, progress=False)["tasks"]
+    verdict = result.verdict
+    assert verdict.best == "richardson_rowsum" and verdict.identified and verdict.equivalent == []
+    assert verdict.scores["gd"] < 0.99  # the row-sum preconditioner makes a measurable difference here
+    score = result.scores["richardson_rowsum"]
+    boundaries = np.arange(model.layers_per_step, model.n_layers + 1, model.layers_per_step)
+    np.testing.assert_array_equal(score.aligned_steps[boundaries], boundaries // model.layers_per_step)
+    assert np.all(score.aligned_r2[boundaries] > 0.99)
 
 
 @pytest.fixture(scope="module")
@@ -107,8 +146,10 @@ def test_json_summary_plots_and_report_carry_the_same_numbers(random_diagnosis, 
     text = diagnosis.summary()
     assert "in_distribution" in text and "ill_conditioned" in text and "Verdict" in text
     figures = diagnosis.plot("in_distribution")
-    assert {"error_profiles", "step_map", "kernel_alignment", "sensitivities"} <= set(figures)
-    index = diagnosis.save(tmp_path / "report")
+    assert set(figures) == {"error_profiles", "step_map", "kernel_alignment", "sensitivities"}
+    plt.close("all")
+    one_set = Diagnosis(task_sets={"in_distribution": diagnosis["in_distribution"]}, settings=diagnosis.settings)
+    index = one_set.save(tmp_path / "report")
     written = {path.name for path in index.parent.iterdir()}
     assert {"index.md", "diagnosis.json", "arrays.npz", "in_distribution_step_map.png"} <= written
     assert "![in_distribution: error_profiles]" in index.read_text()

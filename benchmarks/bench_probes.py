@@ -1,0 +1,173 @@
+"""What probing costs, side by side in one run on the shipped models (checkpoints/softmax_gp,
+checkpoints/linear_lr; freshly initialised models of the same presets when a checkpoint is
+missing, said in the output).
+
+    .venv/bin/python benchmarks/bench_probes.py [--batch 256] [--repeats 5]
+
+Time (median of `repeats`, the variants alternated so machine load hits them alike):
+- baseline: a bare forward (`model.predict`) + the reference trajectories (kernel matrices and
+  every default algorithm for `default_n_steps(L)` steps): the least any diagnosis must do;
+- extraction: the streaming path diagnose reads the model through, per-layer read-out
+  predictions (`layer_predictions`) + per-layer/head attention blocks (`attention_kernels`),
+  + the same trajectories; goal <= 1.3x baseline;
+- diagnose (lean): `diagnose(..., sensitivities=False, kernels=())` with 1000 bootstrap
+  resamples; diagnose (full): with label sensitivities and kernel alignment.
+
+Memory: peak resident-set growth of one call over the process's resident set just before it, each
+variant in a fresh subprocess (same model and prompts; the peak is reset through
+/proc/self/clear_refs, read from VmHWM). Compared: bare forward, the extraction path (without
+trajectories, which are float64 solver work independent of the model), and `run_with_cache` of
+every hook; goal for extraction <= 1.2x the bare forward.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+MODELS = ("softmax_gp", "linear_lr")
+
+
+def load(name: str, batch: int, seed: int = 1):
+    """(model, task, source) for a shipped preset."""
+    from mi_krr.tasks.samplers import sampler_from_config
+    from mi_krr.train.checkpoint import load_model
+    from mi_krr.train.runs import build_run, preset_config
+
+    description = preset_config(name)
+    folder = ROOT / "checkpoints" / name
+    try:
+        model, source = load_model(folder), f"checkpoint {folder.relative_to(ROOT)}"
+    except (FileNotFoundError, OSError, ValueError) as error:
+        torch.manual_seed(0)
+        model = build_run(description).model
+        source = f"FRESHLY INITIALISED (no usable checkpoint: {type(error).__name__})"
+    model.eval()
+    train = description["train"]
+    task = sampler_from_config(description["sampler"]).sample(batch, train["n_support"], train["n_query"], seed=seed)
+    return model, task, source
+
+
+def trajectories(task, lam: float, n_steps: int) -> None:
+    """Kernel matrices and every default algorithm's trajectory (what any diagnosis needs)."""
+    from mi_krr.solvers import ALGORITHMS
+    from probes.diagnose import DEFAULT_ALGORITHMS, resolve_kernel
+
+    from mi_krr.kernels import kernel_matrix
+
+    kernel, params = resolve_kernel(task, "auto", None)
+    x, xq, y = task.x_support.double(), task.x_query.double(), task.y_support.double()
+    K, K_query = kernel_matrix(kernel, x, **params), kernel_matrix(kernel, xq, x, **params)
+    for name in DEFAULT_ALGORITHMS:
+        try:
+            ALGORITHMS[name](K, y, lam, n_steps, K_query=K_query)
+        except ValueError:  # the row-sum preconditioner on the linear kernel: left out, as diagnose does
+            pass
+
+
+def variants(model, task):
+    """name -> zero-argument callable."""
+    from probes.attention_kernels import attention_kernels
+    from probes.diagnose import default_n_steps, diagnose, resolve_lam
+    from probes.layer_predictions import layer_predictions
+
+    lam, n_steps = resolve_lam(task, None), default_n_steps(model.n_layers)
+
+    def forward():
+        with torch.no_grad():
+            model.predict(task)
+
+    def extraction_only():
+        layer_predictions(model, task)
+        attention_kernels(model, task)
+
+    def cache():
+        with torch.no_grad():
+            model.run_with_cache(model.encode(task).tokens)
+
+    return {
+        "baseline": lambda: (forward(), trajectories(task, lam, n_steps)),
+        "extraction": lambda: (extraction_only(), trajectories(task, lam, n_steps)),
+        "diagnose_lean": lambda: diagnose(model, task, sensitivities=False, kernels=(), bootstrap=1000, progress=False),
+        "diagnose_full": lambda: diagnose(model, task, bootstrap=1000, progress=False),
+        "forward": forward,
+        "extraction_only": extraction_only,
+        "cache": cache,
+    }
+
+
+def time_variants(model, task, repeats: int) -> dict[str, float]:
+    runs = {name: run for name, run in variants(model, task).items() if name in ("baseline", "extraction", "diagnose_lean", "diagnose_full")}
+    for run in runs.values():
+        run()  # warm-up
+    seconds: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, run in runs.items():
+            start = time.perf_counter()
+            run()
+            seconds[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in seconds.items()}
+
+
+def _status_kb(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def measure_memory(name: str, variant: str, batch: int) -> None:
+    """Child process: print the peak RSS growth (MB) of one call of `variant`."""
+    torch.set_num_threads(2)
+    model, task, _ = load(name, batch)
+    run = variants(model, task)[variant]
+    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
+    before = _status_kb("VmRSS")
+    run()
+    print(json.dumps({"growth_mb": (_status_kb("VmHWM") - before) / 1024}))
+
+
+def memory_in_subprocess(name: str, variant: str, batch: int) -> float:
+    out = subprocess.run(
+        [sys.executable, __file__, "--memory-child", name, variant, "--batch", str(batch)],
+        check=True, capture_output=True, text=True, cwd=ROOT,
+    ).stdout
+    return json.loads(out.strip().splitlines()[-1])["growth_mb"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--memory-batch", type=int, default=1024)
+    parser.add_argument("--memory-child", nargs=2, metavar=("MODEL", "VARIANT"))
+    args = parser.parse_args()
+    if args.memory_child:
+        measure_memory(*args.memory_child, args.batch)
+        return
+    torch.set_num_threads(2)
+    for name in MODELS:
+        model, task, source = load(name, args.batch)
+        print(f"== {name}: {source}; {model.n_layers} layers, batch {task.batch_size}, "
+              f"{task.n_support} support + {task.n_query} query points")
+        seconds = time_variants(model, task, args.repeats)
+        base = seconds["baseline"]
+        for key in ("baseline", "extraction", "diagnose_lean", "diagnose_full"):
+            print(f"  time {key:<14} {seconds[key] * 1e3:9.1f} ms   {seconds[key] / base:6.2f}x baseline")
+        growth = {v: memory_in_subprocess(name, v, args.memory_batch) for v in ("forward", "extraction_only", "cache")}
+        print(f"  peak RSS growth (batch {args.memory_batch}, fresh process each): "
+              + ", ".join(f"{v} {mb:.1f} MB" for v, mb in growth.items()))
+        print(f"  memory ratio extraction / forward {growth['extraction_only'] / growth['forward']:.2f}x (goal <= 1.2x); "
+              f"run_with_cache / forward {growth['cache'] / growth['forward']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

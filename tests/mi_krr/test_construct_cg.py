@@ -1,0 +1,179 @@
+"""The CG transformer runs conjugate gradient exactly: checked step by step against
+mi_krr.solvers.cg, an independent NumPy CG, and SciPy's direct solve."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+
+from mi_krr.construct import cg_transformer
+from mi_krr.construct.studies import conditioned_linear_task
+from mi_krr.feature_maps import PositiveRandomFeatures
+from mi_krr.models.adapter import adapter_for
+from mi_krr.solvers import cg
+from mi_krr.tasks import ICLTask
+
+
+def per_step_predictions(model, task: ICLTask) -> torch.Tensor:
+    """The prediction read after each step from `blocks.{t * L - 1}.hook_resid_post` -> `[batch, T, m]`."""
+    prompt = model.encode(task)
+    names = [f"blocks.{t * model.layers_per_step - 1}.hook_resid_post" for t in range(1, model.n_steps + 1)]
+    _, cache = model.run_with_cache(prompt.tokens, names_filter=names)
+    return torch.stack([prompt.gather_queries(model.readout(cache[name])) for name in names], dim=1)
+
+
+def numpy_cg_states(K: np.ndarray, y: np.ndarray, lam: float, n_steps: int) -> dict[str, np.ndarray]:
+    """Textbook CG from alpha = 0 on one system; per step t = 1..T: alpha_t, r_t and the
+    direction p_{t-1} that step t moved along."""
+    A = K + lam * np.eye(len(y))
+    alpha, r = np.zeros_like(y), y.copy()
+    p = r.copy()
+    states = {"alpha": [], "r": [], "p": []}
+    for _ in range(n_steps):
+        a = (r @ r) / (p @ A @ p)
+        alpha = alpha + a * p
+        r_next = r - a * (A @ p)
+        states["alpha"].append(alpha)
+        states["r"].append(r_next)
+        states["p"].append(p)
+        p = r_next + (r_next @ r_next) / (r @ r) * p
+        r = r_next
+    return {name: np.stack(values) for name, values in states.items()}
+
+
+@pytest.fixture(scope="module")
+def well_conditioned():
+    """20 CG steps on prompts with cond(K + lam I) = 100, n = 64, and the residual stream after
+    each step's blocks (`blocks.{t * L - 1}.hook_resid_post`), from one cached forward pass.
+
+    kappa = 100, n = 64 is the edge of the regime where two float64 CG implementations agree to
+    1e-9 after 20 steps (rounding differences grow as CG nears convergence)."""
+    lam = 1e-3
+    task = conditioned_linear_task(batch_size=6, n_support=64, kappa=100.0, lam=lam, n_query=5, seed=3)
+    model = cg_transformer(n_steps=20, lam=lam, dim=task.dim)
+    prompt = model.encode(task)
+    names = [f"blocks.{t * model.layers_per_step - 1}.hook_resid_post" for t in range(1, 21)]
+    _, cache = model.run_with_cache(prompt.tokens, names_filter=names)
+    resid = torch.stack([cache[name] for name in names], dim=1)  # [batch, T, seq, d_model]
+    return task, lam, model, prompt, resid
+
+
+def test_cg_transformer_prediction_matches_solver_cg_at_every_step(well_conditioned):
+    task, lam, model, prompt, resid = well_conditioned
+    K = task.x_support @ task.x_support.mT
+    reference = cg(K, task.y_support, lam, 20, K_query=task.x_query @ task.x_support.mT)
+    assert 99 < np.linalg.cond(K[0].numpy() + lam * np.eye(task.n_support)) < 100.001
+    assert model.layers_per_step == 4 and model.n_layers == 80
+    model_pred = model.readout(resid[:, :, prompt.query_positions])  # [batch, T, m]
+    scale = reference.pred.abs().max().item()
+    torch.testing.assert_close(model_pred, reference.pred[:, 1:], rtol=1e-9, atol=1e-9 * scale)
+
+
+def test_cg_transformer_states_equal_numpy_cg(well_conditioned):
+    task, lam, model, prompt, resid = well_conditioned
+    n = task.n_support
+    for b in range(task.batch_size):
+        x = task.x_support[b].numpy()
+        expected = numpy_cg_states(x @ x.T, task.y_support[b].numpy(), lam, 20)
+        for name in ("alpha", "r", "p"):
+            got = resid[b, :, :n, model.state_coordinates[name]].numpy()
+            scale = np.abs(expected[name]).max()
+            np.testing.assert_allclose(got, expected[name], rtol=1e-9, atol=1e-9 * scale, err_msg=name)
+    # the r coordinate is the true residual y - (K + lam I) alpha_t
+    alpha = resid[:, :, :n, model.state_coordinates["alpha"]]
+    K = task.x_support @ task.x_support.mT
+    true_residual = task.y_support[:, None] - alpha @ K - lam * alpha
+    torch.testing.assert_close(resid[:, :, :n, model.state_coordinates["r"]], true_residual, rtol=0, atol=1e-9)
+
+
+def test_cg_transformer_error_curve_tracks_the_solver_when_ill_conditioned():
+    """cond(K + lam I) = 1e4: finite-precision CG loses orthogonality, and two implementations
+    (the model forms K p by a recurrence, the solver directly) follow different rounding paths, so
+    the A-norm error curves agree to a factor 10^0.3 (measured: 10^0.14), not to 1e-9."""
+    lam = 1e-8
+    task = conditioned_linear_task(batch_size=2, n_support=24, kappa=1e4, lam=lam, n_query=4, seed=1)
+    model = cg_transformer(n_steps=30, lam=lam, dim=task.dim)
+    K = (task.x_support @ task.x_support.mT).numpy()
+    A = K + lam * np.eye(24)
+    alpha_star = np.stack([scipy.linalg.solve(A[b], task.y_support[b].numpy(), assume_a="pos") for b in range(2)])
+
+    def a_norm_ratio(alpha: np.ndarray) -> np.ndarray:
+        error = alpha - alpha_star[:, None]
+        return np.sqrt(np.einsum("bti,bij,btj->bt", error, A, error) / np.einsum("bi,bij,bj->b", alpha_star, A, alpha_star)[:, None])
+
+    model_curve = a_norm_ratio(model.step_states(task).support["alpha"].numpy())
+    solver_curve = a_norm_ratio(cg(torch.as_tensor(K), task.y_support, lam, 30).alpha.numpy())
+    assert np.abs(np.log10(model_curve / solver_curve)).max() < 0.3
+    assert (model_curve[:, -1] < 0.1).all() and (np.diff(model_curve, axis=1) <= 1e-12).all()  # CG: A-norm error never rises
+
+
+def test_cg_transformer_with_random_features_runs_cg_on_the_feature_kernel_exactly():
+    generator = torch.Generator().manual_seed(0)
+    x = 0.5 * torch.randn(4, 32, 3, generator=generator, dtype=torch.float64)
+    x_query = 0.5 * torch.randn(4, 6, 3, generator=generator, dtype=torch.float64)
+    y = torch.randn(4, 32, generator=generator, dtype=torch.float64)
+    task = ICLTask(x, y, x_query, torch.zeros(4, 6, dtype=torch.float64))
+    model = cg_transformer(n_steps=12, lam=0.1, kernel="exp", dim=3, head_width=16, temperature=2.0, seed=7)
+    features = PositiveRandomFeatures(3, 16, kind="exp", temperature=2.0, seed=7)
+    phi, phi_query = features(x).numpy(), features(x_query).numpy()
+    reference = cg(phi @ phi.transpose(0, 2, 1), y, 0.1, 12, K_query=phi_query @ phi.transpose(0, 2, 1))
+    assert model.d_head == 16
+    torch.testing.assert_close(model.step_states(task).pred, reference.pred, rtol=1e-9, atol=1e-12)
+
+
+def test_cg_transformer_attention_pattern_is_the_kernel_matrix(well_conditioned):
+    task, lam, *_ = well_conditioned
+    model = cg_transformer(n_steps=1, lam=lam, dim=task.dim)
+    prompt = model.encode(task)
+    _, cache = model.run_with_cache(prompt.tokens, names_filter="blocks.0.attn.hook_pattern")
+    pattern = cache["blocks.0.attn.hook_pattern"][:, 0]  # head 0: K r on support tokens
+    n = task.n_support
+    torch.testing.assert_close(pattern[:, :n, :n], task.x_support @ task.x_support.mT)
+    assert (pattern[:, n:, :] == 0).all() and (pattern[:, :, n:] == 0).all()
+
+
+def test_cg_transformer_implements_the_icl_model_protocol(well_conditioned):
+    task, lam, *_ = well_conditioned
+    model = adapter_for(cg_transformer(n_steps=2, lam=lam, dim=task.dim + 3))
+    assert len(model.residual_hook_names()) == model.n_layers + 1
+    assert model.predict(task).shape == (task.batch_size, task.n_query)
+    assert model.step_hook_names()[2] == "blocks.7.hook_resid_post"
+    assert model.state_coordinates["is_support"] == 0 and model.state_coordinates["pred"] > 0
+
+
+def test_cg_transformer_relu_error_shrinks_with_mlp_width(well_conditioned):
+    task, lam, model, prompt, resid = well_conditioned
+    exact = model.readout(resid[:, :6, prompt.query_positions])
+    errors = [
+        (per_step_predictions(cg_transformer(n_steps=6, lam=lam, dim=task.dim, mlp="relu", mlp_width=width, recip_range=(1e-4, 1e4)), task) - exact)
+        .abs()
+        .max()
+        .item()
+        for width in (16, 64, 256)
+    ]
+    assert errors[0] > 4 * errors[1] > 16 * errors[2] > 0
+
+
+@pytest.mark.parametrize(
+    "kwargs, argument",
+    [
+        ({"n_steps": 0, "lam": 0.1}, "n_steps"),
+        ({"n_steps": 2, "lam": 0.0}, "lam"),
+        ({"n_steps": 2, "lam": -1.0}, "lam"),
+        ({"n_steps": 2, "lam": 0.1, "kernel": "laplace"}, "kernel"),
+        ({"n_steps": 2, "lam": 0.1, "kernel": "exp"}, "head_width"),
+        ({"n_steps": 2, "lam": 0.1, "mlp": "gelu"}, "mlp"),
+        ({"n_steps": 2, "lam": 0.1, "mlp": "relu", "mlp_width": 1}, "mlp_width"),
+    ],
+)
+def test_cg_transformer_rejects_bad_arguments_naming_them(kwargs, argument):
+    with pytest.raises(ValueError, match=argument):
+        cg_transformer(**kwargs)
+
+
+def test_encode_rejects_a_task_dimension_larger_than_the_construction(well_conditioned):
+    task, lam, *_ = well_conditioned
+    with pytest.raises(ValueError, match="task dimension"):
+        cg_transformer(n_steps=1, lam=lam, dim=task.dim - 1).encode(task)

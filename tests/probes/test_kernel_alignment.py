@@ -1,0 +1,172 @@
+"""Kernel alignment: metrics against NumPy/SciPy, fitted temperature and bandwidth recovered
+exactly where attention is a row-normalised kernel, end to end on a transformer built to attend
+with exp(x . x' / tau)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+
+from mi_krr.construct import richardson_transformer
+from mi_krr.kernels import exp_kernel, gaussian_kernel
+from mi_krr.models import ICLTransformer, ICLTransformerConfig
+from mi_krr.tasks import ICLTask
+from probes import alignment_metrics, kernel_alignment
+from probes.kernel_alignment import fit_inverse_scale, log_similarity, row_normalised_kernel
+
+D, N, M = 3, 8, 5
+
+
+def make_task(batch: int = 4, seed: int = 0) -> ICLTask:
+    g = torch.Generator().manual_seed(seed)
+    return ICLTask(
+        x_support=torch.randn(batch, N, D, generator=g, dtype=torch.float64),
+        y_support=torch.randn(batch, N, generator=g, dtype=torch.float64),
+        x_query=torch.randn(batch, M, D, generator=g, dtype=torch.float64),
+        y_query=torch.randn(batch, M, generator=g, dtype=torch.float64),
+    )
+
+
+def centred_cka(a: np.ndarray, b: np.ndarray) -> float:
+    h_rows = np.eye(a.shape[0]) - 1.0 / a.shape[0]
+    h_cols = np.eye(a.shape[1]) - 1.0 / a.shape[1]
+    ac, bc = h_rows @ a @ h_cols, h_rows @ b @ h_cols
+    return float((ac * bc).sum() / (np.linalg.norm(ac) * np.linalg.norm(bc)))
+
+
+@pytest.mark.parametrize("shape", [(6, 6), (4, 7)])
+def test_alignment_metrics_match_numpy_and_scipy(shape):
+    rng = np.random.default_rng(0)
+    attn, ref = rng.random((2, 3, *shape)), rng.random((2, 3, *shape))
+    attn[0, 0, 1, :3] = attn[0, 0, 1, 3]  # ties: average ranks as in scipy
+    metrics = alignment_metrics(torch.as_tensor(attn), torch.as_tensor(ref))
+    for i in range(2):
+        for j in range(3):
+            a, r = attn[i, j], ref[i, j]
+            assert metrics["operator_distance"][i, j] == pytest.approx(np.linalg.norm(a - r, ord=2) / np.linalg.norm(r, ord=2), rel=1e-10)
+            assert metrics["cka"][i, j] == pytest.approx(centred_cka(a, r), rel=1e-10)
+            assert metrics["spearman"][i, j] == pytest.approx(stats.spearmanr(a.ravel(), r.ravel()).statistic, rel=1e-10)
+            rows = [stats.spearmanr(a[k], r[k]).statistic for k in range(shape[0])]
+            assert metrics["row_spearman"][i, j] == pytest.approx(np.mean(rows), rel=1e-10)
+
+
+def test_masked_rank_correlations_use_only_masked_entries():
+    rng = np.random.default_rng(1)
+    attn, ref = rng.random((5, 5)), rng.random((5, 5))
+    mask = np.tril(np.ones((5, 5), dtype=bool))
+    metrics = alignment_metrics(attn, ref, mask=torch.as_tensor(mask))
+    assert float(metrics["spearman"]) == pytest.approx(stats.spearmanr(attn[mask], ref[mask]).statistic, rel=1e-10)
+    rows = [stats.spearmanr(attn[k, : k + 1], ref[k, : k + 1]).statistic for k in range(1, 5)]  # row 0: one entry
+    assert float(metrics["row_spearman"]) == pytest.approx(np.mean(rows), rel=1e-10)
+
+
+def test_row_normalised_references_follow_mi_krr_kernel_conventions():
+    g = torch.Generator().manual_seed(2)
+    rows, keys = torch.randn(4, D, generator=g, dtype=torch.float64), torch.randn(6, D, generator=g, dtype=torch.float64)
+    visible = torch.ones(4, 6, dtype=torch.bool)
+    tau, sigma = 1.7, 0.8
+    for logits, kernel in [
+        (log_similarity("exp", rows, keys) / tau, exp_kernel(rows, keys, temperature=tau)),
+        (log_similarity("gaussian", rows, keys) / sigma**2, gaussian_kernel(rows, keys, bandwidth=sigma)),
+    ]:
+        expected = (kernel / kernel.sum(-1, keepdim=True)).numpy()
+        np.testing.assert_allclose(row_normalised_kernel(logits, visible).numpy(), expected, rtol=1e-12)
+
+
+@pytest.mark.parametrize("fit", ["distance", "log_lstsq"])
+@pytest.mark.parametrize("kernel, true_beta", [("exp", 1 / 0.6), ("gaussian", 1 / 1.3**2)])
+def test_fitted_scale_recovers_a_known_kernel_under_a_causal_mask(fit, kernel, true_beta):
+    """attn = row-normalised exp(beta * S) over the visible keys of a lower-triangular mask, for
+    2 layers x 2 heads with different betas; the fit returns each beta."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(6, N, D, generator=g, dtype=torch.float64)
+    similarity = log_similarity(kernel, x, x)[:, None, None]  # [B, 1, 1, n, n]
+    betas = true_beta * torch.tensor([[1.0, 0.5], [2.0, 1.5]], dtype=torch.float64)
+    keys = torch.tril(torch.ones(N, N, dtype=torch.bool)).expand(6, 2, 2, N, N)
+    attn = row_normalised_kernel(betas[:, :, None, None] * similarity, keys)
+    fitted = fit_inverse_scale(attn, similarity, keys, fit=fit)
+    torch.testing.assert_close(fitted, betas, rtol=1e-6, atol=0)
+
+
+def test_uniform_attention_fits_beta_zero_so_tau_is_infinite():
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(3, N, D, generator=g, dtype=torch.float64)
+    keys = torch.ones(3, 1, 1, M, N, dtype=torch.bool)
+    uniform = torch.full((3, 1, 1, M, N), 1.0 / N, dtype=torch.float64)
+    beta = fit_inverse_scale(uniform, log_similarity("exp", x[:, :M], x)[:, None, None], keys)
+    assert float(beta[0, 0]) == 0.0
+
+
+def exp_attention_transformer(tau: float) -> ICLTransformer:
+    """One softmax layer, one head, no norm: read-in = identity on [x, y], W_Q = W_K = c * (identity
+    on the x block), so scores = q . k / sqrt(d_head) = x . x' / tau."""
+    cfg = ICLTransformerConfig(n_dims=D, d_model=D + 1, n_layers=1, n_heads=1, norm="none", mlp=False, dtype="float64")
+    model = ICLTransformer(cfg).eval()
+    c = math.sqrt(math.sqrt(cfg.d_head) / tau)
+    x_block = torch.diag(torch.tensor([1.0] * D + [0.0], dtype=torch.float64))
+    with torch.no_grad():
+        model.read_in.weight.copy_(torch.eye(D + 1, dtype=torch.float64))
+        model.read_in.bias.zero_()
+        for weight, bias in ((model.blocks[0].attn.W_Q, model.blocks[0].attn.b_Q), (model.blocks[0].attn.W_K, model.blocks[0].attn.b_K)):
+            weight.copy_(c * x_block[None])
+            bias.zero_()
+    return model
+
+
+@pytest.mark.parametrize("block", ["query", "support"])
+def test_kernel_alignment_recovers_tau_of_a_transformer_attending_with_the_exp_kernel(block):
+    tau = 0.7
+    result = kernel_alignment(exp_attention_transformer(tau), make_task(), kernels=("exp", "gaussian"), block=block)
+    assert result.block == block
+    assert float(result.tau[0, 0]) == pytest.approx(tau, rel=1e-6)
+    exp_metrics = result.metrics["exp"]
+    assert float(exp_metrics["operator_distance"][0, 0]) < 1e-6
+    assert float(exp_metrics["cka"][0, 0]) == pytest.approx(1.0, abs=1e-9)
+    assert float(exp_metrics["spearman"][0, 0]) == pytest.approx(1.0, abs=1e-12)
+    assert float(exp_metrics["row_spearman"][0, 0]) == pytest.approx(1.0, abs=1e-12)
+    assert result.per_prompt["exp"]["cka"].shape == (4, 1, 1)
+    # the Gaussian kernel differs from exp(x.x'/tau) by the key norms |x'|^2: a real, measurable gap
+    assert float(result.metrics["gaussian"]["operator_distance"][0, 0]) > 1e-2
+    json.dumps(result.to_dict())
+
+
+def test_richardson_construction_heads_recover_the_gaussian_bandwidth_they_were_built_with():
+    """The softmax Richardson construction attends with D^-1 K of a Gaussian kernel in its kernel
+    heads: those heads fit the built bandwidth with perfect alignment."""
+    model = richardson_transformer(n_steps=1, lam=0.1, bandwidth=0.9, step=0.5, dim=D)
+    result = kernel_alignment(model, make_task(), kernels=("gaussian",), block="support")
+    aligned = result.metrics["gaussian"]["cka"] > 1 - 1e-9
+    assert aligned.any()
+    torch.testing.assert_close(result.bandwidth[aligned], torch.full_like(result.bandwidth[aligned], 0.9), rtol=1e-6, atol=0)
+    assert (result.metrics["gaussian"]["operator_distance"][aligned] < 1e-8).all()
+
+
+def test_kernel_alignment_on_a_given_representation():
+    """The reference evaluated on 2x the inputs with tau' = 4 tau is the same kernel."""
+    tau, task = 0.7, make_task()
+    representation = (2 * task.x_support, 2 * task.x_query)
+    result = kernel_alignment(exp_attention_transformer(tau), task, kernels=("exp",), representation=representation)
+    assert float(result.tau[0, 0]) == pytest.approx(4 * tau, rel=1e-6)
+
+
+def test_kernel_alignment_bad_arguments_raise():
+    model, task = exp_attention_transformer(1.0), make_task()
+    with pytest.raises(ValueError, match="kernels entry must be one of"):
+        kernel_alignment(model, task, kernels=("laplace",))
+    with pytest.raises(ValueError, match="at least one"):
+        kernel_alignment(model, task, kernels=())
+    with pytest.raises(ValueError, match="block must be one of"):
+        kernel_alignment(model, task, block="keys")
+    with pytest.raises(ValueError, match="representation"):
+        kernel_alignment(model, task, representation=(task.x_support, task.x_support))
+    torch.manual_seed(0)
+    linear = ICLTransformer(ICLTransformerConfig(n_dims=D, d_model=8, n_layers=1, n_heads=2, attention="linear", dtype="float64"))
+    with pytest.raises(ValueError, match="negative entries"):
+        kernel_alignment(linear, task)
+    with pytest.raises(ValueError, match="same shape"):
+        alignment_metrics(np.ones((3, 3)), np.ones((3, 4)))
