@@ -1,5 +1,11 @@
 """The `mi-krr` command line.
 
+    mi-krr demo                       diagnose the shipped and constructed models (< 3 min, CPU)
+    mi-krr diagnose PATH              diagnose any supported checkpoint (mi-krr or Garg et al.)
+    mi-krr construct cg --steps 5     build a constructed solver transformer and check it
+    mi-krr reproduce cg-rate          one of the project's reproductions (or `all`)
+    mi-krr train --preset softmax_gp  train a model
+
 Every subcommand takes `--device`, `--seed`, `--out` and `--debug`. Errors a user can fix (a
 missing file, an unsupported checkpoint, a bad option) print one line with the fix and exit 2;
 the traceback only with `--debug`. Heavy imports (torch, transformer-lens) happen inside the
@@ -11,12 +17,21 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable
+from typing import NoReturn
 
 CommandRunner = Callable[[argparse.Namespace], int]
 
 
 class UsageError(Exception):
     """An error the user can fix; printed as one line without a traceback."""
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a bad option is one line (`mi-krr demo: error: ... (see mi-krr demo --help)`)
+    instead of the usage block; subparsers inherit the class."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def _add_common_options(parser: argparse.ArgumentParser, default_out: str) -> None:
@@ -34,23 +49,68 @@ def _register_train(subparsers: argparse._SubParsersAction) -> CommandRunner:
     return run_train
 
 
+def _registrar(module_name: str) -> Callable[[argparse._SubParsersAction], CommandRunner]:
+    """Registration of a command module in `mi_krr.commands`: its `add_parser(subparsers)` builds
+    the subcommand's parser (returning it and its default --out), `run(args)` runs it. The
+    modules import only argparse at import time."""
+
+    def register(subparsers: argparse._SubParsersAction) -> CommandRunner:
+        import importlib
+
+        module = importlib.import_module(f"mi_krr.commands.{module_name}")
+        parser, default_out = module.add_parser(subparsers)
+        _add_common_options(parser, default_out=default_out)
+        return module.run
+
+    return register
+
+
 COMMANDS: dict[str, Callable[[argparse._SubParsersAction], CommandRunner]] = {
+    "demo": _registrar("demo"),
+    "diagnose": _registrar("diagnose"),
+    "construct": _registrar("construct"),
+    "reproduce": _registrar("reproduce"),
     "train": _register_train,
 }
 
+# One line per command for `mi-krr --help`, so listing the commands imports none of them.
+SUMMARIES: dict[str, str] = {
+    "demo": "diagnose the shipped and constructed models and write a report (CPU, < 3 min)",
+    "diagnose": "diagnose a checkpoint (mi-krr run folder or Garg et al. run) and write a report",
+    "construct": "build a constructed CG / Richardson / GD transformer and compare it with its solver",
+    "reproduce": "run a reproduction (cg-rate, width, softmax-ood, richardson-profile, all)",
+    "train": "train an in-context regression transformer (checkpoints, exact resume)",
+}
 
-def build_parser() -> tuple[argparse.ArgumentParser, dict[str, CommandRunner]]:
-    parser = argparse.ArgumentParser(
+
+def build_parser(only: str | None = None) -> tuple[argparse.ArgumentParser, dict[str, CommandRunner]]:
+    """The parser and the runners of the registered commands. With `only`, that command alone
+    is fully registered (its module imported) and the others are listed by name, which keeps
+    `mi-krr --help` and every other command free of the rest's imports."""
+    parser = OneLineParser(
         prog="mi-krr",
         description="Is what an in-context regression transformer computes kernel ridge regression, and by which algorithm?",
+        epilog="Run `mi-krr COMMAND --help` for a command's options.",
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
-    runners = {name: register(subparsers) for name, register in COMMANDS.items()}
+    runners = {}
+    for name, register in COMMANDS.items():
+        if only is None or name == only:
+            runners[name] = register(subparsers)
+        else:
+            subparsers.add_parser(name, help=SUMMARIES[name], add_help=False)
     return parser, runners
 
 
+def _requested_command(argv: list[str]) -> str:
+    """The command named in `argv` (its first non-option word), or "" when none is."""
+    first = next((word for word in argv if not word.startswith("-")), "")
+    return first if first in COMMANDS else ""
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser, runners = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser, runners = build_parser(only=_requested_command(argv))
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
@@ -60,8 +120,14 @@ def main(argv: list[str] | None = None) -> int:
     except (UsageError, ValueError, FileNotFoundError) as error:
         if args.debug:
             raise
-        print(f"mi-krr {args.command}: error: {error}", file=sys.stderr)
+        message = str(error).splitlines()[0] if str(error) else type(error).__name__
+        print(f"mi-krr {args.command}: error: {message} (rerun with --debug for the traceback)", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print(f"mi-krr {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

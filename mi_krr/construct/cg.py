@@ -144,7 +144,7 @@ def cg_transformer(
                 HeadSpec(("aux",), ("support",), one, (c["r"],), c["r"], ((i["rr_new"], 1.0),)),
             ),
             mlp=(
-                Reciprocal(i["inv_rr"], c["rr"], only_on=i["is_aux"]),
+                Reciprocal(i["inv_rr"], c["rr"], off=layout.other_types("aux")),
                 Linear(i["rr"], c["rr_new"] - c["rr"]),
                 Linear(i["rr_new"], -c["rr_new"]),
             ),
@@ -165,7 +165,7 @@ def cg_transformer(
         BlockSpec(
             heads=(HeadSpec(("aux",), ("support",), one, (c["p"],), Ap, ((i["pAp"], 1.0),)),),
             mlp=(
-                Reciprocal(i["inv_pAp"], c["pAp"], only_on=i["is_aux"]),
+                Reciprocal(i["inv_pAp"], c["pAp"], off=layout.other_types("aux")),
                 Linear(i["pAp"], -c["pAp"]),
             ),
         ),

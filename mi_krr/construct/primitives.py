@@ -20,10 +20,11 @@ list into a module with a TransformerLens-style `hook_pre` / `hook_post`:
   interpolation error is at most (2 bound / (width - 1))^2 / 4 for s^2 and about
   (ln(high / low) / (width - 1))^2 / 4 relative for 1/s, so it falls as width^-2.
 
-`Reciprocal(..., only_on=flag)` computes 1/u on tokens whose flag coordinate is 1 and requires
-u = 0 on the others: the unit reads s = u + 1 - flag (so s = 1 off the flagged tokens) and a
-linear term subtracts g(1) (1 - flag), g being the unit's own reciprocal, so the output is exactly
-0 there in both arithmetics.
+`Reciprocal(..., off=o)` computes 1/u on the tokens where the readout o is 0 and exactly 0 where
+o is 1 (o is a sum of token-type flags, so it is exactly 0 or 1; u must be 0 where o is 1): the
+unit reads s = u + o (s = 1 there) and a linear term subtracts g(1) o, g being the unit's own
+reciprocal. Writing o as the other types' flags (not 1 - flag) keeps s = u exactly where the
+reciprocal applies: no (u - 1) + 1 rounding.
 """
 
 from __future__ import annotations
@@ -108,12 +109,12 @@ class Product:
 
 @dataclass(frozen=True)
 class Reciprocal:
-    """Adds coef / u(h) to coordinate `target` on tokens whose coordinate `only_on` is 1, and
-    exactly 0 on tokens where it is 0 (u must be 0 there)."""
+    """Adds coef / u(h) to coordinate `target` on tokens where the 0/1 readout `off` is 0, and
+    exactly 0 on tokens where it is 1 (u must be 0 there)."""
 
     target: int
     u: Readout
-    only_on: int
+    off: Readout
     coef: float = 1.0
 
 
@@ -198,9 +199,8 @@ class ExactMLP(nn.Module):
             elif isinstance(op, Product):
                 bilinear.add(op.u, [(op.target, op.coef)], op.v)
             else:
-                off = const(1.0) - coord(op.only_on)
-                reciprocal.add(const(1.0), [(op.target, op.coef)], op.u + off)
-                bilinear.add(off, [(op.target, -op.coef)])  # g(1) = 1 off the flagged tokens
+                reciprocal.add(const(1.0), [(op.target, op.coef)], op.u + op.off)
+                bilinear.add(op.off, [(op.target, -op.coef)])  # g(1) = 1 where off = 1
         w_a, b_a, w_b, b_b, out_bilinear = bilinear.matrices(d_model)
         w_c, b_c, w_d, b_d, out_reciprocal = reciprocal.matrices(d_model)
         self.W_a, self.b_a, self.W_b, self.b_b = map(_frozen, (w_a, b_a, w_b, b_b))
@@ -279,12 +279,11 @@ class ReluMLP(nn.Module):
                         units, argument, square_knots, square_values, op.target, sign * op.coef
                     )
             else:
-                off = const(1.0) - coord(op.only_on)
                 bias[op.target] += _piecewise_linear_units(
-                    units, op.u + off, recip_knots, recip_values, op.target, op.coef, anchor="right"
+                    units, op.u + op.off, recip_knots, recip_values, op.target, op.coef, anchor="right"
                 )
                 at_one = _interpolate(recip_knots, recip_values, 1.0)
-                units.add(off, [(op.target, -op.coef * at_one)])  # off is 0 or 1: relu(off) = off
+                units.add(op.off, [(op.target, -op.coef * at_one)])  # off is 0 or 1: relu(off) = off
         w_in, b_in, _, _, w_out = units.matrices(d_model)
         self.W_in, self.b_in, self.W_out, self.b_out = map(_frozen, (w_in, b_in, w_out, bias))
         self.hook_pre = HookPoint()

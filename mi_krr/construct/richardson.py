@@ -105,9 +105,9 @@ def richardson_transformer(
                 HeadSpec(("query",), with_sink, query, key, c["is_aux"], ((i["z_q"], 1.0),)),
             ),
             mlp=(
-                Reciprocal(i["dinv"], c["is_support"] - c["z_s"], only_on=i["is_support"]),
+                Reciprocal(i["dinv"], c["is_support"] - c["z_s"], off=layout.other_types("support")),
                 Linear(i["dinv"], -c["is_support"] - c["dinv"]),
-                Reciprocal(i["izq"], c["z_q"], only_on=i["is_query"]),
+                Reciprocal(i["izq"], c["z_q"], off=layout.other_types("query")),
                 Linear(i["izq"], -c["izq"]),
                 Linear(i["z_s"], -c["z_s"]),
                 Linear(i["z_q"], -c["z_q"]),

@@ -34,7 +34,7 @@ from transformer_lens import HookedRootModule
 from transformer_lens.hook_points import HookPoint
 
 from mi_krr._validation import check_choice
-from mi_krr.construct.primitives import Op, Readout, ReluArithmetic, compile_mlp
+from mi_krr.construct.primitives import Op, Readout, ReluArithmetic, compile_mlp, coord
 from mi_krr.models.adapter import AttentionHooks
 from mi_krr.models.encoding import EncodedPrompt
 from mi_krr.models.hook_names import attention_hook_names, residual_hook_names
@@ -64,6 +64,16 @@ class ResidualLayout:
 
     def span(self, name: str) -> range:
         return self._spans[name]
+
+    def other_types(self, token_type: str) -> Readout:
+        """The sum of the flags of every type but `token_type`: exactly 0 on its tokens, 1 on
+        all others (the `off` readout of a `Reciprocal` restricted to `token_type`)."""
+        flags = {"support": "is_support", "query": "is_query", "aux": "is_aux"}
+        readout = Readout()
+        for other in TOKEN_TYPES:
+            if other != token_type:
+                readout = readout + coord(self.index(flags[other]))
+        return readout
 
     def scalars(self) -> dict[str, int]:
         """name -> index of every width-1 coordinate (flags included)."""

@@ -178,12 +178,14 @@ def check_steps(n_steps: Any) -> int:
 
 
 def ratio(numerator: torch.Tensor, denominator: torch.Tensor) -> torch.Tensor:
-    """numerator / denominator where denominator > TINY, else numerator unchanged.
+    """numerator / max(denominator, TINY), for CG's step lengths rho / p^T A p and rho' / rho.
 
-    Used for CG's step lengths, whose denominators vanish only on exact convergence, where the
-    numerator vanishes too: the result is then 0, and its value and gradient stay finite.
+    Their denominators vanish only on exact convergence, where numerator and every vector they
+    multiply are exactly 0: the step is then 0 and, since its upstream gradient is exactly 0 too,
+    the backward pass stays finite. (The clamp changes nothing else unless squared residual
+    norms fall below ~1e-308.)
     """
-    return numerator / torch.where(denominator > TINY, denominator, 1.0)
+    return numerator / denominator.clamp_min(TINY)
 
 
 def safe_sqrt(value: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,199 @@
+"""`mi-krr demo`: the whole instrument on four models, on a laptop CPU, offline.
+
+    mi-krr demo                    # full demo (about 1-2 minutes on 2 cores), report in reports/demo
+    mi-krr demo --quick            # the same on smaller batches (seconds; what the test runs)
+
+Diagnoses (`probes.diagnose`) four models and writes one report:
+  - cg_construction: a hand-built linear-attention transformer running conjugate gradient
+    (4 blocks per step) on linear-regression prompts: positive control, must be identified as cg;
+  - richardson_construction: a hand-built softmax transformer running row-sum preconditioned
+    Richardson with a fixed step (3 blocks per step) on Gaussian-kernel GP prompts;
+  - linear_lr: the shipped linear-attention model trained on noisy linear regression
+    (checkpoints/linear_lr), in distribution and under each applicable shift;
+  - softmax_gp: the shipped softmax model trained on Gaussian-kernel GP regression
+    (checkpoints/softmax_gp), in distribution and under each applicable shift.
+Constructed models are probed at their step boundaries (every layers_per_step blocks), where
+their state is complete. Prints the summary table; writes index.md, overview.png, per-model
+figures and report.json (every number) to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from pathlib import Path
+
+DEFAULT_OUT = "reports/demo"
+SHIPPED = ("linear_lr", "softmax_gp")
+
+
+@dataclass(frozen=True)
+class DemoSettings:
+    """Sizes of one demo run.
+
+    Attributes:
+        batch: prompts per task set of a trained model; construction_batch for the constructions.
+        bootstrap: prompt resamples for intervals and verdicts.
+        shifts: None (every applicable shift of DEFAULT_SHIFTS) or the names to keep.
+        cg_steps, richardson_steps: iterations the constructions run.
+    """
+
+    batch: int
+    construction_batch: int
+    bootstrap: int
+    shifts: tuple[str, ...] | None
+    cg_steps: int = 6
+    richardson_steps: int = 5
+
+
+FULL = DemoSettings(batch=64, construction_batch=32, bootstrap=1000, shifts=None)
+QUICK = DemoSettings(batch=16, construction_batch=16, bootstrap=100, shifts=("input_scale_x2", "longer_prompts_x2"))
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> tuple[argparse.ArgumentParser, str]:
+    parser = subparsers.add_parser(
+        "demo",
+        help="diagnose the shipped and constructed models and write a report (CPU, < 3 min)",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--quick", action="store_true", help="smaller batches and two shifts (the same code path; for tests)")
+    parser.add_argument("--checkpoints", default=None,
+                        help="folder holding the shipped runs linear_lr/ and softmax_gp/ (default: ./checkpoints, else the repository's)")
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    return parser, DEFAULT_OUT
+
+
+def shipped_checkpoints(folder: str | None) -> Path:
+    """The folder holding the shipped runs: `folder`, else ./checkpoints, else the one beside the
+    package (an editable install); FileNotFoundError naming the fix when a run is missing."""
+    if folder is not None:
+        candidates = [Path(folder)]
+    else:
+        candidates = [Path("checkpoints"), Path(__file__).resolve().parents[2] / "checkpoints"]
+    for candidate in candidates:
+        if all((candidate / name).is_dir() for name in SHIPPED):
+            return candidate
+    missing = [str(candidates[0] / name) for name in SHIPPED if not (candidates[0] / name).is_dir()]
+    raise FileNotFoundError(
+        f"shipped checkpoint {missing[0]} not found: run from the repository root, pass --checkpoints DIR, "
+        f"or train it with `mi-krr train --preset {Path(missing[0]).name} --out {missing[0]}`"
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    import time
+
+    import torch
+    from tqdm.auto import tqdm
+
+    from mi_krr.commands.overview import format_table, summary_rows, write_overview_report
+
+    start = time.perf_counter()
+    settings = QUICK if args.quick else FULL
+    checkpoints = shipped_checkpoints(args.checkpoints)
+    torch.manual_seed(args.seed)
+    progress = not args.no_progress
+    builders = [
+        ("cg_construction", lambda: cg_construction_entry(settings, args.seed, args.device, progress)),
+        ("richardson_construction", lambda: richardson_construction_entry(settings, args.seed, args.device, progress)),
+        *[(name, lambda name=name: shipped_entry(checkpoints / name, name, settings, args.seed, args.device, progress)) for name in SHIPPED],
+    ]
+    entries = []
+    with tqdm(builders, desc="demo", unit="model", disable=not progress) as bar:
+        for name, build in bar:
+            bar.set_postfix_str(name)
+            entries.append(build())
+    rows = [row for entry in entries for row in summary_rows(entry.name, entry.diagnosis)]
+    print(format_table(rows))
+    report_settings = {"mode": "quick" if args.quick else "full", "seed": args.seed, "device": args.device,
+                       "batch": settings.batch, "construction_batch": settings.construction_batch,
+                       "bootstrap": settings.bootstrap, "checkpoints": str(checkpoints)}
+    index = write_overview_report(entries, args.out, title="mi-krr demo", settings=report_settings)
+    print(f"report: {index} ({time.perf_counter() - start:.0f} s)")
+    return 0
+
+
+def cg_construction_entry(settings: DemoSettings, seed: int, device: str, progress: bool):
+    """The CG transformer on linear-regression prompts (d = 8, n = 16, input condition number
+    20, lam = 0.05): CG has not converged after `cg_steps` steps, so its trajectory is informative."""
+    from mi_krr.commands.diagnose import diagnose_task_sets
+    from mi_krr.commands.overview import ModelEntry
+    from mi_krr.construct import cg_transformer
+    from mi_krr.tasks import LinearRegressionSampler
+
+    lam, dim = 0.05, 8
+    model = cg_transformer(n_steps=settings.cg_steps, lam=lam, dim=dim, device=device)
+    task = LinearRegressionSampler(dim, condition_number=20.0, noise_std=0.1).sample(settings.construction_batch, 16, 4, seed=seed)
+    diagnosis = diagnose_task_sets(model, {"in_distribution": task}, lam=lam, bootstrap=settings.bootstrap, seed=seed,
+                                   layers=_step_boundaries(model), n_steps=2 * settings.cg_steps, kernels=(), progress=progress)
+    description = (f"Constructed CG transformer: {settings.cg_steps} CG steps x {model.layers_per_step} linear-attention blocks, "
+                   f"lam={lam}; linear-regression prompts (d={dim}, n=16, input condition number 20); probed at step boundaries.")
+    return ModelEntry("cg_construction", description, diagnosis)
+
+
+def richardson_construction_entry(settings: DemoSettings, seed: int, device: str, progress: bool):
+    """The Richardson transformer on the shipped softmax model's GP prompts (d = 2, bandwidth 0.5,
+    lam = noise variance 0.04) with one fixed step: the row-sum preconditioned system's optimal
+    step for the median prompt. The candidates add that fixed-step solver to the defaults."""
+    from functools import partial
+
+    from mi_krr.commands.diagnose import diagnose_task_sets
+    from mi_krr.commands.overview import ModelEntry
+    from mi_krr.construct import richardson_transformer
+    from mi_krr.kernels import kernel_matrix
+    from mi_krr.solvers import ALGORITHMS, richardson
+    from mi_krr.tasks import GPRegressionSampler
+    from probes.diagnose import DEFAULT_ALGORITHMS
+
+    bandwidth, noise = 0.5, 0.2
+    lam = noise**2
+    task = GPRegressionSampler(2, kernel="gaussian", bandwidth=bandwidth, noise_std=noise).sample(settings.construction_batch, 24, 8, seed=seed)
+    step = rowsum_optimal_step(kernel_matrix("gaussian", task.x_support.double(), bandwidth=bandwidth), lam)
+    model = richardson_transformer(n_steps=settings.richardson_steps, lam=lam, bandwidth=bandwidth, step=step, dim=2, device=device)
+    fixed = f"richardson_rowsum(w={step:.3g})"
+    algorithms = {fixed: partial(richardson, step=step, precond="rowsum"), **{name: ALGORITHMS[name] for name in DEFAULT_ALGORITHMS}}
+    diagnosis = diagnose_task_sets(model, {"in_distribution": task}, lam=lam, bootstrap=settings.bootstrap, seed=seed,
+                                   algorithms=algorithms, layers=_step_boundaries(model), n_steps=3 * settings.richardson_steps,
+                                   progress=progress)
+    description = (f"Constructed Richardson transformer: {settings.richardson_steps} steps x {model.layers_per_step} softmax blocks, "
+                   f"row-sum preconditioner, fixed step w={step:.3g}, lam={lam:g}; Gaussian-kernel GP prompts (d=2, bandwidth "
+                   f"{bandwidth}, n=24); probed at step boundaries. Candidates: the defaults plus {fixed}.")
+    return ModelEntry("richardson_construction", description, diagnosis)
+
+
+def rowsum_optimal_step(K, lam: float) -> float:
+    """Median over prompts of the optimal Richardson step 2 / (mu_min + mu_max) of
+    D^-1/2 (K + lam I) D^-1/2, D = diag(K 1), for kernel matrices `K [batch, n, n]`."""
+    import torch
+
+    root = K.sum(-1).sqrt()
+    eye = torch.eye(K.shape[-1], dtype=K.dtype)
+    eigenvalues = torch.linalg.eigvalsh((K + lam * eye) / root[..., :, None] / root[..., None, :])
+    return float((2.0 / (eigenvalues[..., 0] + eigenvalues[..., -1])).median())
+
+
+def shipped_entry(path: Path, name: str, settings: DemoSettings, seed: int, device: str, progress: bool):
+    """A shipped checkpoint, in distribution and under its applicable shifts."""
+    from mi_krr.commands.diagnose import diagnose_task_sets
+    from mi_krr.commands.loading import load_checkpoint, task_sets
+    from mi_krr.commands.overview import ModelEntry
+
+    loaded = load_checkpoint(path, device=device)
+    sets, notes = task_sets(loaded.sampler, settings.batch, loaded.n_support, loaded.n_query, seed=seed, model=loaded.model)
+    if settings.shifts is not None:
+        sets = {key: task for key, task in sets.items() if key == "in_distribution" or key in settings.shifts}
+    diagnosis = diagnose_task_sets(loaded.model, sets, lam=loaded.lam, bootstrap=settings.bootstrap, seed=seed, progress=progress)
+    for note in notes:
+        diagnosis.task_sets["in_distribution"].notes.append(note)
+    config = loaded.model.cfg if hasattr(loaded.model, "cfg") else None
+    architecture = f"{config.n_layers} layers, {config.n_heads} heads, d_model {config.d_model}, {config.attention} attention" if config else ""
+    description = (f"Shipped checkpoint `{path}` ({architecture}); prompts: {loaded.sampler.name} "
+                   f"(n_support={loaded.n_support}, n_query={loaded.n_query}), {settings.batch} per task set; "
+                   f"task sets: {', '.join(sets)}.")
+    return ModelEntry(name, description, diagnosis)
+
+
+def _step_boundaries(model) -> list[int]:
+    """Residual indices 0, s, 2 s, ..., L of a constructed model with s = layers_per_step."""
+    return list(range(0, model.n_layers + 1, model.layers_per_step))
