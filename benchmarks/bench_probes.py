@@ -2,7 +2,7 @@
 checkpoints/linear_lr; freshly initialised models of the same presets when a checkpoint is
 missing, said in the output).
 
-    .venv/bin/python benchmarks/bench_probes.py [--batch 256] [--repeats 5]
+    .venv/bin/python benchmarks/bench_probes.py [--batch 256] [--repeats 5] [--full]
 
 Time (median of `repeats`, the variants alternated so machine load hits them alike):
 - baseline: a bare forward (`model.predict`) + the reference trajectories (kernel matrices and
@@ -11,7 +11,7 @@ Time (median of `repeats`, the variants alternated so machine load hits them ali
   predictions (`layer_predictions`) + per-layer/head attention blocks (`attention_kernels`),
   + the same trajectories; goal <= 1.3x baseline;
 - diagnose (lean): `diagnose(..., sensitivities=False, kernels=())` with 1000 bootstrap
-  resamples; diagnose (full): with label sensitivities and kernel alignment.
+  resamples; diagnose (full, `--full`): with label sensitivities and kernel alignment.
 
 Memory: peak resident-set growth of one call over the process's resident set just before it, each
 variant in a fresh subprocess (same model and prompts; the peak is reset through
@@ -58,10 +58,9 @@ def load(name: str, batch: int, seed: int = 1):
 
 def trajectories(task, lam: float, n_steps: int) -> None:
     """Kernel matrices and every default algorithm's trajectory (what any diagnosis needs)."""
+    from mi_krr.kernels import kernel_matrix
     from mi_krr.solvers import ALGORITHMS
     from probes.diagnose import DEFAULT_ALGORITHMS, resolve_kernel
-
-    from mi_krr.kernels import kernel_matrix
 
     kernel, params = resolve_kernel(task, "auto", None)
     x, xq, y = task.x_support.double(), task.x_query.double(), task.y_support.double()
@@ -104,8 +103,9 @@ def variants(model, task):
     }
 
 
-def time_variants(model, task, repeats: int) -> dict[str, float]:
-    runs = {name: run for name, run in variants(model, task).items() if name in ("baseline", "extraction", "diagnose_lean", "diagnose_full")}
+def time_variants(model, task, repeats: int, full: bool) -> dict[str, float]:
+    timed = ("baseline", "extraction", "diagnose_lean") + (("diagnose_full",) if full else ())
+    runs = {name: run for name, run in variants(model, task).items() if name in timed}
     for run in runs.values():
         run()  # warm-up
     seconds: dict[str, list[float]] = {name: [] for name in runs}
@@ -148,6 +148,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--memory-batch", type=int, default=1024)
+    parser.add_argument("--full", action="store_true", help="also time diagnose with sensitivities and kernel alignment (slow)")
     parser.add_argument("--memory-child", nargs=2, metavar=("MODEL", "VARIANT"))
     args = parser.parse_args()
     if args.memory_child:
@@ -157,16 +158,16 @@ def main() -> None:
     for name in MODELS:
         model, task, source = load(name, args.batch)
         print(f"== {name}: {source}; {model.n_layers} layers, batch {task.batch_size}, "
-              f"{task.n_support} support + {task.n_query} query points")
-        seconds = time_variants(model, task, args.repeats)
+              f"{task.n_support} support + {task.n_query} query points", flush=True)
+        seconds = time_variants(model, task, args.repeats, args.full)
         base = seconds["baseline"]
-        for key in ("baseline", "extraction", "diagnose_lean", "diagnose_full"):
-            print(f"  time {key:<14} {seconds[key] * 1e3:9.1f} ms   {seconds[key] / base:6.2f}x baseline")
+        for key, value in seconds.items():
+            print(f"  time {key:<14} {value * 1e3:9.1f} ms   {value / base:6.2f}x baseline", flush=True)
         growth = {v: memory_in_subprocess(name, v, args.memory_batch) for v in ("forward", "extraction_only", "cache")}
         print(f"  peak RSS growth (batch {args.memory_batch}, fresh process each): "
               + ", ".join(f"{v} {mb:.1f} MB" for v, mb in growth.items()))
         print(f"  memory ratio extraction / forward {growth['extraction_only'] / growth['forward']:.2f}x (goal <= 1.2x); "
-              f"run_with_cache / forward {growth['cache'] / growth['forward']:.2f}x")
+              f"run_with_cache / forward {growth['cache'] / growth['forward']:.2f}x", flush=True)
 
 
 if __name__ == "__main__":

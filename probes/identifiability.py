@@ -183,6 +183,11 @@ def _message(best, top, runner_up, gap, gap_ci, equivalent, agreement_row, names
         lines.append(f"Verdict: identified as {best}" + (f" (or its equivalents {', '.join(equivalent)})." if equivalent else "."))
     elif not has_intervals:
         lines.append("Verdict: not identified: run with bootstrap > 0 to get the intervals a verdict needs.")
+    elif not np.isfinite(top.score) and np.all(top.aligned_steps[top.scored] == 0):
+        lines.append(
+            "Verdict: not identified: every scored layer aligns with step 0 (alpha = 0, prediction 0): the layers' "
+            "predictions are closer to 0 than to any solver iterate."
+        )
     elif top.score_ci[0] < min_score:
         lines.append(
             f"Verdict: not identified: no algorithm explains the layers well enough (needs path R2 >= {min_score} "

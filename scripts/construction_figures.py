@@ -25,7 +25,7 @@ def main() -> None:
     studies = {
         "construct_width": lambda: width_study(widths=(2, 4, 8, 16, 32, 64, 128, 256), n_support=64, n_steps=48, batch_size=8),
         "construct_cg_rate": lambda: cg_rate_study(kappas=(10.0, 100.0, 1000.0), n_support=64, n_steps=40, batch_size=16),
-        "construct_relu_width": lambda: relu_width_study(widths=(8, 16, 32, 64, 128, 256, 512, 1024, 2048)),
+        "construct_relu_width": lambda: relu_width_study(widths=(16, 32, 64, 128, 256, 512, 1024, 2048)),
     }
     for name, run in studies.items():
         start = time.perf_counter()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -60,11 +61,12 @@ def train_preset(name: str, out_root: Path, resume: bool, steps: int | None) -> 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", choices=sorted(PRESETS), action="append", help="train only this preset (repeatable)")
-    parser.add_argument("--out-root", default=str(REPO / "checkpoints"), help="folder holding one run folder per preset")
+    parser.add_argument("--out-root", default="checkpoints", help="folder holding one run folder per preset, relative to the repository")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--steps", type=int, default=None, help="override the presets' step count (for trials)")
     parser.add_argument("--resume", action="store_true", help="continue interrupted runs from their newest checkpoint")
     args = parser.parse_args()
+    os.chdir(REPO)  # run configs record repository-relative folders, not this machine's paths
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     for name in args.only or sorted(PRESETS):

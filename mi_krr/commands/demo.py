@@ -13,7 +13,8 @@ Diagnoses (`probes.diagnose`) four models and writes one report:
   - softmax_gp: the shipped softmax model trained on Gaussian-kernel GP regression
     (checkpoints/softmax_gp), in distribution and under each applicable shift.
 Constructed models are probed at their step boundaries (every layers_per_step blocks), where
-their state is complete. Prints the summary table; writes index.md, overview.png, per-model
+their state is complete, without label sensitivities (their predictions already match exactly);
+the trained models get sensitivities on their in-distribution set. Prints the summary table; writes index.md, overview.png, per-model
 figures and report.json (every number) to --out.
 """
 
@@ -126,7 +127,8 @@ def cg_construction_entry(settings: DemoSettings, seed: int, device: str, progre
     model = cg_transformer(n_steps=settings.cg_steps, lam=lam, dim=dim, device=device)
     task = LinearRegressionSampler(dim, condition_number=20.0, noise_std=0.1).sample(settings.construction_batch, 16, 4, seed=seed)
     diagnosis = diagnose_task_sets(model, {"in_distribution": task}, lam=lam, bootstrap=settings.bootstrap, seed=seed,
-                                   layers=_step_boundaries(model), n_steps=2 * settings.cg_steps, kernels=(), progress=progress)
+                                   layers=_step_boundaries(model), n_steps=2 * settings.cg_steps, kernels=(), sensitivities=False,
+                                   progress=progress)
     description = (f"Constructed CG transformer: {settings.cg_steps} CG steps x {model.layers_per_step} linear-attention blocks, "
                    f"lam={lam}; linear-regression prompts (d={dim}, n=16, input condition number 20); probed at step boundaries.")
     return ModelEntry("cg_construction", description, diagnosis)
@@ -138,6 +140,7 @@ def richardson_construction_entry(settings: DemoSettings, seed: int, device: str
     step for the median prompt. The candidates add that fixed-step solver to the defaults."""
     from functools import partial
 
+    from mi_krr.commands.construct import rowsum_optimal_step
     from mi_krr.commands.diagnose import diagnose_task_sets
     from mi_krr.commands.overview import ModelEntry
     from mi_krr.construct import richardson_transformer
@@ -155,22 +158,11 @@ def richardson_construction_entry(settings: DemoSettings, seed: int, device: str
     algorithms = {fixed: partial(richardson, step=step, precond="rowsum"), **{name: ALGORITHMS[name] for name in DEFAULT_ALGORITHMS}}
     diagnosis = diagnose_task_sets(model, {"in_distribution": task}, lam=lam, bootstrap=settings.bootstrap, seed=seed,
                                    algorithms=algorithms, layers=_step_boundaries(model), n_steps=3 * settings.richardson_steps,
-                                   progress=progress)
+                                   sensitivities=False, progress=progress)
     description = (f"Constructed Richardson transformer: {settings.richardson_steps} steps x {model.layers_per_step} softmax blocks, "
                    f"row-sum preconditioner, fixed step w={step:.3g}, lam={lam:g}; Gaussian-kernel GP prompts (d=2, bandwidth "
                    f"{bandwidth}, n=24); probed at step boundaries. Candidates: the defaults plus {fixed}.")
     return ModelEntry("richardson_construction", description, diagnosis)
-
-
-def rowsum_optimal_step(K, lam: float) -> float:
-    """Median over prompts of the optimal Richardson step 2 / (mu_min + mu_max) of
-    D^-1/2 (K + lam I) D^-1/2, D = diag(K 1), for kernel matrices `K [batch, n, n]`."""
-    import torch
-
-    root = K.sum(-1).sqrt()
-    eye = torch.eye(K.shape[-1], dtype=K.dtype)
-    eigenvalues = torch.linalg.eigvalsh((K + lam * eye) / root[..., :, None] / root[..., None, :])
-    return float((2.0 / (eigenvalues[..., 0] + eigenvalues[..., -1])).median())
 
 
 def shipped_entry(path: Path, name: str, settings: DemoSettings, seed: int, device: str, progress: bool):

@@ -17,9 +17,9 @@ a nonlinear read-in, documented per construction.
 Attention: head h lets tokens of types `query_types` attend to tokens of types `key_types`
 (read from the flag coordinates; a structural mask like a causal one). Scores are q . k with no
 1/sqrt(d_head) (scales live in the weights). "linear" attention applies the scores themselves
-(masked entries 0); "softmax" applies softmax over the allowed keys (masked scores -inf; rows of
-tokens that do not query the head are all -inf and get weight 0). `hook_pattern` carries the
-weights actually applied. Values are scalars in column 0 of `d_head`-wide value vectors.
+(`hook_attn_scores` = `hook_pattern`, 0 at masked entries); "softmax" applies softmax over the
+allowed keys (`hook_attn_scores` -inf at keys of other types), and tokens that do not query the
+head get weight 0. `hook_pattern` carries the weights actually applied. Values are scalars in column 0 of `d_head`-wide value vectors.
 """
 
 from __future__ import annotations
@@ -167,17 +167,19 @@ class ConstructedAttention(nn.Module):
         q = self.hook_q(qkv[..., 0, :, :])
         k = self.hook_k(qkv[..., 1, :, :])
         v = self.hook_v(qkv[..., 2, :, :])
-        queries = (flags @ self.query_types.T > 0.5).transpose(1, 2)  # [batch, head, pos]
+        # Type masks as [batch, head, pos] 0/1 factors: cheaper than a [batch, head, q, k] mask.
+        queries = (flags @ self.query_types.T > 0.5).transpose(1, 2).to(x.dtype)
         keys = (flags @ self.key_types.T > 0.5).transpose(1, 2)
-        allowed = queries.unsqueeze(-1) & keys.unsqueeze(-2)  # [batch, head, q_pos, k_pos]
         scores = q.transpose(1, 2) @ k.permute(0, 2, 3, 1)  # [batch, head, q_pos, k_pos]
         if self.kind == "linear":
-            pattern = self.hook_attn_scores(scores.masked_fill(~allowed, 0.0))
+            scores = scores * queries.unsqueeze(-1) * keys.to(x.dtype).unsqueeze(-2)
+            pattern = self.hook_attn_scores(scores)
         else:
-            scores = self.hook_attn_scores(scores.masked_fill(~allowed, float("-inf")))
-            has_keys = allowed.any(dim=-1, keepdim=True)
-            safe = torch.where(has_keys, scores, 0.0)  # rows without keys: finite, zeroed below
-            pattern = torch.softmax(safe, dim=-1).masked_fill(~has_keys, 0.0)
+            # -inf on keys of other types (a head without any such key keeps its scores finite;
+            # its rows are zeroed below with every row of a token that does not query the head)
+            blocked = ~keys & keys.any(dim=-1, keepdim=True)
+            scores = self.hook_attn_scores(scores.masked_fill(blocked.unsqueeze(-2), float("-inf")))
+            pattern = torch.softmax(scores, dim=-1) * queries.unsqueeze(-1)
         pattern = self.hook_pattern(pattern)
         z = self.hook_z((pattern @ v.transpose(1, 2)).transpose(1, 2))  # [batch, pos, head, d_head]
         return z.flatten(-2) @ self.W_O.reshape(n_heads * d_head, d_model)

@@ -18,15 +18,16 @@ from mi_krr.solvers._spectrum import preconditioner_diagonal
 from mi_krr.solvers._system import KRRSystem, check_steps, krr_system, ratio, safe_sqrt
 from mi_krr.solvers.trajectory import Trajectory
 
-CG_BLOCK_BYTES = 16 * 2**20
-"""Default cache budget for one block's kernels K `[block, n, n]` (float64).
+CG_BLOCK_BYTES = 4 * 2**20
+"""Default cache budget for one block's kernels K `[block, n, n]` (float64), see `cg_block_size`.
 
-Each CG step streams every kernel of its block once, so a block whose kernels stay in the
-last-level cache runs all T steps without going back to main memory. Smaller blocks save
-bandwidth but pay the per-step op overhead once per block. On the 2-core AMD EPYC this was
-tuned on (1 MiB L2 per core, 32 MiB shared L3), L2-sized blocks lost more to that overhead
-than they gained, and blocks up to half the L3 were fastest (benchmarks/bench_solvers.py
---block-size). Set it to about half the last-level cache of other machines.
+Each CG step streams every kernel of its block once; a block whose kernels stay in cache runs
+all T steps without going back to memory, while smaller blocks pay the per-step op overhead
+once more per block. On the 2-core AMD EPYC this was tuned on (1 MiB L2 per core, 32 MiB L3
+shared with other jobs), 30 CG steps on 8 MiB of kernels took, by block size (1 thread, CPU
+time, busy machine): n=64: 4 -> 71-81 ms, 16 -> 31-36, 64 -> 22-23, 128 -> 20-26, 256 (all)
+-> 31-41; n=128: 4 -> 29-46, 16 -> 19-27, 32 -> 18-25, 64 (all) -> 25-39. Blocks of 2-4 MiB
+were best. Scale it with the per-core share of cache on other machines.
 """
 
 
@@ -60,8 +61,8 @@ def jacobi_cg(
 ) -> Trajectory:
     """CG preconditioned with P = diag(K + lam I)^-1 (PCG), alpha_0 = 0; arguments as `cg`.
 
-    residual_norm is the unpreconditioned ||y - (K + lam I) alpha_t||; method "jacobi_cg",
-    preconditioner "jacobi".
+    residual_norm is the unpreconditioned residual's norm (recursively updated, as in `cg`);
+    method "jacobi_cg", preconditioner "jacobi".
     """
     system = krr_system(K, y, lam, K_query)
     inverse_diagonal = preconditioner_diagonal(system, "jacobi")
@@ -81,12 +82,12 @@ def _conjugate_gradient(
             n_steps,
             None if inverse_diagonal is None else inverse_diagonal[start : start + block],
         )
-        for start in range(0, batch, block)
+        for start in range(0, max(batch, 1), block)  # one (empty) block for an empty batch
     ]
     alpha = torch.cat([a for a, _ in blocks]) if len(blocks) > 1 else blocks[0][0]
     residual_norm = torch.cat([r for _, r in blocks]) if len(blocks) > 1 else blocks[0][1]
     return system.trajectory(
-        alpha, residual_norm, method, preconditioner=None if inverse_diagonal is None else "jacobi"
+        alpha, residual_norm, method, preconditioner="none" if inverse_diagonal is None else "jacobi"
     )
 
 

@@ -137,7 +137,9 @@ class RNGState:
         numpy_keys: MT19937 key of `np.random.get_state()` `[624]` (int64).
         numpy_rest: its position, has_gauss, cached_gaussian.
         cuda: per-device CUDA generator states (empty without CUDA).
-        generators: named extra generators' states (e.g. the sampler's own generator).
+
+    Samplers hold no generator of their own: each training batch is drawn from a generator
+    seeded by (seed, step) (`mi_krr.train.seeding`), so no sampler state needs saving.
     """
 
     torch_cpu: torch.Tensor
@@ -145,11 +147,10 @@ class RNGState:
     numpy_keys: torch.Tensor
     numpy_rest: list[Any]
     cuda: list[torch.Tensor] = field(default_factory=list)
-    generators: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @classmethod
-    def capture(cls, generators: dict[str, torch.Generator] | None = None) -> "RNGState":
-        """Snapshot the global torch/python/numpy/CUDA generators and `generators`."""
+    def capture(cls) -> "RNGState":
+        """Snapshot the global torch/python/numpy/CUDA generators."""
         version, internal, gauss_next = random.getstate()
         _, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
         return cls(
@@ -158,11 +159,10 @@ class RNGState:
             numpy_keys=torch.from_numpy(keys.astype(np.int64)),
             numpy_rest=[int(pos), int(has_gauss), float(cached)],
             cuda=list(torch.cuda.get_rng_state_all()) if torch.cuda.is_available() else [],
-            generators={name: gen.get_state() for name, gen in (generators or {}).items()},
         )
 
-    def restore(self, generators: dict[str, torch.Generator] | None = None) -> None:
-        """Set the global generators (and `generators`) back to this snapshot."""
+    def restore(self) -> None:
+        """Set the global generators back to this snapshot."""
         torch.set_rng_state(self.torch_cpu)
         version, internal, gauss_next = self.python
         random.setstate((version, tuple(internal), gauss_next))
@@ -170,17 +170,12 @@ class RNGState:
         np.random.set_state(("MT19937", self.numpy_keys.numpy().astype(np.uint32), pos, has_gauss, cached))
         if self.cuda and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(self.cuda[: torch.cuda.device_count()])
-        for name, gen in (generators or {}).items():
-            if name not in self.generators:
-                raise CheckpointError(f"checkpoint has no state for generator {name!r}: it was saved by a run without that generator")
-            gen.set_state(self.generators[name])
 
     def to_flat(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """Tensors (prefixed `rng/`) and JSON metadata for a safetensors file."""
         tensors = {"rng/torch_cpu": self.torch_cpu, "rng/numpy_keys": self.numpy_keys}
         tensors.update({f"rng/cuda/{i}": state for i, state in enumerate(self.cuda)})
-        tensors.update({f"rng/generator/{name}": state for name, state in self.generators.items()})
-        meta = {"python": self.python, "numpy_rest": self.numpy_rest, "n_cuda": len(self.cuda), "generators": sorted(self.generators)}
+        meta = {"python": self.python, "numpy_rest": self.numpy_rest, "n_cuda": len(self.cuda)}
         return tensors, meta
 
     @classmethod
@@ -191,7 +186,6 @@ class RNGState:
             numpy_keys=tensors["rng/numpy_keys"],
             numpy_rest=meta["numpy_rest"],
             cuda=[tensors[f"rng/cuda/{i}"] for i in range(meta["n_cuda"])],
-            generators={name: tensors[f"rng/generator/{name}"] for name in meta["generators"]},
         )
 
 

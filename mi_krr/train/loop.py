@@ -107,12 +107,11 @@ def train(
     config = run_config(model, sampler, cfg)
     model.to(cfg.device)
     optimizer = make_optimizer(model, cfg)
-    generators = _sampler_generators(sampler)
 
     start, history = 0, []
     checkpoint_path = None
     if resume:
-        checkpoint_path, start, history = _resume(model, optimizer, generators, config, cfg, out_dir)
+        checkpoint_path, start, history = _resume(model, optimizer, config, cfg, out_dir)
         if stop < start:
             raise ValueError(f"until_step={stop} is before the checkpoint's step {start}: pass a later until_step or None")
     elif out_dir is not None and latest_checkpoint(out_dir) is not None:
@@ -139,7 +138,7 @@ def train(
             losses = []
             bar.set_postfix(loss=f"{record['train_loss']:.4f}", ratio=f"{record['ratio']:.3f}")
         if out_dir is not None and (done % cfg.checkpoint_every == 0 or done == stop):
-            checkpoint_path = _write_state(out_dir, model, optimizer, generators, config, done, history, cfg.keep_checkpoints)
+            checkpoint_path = _write_state(out_dir, model, optimizer, config, done, history, cfg.keep_checkpoints)
     bar.close()
 
     final = history[-1] if history[-1]["step"] == stop else _evaluation_record(
@@ -203,16 +202,10 @@ def _evaluation_record(
     }
 
 
-def _sampler_generators(sampler: Any) -> dict[str, torch.Generator]:
-    generator = getattr(sampler, "generator", None)
-    return {"sampler": generator} if isinstance(generator, torch.Generator) else {}
-
-
 def _write_state(
     out_dir: Path,
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
-    generators: dict[str, torch.Generator],
     config: dict[str, Any],
     step: int,
     history: list[dict[str, Any]],
@@ -223,7 +216,7 @@ def _write_state(
         run_config=config,
         model_state=model.state_dict(),
         optimizer_state=optimizer.state_dict(),
-        rng=RNGState.capture(generators),
+        rng=RNGState.capture(),
         history=history,
     )
     path = save_training_state(state_path(out_dir, step), state)
@@ -234,7 +227,6 @@ def _write_state(
 def _resume(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
-    generators: dict[str, torch.Generator],
     config: dict[str, Any],
     cfg: TrainConfig,
     out_dir: Path | None,
@@ -251,7 +243,7 @@ def _resume(
     load_weights(model, state.model_state, source=path)
     model.to(cfg.device)
     optimizer.load_state_dict(state.optimizer_state)
-    state.rng.restore(generators)
+    state.rng.restore()
     return path, state.step, state.history
 
 

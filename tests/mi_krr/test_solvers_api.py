@@ -116,6 +116,12 @@ def test_batched_trajectories_have_documented_shapes_and_equal_per_prompt_runs(
         np.testing.assert_allclose(trajectory.alpha[index].numpy(), single.alpha.numpy(), rtol=0, atol=1e-9 * scale)
 
 
+@pytest.mark.parametrize("name", sorted(EXPECTED_NAMES))
+def test_an_empty_batch_gives_empty_trajectories(name):
+    trajectory = solve(name, np.zeros((0, 3, 3)), np.zeros((0, 3)), 0.1, 2, K_query=np.zeros((0, 2, 3)))
+    assert trajectory.alpha.shape == (0, 3, 3) and trajectory.pred.shape == (0, 3, 2)
+
+
 def test_solvers_accept_tensors_and_keep_their_device_and_float64():
     K, K_query = gaussian_kernel(RNG, 5, m=2)
     trajectory = cg(torch.tensor(K, dtype=torch.float32), torch.ones(5), 0.1, 3, K_query=torch.tensor(K_query))

@@ -135,11 +135,17 @@ def test_cg_block_schedule_does_not_change_results(block_size):
         np.testing.assert_allclose(blocked.alpha[b].numpy(), single, rtol=0, atol=1e-10 * np.abs(single).max())
 
 
-def test_cg_label_sensitivities_match_finite_differences():
+@pytest.mark.parametrize("block_size", [None, 1])
+def test_cg_label_sensitivities_match_finite_differences(block_size):
     n, lam = 6, 0.3
-    K, K_query = (torch.from_numpy(a) for a in gaussian_kernel(RNG, n, m=2))
-    y = torch.from_numpy(RNG.standard_normal(n)).requires_grad_(True)
-    assert torch.autograd.gradcheck(lambda labels: cg(K, labels, lam, 4, K_query=K_query).pred, (y,), eps=1e-6, atol=1e-7)
+    pairs = [gaussian_kernel(RNG, n, m=2) for _ in range(2)]
+    K, K_query = (torch.from_numpy(np.stack(arrays)) for arrays in zip(*pairs))
+    y = torch.from_numpy(RNG.standard_normal((2, n))).requires_grad_(True)
+
+    def predictions(labels):
+        return cg(K, labels, lam, 4, K_query=K_query, block_size=block_size).pred
+
+    assert torch.autograd.gradcheck(predictions, (y,), eps=1e-6, atol=1e-7)
 
 
 def test_cg_kernel_sensitivities_match_finite_differences():

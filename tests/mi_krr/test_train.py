@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import scipy.linalg
 import torch
+import yaml
 from scipy.spatial.distance import cdist
 
 from mi_krr.models import ICLTransformer, ICLTransformerConfig
@@ -168,7 +169,7 @@ def test_linear_optimal_predictor_is_ridge_with_lam_noise_var_times_dim(tmp_path
     assert reference.zero_mse == pytest.approx(float(np.mean(task.y_query.double().numpy() ** 2)), rel=1e-12)
 
 
-def test_cli_trains_stops_and_resumes_a_run_from_a_config_file(tmp_path, capsys):
+def test_cli_trains_stops_and_resumes_a_run_from_a_yaml_config(tmp_path, capsys):
     from mi_krr.cli import main
 
     description = {
@@ -176,8 +177,8 @@ def test_cli_trains_stops_and_resumes_a_run_from_a_config_file(tmp_path, capsys)
         "sampler": LinearRegressionSampler(2, noise_std=0.2).to_config(),
         "train": {"steps": 8, "batch_size": 4, "warmup_steps": 2, "n_support": 5, "n_query": 2, "eval_every": 4, "eval_prompts": 8, "checkpoint_every": 2},
     }
-    config_file = tmp_path / "run.json"
-    config_file.write_text(json.dumps(description))
+    config_file = tmp_path / "run.yaml"
+    config_file.write_text(yaml.safe_dump(description))
     run_dir = tmp_path / "run"
     assert main(["train", "--config", str(config_file), "--out", str(run_dir), "--until-step", "4", "--no-progress"]) == 0
     assert latest_checkpoint(run_dir).name == "step_00000004.safetensors"

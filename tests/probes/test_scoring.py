@@ -144,7 +144,7 @@ def test_percentile_interval_is_the_order_statistics_and_ignores_nan():
     samples = np.r_[np.random.default_rng(8).normal(size=1000), np.nan]
     ordered = np.sort(samples[:-1])
     assert percentile_interval(samples, 0.9) == (ordered[49], ordered[949])  # ceil(0.05 * 1000) = 50th
-    assert percentile_interval(np.r_[np.full(10, -np.inf), np.arange(90.0)], 0.8)[0] == 0.0
+    assert percentile_interval(np.r_[np.full(9, -np.inf), np.arange(91.0)], 0.8)[0] == 0.0  # 10th of 100
     assert np.isnan(percentile_interval([np.nan])[0])
 
 
