@@ -13,5 +13,8 @@ from probes.kernel_alignment import KernelAlignment, alignment_metrics, kernel_a
 from probes.layer_predictions import layer_predictions
 from probes.sensitivity import label_sensitivities, solver_sensitivities
 
-# --- part 2 exports (scoring, diagnose, plots, report) go below this line ---
-from probes.diagnose import Diagnosis, diagnose
+from probes.diagnose import DEFAULT_ALGORITHMS, Diagnosis, TaskSetDiagnosis, diagnose
+from probes.identifiability import Verdict, algorithm_agreement, identifiability_verdict
+from probes.plots import diagnosis_figures
+from probes.report import write_report
+from probes.scoring import AlgorithmScore, monotone_alignment, mse_matrix, r2_matrix, score_algorithms

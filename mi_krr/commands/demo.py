@@ -65,40 +65,24 @@ def add_parser(subparsers: argparse._SubParsersAction) -> tuple[argparse.Argumen
     return parser, DEFAULT_OUT
 
 
-def shipped_checkpoints(folder: str | None) -> Path:
-    """The folder holding the shipped runs: `folder`, else ./checkpoints, else the one beside the
-    package (an editable install); FileNotFoundError naming the fix when a run is missing."""
-    if folder is not None:
-        candidates = [Path(folder)]
-    else:
-        candidates = [Path("checkpoints"), Path(__file__).resolve().parents[2] / "checkpoints"]
-    for candidate in candidates:
-        if all((candidate / name).is_dir() for name in SHIPPED):
-            return candidate
-    missing = [str(candidates[0] / name) for name in SHIPPED if not (candidates[0] / name).is_dir()]
-    raise FileNotFoundError(
-        f"shipped checkpoint {missing[0]} not found: run from the repository root, pass --checkpoints DIR, "
-        f"or train it with `mi-krr train --preset {Path(missing[0]).name} --out {missing[0]}`"
-    )
-
-
 def run(args: argparse.Namespace) -> int:
     import time
 
     import torch
     from tqdm.auto import tqdm
 
+    from mi_krr.commands.loading import shipped_checkpoint
     from mi_krr.commands.overview import format_table, summary_rows, write_overview_report
 
     start = time.perf_counter()
     settings = QUICK if args.quick else FULL
-    checkpoints = shipped_checkpoints(args.checkpoints)
+    paths = {name: shipped_checkpoint(name, args.checkpoints) for name in SHIPPED}
     torch.manual_seed(args.seed)
     progress = not args.no_progress
     builders = [
         ("cg_construction", lambda: cg_construction_entry(settings, args.seed, args.device, progress)),
         ("richardson_construction", lambda: richardson_construction_entry(settings, args.seed, args.device, progress)),
-        *[(name, lambda name=name: shipped_entry(checkpoints / name, name, settings, args.seed, args.device, progress)) for name in SHIPPED],
+        *[(name, lambda name=name: shipped_entry(paths[name], name, settings, args.seed, args.device, progress)) for name in SHIPPED],
     ]
     entries = []
     with tqdm(builders, desc="demo", unit="model", disable=not progress) as bar:
@@ -109,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
     print(format_table(rows))
     report_settings = {"mode": "quick" if args.quick else "full", "seed": args.seed, "device": args.device,
                        "batch": settings.batch, "construction_batch": settings.construction_batch,
-                       "bootstrap": settings.bootstrap, "checkpoints": str(checkpoints)}
+                       "bootstrap": settings.bootstrap, "checkpoints": {name: str(path) for name, path in paths.items()}}
     index = write_overview_report(entries, args.out, title="mi-krr demo", settings=report_settings)
     print(f"report: {index} ({time.perf_counter() - start:.0f} s)")
     return 0

@@ -49,6 +49,20 @@ class LoadedCheckpoint:
     notes: list[str] = field(default_factory=list)
 
 
+def shipped_checkpoint(name: str, folder: str | Path | None = None) -> Path:
+    """The shipped run `name` ("softmax_gp", "linear_lr"): in `folder`, else in ./checkpoints,
+    else beside the package (an editable install). FileNotFoundError naming the fix when absent."""
+    candidates = [Path(folder)] if folder is not None else [Path("checkpoints"), Path(__file__).resolve().parents[2] / "checkpoints"]
+    for candidate in candidates:
+        if (candidate / name).is_dir():
+            return candidate / name
+    missing = candidates[0] / name
+    raise FileNotFoundError(
+        f"shipped checkpoint {missing} not found: run from the repository root, pass the folder holding it "
+        f"(--checkpoints / checkpoint=), or train it with `mi-krr train --preset {name} --out {missing}`"
+    )
+
+
 def checkpoint_format(path: str | Path) -> str:
     """"mi-krr" or "garg" for a supported checkpoint at `path`; FileNotFoundError when nothing is
     there, ValueError (naming what is supported) otherwise."""

@@ -117,11 +117,11 @@ def plot_overview(rows: list[SummaryRow]):
     import matplotlib.pyplot as plt
 
     models = list(dict.fromkeys(row.model for row in rows))
-    sets = list(dict.fromkeys(row.task_set for row in rows))
+    sets = sorted(dict.fromkeys(row.task_set for row in rows), key=_set_order)
     position = {name: index for index, name in enumerate(sets)}
     figure, (left, right) = plt.subplots(1, 2, figsize=(11, 3.8), dpi=80)
     for index, model in enumerate(models):
-        mine = [row for row in rows if row.model == model]
+        mine = sorted((row for row in rows if row.model == model), key=lambda row: position[row.task_set])
         x = [position[row.task_set] for row in mine]
         left.plot(x, [max(row.score, -0.5) for row in mine], "-", color=f"C{index}", lw=1, label=model)
         for row, xi in zip(mine, x):
@@ -141,6 +141,14 @@ def plot_overview(rows: list[SummaryRow]):
         right.legend(fontsize=7)
     figure.tight_layout()
     return figure
+
+
+def _set_order(name: str) -> tuple[int, str]:
+    """In-distribution first, then the shifts in `DEFAULT_SHIFTS` order, then the rest by name."""
+    from mi_krr.tasks import DEFAULT_SHIFTS
+
+    order = [IN_DISTRIBUTION, *DEFAULT_SHIFTS]
+    return (order.index(name), "") if name in order else (len(order), name)
 
 
 @dataclass

@@ -170,11 +170,12 @@ class ConstructedAttention(nn.Module):
         # Type masks as [batch, head, pos] 0/1 factors: cheaper than a [batch, head, q, k] mask.
         queries = (flags @ self.query_types.T > 0.5).transpose(1, 2).to(x.dtype)
         keys = (flags @ self.key_types.T > 0.5).transpose(1, 2)
-        scores = q.transpose(1, 2) @ k.permute(0, 2, 3, 1)  # [batch, head, q_pos, k_pos]
-        if self.kind == "linear":
-            scores = scores * queries.unsqueeze(-1) * keys.to(x.dtype).unsqueeze(-2)
-            pattern = self.hook_attn_scores(scores)
+        if self.kind == "linear":  # masking q and k zeroes exactly the masked scores
+            masked_q = q.transpose(1, 2) * queries.unsqueeze(-1)
+            masked_k = k.permute(0, 2, 3, 1) * keys.to(x.dtype).unsqueeze(-2)
+            pattern = self.hook_attn_scores(masked_q @ masked_k)  # [batch, head, q_pos, k_pos]
         else:
+            scores = q.transpose(1, 2) @ k.permute(0, 2, 3, 1)
             # -inf on keys of other types (a head without any such key keeps its scores finite;
             # its rows are zeroed below with every row of a token that does not query the head)
             blocked = ~keys & keys.any(dim=-1, keepdim=True)

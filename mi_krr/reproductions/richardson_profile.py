@@ -1,0 +1,215 @@
+"""richardson-profile: does a softmax model trained on Gaussian-kernel GP regression follow
+preconditioned Richardson layer by layer?
+
+Yan et al. (2026) report that per-layer linear probes' error profiles of GPT-2-style models
+trained on GP regression align best with preconditioned Richardson among classical KRR solvers.
+Here the shipped softmax model (checkpoints/softmax_gp) is diagnosed on in-distribution prompts
+with two lenses: the model's own read-out applied to every layer, and ridge probes fitted per
+layer on separate prompts (method="ridge", targets y_query). Every candidate of
+`probes.diagnose.DEFAULT_ALGORITHMS` (CG, Jacobi-CG, GD, Jacobi- and row-sum-preconditioned
+Richardson, Chebyshev, heavy ball, Newton-Schulz) is scored by path R2 with a bootstrap interval
+and by the distance between error profiles (log10 MSE to exact KRR, monotone-aligned: Yan et
+al.'s comparison), and the identifiability verdict is given. Whatever comes out is reported.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mi_krr.reproductions._format import key_numbers_text
+
+QUICK: dict[str, Any] = {"batch_size": 16, "train_batch_size": 64, "bootstrap": 100, "n_steps": 20}
+LENSES = ("readout", "ridge")
+RICHARDSON = ("richardson_rowsum", "richardson_jacobi")
+
+
+@dataclass
+class LensResult:
+    """One lens's scores.
+
+    Attributes:
+        scores: algorithm -> path R2; score_ci: algorithm -> 95% interval.
+        profile_distance: algorithm -> RMS gap of log10-MSE error profiles under their own
+            monotone alignment (smaller = closer profile).
+        aligned_steps: algorithm -> monotone-aligned step per probed layer (1..L).
+        model_profile: per-layer log10 MSE to exact KRR (layers 1..L).
+        algorithm_profiles: algorithm -> per-step log10 MSE to exact KRR.
+        best, identified, runner_up, gap, gap_ci, equivalent, message: the verdict.
+        probe_val_r2: ridge lens only: the probes' validation R2 per layer (None for readout).
+    """
+
+    scores: dict[str, float]
+    score_ci: dict[str, tuple[float, float]]
+    profile_distance: dict[str, float]
+    aligned_steps: dict[str, list[int]]
+    model_profile: list[float]
+    algorithm_profiles: dict[str, list[float]]
+    best: str
+    identified: bool
+    runner_up: str | None
+    gap: float | None
+    gap_ci: tuple[float, float] | None
+    equivalent: list[str]
+    message: str
+
+    def ranking(self) -> list[str]:
+        return sorted(self.scores, key=lambda name: -self.scores[name] if np.isfinite(self.scores[name]) else np.inf)
+
+    def profile_ranking(self) -> list[str]:
+        return sorted(self.profile_distance, key=lambda name: self.profile_distance[name])
+
+
+@dataclass
+class RichardsonProfileResult:
+    """Both lenses on the same in-distribution prompts.
+
+    Attributes:
+        checkpoint: the model's path.
+        lenses: "readout" / "ridge" -> `LensResult`.
+        layers: probed block outputs 1..L.
+        n_steps, lam, kernel, batch_size, train_batch_size: the setting.
+    """
+
+    checkpoint: str
+    lenses: dict[str, LensResult]
+    layers: list[int]
+    n_steps: int
+    lam: float
+    kernel: str
+    batch_size: int
+    train_batch_size: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def key_numbers(self) -> dict[str, Any]:
+        numbers: dict[str, Any] = {}
+        for lens, result in self.lenses.items():
+            top = ", ".join(
+                f"{name} {result.scores[name]:.3f} [{result.score_ci[name][0]:.3f}, {result.score_ci[name][1]:.3f}]"
+                for name in result.ranking()[:4]
+            )
+            numbers[f"{lens}: path R2, top 4"] = top
+            numbers[f"{lens}: rank of preconditioned Richardson by path R2"] = ", ".join(
+                f"{name} #{result.ranking().index(name) + 1}" for name in RICHARDSON if name in result.scores
+            )
+            numbers[f"{lens}: closest error profile (Yan et al.'s comparison)"] = ", ".join(
+                f"{name} {result.profile_distance[name]:.3f}" for name in result.profile_ranking()[:3]
+            )
+            numbers[f"{lens}: verdict"] = (f"{'identified' if result.identified else 'not identified'}; best {result.best}"
+                                           + (f", runner-up {result.runner_up} gap {result.gap:+.4f} "
+                                              f"[{result.gap_ci[0]:+.4f}, {result.gap_ci[1]:+.4f}]" if result.runner_up else "")
+                                           + (f"; inseparable: {', '.join(result.equivalent)}" if result.equivalent else ""))
+        return numbers
+
+    def summary(self) -> str:
+        return key_numbers_text(self.key_numbers())
+
+    def plot(self):
+        import matplotlib
+
+        matplotlib.use("Agg", force=False)
+        import matplotlib.pyplot as plt
+
+        figure, (bars, profiles) = plt.subplots(1, 2, figsize=(11.5, 4.0), dpi=90)
+        names = self.lenses["readout"].ranking() if "readout" in self.lenses else next(iter(self.lenses.values())).ranking()
+        width = 0.8 / len(self.lenses)
+        for index, (lens, result) in enumerate(self.lenses.items()):
+            x = np.arange(len(names)) + (index - (len(self.lenses) - 1) / 2) * width
+            values = np.array([result.scores[name] for name in names])
+            low = np.array([result.score_ci[name][0] for name in names])
+            high = np.array([result.score_ci[name][1] for name in names])
+            shown = np.clip(values, -0.5, 1.0)
+            bars.bar(x, shown, width, label=f"{lens} lens", color=f"C{index}",
+                     yerr=np.vstack([np.clip(shown - low, 0, None), np.clip(high - shown, 0, None)]), capsize=2)
+        bars.set_xticks(np.arange(len(names)), names, rotation=40, ha="right", fontsize=7)
+        bars.set_ylabel("path R2 (95% CI; clipped at -0.5)")
+        bars.set_title("Which solver do the layers follow?", fontsize=9)
+        bars.legend(fontsize=7)
+        bars.grid(alpha=0.3, axis="y")
+        reference = self.lenses[next(iter(self.lenses))]
+        for index, name in enumerate(n for n in ("richardson_rowsum", "richardson_jacobi", "gd", "cg") if n in reference.algorithm_profiles):
+            profile = reference.algorithm_profiles[name]
+            profiles.plot(np.arange(len(profile)), profile, "-", color=f"C{index + 2}", lw=1.2, label=name)
+        for index, (lens, result) in enumerate(self.lenses.items()):
+            steps = result.aligned_steps[result.best]
+            profiles.plot(steps, result.model_profile, "o--", color=f"C{index}", ms=5,
+                          label=f"model layers, {lens} lens (at {result.best} steps)")
+            for layer, step, value in zip(self.layers, steps, result.model_profile):
+                profiles.annotate(str(layer), (step, value), textcoords="offset points", xytext=(3, 3), fontsize=7)
+        profiles.set_xlabel("solver step (model: aligned step; numbers = layer)")
+        profiles.set_ylabel("log10 MSE to exact KRR")
+        profiles.set_title(f"Error profiles ({self.kernel} kernel, lam={self.lam:g})", fontsize=9)
+        profiles.legend(fontsize=7)
+        profiles.grid(alpha=0.3)
+        figure.suptitle(f"Layer-wise error profile of {Path(self.checkpoint).name} vs KRR solvers", fontsize=10)
+        figure.tight_layout()
+        return figure
+
+
+def richardson_profile(
+    checkpoint: str | Path | None = None,
+    batch_size: int = 128,
+    train_batch_size: int = 512,
+    bootstrap: int = 1000,
+    n_steps: int = 64,
+    seed: int = 0,
+    device: str = "cpu",
+    progress: bool = False,
+) -> RichardsonProfileResult:
+    """Diagnose the softmax GP model with both lenses (module docstring). `checkpoint` defaults to
+    the shipped checkpoints/softmax_gp; the ridge probes train on `train_batch_size` other prompts.
+    `n_steps` solver steps (64: room for the slow stationary solvers, which need many steps on
+    these kappa ~ 100-200 systems, to reach what a layer does)."""
+    from mi_krr.commands.loading import load_checkpoint, shipped_checkpoint, task_sets
+    from probes.diagnose import diagnose
+
+    path = Path(checkpoint) if checkpoint is not None else shipped_checkpoint("softmax_gp")
+    loaded = load_checkpoint(path, device=device)
+    sets, _ = task_sets(loaded.sampler, batch_size, loaded.n_support, loaded.n_query, seed=seed, shifts=False, label_scale=loaded.label_scale)
+    train, _ = task_sets(loaded.sampler, train_batch_size, loaded.n_support, loaded.n_query, seed=seed + 10_000, shifts=False,
+                         label_scale=loaded.label_scale)
+    layers = list(range(1, loaded.model.n_layers + 1))
+    lenses, result = {}, None
+    for lens in LENSES:
+        diagnosis = diagnose(loaded.model, sets, lam=loaded.lam, n_steps=n_steps, method=lens, layers=layers,
+                             train_task=train["in_distribution"] if lens == "ridge" else None, kernels=(), sensitivities=False,
+                             bootstrap=bootstrap, seed=seed, progress=progress)
+        result = diagnosis["in_distribution"]
+        lenses[lens] = _lens_result(result)
+    return RichardsonProfileResult(
+        checkpoint=str(path),
+        lenses=lenses,
+        layers=layers,
+        n_steps=result.n_steps,
+        lam=result.lam,
+        kernel=result.kernel,
+        batch_size=batch_size,
+        train_batch_size=train_batch_size,
+    )
+
+
+def _lens_result(result: Any) -> LensResult:
+    """The numbers of one `TaskSetDiagnosis` that the reproduction reports."""
+    verdict = result.verdict
+    scores = result.scores
+    best = scores[verdict.best]
+    return LensResult(
+        scores={name: float(score.score) for name, score in scores.items()},
+        score_ci={name: (float(score.score_ci[0]), float(score.score_ci[1])) for name, score in scores.items()},
+        profile_distance={name: float(score.profile_aligned_distance) for name, score in scores.items()},
+        aligned_steps={name: [int(step) for step in score.aligned_steps] for name, score in scores.items()},
+        model_profile=[float(value) for value in best.model_profile],
+        algorithm_profiles={name: [float(value) for value in score.algorithm_profile] for name, score in scores.items()},
+        best=verdict.best,
+        identified=bool(verdict.identified),
+        runner_up=verdict.runner_up,
+        gap=None if verdict.gap is None else float(verdict.gap),
+        gap_ci=None if verdict.gap_ci is None else (float(verdict.gap_ci[0]), float(verdict.gap_ci[1])),
+        equivalent=list(verdict.equivalent),
+        message=verdict.message,
+    )

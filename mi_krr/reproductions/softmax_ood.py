@@ -1,0 +1,141 @@
+"""softmax-ood: is a trained softmax model's attention an exponential kernel, in distribution and
+out of it?
+
+For the shipped softmax model trained on Gaussian-kernel GP regression (checkpoints/softmax_gp),
+every head's query x support attention is compared with the row-normalised exp kernel
+exp(x . x' / tau) on the raw inputs (`probes.kernel_alignment`, tau fitted per layer and head),
+on in-distribution prompts and under every shift of `DEFAULT_SHIFTS` that applies to its sampler.
+Per layer the best head (smallest relative operator-norm distance) is reported, with its Spearman
+row correlation and tau, and the mean over heads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mi_krr.reproductions._format import key_numbers_text
+
+QUICK: dict[str, Any] = {"batch_size": 8, "shifts": ("input_scale_x2", "bandwidth_x2")}
+
+
+@dataclass
+class SoftmaxOODResult:
+    """Attention vs the exp kernel per task set and layer (block 1..L).
+
+    Attributes:
+        checkpoint: the model's path.
+        task_sets: "in_distribution" then the shifts.
+        layers: block indices 1..L.
+        best_distance: set -> per layer, min over heads of the relative operator distance.
+        mean_distance: set -> per layer, mean over heads.
+        best_row_spearman: set -> per layer, Spearman row correlation of the best head.
+        best_tau: set -> per layer, fitted temperature of the best head.
+        batch_size, n_support, n_query: the prompts.
+    """
+
+    checkpoint: str
+    task_sets: list[str]
+    layers: list[int]
+    best_distance: dict[str, list[float]]
+    mean_distance: dict[str, list[float]]
+    best_row_spearman: dict[str, list[float]]
+    best_tau: dict[str, list[float]]
+    batch_size: int
+    n_support: int
+    n_query: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def overall(self, task_set: str) -> float:
+        """Best-head distance averaged over layers."""
+        return float(np.mean(self.best_distance[task_set]))
+
+    def key_numbers(self) -> dict[str, Any]:
+        base = self.overall("in_distribution")
+        numbers: dict[str, Any] = {"in_distribution: exp-kernel distance (best head, mean over layers)": base}
+        numbers["in_distribution: per layer"] = ", ".join(f"L{layer}: {value:.3f}" for layer, value in zip(self.layers, self.best_distance["in_distribution"]))
+        for name in self.task_sets[1:]:
+            value = self.overall(name)
+            numbers[f"{name}: distance (ratio to in-distribution)"] = f"{value:.4f} ({value / base:.3f}x)"
+        return numbers
+
+    def summary(self) -> str:
+        return key_numbers_text(self.key_numbers())
+
+    def plot(self):
+        import matplotlib
+
+        matplotlib.use("Agg", force=False)
+        import matplotlib.pyplot as plt
+
+        figure, (left, right) = plt.subplots(1, 2, figsize=(10.5, 3.6), dpi=90)
+        for index, name in enumerate(self.task_sets):
+            style = dict(lw=2.2, color="k") if name == "in_distribution" else dict(lw=1, color=f"C{index}")
+            left.plot(self.layers, self.best_distance[name], "o-", ms=3, label=name, **style)
+        left.set_xlabel("layer (block)")
+        left.set_ylabel("rel. operator distance to exp kernel")
+        left.set_title("Best head per layer", fontsize=9)
+        left.set_xticks(self.layers)
+        left.legend(fontsize=7)
+        values = [self.overall(name) for name in self.task_sets]
+        right.bar(range(len(values)), values, color=["k"] + [f"C{i}" for i in range(1, len(values))])
+        right.set_xticks(range(len(values)), self.task_sets, rotation=40, ha="right", fontsize=7)
+        right.set_ylabel("mean over layers")
+        right.set_title("In distribution vs shifted prompts", fontsize=9)
+        for ax in (left, right):
+            ax.grid(alpha=0.3)
+        figure.suptitle(f"Softmax attention vs exp(x.x'/tau): {Path(self.checkpoint).name}", fontsize=10)
+        figure.tight_layout()
+        return figure
+
+
+def softmax_ood(
+    checkpoint: str | Path | None = None,
+    batch_size: int = 64,
+    shifts: tuple[str, ...] | None = None,
+    seed: int = 0,
+    device: str = "cpu",
+    progress: bool = False,
+) -> SoftmaxOODResult:
+    """Measure attention vs the exp kernel (module docstring). `checkpoint` defaults to the
+    shipped checkpoints/softmax_gp; `shifts` (names in DEFAULT_SHIFTS) limits the shifts."""
+    from tqdm.auto import tqdm
+
+    from mi_krr.commands.loading import load_checkpoint, shipped_checkpoint, task_sets
+    from probes.kernel_alignment import kernel_alignment
+
+    path = Path(checkpoint) if checkpoint is not None else shipped_checkpoint("softmax_gp")
+    loaded = load_checkpoint(path, device=device)
+    sets, _ = task_sets(loaded.sampler, batch_size, loaded.n_support, loaded.n_query, seed=seed, label_scale=loaded.label_scale,
+                        model=loaded.model)
+    if shifts is not None:
+        sets = {name: task for name, task in sets.items() if name == "in_distribution" or name in shifts}
+    best, mean, spearman, tau = {}, {}, {}, {}
+    for name, task in tqdm(sets.items(), desc="softmax-ood", disable=not progress):
+        alignment = kernel_alignment(loaded.model, task, kernels=("exp",))
+        distance = np.asarray(alignment.metrics["exp"]["operator_distance"].cpu(), dtype=np.float64)  # [layer, head]
+        rows = np.asarray(alignment.metrics["exp"]["row_spearman"].cpu(), dtype=np.float64)
+        scale = np.asarray(alignment.scale["exp"].cpu(), dtype=np.float64)
+        head = np.nanargmin(distance, axis=1)
+        index = np.arange(distance.shape[0])
+        best[name] = distance[index, head].tolist()
+        mean[name] = np.nanmean(distance, axis=1).tolist()
+        spearman[name] = rows[index, head].tolist()
+        tau[name] = scale[index, head].tolist()
+    return SoftmaxOODResult(
+        checkpoint=str(path),
+        task_sets=list(sets),
+        layers=list(range(1, loaded.model.n_layers + 1)),
+        best_distance=best,
+        mean_distance=mean,
+        best_row_spearman=spearman,
+        best_tau=tau,
+        batch_size=batch_size,
+        n_support=loaded.n_support,
+        n_query=loaded.n_query,
+    )

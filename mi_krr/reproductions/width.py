@@ -1,0 +1,84 @@
+"""width: head width limits how well the CG transformer computes K p.
+
+The CG transformer with a rank-m head (random projections for the linear kernel, positive random
+features for the exp kernel) runs CG exactly on Phi Phi^T, so after enough steps its error to
+oracle KRR on the true kernel is the feature approximation's. This reports that error against m
+beside d_eff(lam) = tr K (K + lam I)^-1 of the true K (MetaRepICL's width finding). Runs
+`mi_krr.construct.studies.width_study` and adds the headline numbers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from mi_krr.reproductions._format import key_numbers_text
+
+QUICK: dict[str, Any] = {"widths": (4, 16, 64), "kernels": ("linear",), "dim": 8, "n_support": 24, "n_steps": 24, "batch_size": 4}
+
+
+@dataclass
+class WidthResult:
+    """`study` (`WidthStudy`: per kernel and width, the model's and feature-KRR's median relative
+    error to oracle KRR, and d_eff) and, per kernel:
+
+    Attributes:
+        width_for_tolerance: the smallest studied width whose model error is < `tolerance`
+            (None: none is).
+        floor_gap: max over widths of |model error - feature-KRR error| (0 when the model has
+            converged to KRR on its features, so width alone sets its error).
+        tolerance: 0.1 (10% relative error).
+    """
+
+    study: Any
+    width_for_tolerance: dict[str, int | None]
+    floor_gap: dict[str, float]
+    tolerance: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"study": self.study.to_dict(), "width_for_tolerance": self.width_for_tolerance, "floor_gap": self.floor_gap,
+                "tolerance": self.tolerance}
+
+    def plot(self):
+        return self.study.plot()
+
+    def key_numbers(self) -> dict[str, Any]:
+        numbers = {}
+        for kernel in self.study.kernels:
+            numbers[f"{kernel}: d_eff(lam={self.study.lam:g})"] = self.study.d_eff[kernel]
+            errors = ", ".join(f"m={w}: {e:.3g}" for w, e in zip(self.study.widths, self.study.model_error[kernel]))
+            numbers[f"{kernel}: rel. error to oracle KRR"] = errors
+            numbers[f"{kernel}: smallest width with error < {self.tolerance:g}"] = self.width_for_tolerance[kernel]
+            numbers[f"{kernel}: max |model - KRR on features| (error units)"] = self.floor_gap[kernel]
+        return numbers
+
+    def summary(self) -> str:
+        return key_numbers_text(self.key_numbers())
+
+
+def width(
+    widths: tuple[int, ...] = (2, 4, 8, 16, 32, 64, 128, 256, 512),
+    kernels: tuple[str, ...] = ("linear", "exp"),
+    dim: int = 16,
+    n_support: int = 64,
+    n_query: int = 16,
+    lam: float = 0.1,
+    n_steps: int = 64,
+    batch_size: int = 16,
+    seed: int = 0,
+    tolerance: float = 0.1,
+) -> WidthResult:
+    """Run the width study (module docstring) and summarise it."""
+    from mi_krr.construct.studies import width_study
+
+    study = width_study(widths=tuple(widths), kernels=tuple(kernels), dim=dim, n_support=n_support, n_query=n_query, lam=lam,
+                        n_steps=n_steps, batch_size=batch_size, seed=seed)
+    first, gap = {}, {}
+    for kernel in study.kernels:
+        model = np.asarray(study.model_error[kernel])
+        below = np.flatnonzero(model < tolerance)
+        first[kernel] = int(study.widths[below[0]]) if below.size else None
+        gap[kernel] = float(np.max(np.abs(model - np.asarray(study.feature_krr_error[kernel]))))
+    return WidthResult(study, first, gap, tolerance)
