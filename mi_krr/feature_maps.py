@@ -3,24 +3,30 @@
 A head of width m can only compute phi(x) . phi(z) for some m-dimensional phi; these maps say
 which phi, and how well phi(x) phi(z)^T approximates the kernel as m grows.
 
-Every map is a frozen dataclass with `in_dim` (d), `out_dim` (m) and `__call__(x [..., d]) ->
-[..., m]` that keeps x's dtype and device. Random weights are drawn once, on the CPU in float64
+Every pointwise map is a frozen dataclass with `in_dim` (d), `out_dim` (m) and `__call__(x [..., d])
+-> [..., m]` that keeps x's dtype and device. Random weights are drawn once, on the CPU in float64
 from `seed`, so the same seed gives the same map on every device.
+
+`ProjectedKernelFeatures` is a `PromptFeatureMap`: its features are computed jointly over one
+prompt's points (a rank-m projection of the kernel's exact feature space on that prompt), so it
+has `prompt_features(points [..., N, d]) -> [..., N, m]` instead of a pointwise `__call__`.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import torch
 
 from mi_krr._validation import check_choice, check_count, check_positive
-from mi_krr.kernels import KERNEL_NAMES, _as_points, _point_pair, kernel_matrix
+from mi_krr.kernels import KERNEL_NAMES, _as_points, _point_pair, kernel_matrix, kernel_parameters
 
 __all__ = [
     "FeatureMap",
+    "PromptFeatureMap",
+    "ProjectedKernelFeatures",
     "RandomProjection",
     "PositiveRandomFeatures",
     "LinearFeatures",
@@ -42,6 +48,26 @@ class FeatureMap(Protocol):
     def __call__(self, x: torch.Tensor) -> torch.Tensor: ...
 
     def kernel(self, x: torch.Tensor, z: torch.Tensor | None = None) -> torch.Tensor: ...
+
+
+@runtime_checkable
+class PromptFeatureMap(Protocol):
+    """Features computed jointly over one prompt's N points (support and query together): a
+    point's features depend on the other points of its prompt, so there is no pointwise call.
+
+    `prompt_features(points [..., N, in_dim]) -> [..., N, out_dim]`; `gram(points)` is
+    features @ features^T `[..., N, N]`, the kernel a head of width out_dim computes on the prompt.
+    """
+
+    @property
+    def in_dim(self) -> int: ...
+
+    @property
+    def out_dim(self) -> int: ...
+
+    def prompt_features(self, points: torch.Tensor) -> torch.Tensor: ...
+
+    def gram(self, points: torch.Tensor) -> torch.Tensor: ...
 
 
 def random_orthogonal(dim: int, generator: torch.Generator) -> torch.Tensor:
@@ -227,6 +253,99 @@ class LinearFeatures:
     def kernel(self, x: torch.Tensor, z: torch.Tensor | None = None) -> torch.Tensor:
         """phi(x) phi(z)^T, equal to the linear kernel."""
         return approximate_kernel(x, z, self)
+
+
+PROJECTIONS: tuple[str, ...] = ("gaussian", "top")
+
+
+@dataclass(frozen=True)
+class ProjectedKernelFeatures:
+    """A rank-m projection of a kernel's own feature space on each prompt (a `PromptFeatureMap`).
+
+    On a prompt's N points, Phi = K^(1/2) `[N, N]` (the symmetric square root of the joint kernel
+    matrix K, from a float64 eigendecomposition with rounding-negative eigenvalues clipped to 0)
+    is an exact feature map: Phi Phi^T = K. The head sees m columns of it:
+
+    projection="gaussian": Phi R / sqrt(m) with R `[N, m]` standard Gaussian, one independent R
+        per prompt of a batch (`sketch`), so E[gram] = K: an unbiased random rank-m head, whose
+        error at m >= N is still the sketch's variance (R R^T / m != I).
+    projection="top": U_m diag(mu_m)^(1/2) over the m largest eigenpairs (mu, U) of K, so gram is
+        K's best rank-m approximation (Eckart-Young): the optimal rank-m head. For m >= N it is
+        exact (columns beyond N are 0).
+
+    Attributes:
+        kernel: "linear", "exp" or "gaussian" (`mi_krr.kernels.kernel_matrix`).
+        d: input dimension. m: width (the head width).
+        projection: "gaussian" or "top".
+        temperature, bandwidth: the kernel's parameter (default 1.0 where the kernel takes it;
+            must be None where it does not).
+        seed: draws the sketches.
+    """
+
+    kernel: str
+    d: int
+    m: int
+    projection: str = "gaussian"
+    temperature: float | None = None
+    bandwidth: float | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_choice("kernel", self.kernel, KERNEL_NAMES)
+        check_count("d", self.d, minimum=1)
+        check_count("m", self.m, minimum=1)
+        check_choice("projection", self.projection, PROJECTIONS)
+        check_count("seed", self.seed)
+        takes = kernel_parameters(self.kernel)
+        for name in ("temperature", "bandwidth"):
+            value = getattr(self, name)
+            if name in takes:
+                object.__setattr__(self, name, check_positive(name, 1.0 if value is None else value))
+            elif value is not None:
+                raise ValueError(f"{name} does not apply to kernel {self.kernel!r}: leave it None")
+
+    @property
+    def in_dim(self) -> int:
+        return self.d
+
+    @property
+    def out_dim(self) -> int:
+        return self.m
+
+    @property
+    def kernel_params(self) -> dict[str, float]:
+        """The kernel's keyword parameters for `kernel_matrix`."""
+        return {name: getattr(self, name) for name in kernel_parameters(self.kernel)}
+
+    def sketch(self, batch_shape: tuple[int, ...], n_points: int) -> torch.Tensor:
+        """The standard Gaussian R `[*batch_shape, n_points, m]` (float64, CPU) that
+        projection="gaussian" uses on a batch of prompts of `n_points` points (one per prompt)."""
+        generator = torch.Generator().manual_seed(self.seed)
+        return torch.randn(*batch_shape, n_points, self.m, generator=generator, dtype=torch.float64)
+
+    def prompt_features(self, points: torch.Tensor) -> torch.Tensor:
+        """Features of every point of each prompt, `points [..., N, d]` -> `[..., N, m]` (points'
+        dtype and device; computed in float64)."""
+        points = _as_points("points", points)
+        if points.shape[-1] != self.d:
+            raise ValueError(f"points must have feature dimension in_dim={self.d}, got {points.shape[-1]}")
+        K = kernel_matrix(self.kernel, points.to(torch.float64), **self.kernel_params)
+        eigenvalues, eigenvectors = torch.linalg.eigh((K + K.mT) / 2)  # ascending
+        scaled = eigenvectors * eigenvalues.clamp_min(0.0).sqrt().unsqueeze(-2)  # U diag(mu)^(1/2)
+        n_points = points.shape[-2]
+        if self.projection == "top":
+            kept = scaled.flip(-1)[..., : self.m]  # largest eigenvalue first
+            features = torch.nn.functional.pad(kept, (0, self.m - kept.shape[-1]))
+        else:
+            root = scaled @ eigenvectors.mT  # K^(1/2), free of eigenvector sign conventions
+            R = self.sketch(tuple(points.shape[:-2]), n_points).to(points.device)
+            features = root @ R / math.sqrt(self.m)
+        return features.to(points.dtype)
+
+    def gram(self, points: torch.Tensor) -> torch.Tensor:
+        """The head's kernel on each prompt, `points [..., N, d]` -> `[..., N, N]`."""
+        features = self.prompt_features(points)
+        return features @ features.mT
 
 
 def exact_feature_map(kernel: str, d: int) -> LinearFeatures:

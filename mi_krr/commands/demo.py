@@ -13,9 +13,9 @@ Diagnoses (`probes.diagnose`) four models and writes one report:
   - softmax_gp: the shipped softmax model trained on Gaussian-kernel GP regression
     (checkpoints/softmax_gp), in distribution and under each applicable shift.
 Constructed models are probed at their step boundaries (every layers_per_step blocks), where
-their state is complete, without label sensitivities (their predictions already match exactly);
-the trained models get sensitivities on their in-distribution set. Prints the summary table; writes index.md, overview.png, per-model
-figures and report.json (every number) to --out.
+their state is complete. Label sensitivities d yhat / d y (the slowest stage) are left out unless
+--sensitivities is given; `mi-krr diagnose PATH` computes them by default. Prints the summary
+table; writes index.md, overview.png, per-model figures and report.json (every number) to --out.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ class DemoSettings:
 
 
 FULL = DemoSettings(batch=64, construction_batch=32, bootstrap=1000, shifts=None)
-QUICK = DemoSettings(batch=16, construction_batch=16, bootstrap=100, shifts=("input_scale_x2", "longer_prompts_x2"))
+QUICK = DemoSettings(batch=16, construction_batch=16, bootstrap=100, shifts=("input_scale_x2",), cg_steps=3, richardson_steps=3)
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> tuple[argparse.ArgumentParser, str]:
@@ -58,15 +58,19 @@ def add_parser(subparsers: argparse._SubParsersAction) -> tuple[argparse.Argumen
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--quick", action="store_true", help="smaller batches and two shifts (the same code path; for tests)")
+    parser.add_argument("--quick", action="store_true",
+                        help="smaller batches, one shift, shorter constructions (the same code path; for tests)")
     parser.add_argument("--checkpoints", default=None,
                         help="folder holding the shipped runs linear_lr/ and softmax_gp/ (default: ./checkpoints, else the repository's)")
+    parser.add_argument("--sensitivities", action="store_true",
+                        help="also compare label sensitivities d yhat / d y on the trained models' in-distribution prompts (about +1 min)")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     return parser, DEFAULT_OUT
 
 
 def run(args: argparse.Namespace) -> int:
     import time
+    from functools import partial
 
     import torch
     from tqdm.auto import tqdm
@@ -79,19 +83,21 @@ def run(args: argparse.Namespace) -> int:
     paths = {name: shipped_checkpoint(name, args.checkpoints) for name in SHIPPED}
     torch.manual_seed(args.seed)
     progress = not args.no_progress
-    builders = [
-        ("cg_construction", lambda: cg_construction_entry(settings, args.seed, args.device, progress)),
-        ("richardson_construction", lambda: richardson_construction_entry(settings, args.seed, args.device, progress)),
-        *[(name, lambda name=name: shipped_entry(paths[name], name, settings, args.seed, args.device, progress)) for name in SHIPPED],
-    ]
+    common = dict(settings=settings, seed=args.seed, device=args.device, progress=progress)
+    builders = {
+        "cg_construction": lambda: cg_construction_entry(**common),
+        "richardson_construction": lambda: richardson_construction_entry(**common),
+        **{name: partial(shipped_entry, paths[name], name, sensitivities=args.sensitivities, **common) for name in SHIPPED},
+    }
     entries = []
-    with tqdm(builders, desc="demo", unit="model", disable=not progress) as bar:
+    with tqdm(builders.items(), desc="demo", unit="model", disable=not progress) as bar:
         for name, build in bar:
             bar.set_postfix_str(name)
             entries.append(build())
     rows = [row for entry in entries for row in summary_rows(entry.name, entry.diagnosis)]
     print(format_table(rows))
     report_settings = {"mode": "quick" if args.quick else "full", "seed": args.seed, "device": args.device,
+                       "sensitivities": "trained models, in distribution" if args.sensitivities else "off",
                        "batch": settings.batch, "construction_batch": settings.construction_batch,
                        "bootstrap": settings.bootstrap, "checkpoints": {name: str(path) for name, path in paths.items()}}
     index = write_overview_report(entries, args.out, title="mi-krr demo", settings=report_settings)
@@ -149,8 +155,10 @@ def richardson_construction_entry(settings: DemoSettings, seed: int, device: str
     return ModelEntry("richardson_construction", description, diagnosis)
 
 
-def shipped_entry(path: Path, name: str, settings: DemoSettings, seed: int, device: str, progress: bool):
-    """A shipped checkpoint, in distribution and under its applicable shifts."""
+def shipped_entry(path: Path, name: str, settings: DemoSettings, seed: int, device: str, progress: bool,
+                  sensitivities: bool = False):
+    """A shipped checkpoint, in distribution and under its applicable shifts (label sensitivities
+    on the in-distribution set when `sensitivities`)."""
     from mi_krr.commands.diagnose import diagnose_task_sets
     from mi_krr.commands.loading import load_checkpoint, task_sets
     from mi_krr.commands.overview import ModelEntry
@@ -159,7 +167,8 @@ def shipped_entry(path: Path, name: str, settings: DemoSettings, seed: int, devi
     sets, notes = task_sets(loaded.sampler, settings.batch, loaded.n_support, loaded.n_query, seed=seed, model=loaded.model)
     if settings.shifts is not None:
         sets = {key: task for key, task in sets.items() if key == "in_distribution" or key in settings.shifts}
-    diagnosis = diagnose_task_sets(loaded.model, sets, lam=loaded.lam, bootstrap=settings.bootstrap, seed=seed, progress=progress)
+    diagnosis = diagnose_task_sets(loaded.model, sets, lam=loaded.lam, bootstrap=settings.bootstrap, seed=seed,
+                                   sensitivities=sensitivities, progress=progress)
     for note in notes:
         diagnosis.task_sets["in_distribution"].notes.append(note)
     config = loaded.model.cfg if hasattr(loaded.model, "cfg") else None

@@ -1,5 +1,6 @@
 """`mi-krr reproduce NAME`: run one of the project's reproductions (or all of them), print its key
-numbers, and write NAME.png and NAME.json to --out (default reports/reproduce/NAME).
+numbers, and write NAME.png and NAME.json to --out (default reports/reproduce/NAME; with `all`,
+--out DIR holds one folder per reproduction).
 
     mi-krr reproduce cg-rate              # CG transformer vs the CG bound
     mi-krr reproduce width                # error to oracle KRR vs head width, beside d_eff
@@ -16,7 +17,7 @@ from __future__ import annotations
 import argparse
 
 NAMES = ("cg-rate", "width", "softmax-ood", "richardson-profile")
-DEFAULT_ROOT = "reports/reproduce"
+DEFAULT_OUT = "reports/reproduce/NAME"  # NAME: replaced by each reproduction's name
 CHECKPOINT_REPRODUCTIONS = ("softmax-ood", "richardson-profile")
 
 
@@ -32,7 +33,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> tuple[argparse.Argumen
     parser.add_argument("--checkpoint", default=None,
                         help="softmax-ood / richardson-profile: the model (default: the shipped checkpoints/softmax_gp)")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    return parser, None
+    return parser, DEFAULT_OUT
 
 
 def run(args: argparse.Namespace) -> int:
@@ -49,8 +50,7 @@ def run(args: argparse.Namespace) -> int:
     from mi_krr.reproductions import reproduction
 
     names = NAMES if args.name == "all" else (args.name,)
-    root = Path(args.out) if args.out is not None else Path(DEFAULT_ROOT)
-    for name in tqdm(names, desc="reproduce", disable=not args.no_progress is False or len(names) == 1):
+    for name in tqdm(names, desc="reproduce", disable=args.no_progress or len(names) == 1):
         function, quick = reproduction(name)
         kwargs = dict(quick) if args.quick else {}
         kwargs["seed"] = args.seed
@@ -59,7 +59,10 @@ def run(args: argparse.Namespace) -> int:
         start = time.perf_counter()
         result = function(**kwargs)
         seconds = time.perf_counter() - start
-        folder = root / name if (args.name == "all" or args.out is None) else root
+        if args.out == DEFAULT_OUT:
+            folder = Path(DEFAULT_OUT.replace("NAME", name))
+        else:
+            folder = Path(args.out) / name if args.name == "all" else Path(args.out)
         folder.mkdir(parents=True, exist_ok=True)
         figure = result.plot()
         figure.savefig(folder / f"{name}.png", dpi=90, bbox_inches="tight")

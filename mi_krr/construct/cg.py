@@ -3,11 +3,14 @@
 Kernel: K = Phi Phi^T with Phi = phi(x_support) `[n, m]`, phi the feature map the embedding
 applies (identity for the exact linear kernel; `RandomProjection` (linear) or
 `PositiveRandomFeatures` (exp, gaussian) of width m = the head width otherwise). The model runs
-CG on that K exactly; with a random feature map, on an approximation of the named kernel.
+CG on that K exactly; with a random feature map, on an approximation of the named kernel. A
+`PromptFeatureMap` (e.g. `ProjectedKernelFeatures`, a rank-m projection of the kernel's exact
+feature space) is instead applied jointly to each prompt's support and query points (its
+`prompt_features`), so K and k_* are blocks of the one Gram matrix it gives on the prompt.
 
 Tokens: n support tokens, m query tokens, one aggregator token (see `ConstructedTransformer`).
 
-Residual coordinates (`model.state_coordinates`; fixed order, d_model = 23 + dim + 2 m):
+Residual coordinates (`model.state_coordinates`; fixed order, d_model = 20 + dim + 2 m):
     0 is_support, 1 is_query, 2 is_aux (the aggregator's flag)
     x [dim], y, feat_support [m] (phi(x_i) on support tokens), feat_query [m] (phi(x_*) on queries)
     support states: alpha, r, p, Kp = (K p)_i, and scratch Kr, bp, bKp
@@ -39,12 +42,14 @@ interpolant on [recip_range] (CG's only approximated operation), whose error fal
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 from mi_krr._validation import check_choice, check_count, check_positive
 from mi_krr.construct.primitives import Linear, Reciprocal, ReluArithmetic, const, coord
 from mi_krr.construct.transformer import BlockSpec, ConstructedTransformer, FeatureSlot, HeadSpec, ResidualLayout
-from mi_krr.feature_maps import FeatureMap, LinearFeatures, PositiveRandomFeatures, RandomProjection
+from mi_krr.feature_maps import FeatureMap, LinearFeatures, PositiveRandomFeatures, PromptFeatureMap, RandomProjection
 from mi_krr.kernels import KERNEL_NAMES
 
 CG_SUPPORT_STATES = ("alpha", "r", "p", "Kp", "y")
@@ -75,12 +80,29 @@ def kernel_feature_map(
     return PositiveRandomFeatures(dim, head_width, kind="gaussian", bandwidth=check_positive("bandwidth", bandwidth), seed=seed)
 
 
+def _embedding_features(feature_map: FeatureMap | PromptFeatureMap, n_aux: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The per-token function the embedding applies to x `[batch, seq, dim]` -> `[batch, seq, m]`.
+
+    A pointwise `FeatureMap` is that function. A `PromptFeatureMap` is applied jointly to each
+    prompt's points: every token but the trailing `n_aux` auxiliary ones (tokens are support,
+    query, then auxiliary; see `ConstructedTransformer.encode`); auxiliary tokens get 0.
+    """
+    if not isinstance(feature_map, PromptFeatureMap):
+        return feature_map
+
+    def joint_over_prompt(x: torch.Tensor) -> torch.Tensor:
+        features = feature_map.prompt_features(x[..., : x.shape[-2] - n_aux, :])
+        return torch.nn.functional.pad(features, (0, 0, 0, n_aux))
+
+    return joint_over_prompt
+
+
 def cg_transformer(
     n_steps: int,
     lam: float,
     kernel: str = "linear",
     dim: int = 8,
-    feature_map: FeatureMap | None = None,
+    feature_map: FeatureMap | PromptFeatureMap | None = None,
     head_width: int | None = None,
     temperature: float = 1.0,
     bandwidth: float = 1.0,
@@ -98,7 +120,9 @@ def cg_transformer(
         lam: ridge > 0.
         kernel: "linear", "exp" or "gaussian" (the latter two through random features).
         dim: largest task dimension d accepted (smaller tasks are zero-padded).
-        feature_map: an explicit map phi (`in_dim == dim`); overrides kernel/head_width.
+        feature_map: an explicit map phi (`in_dim == dim`); overrides kernel/head_width. A
+            `PromptFeatureMap` (e.g. `ProjectedKernelFeatures`) is applied jointly to each
+            prompt's support and query points.
         head_width: m, the width of phi (None: exact linear features, m = dim).
         temperature, bandwidth: kernel parameters for "exp" / "gaussian".
         mlp: "exact" (idealised reciprocal units) or "relu".
@@ -107,7 +131,8 @@ def cg_transformer(
         seed: seed of the random feature map.
 
     The model's `feature_map` attribute is the phi used: compare with
-    `mi_krr.solvers.cg(feature_map.kernel(x), ...)`.
+    `mi_krr.solvers.cg(feature_map.kernel(x), ...)`, or for a `PromptFeatureMap` with the support
+    block of `feature_map.gram(torch.cat([x_support, x_query], -2))`.
     """
     n_steps = check_count("n_steps", n_steps, minimum=1)
     lam = check_positive("lam", lam)
@@ -179,19 +204,21 @@ def cg_transformer(
         ),
     ]
     x_span = layout.span("x")
+    n_aux = 1  # the aggregator token
+    features = _embedding_features(feature_map, n_aux)
     model = ConstructedTransformer(
         construction="cg",
         layout=layout,
         step_blocks=blocks,
         n_steps=n_steps,
         dim=dim,
-        n_aux=1,
+        n_aux=n_aux,
         attention="linear",
         placement=[(j, x_span[j], 1.0) for j in range(dim)] + [(dim, i["y"], 1.0), (dim, i["r"], 1.0)],
         constants=[("aux", i["rr"], 1.0)],
         features=[
-            FeatureSlot(feature_map, "support", layout.span("feat_support")),
-            FeatureSlot(feature_map, "query", layout.span("feat_query")),
+            FeatureSlot(features, "support", layout.span("feat_support")),
+            FeatureSlot(features, "query", layout.span("feat_query")),
         ],
         readout_coordinate=i["pred"],
         readout_sign=1.0,

@@ -18,7 +18,7 @@ x_*, the head over support keys and the sink with values alpha gives
 o_* = k_*^T alpha / (1 + D_*) and the sink weight z_* = 1 / (1 + D_*), so k_*^T alpha = o_* / z_*.
 
 Tokens: n support tokens, m queries, one sink token (flag is_aux). Residual coordinates
-(`model.state_coordinates`; d_model = 14 + dim):
+(`model.state_coordinates`; fixed order, d_model = 12 + dim):
     0 is_support, 1 is_query, 2 is_aux (the sink)
     x [dim], y, sqnorm = |x|^2 (computed by the embedding, a nonlinear read-in)
     support: alpha, u = (D^-1 K alpha)_i, z_s = 1 / (1 + D_i), dinv = 1 / D_i

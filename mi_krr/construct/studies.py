@@ -1,8 +1,10 @@
 """Studies of the constructions: what limits them, measured against their solvers and oracle KRR.
 
-- `width_study`: the CG transformer with a rank-m head (random features) against oracle KRR on
-  the true kernel as m grows, beside d_eff(lam) (MetaRepICL's second finding, made exact: the
-  model equals KRR on Phi Phi^T, so its error is the feature approximation's).
+- `width_study`: the CG transformer with an m-wide head against oracle KRR on the true kernel as
+  m grows, beside d_eff(lam) (MetaRepICL's second finding, made exact: the model equals KRR on
+  the head's kernel Phi Phi^T, so its error is the head's). Heads: random features, and rank-m
+  projections (Gaussian sketch, top-m eigenprojection) of the kernel's exact feature space on
+  each prompt; the projections are also swept over ridges to plot error against m / d_eff.
 - `cg_rate_study`: per-step A-norm error of the CG transformer against the classical bound
   2 ((sqrt(kappa) - 1) / (sqrt(kappa) + 1))^t on tasks with a chosen kappa.
 - `relu_width_study`: relu-mode error against the exact construction as the MLP widens.
@@ -19,9 +21,10 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from mi_krr._validation import check_count, check_positive
-from mi_krr.construct.cg import cg_transformer
+from mi_krr._validation import check_choice, check_count, check_positive
+from mi_krr.construct.cg import cg_transformer, kernel_feature_map
 from mi_krr.construct.richardson import richardson_transformer
+from mi_krr.feature_maps import FeatureMap, ProjectedKernelFeatures, PromptFeatureMap
 from mi_krr.kernels import effective_dimension, kernel_matrix
 from mi_krr.solvers import cg, cg_error_bound, krr
 from mi_krr.tasks import GPRegressionSampler, ICLTask, LinearRegressionSampler, sample_spd_system
@@ -69,56 +72,189 @@ def _krr_predictions(K: torch.Tensor, y: torch.Tensor, lam: float, K_query: torc
     return (K_query @ krr(K, y, lam).unsqueeze(-1)).squeeze(-1)
 
 
-def _figure(n_panels: int, width: float = 4.2):
+def _figure(n_panels: int, width: float = 4.2, height: float = 3.4):
     import matplotlib
 
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, n_panels, figsize=(width * n_panels, 3.4), dpi=90, squeeze=False)
+    fig, axes = plt.subplots(1, n_panels, figsize=(width * n_panels, height), dpi=90, squeeze=False)
     return fig, list(axes[0])
+
+
+WIDTH_HEADS: tuple[str, ...] = ("random_features", "gaussian_sketch", "top_eigen")
+WIDTH_STUDY_KERNELS: tuple[str, ...] = ("linear", "exp")
+
+_HEAD_LABELS = {
+    "random_features": "random features",
+    "gaussian_sketch": "Gaussian sketch of $K^{1/2}$",
+    "top_eigen": "top-m eigenprojection",
+}
+_HEAD_STYLES = {"random_features": ("o", "-"), "gaussian_sketch": ("s", "--"), "top_eigen": ("^", "-.")}
+_LAM_MARKERS = ("o", "s", "^", "D", "v", "P")
+
+
+def width_head(head: str, kernel: str, dim: int, width: int, temperature: float, seed: int) -> FeatureMap | PromptFeatureMap:
+    """The m-wide head `width_study` calls `head`, for `kernel` ("linear" or "exp") on R^dim.
+
+    "random_features": `kernel_feature_map` (linear: x W / sqrt(m); exp: positive random features).
+    "gaussian_sketch": `ProjectedKernelFeatures(projection="gaussian")`, K^(1/2) R / sqrt(m) per prompt.
+    "top_eigen": `ProjectedKernelFeatures(projection="top")`, the optimal rank-m head per prompt.
+    """
+    check_choice("head", head, WIDTH_HEADS)
+    check_choice("kernel", kernel, WIDTH_STUDY_KERNELS)
+    if head == "random_features":
+        return kernel_feature_map(kernel, dim, width, temperature, 1.0, seed)
+    projection = "gaussian" if head == "gaussian_sketch" else "top"
+    temperature_or_none = temperature if kernel == "exp" else None
+    return ProjectedKernelFeatures(kernel, dim, width, projection, temperature=temperature_or_none, seed=seed)
+
+
+def _head_grams(feature_map: FeatureMap | PromptFeatureMap, task: ICLTask) -> tuple[torch.Tensor, torch.Tensor]:
+    """The head's kernel on `task`: support block `[B, n, n]` and query block `[B, m, n]`."""
+    if isinstance(feature_map, PromptFeatureMap):
+        gram = feature_map.gram(torch.cat([task.x_support, task.x_query], dim=-2))
+        n = task.n_support
+        return gram[..., :n, :n], gram[..., n:, :n]
+    phi, phi_query = feature_map(task.x_support), feature_map(task.x_query)
+    return phi @ phi.mT, phi_query @ phi.mT
+
+
+@dataclass
+class WidthCurve:
+    """One head's error against oracle KRR on the true kernel, per head width.
+
+    Errors are relative prediction errors on the queries, averaged over `batch_size` prompts per
+    seed and then over `n_seeds` seeds (each seed draws fresh prompts and fresh features);
+    `error_sem` is the standard error of that mean over seeds.
+
+    Attributes:
+        kernel, head, lam: the kernel, the head (`WIDTH_HEADS`) and the ridge.
+        d_eff: mean over prompts of d_eff(lam) = tr K (K + lam I)^-1 of the true support K.
+        error: the CG transformer's mean error per width.
+        error_sem: its standard error over seeds.
+        feature_krr_error: the same mean for exact KRR on the head's own kernel (the value the
+            model's error converges to as its CG steps grow).
+    """
+
+    kernel: str
+    head: str
+    lam: float
+    d_eff: float
+    error: list[float]
+    error_sem: list[float]
+    feature_krr_error: list[float]
 
 
 @dataclass
 class WidthStudy:
-    """Prediction error of the rank-m CG transformer against oracle KRR on the true kernel.
+    """Prediction error of the m-wide CG transformer against oracle KRR on the true kernel.
 
     Attributes:
         widths: head widths m.
-        kernels: kernel names studied.
-        model_error: kernel -> median relative error per width (`len(widths)` floats).
-        feature_krr_error: kernel -> median relative error of exact KRR on Phi Phi^T (the floor
-            the model reaches once converged).
-        d_eff: kernel -> mean d_eff(lam) of the true K.
-        n_support, n_steps, lam: the setting.
+        kernels, heads: kernels and heads (`WIDTH_HEADS`) studied.
+        lams: ridges; `lams[0]` is `lam`, where every head is measured; the projection heads
+            ("gaussian_sketch", "top_eigen") are measured at every ridge (the m / d_eff panels).
+        curves: one `WidthCurve` per (kernel, head, ridge) measured.
+        n_support, n_query, n_steps, lam, temperature, n_seeds, batch_size: the setting (exp
+            kernel: exp(x . z / temperature)); prompts have N = n_support + n_query points.
     """
 
     widths: list[int]
     kernels: list[str]
-    model_error: dict[str, list[float]]
-    feature_krr_error: dict[str, list[float]]
-    d_eff: dict[str, float]
+    heads: list[str]
+    lams: list[float]
+    curves: list[WidthCurve]
     n_support: int
+    n_query: int
     n_steps: int
     lam: float
+    temperature: float
+    n_seeds: int
+    batch_size: int
+
+    def curve(self, kernel: str, head: str, lam: float | None = None) -> WidthCurve:
+        """The curve of `kernel` and `head` at ridge `lam` (None: the main ridge `self.lam`)."""
+        lam = self.lam if lam is None else lam
+        for curve in self.curves:
+            if (curve.kernel, curve.head, curve.lam) == (kernel, head, lam):
+                return curve
+        measured = ", ".join(f"({c.kernel!r}, {c.head!r}, {c.lam:g})" for c in self.curves)
+        raise ValueError(f"no curve for kernel={kernel!r}, head={head!r}, lam={lam:g}: measured {measured}")
+
+    @property
+    def model_error(self) -> dict[str, list[float]]:
+        """kernel -> the random-features head's mean error per width at `lam`."""
+        return {kernel: self.curve(kernel, "random_features").error for kernel in self.kernels}
+
+    @property
+    def feature_krr_error(self) -> dict[str, list[float]]:
+        """kernel -> KRR on the random features' kernel: mean error per width at `lam`."""
+        return {kernel: self.curve(kernel, "random_features").feature_krr_error for kernel in self.kernels}
+
+    @property
+    def d_eff(self) -> dict[str, float]:
+        """kernel -> mean d_eff(lam) of the true support K at `lam`."""
+        return {kernel: self.curve(kernel, self.heads[0]).d_eff for kernel in self.kernels}
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     def plot(self):
-        fig, (ax,) = _figure(1, width=5.6)
-        for index, kernel in enumerate(self.kernels):
-            color = f"C{index}"
-            ax.loglog(self.widths, self.model_error[kernel], "o-", color=color, label=f"{kernel}: CG transformer")
-            ax.loglog(self.widths, self.feature_krr_error[kernel], "x:", color=color, label=f"{kernel}: KRR on $\\Phi\\Phi^T$")
-            ax.axvline(self.d_eff[kernel], color=color, ls="--", lw=1, label=f"{kernel}: $d_{{eff}}(\\lambda)$ = {self.d_eff[kernel]:.1f}")
-        ax.set_xlabel("head width m (random features)")
+        """Error vs m at `lam` (every head, d_eff marked); then, per projection head, error vs
+        m / d_eff at every ridge (curves that collapse say the head's error tracks d_eff)."""
+        collapse_heads = [head for head in ("top_eigen", "gaussian_sketch") if head in self.heads]
+        fig, axes = _figure(1 + len(collapse_heads), width=4.9, height=4.3)
+        n_points = self.n_support + self.n_query
+        ax = axes[0]
+        for k, kernel in enumerate(self.kernels):
+            color = f"C{k}"
+            for head in self.heads:
+                curve = self.curve(kernel, head)
+                marker, style = _HEAD_STYLES[head]
+                ax.errorbar(self.widths, curve.error, yerr=curve.error_sem, fmt=marker + style, ms=4, capsize=2,
+                            color=color, label=f"{kernel}: {_HEAD_LABELS[head]}")
+            d_eff = self.d_eff[kernel]
+            ax.axvline(d_eff, color=color, ls=":", lw=1.2, label=f"{kernel}: $d_{{eff}}(\\lambda)$ = {d_eff:.1f}")
+        if "top_eigen" in self.heads:
+            ax.axvline(n_points, color="0.5", ls="-", lw=0.8, label=f"N = n + queries = {n_points} (top-m exact)")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_ylim(bottom=_visible_floor(c.error for c in self.curves if c.lam == self.lam), top=1.5)
+        ax.set_xlabel("head width m")
         ax.set_ylabel("rel. error vs oracle KRR (true kernel)")
-        ax.set_title(f"Head width limits the CG transformer (n={self.n_support}, {self.n_steps} steps)")
-        ax.legend(fontsize=7)
-        ax.grid(True, which="major", alpha=0.3)
+        ax.set_title(f"CG transformer, m-wide head ($\\lambda$={self.lam:g}, n={self.n_support}, {self.n_steps} steps)", fontsize=9)
+        ax.legend(fontsize=6.5, loc="lower left")
+        for ax, head in zip(axes[1:], collapse_heads):
+            for k, kernel in enumerate(self.kernels):
+                for j, lam in enumerate(self.lams):
+                    curve = self.curve(kernel, head, lam)
+                    ratio = np.asarray(self.widths) / curve.d_eff
+                    ax.errorbar(ratio, curve.error, yerr=curve.error_sem, fmt=_LAM_MARKERS[j % len(_LAM_MARKERS)] + "-",
+                                ms=4, capsize=2, color=f"C{k}", alpha=1.0 - 0.25 * j / max(1, len(self.lams) - 1),
+                                label=f"{kernel}, $\\lambda$={lam:g}: $d_{{eff}}$={curve.d_eff:.1f}")
+            ax.axvline(1.0, color="0.3", ls=":", lw=1.2)
+            if head == "gaussian_sketch":
+                ratios = np.geomspace(0.5, max(self.widths) / min(c.d_eff for c in self.curves), 20)
+                ax.loglog(ratios, ratios**-0.5, "k--", lw=1, label="$(m / d_{eff})^{-1/2}$")
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+            ax.set_ylim(bottom=_visible_floor(c.error for c in self.curves if c.head == head), top=1.5)
+            ax.set_xlabel("m / $d_{eff}(\\lambda)$")
+            ax.set_ylabel("rel. error vs oracle KRR")
+            ax.set_title(f"{_HEAD_LABELS[head]}: error vs m / $d_{{eff}}$", fontsize=9)
+            ax.legend(fontsize=6.5, loc="lower left")
+        for ax in axes:
+            ax.grid(True, which="major", alpha=0.3)
         fig.tight_layout()
         return fig
+
+
+def _visible_floor(errors) -> float:
+    """A log-axis floor under every error above 1e-9 (exact heads' rounding-level errors fall
+    below it, off the axis)."""
+    visible = [e for curve in errors for e in curve if e > 1e-9]
+    return 0.3 * min(visible) if visible else 1e-9
 
 
 def width_study(
@@ -131,32 +267,70 @@ def width_study(
     n_steps: int = 64,
     batch_size: int = 16,
     seed: int = 0,
+    *,
+    heads: tuple[str, ...] = WIDTH_HEADS,
+    lams: tuple[float, ...] = (),
+    temperature: float = 1.0,
+    n_seeds: int = 4,
 ) -> WidthStudy:
-    """Linear kernel: anisotropic inputs (`LinearRegressionSampler`, input condition number 100)
-    with m-wide Gaussian projections; exp kernel (temperature = 1): `GPRegressionSampler` inputs
-    (|x| ~ 1) with m positive random features. The model runs `n_steps` CG steps (enough to
-    converge here), so its error is KRR-on-features' error; the oracle is `mi_krr.solvers.krr`
-    with the true kernel."""
+    """The CG transformer with an m-wide head against oracle KRR on the true kernel, per m.
+
+    Prompts: linear kernel: `LinearRegressionSampler` (input condition number 100); exp kernel
+    exp(x . z / temperature): `GPRegressionSampler` inputs (|x| ~ 1). Heads (`width_head`):
+    "random_features" (x W / sqrt(m) for linear; positive random features for exp, whose large
+    variance, not the head's rank, then sets the error), and two rank-m projections of the
+    kernel's exact feature space on each prompt: "gaussian_sketch" (unbiased) and "top_eigen"
+    (optimal). The model runs `n_steps` CG steps on the head's kernel; the oracle is
+    `mi_krr.solvers.krr` with the true kernel. Every head is measured at `lam`, the projection
+    heads also at each ridge in `lams`. Seeds seed, ..., seed + n_seeds - 1 each draw
+    `batch_size` prompts and the heads' random weights; averages and standard errors are over
+    them (`WidthCurve`).
+    """
+    widths = tuple(check_count("widths", w, minimum=1) for w in widths)
+    for kernel in kernels:
+        check_choice("kernels", kernel, WIDTH_STUDY_KERNELS)
+    for head in heads:
+        check_choice("heads", head, WIDTH_HEADS)
+    if not widths or not kernels or not heads:
+        raise ValueError("widths, kernels and heads must each name at least one value")
+    lam = check_positive("lam", lam)
+    ridges = [lam] + [check_positive("lams", ridge) for ridge in dict.fromkeys(lams) if ridge != lam]
+    temperature = check_positive("temperature", temperature)
+    n_seeds = check_count("n_seeds", n_seeds, minimum=2)
     samplers = {
         "linear": LinearRegressionSampler(dim, condition_number=100.0, noise_std=0.1),
-        "exp": GPRegressionSampler(dim, kernel="exp", temperature=1.0),
+        "exp": GPRegressionSampler(dim, kernel="exp", temperature=temperature),
     }
-    result = WidthStudy(list(widths), list(kernels), {}, {}, {}, n_support, n_steps, lam)
+    study = WidthStudy(list(widths), list(kernels), list(heads), ridges, [], n_support, n_query, n_steps, lam, temperature,
+                       n_seeds, batch_size)
     for kernel in kernels:
-        task = samplers[kernel].sample(batch_size, n_support, n_query, seed=seed, dtype=torch.float64)
-        params = {} if kernel == "linear" else {"temperature": 1.0}
-        K = kernel_matrix(kernel, task.x_support, **params)
-        oracle = _krr_predictions(K, task.y_support, lam, kernel_matrix(kernel, task.x_query, task.x_support, **params))
-        result.d_eff[kernel] = float(effective_dimension(K, lam).mean())
-        result.model_error[kernel], result.feature_krr_error[kernel] = [], []
-        for width in widths:
-            model = cg_transformer(n_steps, lam, kernel=kernel, dim=dim, head_width=width, temperature=1.0, seed=seed)
-            pred = model.predict(task)
-            phi, phi_query = model.feature_map(task.x_support), model.feature_map(task.x_query)
-            feature_pred = _krr_predictions(phi @ phi.mT, task.y_support, lam, phi_query @ phi.mT)
-            result.model_error[kernel].append(float(_relative_error(pred, oracle).median()))
-            result.feature_krr_error[kernel].append(float(_relative_error(feature_pred, oracle).median()))
-    return result
+        params = {"temperature": temperature} if kernel == "exp" else {}
+        tasks = [samplers[kernel].sample(batch_size, n_support, n_query, seed=seed + s, dtype=torch.float64) for s in range(n_seeds)]
+        kernels_true = [(kernel_matrix(kernel, t.x_support, **params), kernel_matrix(kernel, t.x_query, t.x_support, **params)) for t in tasks]
+        for ridge in ridges:
+            oracles = [_krr_predictions(K, t.y_support, ridge, K_query) for t, (K, K_query) in zip(tasks, kernels_true)]
+            d_eff = float(torch.cat([effective_dimension(K, ridge) for K, _ in kernels_true]).mean())
+            for head in heads:
+                if head == "random_features" and ridge != lam:
+                    continue
+                model_errors, floor_errors = np.zeros((len(widths), n_seeds)), np.zeros((len(widths), n_seeds))
+                for w, width in enumerate(widths):
+                    for s, (task, oracle) in enumerate(zip(tasks, oracles)):
+                        feature_map = width_head(head, kernel, dim, width, temperature, seed + s)
+                        model = cg_transformer(n_steps, ridge, kernel=kernel, dim=dim, feature_map=feature_map)
+                        with torch.no_grad():
+                            pred = model.predict(task)
+                        K_head, K_head_query = _head_grams(feature_map, task)
+                        feature_pred = _krr_predictions(K_head, task.y_support, ridge, K_head_query)
+                        model_errors[w, s] = float(_relative_error(pred, oracle).mean())
+                        floor_errors[w, s] = float(_relative_error(feature_pred, oracle).mean())
+                study.curves.append(WidthCurve(
+                    kernel, head, ridge, d_eff,
+                    error=model_errors.mean(1).tolist(),
+                    error_sem=(model_errors.std(1, ddof=1) / math.sqrt(n_seeds)).tolist(),
+                    feature_krr_error=floor_errors.mean(1).tolist(),
+                ))
+    return study
 
 
 @dataclass

@@ -27,7 +27,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-import einops
 import torch
 from torch import nn
 from transformer_lens import HookedRootModule

@@ -8,6 +8,7 @@
 - `richardson_profile` (richardson-profile): the softmax GP model's layer-wise error profile
   scored against preconditioned Richardson, CG, GD and the rest (Yan et al.'s comparison).
 
+The modules import only NumPy at import time (the heavy imports happen inside the functions).
 Each function returns a result dataclass with `.to_dict()` (JSON-able), `.plot()` (a matplotlib
 Figure), `.key_numbers()` (the headline numbers) and `.summary()` (them as text). Each module's
 `QUICK` holds the keyword arguments of a small, fast configuration.
@@ -17,6 +18,14 @@ from __future__ import annotations
 
 import importlib
 from typing import Any, Callable
+
+from mi_krr.reproductions.cg_rate import CGRateResult, cg_rate
+from mi_krr.reproductions.richardson_profile import RichardsonProfileResult, richardson_profile
+from mi_krr.reproductions.softmax_ood import SoftmaxOODResult, softmax_ood
+from mi_krr.reproductions.width import WidthResult, width
+
+__all__ = ["CGRateResult", "REPRODUCTIONS", "RichardsonProfileResult", "SoftmaxOODResult", "WidthResult", "cg_rate",
+           "reproduction", "richardson_profile", "softmax_ood", "width"]
 
 # command-line name -> (module, function)
 REPRODUCTIONS: dict[str, tuple[str, str]] = {
@@ -34,10 +43,3 @@ def reproduction(name: str) -> tuple[Callable[..., Any], dict[str, Any]]:
     module_name, function_name = REPRODUCTIONS[name]
     module = importlib.import_module(module_name)
     return getattr(module, function_name), dict(module.QUICK)
-
-
-def __getattr__(name: str) -> Any:
-    for module_name, function_name in REPRODUCTIONS.values():
-        if name == function_name:
-            return getattr(importlib.import_module(module_name), function_name)
-    raise AttributeError(f"module 'mi_krr.reproductions' has no attribute {name!r}")

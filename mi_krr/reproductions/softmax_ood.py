@@ -58,7 +58,8 @@ class SoftmaxOODResult:
     def key_numbers(self) -> dict[str, Any]:
         base = self.overall("in_distribution")
         numbers: dict[str, Any] = {"in_distribution: exp-kernel distance (best head, mean over layers)": base}
-        numbers["in_distribution: per layer"] = ", ".join(f"L{layer}: {value:.3f}" for layer, value in zip(self.layers, self.best_distance["in_distribution"]))
+        per_layer = zip(self.layers, self.best_distance["in_distribution"])
+        numbers["in_distribution: per layer"] = ", ".join(f"L{layer}: {value:.3f}" for layer, value in per_layer)
         for name in self.task_sets[1:]:
             value = self.overall(name)
             numbers[f"{name}: distance (ratio to in-distribution)"] = f"{value:.4f} ({value / base:.3f}x)"

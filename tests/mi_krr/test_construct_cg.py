@@ -147,6 +147,7 @@ def test_cg_transformer_implements_the_icl_model_protocol(well_conditioned):
     assert model.predict(task).shape == (task.batch_size, task.n_query)
     assert model.step_hook_names()[2] == "blocks.7.hook_resid_post"
     assert model.state_coordinates["is_support"] == 0 and model.state_coordinates["pred"] > 0
+    assert model.d_model == 20 + 3 * (task.dim + 3)  # the documented layout: exact features, m = dim
 
 
 def test_cg_transformer_relu_error_shrinks_with_mlp_width(well_conditioned):

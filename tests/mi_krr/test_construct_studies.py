@@ -8,7 +8,30 @@ import numpy as np
 import pytest
 import torch
 
+from mi_krr.construct import cg_transformer
 from mi_krr.construct.studies import conditioned_linear_task, cg_rate_study, relu_width_study, width_study
+from mi_krr.feature_maps import ProjectedKernelFeatures
+from mi_krr.tasks import GPRegressionSampler
+
+
+def _numpy_exp_kernel(points: np.ndarray, temperature: float) -> np.ndarray:
+    return np.exp(points @ points.swapaxes(-1, -2) / temperature)
+
+
+def _numpy_eigh_descending(K: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    eigenvalues, eigenvectors = np.linalg.eigh(K)
+    return np.clip(eigenvalues[..., ::-1], 0.0, None), eigenvectors[..., ::-1]
+
+
+def _numpy_head_gram(K: np.ndarray, projection: str, m: int, sketch: np.ndarray) -> np.ndarray:
+    """Gaussian: K^(1/2) R R^T K^(1/2) / m; top: the best rank-m approximation of K."""
+    eigenvalues, eigenvectors = _numpy_eigh_descending(K)
+    if projection == "top":
+        U = eigenvectors[..., :m]
+        return U @ (eigenvalues[..., :m, None] * U.swapaxes(-1, -2))
+    root = eigenvectors @ (np.sqrt(eigenvalues)[..., :, None] * eigenvectors.swapaxes(-1, -2))
+    projected = root @ sketch
+    return projected @ projected.swapaxes(-1, -2) / m
 
 
 def test_conditioned_linear_task_has_the_requested_condition_number():
@@ -30,8 +53,56 @@ def test_cg_rate_study_stays_under_the_cg_bound_and_on_the_solver():
     assert study.plot().axes[0].get_yscale() == "log"
 
 
-def test_width_study_model_error_is_the_feature_krr_error_and_falls_with_width():
-    study = width_study(widths=(2, 8, 32), kernels=("linear",), dim=8, n_support=24, n_query=8, n_steps=24, batch_size=4)
+def test_gaussian_sketch_of_the_exp_kernel_is_unbiased():
+    rng = np.random.default_rng(3)
+    points = 0.6 * rng.standard_normal((5, 3))
+    n_draws = 20000
+    head = ProjectedKernelFeatures("exp", 3, 2, "gaussian", temperature=0.8, seed=11)
+    grams = head.gram(torch.from_numpy(np.broadcast_to(points, (n_draws, 5, 3)).copy())).numpy()
+    K = _numpy_exp_kernel(points, 0.8)
+    standard_error = grams.std(axis=0) / np.sqrt(n_draws)
+    assert np.abs(grams.mean(axis=0) - K).max() < 0.05 * np.abs(K).max()
+    assert (np.abs(grams.mean(axis=0) - K) < 5 * standard_error + 1e-12).all()
+    assert np.abs(grams[0] - K).max() > 0.05 * np.abs(K).max()  # one draw is a rank-2 head, not K
+
+
+@pytest.mark.parametrize("projection", ["gaussian", "top"])
+def test_cg_transformer_with_a_projected_head_is_krr_on_the_projected_gram(projection):
+    temperature, lam, m = 0.7, 0.05, 6
+    task = GPRegressionSampler(3, kernel="exp", temperature=temperature).sample(3, 10, 4, seed=1, dtype=torch.float64)
+    head = ProjectedKernelFeatures("exp", 3, m, projection, temperature=temperature, seed=5)
+    model = cg_transformer(12, lam, dim=3, feature_map=head)
+    points = torch.cat([task.x_support, task.x_query], dim=-2).numpy()
+    gram = _numpy_head_gram(_numpy_exp_kernel(points, temperature), projection, m, head.sketch((3,), 14).numpy())
+    y = task.y_support.numpy()
+    alpha = np.linalg.solve(gram[:, :10, :10] + lam * np.eye(10), y[..., None])[..., 0]
+    expected = np.einsum("bqn,bn->bq", gram[:, 10:, :10], alpha)
+    np.testing.assert_allclose(model.predict(task).numpy(), expected, rtol=1e-8, atol=1e-10 * np.abs(expected).max())
+
+
+def test_width_study_projection_heads_fall_with_width_and_top_eigen_is_exact_at_the_prompt_size():
+    study = width_study(widths=(2, 6, 24), kernels=("exp",), dim=4, n_support=12, n_query=4, lam=0.1, n_steps=16,
+                        batch_size=4, heads=("gaussian_sketch", "top_eigen"), lams=(1.0,), n_seeds=2)
+    for lam in (0.1, 1.0):
+        for head in ("gaussian_sketch", "top_eigen"):
+            curve = study.curve("exp", head, lam)
+            error = np.array(curve.error)
+            np.testing.assert_allclose(error, curve.feature_krr_error, rtol=1e-6, atol=1e-9)
+            assert error[0] > error[1] > error[2]
+        assert study.curve("exp", "top_eigen", lam).error[-1] < 1e-8  # m = 24 >= N = 16 points
+        assert study.curve("exp", "gaussian_sketch", lam).error[-1] > 1e-3  # a sketch stays random
+    assert 0 < study.curve("exp", "top_eigen", 1.0).d_eff < study.curve("exp", "top_eigen", 0.1).d_eff < 12
+    assert all(sem > 0 for sem in study.curve("exp", "gaussian_sketch").error_sem)
+    json.dumps(study.to_dict())
+    axes = study.plot().axes
+    assert len(axes) == 3 and all(ax.get_xscale() == "log" and ax.get_yscale() == "log" for ax in axes)
+    with pytest.raises(ValueError, match="heads"):
+        width_study(widths=(2,), heads=("softmax",))
+
+
+def test_width_study_random_features_error_is_the_feature_krr_error_and_falls_with_width():
+    study = width_study(widths=(2, 8, 32), kernels=("linear",), dim=8, n_support=24, n_query=8, n_steps=24, batch_size=4,
+                        heads=("random_features",), n_seeds=2)
     model, floor = np.array(study.model_error["linear"]), np.array(study.feature_krr_error["linear"])
     np.testing.assert_allclose(model, floor, rtol=1e-6, atol=1e-9)
     assert model[0] > model[1] > model[2]

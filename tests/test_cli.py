@@ -1,0 +1,223 @@
+"""The `mi-krr` command line: every subcommand has help and the common options, user errors are
+one line with a non-zero exit (the traceback only with --debug), `--help` imports no torch, and
+`construct` prints the per-step errors of its model, checked against NumPy solvers."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from mi_krr.cli import COMMANDS, main
+from mi_krr.tasks import GPRegressionSampler, LinearRegressionSampler
+
+COMMON_OPTIONS = ("--device", "--seed", "--out", "--debug")
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    """`mi-krr ARGS` in a fresh interpreter."""
+    return subprocess.run([sys.executable, "-m", "mi_krr.cli", *args], capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_every_subcommand_has_help_with_the_common_options(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    assert text.startswith(f"usage: mi-krr {command}")
+    for option in COMMON_OPTIONS:
+        assert option in text
+
+
+def test_top_level_help_lists_every_command_without_importing_torch():
+    code = (
+        "import sys\nfrom mi_krr.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+        "print('TORCH' if 'torch' in sys.modules else 'NO-TORCH')"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0
+    for command in COMMANDS:
+        assert re.search(rf"^\s+{command}\b", result.stdout, flags=re.MULTILINE)
+    assert result.stdout.strip().endswith("NO-TORCH")
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+def test_bad_option_is_a_one_line_error_pointing_to_help():
+    assert_one_line_error(run_cli("demo", "--no-such-option"), "unrecognized arguments: --no-such-option", "mi-krr demo --help")
+
+
+def test_bad_choice_is_a_one_line_error():
+    assert_one_line_error(run_cli("reproduce", "nonsense"), "invalid choice", "mi-krr reproduce --help")
+
+
+def test_missing_checkpoint_is_a_one_line_error_naming_what_is_supported(tmp_path, capsys):
+    assert main(["diagnose", str(tmp_path / "nowhere")]) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and "no checkpoint at" in lines[0] and "Garg" in lines[0]
+
+
+@pytest.mark.parametrize("make", ["foreign_file", "folder_without_config", "pt_without_config"])
+def test_unsupported_checkpoint_is_a_one_line_error(tmp_path, make):
+    if make == "foreign_file":
+        path = tmp_path / "weights.bin"
+        path.write_bytes(b"\x00" * 16)
+    elif make == "folder_without_config":
+        path = tmp_path / "run"
+        path.mkdir()
+    else:
+        path = tmp_path / "model.pt"
+        torch.save({"w": torch.zeros(2)}, path)
+    assert_one_line_error(run_cli("diagnose", str(path)), "not a supported checkpoint")
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    result = run_cli("diagnose", str(tmp_path / "nowhere"), "--debug")
+    assert result.returncode != 0
+    assert "Traceback" in result.stderr and "FileNotFoundError" in result.stderr
+
+
+def test_train_is_wired_and_reports_a_missing_choice_in_one_line(tmp_path):
+    assert_one_line_error(run_cli("train", "--out", str(tmp_path / "run")), "say what to train")
+
+
+# ---- construct --------------------------------------------------------------------------------
+
+
+def parse_construct_table(text: str) -> np.ndarray:
+    """Rows (step, |model - solver|, model vs KRR, solver vs KRR) of `construct`'s table."""
+    rows = [line.split() for line in text.splitlines() if re.fullmatch(r"\s*\d+(\s+\S+){3}\s*", line)]
+    return np.array(rows, dtype=np.float64)
+
+
+def numpy_cg_predictions(K, y, lam, K_query, n_steps):
+    """Plain CG on (K + lam I) alpha = y from alpha = 0: predictions K_query alpha_t, t = 0..T."""
+    A = K + lam * np.eye(len(y))
+    alpha, r = np.zeros_like(y), y.copy()
+    p = r.copy()
+    preds = [K_query @ alpha]
+    for _ in range(n_steps):
+        Ap = A @ p
+        step = (r @ r) / (p @ Ap)
+        alpha = alpha + step * p
+        r_new = r - step * Ap
+        p = r_new + (r_new @ r_new) / (r @ r) * p
+        r = r_new
+        preds.append(K_query @ alpha)
+    return np.array(preds)
+
+
+def relative_errors_to_krr(preds, exact):
+    """Per step ||pred_t - KRR|| / ||KRR|| pooled over prompts and queries; preds [B, T+1, m]."""
+    return np.sqrt(((preds - exact[:, None]) ** 2).sum(axis=(0, 2))) / np.sqrt((exact**2).sum())
+
+
+def test_construct_cg_prints_zero_error_to_its_solver_and_the_numpy_cg_error_to_krr(capsys):
+    steps, lam, dim, n, m, batch, seed = 5, 0.1, 3, 10, 4, 4, 3
+    assert main(["construct", "cg", "--steps", str(steps), "--lam", str(lam), "--dim", str(dim), "--n-support", str(n),
+                 "--n-query", str(m), "--batch", str(batch), "--seed", str(seed)]) == 0
+    table = parse_construct_table(capsys.readouterr().out)
+    np.testing.assert_array_equal(table[:, 0], np.arange(steps + 1))
+    assert table[:, 1].max() < 1e-10
+
+    task = LinearRegressionSampler(dim, noise_std=0.1).sample(batch, n, m, seed=seed, dtype=torch.float64)
+    x, xq, y = task.x_support.numpy(), task.x_query.numpy(), task.y_support.numpy()
+    preds, exact = [], []
+    for b in range(batch):
+        K, K_query = x[b] @ x[b].T, xq[b] @ x[b].T
+        preds.append(numpy_cg_predictions(K, y[b], lam, K_query, steps))
+        exact.append(K_query @ np.linalg.solve(K + lam * np.eye(n), y[b]))
+    expected = relative_errors_to_krr(np.array(preds), np.array(exact))
+    np.testing.assert_allclose(table[:, 2], expected, rtol=2e-3, atol=1e-12)  # printed to 4 significant digits
+    np.testing.assert_allclose(table[:, 3], expected, rtol=2e-3, atol=1e-12)
+
+
+def test_construct_richardson_matches_numpy_rowsum_richardson(capsys):
+    steps, lam, bandwidth, step, seed = 4, 0.05, 0.8, 0.9, 1
+    assert main(["construct", "richardson", "--steps", str(steps), "--lam", str(lam), "--bandwidth", str(bandwidth), "--step", str(step),
+                 "--dim", "2", "--n-support", "8", "--n-query", "3", "--batch", "3", "--seed", str(seed)]) == 0
+    table = parse_construct_table(capsys.readouterr().out)
+    assert table[:, 1].max() < 1e-10
+    task = GPRegressionSampler(2, kernel="gaussian", bandwidth=bandwidth, noise_std=0.1).sample(3, 8, 3, seed=seed, dtype=torch.float64)
+    x, xq, y = task.x_support.numpy(), task.x_query.numpy(), task.y_support.numpy()
+    preds, exact = [], []
+    for b in range(3):
+        K = np.exp(-((x[b][:, None] - x[b][None]) ** 2).sum(-1) / (2 * bandwidth**2))
+        K_query = np.exp(-((xq[b][:, None] - x[b][None]) ** 2).sum(-1) / (2 * bandwidth**2))
+        A, D = K + lam * np.eye(8), K.sum(1)
+        alpha, trajectory = np.zeros(8), [np.zeros(3)]
+        for _ in range(steps):
+            alpha = alpha + step * (y[b] - A @ alpha) / D
+            trajectory.append(K_query @ alpha)
+        preds.append(trajectory)
+        exact.append(K_query @ np.linalg.solve(A, y[b]))
+    np.testing.assert_allclose(table[:, 2], relative_errors_to_krr(np.array(preds), np.array(exact)), rtol=2e-3)
+
+
+def test_construct_gd_is_exact_and_saves_a_loadable_model(tmp_path, capsys):
+    out = tmp_path / "gd"
+    assert main(["construct", "gd", "--steps", "3", "--save", "--out", str(out)]) == 0
+    table = parse_construct_table(capsys.readouterr().out)
+    assert table[:, 1].max() < 1e-12
+    recipe = yaml.safe_load((out / "construction.json").read_text())  # JSON is YAML
+    assert recipe["construction"] == "gd" and recipe["steps"] == [0, 1, 2, 3]
+    from safetensors.torch import load_file
+
+    assert len(load_file(str(out / "model.safetensors"))) > 0
+
+
+def test_construct_rejects_a_kernel_the_construction_cannot_run_in_one_line(capsys):
+    assert main(["construct", "richardson", "--kernel", "linear"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "Gaussian kernel" in err[0]
+
+
+# ---- diagnose on a Garg-format run ---------------------------------------------------------------
+
+
+def write_garg_run(folder, n_dims=3, n_positions=12, n_embd=16, n_layer=2, n_head=2):
+    """A random Garg et al. run folder: config.yaml and state.pt of a GPT-2 TransformerModel."""
+    from transformers import GPT2Config, GPT2Model
+
+    folder.mkdir(parents=True)
+    torch.manual_seed(0)
+    config = GPT2Config(n_positions=2 * n_positions, n_embd=n_embd, n_layer=n_layer, n_head=n_head,
+                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, use_cache=False)
+    state = {f"_backbone.{key}": value for key, value in GPT2Model(config).state_dict().items()}
+    state.update({f"_read_in.{key}": value for key, value in torch.nn.Linear(n_dims, n_embd).state_dict().items()})
+    state.update({f"_read_out.{key}": value for key, value in torch.nn.Linear(n_embd, 1).state_dict().items()})
+    torch.save({"model_state_dict": state, "train_step": 7}, folder / "state.pt")
+    model = {"family": "gpt2", "n_dims": n_dims, "n_positions": n_positions, "n_embd": n_embd, "n_layer": n_layer, "n_head": n_head}
+    (folder / "config.yaml").write_text(yaml.safe_dump({"model": model, "training": {"task": "linear_regression"}}))
+    return folder
+
+
+def test_diagnose_detects_a_garg_run_and_writes_a_report(tmp_path, capsys):
+    run = write_garg_run(tmp_path / "garg")
+    out = tmp_path / "report"
+    assert main(["diagnose", str(run / "state.pt"), "--batch", "6", "--n-query", "2", "--bootstrap", "20", "--no-shifts",
+                 "--no-sensitivities", "--no-progress", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "garg:" in text and "noiseless" in text
+    import json
+
+    report = json.loads((out / "report.json").read_text())
+    (entry,) = report["models"].values()
+    result = entry["diagnosis"]["task_sets"]["in_distribution"]
+    assert result["kernel"] == "linear" and result["lam"] == pytest.approx(0.01)
+    assert result["info"]["label_scale"] == pytest.approx(np.sqrt(3)) and result["n_prompts"] == 6
+    assert (out / "index.md").is_file() and (out / "overview.png").stat().st_size > 1000

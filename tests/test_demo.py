@@ -1,0 +1,100 @@
+"""`mi-krr demo --quick` (the demo's code path on small batches): the report folder is complete,
+the CG construction is identified as CG with its per-step predictions equal to NumPy CG, and every
+model's statistics are finite."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from mi_krr.cli import main
+from mi_krr.commands.demo import QUICK
+from mi_krr.tasks import sampler_from_config
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+MODELS = ("cg_construction", "richardson_construction", "linear_lr", "softmax_gp")
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    assert main(["demo", "--quick", "--no-progress", "--out", str(out)]) == 0
+    return out, json.loads((out / "report.json").read_text())
+
+
+def test_report_folder_has_index_valid_pngs_and_json(demo):
+    out, report = demo
+    index = (out / "index.md").read_text()
+    linked = [line[line.index("](") + 2 : -1] for line in index.splitlines() if line.startswith("![")]
+    assert "overview.png" in linked and len(linked) >= 1 + 2 * len(MODELS)
+    for name in linked:
+        data = (out / name).read_bytes()
+        assert data.startswith(PNG_SIGNATURE) and len(data) > 2000, name
+    assert set(report["models"]) == set(MODELS)
+    for model in MODELS:
+        assert f"## {model}" in index
+
+
+def test_cg_construction_is_identified_as_cg_with_r2_above_0999_at_every_step_boundary(demo):
+    _, report = demo
+    result = report["models"]["cg_construction"]["diagnosis"]["task_sets"]["in_distribution"]
+    assert result["verdict"]["best"] == "cg" and result["verdict"]["identified"] is True
+    score = result["scores"]["cg"]
+    layers = np.array(result["layers"])
+    np.testing.assert_array_equal(layers, 4 * np.arange(QUICK.cg_steps + 1))  # probed at step boundaries
+    np.testing.assert_array_equal(score["aligned_steps"], np.arange(QUICK.cg_steps + 1))
+    assert min(score["aligned_r2"][1:]) > 0.999
+
+
+def test_cg_construction_layers_equal_numpy_cg_on_the_recorded_prompts(demo):
+    out, report = demo
+    result = report["models"]["cg_construction"]["diagnosis"]["task_sets"]["in_distribution"]
+    info = dict(result["info"])
+    seed = info.pop("seed")
+    info.pop("active_dim")
+    task = sampler_from_config(info).sample(result["n_prompts"], 16, 4, seed=seed)  # as the demo drew them (float32)
+    x, xq, y = (t.to(torch.float64).numpy() for t in (task.x_support, task.x_query, task.y_support))
+    lam = result["lam"]
+    layer_predictions = np.load(out / "cg_construction.npz")["in_distribution/layer_predictions"]  # [B, steps + 1, m]
+    for b in range(x.shape[0]):
+        K, K_query = x[b] @ x[b].T, xq[b] @ x[b].T
+        A = K + lam * np.eye(len(K))
+        alpha, r = np.zeros(len(K)), y[b].copy()
+        p = r.copy()
+        for t in range(1, QUICK.cg_steps + 1):
+            step = (r @ r) / (p @ A @ p)
+            alpha, r_new = alpha + step * p, r - step * (A @ p)
+            p, r = r_new + (r_new @ r_new) / (r @ r) * p, r_new
+            np.testing.assert_allclose(layer_predictions[b, t], K_query @ alpha, rtol=1e-7, atol=1e-9)
+
+
+def test_richardson_construction_is_best_matched_by_its_fixed_step_rowsum_solver(demo):
+    _, report = demo
+    verdict = report["models"]["richardson_construction"]["diagnosis"]["task_sets"]["in_distribution"]["verdict"]
+    assert verdict["best"].startswith("richardson_rowsum(w=") and verdict["score"] > 0.999
+
+
+def test_every_model_and_task_set_has_finite_scores_and_a_table_row(demo):
+    _, report = demo
+    rows = {(row["model"], row["task_set"]) for row in report["table"]}
+    for model in MODELS:
+        task_sets = report["models"][model]["diagnosis"]["task_sets"]
+        expected = {"in_distribution"} | ({"input_scale_x2"} if model in ("linear_lr", "softmax_gp") else set())
+        assert set(task_sets) == expected
+        for name, result in task_sets.items():
+            assert (model, name) in rows
+            for score in result["scores"].values():
+                assert math.isfinite(score["score"]) or score["score"] == -math.inf
+                assert all(math.isfinite(v) for v in score["score_ci"]) or score["score"] == -math.inf
+            best = result["scores"][result["verdict"]["best"]]
+            assert math.isfinite(best["score"])
+            moved = np.array(best["aligned_steps"]) > 0  # R2 is undefined at step 0 (every solver predicts 0)
+            assert np.isfinite(np.array(best["aligned_r2"], dtype=float)[moved]).all()
+    softmax_row = next(row for row in report["table"] if row["model"] == "softmax_gp")
+    assert 0.0 < softmax_row["kernel_distance"] < 2.0  # softmax attention has an exp-kernel distance
+    linear_row = next(row for row in report["table"] if row["model"] == "linear_lr")
+    assert math.isnan(linear_row["kernel_distance"])  # linear attention is not a normalised kernel
