@@ -7,11 +7,15 @@ missing, said in the output).
 Time (median of `repeats`, the variants alternated so machine load hits them alike):
 - baseline: a bare forward (`model.predict`) + the reference trajectories (kernel matrices and
   every default algorithm for `default_n_steps(L)` steps): the least any diagnosis must do;
-- extraction: the streaming path diagnose reads the model through, per-layer read-out
-  predictions (`layer_predictions`) + per-layer/head attention blocks (`attention_kernels`),
-  + the same trajectories; goal <= 1.3x baseline;
-- diagnose (lean): `diagnose(..., sensitivities=False, kernels=())` with 1000 bootstrap
-  resamples; diagnose (full, `--full`): with label sensitivities and kernel alignment.
+- extraction: the one streaming pass diagnose reads the model through
+  (`probes.streaming.stream_probes`: per-layer read-outs at the queries + every layer's
+  attention query block, reduced inside the hooks of ONE forward), + the same trajectories;
+  goal <= 1.3x baseline;
+- diagnose (lean): `diagnose(..., sensitivities=False, kernels=(), step_sizes="optimal")` with
+  1000 bootstrap resamples: everything a verdict needs, registry step sizes;
+- diagnose (default fit): the same with the default `step_sizes="fitted"` (cross-fitted global
+  steps: a line search per step-size algorithm and half);
+- diagnose (full, `--full`): the defaults (sensitivities, kernel alignment, fitted steps).
 
 Memory: peak resident-set growth of one call over the process's resident set just before it, each
 variant in a fresh subprocess (same model and prompts; the peak is reset through
@@ -74,9 +78,8 @@ def trajectories(task, lam: float, n_steps: int) -> None:
 
 def variants(model, task):
     """name -> zero-argument callable."""
-    from probes.attention_kernels import attention_kernels
-    from probes.diagnose import default_n_steps, diagnose, resolve_lam
-    from probes.layer_predictions import layer_predictions
+    from probes.diagnose import ALIGNMENT_BLOCK, default_n_steps, diagnose, resolve_lam
+    from probes.streaming import resolve_layers, stream_probes
 
     lam, n_steps = resolve_lam(task, None), default_n_steps(model.n_layers)
 
@@ -85,8 +88,7 @@ def variants(model, task):
             model.predict(task)
 
     def extraction_only():
-        layer_predictions(model, task)
-        attention_kernels(model, task)
+        stream_probes(model, model.encode(task), layers=resolve_layers(model, None), blocks=(ALIGNMENT_BLOCK,))
 
     def cache():
         with torch.no_grad():
@@ -95,7 +97,10 @@ def variants(model, task):
     return {
         "baseline": lambda: (forward(), trajectories(task, lam, n_steps)),
         "extraction": lambda: (extraction_only(), trajectories(task, lam, n_steps)),
-        "diagnose_lean": lambda: diagnose(model, task, sensitivities=False, kernels=(), bootstrap=1000, progress=False),
+        "diagnose_lean": lambda: diagnose(
+            model, task, sensitivities=False, kernels=(), bootstrap=1000, progress=False, step_sizes="optimal"
+        ),
+        "diagnose_fitted": lambda: diagnose(model, task, sensitivities=False, kernels=(), bootstrap=1000, progress=False),
         "diagnose_full": lambda: diagnose(model, task, bootstrap=1000, progress=False),
         "forward": forward,
         "extraction_only": extraction_only,
@@ -103,8 +108,9 @@ def variants(model, task):
     }
 
 
-def time_variants(model, task, repeats: int, full: bool) -> dict[str, float]:
-    timed = ("baseline", "extraction", "diagnose_lean") + (("diagnose_full",) if full else ())
+def time_variants(model, task, repeats: int, full: bool) -> dict[str, list[float]]:
+    """Seconds of every repeat per variant (variants alternated within each repeat)."""
+    timed = ("baseline", "extraction", "diagnose_lean", "diagnose_fitted") + (("diagnose_full",) if full else ())
     runs = {name: run for name, run in variants(model, task).items() if name in timed}
     for run in runs.values():
         run()  # warm-up
@@ -114,7 +120,7 @@ def time_variants(model, task, repeats: int, full: bool) -> dict[str, float]:
             start = time.perf_counter()
             run()
             seconds[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in seconds.items()}
+    return seconds
 
 
 def _status_kb(field: str) -> int:
@@ -160,9 +166,11 @@ def main() -> None:
         print(f"== {name}: {source}; {model.n_layers} layers, batch {task.batch_size}, "
               f"{task.n_support} support + {task.n_query} query points", flush=True)
         seconds = time_variants(model, task, args.repeats, args.full)
-        base = seconds["baseline"]
-        for key, value in seconds.items():
-            print(f"  time {key:<14} {value * 1e3:9.1f} ms   {value / base:6.2f}x baseline", flush=True)
+        base = statistics.median(seconds["baseline"])
+        for key, values in seconds.items():
+            ratios = [value / reference for value, reference in zip(values, seconds["baseline"])]  # same repeat
+            print(f"  time {key:<16} median {statistics.median(values) * 1e3:9.1f} ms   {statistics.median(values) / base:6.2f}x "
+                  f"baseline (per-repeat ratios {min(ratios):.2f}-{max(ratios):.2f})", flush=True)
         growth = {v: memory_in_subprocess(name, v, args.memory_batch) for v in ("forward", "extraction_only", "cache")}
         print(f"  peak RSS growth (batch {args.memory_batch}, fresh process each): "
               + ", ".join(f"{v} {mb:.1f} MB" for v, mb in growth.items()))

@@ -22,8 +22,9 @@ class AttentionKernels:
     x tokens of the support pairs in the interleaved layout).
 
     Attributes:
-        support: support x support block `[batch, layer, head, n_support, n_support]`.
-        query: query x support block `[batch, layer, head, n_query, n_support]`.
+        support: support x support block `[batch, layer, head, n_support, n_support]` (None
+            when a streaming pass read only the query block, as `diagnose` does).
+        query: query x support block `[batch, layer, head, n_query, n_support]` (or None).
         source: "pattern" (weights applied; rows are not renormalised, so they sum to the share
             of attention that lands on support keys) or "scores" (pre-normalisation scores;
             blocked entries carry the model's mask value).

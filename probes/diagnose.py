@@ -30,15 +30,19 @@ from mi_krr.kernels import KERNEL_NAMES, condition_number, kernel_matrix, kernel
 from mi_krr.solvers import ALGORITHMS
 from mi_krr.solvers.direct import krr
 from mi_krr.tasks import ICLTask
+from probes.attention_kernels import AttentionKernels
 from probes.identifiability import Verdict, identifiability_verdict
 from probes.kernel_alignment import REFERENCE_KERNELS, KernelAlignment, kernel_alignment
 from probes.layer_predictions import METHODS, layer_predictions
 from probes.scoring import AlgorithmScore, score_algorithms
 from probes.sensitivity import label_sensitivities, solver_sensitivities
-from probes.streaming import encode_for_probe, resolve_layers
+from probes.step_sizes import FITTED_STEP_ALGORITHMS, STEP_SIZES, FittedStep, cross_fit_step
+from probes.streaming import encode_for_probe, resolve_layers, stream_probes
 
 DEFAULT_ALGORITHMS = ("cg", "jacobi_cg", "gd", "richardson_jacobi", "richardson_rowsum", "chebyshev", "heavy_ball", "newton")
-STAGES = ("KRR system", "solver trajectories", "layer predictions", "sensitivities", "kernel alignment", "scores")
+ALIGNMENT_BLOCK = "query"
+"""The attention block diagnose compares with the reference kernels (query x support rows)."""
+STAGES = ("KRR system", "model pass", "solver trajectories", "sensitivities", "kernel alignment", "scores")
 
 
 def default_n_steps(n_layers: int) -> int:
@@ -67,6 +71,8 @@ class TaskSetDiagnosis:
         layer_sensitivities: the model's d yhat / d y per layer `[B, L', m, n]`, or None.
         step_sensitivities: algorithm -> d pred_t / d y per step `[B, T+1, m, n]`, or None.
         kernel_alignment: per-layer/head alignment of attention with reference kernels, or None.
+        fitted_steps: algorithm -> its cross-fitted global step (`step_sizes="fitted"`), see
+            `probes.step_sizes`.
         notes: what was skipped and why.
         seconds: wall time per stage.
     """
@@ -87,6 +93,7 @@ class TaskSetDiagnosis:
     layer_sensitivities: np.ndarray | None = None
     step_sensitivities: dict[str, np.ndarray] | None = None
     kernel_alignment: KernelAlignment | None = None
+    fitted_steps: dict[str, FittedStep] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
 
@@ -140,13 +147,15 @@ class Diagnosis:
         return pd.DataFrame(rows)
 
     def to_dict(self) -> dict[str, Any]:
-        """Every statistic as nested lists and floats (NaN / inf kept as floats)."""
+        """Every statistic as nested lists and Python numbers (NaN / inf kept as floats here;
+        `to_json` writes them as null)."""
         return {"settings": self.settings, "task_sets": {name: _task_set_dict(result) for name, result in self.task_sets.items()}}
 
     def to_json(self, path: str | Path | None = None) -> str:
-        """`to_dict()` as JSON text (Python's json: NaN and Infinity written as such); also written
-        to `path` when given."""
-        text = json.dumps(self.to_dict(), indent=1)
+        """`to_dict()` as strict JSON text (RFC 8259): every NaN, inf and -inf is written as null
+        (e.g. R2 at step 0, where the step has no variance; a path R2 of -inf when every layer
+        sits at step 0), so any JSON parser reads it. Also written to `path` when given."""
+        text = json.dumps(strict_json(self.to_dict()), indent=1, allow_nan=False)
         if path is not None:
             Path(path).write_text(text)
         return text
@@ -198,17 +207,19 @@ def diagnose(
     min_gap: float = 0.01,
     agreement_threshold: float = 0.99,
     progress: bool = True,
+    step_sizes: str = "fitted",
 ) -> Diagnosis:
     """Diagnose which KRR algorithm the model's layers follow on each task set.
 
     Args:
         model: an mi-krr ICL model (`mi_krr.models.adapter.ICLModel`).
         tasks: an `ICLTask`, or a dict name -> `ICLTask` (e.g. in-distribution and shifts).
-        algorithms: candidate solvers: names in `mi_krr.solvers.ALGORITHMS` (each with its
-            spectrum-optimal per-prompt parameters), or a dict name -> solver callable with the
-            registry signature `(K, y, lam, n_steps, K_query=None) -> Trajectory`, e.g.
-            `{"gd(step=0.04)": functools.partial(mi_krr.solvers.richardson, step=0.04)}` for a
-            fixed step, as a transformer's fixed weights would implement.
+        algorithms: candidate solvers: names in `mi_krr.solvers.ALGORITHMS` (step sizes as
+            `step_sizes` says; every other parameter spectrum-optimal per prompt), or a dict
+            name -> solver callable with the registry signature
+            `(K, y, lam, n_steps, K_query=None) -> Trajectory`, e.g.
+            `{"gd(step=0.04)": functools.partial(mi_krr.solvers.richardson, step=0.04)}`, used as
+            given (registry solvers in the dict are treated like names).
         kernels: reference kernels for the attention alignment ("exp", "gaussian"); empty skips it.
         kernel: the KRR kernel ("linear", "exp", "gaussian"), or "auto": `task.info["kernel"]`
             (GP sampler), "linear" for the linear-regression sampler, else an error.
@@ -228,6 +239,18 @@ def diagnose(
         min_score, min_gap, agreement_threshold: verdict thresholds (see
             `probes.identifiability`).
         progress: show a progress bar over the stages.
+        step_sizes: for the step-size-parameterised algorithms (`FITTED_STEP_ALGORITHMS`: gd,
+            richardson_jacobi, richardson_rowsum, heavy_ball), "fitted" (default): ONE global
+            step for all prompts (and heavy ball's momentum), fitted to the model's layers by a
+            log-grid line search refined by Brent's method, cross-fitted on two halves of the
+            prompts so every prompt is scored with a step fitted on the other half (see
+            `probes.step_sizes`; reported in `TaskSetDiagnosis.fitted_steps`, the summary and
+            the JSON). A network with fixed weights runs one learning rate, not each prompt's
+            optimal one. "optimal": the registry's spectrum-optimal step of each prompt.
+
+    The model is read in ONE forward pass (`probes.streaming.stream_probes`: per-layer read-outs
+    at the queries and the attention query block, reduced inside the hooks); label
+    sensitivities add one differentiable pass and batched backward passes.
     """
     task_sets = _check_tasks(tasks)
     algorithms = _check_algorithms(algorithms)
@@ -246,6 +269,7 @@ def diagnose(
     if lam is not None:
         lam = check_positive("lam", lam)
     check_count("bootstrap", bootstrap, 0)
+    check_choice("step_sizes", step_sizes, STEP_SIZES)
     settings = {
         "algorithms": {name: getattr(solver, "__name__", repr(solver)) for name, solver in algorithms.items()},
         "kernels": list(kernels),
@@ -259,6 +283,7 @@ def diagnose(
         "agreement_threshold": agreement_threshold,
         "layers": layers,
         "n_layers": int(model.n_layers),
+        "step_sizes": step_sizes,
     }
     device, dtype = _model_device_dtype(model)
     for task in task_sets.values():
@@ -282,6 +307,7 @@ def diagnose(
                 layers=layers,
                 train_task=None if train_task is None else train_task.to(device=device, dtype=dtype),
                 sensitivities=sensitivities,
+                step_sizes=step_sizes,
                 bootstrap=bootstrap,
                 seed=seed,
                 n_kappa_bins=n_kappa_bins,
@@ -291,7 +317,7 @@ def diagnose(
 
 
 def _diagnose_task_set(model, set_name, task, bar, *, algorithms, kernels, kernel, kernel_params, lam, n_steps, method,
-                       layers, train_task, sensitivities, bootstrap, seed, n_kappa_bins, verdict_thresholds) -> TaskSetDiagnosis:
+                       layers, train_task, sensitivities, step_sizes, bootstrap, seed, n_kappa_bins, verdict_thresholds) -> TaskSetDiagnosis:
     """All stages on one task set (see `diagnose`)."""
     seconds: dict[str, float] = {}
     notes: list[str] = []
@@ -315,39 +341,54 @@ def _diagnose_task_set(model, set_name, task, bar, *, algorithms, kernels, kerne
     krr_pred = torch.einsum("bmn,bn->bm", K_query, krr(K, y, lam))
     stage_done("KRR system")
 
+    read_layers = layers if method == "readout" else []  # the read-out lens rides on the one pass
+    blocks = (ALIGNMENT_BLOCK,) if kernels else ()
+    streamed = stream_probes(model, encode_for_probe(model, task), layers=read_layers, blocks=blocks) if read_layers or blocks else None
+    if method == "readout":
+        layer_pred = streamed.readouts.to(torch.float64)
+    else:
+        layer_pred = layer_predictions(model, task, method=method, layers=layers, train_task=train_task)
+    stage_done("model pass")
+
+    scored = np.flatnonzero(np.asarray(layers) > 0)
+    layer_pred_np = _numpy(layer_pred)
+    fitted: dict[str, FittedStep] = {}
+    solvers: dict[str, Callable[..., Any]] = {}
     step_preds = {}
     for name, solver in algorithms.items():
         try:
+            if step_sizes == "fitted" and name in FITTED_STEP_ALGORITHMS and solver is ALGORITHMS.get(name):
+                fitted[name] = cross_fit_step(name, K, y, lam, n_steps, K_query, layer_pred_np, scored, seed)
+                solver = fitted[name].solver()
             step_preds[name] = solver(K, y, lam, n_steps, K_query=K_query).pred
+            solvers[name] = solver
         except ValueError as error:  # e.g. the row-sum preconditioner on a kernel with negative rows
+            fitted.pop(name, None)
             notes.append(f"{name} left out: it does not apply to this system ({error})")
     if not step_preds:
         raise ValueError(f"none of the algorithms {tuple(algorithms)} applies to task set {set_name!r}: {'; '.join(notes)}")
-    algorithms = {name: algorithms[name] for name in step_preds}
     stage_done("solver trajectories")
-
-    layer_pred = layer_predictions(model, task, method=method, layers=layers, train_task=train_task)
-    stage_done("layer predictions")
 
     layer_sens, step_sens = None, None
     if sensitivities and method == "readout":
         layer_sens = label_sensitivities(model, task, layers=layers)
-        step_sens = {
-            name: _numpy(solver_sensitivities(name, K, K_query, lam, n_steps, y=y))
-            for name, solver in algorithms.items()
-            if solver is ALGORITHMS.get(name)
-        }
-        custom = [name for name in algorithms if name not in step_sens]
-        if custom:
-            notes.append(f"solver sensitivities skipped for custom solvers {custom} (solver_sensitivities takes registry names)")
+        step_sens = {}
+        for name, solver in solvers.items():
+            if name in fitted:  # richardson / heavy ball with explicit steps: linear in y
+                step_sens[name] = _numpy(solver_sensitivities(solver, K, K_query, lam, n_steps, linear_in_y=True))
+            elif solver is ALGORITHMS.get(name):
+                step_sens[name] = _numpy(solver_sensitivities(name, K, K_query, lam, n_steps, y=y))
+            else:  # a custom callable: linear in y unknown, so differentiated at y
+                step_sens[name] = _numpy(solver_sensitivities(solver, K, K_query, lam, n_steps, y=y))
     elif sensitivities:
         notes.append("label sensitivities skipped: they are defined for the read-out lens (method='readout'), not fitted probes")
     stage_done("sensitivities")
 
     alignment = None
     if kernels:
+        attention = AttentionKernels(support=streamed.support, query=streamed.query, source="pattern")
         try:
-            alignment = kernel_alignment(model, task, kernels=kernels)
+            alignment = kernel_alignment(model, task, kernels=kernels, block=ALIGNMENT_BLOCK, attention=attention)
         except ValueError as error:
             notes.append(f"kernel alignment skipped: {error}")
     stage_done("kernel alignment")
@@ -385,6 +426,7 @@ def _diagnose_task_set(model, set_name, task, bar, *, algorithms, kernels, kerne
         layer_sensitivities=None if layer_sens is None else _numpy(layer_sens),
         step_sensitivities=step_sens,
         kernel_alignment=alignment,
+        fitted_steps=fitted,
         notes=notes,
         seconds=seconds,
     )
@@ -489,6 +531,18 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
+def strict_json(value: Any) -> Any:
+    """Plain data (dicts, lists, numbers) with every non-finite float replaced by None, so
+    `json.dumps(..., allow_nan=False)` writes strict JSON (null for NaN / inf / -inf)."""
+    if isinstance(value, dict):
+        return {key: strict_json(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(item) for item in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
 def _task_set_dict(result: TaskSetDiagnosis) -> dict[str, Any]:
     """One task set's statistics as plain data (predictions stay in `save`'s arrays.npz)."""
     scores = {}
@@ -510,6 +564,7 @@ def _task_set_dict(result: TaskSetDiagnosis) -> dict[str, Any]:
             "scores": scores,
             "verdict": verdict,
             "kernel_alignment": None if result.kernel_alignment is None else result.kernel_alignment.to_dict(),
+            "fitted_steps": {name: fit.to_dict() for name, fit in result.fitted_steps.items()},
             "notes": result.notes,
             "seconds": result.seconds,
         }

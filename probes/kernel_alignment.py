@@ -16,18 +16,17 @@ prediction error) while ranking neighbours almost at random.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
 import torch
-from scipy import optimize, stats
+from scipy import stats
 
 from mi_krr._validation import as_float64, check_choice
 from mi_krr.models.adapter import ICLModel
 from mi_krr.tasks import ICLTask
-from probes.attention_kernels import attention_kernels
+from probes.attention_kernels import AttentionKernels, attention_kernels
 
 REFERENCE_KERNELS = ("exp", "gaussian")
 BLOCKS = ("query", "support")
@@ -65,7 +64,9 @@ class KernelAlignment:
         return self.scale["gaussian"]
 
     def to_dict(self) -> dict[str, Any]:
-        """Nested lists of floats (JSON-able; inf/NaN stay floats)."""
+        """Nested lists of floats (inf / NaN stay floats here: pass it through
+        `probes.diagnose.strict_json` before `json.dumps(..., allow_nan=False)`, as
+        `Diagnosis.to_json` does, to write them as null)."""
         return {
             "block": self.block,
             "scale": {kernel: value.tolist() for kernel, value in self.scale.items()},
@@ -81,6 +82,7 @@ def kernel_alignment(
     representation: tuple[torch.Tensor, torch.Tensor] | None = None,
     block: str = "query",
     fit: str = "distance",
+    attention: AttentionKernels | None = None,
 ) -> KernelAlignment:
     """Compare each head's attention pattern with row-normalised reference kernels.
 
@@ -92,6 +94,9 @@ def kernel_alignment(
         fit: "distance" (1-d bounded minimisation of the squared Frobenius distance, in log
             scale) or "log_lstsq" (least squares on row-centred log-similarities; exact when the
             attention is exactly a row-normalised kernel).
+        attention: the model's `attention_kernels(model, task)` (source "pattern") when already
+            read, e.g. by `diagnose`'s single streaming pass; None reads it here (one forward).
+            Only the block compared is needed (the other may be None).
     """
     kernels = tuple(kernels)
     if not kernels:
@@ -100,8 +105,14 @@ def kernel_alignment(
         check_choice("kernels entry", kernel, REFERENCE_KERNELS)
     check_choice("block", block, BLOCKS)
     check_choice("fit", fit, FITS)
-    attention = attention_kernels(model, task, source="pattern")
-    pattern = as_float64("attention pattern", attention.query if block == "query" else attention.support)
+    if attention is None:
+        attention = attention_kernels(model, task, source="pattern")
+    elif not isinstance(attention, AttentionKernels) or attention.source != "pattern":
+        raise ValueError("attention must be the AttentionKernels of attention_kernels(model, task, source='pattern'), or None")
+    pattern = attention.query if block == "query" else attention.support
+    if pattern is None:
+        raise ValueError(f"attention lacks the {block!r} block that block={block!r} compares: read it with that block")
+    pattern = as_float64("attention pattern", pattern)
     if (pattern < 0).any():
         raise ValueError(
             "this model's attention pattern has negative entries (not softmax-normalised): compare "
@@ -183,21 +194,53 @@ def fit_inverse_scale(attn: torch.Tensor, similarity: torch.Tensor, keys: torch.
     if fit == "log_lstsq":
         return beta
     spread = centred_sim.square().sum(pooled).div(weight.sum(pooled).clamp_min(1.0)).sqrt().clamp_min(1e-12)
-    refined = torch.empty_like(beta)
-    for layer in range(attn.shape[1]):
-        for head in range(attn.shape[2]):
-            a, s, k = attn[:, layer, head], similarity[:, layer, head], keys[:, layer, head]
+    centre = torch.where(beta > 0, beta.clamp_min(1e-300).log(), -spread.log())  # [L, H]
 
-            def loss(log_beta: float) -> float:
-                reference = row_normalised_kernel(math.exp(log_beta) * s, k)
-                return float((reference - a).square().sum() / a.shape[0])
+    def loss(log_beta: torch.Tensor) -> torch.Tensor:  # [..., L, H] -> mean squared distance [..., L, H]
+        scale = log_beta.exp()[..., None, None]
+        reference = row_normalised_kernel(scale.unsqueeze(-5) * similarity, keys)  # [..., B, L, H, r, n]
+        return (reference - attn).square().sum((-2, -1)).mean(-3)
 
-            centre = math.log(beta[layer, head]) if beta[layer, head] > 0 else -math.log(spread[layer, head])
-            result = optimize.minimize_scalar(loss, bounds=(centre - 7.0, centre + 7.0), method="bounded", options={"xatol": 1e-8})
-            uniform = row_normalised_kernel(torch.zeros_like(s), k)
-            uniform_loss = float((uniform - a).square().sum() / a.shape[0])
-            refined[layer, head] = 0.0 if uniform_loss <= result.fun else math.exp(result.x)
-    return refined
+    log_beta = _minimise_per_head(loss, centre - LOG_SCALE_HALF_WIDTH, centre + LOG_SCALE_HALF_WIDTH, attn.numel())
+    uniform_loss = (row_normalised_kernel(torch.zeros_like(similarity), keys) - attn).square().sum((-2, -1)).mean(0)
+    return torch.where(uniform_loss <= loss(log_beta), 0.0, log_beta.exp())
+
+
+LOG_SCALE_HALF_WIDTH = 7.0
+"""The distance fit searches log beta within +-7 of the log_lstsq start (a factor e^7 ~ 1100)."""
+
+GRID_CHUNK_VALUES = 2**22
+"""Numbers of reference kernels built at once during the distance fit's grid (bounds its memory)."""
+
+
+def _minimise_per_head(
+    loss, low: torch.Tensor, high: torch.Tensor, values_per_point: int, n_grid: int = 29, xtol: float = 1e-8
+) -> torch.Tensor:
+    """Minimise `loss` (`[..., L, H]` -> `[..., L, H]`, evaluated for every layer and head at once)
+    over log beta in [low, high] per head: a grid of `n_grid` points (all in one batched call),
+    then golden-section search in the bracket around each head's best grid point down to `xtol`.
+    Grid points are evaluated in chunks of about `GRID_CHUNK_VALUES / values_per_point` (the
+    reference kernels of one point hold `values_per_point` numbers). Returns the minimiser `[L, H]`."""
+    grid = torch.linspace(0.0, 1.0, n_grid, dtype=low.dtype, device=low.device)[:, None, None]
+    points = low + grid * (high - low)  # [G, L, H]
+    chunk = max(1, GRID_CHUNK_VALUES // max(values_per_point, 1))
+    best = torch.cat([loss(points[start : start + chunk]) for start in range(0, n_grid, chunk)]).argmin(0, keepdim=True)
+    spacing = (high - low) / (n_grid - 1)
+    a = torch.maximum(points.gather(0, best)[0] - spacing, low)
+    b = torch.minimum(points.gather(0, best)[0] + spacing, high)
+    ratio = (5.0**0.5 - 1.0) / 2.0
+    c, d = b - ratio * (b - a), a + ratio * (b - a)
+    loss_c, loss_d = loss(c), loss(d)
+    while float((b - a).max()) > xtol:
+        left = loss_c <= loss_d  # the minimum lies in [a, d]
+        a, b = torch.where(left, a, c), torch.where(left, d, b)
+        c_new = torch.where(left, b - ratio * (b - a), d)
+        d_new = torch.where(left, c, a + ratio * (b - a))
+        moved = torch.where(left, c_new, d_new)  # the one new point per head
+        loss_moved = loss(moved)
+        loss_c, loss_d = torch.where(left, loss_moved, loss_d), torch.where(left, loss_c, loss_moved)
+        c, d = c_new, d_new
+    return (a + b) / 2
 
 
 def alignment_metrics(K_attn: Any, K_ref: Any, mask: Any = None) -> dict[str, torch.Tensor]:

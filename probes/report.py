@@ -42,6 +42,12 @@ def task_set_summary(result: "TaskSetDiagnosis") -> str:
     lines.append("  layer " + " ".join(f"{layer:>7d}" for layer in best.layers))
     lines.append("  step  " + " ".join(f"{a:>3d} ({b:>2d})" for a, b in zip(best.aligned_steps, best.argmin_steps)))
     lines.append("  R2    " + " ".join(f"{value:>7.4f}" if np.isfinite(value) else f"{'-':>7}" for value in best.aligned_r2))
+    for name, fit in result.fitted_steps.items():
+        momentum = "" if fit.momentum is None else f", momentum {fit.momentum[0]:.3g} / {fit.momentum[1]:.3g}"
+        lines.append(
+            f"{name}: one global step fitted to the layers, {fit.step[0]:.6g} / {fit.step[1]:.6g}{momentum} "
+            "(fitted on each half of the prompts; each half scored with the other half's)"
+        )
     lines.append(result.verdict.message)
     lines += [f"note: {note}" for note in result.notes]
     return "\n".join(lines)

@@ -13,7 +13,8 @@ coordinate carries y is needed, for any layout.
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+import functools
+from typing import Any, Callable, Sequence
 
 import einops
 import torch
@@ -79,26 +80,41 @@ def batch_jacobian(outputs: torch.Tensor, inputs: torch.Tensor, chunk_size: int 
 
 
 def solver_sensitivities(
-    algorithm: str,
+    algorithm: str | Callable[..., Any],
     K: torch.Tensor,
     K_query: torch.Tensor,
     lam: float,
     n_steps: int,
     y: torch.Tensor | None = None,
     chunk_size: int = 64,
+    linear_in_y: bool | None = None,
 ) -> torch.Tensor:
-    """d pred_t(query j) / d y_i along the trajectory of `mi_krr.solvers.ALGORITHMS[algorithm]`
-    -> `[..., T+1, n_query, n_support]` (float64).
+    """d pred_t(query j) / d y_i along a solver's trajectory -> `[..., T+1, n_query, n_support]`
+    (float64).
 
-    K `[..., n, n]`, K_query `[..., m, n]` (leading dimensions broadcast). Solvers in
-    `LINEAR_IN_Y` have one sensitivity matrix per step whatever y is; it is computed exactly by
-    running the solver on the identity label columns (`y` is not needed). The others (CG and
-    Jacobi-CG, whose step lengths depend on y) need `y` `[..., n]`: their sensitivity at that y
-    is computed by autograd through the solver.
+    algorithm: a name in `mi_krr.solvers.ALGORITHMS`, or a solver callable with the registry
+    signature `(K, y, lam, n_steps, K_query=None) -> Trajectory` (e.g.
+    `functools.partial(mi_krr.solvers.richardson, step=0.04)`).
+    K `[..., n, n]`, K_query `[..., m, n]` (leading dimensions broadcast).
+
+    linear_in_y (default: True for the names in `LINEAR_IN_Y`, False for callables): the solver's
+    step-t prediction is a fixed linear map of y, so its sensitivity matrix is computed exactly,
+    whatever y is, by running the solver once on the n identity label columns (`y` is not needed).
+    For a registry name the spectrum-derived parameters (step, momentum, eigenvalue bounds) are
+    computed once per prompt and passed explicitly, not recomputed per column. Otherwise (CG,
+    Jacobi-CG, any solver whose steps depend on y) `y` `[..., n]` is required and the
+    sensitivity at that y is computed by autograd through the solver.
     """
     from mi_krr.solvers import ALGORITHMS
 
-    check_choice("algorithm", algorithm, tuple(ALGORITHMS))
+    if isinstance(algorithm, str):
+        check_choice("algorithm", algorithm, tuple(ALGORITHMS))
+        solve = ALGORITHMS[algorithm]
+        linear = algorithm in LINEAR_IN_Y if linear_in_y is None else bool(linear_in_y)
+    elif callable(algorithm):
+        solve, linear = algorithm, bool(linear_in_y)
+    else:
+        raise ValueError(f"algorithm must be a name in mi_krr.solvers.ALGORITHMS or a solver callable, got {algorithm!r}")
     K = as_float64("K", K, min_dim=2)
     K_query = as_float64("K_query", K_query, min_dim=2)
     n, m = K.shape[-1], K_query.shape[-2]
@@ -109,17 +125,40 @@ def solver_sensitivities(
     check_count("chunk_size", chunk_size, minimum=1)
     batch_shape = torch.broadcast_shapes(K.shape[:-2], K_query.shape[:-2])
     K, K_query = K.expand(*batch_shape, n, n), K_query.expand(*batch_shape, m, n)
-    solve = ALGORITHMS[algorithm]
-    if algorithm in LINEAR_IN_Y:
-        columns = torch.eye(n, dtype=K.dtype, device=K.device).expand(*batch_shape, n, n)  # [..., column, n]
-        per_column = (K.unsqueeze(-3).expand(*batch_shape, n, n, n), K_query.unsqueeze(-3).expand(*batch_shape, n, m, n))
-        pred = solve(per_column[0], columns, lam, n_steps, K_query=per_column[1]).pred  # [..., column, T+1, m]
-        return einops.rearrange(pred, "... column step query -> ... step query column")
+    if linear:
+        if isinstance(algorithm, str):
+            solve = solver_with_explicit_parameters(algorithm, K, lam)
+        columns = torch.eye(n, dtype=K.dtype, device=K.device).reshape(n, *(1,) * len(batch_shape), n).expand(n, *batch_shape, n)
+        per_column = (K.expand(n, *batch_shape, n, n), K_query.expand(n, *batch_shape, m, n))  # column first: per-prompt
+        pred = solve(per_column[0], columns, lam, n_steps, K_query=per_column[1]).pred  # parameters [...] broadcast
+        return einops.rearrange(pred, "column ... step query -> ... step query column")  # [column, ..., T+1, m]
     if y is None:
-        raise ValueError(f"algorithm {algorithm!r} is nonlinear in y: pass the labels y [..., n] to take its sensitivity at")
+        name = algorithm if isinstance(algorithm, str) else "this solver"
+        raise ValueError(f"algorithm {name!r} is nonlinear in y: pass the labels y [..., n] to take its sensitivity at")
     y = as_float64("y", y, min_dim=1).detach()
     labels = y.expand(*batch_shape, n).reshape(-1, n).clone().requires_grad_(True)
     with torch.enable_grad():
         pred = solve(K, labels.reshape(*batch_shape, n), lam, n_steps, K_query=K_query).pred  # [..., T+1, m]
         jacobian = batch_jacobian(pred.reshape(labels.shape[0], -1), labels, chunk_size)  # [B, (T+1) m, n]
     return jacobian.reshape(*batch_shape, n_steps + 1, m, n)
+
+
+RICHARDSON_PRECONDITIONERS: dict[str, str] = {"gd": "none", "richardson_jacobi": "jacobi", "richardson_rowsum": "rowsum"}
+"""`ALGORITHMS` entries that are `mi_krr.solvers.richardson` with a preconditioner."""
+
+
+def solver_with_explicit_parameters(algorithm: str, K: torch.Tensor, lam: float) -> Callable[..., Any]:
+    """`ALGORITHMS[algorithm]` with its spectrum-optimal per-prompt parameters computed once on K
+    `[..., n, n]` (a zero-step run records them) and bound explicitly, as a solver whose
+    parameters `[...]` broadcast over any extra LEADING dimensions of K and y. Newton-Schulz takes
+    no explicit scale: it is returned as is (its scale is recomputed per call)."""
+    from mi_krr.solvers import ALGORITHMS, chebyshev, heavy_ball, richardson
+
+    zero_step = ALGORITHMS[algorithm](K, torch.zeros(K.shape[:-1], dtype=K.dtype, device=K.device), lam, 0)
+    if algorithm in RICHARDSON_PRECONDITIONERS:
+        return functools.partial(richardson, step=zero_step.step, precond=RICHARDSON_PRECONDITIONERS[algorithm])
+    if algorithm == "heavy_ball":
+        return functools.partial(heavy_ball, step=zero_step.step, momentum=zero_step.params["momentum"])
+    if algorithm == "chebyshev":
+        return functools.partial(chebyshev, eig_bounds=zero_step.params["eig_bounds"])
+    return ALGORITHMS[algorithm]

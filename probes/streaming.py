@@ -1,30 +1,31 @@
 """Hook-side reductions: every probe reads activations through these, and each hook keeps only
 what its probe needs.
 
-A hook on a residual-stream name gathers the query positions the moment it fires (and, for the
-read-out lens, applies the model's read-out there), so a forward pass retains `[batch, n_query]`
-or `[batch, n_query, d_model]` per layer, never the `[batch', seq, d_model]` stream of every
-layer. Attention hooks cut the pattern down to its support x support and query x support blocks
-inside the hook. Everything the hooks store is a fresh tensor (gathered by index), not a view that
-would keep the full activation's storage alive.
+`stream_probes` is the one pass everything else uses: a hook on a residual-stream name gathers
+the query positions the moment it fires and applies the model's read-out there (`[batch,
+n_query]` per layer kept), and attention hooks cut the pattern down to its support x support and
+query x support blocks inside the hook; both kinds ride on ONE forward pass, so a diagnosis reads
+the model once. No hook keeps a `[batch', seq, ...]` activation: everything stored is a small
+tensor in its own storage, never a view that would keep the full activation alive.
 
 Probes talk to models only through `mi_krr.models.adapter.ICLModel` (encode, hook names, readout).
 """
 
 from __future__ import annotations
 
-import dataclasses
+from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import einops
 import torch
 
-from mi_krr._validation import check_count
+from mi_krr._validation import check_choice, check_count
 from mi_krr.models.adapter import ICLModel
 from mi_krr.models.encoding import EncodedPrompt
 from mi_krr.tasks import ICLTask
 
 Reduction = Callable[[torch.Tensor], Any]
+ATTENTION_BLOCKS = ("support", "query")
 
 
 def encode_for_probe(model: ICLModel, task: ICLTask) -> EncodedPrompt:
@@ -89,10 +90,7 @@ def query_readouts(model: ICLModel, prompt: EncodedPrompt, layers: Sequence[int]
 
     Returns `[batch, len(layers), n_query]` (the model's dtype; in the autograd graph if `grad`).
     """
-    names = model.residual_hook_names()
-    reductions = [(names[layer], lambda resid: model.readout(prompt.gather_queries(resid))) for layer in layers]
-    per_layer = run_with_reductions(model, prompt.tokens, reductions, grad=grad)
-    return torch.stack(per_layer, dim=1)
+    return stream_probes(model, prompt, layers=layers, grad=grad).readouts
 
 
 def query_residuals(model: ICLModel, prompt: EncodedPrompt, layers: Sequence[int]) -> torch.Tensor:
@@ -103,32 +101,11 @@ def query_residuals(model: ICLModel, prompt: EncodedPrompt, layers: Sequence[int
     return torch.stack(run_with_reductions(model, prompt.tokens, reductions), dim=1)
 
 
-def _rows_of_interest(prompt: EncodedPrompt) -> torch.Tensor:
-    """Positions whose attention rows the kernels need: support x tokens, then the query tokens
-    of one sequence `[n_support + q]`."""
-    return torch.cat([prompt.support_positions, prompt.query_positions])
-
-
-def _split_blocks(rows: torch.Tensor, prompt: EncodedPrompt) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attention rows `[batch * groups, head, n_support + q, n_support]` (support rows first, then
-    the sequence's query rows; columns = support keys) -> support block `[batch, head, n, n]`
-    and query block `[batch, head, n_query, n]`.
-
-    The support block is averaged over a prompt's groups: identical where support tokens never see
-    a query (causal layouts, and every concat mask in mi-krr). Query rows are folded back into
-    prompts by `EncodedPrompt.gather_queries` itself, pointed at the query rows of `rows`.
-    """
-    n = prompt.n_support
-    support = einops.reduce(rows[:, :, :n], "(batch group) head i j -> batch head i j", "mean", batch=prompt.batch_size)
-    query_rows = dataclasses.replace(prompt, query_positions=torch.arange(n, rows.shape[2], device=rows.device))
-    query = query_rows.gather_queries(einops.rearrange(rows, "seqs head row key -> seqs row head key"))
-    return support, einops.rearrange(query, "batch query head key -> batch head query key")
-
-
 def attention_blocks(
     model: ICLModel, prompt: EncodedPrompt, source: str = "pattern"
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-layer attention between support x tokens and support / query tokens, reduced in hooks.
+    """Per-layer attention between support x tokens and support / query tokens, reduced in hooks
+    (`stream_probes` with both blocks and no read-outs).
 
     source "pattern": the weights applied (`AttentionHooks.pattern`). "scores": pre-normalisation
     scores from `AttentionHooks.scores` where the model has them (blocked entries carry the
@@ -139,30 +116,129 @@ def attention_blocks(
     Returns (support `[batch, layer, head, n, n]`, query `[batch, layer, head, n_query, n]`),
     rows = attending token, columns = support keys (x tokens in the interleaved layout).
     """
-    rows = _rows_of_interest(prompt)
-    keys = prompt.support_positions
+    streamed = stream_probes(model, prompt, blocks=ATTENTION_BLOCKS, source=source)
+    return streamed.support, streamed.query
 
-    def blocks_of(pattern: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # [seqs, head, pos, pos]
-        return _split_blocks(pattern[:, :, rows][..., keys], prompt)
 
-    reductions: list[tuple[str, Reduction]] = []
+@dataclass
+class StreamedProbes:
+    """What one forward pass with probe hooks keeps (None: not requested).
+
+    Attributes:
+        readouts: the read-out lens at the query positions `[batch, len(layers), n_query]`.
+        support: attention of support x tokens on support keys `[batch, layer, head, n, n]`.
+        query: attention of query tokens on support keys `[batch, layer, head, n_query, n]`.
+    """
+
+    readouts: torch.Tensor | None
+    support: torch.Tensor | None
+    query: torch.Tensor | None
+
+
+def stream_probes(
+    model: ICLModel,
+    prompt: EncodedPrompt,
+    layers: Sequence[int] = (),
+    blocks: Sequence[str] = (),
+    source: str = "pattern",
+    grad: bool = False,
+) -> StreamedProbes:
+    """ONE forward pass of `model` that keeps, reduced inside the hooks as they fire, the read-out
+    lens of each residual index in `layers` (`[batch, n_query]` per layer) and the attention
+    `blocks` ("support", "query") of every layer (`[batch, head, rows, n]` per layer; see
+    `attention_blocks` for `source`). No hook keeps an activation, or a view of one: at any time
+    the pass holds one layer's activations plus these reductions.
+
+    Raises ValueError for an unknown block or source, or when nothing is requested.
+    """
+    blocks = tuple(blocks)
+    for block in blocks:
+        check_choice("blocks entry", block, ATTENTION_BLOCKS)
+    check_choice("source", source, ("pattern", "scores"))
+    layers = list(layers)
+    if not layers and not blocks:
+        raise ValueError("stream_probes needs layers (read-out lens) or blocks (attention) to keep: both are empty")
+    names = model.residual_hook_names()
+    reductions: list[tuple[str, Reduction]] = [
+        (names[layer], lambda resid: model.readout(prompt.gather_queries(resid))) for layer in layers
+    ]
+    finish_attention = _attention_reductions(model, prompt, blocks, source, reductions) if blocks else None
+    results = run_with_reductions(model, prompt.tokens, reductions, grad=grad)
+    readouts = torch.stack(results[: len(layers)], dim=1) if layers else None
+    support, query = finish_attention(results[len(layers) :]) if blocks else (None, None)
+    return StreamedProbes(readouts=readouts, support=support, query=query)
+
+
+def _attention_reductions(
+    model: ICLModel, prompt: EncodedPrompt, blocks: tuple[str, ...], source: str, reductions: list[tuple[str, Reduction]]
+) -> Callable[[list[Any]], tuple[torch.Tensor | None, torch.Tensor | None]]:
+    """Append to `reductions` the hooks that cut every layer's attention down to `blocks`; return
+    the function that turns their results (in order) into (support, query) `[batch, layer, ...]`."""
+    keys, rows = prompt.support_positions, _block_rows(prompt, blocks)
+
+    def blocks_of(pattern: torch.Tensor) -> dict[str, torch.Tensor]:  # [seqs, head, pos, pos]
+        return {
+            block: _fold_block(block, _take(_take(pattern, 2, positions), 3, keys), prompt)
+            for block, positions in rows.items()
+        }
+
     rebuilt: list[bool] = []
     for hooks in model.attention_hook_names():
         if source == "pattern" or hooks.scores is not None:
             reductions.append((hooks.pattern if source == "pattern" else hooks.scores, blocks_of))
             rebuilt.append(False)
         else:  # q fires before k is known: keep q's rows and k's support keys, combine after
-            reductions += [(hooks.q, lambda q: q[:, rows]), (hooks.k, lambda k: k[:, keys])]
+            reductions.append((hooks.q, lambda q: {block: _take(q, 1, positions).clone() for block, positions in rows.items()}))
+            reductions.append((hooks.k, lambda k: _take(k, 1, keys).clone()))
             rebuilt.append(True)
-    results = iter(run_with_reductions(model, prompt.tokens, reductions))
-    blocks = []
-    for needs_qk in rebuilt:
-        if needs_qk:
-            q, k = next(results), next(results)  # [seqs, rows, head, d_head], [seqs, n, head, d_head]
-            scores = einops.einsum(q, k, "seqs row head e, seqs key head e -> seqs head row key") / q.shape[-1] ** 0.5
-            blocks.append(_split_blocks(scores, prompt))
-        else:
-            blocks.append(next(results))
-    support = torch.stack([support for support, _ in blocks], dim=1)
-    query = torch.stack([query for _, query in blocks], dim=1)
-    return support, query
+
+    def finish(results: list[Any]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        results = iter(results)
+        per_layer = []
+        for needs_qk in rebuilt:
+            if not needs_qk:
+                per_layer.append(next(results))
+                continue
+            q_rows, k = next(results), next(results)  # {block: [seqs, rows, head, e]}, [seqs, n, head, e]
+            per_layer.append({
+                block: _fold_block(
+                    block,
+                    einops.einsum(q, k, "seqs row head e, seqs key head e -> seqs head row key") / q.shape[-1] ** 0.5,
+                    prompt,
+                )
+                for block, q in q_rows.items()
+            })
+        stacked = {block: torch.stack([layer[block] for layer in per_layer], dim=1) for block in blocks}
+        return stacked.get("support"), stacked.get("query")
+
+    return finish
+
+
+def _block_rows(prompt: EncodedPrompt, blocks: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """Attending positions of each requested block: support x tokens `[n]`, query tokens `[q]`."""
+    positions = {"support": prompt.support_positions, "query": prompt.query_positions}
+    return {block: positions[block] for block in ATTENTION_BLOCKS if block in blocks}
+
+
+def _take(tensor: torch.Tensor, dim: int, positions: torch.Tensor) -> torch.Tensor:
+    """`tensor` at `positions` along `dim`: a view when they are consecutive (no copy of the
+    activation), else a gathered copy."""
+    start, count = int(positions[0]), positions.numel()
+    if count and torch.equal(positions.cpu(), torch.arange(start, start + count)):
+        return tensor.narrow(dim, start, count)
+    return tensor.index_select(dim, positions.to(tensor.device))
+
+
+def _fold_block(block: str, rows: torch.Tensor, prompt: EncodedPrompt) -> torch.Tensor:
+    """Attention rows of one sequence-batch `[batch * groups, head, rows, n]` -> the block per
+    prompt, in its own storage.
+
+    "support" `[batch, head, n, n]`: averaged over a prompt's groups (identical where support
+    tokens never see a query: causal layouts, and every concat mask in mi-krr). "query"
+    `[batch, head, n_query, n]`: groups folded into queries, as `EncodedPrompt.gather_queries` does.
+    """
+    if block == "support":
+        folded = einops.reduce(rows, "(batch group) head i j -> batch head i j", "mean", batch=prompt.batch_size)
+    else:
+        folded = einops.rearrange(rows, "(batch group) head q key -> batch head (group q) key", batch=prompt.batch_size)
+    return folded.clone(memory_format=torch.contiguous_format)

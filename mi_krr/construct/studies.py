@@ -124,15 +124,15 @@ def _head_grams(feature_map: FeatureMap | PromptFeatureMap, task: ICLTask) -> tu
 class WidthCurve:
     """One head's error against oracle KRR on the true kernel, per head width.
 
-    Errors are relative prediction errors on the queries, averaged over `batch_size` prompts per
-    seed and then over `n_seeds` seeds (each seed draws fresh prompts and fresh features);
-    `error_sem` is the standard error of that mean over seeds.
+    A prompt's error is its relative prediction error on the queries, averaged over the head's
+    `n_seeds` random draws (one draw for the deterministic "top_eigen"); `error` is the mean of
+    that over the prompts and `error_sem` its standard error over the prompts.
 
     Attributes:
         kernel, head, lam: the kernel, the head (`WIDTH_HEADS`) and the ridge.
         d_eff: mean over prompts of d_eff(lam) = tr K (K + lam I)^-1 of the true support K.
         error: the CG transformer's mean error per width.
-        error_sem: its standard error over seeds.
+        error_sem: its standard error over prompts.
         feature_krr_error: the same mean for exact KRR on the head's own kernel (the value the
             model's error converges to as its CG steps grow).
     """
@@ -203,47 +203,58 @@ class WidthStudy:
     def plot(self):
         """Error vs m at `lam` (every head, d_eff marked); then, per projection head, error vs
         m / d_eff at every ridge (curves that collapse say the head's error tracks d_eff)."""
+        from matplotlib import colormaps
+        from matplotlib.lines import Line2D
+
         collapse_heads = [head for head in ("top_eigen", "gaussian_sketch") if head in self.heads]
-        fig, axes = _figure(1 + len(collapse_heads), width=4.9, height=4.3)
+        fig, axes = _figure(1 + len(collapse_heads), width=4.8, height=4.4)
         n_points = self.n_support + self.n_query
         ax = axes[0]
+        handles = []
         for k, kernel in enumerate(self.kernels):
             color = f"C{k}"
             for head in self.heads:
                 curve = self.curve(kernel, head)
                 marker, style = _HEAD_STYLES[head]
-                ax.errorbar(self.widths, curve.error, yerr=curve.error_sem, fmt=marker + style, ms=4, capsize=2,
-                            color=color, label=f"{kernel}: {_HEAD_LABELS[head]}")
-            d_eff = self.d_eff[kernel]
-            ax.axvline(d_eff, color=color, ls=":", lw=1.2, label=f"{kernel}: $d_{{eff}}(\\lambda)$ = {d_eff:.1f}")
+                ax.errorbar(self.widths, curve.error, yerr=curve.error_sem, fmt=marker + style, ms=4, capsize=2, color=color)
+            ax.axvline(self.d_eff[kernel], color=color, ls=":", lw=1.5)
+            handles.append(Line2D([], [], color=color, lw=2, label=f"{kernel} (dotted: $d_{{eff}}$ = {self.d_eff[kernel]:.1f})"))
+        for head in self.heads:
+            marker, style = _HEAD_STYLES[head]
+            handles.append(Line2D([], [], color="0.2", marker=marker, ls=style, ms=4, label=_HEAD_LABELS[head]))
         if "top_eigen" in self.heads:
-            ax.axvline(n_points, color="0.5", ls="-", lw=0.8, label=f"N = n + queries = {n_points} (top-m exact)")
+            ax.axvline(n_points, color="0.55", lw=1)
+            handles.append(Line2D([], [], color="0.55", lw=1, label=f"N = n + queries = {n_points}"))
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
-        ax.set_ylim(bottom=_visible_floor(c.error for c in self.curves if c.lam == self.lam), top=1.5)
+        ax.set_ylim(bottom=_visible_floor(c.error for c in self.curves if c.lam == self.lam), top=1.6)
         ax.set_xlabel("head width m")
-        ax.set_ylabel("rel. error vs oracle KRR (true kernel)")
-        ax.set_title(f"CG transformer, m-wide head ($\\lambda$={self.lam:g}, n={self.n_support}, {self.n_steps} steps)", fontsize=9)
-        ax.legend(fontsize=6.5, loc="lower left")
+        ax.set_ylabel("rel. error vs oracle KRR on the true kernel")
+        ax.set_title(f"CG transformer with an m-wide head ($\\lambda$={self.lam:g}, n={self.n_support},\n"
+                     f"{self.n_steps} CG steps; mean $\\pm$ s.e. over {self.batch_size} prompts x {self.n_seeds} head draws)", fontsize=9)
+        ax.legend(handles=handles, fontsize=6.5, loc="lower left", framealpha=0.9)
+        ordered_lams = sorted(self.lams)
         for ax, head in zip(axes[1:], collapse_heads):
             for k, kernel in enumerate(self.kernels):
-                for j, lam in enumerate(self.lams):
+                shades = colormaps[("Blues", "Oranges", "Greens", "Purples")[k % 4]]
+                for j, lam in enumerate(ordered_lams):
                     curve = self.curve(kernel, head, lam)
-                    ratio = np.asarray(self.widths) / curve.d_eff
-                    ax.errorbar(ratio, curve.error, yerr=curve.error_sem, fmt=_LAM_MARKERS[j % len(_LAM_MARKERS)] + "-",
-                                ms=4, capsize=2, color=f"C{k}", alpha=1.0 - 0.25 * j / max(1, len(self.lams) - 1),
+                    ax.errorbar(np.asarray(self.widths) / curve.d_eff, curve.error, yerr=curve.error_sem,
+                                fmt=_LAM_MARKERS[j % len(_LAM_MARKERS)] + "-", ms=4, capsize=2,
+                                color=shades(0.45 + 0.45 * j / max(1, len(ordered_lams) - 1)),
                                 label=f"{kernel}, $\\lambda$={lam:g}: $d_{{eff}}$={curve.d_eff:.1f}")
             ax.axvline(1.0, color="0.3", ls=":", lw=1.2)
             if head == "gaussian_sketch":
-                ratios = np.geomspace(0.5, max(self.widths) / min(c.d_eff for c in self.curves), 20)
-                ax.loglog(ratios, ratios**-0.5, "k--", lw=1, label="$(m / d_{eff})^{-1/2}$")
+                ratios = np.geomspace(1.0, max(self.widths) / min(c.d_eff for c in self.curves), 20)
+                ax.plot(ratios, ratios**-0.5, "k--", lw=1, label="$(m / d_{eff})^{-1/2}$")
             ax.set_xscale("log")
             ax.set_yscale("log")
-            ax.set_ylim(bottom=_visible_floor(c.error for c in self.curves if c.head == head), top=1.5)
+            ax.set_ylim(bottom=max(1e-3, _visible_floor(c.error for c in self.curves if c.head == head)), top=1.6)
             ax.set_xlabel("m / $d_{eff}(\\lambda)$")
-            ax.set_ylabel("rel. error vs oracle KRR")
-            ax.set_title(f"{_HEAD_LABELS[head]}: error vs m / $d_{{eff}}$", fontsize=9)
-            ax.legend(fontsize=6.5, loc="lower left")
+            ax.set_ylabel("rel. error vs oracle KRR on the true kernel")
+            exact = " (exact for m $\\geq$ rank K: off the axis)" if head == "top_eigen" else ""
+            ax.set_title(f"{_HEAD_LABELS[head]}{exact}\nerror vs m / $d_{{eff}}(\\lambda)$, three ridges", fontsize=9)
+            ax.legend(fontsize=6.5, loc="lower left", framealpha=0.9)
         for ax in axes:
             ax.grid(True, which="major", alpha=0.3)
         fig.tight_layout()
@@ -271,7 +282,7 @@ def width_study(
     heads: tuple[str, ...] = WIDTH_HEADS,
     lams: tuple[float, ...] = (),
     temperature: float = 1.0,
-    n_seeds: int = 4,
+    n_seeds: int = 2,
 ) -> WidthStudy:
     """The CG transformer with an m-wide head against oracle KRR on the true kernel, per m.
 
@@ -282,9 +293,9 @@ def width_study(
     kernel's exact feature space on each prompt: "gaussian_sketch" (unbiased) and "top_eigen"
     (optimal). The model runs `n_steps` CG steps on the head's kernel; the oracle is
     `mi_krr.solvers.krr` with the true kernel. Every head is measured at `lam`, the projection
-    heads also at each ridge in `lams`. Seeds seed, ..., seed + n_seeds - 1 each draw
-    `batch_size` prompts and the heads' random weights; averages and standard errors are over
-    them (`WidthCurve`).
+    heads also at each ridge in `lams`. `batch_size` prompts are drawn from `seed` (d_eff is
+    their mean); random heads from seeds seed, ..., seed + n_seeds - 1 (the Gaussian sketch
+    independently per prompt); errors are averaged over draws, then over prompts (`WidthCurve`).
     """
     widths = tuple(check_count("widths", w, minimum=1) for w in widths)
     for kernel in kernels:
@@ -296,7 +307,8 @@ def width_study(
     lam = check_positive("lam", lam)
     ridges = [lam] + [check_positive("lams", ridge) for ridge in dict.fromkeys(lams) if ridge != lam]
     temperature = check_positive("temperature", temperature)
-    n_seeds = check_count("n_seeds", n_seeds, minimum=2)
+    n_seeds = check_count("n_seeds", n_seeds, minimum=1)
+    batch_size = check_count("batch_size", batch_size, minimum=2)  # error bars need two prompts
     samplers = {
         "linear": LinearRegressionSampler(dim, condition_number=100.0, noise_std=0.1),
         "exp": GPRegressionSampler(dim, kernel="exp", temperature=temperature),
@@ -305,30 +317,33 @@ def width_study(
                        n_seeds, batch_size)
     for kernel in kernels:
         params = {"temperature": temperature} if kernel == "exp" else {}
-        tasks = [samplers[kernel].sample(batch_size, n_support, n_query, seed=seed + s, dtype=torch.float64) for s in range(n_seeds)]
-        kernels_true = [(kernel_matrix(kernel, t.x_support, **params), kernel_matrix(kernel, t.x_query, t.x_support, **params)) for t in tasks]
+        task = samplers[kernel].sample(batch_size, n_support, n_query, seed=seed, dtype=torch.float64)
+        K = kernel_matrix(kernel, task.x_support, **params)
+        K_query = kernel_matrix(kernel, task.x_query, task.x_support, **params)
         for ridge in ridges:
-            oracles = [_krr_predictions(K, t.y_support, ridge, K_query) for t, (K, K_query) in zip(tasks, kernels_true)]
-            d_eff = float(torch.cat([effective_dimension(K, ridge) for K, _ in kernels_true]).mean())
+            oracle = _krr_predictions(K, task.y_support, ridge, K_query)
+            d_eff = float(effective_dimension(K, ridge).mean())
             for head in heads:
                 if head == "random_features" and ridge != lam:
                     continue
-                model_errors, floor_errors = np.zeros((len(widths), n_seeds)), np.zeros((len(widths), n_seeds))
+                draws = 1 if head == "top_eigen" else n_seeds
+                model_errors = torch.zeros(len(widths), draws, batch_size, dtype=torch.float64)
+                floor_errors = torch.zeros_like(model_errors)
                 for w, width in enumerate(widths):
-                    for s, (task, oracle) in enumerate(zip(tasks, oracles)):
+                    for s in range(draws):
                         feature_map = width_head(head, kernel, dim, width, temperature, seed + s)
                         model = cg_transformer(n_steps, ridge, kernel=kernel, dim=dim, feature_map=feature_map)
                         with torch.no_grad():
                             pred = model.predict(task)
                         K_head, K_head_query = _head_grams(feature_map, task)
-                        feature_pred = _krr_predictions(K_head, task.y_support, ridge, K_head_query)
-                        model_errors[w, s] = float(_relative_error(pred, oracle).mean())
-                        floor_errors[w, s] = float(_relative_error(feature_pred, oracle).mean())
+                        model_errors[w, s] = _relative_error(pred, oracle)
+                        floor_errors[w, s] = _relative_error(_krr_predictions(K_head, task.y_support, ridge, K_head_query), oracle)
+                per_prompt = model_errors.mean(1)  # [widths, batch]: mean over the head's draws
                 study.curves.append(WidthCurve(
                     kernel, head, ridge, d_eff,
-                    error=model_errors.mean(1).tolist(),
-                    error_sem=(model_errors.std(1, ddof=1) / math.sqrt(n_seeds)).tolist(),
-                    feature_krr_error=floor_errors.mean(1).tolist(),
+                    error=per_prompt.mean(1).tolist(),
+                    error_sem=(per_prompt.std(1) / math.sqrt(batch_size)).tolist(),
+                    feature_krr_error=floor_errors.mean((1, 2)).tolist(),
                 ))
     return study
 

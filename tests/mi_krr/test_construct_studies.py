@@ -14,6 +14,16 @@ from mi_krr.feature_maps import ProjectedKernelFeatures
 from mi_krr.tasks import GPRegressionSampler
 
 
+@pytest.fixture(autouse=True)
+def one_intra_op_thread():
+    """The studies run thousands of tiny tensor ops, where intra-op threads only add
+    synchronisation (and stall when the cores are shared)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _numpy_exp_kernel(points: np.ndarray, temperature: float) -> np.ndarray:
     return np.exp(points @ points.swapaxes(-1, -2) / temperature)
 
@@ -81,17 +91,15 @@ def test_cg_transformer_with_a_projected_head_is_krr_on_the_projected_gram(proje
 
 
 def test_width_study_projection_heads_fall_with_width_and_top_eigen_is_exact_at_the_prompt_size():
-    study = width_study(widths=(2, 6, 24), kernels=("exp",), dim=4, n_support=12, n_query=4, lam=0.1, n_steps=16,
-                        batch_size=4, heads=("gaussian_sketch", "top_eigen"), lams=(1.0,), n_seeds=2)
-    for lam in (0.1, 1.0):
-        for head in ("gaussian_sketch", "top_eigen"):
-            curve = study.curve("exp", head, lam)
-            error = np.array(curve.error)
-            np.testing.assert_allclose(error, curve.feature_krr_error, rtol=1e-6, atol=1e-9)
-            assert error[0] > error[1] > error[2]
-        assert study.curve("exp", "top_eigen", lam).error[-1] < 1e-8  # m = 24 >= N = 16 points
-        assert study.curve("exp", "gaussian_sketch", lam).error[-1] > 1e-3  # a sketch stays random
-    assert 0 < study.curve("exp", "top_eigen", 1.0).d_eff < study.curve("exp", "top_eigen", 0.1).d_eff < 12
+    study = width_study(widths=(2, 16, 64), kernels=("exp",), dim=4, n_support=12, n_query=4, lam=1.0, n_steps=16,
+                        batch_size=4, heads=("gaussian_sketch", "top_eigen"), lams=(10.0,), n_seeds=2)
+    for lam in (1.0, 10.0):
+        sketch, top = study.curve("exp", "gaussian_sketch", lam), study.curve("exp", "top_eigen", lam)
+        for curve in (sketch, top):
+            np.testing.assert_allclose(curve.error, curve.feature_krr_error, rtol=1e-6, atol=1e-9)
+        assert sketch.error[0] > sketch.error[1] > sketch.error[2] > 0.05  # unbiased but random at any m
+        assert top.error[0] > 0.1 and max(top.error[1:]) < 1e-8  # m >= N = 16 points: the exact kernel
+    assert 0 < study.curve("exp", "top_eigen", 10.0).d_eff < study.curve("exp", "top_eigen", 1.0).d_eff < 12
     assert all(sem > 0 for sem in study.curve("exp", "gaussian_sketch").error_sem)
     json.dumps(study.to_dict())
     axes = study.plot().axes

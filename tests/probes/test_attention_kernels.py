@@ -110,7 +110,8 @@ def test_attention_hooks_retain_only_the_blocks(monkeypatch):
     model, task = make_model("interleaved"), make_task()
     attention_kernels(model, task)
     assert len(retained) == model.cfg.n_layers
-    for support, query in retained:
+    for blocks in retained:
+        support, query = blocks["support"], blocks["query"]
         assert support.shape == (2, 3, N, N) and query.shape == (2, 3, M, N)
         for value in (support, query):
             assert value.untyped_storage().nbytes() == value.numel() * value.element_size()

@@ -2,8 +2,6 @@
 a random one, the result object's views, and bad inputs."""
 
 import json
-from functools import partial
-
 import matplotlib
 
 matplotlib.use("Agg")
@@ -15,7 +13,6 @@ import torch
 
 from mi_krr.construct import cg_transformer, gd_transformer, richardson_transformer
 from mi_krr.models import ICLTransformer, ICLTransformerConfig
-from mi_krr.solvers import ALGORITHMS, richardson
 from mi_krr.tasks.samplers import GPRegressionSampler, LinearRegressionSampler
 from probes.diagnose import Diagnosis, diagnose
 
@@ -48,18 +45,52 @@ def test_cg_diagnosis_leaves_out_the_rowsum_preconditioner_on_a_linear_kernel_an
     assert any(note.startswith("richardson_rowsum left out") for note in result.notes)
 
 
-def test_gd_transformer_is_identified_as_fixed_step_gd_one_step_per_layer():
+def gd_control():
+    """The GD transformer with one fixed learning rate (stable on every prompt), and its prompts."""
     task = LinearRegressionSampler(dim=4, condition_number=10.0, noise_std=0.1).sample(24, 12, 4, seed=0)
     K = task.x_support.double() @ task.x_support.double().mT
-    lr = float(1.0 / (torch.linalg.eigvalsh(K)[:, -1].max() + LAM))  # one fixed, stable step for every prompt
-    model = gd_transformer(n_steps=6, lr=lr, lam=LAM, dim=4)
-    candidates = {"gd": partial(richardson, step=lr), **{name: ALGORITHMS[name] for name in ("cg", "jacobi_cg", "chebyshev", "heavy_ball")}}
-    result = diagnose(model, task, algorithms=candidates, lam=LAM, n_steps=12, kernels=(), sensitivities=False,
-                      bootstrap=200, progress=False)["tasks"]
+    lr = float(1.0 / (torch.linalg.eigvalsh(K)[:, -1].max() + LAM))
+    return gd_transformer(n_steps=6, lr=lr, lam=LAM, dim=4), task, lr
+
+
+def test_gd_transformer_is_identified_as_gd_by_the_default_algorithms_with_its_learning_rate_fitted():
+    model, task, lr = gd_control()
+    result = diagnose(model, task, lam=LAM, n_steps=12, kernels=(), sensitivities=False, bootstrap=200, progress=False)["tasks"]
     assert result.verdict.best == "gd" and result.verdict.identified
+    np.testing.assert_allclose(result.fitted_steps["gd"].step, [lr, lr], rtol=1e-5)  # each half recovers the construction's lr
     score = result.scores["gd"]
     np.testing.assert_array_equal(score.aligned_steps, np.arange(7))
     assert np.all(score.aligned_r2[1:] > 0.999)
+    assert "one global step fitted" in diagnosis_text(result)
+
+
+def diagnosis_text(result):
+    return Diagnosis(task_sets={"tasks": result}, settings={}).summary()
+
+
+def test_per_prompt_optimal_steps_do_not_match_a_fixed_learning_rate_network():
+    model, task, _ = gd_control()
+    result = diagnose(model, task, lam=LAM, n_steps=12, kernels=(), sensitivities=False, bootstrap=200, progress=False,
+                      step_sizes="optimal")["tasks"]
+    assert result.fitted_steps == {}
+    assert result.scores["gd"].score < 0.9 and not (result.verdict.identified and result.verdict.best == "gd")
+
+
+def test_cross_fitting_scores_each_prompt_with_the_step_fitted_on_the_other_half():
+    """step_predictions["gd"] of prompt b is plain GD (NumPy) with the step fitted on the half b is not in."""
+    model, task, _ = gd_control()
+    result = diagnose(model, task, algorithms=("gd", "cg"), lam=LAM, n_steps=5, kernels=(), sensitivities=False, bootstrap=0,
+                      progress=False)["tasks"]
+    fit = result.fitted_steps["gd"]
+    assert sorted(np.bincount(fit.folds)) == [12, 12]
+    x, xq, y = (t.double().numpy() for t in (task.x_support, task.x_query, task.y_support))
+    for b in range(task.batch_size):
+        step, A = fit.step[1 - fit.folds[b]], x[b] @ x[b].T + LAM * np.eye(12)
+        alpha, expected = np.zeros(12), [np.zeros(4)]
+        for _ in range(5):
+            alpha = alpha + step * (y[b] - A @ alpha)
+            expected.append(xq[b] @ x[b].T @ alpha)
+        np.testing.assert_allclose(result.step_predictions["gd"][b], np.stack(expected), rtol=1e-10, atol=1e-12)
 
 
 def test_richardson_transformer_is_identified_as_rowsum_richardson_and_separable_from_gd():
@@ -76,6 +107,7 @@ def test_richardson_transformer_is_identified_as_rowsum_richardson_and_separable
                       bootstrap=200, progress=False)["tasks"]
     verdict = result.verdict
     assert verdict.best == "richardson_rowsum" and verdict.identified and verdict.equivalent == []
+    np.testing.assert_allclose(result.fitted_steps["richardson_rowsum"].step, [step, step], rtol=1e-5)  # the built step
     assert verdict.scores["gd"] < 0.99  # the row-sum preconditioner makes a measurable difference here
     score = result.scores["richardson_rowsum"]
     boundaries = np.arange(model.layers_per_step, model.n_layers + 1, model.layers_per_step)
@@ -132,6 +164,20 @@ def test_dataframe_holds_every_layer_step_pair_with_r2_from_the_stored_predictio
     assert frame.groupby(["task_set", "algorithm", "layer"]).aligned.sum().eq(1).all()
 
 
+def reject_constant(name):
+    raise ValueError(f"not strict JSON: {name}")
+
+
+def test_json_is_strict_with_null_for_nan_and_infinity(random_diagnosis, tmp_path):
+    _, diagnosis = random_diagnosis
+    result = diagnosis["in_distribution"]
+    data = json.loads(diagnosis.to_json(tmp_path / "d.json"), parse_constant=reject_constant)
+    json.loads((tmp_path / "d.json").read_text(), parse_constant=reject_constant)
+    r2 = data["task_sets"]["in_distribution"]["scores"]["cg"]["r2"]
+    assert np.isnan(result.scores["cg"].r2[:, 0]).all() and all(row[0] is None for row in r2)  # step 0 has no variance
+    assert data["task_sets"]["in_distribution"]["fitted_steps"]["gd"]["step"] == result.fitted_steps["gd"].step.tolist()
+
+
 def test_json_summary_plots_and_report_carry_the_same_numbers(random_diagnosis, tmp_path):
     _, diagnosis = random_diagnosis
     data = json.loads(diagnosis.to_json())
@@ -152,6 +198,7 @@ def test_json_summary_plots_and_report_carry_the_same_numbers(random_diagnosis, 
     index = one_set.save(tmp_path / "report")
     written = {path.name for path in index.parent.iterdir()}
     assert {"index.md", "diagnosis.json", "arrays.npz", "in_distribution_step_map.png"} <= written
+    json.loads((index.parent / "diagnosis.json").read_text(), parse_constant=reject_constant)
     assert "![in_distribution: error_profiles]" in index.read_text()
 
 
@@ -166,6 +213,7 @@ def test_json_summary_plots_and_report_carry_the_same_numbers(random_diagnosis, 
         ({"method": "ridge"}, "train_task"),
         ({"kernel": "cosine"}, "kernel must be one of"),
         ({"n_steps": 0}, "n_steps"),
+        ({"step_sizes": "per_prompt"}, "step_sizes must be one of"),
     ],
 )
 def test_bad_arguments_raise_one_line_value_errors(kwargs, message):
@@ -189,3 +237,25 @@ def test_bad_tasks_raise_one_line_value_errors():
     noiseless = GPRegressionSampler(dim=3, noise_std=0.0).sample(2, 4, 1, seed=0)
     with pytest.raises(ValueError, match="lam="):
         diagnose(model, noiseless, progress=False)
+
+
+def test_diagnose_reads_the_model_in_one_forward_pass_with_the_same_numbers_as_the_separate_probes(monkeypatch):
+    import probes.streaming
+    from probes import kernel_alignment, layer_predictions
+
+    torch.manual_seed(0)
+    model = ICLTransformer(ICLTransformerConfig(n_dims=3, d_model=16, n_layers=2, n_heads=2))
+    task = GPRegressionSampler(dim=3).sample(8, 10, 3, seed=1)
+    passes = []
+    original = probes.streaming.run_with_reductions
+
+    def counting(model, tokens, reductions, grad=False):
+        passes.append(len(reductions))
+        return original(model, tokens, reductions, grad=grad)
+
+    monkeypatch.setattr(probes.streaming, "run_with_reductions", counting)
+    result = diagnose(model, task, algorithms=("cg", "gd"), n_steps=4, sensitivities=False, bootstrap=0, progress=False)["tasks"]
+    assert passes == [3 + 2]  # one forward: read-outs of residual indices 0..2 and both layers' attention
+    np.testing.assert_allclose(result.layer_predictions, layer_predictions(model, task).numpy(), rtol=1e-6, atol=1e-7)
+    separate = kernel_alignment(model, task)
+    torch.testing.assert_close(result.kernel_alignment.tau, separate.tau, rtol=1e-6, atol=0, equal_nan=True)

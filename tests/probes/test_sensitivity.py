@@ -149,3 +149,26 @@ def test_cg_construction_layer_sensitivities_equal_cg_solver_sensitivities():
     K, K_query = linear_kernel(task.x_support), linear_kernel(task.x_query, task.x_support)
     from_solver = solver_sensitivities("cg", K, K_query, 0.1, 3, y=task.y_support)
     torch.testing.assert_close(from_model, from_solver, rtol=1e-9, atol=1e-11)
+
+
+def test_solver_sensitivities_of_a_fixed_step_callable_equal_the_closed_form():
+    """A custom solver (fixed step, not the registry's optimal one) as a callable, linear in y."""
+    from functools import partial
+
+    from mi_krr.solvers import richardson
+
+    K, K_query, y = kernel_system()
+    lam, steps, step = 0.05, 5, 0.07
+    fixed = partial(richardson, step=step)
+    linear = solver_sensitivities(fixed, K, K_query, lam, steps, linear_in_y=True)
+    by_autograd = solver_sensitivities(fixed, K, K_query, lam, steps, y=y)
+    for b in range(K.shape[0]):
+        A = K[b].numpy() + lam * np.eye(N)
+        total, power, expected = np.zeros((N, N)), np.eye(N), [np.zeros((M, N))]
+        for _ in range(steps):
+            total, power = total + power * step, (np.eye(N) - step * A) @ power
+            expected.append(K_query[b].numpy() @ total)
+        np.testing.assert_allclose(linear[b].numpy(), np.stack(expected), rtol=1e-10, atol=1e-13)
+        np.testing.assert_allclose(by_autograd[b].numpy(), np.stack(expected), rtol=1e-10, atol=1e-13)
+    with pytest.raises(ValueError, match="nonlinear in y"):
+        solver_sensitivities(fixed, K, K_query, lam, steps)
