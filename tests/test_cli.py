@@ -212,7 +212,7 @@ def test_diagnose_detects_a_garg_run_and_writes_a_report(tmp_path, capsys):
     assert main(["diagnose", str(run / "state.pt"), "--batch", "6", "--n-query", "2", "--bootstrap", "20", "--no-shifts",
                  "--no-sensitivities", "--no-progress", "--out", str(out)]) == 0
     text = capsys.readouterr().out
-    assert "garg:" in text and "noiseless" in text
+    assert "garg/state.pt" in text and "noiseless" in text
     import json
 
     report = json.loads((out / "report.json").read_text())

@@ -14,7 +14,10 @@ Diagnoses (`probes.diagnose`) four models and writes one report:
     (checkpoints/softmax_gp), in distribution and under each applicable shift.
 Constructed models are probed at their step boundaries (every layers_per_step blocks), where
 their state is complete. Label sensitivities d yhat / d y (the slowest stage) are left out unless
---sensitivities is given; `mi-krr diagnose PATH` computes them by default. Prints the summary
+--sensitivities is given; `mi-krr diagnose PATH` computes them by default. Step sizes of GD,
+Richardson and heavy ball: one cross-fitted global step per algorithm (`probes.step_sizes`) on
+in-distribution prompts, each prompt's spectrum-optimal step on the shifts (the fit is the
+costliest stage; `mi-krr diagnose` fits on every set). Prints the summary
 table; writes index.md, overview.png, per-model figures and report.json (every number) to --out.
 """
 
@@ -168,7 +171,7 @@ def shipped_entry(path: Path, name: str, settings: DemoSettings, seed: int, devi
     if settings.shifts is not None:
         sets = {key: task for key, task in sets.items() if key == "in_distribution" or key in settings.shifts}
     diagnosis = diagnose_task_sets(loaded.model, sets, lam=loaded.lam, bootstrap=settings.bootstrap, seed=seed,
-                                   sensitivities=sensitivities, progress=progress)
+                                   sensitivities=sensitivities, shift_step_sizes="optimal", progress=progress)
     for note in notes:
         diagnosis.task_sets["in_distribution"].notes.append(note)
     config = loaded.model.cfg if hasattr(loaded.model, "cfg") else None

@@ -38,6 +38,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> tuple[argparse.Argumen
                         help="layer predictions: the model's read-out lens, or ridge probes fitted on separate prompts")
     parser.add_argument("--bootstrap", type=int, default=1000, help="prompt resamples for intervals and the verdict (default: 1000)")
     parser.add_argument("--no-shifts", action="store_true", help="in-distribution prompts only")
+    parser.add_argument("--shift-step-sizes", choices=("fitted", "optimal"), default="fitted",
+                        help="step sizes on shifted prompts: one fitted global step per algorithm (default), or each prompt's optimal step (faster)")
     parser.add_argument("--no-sensitivities", action="store_true", help="skip label sensitivities d yhat / d y")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     return parser, DEFAULT_OUT
@@ -55,12 +57,15 @@ def diagnose_task_sets(
     sensitivities: bool = True,
     progress: bool = True,
     kernels: tuple[str, ...] = ("exp", "gaussian"),
+    shift_step_sizes: str = "fitted",
     **kwargs: Any,
 ):
-    """`probes.diagnose` on in-distribution prompts and shifts, with the expensive extras spent
-    where they inform: label sensitivities and the Gaussian-kernel alignment on the
-    in-distribution set only; the shifted sets get predictions, scores, verdict and the
-    exp-kernel alignment. Returns one `Diagnosis` holding every set."""
+    """`probes.diagnose` on in-distribution prompts (the first set) and shifts (the rest), with
+    the expensive extras spent where they inform: label sensitivities and the Gaussian-kernel
+    alignment on the first set only; the shifted sets get predictions, scores, verdict and the
+    exp-kernel alignment, with `shift_step_sizes` ("fitted": one cross-fitted global step per
+    algorithm, as on the first set; "optimal": each prompt's spectrum-optimal step, much faster).
+    Returns one `Diagnosis` holding every set."""
     from probes.diagnose import Diagnosis, diagnose
 
     common = dict(lam=lam, bootstrap=bootstrap, seed=seed, method=method, train_task=train_task, progress=progress, **kwargs)
@@ -70,14 +75,17 @@ def diagnose_task_sets(
     task_sets = dict(result.task_sets)
     if rest:
         shift_kernels = tuple(kernel for kernel in kernels if kernel == "exp")
-        shifted = diagnose(model, {name: sets[name] for name in rest}, sensitivities=False, kernels=shift_kernels, **common)
+        shifted = diagnose(model, {name: sets[name] for name in rest}, sensitivities=False, kernels=shift_kernels,
+                           step_sizes=shift_step_sizes, **common)
         task_sets.update(shifted.task_sets)
         settings["kernels"] = f"{list(kernels)} on {first}, {list(shift_kernels)} on shifts"
+        settings["step_sizes"] = f"{result.settings['step_sizes']} on {first}, {shift_step_sizes} on shifts"
     return Diagnosis(task_sets=task_sets, settings=settings)
 
 
 def run(args: argparse.Namespace) -> int:
     import time
+    from pathlib import Path
 
     import torch
 
@@ -95,8 +103,10 @@ def run(args: argparse.Namespace) -> int:
                                   shifts=False, label_scale=loaded.label_scale)
         train_task = train_task["in_distribution"]
     diagnosis = diagnose_task_sets(loaded.model, sets, lam=loaded.lam, bootstrap=args.bootstrap, seed=args.seed, method=args.method,
-                                   train_task=train_task, sensitivities=not args.no_sensitivities, progress=not args.no_progress)
-    name = f"{loaded.format}:{loaded.path}"
+                                   train_task=train_task, sensitivities=not args.no_sensitivities, progress=not args.no_progress,
+                                   shift_step_sizes=args.shift_step_sizes)
+    path = Path(loaded.path)
+    name = path.name if path.is_dir() else f"{path.parent.name}/{path.name}"
     description = (f"{loaded.format} checkpoint `{loaded.path}` ({loaded.model.n_layers} layers); prompts: {loaded.sampler.name}, "
                    f"n_support={loaded.n_support}, n_query={loaded.n_query}, {args.batch} per task set; method={args.method}.")
     for note in loaded.notes + notes:

@@ -3,7 +3,8 @@ overview figure, and the report folder `mi-krr demo` and `mi-krr diagnose` write
 
 Report folder:
     index.md           the table, the settings, and the figures
-    report.json        every number: per model its description, table rows and `Diagnosis.to_dict()`
+    report.json        every number (strict JSON: NaN / inf as null): per model its description, table
+                       rows and `Diagnosis.to_dict()`
     overview.png       best path R2 and kernel distance per task set, every model
     <model>_<figure>.png   in-distribution figures of each model (probes.plots)
     <model>.npz        per-layer, per-step and KRR predictions (as `probes.report.write_report`)
@@ -169,6 +170,7 @@ def write_overview_report(entries: list[ModelEntry], folder: str | Path, title: 
     import matplotlib.pyplot as plt
 
     from probes.plots import plot_error_profiles, plot_kernel_alignment, plot_step_map
+    from probes.diagnose import strict_json
     from probes.report import _safe
 
     folder = Path(folder)
@@ -215,7 +217,7 @@ def write_overview_report(entries: list[ModelEntry], folder: str | Path, title: 
             **({"extra": entry.extra} if entry.extra else {}),
         }
     lines += [f"Every number: [{REPORT_JSON}]({REPORT_JSON}); predictions: `<model>.npz`.", ""]
-    (folder / REPORT_JSON).write_text(json.dumps(document, indent=1))
+    (folder / REPORT_JSON).write_text(json.dumps(strict_json(document), indent=1, allow_nan=False))
     index = folder / INDEX
     index.write_text("\n".join(lines))
     return index

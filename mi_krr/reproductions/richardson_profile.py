@@ -72,6 +72,8 @@ class RichardsonProfileResult:
         lenses: "readout" / "ridge" -> `LensResult`.
         layers: probed block outputs 1..L.
         n_steps, lam, kernel, batch_size, train_batch_size: the setting.
+        step_sizes: how GD / Richardson / heavy ball steps were set (`probes.diagnose`'s
+            step_sizes: "fitted" = one cross-fitted global step per algorithm).
     """
 
     checkpoint: str
@@ -82,6 +84,7 @@ class RichardsonProfileResult:
     kernel: str
     batch_size: int
     train_batch_size: int
+    step_sizes: str
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -174,12 +177,12 @@ def richardson_profile(
     train, _ = task_sets(loaded.sampler, train_batch_size, loaded.n_support, loaded.n_query, seed=seed + 10_000, shifts=False,
                          label_scale=loaded.label_scale)
     layers = list(range(1, loaded.model.n_layers + 1))
-    lenses, result = {}, None
+    lenses, result, settings = {}, None, {}
     for lens in LENSES:
         diagnosis = diagnose(loaded.model, sets, lam=loaded.lam, n_steps=n_steps, method=lens, layers=layers,
                              train_task=train["in_distribution"] if lens == "ridge" else None, kernels=(), sensitivities=False,
                              bootstrap=bootstrap, seed=seed, progress=progress)
-        result = diagnosis["in_distribution"]
+        result, settings = diagnosis["in_distribution"], diagnosis.settings
         lenses[lens] = _lens_result(result)
     return RichardsonProfileResult(
         checkpoint=str(path),
@@ -190,6 +193,7 @@ def richardson_profile(
         kernel=result.kernel,
         batch_size=batch_size,
         train_batch_size=train_batch_size,
+        step_sizes=str(settings.get("step_sizes", "optimal")),
     )
 
 

@@ -51,9 +51,9 @@ def test_fitted_step_recovers_the_fixed_step_of_the_layers(algorithm, step, prec
 
 def test_heavy_ball_fit_recovers_step_and_a_grid_momentum():
     K, y, K_query = system(1)
-    layers = numpy_layers(K, y, K_query, 0.08, momentum=0.4)
+    layers = numpy_layers(K, y, K_query, 0.08, momentum=0.5)
     step, momentum, score = fit_step("heavy_ball", K, y, LAM, T, K_query, layers, np.arange(1, T + 1))
-    assert momentum == pytest.approx(0.4) and step == pytest.approx(0.08, rel=1e-5) and score > 1 - 1e-9
+    assert momentum == pytest.approx(0.5) and step == pytest.approx(0.08, rel=1e-5) and score > 1 - 1e-9
 
 
 def test_cross_fit_uses_each_half_for_its_own_step_only():
