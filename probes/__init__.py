@@ -18,3 +18,5 @@ from probes.identifiability import Verdict, algorithm_agreement, identifiability
 from probes.plots import diagnosis_figures
 from probes.report import write_report
 from probes.scoring import AlgorithmScore, monotone_alignment, mse_matrix, r2_matrix, score_algorithms
+from probes.step_sizes import FittedStep
+from probes.streaming import StreamedProbes, stream_probes
