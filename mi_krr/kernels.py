@@ -27,6 +27,8 @@ _FEATURE_MAP_NAMES = (
     "exact_feature_map",
     "approximate_kernel",
     "random_orthogonal",
+    "PromptFeatureMap",
+    "ProjectedKernelFeatures",
 )
 
 __all__ = [

@@ -4,11 +4,20 @@ implement.
 The registry's step-size-parameterised solvers (GD, Jacobi / row-sum Richardson, heavy ball) take
 the spectrum-optimal step of EACH prompt (e.g. 2 / (mu_min + mu_max)); a trained or constructed
 network cannot know a prompt's spectrum, so it runs one learning rate for every prompt (von
-Oswald et al.'s GD transformers; line-search GD picks that rate once). `fit_steps` finds that
+Oswald et al.'s GD transformers; line-search GD picks that rate once). `fit_step` finds that
 global step by maximising the algorithm's path R2 against the model's layers (`probes.scoring`):
 a log-spaced grid around the prompts' typical optimal step, then a bounded Brent search (golden
 section with parabolic steps) on log step inside the brackets of the best grid points. Heavy ball also
 fits its momentum, on the grid 0.1, 0.3, ..., 0.9 (momentum 0 is GD, already a candidate).
+
+Every candidate is evaluated in closed form (`SpectralSystem`), not by re-running the solver: with
+P the diagonal preconditioner and S = P^1/2 (K + lam I) P^1/2 = U diag(mu) U^T (ONE symmetric
+eigendecomposition per prompt), any iteration whose update is a polynomial in P A decouples into
+scalar recurrences per eigenmode. From alpha_0 = 0 (and alpha_-1 = 0), alpha_t = P^1/2 U diag(s_t)
+U^T P^1/2 y, where per mode s_{t+1} = s_t + w (1 - mu s_t) + beta (s_t - s_{t-1}), s_0 = s_-1 = 0
+(beta = 0: Richardson, s_t = (1 - (1 - w mu)^t) / mu). So pred_t = K_query P^1/2 U diag(c) s_t with
+c = U^T P^1/2 y: a [m, n] gain per prompt, times s_t for every candidate at once. The trajectories
+`diagnose` reports for the fitted steps are then run by the real solvers.
 
 Cross-fitting keeps the fitted parameter from inflating scores: the prompts are split in two
 halves (seeded); each half's parameters are fitted on that half, and every prompt is then scored
@@ -27,6 +36,8 @@ from scipy import optimize
 
 from mi_krr._validation import check_choice
 from mi_krr.solvers import ALGORITHMS, heavy_ball, richardson
+from mi_krr.solvers._spectrum import preconditioner_diagonal
+from mi_krr.solvers._system import check_steps, krr_system
 from probes.scoring import monotone_alignment, paired_sums, path_r2, weighted_sse_sst
 from probes.sensitivity import RICHARDSON_PRECONDITIONERS
 
@@ -48,9 +59,74 @@ LOG_STEP_XTOL = 1e-6
 """Brent's tolerance on log(step): the fitted step is resolved to ~1e-6 relative."""
 
 GRID_CHUNK_VALUES = 2**22
-"""Kernel entries (float64) copied at once when a chunk of grid steps runs as one batch."""
+"""float64 values per chunk of candidates evaluated at once (per-mode trajectories
+`[B, chunk, T+1, n]`), bounding the grid's memory."""
 
 _DIVERGED = 1e300
+
+
+@dataclass(frozen=True)
+class SpectralSystem:
+    """The KRR systems of B prompts in the eigenbasis of S = P^1/2 (K + lam I) P^1/2, for
+    evaluating fixed-step Richardson / heavy-ball trajectories in closed form (module docstring).
+
+    Attributes:
+        eigenvalues: mu, the eigenvalues of S (= those of P (K + lam I)) `[B, n]`.
+        gain: K_query P^1/2 U diag(U^T P^1/2 y) `[B, m, n]`: pred_t = gain @ s_t.
+    """
+
+    eigenvalues: torch.Tensor
+    gain: torch.Tensor
+
+    def select(self, index: torch.Tensor) -> SpectralSystem:
+        """The prompts `index` `[B']`."""
+        return SpectralSystem(eigenvalues=self.eigenvalues[index], gain=self.gain[index])
+
+    def predictions(self, step: Any, n_steps: int, momentum: Any = None) -> torch.Tensor:
+        """Query predictions of alpha_{t+1} = alpha_t + w P (y - A alpha_t) + beta (alpha_t -
+        alpha_{t-1}) from alpha_0 = alpha_-1 = 0 for G candidate (w, beta) pairs at once.
+
+        Args:
+            step: w per candidate `[G]` (or a number).
+            n_steps: T >= 0.
+            momentum: beta per candidate `[G]` (or a number), None for Richardson (beta = 0).
+
+        Returns:
+            pred `[B, G, T+1, m]` (float64); non-finite where a step diverges past float range.
+        """
+        n_steps = check_steps(n_steps)
+        mu = self.eigenvalues[:, None, :]  # [B, 1, n]
+        w = torch.as_tensor(step, dtype=torch.float64, device=mu.device).reshape(-1)[None, :, None]  # [1, G, 1]
+        if momentum is None:
+            decay = 1.0 - w * mu  # [B, G, n]
+            powers = decay[:, :, None, :] ** torch.arange(n_steps + 1, dtype=torch.float64, device=mu.device)[:, None]
+            modes = (1.0 - powers) / mu[:, :, None, :]  # s_t = (1 - (1 - w mu)^t) / mu, [B, G, T+1, n]
+        else:
+            beta = torch.as_tensor(momentum, dtype=torch.float64, device=mu.device).reshape(-1)[None, :, None]
+            previous = current = torch.zeros(torch.broadcast_shapes(mu.shape, w.shape, beta.shape), dtype=torch.float64, device=mu.device)
+            history = [current]
+            for _ in range(n_steps):
+                previous, current = current, current + w * (1.0 - mu * current) + beta * (current - previous)
+                history.append(current)
+            modes = torch.stack(history, dim=2)
+        return torch.einsum("bgtn,bmn->bgtm", modes, self.gain)
+
+
+def spectral_system(algorithm: str, K: Any, y: Any, lam: float, K_query: Any) -> SpectralSystem:
+    """The `SpectralSystem` of `algorithm`'s preconditioner (heavy ball: none) on K `[B, n, n]`, y
+    `[B, n]`, K_query `[B, m, n]`: one batched symmetric eigendecomposition."""
+    check_choice("algorithm", algorithm, FITTED_STEP_ALGORITHMS)
+    system = krr_system(K, y, lam, K_query)
+    if system.K_query is None:
+        raise ValueError("spectral_system needs K_query [..., m, n]: the fit compares query predictions")
+    diagonal = preconditioner_diagonal(system, RICHARDSON_PRECONDITIONERS.get(algorithm, "none"))  # [B, 1, n] or None
+    A = system.K + system.lam * torch.eye(system.n, dtype=system.K.dtype, device=system.K.device)
+    root = torch.ones_like(system.y) if diagonal is None else diagonal.sqrt()  # P^1/2 as rows [B, 1, n]
+    eigenvalues, U = torch.linalg.eigh(root.mT * A * root)
+    basis = root.mT * U  # P^1/2 U, [B, n, n]
+    coefficients = torch.bmm(system.y, basis)  # (U^T P^1/2 y)^T, [B, 1, n]
+    gain = torch.bmm(system.K_query, basis) * coefficients
+    return SpectralSystem(eigenvalues=eigenvalues, gain=gain)
 
 
 @dataclass
@@ -125,33 +201,40 @@ def fit_step(
     `layer_pred` `[B, L', m]` on these prompts (K `[B, n, n]`, y `[B, n]`, K_query `[B, m, n]`)."""
     check_choice("algorithm", algorithm, FITTED_STEP_ALGORITHMS)
     reference = float(ALGORITHMS[algorithm](K, y, lam, 0).step.median())  # typical spectrum-optimal step
-    grid = torch.as_tensor(reference * STEP_GRID, dtype=torch.float64)  # [G]
-    batch = K.shape[0]
+    return _fit_spectral(algorithm, spectral_system(algorithm, K, y, lam, K_query), reference, n_steps, layer_pred, scored)
 
-    chunk = max(1, GRID_CHUNK_VALUES // K.numel())
 
-    def grid_scores(momentum: float | None) -> np.ndarray:
-        """Path R2 of every grid step, `chunk` steps per solver call (the grid as a leading batch
-        dimension)."""
-        scores = []
-        for steps in grid.split(chunk):
-            g = len(steps)
-            solve = _solver(algorithm, steps[:, None].expand(g, batch), momentum)
-            pred = solve(K.expand(g, *K.shape), y.expand(g, *y.shape), lam, n_steps, K_query=K_query.expand(g, *K_query.shape)).pred
-            scores += [path_score(layer_pred, one, scored) for one in pred.detach().cpu().numpy()]
-        return np.array(scores)
+def _fit_spectral(
+    algorithm: str, spectral: SpectralSystem, reference: float, n_steps: int, layer_pred: np.ndarray, scored: np.ndarray
+) -> tuple[float, float | None, float]:
+    """`fit_step` on prompts given by their `SpectralSystem`, grid steps relative to `reference`."""
+    batch, n = spectral.eigenvalues.shape
+    chunk = max(1, GRID_CHUNK_VALUES // (batch * (n_steps + 1) * max(n, spectral.gain.shape[1])))
 
+    def scores(steps: np.ndarray, momenta: np.ndarray | None) -> np.ndarray:
+        """Path R2 of every candidate (steps[i], momenta[i]), `chunk` candidates per batch."""
+        out = []
+        for start in range(0, len(steps), chunk):
+            part = slice(start, start + chunk)
+            pred = spectral.predictions(steps[part], n_steps, None if momenta is None else momenta[part]).cpu().numpy()
+            out += [path_score(layer_pred, pred[:, g], scored) for g in range(pred.shape[1])]
+        return np.nan_to_num(np.array(out), nan=-np.inf)
+
+    grid = reference * STEP_GRID  # [G]
     momenta = list(MOMENTUM_GRID) if algorithm == "heavy_ball" else [None]
-    table = np.nan_to_num(np.stack([grid_scores(momentum) for momentum in momenta]), nan=-np.inf)  # [momenta, G]
-    log_grid = np.log(grid.numpy())
+    if momenta[0] is None:
+        table = scores(grid, None)[None]  # [1, G]
+    else:
+        cells = np.array(momenta).repeat(len(grid))
+        table = scores(np.tile(grid, len(momenta)), cells).reshape(len(momenta), len(grid))  # [momenta, G]
+    log_grid = np.log(grid)
     fits = []
     for cell in np.argsort(-table, axis=None, kind="stable")[:REFINED_BRACKETS]:  # the best few (momentum, step) cells
         row, best = np.unravel_index(cell, table.shape)
         momentum = momenta[row]
 
         def loss(log_step: float) -> float:
-            pred = _solver(algorithm, float(np.exp(log_step)), momentum)(K, y, lam, n_steps, K_query=K_query).pred
-            score = path_score(layer_pred, pred.detach().cpu().numpy(), scored)
+            score = scores(np.exp([log_step]), None if momentum is None else np.array([momentum]))[0]
             return -score if np.isfinite(score) else _DIVERGED
 
         low, high = log_grid[max(best - 1, 0)], log_grid[min(best + 1, len(grid) - 1)]
@@ -165,12 +248,17 @@ def cross_fit_step(
     algorithm: str, K: torch.Tensor, y: torch.Tensor, lam: float, n_steps: int, K_query: torch.Tensor,
     layer_pred: np.ndarray, scored: np.ndarray, seed: int,
 ) -> FittedStep:
-    """`fit_step` on each half of the prompts (`cross_fit_folds(B, seed)`); see module docstring."""
+    """`fit_step` on each half of the prompts (`cross_fit_folds(B, seed)`); see module docstring.
+    One eigendecomposition per prompt serves both halves."""
+    check_choice("algorithm", algorithm, FITTED_STEP_ALGORITHMS)
     folds = cross_fit_folds(K.shape[0], seed)
+    spectral = spectral_system(algorithm, K, y, lam, K_query)
+    optimal_steps = ALGORITHMS[algorithm](K, y, lam, 0).step  # spectrum-optimal step per prompt [B]
     fits = []
     for fold in (0, 1):
         members = torch.as_tensor(np.flatnonzero(folds == fold))
-        fits.append(fit_step(algorithm, K[members], y[members], lam, n_steps, K_query[members], layer_pred[members.numpy()], scored))
+        reference = float(optimal_steps[members].median())
+        fits.append(_fit_spectral(algorithm, spectral.select(members), reference, n_steps, layer_pred[members.numpy()], scored))
     step, momentum, score = zip(*fits)
     return FittedStep(
         algorithm=algorithm,

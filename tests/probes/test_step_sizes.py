@@ -1,5 +1,6 @@
 """The fitted global step: recovered from layers that run a known fixed-step solver (NumPy
-references), and cross-fitting's split."""
+references), cross-fitting's split, and the closed-form (eigenbasis) trajectories the fit
+evaluates its candidates with, against the real solvers and a NumPy loop."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ import pytest
 import torch
 
 from mi_krr.kernels import gaussian_kernel
-from probes.step_sizes import cross_fit_folds, cross_fit_step, fit_step
+from mi_krr.solvers import heavy_ball, richardson
+from probes.step_sizes import cross_fit_folds, cross_fit_step, fit_step, spectral_system
 
 B, N, M, LAM, T = 16, 8, 3, 0.05, 6
 
@@ -69,3 +71,31 @@ def test_cross_fit_uses_each_half_for_its_own_step_only():
 def test_cross_fit_needs_two_prompts():
     with pytest.raises(ValueError, match="step_sizes='optimal'"):
         cross_fit_folds(1, seed=0)
+
+
+@pytest.mark.parametrize("algorithm, precond", [("gd", "none"), ("richardson_jacobi", "jacobi"), ("richardson_rowsum", "rowsum")])
+def test_spectral_richardson_trajectories_equal_the_solver_for_every_candidate_step(algorithm, precond):
+    K, y, K_query = system(4)
+    steps = np.array([0.02, 0.3, 0.9, 1.6])  # the largest diverges on some prompts: compared relative to size
+    pred = spectral_system(algorithm, K, y, LAM, K_query).predictions(steps, T + 3)
+    assert pred.shape == (B, len(steps), T + 4, M)
+    for g, step in enumerate(steps):
+        expected = richardson(K, y, LAM, T + 3, step=float(step), precond=precond, K_query=K_query).pred
+        torch.testing.assert_close(pred[:, g], expected, rtol=1e-10, atol=1e-10 * float(expected.abs().max()))
+
+
+def test_spectral_heavy_ball_trajectories_equal_the_solver_and_a_numpy_loop():
+    K, y, K_query = system(5)
+    steps, momenta = np.array([0.05, 0.08, 0.2]), np.array([0.1, 0.5, 0.9])
+    pred = spectral_system("heavy_ball", K, y, LAM, K_query).predictions(steps, T, momenta)
+    for g, (step, momentum) in enumerate(zip(steps, momenta)):
+        expected = heavy_ball(K, y, LAM, T, step=float(step), momentum=float(momentum), K_query=K_query).pred
+        torch.testing.assert_close(pred[:, g], expected, rtol=1e-10, atol=1e-12)
+        np.testing.assert_allclose(pred[:, g].numpy(), numpy_layers(K, y, K_query, step, momentum), rtol=1e-10, atol=1e-12)
+
+
+def test_spectral_system_keeps_the_rowsum_preconditioners_error_on_a_linear_kernel():
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(2, 5, 3, generator=g, dtype=torch.float64)
+    with pytest.raises(ValueError, match="row sum"):
+        spectral_system("richardson_rowsum", x @ x.mT, torch.randn(2, 5, dtype=torch.float64), LAM, x[:, :2] @ x.mT)
