@@ -23,13 +23,14 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from mi_krr._validation import check_choice, check_count, check_positive
 from mi_krr.kernels import KERNEL_NAMES, condition_number, kernel_matrix, kernel_parameters
 from mi_krr.solvers import ALGORITHMS
 from mi_krr.solvers.direct import krr
 from mi_krr.tasks import ICLTask
+from mi_krr.tasks.optimal import bayes_optimal_ridge
 from probes.attention_kernels import AttentionKernels
 from probes.identifiability import Verdict, identifiability_verdict
 from probes.kernel_alignment import REFERENCE_KERNELS, KernelAlignment, kernel_alignment
@@ -225,7 +226,8 @@ def diagnose(
             (GP sampler), "linear" for the linear-regression sampler, else an error.
         kernel_params: the kernel's keywords (bandwidth / temperature); default: from
             `task.info`, else the kernel's defaults.
-        lam: the ridge; default `task.info["noise_std"] ** 2` (the GP posterior mean's ridge).
+        lam: the ridge; default the Bayes-optimal one of the sampler in `task.info`
+            (`resolve_lam`: noise_std^2 for GP regression, noise_std^2 * d for linear regression).
         n_steps: solver steps T; default `default_n_steps(model.n_layers)` = max(2 L, 20).
         method: layer predictions, "readout" (the model's own read-out on every layer) or
             "ridge" (probes fitted on `train_task`).
@@ -455,13 +457,18 @@ def resolve_kernel(task: ICLTask, kernel: str, kernel_params: dict[str, float] |
 
 
 def resolve_lam(task: ICLTask, lam: float | None) -> float:
-    """`lam`, or the noise variance `task.info["noise_std"] ** 2` when None."""
+    """`lam`, or when None the ridge that makes KRR the Bayes-optimal predictor of the sampler
+    recorded in `task.info` (`mi_krr.tasks.optimal.bayes_optimal_ridge`: noise_std^2 for GP
+    regression, noise_std^2 * d for linear regression with w ~ N(0, I/d))."""
     if lam is not None:
         return lam
-    noise = task.info.get("noise_std")
-    if noise is None or not math.isfinite(float(noise)) or float(noise) <= 0:
-        raise ValueError("lam=None needs task.info['noise_std'] > 0 (the ridge is the noise variance): pass lam= explicitly")
-    return float(noise) ** 2
+    try:
+        ridge = bayes_optimal_ridge(task.info)
+    except ValueError as error:
+        raise ValueError(f"lam=None needs task.info from a known sampler ({error}): pass lam= explicitly") from None
+    if not math.isfinite(ridge) or ridge <= 0:
+        raise ValueError("lam=None needs task.info['noise_std'] > 0 (the Bayes-optimal ridge is 0 for noise-free labels): pass lam= explicitly")
+    return ridge
 
 
 def _check_tasks(tasks: Any) -> dict[str, ICLTask]:

@@ -62,7 +62,8 @@ def test_cg_rate_errors_follow_numpy_cg_and_stay_below_the_cg_bound():
 
 def test_width_error_falls_with_width_to_the_feature_krr_floor_and_d_eff_matches_its_trace_formula():
     widths, dim, n, lam, batch = (4, 16, 64), 8, 24, 0.1, 4
-    result = width(widths=widths, kernels=("linear",), dim=dim, n_support=n, n_steps=24, batch_size=batch, lam=lam, seed=0)
+    result = width(widths=widths, kernels=("linear",), dim=dim, n_support=n, n_steps=24, batch_size=batch, lam=lam, seed=0,
+                   heads=("random_features",), n_seeds=1)
     errors = result.study.model_error["linear"]
     assert errors[-1] < errors[0] / 5
     assert result.floor_gap["linear"] < 1e-8  # converged: the model's error is KRR-on-features'

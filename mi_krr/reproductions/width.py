@@ -16,7 +16,8 @@ import numpy as np
 
 from mi_krr.reproductions._format import key_numbers_text
 
-QUICK: dict[str, Any] = {"widths": (4, 16, 64), "kernels": ("linear",), "dim": 8, "n_support": 24, "n_steps": 24, "batch_size": 4}
+QUICK: dict[str, Any] = {"widths": (4, 16, 64), "kernels": ("linear",), "dim": 8, "n_support": 24, "n_steps": 24, "batch_size": 4,
+                         "heads": ("random_features",), "n_seeds": 1}
 
 
 @dataclass
@@ -69,14 +70,18 @@ def width(
     batch_size: int = 16,
     seed: int = 0,
     tolerance: float = 0.1,
+    heads: tuple[str, ...] | None = None,
+    n_seeds: int = 2,
 ) -> WidthResult:
     """Run the width study (module docstring) and summarise it. Widths stop at 256 (4 n): the
     construction's cost grows with m (d_model = 23 + d + 2 m), and the error has reached the
-    feature-KRR floor well before."""
+    feature-KRR floor well before. `heads` (default: every head of `WIDTH_HEADS`) and `n_seeds`
+    go to `width_study`."""
     from mi_krr.construct.studies import width_study
 
+    extra = {} if heads is None else {"heads": tuple(heads)}
     study = width_study(widths=tuple(widths), kernels=tuple(kernels), dim=dim, n_support=n_support, n_query=n_query, lam=lam,
-                        n_steps=n_steps, batch_size=batch_size, seed=seed)
+                        n_steps=n_steps, batch_size=batch_size, seed=seed, n_seeds=n_seeds, **extra)
     first, gap = {}, {}
     for kernel in study.kernels:
         model = np.asarray(study.model_error[kernel])

@@ -14,7 +14,7 @@ import torch
 from mi_krr.construct import cg_transformer, gd_transformer, richardson_transformer
 from mi_krr.models import ICLTransformer, ICLTransformerConfig
 from mi_krr.tasks.samplers import GPRegressionSampler, LinearRegressionSampler
-from probes.diagnose import Diagnosis, diagnose
+from probes.diagnose import Diagnosis, diagnose, resolve_lam
 
 LAM = 0.1
 
@@ -113,6 +113,22 @@ def test_richardson_transformer_is_identified_as_rowsum_richardson_and_separable
     boundaries = np.arange(model.layers_per_step, model.n_layers + 1, model.layers_per_step)
     np.testing.assert_array_equal(score.aligned_steps[boundaries], boundaries // model.layers_per_step)
     assert np.all(score.aligned_r2[boundaries] > 0.99)
+
+
+def test_default_ridge_of_linear_regression_makes_krr_the_posterior_mean_of_the_weights():
+    """w ~ N(0, I/d), y = X w + noise: Gaussian conditioning (closed form, NumPy) gives the posterior
+    mean of w; linear-kernel KRR with the default ridge must predict with exactly that mean."""
+    noise, dim = 0.3, 4
+    task = LinearRegressionSampler(dim=dim, noise_std=noise).sample(3, 6, 2, seed=0)
+    lam = resolve_lam(task, None)
+    assert lam == pytest.approx(noise**2 * dim, rel=1e-12)
+    for b in range(3):
+        x, xq, y = (t[b].double().numpy() for t in (task.x_support, task.x_query, task.y_support))
+        prior = np.eye(dim) / dim
+        posterior_mean = prior @ x.T @ np.linalg.solve(x @ prior @ x.T + noise**2 * np.eye(6), y)
+        krr_pred = xq @ x.T @ np.linalg.solve(x @ x.T + lam * np.eye(6), y)
+        np.testing.assert_allclose(krr_pred, xq @ posterior_mean, rtol=1e-10, atol=1e-12)
+    assert resolve_lam(GPRegressionSampler(dim=2, noise_std=0.2).sample(1, 3, 1, seed=0), None) == pytest.approx(0.04)
 
 
 @pytest.fixture(scope="module")
