@@ -6,8 +6,9 @@ the spectrum-optimal step of EACH prompt (e.g. 2 / (mu_min + mu_max)); a trained
 network cannot know a prompt's spectrum, so it runs one learning rate for every prompt (von
 Oswald et al.'s GD transformers; line-search GD picks that rate once). `fit_step` finds that
 global step by maximising the algorithm's path R2 against the model's layers (`probes.scoring`):
-a log-spaced grid around the prompts' typical optimal step, then a bounded Brent search (golden
-section with parabolic steps) on log step inside the brackets of the best grid points. Heavy ball also
+a log-spaced grid around the prompts' typical optimal step, then a zoom on log step inside the
+brackets of the best grid points (a batched bisection-like search: each round scores evenly spaced
+points in every bracket at once and keeps the best point's neighbours). Heavy ball also
 fits its momentum, on the grid 0.1, 0.3, ..., 0.9 (momentum 0 is GD, already a candidate).
 
 Every candidate is evaluated in closed form (`SpectralSystem`), not by re-running the solver: with
@@ -27,18 +28,19 @@ with the parameters fitted on the OTHER half.
 from __future__ import annotations
 
 import functools
+import itertools
 from dataclasses import dataclass
 from typing import Any, Callable
 
+import einops
 import numpy as np
 import torch
-from scipy import optimize
 
 from mi_krr._validation import check_choice
 from mi_krr.solvers import ALGORITHMS, heavy_ball, richardson
 from mi_krr.solvers._spectrum import preconditioner_diagonal
 from mi_krr.solvers._system import check_steps, krr_system
-from probes.scoring import monotone_alignment, paired_sums, path_r2, weighted_sse_sst
+from probes.scoring import monotone_alignment, path_r2
 from probes.sensitivity import RICHARDSON_PRECONDITIONERS
 
 STEP_SIZES = ("fitted", "optimal")
@@ -48,21 +50,25 @@ registry parameters)."""
 
 STEP_GRID = np.geomspace(1e-3, 2.0, 23)
 """Candidate steps relative to the median spectrum-optimal step of the fitted prompts (ratio
-~1.4 between neighbours; Brent then resolves the step inside the best points' brackets); above
+~1.4 between neighbours; the zoom then resolves the step inside the best points' brackets); above
 ~2x the optimal step Richardson diverges on typical prompts."""
 
 MOMENTUM_GRID = np.linspace(0.1, 0.9, 5)
 REFINED_BRACKETS = 3
-"""Brent refines the step around the 3 best grid cells: near an exact match the path R2 peaks
+"""The zoom refines the step around the 3 best grid cells: near an exact match the path R2 peaks
 sharply, and the peak may sit in the bracket of the second-best grid point."""
+ZOOM_POINTS = 17
+"""Points per bracket and zoom round: each round narrows a bracket 8-fold (7 rounds from a grid
+bracket to `LOG_STEP_XTOL`), all brackets' points evaluated as one batch."""
+ZOOM_ALL_ROUNDS = 2
+"""Zoom rounds over all `REFINED_BRACKETS` brackets (each 64-fold narrower after them); later
+rounds zoom only into the bracket holding the best point so far."""
 LOG_STEP_XTOL = 1e-6
-"""Brent's tolerance on log(step): the fitted step is resolved to ~1e-6 relative."""
+"""Width on log(step) at which the zoom stops: the fitted step is resolved to ~1e-6 relative."""
 
-GRID_CHUNK_VALUES = 2**22
-"""float64 values per chunk of candidates evaluated at once (per-mode trajectories
-`[B, chunk, T+1, n]`), bounding the grid's memory."""
-
-_DIVERGED = 1e300
+GRID_CHUNK_VALUES = 2**20
+"""float64 values per chunk of candidates evaluated at once (predictions `[B, chunk, T+1, m]`):
+small enough to stay in cache (large temporaries cost more in page faults than in arithmetic)."""
 
 
 @dataclass(frozen=True)
@@ -97,19 +103,18 @@ class SpectralSystem:
         n_steps = check_steps(n_steps)
         mu = self.eigenvalues[:, None, :]  # [B, 1, n]
         w = torch.as_tensor(step, dtype=torch.float64, device=mu.device).reshape(-1)[None, :, None]  # [1, G, 1]
-        if momentum is None:
-            decay = 1.0 - w * mu  # [B, G, n]
-            powers = decay[:, :, None, :] ** torch.arange(n_steps + 1, dtype=torch.float64, device=mu.device)[:, None]
-            modes = (1.0 - powers) / mu[:, :, None, :]  # s_t = (1 - (1 - w mu)^t) / mu, [B, G, T+1, n]
-        else:
-            beta = torch.as_tensor(momentum, dtype=torch.float64, device=mu.device).reshape(-1)[None, :, None]
-            previous = current = torch.zeros(torch.broadcast_shapes(mu.shape, w.shape, beta.shape), dtype=torch.float64, device=mu.device)
-            history = [current]
-            for _ in range(n_steps):
-                previous, current = current, current + w * (1.0 - mu * current) + beta * (current - previous)
-                history.append(current)
-            modes = torch.stack(history, dim=2)
-        return torch.einsum("bgtn,bmn->bgtm", modes, self.gain)
+        beta = None if momentum is None else torch.as_tensor(momentum, dtype=torch.float64, device=mu.device).reshape(-1)[None, :, None]
+        gain = self.gain.mT  # [B, n, m]
+        rate = w * mu  # [B, G, n]
+        previous = current = torch.zeros_like(rate)  # s_0 = s_-1 = 0
+        preds = [torch.bmm(current, gain)]
+        for _ in range(n_steps):
+            update = torch.addcmul(w, rate, current, value=-1.0)  # w (1 - mu s_t)
+            if beta is not None:
+                update = torch.addcmul(update, beta, current - previous)
+            previous, current = current, current + update
+            preds.append(torch.bmm(current, gain))
+        return torch.stack(preds, dim=2)
 
 
 def spectral_system(algorithm: str, K: Any, y: Any, lam: float, K_query: Any) -> SpectralSystem:
@@ -186,11 +191,28 @@ def path_score(layer_pred: np.ndarray, step_pred: np.ndarray, scored: np.ndarray
     """Path R2 of `step_pred` `[B, T+1, m]` against `layer_pred` `[B, L', m]` over rows `scored`,
     at the monotone alignment (as `probes.scoring.score_algorithm` computes its score); -inf for
     non-finite trajectories (a diverging step)."""
-    if not np.isfinite(step_pred).all():
-        return -np.inf
-    sse, sst, count = weighted_sse_sst(paired_sums(layer_pred, step_pred))
-    steps, _ = monotone_alignment(sse / count[:, None, None])
-    return float(path_r2(sse, sst, steps, scored)[0])
+    return float(path_scores(layer_pred, torch.as_tensor(np.asarray(step_pred, dtype=np.float64))[:, None], scored)[0])
+
+
+def path_scores(layer_pred: np.ndarray, candidate_pred: torch.Tensor, scored: np.ndarray) -> np.ndarray:
+    """`path_score` of G candidate trajectories at once: candidate_pred `[B, G, T+1, m]` -> `[G]`
+    (-inf for a non-finite candidate or an undefined R2).
+
+    The sums are `probes.scoring`'s (`paired_sums` + `weighted_sse_sst`: SSE over prompts and
+    queries per (layer, step), SST of each step's values about their all-prompt mean), computed
+    in torch as exact differences (no |a|^2 - 2 a.b + |b|^2 cancellation) because the fit scores
+    thousands of candidates; the alignment and path R2 are `probes.scoring`'s own."""
+    batch, n_candidates, n_times, n_query = candidate_pred.shape
+    finite = torch.isfinite(candidate_pred).all(dim=3).all(dim=2).all(dim=0)  # [G]
+    values = torch.where(finite[:, None, None], candidate_pred, 0.0).reshape(batch, n_candidates * n_times, n_query)
+    layers = torch.as_tensor(layer_pred, dtype=torch.float64, device=values.device)
+    sse = torch.cdist(layers, values, compute_mode="donot_use_mm_for_euclid_dist").square().sum(0)  # [L', G (T+1)]
+    sst = (values - values.mean(dim=(0, 2), keepdim=True)).square().sum(dim=(0, 2))  # [G (T+1)]
+    sse = einops.rearrange(sse.cpu().numpy(), "layer (g t) -> g layer t", g=n_candidates)
+    sst = einops.rearrange(sst.cpu().numpy(), "(g t) -> g t", g=n_candidates)
+    steps, _ = monotone_alignment(sse / (batch * n_query))
+    score = path_r2(sse, sst, steps, scored)
+    return np.where(finite.cpu().numpy() & ~np.isnan(score), score, -np.inf)
 
 
 def fit_step(
@@ -207,41 +229,44 @@ def fit_step(
 def _fit_spectral(
     algorithm: str, spectral: SpectralSystem, reference: float, n_steps: int, layer_pred: np.ndarray, scored: np.ndarray
 ) -> tuple[float, float | None, float]:
-    """`fit_step` on prompts given by their `SpectralSystem`, grid steps relative to `reference`."""
-    batch, n = spectral.eigenvalues.shape
-    chunk = max(1, GRID_CHUNK_VALUES // (batch * (n_steps + 1) * max(n, spectral.gain.shape[1])))
+    """`fit_step` on prompts given by their `SpectralSystem`, grid steps relative to `reference`:
+    the grid, then a batched zoom on log step inside the best cells' brackets (`ZOOM_POINTS`
+    evenly spaced points per bracket and round, the brackets in one batch; each round keeps the
+    best point's neighbours; after `ZOOM_ALL_ROUNDS` only the leading bracket goes on) until the
+    bracket is narrower than `LOG_STEP_XTOL`."""
+    batch = spectral.eigenvalues.shape[0]
+    chunk = max(1, GRID_CHUNK_VALUES // (batch * (n_steps + 1) * spectral.gain.shape[1]))
 
-    def scores(steps: np.ndarray, momenta: np.ndarray | None) -> np.ndarray:
-        """Path R2 of every candidate (steps[i], momenta[i]), `chunk` candidates per batch."""
+    def scores(log_steps: np.ndarray, momenta: np.ndarray | None) -> np.ndarray:
+        """Path R2 of every candidate (exp(log_steps[i]), momenta[i]), `chunk` candidates per batch."""
         out = []
-        for start in range(0, len(steps), chunk):
+        for start in range(0, len(log_steps), chunk):
             part = slice(start, start + chunk)
-            pred = spectral.predictions(steps[part], n_steps, None if momenta is None else momenta[part]).cpu().numpy()
-            out += [path_score(layer_pred, pred[:, g], scored) for g in range(pred.shape[1])]
-        return np.nan_to_num(np.array(out), nan=-np.inf)
+            pred = spectral.predictions(np.exp(log_steps[part]), n_steps, None if momenta is None else momenta[part])
+            out.append(path_scores(layer_pred, pred, scored))
+        return np.concatenate(out)
 
-    grid = reference * STEP_GRID  # [G]
-    momenta = list(MOMENTUM_GRID) if algorithm == "heavy_ball" else [None]
-    if momenta[0] is None:
-        table = scores(grid, None)[None]  # [1, G]
-    else:
-        cells = np.array(momenta).repeat(len(grid))
-        table = scores(np.tile(grid, len(momenta)), cells).reshape(len(momenta), len(grid))  # [momenta, G]
-    log_grid = np.log(grid)
-    fits = []
-    for cell in np.argsort(-table, axis=None, kind="stable")[:REFINED_BRACKETS]:  # the best few (momentum, step) cells
-        row, best = np.unravel_index(cell, table.shape)
-        momentum = momenta[row]
-
-        def loss(log_step: float) -> float:
-            score = scores(np.exp([log_step]), None if momentum is None else np.array([momentum]))[0]
-            return -score if np.isfinite(score) else _DIVERGED
-
-        low, high = log_grid[max(best - 1, 0)], log_grid[min(best + 1, len(grid) - 1)]
-        result = optimize.minimize_scalar(loss, bounds=(low, high), method="bounded", options={"xatol": LOG_STEP_XTOL})
-        fits += [(table[row, best], log_grid[best], momentum), (-result.fun, result.x, momentum)]
+    log_grid = np.log(reference * STEP_GRID)  # [G]
+    heavy = algorithm == "heavy_ball"
+    momenta = MOMENTUM_GRID if heavy else np.zeros(1)
+    table = scores(np.tile(log_grid, len(momenta)), momenta.repeat(len(log_grid)) if heavy else None).reshape(len(momenta), -1)
+    cells = np.argsort(-table, axis=None, kind="stable")[:REFINED_BRACKETS]  # the best few (momentum, step) cells
+    rows, best = np.unravel_index(cells, table.shape)
+    fits = [(table[row, column], log_grid[column], momenta[row]) for row, column in zip(rows, best)]
+    low, high = log_grid[np.maximum(best - 1, 0)], log_grid[np.minimum(best + 1, len(log_grid) - 1)]  # [brackets]
+    offsets = np.linspace(0.0, 1.0, ZOOM_POINTS)
+    for round_index in itertools.count():
+        if np.max(high - low) <= LOG_STEP_XTOL:
+            break
+        points = low[:, None] + (high - low)[:, None] * offsets  # [brackets, ZOOM_POINTS]
+        zoom = scores(points.ravel(), momenta[rows].repeat(ZOOM_POINTS) if heavy else None).reshape(points.shape)
+        pick = np.argmax(zoom, axis=1)  # first maximum: a plateau keeps the smaller step
+        fits += [(zoom[i, j], points[i, j], momenta[rows[i]]) for i, j in enumerate(pick)]
+        kept = np.arange(len(pick)) if round_index + 1 < ZOOM_ALL_ROUNDS else np.argmax(zoom.max(axis=1))[None]
+        rows, pick, points = rows[kept], pick[kept], points[kept]
+        low, high = points[np.arange(len(pick)), np.maximum(pick - 1, 0)], points[np.arange(len(pick)), np.minimum(pick + 1, ZOOM_POINTS - 1)]
     score, log_step, momentum = max(fits, key=lambda fit: fit[0])
-    return float(np.exp(log_step)), None if momentum is None else float(momentum), float(score)
+    return float(np.exp(log_step)), float(momentum) if heavy else None, float(score)
 
 
 def cross_fit_step(
