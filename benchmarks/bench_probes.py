@@ -14,7 +14,8 @@ Time (median of `repeats`, the variants alternated so machine load hits them ali
 - diagnose (lean): `diagnose(..., sensitivities=False, kernels=(), step_sizes="optimal")` with
   1000 bootstrap resamples: everything a verdict needs, registry step sizes;
 - diagnose (default fit): the same with the default `step_sizes="fitted"` (cross-fitted global
-  steps: a line search per step-size algorithm and half);
+  steps: a grid + Brent line search per step-size algorithm and half, every candidate evaluated
+  in closed form from one eigendecomposition per prompt; goal <= 1.3x baseline);
 - diagnose (full, `--full`): the defaults (sensitivities, kernel alignment, fitted steps).
 
 Memory: peak resident-set growth of one call over the process's resident set just before it, each

@@ -244,7 +244,7 @@ def diagnose(
         step_sizes: for the step-size-parameterised algorithms (`FITTED_STEP_ALGORITHMS`: gd,
             richardson_jacobi, richardson_rowsum, heavy_ball), "fitted" (default): ONE global
             step for all prompts (and heavy ball's momentum), fitted to the model's layers by a
-            log-grid line search refined by a zoom, every candidate evaluated in closed form
+            log-grid line search refined by Brent's method, every candidate evaluated in closed form
             from one eigendecomposition per prompt, cross-fitted on two halves of the
             prompts so every prompt is scored with a step fitted on the other half (see
             `probes.step_sizes`; reported in `TaskSetDiagnosis.fitted_steps`, the summary and

@@ -6,9 +6,8 @@ the spectrum-optimal step of EACH prompt (e.g. 2 / (mu_min + mu_max)); a trained
 network cannot know a prompt's spectrum, so it runs one learning rate for every prompt (von
 Oswald et al.'s GD transformers; line-search GD picks that rate once). `fit_step` finds that
 global step by maximising the algorithm's path R2 against the model's layers (`probes.scoring`):
-a log-spaced grid around the prompts' typical optimal step, then a zoom on log step inside the
-brackets of the best grid points (a batched bisection-like search: each round scores evenly spaced
-points in every bracket at once and keeps the best point's neighbours). Heavy ball also
+a log-spaced grid around the prompts' typical optimal step, then a bounded Brent search (golden
+section with parabolic steps) on log step inside the brackets of the best grid points. Heavy ball also
 fits its momentum, on the grid 0.1, 0.3, ..., 0.9 (momentum 0 is GD, already a candidate).
 
 Every candidate is evaluated in closed form (`SpectralSystem`), not by re-running the solver: with
@@ -28,13 +27,13 @@ with the parameters fitted on the OTHER half.
 from __future__ import annotations
 
 import functools
-import itertools
 from dataclasses import dataclass
 from typing import Any, Callable
 
 import einops
 import numpy as np
 import torch
+from scipy import optimize
 
 from mi_krr._validation import check_choice
 from mi_krr.solvers import ALGORITHMS, heavy_ball, richardson
@@ -50,25 +49,22 @@ registry parameters)."""
 
 STEP_GRID = np.geomspace(1e-3, 2.0, 23)
 """Candidate steps relative to the median spectrum-optimal step of the fitted prompts (ratio
-~1.4 between neighbours; the zoom then resolves the step inside the best points' brackets); above
+~1.4 between neighbours; Brent then resolves the step inside the best points' brackets); above
 ~2x the optimal step Richardson diverges on typical prompts."""
 
 MOMENTUM_GRID = np.linspace(0.1, 0.9, 5)
 REFINED_BRACKETS = 3
-"""The zoom refines the step around the 3 best grid cells: near an exact match the path R2 peaks
+"""Brent refines the step around the 3 best grid cells: near an exact match the path R2 peaks
 sharply, and the peak may sit in the bracket of the second-best grid point."""
-ZOOM_POINTS = 17
-"""Points per bracket and zoom round: each round narrows a bracket 8-fold (7 rounds from a grid
-bracket to `LOG_STEP_XTOL`), all brackets' points evaluated as one batch."""
-ZOOM_ALL_ROUNDS = 2
-"""Zoom rounds over all `REFINED_BRACKETS` brackets (each 64-fold narrower after them); later
-rounds zoom only into the bracket holding the best point so far."""
 LOG_STEP_XTOL = 1e-6
-"""Width on log(step) at which the zoom stops: the fitted step is resolved to ~1e-6 relative."""
+"""Brent's tolerance on log(step): the fitted step is resolved to ~1e-6 relative."""
 
 GRID_CHUNK_VALUES = 2**20
-"""float64 values per chunk of candidates evaluated at once (predictions `[B, chunk, T+1, m]`):
+"""float64 values per chunk of candidates evaluated at once (per-mode and per-query trajectories
+`[B, chunk, T+1, n or m]`):
 small enough to stay in cache (large temporaries cost more in page faults than in arithmetic)."""
+
+_DIVERGED = 1e300
 
 
 @dataclass(frozen=True)
@@ -104,14 +100,18 @@ class SpectralSystem:
         mu = self.eigenvalues[:, None, :]  # [B, 1, n]
         w = torch.as_tensor(step, dtype=torch.float64, device=mu.device).reshape(-1)[None, :, None]  # [1, G, 1]
         beta = None if momentum is None else torch.as_tensor(momentum, dtype=torch.float64, device=mu.device).reshape(-1)[None, :, None]
-        gain = self.gain.mT  # [B, n, m]
         rate = w * mu  # [B, G, n]
+        if beta is None:  # Richardson in closed form: s_t = (1 - (1 - w mu)^t) / mu
+            decay = (1.0 - rate)[:, :, None, :]  # [B, G, 1, n]
+            powers = torch.cat([torch.ones_like(decay), decay.expand(-1, -1, n_steps, -1).cumprod(dim=2)], dim=2)  # (1 - w mu)^t
+            modes = (1.0 - powers) / mu[:, :, None, :]  # [B, G, T+1, n]
+            return torch.einsum("bgtn,bmn->bgtm", modes, self.gain)
+        gain = self.gain.mT  # [B, n, m]
         previous = current = torch.zeros_like(rate)  # s_0 = s_-1 = 0
         preds = [torch.bmm(current, gain)]
         for _ in range(n_steps):
             update = torch.addcmul(w, rate, current, value=-1.0)  # w (1 - mu s_t)
-            if beta is not None:
-                update = torch.addcmul(update, beta, current - previous)
+            update = torch.addcmul(update, beta, current - previous)
             previous, current = current, current + update
             preds.append(torch.bmm(current, gain))
         return torch.stack(preds, dim=2)
@@ -230,12 +230,10 @@ def _fit_spectral(
     algorithm: str, spectral: SpectralSystem, reference: float, n_steps: int, layer_pred: np.ndarray, scored: np.ndarray
 ) -> tuple[float, float | None, float]:
     """`fit_step` on prompts given by their `SpectralSystem`, grid steps relative to `reference`:
-    the grid, then a batched zoom on log step inside the best cells' brackets (`ZOOM_POINTS`
-    evenly spaced points per bracket and round, the brackets in one batch; each round keeps the
-    best point's neighbours; after `ZOOM_ALL_ROUNDS` only the leading bracket goes on) until the
-    bracket is narrower than `LOG_STEP_XTOL`."""
+    the whole grid scored in batches, then bounded Brent on log step inside each of the
+    `REFINED_BRACKETS` best cells' brackets (one closed-form candidate per evaluation)."""
     batch = spectral.eigenvalues.shape[0]
-    chunk = max(1, GRID_CHUNK_VALUES // (batch * (n_steps + 1) * spectral.gain.shape[1]))
+    chunk = max(1, GRID_CHUNK_VALUES // (batch * (n_steps + 1) * max(spectral.gain.shape[1:])))
 
     def scores(log_steps: np.ndarray, momenta: np.ndarray | None) -> np.ndarray:
         """Path R2 of every candidate (exp(log_steps[i]), momenta[i]), `chunk` candidates per batch."""
@@ -252,19 +250,17 @@ def _fit_spectral(
     table = scores(np.tile(log_grid, len(momenta)), momenta.repeat(len(log_grid)) if heavy else None).reshape(len(momenta), -1)
     cells = np.argsort(-table, axis=None, kind="stable")[:REFINED_BRACKETS]  # the best few (momentum, step) cells
     rows, best = np.unravel_index(cells, table.shape)
-    fits = [(table[row, column], log_grid[column], momenta[row]) for row, column in zip(rows, best)]
-    low, high = log_grid[np.maximum(best - 1, 0)], log_grid[np.minimum(best + 1, len(log_grid) - 1)]  # [brackets]
-    offsets = np.linspace(0.0, 1.0, ZOOM_POINTS)
-    for round_index in itertools.count():
-        if np.max(high - low) <= LOG_STEP_XTOL:
-            break
-        points = low[:, None] + (high - low)[:, None] * offsets  # [brackets, ZOOM_POINTS]
-        zoom = scores(points.ravel(), momenta[rows].repeat(ZOOM_POINTS) if heavy else None).reshape(points.shape)
-        pick = np.argmax(zoom, axis=1)  # first maximum: a plateau keeps the smaller step
-        fits += [(zoom[i, j], points[i, j], momenta[rows[i]]) for i, j in enumerate(pick)]
-        kept = np.arange(len(pick)) if round_index + 1 < ZOOM_ALL_ROUNDS else np.argmax(zoom.max(axis=1))[None]
-        rows, pick, points = rows[kept], pick[kept], points[kept]
-        low, high = points[np.arange(len(pick)), np.maximum(pick - 1, 0)], points[np.arange(len(pick)), np.minimum(pick + 1, ZOOM_POINTS - 1)]
+    fits = []
+    for row, column in zip(rows, best):
+        candidate_momentum = momenta[row:row + 1] if heavy else None
+
+        def loss(log_step: float) -> float:
+            score = scores(np.array([log_step]), candidate_momentum)[0]
+            return -score if np.isfinite(score) else _DIVERGED
+
+        low, high = log_grid[max(column - 1, 0)], log_grid[min(column + 1, len(log_grid) - 1)]
+        result = optimize.minimize_scalar(loss, bounds=(low, high), method="bounded", options={"xatol": LOG_STEP_XTOL})
+        fits += [(table[row, column], log_grid[column], momenta[row]), (-result.fun, result.x, momenta[row])]
     score, log_step, momentum = max(fits, key=lambda fit: fit[0])
     return float(np.exp(log_step)), float(momentum) if heavy else None, float(score)
 

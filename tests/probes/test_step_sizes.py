@@ -4,13 +4,15 @@ evaluates its candidates with, against the real solvers and a NumPy loop."""
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
 
 from mi_krr.kernels import gaussian_kernel
 from mi_krr.solvers import heavy_ball, richardson
-from probes.step_sizes import cross_fit_folds, cross_fit_step, fit_step, spectral_system
+from probes.step_sizes import cross_fit_folds, cross_fit_step, fit_step, path_scores, spectral_system
 
 B, N, M, LAM, T = 16, 8, 3, 0.05, 6
 
@@ -99,3 +101,19 @@ def test_spectral_system_keeps_the_rowsum_preconditioners_error_on_a_linear_kern
     x = torch.randn(2, 5, 3, generator=g, dtype=torch.float64)
     with pytest.raises(ValueError, match="row sum"):
         spectral_system("richardson_rowsum", x @ x.mT, torch.randn(2, 5, dtype=torch.float64), LAM, x[:, :2] @ x.mT)
+
+
+def test_batched_path_scores_equal_a_brute_force_monotone_alignment_and_minus_inf_for_divergence():
+    """Path R2 by enumerating every non-decreasing layer -> step map (NumPy), per candidate."""
+    rng = np.random.default_rng(7)
+    layers, steps = rng.normal(size=(5, 3, 2)), rng.normal(size=(5, 4, 4, 2))  # [B, L', m], [B, G, T+1, m]
+    steps[:, 3, 2, 0] = np.inf  # candidate 3 diverged
+    scored = np.arange(1, 3)
+    got = path_scores(layers, torch.as_tensor(steps), scored)
+    for g in range(3):
+        sse = ((layers[:, :, None] - steps[:, g][:, None]) ** 2).sum(axis=(0, 3))  # [L', T+1]
+        sst = ((steps[:, g] - steps[:, g].mean(axis=(0, 2), keepdims=True)) ** 2).sum(axis=(0, 2))  # [T+1]
+        best = min(itertools.combinations_with_replacement(range(4), 3), key=lambda path: sum(sse[l, t] for l, t in enumerate(path)))
+        expected = 1 - sum(sse[l, best[l]] for l in scored) / sum(sst[best[l]] for l in scored)
+        assert got[g] == pytest.approx(expected, rel=1e-12)
+    assert got[3] == -np.inf
