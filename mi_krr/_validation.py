@@ -59,6 +59,36 @@ def check_choice(name: str, value: str, choices: tuple[str, ...]) -> str:
     return value
 
 
+def check_non_negative(name: str, value: Any) -> float:
+    """`value` as a float after checking it is finite and >= 0."""
+    try:
+        number = math.nan if isinstance(value, bool) else float(value)
+    except (TypeError, ValueError):
+        number = math.nan
+    if not math.isfinite(number) or number < 0:
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    return number
+
+
+def check_finite(name: str, value: Any) -> float:
+    """`value` as a finite float."""
+    try:
+        number = math.nan if isinstance(value, bool) else float(value)
+    except (TypeError, ValueError):
+        number = math.nan
+    if not math.isfinite(number):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    return number
+
+
+def check_condition_number(name: str, value: Any) -> float:
+    """`value` as a float after checking it is a finite ratio >= 1."""
+    number = check_positive(name, value)
+    if number < 1:
+        raise ValueError(f"{name} must be >= 1 (largest / smallest eigenvalue), got {value!r}")
+    return number
+
+
 def _all_finite(tensor: torch.Tensor) -> bool:
     """True when no entry is NaN or inf: one min/max pass (aminmax propagates NaN and inf), about
     five times cheaper than `isfinite(...).all()` on large kernels."""

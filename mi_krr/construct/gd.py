@@ -27,7 +27,7 @@ import torch
 from mi_krr._validation import check_count, check_positive
 from mi_krr.construct.primitives import Linear, coord
 from mi_krr.construct.transformer import BlockSpec, ConstructedTransformer, HeadSpec, ResidualLayout
-from mi_krr.tasks._checks import check_non_negative
+from mi_krr._validation import check_non_negative
 
 
 def gd_transformer(

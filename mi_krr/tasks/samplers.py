@@ -25,7 +25,7 @@ import torch
 from mi_krr._validation import check_choice, check_count, check_positive
 from mi_krr.feature_maps import random_orthogonal
 from mi_krr.kernels import kernel_matrix
-from mi_krr.tasks._checks import check_condition_number, check_finite, check_non_negative
+from mi_krr._validation import check_condition_number, check_finite, check_non_negative
 from mi_krr.tasks.spd import geometric_spectrum
 from mi_krr.tasks.task import ICLTask
 

@@ -25,7 +25,7 @@ from types import MappingProxyType
 from typing import Any, Callable, Mapping
 
 from mi_krr._validation import check_choice, check_count, check_positive
-from mi_krr.tasks._checks import check_condition_number, check_finite, check_non_negative
+from mi_krr._validation import check_condition_number, check_finite, check_non_negative
 from mi_krr.tasks.samplers import GPRegressionSampler, Sampler
 
 __all__ = ["SHIFT_KINDS", "Shift", "apply_shift", "shift_applies", "applicable_shifts", "DEFAULT_SHIFTS"]

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from mi_krr._validation import check_count
-from mi_krr.tasks._checks import check_condition_number
+from mi_krr._validation import check_condition_number
 from mi_krr.feature_maps import random_orthogonal
 
 __all__ = ["SPDSystem", "geometric_spectrum", "sample_spd_system"]

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from mi_krr.kernels import kernel_matrix
-from mi_krr.tasks import ICLTask
+from mi_krr.tasks import ICLTask, bayes_optimal_ridge
 from mi_krr.train.config import TrainConfig
 from mi_krr.train.seeding import EVAL_STREAM, derived_generator
 
@@ -44,12 +44,10 @@ class EvalReference:
 def optimal_ridge(sampler: Any) -> tuple[str, dict[str, float], float]:
     """The KRR problem whose solution is the sampler's posterior mean: (kernel name, kernel
     parameters, lam). Raises ValueError for samplers without a known posterior."""
-    noise_var = float(sampler.noise_std) ** 2
+    lam = bayes_optimal_ridge(sampler)
     if sampler.name == "gp_regression":
-        return sampler.kernel, sampler.kernel_params(), noise_var
-    if sampler.name == "linear_regression":
-        return "linear", {}, noise_var * sampler.dim
-    raise ValueError(f"no Bayes-optimal predictor known for sampler {sampler.name!r}: use a linear_regression or gp_regression sampler")
+        return sampler.kernel, sampler.kernel_params(), lam
+    return "linear", {}, lam
 
 
 def bayes_optimal_predictions(sampler: Any, task: ICLTask) -> torch.Tensor:
