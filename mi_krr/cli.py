@@ -34,9 +34,15 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def _add_common_options(parser: argparse.ArgumentParser, default_out: str) -> None:
-    parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+def _add_common_options(parser: argparse.ArgumentParser, default_out: str, from_config: bool = False) -> None:
+    """--device, --seed, --out, --debug. With `from_config`, --device and --seed default to None:
+    the run's own configuration keeps its values unless they are given."""
+    if from_config:
+        parser.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda (default: the config's)")
+        parser.add_argument("--seed", type=int, default=None, help="random seed (default: the config's)")
+    else:
+        parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")
+        parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     parser.add_argument("--out", default=default_out, help=f"output folder (default: {default_out})")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
 
@@ -45,7 +51,7 @@ def _register_train(subparsers: argparse._SubParsersAction) -> CommandRunner:
     from mi_krr.train.cli import add_train_parser, run_train
 
     parser = add_train_parser(subparsers)
-    _add_common_options(parser, default_out="runs/train")
+    _add_common_options(parser, default_out="runs/train", from_config=True)
     return run_train
 
 

@@ -95,6 +95,17 @@ def test_train_is_wired_and_reports_a_missing_choice_in_one_line(tmp_path):
     assert_one_line_error(run_cli("train", "--out", str(tmp_path / "run")), "say what to train")
 
 
+def test_train_keeps_the_configs_seed_and_device_unless_given():
+    from mi_krr.cli import build_parser
+
+    parser, _ = build_parser()
+    untouched = parser.parse_args(["train", "--preset", "softmax_gp"])
+    assert untouched.seed is None and untouched.device is None
+    given = parser.parse_args(["train", "--preset", "softmax_gp", "--seed", "3", "--device", "cpu"])
+    assert given.seed == 3 and given.device == "cpu"
+    assert parser.parse_args(["demo"]).seed == 0
+
+
 # ---- construct --------------------------------------------------------------------------------
 
 
