@@ -15,6 +15,7 @@ subcommands, so `mi-krr --help` is instant.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable
 from typing import NoReturn
@@ -123,6 +124,7 @@ def _command_parser(parser: argparse.ArgumentParser, command: str | None) -> arg
 
 
 def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("MPLBACKEND", "Agg")  # the CLI only writes figures to files; a user's setting wins
     argv = sys.argv[1:] if argv is None else list(argv)
     parser, runners = build_parser(only=_requested_command(argv))
     args, extras = parser.parse_known_args(argv)

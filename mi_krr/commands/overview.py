@@ -112,9 +112,6 @@ def format_table(rows: list[SummaryRow]) -> str:
 def plot_overview(rows: list[SummaryRow]):
     """Left: best path R2 per task set, one line per model (filled markers: identified).
     Right: exp-kernel distance per task set for models with softmax attention."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
     models = list(dict.fromkeys(row.model for row in rows))
@@ -164,9 +161,6 @@ class ModelEntry:
 
 def write_overview_report(entries: list[ModelEntry], folder: str | Path, title: str, settings: dict[str, Any]) -> Path:
     """Write the report folder (module docstring) for `entries`; returns the index path."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
     from probes.plots import plot_error_profiles, plot_kernel_alignment, plot_step_map

@@ -41,9 +41,6 @@ def run(args: argparse.Namespace) -> int:
     import time
     from pathlib import Path
 
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
     from tqdm.auto import tqdm
 

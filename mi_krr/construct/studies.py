@@ -73,9 +73,6 @@ def _krr_predictions(K: torch.Tensor, y: torch.Tensor, lam: float, K_query: torc
 
 
 def _figure(n_panels: int, width: float = 4.2, height: float = 3.4):
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, n_panels, figsize=(width * n_panels, height), dpi=90, squeeze=False)

@@ -113,9 +113,6 @@ class RichardsonProfileResult:
         return key_numbers_text(self.key_numbers())
 
     def plot(self):
-        import matplotlib
-
-        matplotlib.use("Agg", force=False)
         import matplotlib.pyplot as plt
 
         figure, (bars, profiles) = plt.subplots(1, 2, figsize=(11.5, 4.0), dpi=90)

@@ -69,9 +69,6 @@ class SoftmaxOODResult:
         return key_numbers_text(self.key_numbers())
 
     def plot(self):
-        import matplotlib
-
-        matplotlib.use("Agg", force=False)
         import matplotlib.pyplot as plt
 
         figure, (left, right) = plt.subplots(1, 2, figsize=(10.5, 3.6), dpi=90)

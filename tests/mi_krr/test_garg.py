@@ -13,6 +13,7 @@ from transformers import GPT2Config, GPT2Model
 from mi_krr.models import adapter_for, load_garg_checkpoint
 from mi_krr.models.encoding import interleave_pairs
 from mi_krr.tasks import ICLTask
+from prompts import random_task
 
 D, N_POSITIONS, N_EMBD, N_LAYER, N_HEAD = 3, 8, 16, 2, 2
 MODEL_SECTION = {"family": "gpt2", "n_dims": D, "n_positions": N_POSITIONS, "n_embd": N_EMBD, "n_layer": N_LAYER, "n_head": N_HEAD}
@@ -52,8 +53,7 @@ def write_run(folder: Path, model_section: dict = MODEL_SECTION) -> Path:
 
 
 def make_task() -> ICLTask:
-    g = torch.Generator().manual_seed(1)
-    return ICLTask(torch.randn(2, 5, D, generator=g), torch.randn(2, 5, generator=g), torch.randn(2, 3, D, generator=g), torch.randn(2, 3, generator=g))
+    return random_task(2, 5, 3, D, seed=1, dtype=torch.float32)
 
 
 def assert_matches_reference(model, reference: GargReference, task: ICLTask) -> None:

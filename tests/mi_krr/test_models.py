@@ -19,18 +19,13 @@ from mi_krr.models import (
     model_from_config,
 )
 from mi_krr.tasks import ICLTask
+from prompts import random_task
 
 D, N, M = 3, 6, 4
 
 
 def make_task(batch: int = 2, n: int = N, m: int = M, d: int = D, seed: int = 0, dtype=torch.float64) -> ICLTask:
-    g = torch.Generator().manual_seed(seed)
-    return ICLTask(
-        x_support=torch.randn(batch, n, d, generator=g, dtype=dtype),
-        y_support=torch.randn(batch, n, generator=g, dtype=dtype),
-        x_query=torch.randn(batch, m, d, generator=g, dtype=dtype),
-        y_query=torch.randn(batch, m, generator=g, dtype=dtype),
-    )
+    return random_task(batch, n, m, d, seed, dtype)
 
 
 def make_model(seed: int = 0, **overrides) -> ICLTransformer:

@@ -10,14 +10,13 @@ import torch
 
 from mi_krr.models import BridgeICLModel, ICLTransformerConfig, adapter_for, model_from_config
 from mi_krr.tasks import ICLTask
+from prompts import random_task
 
 D = 3
 
 
 def make_task(n: int = 5, m: int = 3, seed: int = 0) -> ICLTask:
-    g = torch.Generator().manual_seed(seed)
-    return ICLTask(torch.randn(2, n, D, generator=g, dtype=torch.float64), torch.randn(2, n, generator=g, dtype=torch.float64),
-                   torch.randn(2, m, D, generator=g, dtype=torch.float64), torch.randn(2, m, generator=g, dtype=torch.float64))
+    return random_task(2, n, m, D, seed)
 
 
 def make_bridge(**overrides) -> BridgeICLModel:

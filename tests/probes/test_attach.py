@@ -8,6 +8,7 @@ import torch
 from mi_krr.models import ICLTransformer, ICLTransformerConfig
 from mi_krr.tasks import ICLTask
 from probes import ProbedModel, attach
+from prompts import random_task
 
 
 def make_model(**overrides) -> ICLTransformer:
@@ -18,13 +19,7 @@ def make_model(**overrides) -> ICLTransformer:
 
 
 def make_task(batch: int = 2, n: int = 5, m: int = 3, seed: int = 0) -> ICLTask:
-    g = torch.Generator().manual_seed(seed)
-    return ICLTask(
-        x_support=torch.randn(batch, n, 2, generator=g, dtype=torch.float64),
-        y_support=torch.randn(batch, n, generator=g, dtype=torch.float64),
-        x_query=torch.randn(batch, m, 2, generator=g, dtype=torch.float64),
-        y_query=torch.randn(batch, m, generator=g, dtype=torch.float64),
-    )
+    return random_task(batch, n, m, 2, seed)
 
 
 class ModelNamingAMissingHook(ICLTransformer):

@@ -18,18 +18,13 @@ from mi_krr.models import ICLTransformer, ICLTransformerConfig
 from mi_krr.tasks import ICLTask
 from probes import alignment_metrics, kernel_alignment
 from probes.kernel_alignment import fit_inverse_scale, log_similarity, row_normalised_kernel
+from prompts import random_task
 
 D, N, M = 3, 8, 5
 
 
 def make_task(batch: int = 4, seed: int = 0) -> ICLTask:
-    g = torch.Generator().manual_seed(seed)
-    return ICLTask(
-        x_support=torch.randn(batch, N, D, generator=g, dtype=torch.float64),
-        y_support=torch.randn(batch, N, generator=g, dtype=torch.float64),
-        x_query=torch.randn(batch, M, D, generator=g, dtype=torch.float64),
-        y_query=torch.randn(batch, M, generator=g, dtype=torch.float64),
-    )
+    return random_task(batch, N, M, D, seed)
 
 
 def centred_cka(a: np.ndarray, b: np.ndarray) -> float:

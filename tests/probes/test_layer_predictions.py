@@ -11,18 +11,13 @@ import probes.streaming
 from mi_krr.models import ICLTransformer, ICLTransformerConfig
 from mi_krr.tasks import ICLTask
 from probes import layer_predictions
+from prompts import random_task
 
 D, N, M = 3, 6, 4
 
 
 def make_task(batch: int = 3, n: int = N, m: int = M, d: int = D, seed: int = 0) -> ICLTask:
-    g = torch.Generator().manual_seed(seed)
-    return ICLTask(
-        x_support=torch.randn(batch, n, d, generator=g, dtype=torch.float64),
-        y_support=torch.randn(batch, n, generator=g, dtype=torch.float64),
-        x_query=torch.randn(batch, m, d, generator=g, dtype=torch.float64),
-        y_query=torch.randn(batch, m, generator=g, dtype=torch.float64),
-    )
+    return random_task(batch, n, m, d, seed)
 
 
 def make_model(layout: str, seed: int = 0, **overrides) -> ICLTransformer:

@@ -15,18 +15,13 @@ from mi_krr.models import ICLTransformer, ICLTransformerConfig
 from mi_krr.solvers import ALGORITHMS
 from mi_krr.tasks import ICLTask
 from probes import label_sensitivities, layer_predictions, solver_sensitivities
+from prompts import random_task
 
 D, N, M = 2, 5, 3
 
 
 def make_task(batch: int = 2, seed: int = 0) -> ICLTask:
-    g = torch.Generator().manual_seed(seed)
-    return ICLTask(
-        x_support=torch.randn(batch, N, D, generator=g, dtype=torch.float64),
-        y_support=torch.randn(batch, N, generator=g, dtype=torch.float64),
-        x_query=torch.randn(batch, M, D, generator=g, dtype=torch.float64),
-        y_query=torch.randn(batch, M, generator=g, dtype=torch.float64),
-    )
+    return random_task(batch, N, M, D, seed)
 
 
 def make_model(layout: str) -> ICLTransformer:
