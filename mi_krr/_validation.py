@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -87,6 +88,28 @@ def check_condition_number(name: str, value: Any) -> float:
     if number < 1:
         raise ValueError(f"{name} must be >= 1 (largest / smallest eigenvalue), got {value!r}")
     return number
+
+
+ConfigT = TypeVar("ConfigT")
+
+
+def dataclass_from_dict(cls: type[ConfigT], values: Any) -> ConfigT:
+    """`cls(**values)` for a config dataclass, after checking `values` is a dict whose keys are
+    `cls`'s fields and include every field without a default; each failure is one ValueError
+    naming the keys and the allowed ones."""
+    name = cls.__name__
+    if not isinstance(values, dict):
+        raise ValueError(f"a {name} must be given as a dict of its fields, got {type(values).__name__}")
+    fields = dataclasses.fields(cls)
+    allowed = sorted(f.name for f in fields if f.init)
+    unknown = sorted(set(values) - set(allowed))
+    if unknown:
+        raise ValueError(f"unknown {name} keys {unknown}: allowed keys are {allowed}")
+    missing = [f.name for f in fields if f.init and f.default is dataclasses.MISSING
+               and f.default_factory is dataclasses.MISSING and f.name not in values]
+    if missing:
+        raise ValueError(f"{name} is missing required keys {missing}")
+    return cls(**values)
 
 
 def _all_finite(tensor: torch.Tensor) -> bool:

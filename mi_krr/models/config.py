@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from mi_krr._validation import check_choice, check_count
+from mi_krr._validation import check_choice, check_count, dataclass_from_dict
 from mi_krr.models.encoding import LAYOUTS
 
 ATTENTIONS = ("softmax", "linear", "relu")
@@ -118,14 +118,4 @@ class ICLTransformerConfig:
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "ICLTransformerConfig":
         """Rebuild a config from `to_dict()` output; unknown or missing keys raise ValueError."""
-        if not isinstance(values, dict):
-            raise ValueError(f"config must be a dict of ICLTransformerConfig fields, got {type(values).__name__}")
-        fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - fields)
-        if unknown:
-            raise ValueError(f"unknown ICLTransformerConfig keys {unknown}: allowed keys are {sorted(fields)}")
-        required = [f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING]
-        missing = [name for name in required if name not in values]
-        if missing:
-            raise ValueError(f"ICLTransformerConfig is missing required keys {missing}")
-        return cls(**values)
+        return dataclass_from_dict(cls, values)

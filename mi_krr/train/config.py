@@ -7,7 +7,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from mi_krr._validation import check_count, check_positive
+from mi_krr._validation import check_count, check_positive, dataclass_from_dict
 
 # Settings that change nothing about the sequence of weights a run produces: a resumed run may
 # change these; any other difference from the checkpointed run is refused.
@@ -100,13 +100,7 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
         """Inverse of `to_dict`; unknown keys raise a ValueError naming them."""
-        if not isinstance(values, dict):
-            raise ValueError(f"train config must be a dict of TrainConfig fields, got {type(values).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown TrainConfig field(s) {unknown}: valid fields are {sorted(known)}")
-        return cls(**values)
+        return dataclass_from_dict(cls, values)
 
     def trajectory_fields(self) -> dict[str, Any]:
         """The fields that determine the weights a run produces (all but `OPERATIONAL_FIELDS`)."""

@@ -77,5 +77,5 @@ def test_bad_config_values_raise_one_line_errors(kwargs, message):
 
 
 def test_unknown_config_key_is_named():
-    with pytest.raises(ValueError, match=r"unknown TrainConfig field\(s\) \['learning_rate'\]"):
+    with pytest.raises(ValueError, match=r"unknown TrainConfig keys \['learning_rate'\]"):
         TrainConfig.from_dict({"learning_rate": 1e-3})
