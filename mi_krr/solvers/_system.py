@@ -167,8 +167,9 @@ def _is_symmetric(K: torch.Tensor) -> bool:
         return True
     generator = torch.Generator().manual_seed(0)
     probe = (1.0 + torch.rand(K.shape[-1], generator=generator, dtype=K.dtype)).to(K.device)
-    columns = K.reshape(-1, K.shape[-1]).mv(probe).reshape(K.shape[:-1])  # K v: one mat-vec over all rows
-    rows = torch.bmm(probe.expand(K.shape[0], 1, -1), K).squeeze(-2)  # K^T v
+    probe = probe.expand(K.shape[0], 1, -1).contiguous()
+    columns = torch.bmm(K, probe.mT).mT  # K v, [batch, 1, n]
+    rows = torch.bmm(probe, K)  # v^T K = (K^T v)^T
     return bool((columns - rows).abs().amax() <= SYMMETRY_RTOL * columns.abs().amax())
 
 

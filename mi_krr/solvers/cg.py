@@ -18,16 +18,17 @@ from mi_krr.solvers._spectrum import preconditioner_diagonal
 from mi_krr.solvers._system import KRRSystem, check_steps, krr_system, ratio, safe_sqrt
 from mi_krr.solvers.trajectory import Trajectory
 
-CG_BLOCK_BYTES = 4 * 2**20
+CG_BLOCK_BYTES = 8 * 2**20
 """Default cache budget for one block's kernels K `[block, n, n]` (float64), see `cg_block_size`.
 
-Each CG step streams every kernel of its block once; a block whose kernels stay in cache runs
-all T steps without going back to memory, while smaller blocks pay the per-step op overhead
-once more per block. On the 2-core AMD EPYC this was tuned on (1 MiB L2 per core, 32 MiB L3
-shared with other jobs), 30 CG steps on 8 MiB of kernels took, by block size (1 thread, CPU
-time, busy machine): n=64: 4 -> 71-81 ms, 16 -> 31-36, 64 -> 22-23, 128 -> 20-26, 256 (all)
--> 31-41; n=128: 4 -> 29-46, 16 -> 19-27, 32 -> 18-25, 64 (all) -> 25-39. Blocks of 2-4 MiB
-were best. Scale it with the per-core share of cache on other machines.
+Each CG step reads every kernel of its block once; a block whose kernels stay in cache runs all
+T steps without going back to main memory, while every extra block pays the per-step torch op
+overhead (about a dozen small ops) once more. On the 2-core AMD EPYC this was tuned on (1 MiB
+L2 per core, 32 MiB L3), 30 steps at B=256, n=64 (8 MiB of kernels) took, idle machine, 2
+threads, interleaved medians: blocks of 128 -> 11.0 ms, 256 (one block) -> 10.3 ms; at B=64,
+n=128: 32 -> 8.0 ms, 64 (one block) -> 6.9 ms. Mat-vecs on L3-resident kernels ran at the same
+speed as on L2-sized blocks, so op overhead decides. Scale the budget with the cache per
+prompt batch on other machines.
 """
 
 
@@ -101,22 +102,27 @@ def _pcg_block(
     residual = y
     preconditioned = residual if inverse_diagonal is None else residual * inverse_diagonal
     direction = preconditioned
-    rho = torch.linalg.vecdot(residual, preconditioned).unsqueeze(-1)  # r^T P r, [b, 1, 1]
+    rho = _dot(residual, preconditioned)  # r^T P r, [b, 1, 1]
     alpha = torch.zeros_like(y)
     iterates = [alpha]
-    squared_norms = [rho if inverse_diagonal is None else torch.linalg.vecdot(residual, residual).unsqueeze(-1)]
+    squared_norms = [rho if inverse_diagonal is None else _dot(residual, residual)]
     for _ in range(n_steps):
         image = torch.baddbmm(direction, direction, K, beta=lam)  # (K + lam I) p, K symmetric
-        step = ratio(rho, torch.linalg.vecdot(direction, image).unsqueeze(-1))
+        step = ratio(rho, _dot(direction, image))
         alpha = torch.addcmul(alpha, step, direction)
         residual = torch.addcmul(residual, step, image, value=-1.0)
         preconditioned = residual if inverse_diagonal is None else residual * inverse_diagonal
-        rho_next = torch.linalg.vecdot(residual, preconditioned).unsqueeze(-1)
+        rho_next = _dot(residual, preconditioned)
         direction = torch.addcmul(preconditioned, ratio(rho_next, rho), direction)
         rho = rho_next
         iterates.append(alpha)
-        squared_norms.append(rho if inverse_diagonal is None else torch.linalg.vecdot(residual, residual).unsqueeze(-1))
+        squared_norms.append(rho if inverse_diagonal is None else _dot(residual, residual))
     return torch.cat(iterates, dim=-2), safe_sqrt(torch.cat(squared_norms, dim=-1).squeeze(-2))
+
+
+def _dot(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Row-wise dot products of row vectors `[b, 1, n]` -> `[b, 1, 1]`."""
+    return (u * v).sum(dim=-1, keepdim=True)
 
 
 def cg_error_bound(kappa: Any, t: Any) -> Any:
