@@ -11,12 +11,14 @@ Time (median of `repeats`, the variants alternated so machine load hits them ali
   (`probes.streaming.stream_probes`: per-layer read-outs at the queries + every layer's
   attention query block, reduced inside the hooks of ONE forward), + the same trajectories;
   goal <= 1.3x baseline;
-- diagnose (lean): `diagnose(..., sensitivities=False, kernels=(), step_sizes="optimal")` with
-  1000 bootstrap resamples: everything a verdict needs, registry step sizes;
-- diagnose (default fit): the same with the default `step_sizes="fitted"` (cross-fitted global
-  steps: a grid + Brent line search per step-size algorithm and half, every candidate evaluated
-  in closed form from one eigendecomposition per prompt; goal <= 1.3x baseline);
-- diagnose (full, `--full`): the defaults (sensitivities, kernel alignment, fitted steps).
+- diagnose (default): `diagnose(model, task, progress=False)` as a user calls it: the streaming
+  pass, every default algorithm (cross-fitted global steps for GD / Richardson / heavy ball:
+  grid + refinement, every candidate in closed form from one eigendecomposition per prompt),
+  kernel alignment of every layer and head with the exp and Gaussian kernels, scores with 1000
+  bootstrap resamples, the verdict; goal <= 1.3x baseline;
+- diagnose (lean): the same with `kernels=(), step_sizes="optimal"` (registry step sizes, no
+  kernel alignment);
+- diagnose (+ sensitivities, `--full`): the default plus the opt-in label sensitivities.
 
 Memory: peak resident-set growth of one call over the process's resident set just before it, each
 variant in a fresh subprocess (same model and prompts; the peak is reset through
@@ -98,11 +100,9 @@ def variants(model, task):
     return {
         "baseline": lambda: (forward(), trajectories(task, lam, n_steps)),
         "extraction": lambda: (extraction_only(), trajectories(task, lam, n_steps)),
-        "diagnose_lean": lambda: diagnose(
-            model, task, sensitivities=False, kernels=(), bootstrap=1000, progress=False, step_sizes="optimal"
-        ),
-        "diagnose_fitted": lambda: diagnose(model, task, sensitivities=False, kernels=(), bootstrap=1000, progress=False),
-        "diagnose_full": lambda: diagnose(model, task, bootstrap=1000, progress=False),
+        "diagnose": lambda: diagnose(model, task, bootstrap=1000, progress=False),
+        "diagnose_lean": lambda: diagnose(model, task, kernels=(), bootstrap=1000, progress=False, step_sizes="optimal"),
+        "diagnose_sensitivities": lambda: diagnose(model, task, sensitivities=True, bootstrap=1000, progress=False),
         "forward": forward,
         "extraction_only": extraction_only,
         "cache": cache,
@@ -111,7 +111,7 @@ def variants(model, task):
 
 def time_variants(model, task, repeats: int, full: bool) -> dict[str, list[float]]:
     """Seconds of every repeat per variant (variants alternated within each repeat)."""
-    timed = ("baseline", "extraction", "diagnose_lean", "diagnose_fitted") + (("diagnose_full",) if full else ())
+    timed = ("baseline", "extraction", "diagnose", "diagnose_lean") + (("diagnose_sensitivities",) if full else ())
     runs = {name: run for name, run in variants(model, task).items() if name in timed}
     for run in runs.values():
         run()  # warm-up
@@ -155,7 +155,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--memory-batch", type=int, default=1024)
-    parser.add_argument("--full", action="store_true", help="also time diagnose with sensitivities and kernel alignment (slow)")
+    parser.add_argument("--full", action="store_true", help="also time diagnose with the opt-in label sensitivities (slow)")
     parser.add_argument("--memory-child", nargs=2, metavar=("MODEL", "VARIANT"))
     args = parser.parse_args()
     if args.memory_child:

@@ -200,7 +200,7 @@ def diagnose(
     method: str = "readout",
     layers: Sequence[int] | None = None,
     train_task: ICLTask | None = None,
-    sensitivities: bool = True,
+    sensitivities: bool = False,
     bootstrap: int = 1000,
     seed: int = 0,
     n_kappa_bins: int = 3,
@@ -233,8 +233,9 @@ def diagnose(
             "ridge" (probes fitted on `train_task`).
         layers: residual indices to probe (default all 0..L); layer 0 is never scored.
         train_task: prompts to fit ridge probes on (method="ridge" only).
-        sensitivities: also compare label sensitivities d yhat / d y (one backward pass per
-            layer and query; the slowest stage).
+        sensitivities: also compare label sensitivities d yhat / d y (opt-in: one backward pass
+            per layer and query, tens of times the cost of everything else; `mi-krr diagnose`
+            turns it on).
         bootstrap: prompt resamples for the intervals (0: no intervals and no verdict).
         seed: seed of the resamples.
         n_kappa_bins: quantile bins of the condition number for stratified scores.

@@ -24,16 +24,27 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import einops
 import numpy as np
 
-from probes.scoring import AlgorithmScore, monotone_alignment, paired_sums, path_r2, percentile_interval, weighted_sse_sst
+from probes.scoring import (
+    AlgorithmScore,
+    PairedSums,
+    centred_step_sums,
+    monotone_alignment,
+    pairwise_sse,
+    path_r2,
+    percentile_interval,
+    step_sum_count,
+    weighted_sse_sst,
+)
 
 
 def algorithm_agreement(step_preds: dict, aligned_steps: dict) -> tuple[list[str], np.ndarray]:
     """Pairwise agreement of candidate algorithms along the model's aligned steps.
 
     Args:
-        step_preds: name -> step predictions `[B, T+1, m]`.
+        step_preds: name -> step predictions `[B, T+1, m]` (the same T for every algorithm).
         aligned_steps: name -> the steps of that algorithm the model's scored layers align to
             `[L'']` (e.g. `score.aligned_steps[score.scored]`).
 
@@ -42,22 +53,32 @@ def algorithm_agreement(step_preds: dict, aligned_steps: dict) -> tuple[list[str
         its aligned steps (those past step 0, which every solver shares) explained by algorithm
         j's steps under the monotone alignment; the diagonal is 1. A row is NaN when no aligned
         step is past step 0 (nothing to compare).
+
+    Each row is one pass: algorithm i's aligned steps against every algorithm's steps side by side
+    (`[B, A (T+1), m]`), then A alignments at once.
     """
     names = list(step_preds)
+    trajectories = [np.asarray(step_preds[name], dtype=np.float64) for name in names]
+    lengths = {trajectory.shape[1] for trajectory in trajectories}
+    if len(lengths) != 1:
+        raise ValueError(f"step_preds must all hold the same number of steps T+1, got {sorted(lengths)}")
+    every_step = einops.rearrange(np.stack(trajectories), "a b t m -> b (a t) m")
+    step_sum, step_sq = centred_step_sums(every_step)
     agreement = np.eye(len(names))
-    for i, name in enumerate(names):
-        informative = np.asarray(aligned_steps[name])
+    for i, trajectory in enumerate(trajectories):
+        informative = np.asarray(aligned_steps[names[i]])
         informative = informative[informative > 0]  # step 0 (alpha = 0) is the same for every solver
         if informative.size == 0:
             agreement[i] = np.nan
             continue
-        rows = np.asarray(step_preds[name])[:, informative]
-        for j, other in enumerate(names):
-            if i == j:
-                continue
-            sse, sst, count = weighted_sse_sst(paired_sums(rows, step_preds[other]))
-            steps, _ = monotone_alignment(sse / count[:, None, None])
-            agreement[i, j] = path_r2(sse, sst, steps)[0]
+        sums = PairedSums(pairwise_sse(trajectory[:, informative], every_step), step_sum, step_sq, step_sum_count(every_step))
+        sse, sst, count = weighted_sse_sst(sums)
+        sse = einops.rearrange(sse[0], "row (a t) -> a row t", a=len(names))
+        sst = einops.rearrange(sst[0], "(a t) -> a t", a=len(names))
+        steps, _ = monotone_alignment(sse / count[0])
+        row = path_r2(sse, sst, steps)
+        row[i] = 1.0
+        agreement[i] = row
     return names, agreement
 
 

@@ -38,6 +38,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 
 from mi_krr._validation import check_count
 
@@ -88,12 +89,30 @@ def paired_sums(layer_values, step_values) -> PairedSums:
             f"layer_values {layers.shape} and step_values {steps.shape} must share the batch and trailing "
             "dimensions: score the same prompts and queries"
         )
+    step_sum, step_sq = centred_step_sums(steps)
+    return PairedSums(sse=pairwise_sse(layers, steps), step_sum=step_sum, step_sq=step_sq, n_values=step_sum_count(steps))
+
+
+def pairwise_sse(layers: np.ndarray, steps: np.ndarray) -> np.ndarray:
+    """Squared error summed over values per prompt, `[B, L', ...]` x `[B, T+1, ...]` -> `[B, L', T+1]`:
+    exact differences (no |a|^2 - 2 a.b + |b|^2 cancellation) in one batched kernel."""
     batch = layers.shape[0]
-    layers = layers.reshape(batch, layers.shape[1], -1)
-    steps = steps.reshape(batch, steps.shape[1], -1)
-    sse = np.stack([((steps - layers[:, [row]]) ** 2).sum(-1) for row in range(layers.shape[1])], axis=1)
-    centred = steps - steps.mean(axis=(0, 2), keepdims=True)
-    return PairedSums(sse=sse, step_sum=centred.sum(-1), step_sq=(centred**2).sum(-1), n_values=steps.shape[2])
+    rows = torch.from_numpy(np.ascontiguousarray(layers.reshape(batch, layers.shape[1], -1)))
+    columns = torch.from_numpy(np.ascontiguousarray(steps.reshape(batch, steps.shape[1], -1)))
+    return torch.cdist(rows, columns, compute_mode="donot_use_mm_for_euclid_dist").square().numpy()
+
+
+def centred_step_sums(steps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-prompt sums of `steps` `[B, T+1, ...]` over values, centred by each step's all-prompt
+    mean, and of their squares: (`[B, T+1]`, `[B, T+1]`) (see `PairedSums`)."""
+    flat = steps.reshape(steps.shape[0], steps.shape[1], -1)
+    centred = flat - flat.mean(axis=(0, 2), keepdims=True)
+    return centred.sum(-1), np.einsum("btv,btv->bt", centred, centred)
+
+
+def step_sum_count(steps: np.ndarray) -> int:
+    """Values per prompt and step of `steps` `[B, T+1, ...]`."""
+    return int(np.prod(steps.shape[2:], dtype=np.int64))
 
 
 def _weights(sums: PairedSums, weights) -> np.ndarray:
@@ -108,7 +127,7 @@ def weighted_sse_sst(sums: PairedSums, weights=None) -> tuple[np.ndarray, np.nda
     """SSE `[R, L', T+1]`, SST `[R, T+1]` and the number of values `[R]` under prompt weights
     `[B]` or `[R, B]` (None: every prompt once, R = 1)."""
     w = _weights(sums, weights)
-    sse = np.einsum("rb,blt->rlt", w, sums.sse)
+    sse = (w @ sums.sse.reshape(sums.n_prompts, -1)).reshape(len(w), *sums.sse.shape[1:])
     count = w.sum(1) * sums.n_values
     total = w @ sums.step_sum
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -204,8 +223,9 @@ def bootstrap_weights(n_prompts: int, n_resamples: int, seed: int) -> np.ndarray
     with replacement (seeded; the same seed gives the same rows, which pairs algorithms)."""
     check_count("n_prompts", n_prompts, 1)
     check_count("n_resamples", n_resamples, 0)
-    rng = np.random.default_rng(seed)
-    return rng.multinomial(n_prompts, np.full(n_prompts, 1.0 / n_prompts), size=n_resamples).astype(np.float64)
+    draws = np.random.default_rng(seed).integers(0, n_prompts, size=(n_resamples, n_prompts))
+    flat = (draws + n_prompts * np.arange(n_resamples)[:, None]).ravel()  # (resample, prompt) cells
+    return np.bincount(flat, minlength=n_resamples * n_prompts).reshape(n_resamples, n_prompts).astype(np.float64)
 
 
 def percentile_interval(samples, level: float = 0.95) -> tuple[float, float]:

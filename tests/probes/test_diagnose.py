@@ -140,7 +140,7 @@ def random_diagnosis():
         "ill_conditioned": GPRegressionSampler(dim=3, condition_number=20.0).sample(16, 10, 3, seed=2),
     }
     algorithms = ("cg", "gd", "richardson_rowsum")
-    return tasks, diagnose(model, tasks, algorithms=algorithms, n_steps=6, bootstrap=200, progress=False)
+    return tasks, diagnose(model, tasks, algorithms=algorithms, n_steps=6, bootstrap=200, sensitivities=True, progress=False)
 
 
 def test_random_transformer_is_identified_as_no_algorithm(random_diagnosis):
