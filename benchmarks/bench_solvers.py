@@ -54,12 +54,12 @@ def gaussian_prompts(batch: int, n: int, m: int, seed: int = 0) -> tuple[np.ndar
     return (K + K.transpose(0, 2, 1)) / 2, y, kernel(query, support)
 
 
-def scipy_loop(K: np.ndarray, y: np.ndarray, K_query: np.ndarray, lam: float, n_steps: int) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Per prompt: CG iterates `[T+1, n]` and predictions `[T+1, m]`."""
+def scipy_loop(K: np.ndarray, y: np.ndarray, K_query: np.ndarray | None, lam: float, n_steps: int) -> list[tuple[np.ndarray, np.ndarray | None]]:
+    """Per prompt: CG iterates `[T+1, n]` and predictions `[T+1, m]` (None without K_query)."""
     n = K.shape[-1]
     identity = np.eye(n)
     results = []
-    for k, labels, k_query in zip(K, y, K_query):
+    for k, labels, k_query in zip(K, y, [None] * len(K) if K_query is None else K_query):
         iterates = [np.zeros(n)]
         scipy.sparse.linalg.cg(
             k + lam * identity,
@@ -71,28 +71,33 @@ def scipy_loop(K: np.ndarray, y: np.ndarray, K_query: np.ndarray, lam: float, n_
             callback=lambda x: iterates.append(x.copy()),
         )
         alpha = np.stack(iterates)
-        results.append((alpha, alpha @ k_query.T))
+        results.append((alpha, None if k_query is None else alpha @ k_query.T))
     return results
 
 
-def median_times(functions: dict[str, callable], repeats: int, clock: callable) -> dict[str, float]:
-    """Median time (s) of each function by `clock`, repeats interleaved so load changes hit all
-    alike."""
+def median_times(functions: dict[str, callable], repeats: int, clock: callable, order: str = "interleaved") -> dict[str, float]:
+    """Median time (s) of each function by `clock`. "interleaved": the functions alternate within
+    each repeat, so load changes hit all alike (and each call starts after the other side ran);
+    "grouped": each function's repeats run back to back (steady state, as in a loop of calls)."""
     for function in functions.values():
         function()  # warm-up
     times = {name: [] for name in functions}
-    for _ in range(repeats):
-        for name, function in functions.items():
-            start = clock()
-            function()
-            times[name].append(clock() - start)
+    schedule = (
+        [name for _ in range(repeats) for name in functions]
+        if order == "interleaved"
+        else [name for name in functions for _ in range(repeats)]
+    )
+    for name in schedule:
+        start = clock()
+        functions[name]()
+        times[name].append(clock() - start)
     return {name: statistics.median(values) for name, values in times.items()}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=9, help="interleaved timing repeats (median reported)")
-    parser.add_argument("--queries", type=int, default=None, help="queries per prompt m (default m = n)")
+    parser.add_argument("--queries", type=int, default=None, help="queries per prompt m (default m = n; 0: iterates only, no predictions)")
     parser.add_argument("--block-size", type=int, default=None, help="cg block_size (default: cg_block_size(n))")
     parser.add_argument("--threads", type=int, default=2, help="BLAS / OpenMP / torch threads (default 2)")
     parser.add_argument(
@@ -102,28 +107,38 @@ def main() -> None:
         help="wall: perf_counter (default). cpu: process CPU time, robust to other jobs on a busy "
         "machine but only comparable with --threads 1",
     )
+    parser.add_argument(
+        "--order",
+        choices=("interleaved", "grouped"),
+        default="interleaved",
+        help="interleaved (default): SciPy and torch calls alternate; grouped: each side's repeats back to back",
+    )
     args = parser.parse_args()
     clock = time.perf_counter if args.clock == "wall" else time.process_time
     torch.set_num_threads(THREADS)
     print(f"torch {torch.__version__} ({torch.get_num_threads()} threads), numpy {np.__version__}, scipy {scipy.__version__}")
     print(
         f"float64, lam = {LAM}, Gaussian kernel, d = {DIM}; {args.clock} clock, medians of {args.repeats} "
-        f"interleaved repeats; load average {os.getloadavg()[0]:.1f}\n"
+        f"{args.order} repeats; load average {os.getloadavg()[0]:.1f}\n"
     )
-    header = f"{'B':>4} {'n':>4} {'m':>4} {'T':>3} {'block':>5} | {'scipy loop':>11} {'mi_krr cg':>10} | {'speed-up':>8} {'goal':>5}  {'met':<4} | pred diff: steps 0-5, step T"
+    header = f"{'B':>4} {'n':>4} {'m':>4} {'T':>3} {'block':>5} | {'scipy loop':>11} {'mi_krr cg':>10} | {'speed-up':>8} {'goal':>5}  {'met':<4} | rel. diff (pred, or alpha if m=0): steps 0-5, step T"
     print(header)
     print("-" * len(header))
     for batch, n, n_steps, goal in CONFIGS:
-        m = args.queries or n
+        m = n if args.queries is None else args.queries
         K, y, K_query = gaussian_prompts(batch, n, m)
-        K_t, y_t, K_query_t = (torch.from_numpy(a) for a in (K, y, K_query))
+        K_query = K_query if m else None  # --queries 0: iterates only, no predictions on either side
+        K_t, y_t = torch.from_numpy(K), torch.from_numpy(y)
+        K_query_t = None if K_query is None else torch.from_numpy(K_query)
         block = args.block_size or cg_block_size(n)
         reference = scipy_loop(K, y, K_query, LAM, n_steps)
         trajectory = cg(K_t, y_t, LAM, n_steps, K_query=K_query_t, block_size=block)
-        pred_reference = np.stack([pred for _, pred in reference])  # [B, T+1, m]
+        compared = 1 if m else 0  # (alpha, pred): the predictions, or without queries the iterates
+        ours = (trajectory.pred if m else trajectory.alpha).numpy()
+        theirs = np.stack([result[compared] for result in reference])  # [B, T+1, m or n]
         # CG amplifies rounding differently in the two codes mid-way on these ill-conditioned
         # systems (kappa ~ 300); its first steps and its end point are well determined
-        difference = np.abs(trajectory.pred.numpy() - pred_reference) / np.abs(pred_reference).max()
+        difference = np.abs(ours - theirs) / np.abs(theirs).max()
         early, last = difference[:, :6].max(), difference[:, -1].max()
         times = median_times(
             {
@@ -132,6 +147,7 @@ def main() -> None:
             },
             args.repeats,
             clock,
+            args.order,
         )
         speed_up = times["scipy"] / times["torch"]
         print(
