@@ -10,6 +10,13 @@ a log-spaced grid around the prompts' typical optimal step, then a bounded Brent
 section with parabolic steps) on log step inside the brackets of the best grid points. Heavy ball also
 fits its momentum, on the grid 0.1, 0.3, ..., 0.9 (momentum 0 is GD, already a candidate).
 
+The searches run side by side: `bounded_brent` is SciPy's `minimize_scalar(method="bounded")`
+step for step, vectorised over brackets, and each of its iterations scores the next candidate of
+every bracket of both cross-fitting halves in ONE closed-form batch (the grids of both halves are
+one batch too): the same searches as one at a time (scores equal to rounding, fitted steps to
+~1e-10), in ~30 batches per algorithm instead of ~125 single evaluations. The typical optimal
+step comes from the same eigendecomposition (`optimal_steps`).
+
 Every candidate is evaluated in closed form (`SpectralSystem`), not by re-running the solver: with
 P the diagonal preconditioner and S = P^1/2 (K + lam I) P^1/2 = U diag(mu) U^T (ONE symmetric
 eigendecomposition per prompt), any iteration whose update is a polynomial in P A decouples into
@@ -33,10 +40,9 @@ from typing import Any, Callable
 import einops
 import numpy as np
 import torch
-from scipy import optimize
 
 from mi_krr._validation import check_choice
-from mi_krr.solvers import ALGORITHMS, heavy_ball, richardson
+from mi_krr.solvers import heavy_ball, richardson
 from mi_krr.solvers._spectrum import preconditioner_diagonal
 from mi_krr.solvers._system import check_steps, krr_system
 from probes.scoring import monotone_alignment, path_r2
@@ -65,6 +71,10 @@ GRID_CHUNK_VALUES = 2**20
 small enough to stay in cache (large temporaries cost more in page faults than in arithmetic)."""
 
 _DIVERGED = 1e300
+_GOLDEN_MEAN = 0.5 * (3.0 - np.sqrt(5.0))
+_SQRT_EPS = np.sqrt(2.2e-16)
+_MAX_EVALUATIONS = 500
+"""SciPy's bounded-Brent constants (`scipy.optimize._optimize._minimize_scalar_bounded`)."""
 
 
 @dataclass(frozen=True)
@@ -73,7 +83,7 @@ class SpectralSystem:
     evaluating fixed-step Richardson / heavy-ball trajectories in closed form (module docstring).
 
     Attributes:
-        eigenvalues: mu, the eigenvalues of S (= those of P (K + lam I)) `[B, n]`.
+        eigenvalues: mu, the eigenvalues of S (= those of P (K + lam I)), ascending `[B, n]`.
         gain: K_query P^1/2 U diag(U^T P^1/2 y) `[B, m, n]`: pred_t = gain @ s_t.
     """
 
@@ -84,37 +94,73 @@ class SpectralSystem:
         """The prompts `index` `[B']`."""
         return SpectralSystem(eigenvalues=self.eigenvalues[index], gain=self.gain[index])
 
+    @functools.cached_property
+    def _arrays(self) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
+        """CPU copies for the candidate loops: mu `[B, n]`; gain^T `[B, n, m]`; and
+        [-(gain / mu)^T; pred_inf] `[B, n+1, m]` with pred_inf = (gain / mu) 1 (the limit
+        t -> inf), so that the row [(1 - w mu)^t, 1] times it is Richardson's pred_t."""
+        mu = self.eigenvalues.detach().cpu()
+        gain = self.gain.detach().cpu().numpy()
+        scaled = gain / mu.numpy()[:, None, :]
+        limit_form = np.concatenate([-scaled, scaled.sum(-1, keepdims=True)], axis=2).transpose(0, 2, 1)
+        return mu, np.ascontiguousarray(gain.transpose(0, 2, 1)), np.ascontiguousarray(limit_form)
+
     def predictions(self, step: Any, n_steps: int, momentum: Any = None) -> torch.Tensor:
         """Query predictions of alpha_{t+1} = alpha_t + w P (y - A alpha_t) + beta (alpha_t -
         alpha_{t-1}) from alpha_0 = alpha_-1 = 0 for G candidate (w, beta) pairs at once.
 
         Args:
-            step: w per candidate `[G]` (or a number).
+            step: w per candidate `[G]`, per prompt and candidate `[B, G]`, or a number.
             n_steps: T >= 0.
-            momentum: beta per candidate `[G]` (or a number), None for Richardson (beta = 0).
+            momentum: beta, shaped like `step` (or a number); None for Richardson (beta = 0).
 
         Returns:
-            pred `[B, G, T+1, m]` (float64); non-finite where a step diverges past float range.
+            pred `[B, G, T+1, m]` (float64, on the system's device); non-finite where a step
+            diverges past float range.
         """
         n_steps = check_steps(n_steps)
-        mu = self.eigenvalues[:, None, :]  # [B, 1, n]
-        w = torch.as_tensor(step, dtype=torch.float64, device=mu.device).reshape(-1)[None, :, None]  # [1, G, 1]
-        beta = None if momentum is None else torch.as_tensor(momentum, dtype=torch.float64, device=mu.device).reshape(-1)[None, :, None]
-        rate = w * mu  # [B, G, n]
-        if beta is None:  # Richardson in closed form: s_t = (1 - (1 - w mu)^t) / mu
-            decay = (1.0 - rate)[:, :, None, :]  # [B, G, 1, n]
-            powers = torch.cat([torch.ones_like(decay), decay.expand(-1, -1, n_steps, -1).cumprod(dim=2)], dim=2)  # (1 - w mu)^t
-            modes = (1.0 - powers) / mu[:, :, None, :]  # [B, G, T+1, n]
-            return torch.einsum("bgtn,bmn->bgtm", modes, self.gain)
-        gain = self.gain.mT  # [B, n, m]
-        previous = current = torch.zeros_like(rate)  # s_0 = s_-1 = 0
-        preds = [torch.bmm(current, gain)]
-        for _ in range(n_steps):
-            update = torch.addcmul(w, rate, current, value=-1.0)  # w (1 - mu s_t)
-            update = torch.addcmul(update, beta, current - previous)
-            previous, current = current, current + update
-            preds.append(torch.bmm(current, gain))
-        return torch.stack(preds, dim=2)
+        mu, gain_t, limit_form = self._arrays
+        w = _per_prompt(step, len(mu))
+        if momentum is None:
+            pred = _richardson_predictions(mu, limit_form, w, n_steps)
+        else:
+            pred = _heavy_ball_predictions(mu, gain_t, w, _per_prompt(momentum, len(mu)), n_steps)
+        return torch.from_numpy(pred).to(self.eigenvalues.device)
+
+
+def _per_prompt(value: Any, batch: int) -> torch.Tensor:
+    """A candidate parameter (number, `[G]` or `[B, G]`) as `[B, G, 1]`."""
+    value = torch.as_tensor(value, dtype=torch.float64, device="cpu")
+    return (value.reshape(1, -1) if value.ndim < 2 else value).expand(batch, -1)[:, :, None]
+
+
+def _richardson_predictions(mu: torch.Tensor, limit_form: np.ndarray, w: torch.Tensor, n_steps: int) -> np.ndarray:
+    """Richardson in closed form, pred_t = gain s_t = pred_inf - (gain / mu) (1 - w mu)^t, with
+    pred_0 = 0 exactly: mu `[B, n]`, limit_form = [-(gain / mu)^T; pred_inf] `[B, n+1, m]`, w
+    `[B, G, 1]` -> `[B, G, T+1, m]`: ONE matmul of the rows [(1 - w mu)^t, 1] (t >= 1; t = 0: 0)."""
+    batch, n = mu.shape
+    decay = 1.0 - w * mu[:, None, :]  # [B, G, n]
+    rows = torch.empty(batch, w.shape[1], n_steps + 1, n + 1, dtype=torch.float64)
+    rows[:, :, 0] = 0.0
+    rows[:, :, 1:, n] = 1.0
+    torch.cumprod(decay[:, :, None, :].expand(-1, -1, n_steps, -1), dim=2, out=rows[:, :, 1:, :n])
+    return np.matmul(rows.numpy().reshape(batch, -1, n + 1), limit_form).reshape(*rows.shape[:3], -1)
+
+
+def _heavy_ball_predictions(mu: torch.Tensor, gain_t: np.ndarray, w: torch.Tensor, beta: torch.Tensor, n_steps: int) -> np.ndarray:
+    """The per-mode recurrence s_{t+1} = s_t + w (1 - mu s_t) + beta (s_t - s_{t-1}) =
+    w + (1 + beta - w mu) s_t - beta s_{t-1} from s_0 = s_-1 = 0, pred_t = gain s_t: mu `[B, n]`,
+    gain_t = gain^T `[B, n, m]`, w and beta `[B, G, 1]` -> `[B, G, T+1, m]`."""
+    batch, n = mu.shape
+    w, beta = torch.broadcast_tensors(w, beta)
+    carry = (1.0 + beta) - w * mu[:, None, :]  # [B, G, n]
+    modes = torch.empty(batch, w.shape[1], n_steps + 1, n, dtype=torch.float64)
+    modes[:, :, 0] = 0.0
+    modes[:, :, 1:2] = w[:, :, None]  # s_1 = w (nothing when T = 0)
+    for t in range(1, n_steps):
+        torch.addcmul(w, carry, modes[:, :, t], out=modes[:, :, t + 1])
+        modes[:, :, t + 1].addcmul_(beta, modes[:, :, t - 1], value=-1.0)
+    return np.matmul(modes.numpy().reshape(batch, -1, n), gain_t).reshape(*modes.shape[:3], -1)
 
 
 def spectral_system(algorithm: str, K: Any, y: Any, lam: float, K_query: Any) -> SpectralSystem:
@@ -132,6 +178,17 @@ def spectral_system(algorithm: str, K: Any, y: Any, lam: float, K_query: Any) ->
     coefficients = torch.bmm(system.y, basis)  # (U^T P^1/2 y)^T, [B, 1, n]
     gain = torch.bmm(system.K_query, basis) * coefficients
     return SpectralSystem(eigenvalues=eigenvalues, gain=gain)
+
+
+def optimal_steps(algorithm: str, eigenvalues: torch.Tensor) -> torch.Tensor:
+    """The registry's default step of `algorithm` for each prompt `[B]`, from the ascending
+    spectrum mu `[B, n]` of its preconditioned system (`SpectralSystem.eigenvalues`):
+    2 / (mu_min + mu_max) for Richardson (`mi_krr.solvers.richardson`), Polyak's
+    4 / (sqrt(mu_max) + sqrt(mu_min))^2 for heavy ball (`mi_krr.solvers.heavy_ball`)."""
+    check_choice("algorithm", algorithm, FITTED_STEP_ALGORITHMS)
+    if algorithm == "heavy_ball":
+        return 4.0 / (eigenvalues[:, -1].sqrt() + eigenvalues[:, 0].sqrt()) ** 2
+    return 2.0 / (eigenvalues[:, 0] + eigenvalues[:, -1])
 
 
 @dataclass
@@ -194,25 +251,109 @@ def path_score(layer_pred: np.ndarray, step_pred: np.ndarray, scored: np.ndarray
     return float(path_scores(layer_pred, torch.as_tensor(np.asarray(step_pred, dtype=np.float64))[:, None], scored)[0])
 
 
-def path_scores(layer_pred: np.ndarray, candidate_pred: torch.Tensor, scored: np.ndarray) -> np.ndarray:
+def path_scores(layer_pred: np.ndarray, candidate_pred: torch.Tensor, scored: np.ndarray, folds: np.ndarray | None = None) -> np.ndarray:
     """`path_score` of G candidate trajectories at once: candidate_pred `[B, G, T+1, m]` -> `[G]`
-    (-inf for a non-finite candidate or an undefined R2).
+    (-inf for a non-finite candidate or an undefined R2). With `folds` (a fold index per prompt
+    `[B]`, every fold 0..F-1 non-empty): each fold's score on its own prompts `[F, G]`, as if
+    the folds were scored one at a time (a prompt's trajectory may differ between folds).
 
     The sums are `probes.scoring`'s (`paired_sums` + `weighted_sse_sst`: SSE over prompts and
     queries per (layer, step), SST of each step's values about their all-prompt mean), computed
     in torch as exact differences (no |a|^2 - 2 a.b + |b|^2 cancellation) because the fit scores
     thousands of candidates; the alignment and path R2 are `probes.scoring`'s own."""
     batch, n_candidates, n_times, n_query = candidate_pred.shape
-    finite = torch.isfinite(candidate_pred).all(dim=3).all(dim=2).all(dim=0)  # [G]
-    values = torch.where(finite[:, None, None], candidate_pred, 0.0).reshape(batch, n_candidates * n_times, n_query)
-    layers = torch.as_tensor(layer_pred, dtype=torch.float64, device=values.device)
-    sse = torch.cdist(layers, values, compute_mode="donot_use_mm_for_euclid_dist").square().sum(0)  # [L', G (T+1)]
-    sst = (values - values.mean(dim=(0, 2), keepdim=True)).square().sum(dim=(0, 2))  # [G (T+1)]
-    sse = einops.rearrange(sse.cpu().numpy(), "layer (g t) -> g layer t", g=n_candidates)
-    sst = einops.rearrange(sst.cpu().numpy(), "(g t) -> g t", g=n_candidates)
-    steps, _ = monotone_alignment(sse / (batch * n_query))
-    score = path_r2(sse, sst, steps, scored)
-    return np.where(finite.cpu().numpy() & ~np.isnan(score), score, -np.inf)
+    fold = torch.zeros(batch, dtype=torch.int64) if folds is None else torch.as_tensor(np.asarray(folds, dtype=np.int64))
+    n_folds = int(fold.max()) + 1
+    pred = candidate_pred.detach().cpu().numpy()
+    finite = np.isfinite(pred).reshape(batch, n_candidates, -1).all(axis=2)  # [B, G]
+    values = torch.from_numpy(pred if finite.all() else np.where(finite[:, :, None, None], pred, 0.0)).reshape(batch, -1, n_query)
+    layers = torch.as_tensor(layer_pred, dtype=torch.float64)
+    sse = _fold_sums(fold, n_folds, torch.cdist(layers, values, compute_mode="donot_use_mm_for_euclid_dist").square_())  # [F, L', G (T+1)]
+    count = torch.bincount(fold, minlength=n_folds).to(torch.float64) * n_query  # values per fold and step
+    mean = _fold_sums(fold, n_folds, values.sum(2)) / count[:, None]  # [F, G (T+1)]
+    sst = _fold_sums(fold, n_folds, (values - mean[fold][:, :, None]).square_().sum(2))  # [F, G (T+1)]
+    diverged = _fold_sums(fold, n_folds, torch.from_numpy(~finite).to(torch.float64)).numpy() > 0  # [F, G]
+    sse = einops.rearrange(sse.numpy(), "fold layer (g t) -> (fold g) layer t", g=n_candidates)
+    sst = einops.rearrange(sst.numpy(), "fold (g t) -> (fold g) t", g=n_candidates)
+    steps, _ = monotone_alignment(sse / count.numpy().repeat(n_candidates)[:, None, None])
+    score = path_r2(sse, sst, steps, scored).reshape(n_folds, n_candidates)
+    score = np.where(~diverged & ~np.isnan(score), score, -np.inf)
+    return score[0] if folds is None else score
+
+
+def _fold_sums(fold: torch.Tensor, n_folds: int, values: torch.Tensor) -> torch.Tensor:
+    """Per-prompt `values` `[B, ...]` summed over each fold's prompts -> `[F, ...]`."""
+    return torch.zeros((n_folds, *values.shape[1:]), dtype=values.dtype).index_add_(0, fold, values)
+
+
+def bounded_brent(loss: Callable[[np.ndarray, np.ndarray], np.ndarray], low: np.ndarray, high: np.ndarray, xatol: float) -> tuple[np.ndarray, np.ndarray]:
+    """SciPy's `minimize_scalar(loss_i, bounds=(low[i], high[i]), method="bounded",
+    options={"xatol": xatol})` for N functions at once, step for step (golden section with
+    parabolic steps; same points, same stopping rule).
+
+    Args:
+        loss: `loss(index, x)`: the values of functions `index` `[k]` at `x` `[k]` (one batch
+            per iteration holding the next point of every unconverged search).
+        low, high: the bounds `[N]`.
+        xatol: absolute tolerance on x.
+
+    Returns:
+        (x, loss) of each search's minimum, `[N]` each.
+    """
+    a, b = np.array(low, dtype=np.float64), np.array(high, dtype=np.float64)
+    xf = a + _GOLDEN_MEAN * (b - a)
+    fx = np.asarray(loss(np.arange(len(a)), xf), dtype=np.float64)
+    nfc, fulc, fnfc, ffulc = xf.copy(), xf.copy(), fx.copy(), fx.copy()
+    rat, e = np.zeros_like(a), np.zeros_like(a)
+    for _ in range(_MAX_EVALUATIONS - 1):
+        xm = 0.5 * (a + b)
+        tol1 = _SQRT_EPS * np.abs(xf) + xatol / 3.0
+        live = np.flatnonzero(np.abs(xf - xm) > 2.0 * tol1 - 0.5 * (b - a))
+        if not len(live):
+            break
+        state = (a, b, xf, fx, nfc, fnfc, fulc, ffulc, rat, e)
+        x, rat[live], e[live] = _brent_point(*(value[live] for value in state), xm[live], tol1[live])
+        fu = np.asarray(loss(live, x), dtype=np.float64)
+        updated = _brent_update(*(value[live] for value in state[:8]), x, fu)
+        for value, new in zip(state[:8], updated):
+            value[live] = new
+    return xf, fx
+
+
+def _brent_point(a, b, xf, fx, nfc, fnfc, fulc, ffulc, rat, e, xm, tol1):
+    """The next point of bounded Brent searches (arrays `[k]`, SciPy's names): a parabolic step
+    through (xf, nfc, fulc) where acceptable, else golden section. Returns (x, rat, e)."""
+    tol2 = 2.0 * tol1
+    r = (xf - nfc) * (fx - ffulc)
+    q = (xf - fulc) * (fx - fnfc)
+    p = (xf - fulc) * q - (xf - nfc) * r
+    q = 2.0 * (q - r)
+    p = np.where(q > 0.0, -p, p)
+    q = np.abs(q)
+    parabolic = (np.abs(e) > tol1) & (np.abs(p) < np.abs(0.5 * q * e)) & (p > q * (a - xf)) & (p < q * (b - xf))
+    step = np.divide(p, q, out=np.zeros_like(p), where=parabolic)
+    near_bound = ((xf + step - a) < tol2) | ((b - (xf + step)) < tol2)
+    toward_middle = np.sign(xm - xf) + ((xm - xf) == 0)
+    e = np.where(parabolic, rat, np.where(xf >= xm, a - xf, b - xf))
+    rat = np.where(parabolic, np.where(near_bound, tol1 * toward_middle, step), _GOLDEN_MEAN * e)
+    x = xf + (np.sign(rat) + (rat == 0)) * np.maximum(np.abs(rat), tol1)
+    return x, rat, e
+
+
+def _brent_update(a, b, xf, fx, nfc, fnfc, fulc, ffulc, x, fu):
+    """Bounded Brent's bookkeeping after evaluating fu = f(x) (arrays `[k]`, SciPy's names):
+    the new (a, b, xf, fx, nfc, fnfc, fulc, ffulc)."""
+    better = fu <= fx
+    a_new = np.where(better, np.where(x >= xf, xf, a), np.where(x < xf, x, a))
+    b_new = np.where(better, np.where(x >= xf, b, xf), np.where(x < xf, b, x))
+    second = ~better & ((fu <= fnfc) | (nfc == xf))  # x becomes the second-best point
+    third = ~better & ~second & ((fu <= ffulc) | (fulc == xf) | (fulc == nfc))  # x becomes the third
+    shift = better | second
+    fulc_new = np.where(shift, nfc, np.where(third, x, fulc))
+    ffulc_new = np.where(shift, fnfc, np.where(third, fu, ffulc))
+    nfc_new = np.where(better, xf, np.where(second, x, nfc))
+    fnfc_new = np.where(better, fx, np.where(second, fu, fnfc))
+    return a_new, b_new, np.where(better, x, xf), np.where(better, fu, fx), nfc_new, fnfc_new, fulc_new, ffulc_new
 
 
 def fit_step(
@@ -221,48 +362,93 @@ def fit_step(
 ) -> tuple[float, float | None, float]:
     """The global (step, momentum or None, path R2) maximising `algorithm`'s path R2 against
     `layer_pred` `[B, L', m]` on these prompts (K `[B, n, n]`, y `[B, n]`, K_query `[B, m, n]`)."""
-    check_choice("algorithm", algorithm, FITTED_STEP_ALGORITHMS)
-    reference = float(ALGORITHMS[algorithm](K, y, lam, 0).step.median())  # typical spectrum-optimal step
-    return _fit_spectral(algorithm, spectral_system(algorithm, K, y, lam, K_query), reference, n_steps, layer_pred, scored)
+    spectral = spectral_system(algorithm, K, y, lam, K_query)
+    return _fit_folds(algorithm, spectral, np.zeros(K.shape[0], dtype=np.int64), n_steps, layer_pred, scored)[0]
 
 
-def _fit_spectral(
-    algorithm: str, spectral: SpectralSystem, reference: float, n_steps: int, layer_pred: np.ndarray, scored: np.ndarray
-) -> tuple[float, float | None, float]:
-    """`fit_step` on prompts given by their `SpectralSystem`, grid steps relative to `reference`:
-    the whole grid scored in batches, then bounded Brent on log step inside each of the
-    `REFINED_BRACKETS` best cells' brackets (one closed-form candidate per evaluation)."""
-    batch = spectral.eigenvalues.shape[0]
-    chunk = max(1, GRID_CHUNK_VALUES // (batch * (n_steps + 1) * max(spectral.gain.shape[1:])))
-
-    def scores(log_steps: np.ndarray, momenta: np.ndarray | None) -> np.ndarray:
-        """Path R2 of every candidate (exp(log_steps[i]), momenta[i]), `chunk` candidates per batch."""
-        out = []
-        for start in range(0, len(log_steps), chunk):
-            part = slice(start, start + chunk)
-            pred = spectral.predictions(np.exp(log_steps[part]), n_steps, None if momenta is None else momenta[part])
-            out.append(path_scores(layer_pred, pred, scored))
-        return np.concatenate(out)
-
-    log_grid = np.log(reference * STEP_GRID)  # [G]
+def _fit_folds(
+    algorithm: str, spectral: SpectralSystem, folds: np.ndarray, n_steps: int, layer_pred: np.ndarray, scored: np.ndarray
+) -> list[tuple[float, float | None, float]]:
+    """`fit_step` on the prompts of each fold `folds` `[B]` separately, all folds side by side:
+    the grids (steps relative to each fold's median optimal step) in one batch, then bounded
+    Brent on log step inside each fold's `REFINED_BRACKETS` best cells' brackets, every search in
+    lockstep (`bounded_brent`). Returns (step, momentum or None, path R2) per fold."""
+    n_folds = int(folds.max()) + 1
+    optimal = optimal_steps(algorithm, spectral.eigenvalues).cpu()
+    references = np.array([float(optimal[torch.as_tensor(np.flatnonzero(folds == fold))].median()) for fold in range(n_folds)])
+    log_grid = np.log(references[:, None] * STEP_GRID)  # [F, G]
     heavy = algorithm == "heavy_ball"
     momenta = MOMENTUM_GRID if heavy else np.zeros(1)
-    table = scores(np.tile(log_grid, len(momenta)), momenta.repeat(len(log_grid)) if heavy else None).reshape(len(momenta), -1)
-    cells = np.argsort(-table, axis=None, kind="stable")[:REFINED_BRACKETS]  # the best few (momentum, step) cells
-    rows, best = np.unravel_index(cells, table.shape)
+    score = _candidate_scores(spectral, folds, n_steps, layer_pred, scored)
+
+    grid_fold, grid_row, grid_column = np.indices((n_folds, len(momenta), len(STEP_GRID))).reshape(3, -1)
+    table = score(grid_fold, log_grid[grid_fold, grid_column], momenta[grid_row] if heavy else None).reshape(n_folds, len(momenta), -1)
+    cells = np.argsort(-table.reshape(n_folds, -1), axis=1, kind="stable")[:, :REFINED_BRACKETS]  # the best few (momentum, step) cells per fold
+    fold = np.repeat(np.arange(n_folds), cells.shape[1])  # the brackets' folds, momentum rows and step columns [N]
+    row, column = (index.ravel() for index in np.unravel_index(cells, table.shape[1:]))
+
+    def loss(bracket: np.ndarray, log_step: np.ndarray) -> np.ndarray:
+        values = score(fold[bracket], log_step, momenta[row[bracket]] if heavy else None)
+        return np.where(np.isfinite(values), -values, _DIVERGED)
+
+    low = log_grid[fold, np.maximum(column - 1, 0)]
+    high = log_grid[fold, np.minimum(column + 1, len(STEP_GRID) - 1)]
+    log_step, value = bounded_brent(loss, low, high, LOG_STEP_XTOL)
     fits = []
-    for row, column in zip(rows, best):
-        candidate_momentum = momenta[row:row + 1] if heavy else None
+    for f in range(n_folds):
+        candidates = []
+        for i in np.flatnonzero(fold == f):
+            candidates += [(table[f, row[i], column[i]], log_grid[f, column[i]], momenta[row[i]]), (-value[i], log_step[i], momenta[row[i]])]
+        best, best_log_step, momentum = max(candidates, key=lambda fit: fit[0])
+        fits.append((float(np.exp(best_log_step)), float(momentum) if heavy else None, float(best)))
+    return fits
 
-        def loss(log_step: float) -> float:
-            score = scores(np.array([log_step]), candidate_momentum)[0]
-            return -score if np.isfinite(score) else _DIVERGED
 
-        low, high = log_grid[max(column - 1, 0)], log_grid[min(column + 1, len(log_grid) - 1)]
-        result = optimize.minimize_scalar(loss, bounds=(low, high), method="bounded", options={"xatol": LOG_STEP_XTOL})
-        fits += [(table[row, column], log_grid[column], momenta[row]), (-result.fun, result.x, momenta[row])]
-    score, log_step, momentum = max(fits, key=lambda fit: fit[0])
-    return float(np.exp(log_step)), float(momentum) if heavy else None, float(score)
+def _candidate_scores(
+    spectral: SpectralSystem, folds: np.ndarray, n_steps: int, layer_pred: np.ndarray, scored: np.ndarray
+) -> Callable[..., np.ndarray]:
+    """score(fold `[N]`, log_step `[N]`, momentum `[N]` or None) -> path R2 `[N]` of each
+    candidate on the prompts of its fold. The folds' candidates are scored side by side, on the
+    prompts of the folds that have candidates only: batch column c holds the c-th candidate of
+    every such fold (`path_scores(..., folds)`), `chunk` columns per batch."""
+
+    @functools.lru_cache(maxsize=None)
+    def prompts_of(active: tuple[int, ...]) -> tuple[SpectralSystem, np.ndarray, np.ndarray, int]:
+        """The system, fold index (renumbered 0..len(active)-1), layers and chunk size of the
+        prompts of the folds `active`."""
+        members = np.flatnonzero(np.isin(folds, active))
+        chunk = max(1, GRID_CHUNK_VALUES // (len(members) * (n_steps + 1) * max(spectral.gain.shape[1:])))
+        return spectral.select(torch.as_tensor(members)), np.searchsorted(active, folds[members]), layer_pred[members], chunk
+
+    def score(fold: np.ndarray, log_step: np.ndarray, momentum: np.ndarray | None = None) -> np.ndarray:
+        active, position = np.unique(fold, return_inverse=True)
+        column = _rank_within(position)
+        system, member_folds, layers, chunk = prompts_of(tuple(active.tolist()))
+        steps = _columns(position, column, np.exp(log_step))
+        momenta = None if momentum is None else _columns(position, column, momentum)
+        table = np.concatenate([
+            path_scores(layers, system.predictions(steps[member_folds, part], n_steps, None if momenta is None else momenta[member_folds, part]), scored, folds=member_folds)
+            for part in (slice(start, start + chunk) for start in range(0, steps.shape[1], chunk))
+        ], axis=1)
+        return table[position, column]
+
+    return score
+
+
+def _rank_within(group: np.ndarray) -> np.ndarray:
+    """Each entry's rank among the entries of its group `[N]` (0, 1, ... in order of appearance)."""
+    order = np.argsort(group, kind="stable")
+    rank = np.empty_like(order)
+    rank[order] = np.arange(len(group)) - np.searchsorted(group[order], group[order])
+    return rank
+
+
+def _columns(group: np.ndarray, rank: np.ndarray, value: np.ndarray) -> np.ndarray:
+    """Values `[N]` laid out as `[groups, max rank + 1]` (a group's r-th value in column r);
+    unused cells repeat the first value (scored and ignored)."""
+    out = np.full((group.max() + 1, rank.max() + 1), value[0])
+    out[group, rank] = value
+    return out
 
 
 def cross_fit_step(
@@ -270,17 +456,10 @@ def cross_fit_step(
     layer_pred: np.ndarray, scored: np.ndarray, seed: int,
 ) -> FittedStep:
     """`fit_step` on each half of the prompts (`cross_fit_folds(B, seed)`); see module docstring.
-    One eigendecomposition per prompt serves both halves."""
+    One eigendecomposition per prompt serves both halves, whose searches run side by side."""
     check_choice("algorithm", algorithm, FITTED_STEP_ALGORITHMS)
     folds = cross_fit_folds(K.shape[0], seed)
-    spectral = spectral_system(algorithm, K, y, lam, K_query)
-    optimal_steps = ALGORITHMS[algorithm](K, y, lam, 0).step  # spectrum-optimal step per prompt [B]
-    fits = []
-    for fold in (0, 1):
-        members = torch.as_tensor(np.flatnonzero(folds == fold))
-        reference = float(optimal_steps[members].median())
-        fits.append(_fit_spectral(algorithm, spectral.select(members), reference, n_steps, layer_pred[members.numpy()], scored))
-    step, momentum, score = zip(*fits)
+    step, momentum, score = zip(*_fit_folds(algorithm, spectral_system(algorithm, K, y, lam, K_query), folds, n_steps, layer_pred, scored))
     return FittedStep(
         algorithm=algorithm,
         folds=folds,

@@ -1,5 +1,6 @@
 """The fitted global step: recovered from layers that run a known fixed-step solver (NumPy
-references), cross-fitting's split, and the closed-form (eigenbasis) trajectories the fit
+references) and equal to the maximum of a brute-force dense scan, cross-fitting's split, the
+lockstep Brent searches against SciPy's, and the closed-form (eigenbasis) trajectories the fit
 evaluates its candidates with, against the real solvers and a NumPy loop."""
 
 from __future__ import annotations
@@ -9,10 +10,20 @@ import itertools
 import numpy as np
 import pytest
 import torch
+from scipy import optimize
 
 from mi_krr.kernels import gaussian_kernel
-from mi_krr.solvers import heavy_ball, richardson
-from probes.step_sizes import cross_fit_folds, cross_fit_step, fit_step, path_scores, spectral_system
+from mi_krr.solvers import ALGORITHMS, heavy_ball, richardson
+from probes.step_sizes import (
+    FITTED_STEP_ALGORITHMS,
+    bounded_brent,
+    cross_fit_folds,
+    cross_fit_step,
+    fit_step,
+    optimal_steps,
+    path_scores,
+    spectral_system,
+)
 
 B, N, M, LAM, T = 16, 8, 3, 0.05, 6
 
@@ -23,6 +34,10 @@ def system(seed: int = 0):
     xq = torch.randn(B, M, 2, generator=g, dtype=torch.float64)
     y = torch.randn(B, N, generator=g, dtype=torch.float64)
     return gaussian_kernel(x), y, gaussian_kernel(xq, x)
+
+
+def jacobi(K: np.ndarray) -> np.ndarray:
+    return 1.0 / (np.diag(K) + LAM)
 
 
 def numpy_layers(K, y, K_query, step, momentum=0.0, preconditioner=None) -> np.ndarray:
@@ -44,7 +59,7 @@ def numpy_layers(K, y, K_query, step, momentum=0.0, preconditioner=None) -> np.n
 
 @pytest.mark.parametrize(
     "algorithm, step, preconditioner",
-    [("gd", 0.137, None), ("richardson_rowsum", 0.61, lambda K: 1.0 / K.sum(1)), ("richardson_jacobi", 0.3, lambda K: 1.0 / (np.diag(K) + LAM))],
+    [("gd", 0.137, None), ("richardson_rowsum", 0.61, lambda K: 1.0 / K.sum(1)), ("richardson_jacobi", 0.3, jacobi)],
 )
 def test_fitted_step_recovers_the_fixed_step_of_the_layers(algorithm, step, preconditioner):
     K, y, K_query = system()
@@ -103,17 +118,124 @@ def test_spectral_system_keeps_the_rowsum_preconditioners_error_on_a_linear_kern
         spectral_system("richardson_rowsum", x @ x.mT, torch.randn(2, 5, dtype=torch.float64), LAM, x[:, :2] @ x.mT)
 
 
+def brute_force_path_r2(layers: np.ndarray, candidates: np.ndarray, scored: np.ndarray) -> np.ndarray:
+    """Path R2 `[G]` of candidate trajectories `[G, B, T+1, m]` against `layers` `[B, L', m]` (NumPy):
+    SSE per (layer, step) over prompts and queries, SST of each step about its all-prompt mean, at
+    the non-decreasing layer -> step map of least total SSE, found by enumerating every such map."""
+    n_layers, n_times = layers.shape[1], candidates.shape[2]
+    sse = ((layers[None, :, :, None] - candidates[:, :, None]) ** 2).sum(axis=(1, 4))  # [G, L', T+1]
+    sst = ((candidates - candidates.mean(axis=(1, 3), keepdims=True)) ** 2).sum(axis=(1, 3))  # [G, T+1]
+    maps = np.array(list(itertools.combinations_with_replacement(range(n_times), n_layers)))  # [P, L'], non-decreasing
+    best = maps[np.argmin(sse[:, np.arange(n_layers), maps].sum(-1), axis=1)]  # [G, L']
+    rows = np.arange(len(candidates))[:, None]
+    with np.errstate(divide="ignore"):
+        return 1.0 - sse[rows, scored, best[:, scored]].sum(1) / sst[rows, best[:, scored]].sum(1)
+
+
 def test_batched_path_scores_equal_a_brute_force_monotone_alignment_and_minus_inf_for_divergence():
-    """Path R2 by enumerating every non-decreasing layer -> step map (NumPy), per candidate."""
     rng = np.random.default_rng(7)
     layers, steps = rng.normal(size=(5, 3, 2)), rng.normal(size=(5, 4, 4, 2))  # [B, L', m], [B, G, T+1, m]
     steps[:, 3, 2, 0] = np.inf  # candidate 3 diverged
     scored = np.arange(1, 3)
     got = path_scores(layers, torch.as_tensor(steps), scored)
-    for g in range(3):
-        sse = ((layers[:, :, None] - steps[:, g][:, None]) ** 2).sum(axis=(0, 3))  # [L', T+1]
-        sst = ((steps[:, g] - steps[:, g].mean(axis=(0, 2), keepdims=True)) ** 2).sum(axis=(0, 2))  # [T+1]
-        best = min(itertools.combinations_with_replacement(range(4), 3), key=lambda path: sum(sse[l, t] for l, t in enumerate(path)))
-        expected = 1 - sum(sse[l, best[l]] for l in scored) / sum(sst[best[l]] for l in scored)
-        assert got[g] == pytest.approx(expected, rel=1e-12)
+    np.testing.assert_allclose(got[:3], brute_force_path_r2(layers, steps[:, :3].transpose(1, 0, 2, 3), scored), rtol=1e-12)
     assert got[3] == -np.inf
+
+
+def test_path_scores_of_folds_equal_each_fold_scored_alone():
+    """With `folds`, each fold's score uses its own prompts only (its own means too); a candidate
+    diverging on one fold's prompt is -inf on that fold only."""
+    rng = np.random.default_rng(9)
+    layers, steps = rng.normal(size=(7, 3, 2)), rng.normal(size=(7, 3, 4, 2)) + 0.5  # [B, L', m], [B, G, T+1, m]
+    folds = np.array([1, 0, 0, 1, 1, 0, 1])
+    steps[3, 2, 1, 1] = np.nan  # candidate 2 diverged on a prompt of fold 1
+    scored = np.arange(1, 3)
+    got = path_scores(layers, torch.as_tensor(steps), scored, folds=folds)
+    assert got.shape == (2, 3)
+    for fold, finite in ((0, 3), (1, 2)):
+        members = folds == fold
+        expected = brute_force_path_r2(layers[members], steps[members][:, :finite].transpose(1, 0, 2, 3), scored)
+        np.testing.assert_allclose(got[fold, :finite], expected, rtol=1e-12)
+    assert got[1, 2] == -np.inf
+
+
+def richardson_trajectories(K, y, K_query, steps, preconditioner=None) -> np.ndarray:
+    """Query predictions `[G, B, T+1, M]` of alpha <- alpha + w P (y - A alpha) for every step w
+    `[G]` (NumPy, all steps at once)."""
+    K, y, K_query = K.numpy(), y.numpy(), K_query.numpy()
+    A = K + LAM * np.eye(N)
+    P = np.ones((B, N)) if preconditioner is None else np.stack([preconditioner(k) for k in K])
+    alpha = np.zeros((len(steps), B, N))
+    out = [np.zeros((len(steps), B, M))]
+    for _ in range(T):
+        alpha = alpha + steps[:, None, None] * P * (y - np.einsum("bij,gbj->gbi", A, alpha))
+        out.append(np.einsum("bmn,gbn->gbm", K_query, alpha))
+    return np.stack(out, axis=2)
+
+
+@pytest.mark.parametrize("algorithm, preconditioner", [("gd", None), ("richardson_jacobi", jacobi)])
+def test_fitted_step_is_the_maximum_of_a_dense_scan(algorithm, preconditioner):
+    """Noisy layers, one per two steps: the fit matches a brute-force scan (NumPy trajectories and
+    alignments) of 4001 steps over the grid's whole range, then of 4001 steps 2e-6 apart in log
+    step around the best: at least its path R2, at its step to 1e-5."""
+    K, y, K_query = system(11)
+    layers = numpy_layers(K, y, K_query, 0.137, preconditioner=preconditioner)[:, ::2]  # steps 0, 2, 4, 6
+    layers = layers + 0.05 * np.abs(layers).mean() * np.random.default_rng(11).normal(size=layers.shape)
+    scored = np.arange(1, 4)
+    step, _, score = fit_step(algorithm, K, y, LAM, T, K_query, layers, scored)
+
+    coarse = np.geomspace(1e-4, 10.0, 4001)
+    r2 = brute_force_path_r2(layers, richardson_trajectories(K, y, K_query, coarse, preconditioner), scored)
+    fine = coarse[np.argmax(r2)] * np.exp(np.linspace(-1, 1, 4001) * np.log(coarse[1] / coarse[0]))
+    r2 = brute_force_path_r2(layers, richardson_trajectories(K, y, K_query, fine, preconditioner), scored)
+    assert score >= r2.max() - 1e-12 and step == pytest.approx(fine[np.argmax(r2)], rel=1e-5)
+
+
+BRENT_CASES = [  # (function, bounds): smooth, multimodal, a jump, monotone (converges to a bound), flat, a narrow dip
+    (lambda x: (x - 0.3) ** 2, (-1.0, 2.0)),
+    (lambda x: np.sin(5 * x) + 0.1 * x, (-2.0, 3.0)),
+    (lambda x: -x if x < 0.7 else 1.0 - x, (0.0, 1.0)),
+    (lambda x: x, (0.5, 1.5)),
+    (lambda x: 2.0, (-1.0, 1.0)),
+    (lambda x: -np.exp(-(((x - 1e-3) / 1e-4) ** 2)), (-0.5, 0.5)),
+]
+
+
+def test_bounded_brent_takes_scipys_steps_on_every_search_at_once():
+    evaluated = [[] for _ in BRENT_CASES]
+
+    def loss(index, x):
+        for i, point in zip(index, x):
+            evaluated[i].append(float(point))
+        return np.array([BRENT_CASES[i][0](point) for i, point in zip(index, x)])
+
+    low, high = np.array([bounds for _, bounds in BRENT_CASES]).T
+    x, fun = bounded_brent(loss, low, high, xatol=1e-6)
+    for i, (function, bounds) in enumerate(BRENT_CASES):
+        seen = []
+        expected = optimize.minimize_scalar(
+            lambda point: seen.append(float(point)) or function(point), bounds=bounds, method="bounded", options={"xatol": 1e-6}
+        )
+        assert evaluated[i] == seen and x[i] == expected.x and fun[i] == expected.fun
+
+
+@pytest.mark.parametrize("algorithm", FITTED_STEP_ALGORITHMS)
+def test_optimal_steps_are_the_registry_default_steps(algorithm):
+    K, y, K_query = system(8)
+    eigenvalues = spectral_system(algorithm, K, y, LAM, K_query).eigenvalues
+    torch.testing.assert_close(optimal_steps(algorithm, eigenvalues), ALGORITHMS[algorithm](K, y, LAM, 0).step, rtol=1e-12, atol=0)
+
+
+def test_spectral_trajectories_take_a_step_and_momentum_per_prompt():
+    K, y, K_query = system(10)
+    steps = np.linspace(0.05, 0.3, B)[:, None] * np.array([1.0, 1.5])  # [B, G]
+    momenta = np.linspace(0.1, 0.8, B)[:, None] * np.array([1.0, 0.5])
+    richardson_pred = spectral_system("richardson_jacobi", K, y, LAM, K_query).predictions(steps, T)
+    heavy_pred = spectral_system("heavy_ball", K, y, LAM, K_query).predictions(steps, T, momenta)
+    for g in range(2):
+        step, momentum = torch.as_tensor(steps[:, g]), torch.as_tensor(momenta[:, g])
+        expected = richardson(K, y, LAM, T, step=step, precond="jacobi", K_query=K_query).pred
+        torch.testing.assert_close(richardson_pred[:, g], expected, rtol=1e-10, atol=1e-12)
+        expected = heavy_ball(K, y, LAM, T, step=step, momentum=momentum, K_query=K_query).pred
+        torch.testing.assert_close(heavy_pred[:, g], expected, rtol=1e-10, atol=1e-12)
+    assert not spectral_system("gd", K, y, LAM, K_query).predictions(steps, 0).any()  # T = 0: alpha_0 = 0 only
