@@ -43,7 +43,7 @@ import torch
 
 from mi_krr._validation import check_choice
 from mi_krr.solvers import heavy_ball, richardson
-from mi_krr.solvers._spectrum import preconditioner_diagonal
+from mi_krr.solvers._spectrum import polyak_parameters, preconditioner_diagonal, richardson_optimal_step
 from mi_krr.solvers._system import check_steps, krr_system
 from probes.scoring import monotone_alignment, path_r2
 from probes.sensitivity import RICHARDSON_PRECONDITIONERS
@@ -186,9 +186,8 @@ def optimal_steps(algorithm: str, eigenvalues: torch.Tensor) -> torch.Tensor:
     2 / (mu_min + mu_max) for Richardson (`mi_krr.solvers.richardson`), Polyak's
     4 / (sqrt(mu_max) + sqrt(mu_min))^2 for heavy ball (`mi_krr.solvers.heavy_ball`)."""
     check_choice("algorithm", algorithm, FITTED_STEP_ALGORITHMS)
-    if algorithm == "heavy_ball":
-        return 4.0 / (eigenvalues[:, -1].sqrt() + eigenvalues[:, 0].sqrt()) ** 2
-    return 2.0 / (eigenvalues[:, 0] + eigenvalues[:, -1])
+    bounds = eigenvalues[:, 0], eigenvalues[:, -1]
+    return polyak_parameters(*bounds)[0] if algorithm == "heavy_ball" else richardson_optimal_step(*bounds)
 
 
 @dataclass

@@ -50,3 +50,15 @@ def spectrum_bounds(system: KRRSystem, diagonal: torch.Tensor | None = None) -> 
     """(mu_min, mu_max) of P (K + lam I), each `[batch]`; see `preconditioned_eigenvalues`."""
     eigenvalues = preconditioned_eigenvalues(system, diagonal)
     return eigenvalues[:, 0], eigenvalues[:, -1]
+
+
+def richardson_optimal_step(mu_min: torch.Tensor, mu_max: torch.Tensor) -> torch.Tensor:
+    """Richardson's optimal step 2 / (mu_min + mu_max) for spectrum bounds of P (K + lam I)."""
+    return 2.0 / (mu_min + mu_max)
+
+
+def polyak_parameters(mu_min: torch.Tensor, mu_max: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Polyak's optimal heavy-ball (step, momentum) for spectrum bounds of K + lam I:
+    4 / (sqrt(mu_max) + sqrt(mu_min))^2 and ((sqrt(mu_max) - sqrt(mu_min)) / (sqrt(mu_max) + sqrt(mu_min)))^2."""
+    root_min, root_max = mu_min.sqrt(), mu_max.sqrt()
+    return 4.0 / (root_max + root_min) ** 2, ((root_max - root_min) / (root_max + root_min)) ** 2

@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from mi_krr.solvers._spectrum import spectrum_bounds
+from mi_krr.solvers._spectrum import polyak_parameters, spectrum_bounds
 from mi_krr.solvers._system import check_steps, krr_system
 from mi_krr.solvers.trajectory import Trajectory
 
@@ -31,13 +31,13 @@ def heavy_ball(
     system = krr_system(K, y, lam, K_query)
     n_steps = check_steps(n_steps)
     if step is None or momentum is None:
-        root_min, root_max = (bound.reshape(-1, 1, 1).sqrt() for bound in spectrum_bounds(system))
+        optimal_step, optimal_momentum = (value.reshape(-1, 1, 1) for value in polyak_parameters(*spectrum_bounds(system)))
     if step is None:
-        step_per_prompt = 4.0 / (root_max + root_min) ** 2
+        step_per_prompt = optimal_step
     else:
         step_per_prompt = system.per_prompt("step", step)
     if momentum is None:
-        momentum_per_prompt = ((root_max - root_min) / (root_max + root_min)) ** 2
+        momentum_per_prompt = optimal_momentum
     else:
         momentum_per_prompt = system.per_prompt("momentum", momentum, positive=False)
         if not ((momentum_per_prompt.detach() >= 0) & (momentum_per_prompt.detach() < 1)).all():

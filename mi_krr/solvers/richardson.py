@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from mi_krr.solvers._spectrum import preconditioner_diagonal, spectrum_bounds
+from mi_krr.solvers._spectrum import preconditioner_diagonal, richardson_optimal_step, spectrum_bounds
 from mi_krr.solvers._system import check_steps, krr_system
 from mi_krr.solvers.trajectory import Trajectory
 
@@ -45,8 +45,7 @@ def richardson(
     n_steps = check_steps(n_steps)
     diagonal = preconditioner_diagonal(system, precond)
     if step is None:
-        mu_min, mu_max = spectrum_bounds(system, diagonal)
-        step_per_prompt = (2.0 / (mu_min + mu_max)).reshape(-1, 1, 1)
+        step_per_prompt = richardson_optimal_step(*spectrum_bounds(system, diagonal)).reshape(-1, 1, 1)
     else:
         step_per_prompt = system.per_prompt("step", step)
     scaled = step_per_prompt if diagonal is None else step_per_prompt * diagonal  # w P, [batch, 1|n]
