@@ -3,9 +3,9 @@
 Solvers see one flat batch: leading dimensions `...` are folded into `batch` on the way in and
 restored on the way out, so each solver is written once for `[batch, n, n]`.
 
-Vectors are kept as row vectors `[batch, k, n]`: since K is symmetric, A v = (v^T A)^T, and
-`v @ K` is a batched row-times-matrix product, which torch runs several times faster on CPU
-than the batched matrix-times-column product `K @ v[..., None]`.
+Vectors are kept as row vectors `[batch, k, n]`: since K is symmetric, A v = (v^T A)^T, so
+`v @ K` applies A to k vectors at once in one batched product (on the 2-core CPU used here,
+within ~20% of the column form `K @ v.mT` for k = 1).
 """
 
 from __future__ import annotations
