@@ -16,12 +16,12 @@ prediction error) while ranking neighbours almost at random.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
-from scipy import stats
 
 from mi_krr._validation import as_float64, check_choice
 from mi_krr.models.adapter import ICLModel
@@ -122,17 +122,34 @@ def kernel_alignment(
     rows_x = query_x if block == "query" else support_x
     keys = pattern > 0  # [B, L, H, r, n]
     attn = pattern / pattern.sum(dim=-1, keepdim=True).clamp_min(1e-300)
-    scale, metrics, per_prompt = {}, {}, {}
-    for kernel in kernels:
-        similarity = log_similarity(kernel, rows_x.to(attn.device), support_x.to(attn.device))[:, None, None]
-        beta = fit_inverse_scale(attn, similarity, keys, fit)  # [L, H]
-        reference = row_normalised_kernel(beta[:, :, None, None] * similarity, keys)
-        values = alignment_metrics(attn, reference, mask=keys)
-        per_prompt[kernel] = values
-        metrics[kernel] = {name: torch.nanmean(value, dim=0) for name, value in values.items()}
+    similarities = {
+        kernel: log_similarity(kernel, rows_x.to(attn.device), support_x.to(attn.device))[:, None, None] for kernel in kernels
+    }
+    betas = {kernel: fit_inverse_scale(attn, similarity, keys, fit) for kernel, similarity in similarities.items()}  # [L, H]
+    per_prompt = _alignment_per_prompt(attn, keys, similarities, betas)
+    metrics = {kernel: {name: torch.nanmean(value, dim=0) for name, value in values.items()} for kernel, values in per_prompt.items()}
+    scale = {}
+    for kernel, beta in betas.items():
         positive = torch.where(beta >= 0, beta, torch.nan)
         scale[kernel] = positive.reciprocal() if kernel == "exp" else positive.rsqrt()
     return KernelAlignment(block=block, scale=scale, metrics=metrics, per_prompt=per_prompt)
+
+
+def _alignment_per_prompt(attn, keys, similarities, betas) -> dict[str, dict[str, torch.Tensor]]:
+    """`alignment_metrics` of attn `[B, L, H, r, n]` against each kernel's reference at its fitted
+    beta, built and compared a chunk of prompts at a time (the attention's side prepared once per
+    chunk for every kernel) -> kernel -> metric -> `[B, L, H]`. A reference row orders its keys
+    as the similarity does (exp(beta * S) increases with S), so the similarity's order, found
+    once for all heads, is tried first for its row ranks (`_sorted` checks it)."""
+    visible = _head_invariant(keys)
+    row_orders = {kernel: _sorted(torch.where(visible, similarity, math.inf))[0] for kernel, similarity in similarities.items()}
+    parts = {kernel: [] for kernel in similarities}
+    for chunk in _prompt_chunks(attn):
+        attn_side = _ComparisonTerms.of(attn[chunk], keys[chunk])
+        for kernel, similarity in similarities.items():
+            reference = row_normalised_kernel(betas[kernel][:, :, None, None] * similarity[chunk], keys[chunk])
+            parts[kernel].append(_compare(attn_side, _ComparisonTerms.of(reference, keys[chunk], row_orders[kernel][chunk])))
+    return {kernel: {name: torch.cat([part[name] for part in chunks]) for name in METRICS} for kernel, chunks in parts.items()}
 
 
 def _representation(task: ICLTask, representation: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -166,11 +183,49 @@ def log_similarity(kernel: str, rows: torch.Tensor, keys: torch.Tensor) -> torch
 
 
 def row_normalised_kernel(logits: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-    """exp(logits) restricted to `keys` (bool, same shape) with each row summing to one: the
-    softmax over the visible keys. Rows with no visible key are all zero."""
-    masked = logits.masked_fill(~keys, float("-inf"))
-    weights = torch.softmax(masked, dim=-1)
-    return torch.nan_to_num(weights, nan=0.0)
+    """exp(logits) restricted to `keys` (bool, broadcastable to logits) with each row summing to
+    one: the softmax over the visible keys. Rows with no visible key are all zero."""
+    return _normalised_exp(_max_shifted(logits, keys))
+
+
+def _normalised_exp(shifted: torch.Tensor) -> torch.Tensor:
+    """exp of logits whose row maximum is 0 (-inf off the keys), each row divided by its sum
+    (rows with no key, all -inf, stay zero)."""
+    kernel = shifted.exp()
+    return kernel / kernel.sum(-1, keepdim=True).clamp_min(1.0)  # the row maximum contributes 1
+
+
+def _max_shifted(logits: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """logits minus their row maximum over `keys`, -inf off the keys (rows without keys: all -inf)."""
+    masked = torch.where(keys, logits, -math.inf)
+    row_max = masked.amax(-1, keepdim=True)
+    return masked - row_max.masked_fill(row_max == float("-inf"), 0.0)
+
+
+CHUNK_VALUES = 2**16
+"""Numbers per tensor when work is split into chunks of prompts: small temporaries stay in cache and
+are reused by the allocator instead of being mapped afresh from the system each time."""
+
+
+def _prompt_chunks(attn: torch.Tensor, values_per_prompt: int | None = None) -> list[slice]:
+    """Slices of the prompts (dim 0 of attn `[B, ...]`) holding about `CHUNK_VALUES` numbers each
+    (`values_per_prompt` numbers per prompt, by default those of attn)."""
+    if values_per_prompt is None:
+        values_per_prompt = attn[0].numel()
+    step = max(1, CHUNK_VALUES // max(values_per_prompt, 1))
+    return [slice(start, start + step) for start in range(0, attn.shape[0], step)]
+
+
+def _summed_over_prompts(
+    terms: Callable[..., tuple[torch.Tensor, ...]], tensors: Sequence[torch.Tensor]
+) -> tuple[torch.Tensor, ...]:
+    """`terms(*chunk)` summed over chunks of the prompts of `tensors` (each `[B, ...]`; the first
+    sets the chunk length)."""
+    totals = None
+    for chunk in _prompt_chunks(tensors[0]):
+        values = terms(*(tensor[chunk] for tensor in tensors))
+        totals = values if totals is None else tuple(total + value for total, value in zip(totals, values))
+    return totals
 
 
 def fit_inverse_scale(attn: torch.Tensor, similarity: torch.Tensor, keys: torch.Tensor, fit: str = "distance") -> torch.Tensor:
@@ -178,69 +233,183 @@ def fit_inverse_scale(attn: torch.Tensor, similarity: torch.Tensor, keys: torch.
 
     attn `[B, L, H, r, n]` (rows sum to one over `keys`), similarity broadcastable to it, keys
     bool like attn -> beta `[L, H]` (pooled over prompts and rows). "log_lstsq": least squares of
-    row-centred log attn on row-centred similarity (through the origin). "distance": bounded
-    Brent search over log beta of the mean squared Frobenius distance, centred on the log_lstsq
-    value, then beta = 0 (uniform over the keys) if that is at least as close. The log_lstsq
-    beta may be < 0 (attention anti-aligned with the kernel); "distance" gives beta >= 0.
+    row-centred log attn on row-centred similarity (through the origin). "distance": the mean
+    squared Frobenius distance minimised over log beta within `LOG_SCALE_HALF_WIDTH` of the
+    log_lstsq value (from the best point of a grid, safeguarded Newton steps with the exact first
+    and second derivatives), then beta = 0 (uniform over the keys) if that is at least as close.
+    The log_lstsq beta may be < 0 (attention anti-aligned with the kernel); "distance" gives
+    beta >= 0.
     """
-    similarity = similarity.expand_as(attn)
-    weight = keys.to(attn.dtype)
-    count = weight.sum(-1, keepdim=True).clamp_min(1.0)
-    log_attn = torch.where(keys, attn.clamp_min(1e-300).log(), torch.zeros_like(attn))
-    centred_log = (log_attn - (log_attn * weight).sum(-1, keepdim=True) / count) * weight
-    centred_sim = (similarity - (similarity * weight).sum(-1, keepdim=True) / count) * weight
-    pooled = (0, 3, 4)
-    beta = (centred_log * centred_sim).sum(pooled) / centred_sim.square().sum(pooled).clamp_min(1e-300)
+    similarity, keys = _head_invariant(similarity.expand_as(attn)), _head_invariant(keys)
+    numerator, sim_square, n_keys = _summed_over_prompts(_log_lstsq_terms, (attn, similarity, keys))
+    beta = numerator / sim_square.clamp_min(1e-300)
     if fit == "log_lstsq":
         return beta
-    spread = centred_sim.square().sum(pooled).div(weight.sum(pooled).clamp_min(1.0)).sqrt().clamp_min(1e-12)
+    spread = sim_square.div(n_keys.clamp_min(1.0)).sqrt().clamp_min(1e-12)
     centre = torch.where(beta > 0, beta.clamp_min(1e-300).log(), -spread.log())  # [L, H]
-
-    def loss(log_beta: torch.Tensor) -> torch.Tensor:  # [..., L, H] -> mean squared distance [..., L, H]
-        scale = log_beta.exp()[..., None, None]
-        reference = row_normalised_kernel(scale.unsqueeze(-5) * similarity, keys)  # [..., B, L, H, r, n]
-        return (reference - attn).square().sum((-2, -1)).mean(-3)
-
-    log_beta = _minimise_per_head(loss, centre - LOG_SCALE_HALF_WIDTH, centre + LOG_SCALE_HALF_WIDTH, attn.numel())
-    uniform_loss = (row_normalised_kernel(torch.zeros_like(similarity), keys) - attn).square().sum((-2, -1)).mean(0)
-    return torch.where(uniform_loss <= loss(log_beta), 0.0, log_beta.exp())
+    low, high = centre - LOG_SCALE_HALF_WIDTH, centre + LOG_SCALE_HALF_WIDTH
+    start = _grid_minimum(attn, similarity, keys, low, high)
+    log_beta, loss = _newton_minimum(_distance_in_log_scale(attn, similarity, keys), start, low, high)
+    uniform_loss = _summed_over_prompts(_uniform_distance, (attn, keys))[0] / attn.shape[0]
+    return torch.where(uniform_loss <= loss, 0.0, log_beta.exp())
 
 
 LOG_SCALE_HALF_WIDTH = 7.0
 """The distance fit searches log beta within +-7 of the log_lstsq start (a factor e^7 ~ 1100)."""
 
-GRID_CHUNK_VALUES = 2**22
-"""Numbers of reference kernels built at once during the distance fit's grid (bounds its memory)."""
+GRID_CHAINS = 3
+"""The distance fit's grid in log beta: the multiples of ln(2) / GRID_CHAINS in each head's range,
+shared by the heads that see the same similarity and keys. exp(2 beta S) = exp(beta S)^2, so the
+kernels of all points but the lowest GRID_CHAINS are squares of the kernel ln 2 below."""
+
+GRID_SPACING = math.log(2.0) / GRID_CHAINS
+
+NEWTON_XTOL = 1e-5
+"""The distance fit stops once no head's Newton step in log beta exceeds this: with Newton's
+quadratic convergence the step taken leaves log beta within ~1e-10 of the minimiser."""
 
 
-def _minimise_per_head(
-    loss, low: torch.Tensor, high: torch.Tensor, values_per_point: int, n_grid: int = 29, xtol: float = 1e-8
-) -> torch.Tensor:
-    """Minimise `loss` (`[..., L, H]` -> `[..., L, H]`, evaluated for every layer and head at once)
-    over log beta in [low, high] per head: a grid of `n_grid` points (all in one batched call),
-    then golden-section search in the bracket around each head's best grid point down to `xtol`.
-    Grid points are evaluated in chunks of about `GRID_CHUNK_VALUES / values_per_point` (the
-    reference kernels of one point hold `values_per_point` numbers). Returns the minimiser `[L, H]`."""
-    grid = torch.linspace(0.0, 1.0, n_grid, dtype=low.dtype, device=low.device)[:, None, None]
-    points = low + grid * (high - low)  # [G, L, H]
-    chunk = max(1, GRID_CHUNK_VALUES // max(values_per_point, 1))
-    best = torch.cat([loss(points[start : start + chunk]) for start in range(0, n_grid, chunk)]).argmin(0, keepdim=True)
-    spacing = (high - low) / (n_grid - 1)
-    a = torch.maximum(points.gather(0, best)[0] - spacing, low)
-    b = torch.minimum(points.gather(0, best)[0] + spacing, high)
-    ratio = (5.0**0.5 - 1.0) / 2.0
-    c, d = b - ratio * (b - a), a + ratio * (b - a)
-    loss_c, loss_d = loss(c), loss(d)
-    while float((b - a).max()) > xtol:
-        left = loss_c <= loss_d  # the minimum lies in [a, d]
-        a, b = torch.where(left, a, c), torch.where(left, d, b)
-        c_new = torch.where(left, b - ratio * (b - a), d)
-        d_new = torch.where(left, c, a + ratio * (b - a))
-        moved = torch.where(left, c_new, d_new)  # the one new point per head
-        loss_moved = loss(moved)
-        loss_c, loss_d = torch.where(left, loss_moved, loss_d), torch.where(left, loss_c, loss_moved)
-        c, d = c_new, d_new
-    return (a + b) / 2
+def _head_invariant(value: torch.Tensor) -> torch.Tensor:
+    """value `[B, L, H, ...]` -> the view `[B, 1, 1, ...]` if every layer and head holds the same,
+    else value."""
+    first = value[:, :1, :1]
+    broadcast = all(value.stride(dim) == 0 or value.shape[dim] == 1 for dim in (1, 2))
+    return first if broadcast or torch.equal(value, first.expand_as(value)) else value
+
+
+def _log_lstsq_terms(attn: torch.Tensor, similarity: torch.Tensor, keys: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Sums over prompts and rows for the log_lstsq fit: (log attn . centred similarity,
+    |centred similarity|^2, number of keys), each `[L, H]` (or `[1, 1]` where head-invariant).
+    The similarity is centred over each row's keys, so centring log attn too would add nothing."""
+    weight = keys.to(attn.dtype)
+    count = weight.sum(-1, keepdim=True).clamp_min(1.0)
+    centred = (similarity - (similarity * weight).sum(-1, keepdim=True) / count) * weight
+    log_attn = torch.where(keys, attn.clamp_min(1e-300).log(), 0.0)
+    pooled = (0, 3, 4)
+    return (log_attn * centred).sum(pooled), centred.square().sum(pooled), weight.sum(pooled)
+
+
+def _uniform_distance(attn: torch.Tensor, keys: torch.Tensor) -> tuple[torch.Tensor]:
+    """Squared distance of attn to the uniform rows over the keys, summed over prompts `[L, H]`."""
+    weight = keys.to(attn.dtype)
+    uniform = weight / weight.sum(-1, keepdim=True).clamp_min(1.0)
+    return ((uniform - attn).square().sum((0, 3, 4)),)
+
+
+def _grid_minimum(attn, similarity, keys, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
+    """Each head's best log beta on the grid within [low, high] `[L, H]`, moved to the vertex of
+    the parabola through it and its neighbours (by at most one spacing) -> `[L, H]`."""
+    points = GRID_SPACING * torch.arange(
+        math.floor(float(low.min()) / GRID_SPACING),
+        math.ceil(float(high.max()) / GRID_SPACING) + 1,
+        dtype=attn.dtype,
+        device=attn.device,
+    )
+    if similarity.shape[1:3] == (1, 1) and keys.shape[1:3] == (1, 1):
+        losses = _grid_losses(attn.flatten(1, 2), similarity[:, 0, 0], keys[:, 0, 0], points)
+    else:  # each head sees its own similarity or keys
+        similarity, keys = similarity.expand_as(attn), keys.expand_as(attn)
+        heads = [(layer, head) for layer in range(attn.shape[1]) for head in range(attn.shape[2])]
+        losses = torch.cat([
+            _grid_losses(attn[:, layer, head, None], similarity[:, layer, head], keys[:, layer, head], points) for layer, head in heads
+        ])
+    losses = losses.unflatten(0, attn.shape[1:3])
+    inside = (points >= low[..., None]) & (points <= high[..., None])
+    losses = losses.masked_fill(~inside, float("inf"))  # [L, H, K]
+    best = losses.argmin(-1, keepdim=True)
+    below, here, above = (losses.gather(-1, (best + step).clamp(0, points.numel() - 1))[..., 0] for step in (-1, 0, 1))
+    grid_best = points[best[..., 0]]
+    curvature = below - 2 * here + above  # inf or NaN where a neighbour lies outside [low, high]
+    vertex = grid_best + 0.5 * GRID_SPACING * (below - above) / curvature
+    parabola = torch.isfinite(curvature) & (curvature > 0)
+    start = torch.where(parabola, vertex, grid_best).clamp(grid_best - GRID_SPACING, grid_best + GRID_SPACING)
+    return start.clamp(low, high)
+
+
+def _grid_losses(attn: torch.Tensor, similarity: torch.Tensor, keys: torch.Tensor, log_betas: torch.Tensor) -> torch.Tensor:
+    """Mean squared distance of each head's attention to row-normalised exp(beta * similarity) at
+    each grid point: attn `[B, G, r, n]` (G heads sharing similarity and keys `[B, r, n]`),
+    log_betas `[K]` (spaced by `GRID_SPACING`) -> `[G, K]`. Expanded as |attn|^2 + |reference|^2
+    - 2 attn . reference, the cross term of all heads and points one matrix product per chunk."""
+    shifted = _max_shifted(similarity, keys)
+    total = torch.linalg.vecdot(attn, attn).sum((0, 2))[:, None]  # [G, 1]
+    for chunk in _prompt_chunks(shifted, shifted[0].numel() * log_betas.numel()):
+        kernels = _grid_kernels(shifted[chunk], log_betas)
+        reference = (kernels / kernels.sum(-1, keepdim=True).clamp_min(1.0)).flatten(1)  # [K, b * r * n]
+        targets = attn[chunk].transpose(0, 1).flatten(1)  # [G, b * r * n]
+        total = total + reference.square().sum(-1) - 2 * targets @ reference.mT
+    return total / attn.shape[0]
+
+
+def _grid_kernels(shifted: torch.Tensor, log_betas: torch.Tensor) -> torch.Tensor:
+    """exp(beta * shifted) for each grid point: shifted `[...]` (row maxima 0), log_betas `[K]`
+    spaced by ln(2) / GRID_CHAINS -> `[K, ...]`, each point past the first GRID_CHAINS the square
+    of the one ln 2 below (relative error ~2^k eps after k squarings: ample to pick a bracket)."""
+    kernels = torch.empty(log_betas.numel(), *shifted.shape, dtype=shifted.dtype, device=shifted.device)
+    first = kernels[:GRID_CHAINS]
+    torch.exp(log_betas[:GRID_CHAINS].exp().reshape(-1, *[1] * shifted.dim()) * shifted, out=first)
+    for start in range(GRID_CHAINS, log_betas.numel(), GRID_CHAINS):
+        below = kernels[start - GRID_CHAINS : start]
+        kernels[start : start + GRID_CHAINS] = below[: log_betas.numel() - start].square()
+    return kernels
+
+
+def _distance_in_log_scale(attn: torch.Tensor, similarity: torch.Tensor, keys: torch.Tensor):
+    """log beta `[L, H]` -> (mean squared distance, its first and second derivatives in log beta),
+    each `[L, H]`."""
+    shifted = _max_shifted(similarity, keys)
+    finite = shifted.masked_fill(~keys, 0.0)
+
+    def distance(log_beta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        beta = log_beta.exp()
+        terms = _summed_over_prompts(lambda *chunk: _distance_terms(beta, *chunk), (attn, shifted, finite))
+        loss, slope, curve = (term / attn.shape[0] for term in terms)
+        return loss, beta * slope, beta * slope + beta.square() * curve  # d/du = beta d/dbeta
+
+    return distance
+
+
+def _distance_terms(beta: torch.Tensor, attn: torch.Tensor, shifted: torch.Tensor, finite: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Squared distance of attn `[b, L, H, r, n]` to the reference R = row-normalised
+    exp(beta * S), and its first and second derivatives in beta `[L, H]`, summed over prompts
+    and rows: with D = S - R.S (row-wise), dR/dbeta = R * D and d2R/dbeta2 = R * (D^2 - R.D^2).
+    shifted: `_max_shifted(S, keys)`; finite: the same with 0 off the keys."""
+    reference = _normalised_exp(beta[:, :, None, None] * shifted)
+    deviation = finite - torch.linalg.vecdot(reference, finite).unsqueeze(-1)
+    gap = reference - attn
+    moved = reference * deviation
+    spread = moved * deviation
+    dot = torch.linalg.vecdot
+    second = dot(moved, moved) + dot(gap, spread) - spread.sum(-1) * dot(gap, reference)  # sum of R'^2 + (R - attn) R''
+    summed = (dot(gap, gap), 2 * dot(gap, moved), 2 * second)
+    return tuple(term.sum((0, 3)) for term in summed)
+
+
+def _newton_minimum(distance, start: torch.Tensor, low: torch.Tensor, high: torch.Tensor, max_steps: int = 200):
+    """Minimise distance (log beta `[L, H]` -> (value, first, second derivative)) per head within
+    [low, high] from `start`, down to the local minimum there: Newton steps of at most one grid
+    spacing (downhill ones where the curvature is not positive), kept inside a bracket that each
+    derivative's sign shrinks (a step leaving it goes to its end if that is still unevaluated,
+    else to its midpoint), until every step is below `NEWTON_XTOL` -> (log beta, value at the
+    last evaluated point), each `[L, H]`. The steps need no accurate grid: where the distance is
+    below the rounding of the grid's expanded form (attention that is exactly a kernel), they
+    walk to the minimum from wherever the grid pointed."""
+    point = start
+    low_fresh, high_fresh = torch.ones_like(start, dtype=torch.bool), torch.ones_like(start, dtype=torch.bool)
+    for _ in range(max_steps):
+        value, slope, curve = distance(point)
+        step = torch.where(curve > 0, -slope / curve, -slope.sign() * math.inf)  # no positive curvature: downhill
+        step = step.nan_to_num(0.0).clamp(-GRID_SPACING, GRID_SPACING)  # NaN: slope 0, stay
+        low, low_fresh = torch.where(slope <= 0, point, low), low_fresh & (slope > 0)
+        high, high_fresh = torch.where(slope >= 0, point, high), high_fresh & (slope < 0)
+        target = point + step
+        middle = (low + high) / 2
+        target = torch.where(target < low, torch.where(low_fresh, low, middle), target)
+        target = torch.where(target > high, torch.where(high_fresh, high, middle), target)
+        if bool(((target - point).abs() <= NEWTON_XTOL).all()):
+            return target, value
+        point = target
+    return point, value
 
 
 def alignment_metrics(K_attn: Any, K_ref: Any, mask: Any = None) -> dict[str, torch.Tensor]:
@@ -267,20 +436,51 @@ def alignment_metrics(K_attn: Any, K_ref: Any, mask: Any = None) -> dict[str, to
         mask = torch.as_tensor(mask, device=attn.device)
         if mask.dtype != torch.bool or mask.shape != attn.shape:
             raise ValueError(f"mask must be a bool tensor of shape {tuple(attn.shape)}")
-    ref_norm = torch.linalg.matrix_norm(ref, ord=2)
-    operator = torch.linalg.matrix_norm(attn - ref, ord=2) / ref_norm
-    attn_c, ref_c = _double_centre(attn), _double_centre(ref)
-    cka = (attn_c * ref_c).sum((-2, -1)) / (
-        torch.linalg.matrix_norm(attn_c) * torch.linalg.matrix_norm(ref_c)
-    )
-    overall = _masked_spearman(attn.flatten(-2), ref.flatten(-2), mask.flatten(-2))
-    per_row = _masked_spearman(attn, ref, mask)
+    return _compare(_ComparisonTerms.of(attn, mask), _ComparisonTerms.of(ref, mask))
+
+
+@dataclass
+class _ComparisonTerms:
+    """What `alignment_metrics` needs of one side: the matrices `[..., r, c]`, their double-centred
+    form and its Frobenius norm `[...]`, and their ranks over the mask centred on their mean
+    (0 off the mask), over all entries `[..., r * c]` and per row `[..., r, c]`."""
+
+    matrices: torch.Tensor
+    centred: torch.Tensor
+    centred_norm: torch.Tensor
+    ranks: torch.Tensor
+    row_ranks: torch.Tensor
+
+    @classmethod
+    def of(cls, matrices: torch.Tensor, mask: torch.Tensor, row_order: torch.Tensor | None = None) -> "_ComparisonTerms":
+        """row_order: a permutation likely to sort each row (int64, broadcastable to matrices)."""
+        centred = _double_centre(matrices)
+        return cls(
+            matrices=matrices,
+            centred=centred,
+            centred_norm=torch.linalg.matrix_norm(centred),
+            ranks=_centred_ranks(matrices.flatten(-2), mask.flatten(-2)),
+            row_ranks=_centred_ranks(matrices, mask, row_order),
+        )
+
+
+def _compare(attn: _ComparisonTerms, ref: _ComparisonTerms) -> dict[str, torch.Tensor]:
+    """`alignment_metrics` from both sides' terms."""
+    operator = _spectral_norm(attn.matrices - ref.matrices) / _spectral_norm(ref.matrices)
+    cka = torch.linalg.vecdot(attn.centred.flatten(-2), ref.centred.flatten(-2)) / (attn.centred_norm * ref.centred_norm)
     return {
         "operator_distance": operator,
         "cka": cka,
-        "spearman": overall,
-        "row_spearman": torch.nanmean(per_row, dim=-1),
+        "spearman": _rank_correlation(attn.ranks, ref.ranks),
+        "row_spearman": torch.nanmean(_rank_correlation(attn.row_ranks, ref.row_ranks), dim=-1),
     }
+
+
+def _spectral_norm(matrices: torch.Tensor) -> torch.Tensor:
+    """Largest singular value of matrices `[..., r, c]` -> `[...]`: the root of the largest
+    eigenvalue of the Gram matrix on the smaller side (several times cheaper than an SVD)."""
+    gram = matrices @ matrices.mT if matrices.shape[-2] <= matrices.shape[-1] else matrices.mT @ matrices
+    return torch.linalg.eigvalsh(gram)[..., -1].clamp_min(0.0).sqrt()
 
 
 def _double_centre(matrix: torch.Tensor) -> torch.Tensor:
@@ -293,20 +493,58 @@ def _double_centre(matrix: torch.Tensor) -> torch.Tensor:
     )
 
 
-def _masked_spearman(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Spearman correlation along the last axis over `mask`ed entries -> `[...]` (NaN where
-    fewer than two entries or a constant vector)."""
-    keep = mask.cpu().numpy()
-    ranks_a = stats.rankdata(np.where(keep, a.cpu().numpy(), np.nan), axis=-1, nan_policy="omit")
-    ranks_b = stats.rankdata(np.where(keep, b.cpu().numpy(), np.nan), axis=-1, nan_policy="omit")
-    ranks_a, ranks_b = (torch.as_tensor(r, dtype=torch.float64, device=a.device) for r in (ranks_a, ranks_b))
-    weight = mask.to(torch.float64)
-    count = weight.sum(-1)
-    ranks_a = torch.where(mask, ranks_a, 0.0)
-    ranks_b = torch.where(mask, ranks_b, 0.0)
-    da = (ranks_a - ranks_a.sum(-1, keepdim=True) / count.clamp_min(1.0).unsqueeze(-1)) * weight
-    db = (ranks_b - ranks_b.sum(-1, keepdim=True) / count.clamp_min(1.0).unsqueeze(-1)) * weight
-    denominator = (da.square().sum(-1) * db.square().sum(-1)).sqrt()
-    correlation = (da * db).sum(-1) / denominator
-    return torch.where((count >= 2) & (denominator > 0), correlation, torch.full_like(correlation, float("nan")))
+def _centred_ranks(values: torch.Tensor, mask: torch.Tensor, hint: torch.Tensor | None = None) -> torch.Tensor:
+    """Ranks along the last axis among the `mask`ed entries (ties share their average rank, as in
+    scipy.stats.rankdata), minus their mean; 0 off the mask. `[..., m]` -> `[..., m]`. hint: a
+    permutation likely to sort the values (see `_sorted`)."""
+    order, ordered = _sorted(values.masked_fill(~mask, math.inf), hint)  # entries off the mask sort last
+    position = torch.arange(1, values.shape[-1] + 1, dtype=values.dtype, device=values.device).expand_as(ordered)
+    count = mask.sum(-1, keepdim=True)
+    tied = (ordered[..., 1:] == ordered[..., :-1]) & (position[..., 1:] <= count)
+    sorted_ranks = _tie_averaged(position, tied) if bool(tied.any()) else position
+    ranks = torch.empty_like(ordered).scatter_(-1, order, sorted_ranks)
+    return torch.where(mask, ranks - (count + 1) / 2, 0.0)  # the mean of ranks 1..count is (count + 1) / 2
 
+
+def _sorted(values: torch.Tensor, hint: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(order, values in that order): the permutation sorting values `[..., m]` (no NaN) along the
+    last axis. Tried first: `hint` (int64, broadcastable to values) if given, else the order of one
+    fast sort of packed keys (`_packed_key_order`); rows these leave unsorted are argsorted."""
+    order = hint.expand_as(values) if hint is not None else _packed_key_order(values)
+    ordered = values.gather(-1, order)
+    unsorted = (ordered[..., 1:] < ordered[..., :-1]).any(-1)
+    if bool(unsorted.any()):
+        order = order.clone()
+        order[unsorted] = torch.from_numpy(np.argsort(values[unsorted].cpu().numpy(), axis=-1)).to(values.device)
+        ordered[unsorted] = values[unsorted].gather(-1, order[unsorted])
+    return order, ordered
+
+
+def _packed_key_order(values: torch.Tensor) -> torch.Tensor:
+    """A permutation sorting float64 values `[..., m]` along the last axis up to values within
+    2^k ulp of each other (k = bits of m - 1): one sort of int64 keys, each value's
+    order-preserving bit pattern with its lowest k bits replaced by its position (NumPy sorts
+    plain numbers several times faster than it argsorts)."""
+    bits = values.detach().cpu().contiguous().numpy().view(np.int64)
+    monotone = bits ^ ((bits >> 63) & np.int64(0x7FFF_FFFF_FFFF_FFFF))  # signed order = float order
+    low = np.int64((1 << max(1, (values.shape[-1] - 1).bit_length())) - 1)
+    keys = (monotone & ~low) | np.arange(values.shape[-1], dtype=np.int64)
+    return torch.from_numpy(np.sort(keys, axis=-1) & low).to(values.device)
+
+
+def _tie_averaged(position: torch.Tensor, tied: torch.Tensor) -> torch.Tensor:
+    """Positions 1..m `[..., m]` of sorted values with each run of ties (tied `[..., m - 1]`: entry
+    i equals entry i + 1) replaced by the run's mean position."""
+    start = torch.cat([torch.ones_like(tied[..., :1]), ~tied], -1)  # a run begins here
+    end = torch.cat([~tied, torch.ones_like(tied[..., :1])], -1)  # a run ends here
+    first = torch.where(start, position, 0.0).cummax(-1).values
+    last = torch.where(end, position, math.inf).flip(-1).cummin(-1).values.flip(-1)
+    return (first + last) / 2
+
+
+def _rank_correlation(ranks_a: torch.Tensor, ranks_b: torch.Tensor) -> torch.Tensor:
+    """Pearson correlation of centred ranks `[..., m]` -> `[...]` (NaN where fewer than two
+    entries or a constant vector: a zero norm)."""
+    denominator = (torch.linalg.vecdot(ranks_a, ranks_a) * torch.linalg.vecdot(ranks_b, ranks_b)).sqrt()
+    correlation = torch.linalg.vecdot(ranks_a, ranks_b) / denominator
+    return torch.where(denominator > 0, correlation, torch.nan)

@@ -1,9 +1,11 @@
-"""Kernel alignment: metrics against NumPy/SciPy, fitted temperature and bandwidth recovered
-exactly where attention is a row-normalised kernel, end to end on a transformer built to attend
-with exp(x . x' / tau)."""
+"""Kernel alignment: metrics against NumPy/SciPy (ties, near-ties, masks, per prompt across
+chunks), the distance fit against a dense NumPy scan of its objective, fitted temperature and
+bandwidth recovered exactly where attention is a row-normalised kernel, end to end on a
+transformer built to attend with exp(x . x' / tau)."""
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 
@@ -17,6 +19,7 @@ from mi_krr.kernels import exp_kernel, gaussian_kernel
 from mi_krr.models import ICLTransformer, ICLTransformerConfig
 from mi_krr.tasks import ICLTask
 from probes import alignment_metrics, kernel_alignment
+from probes.attention_kernels import AttentionKernels
 from probes.kernel_alignment import fit_inverse_scale, log_similarity, row_normalised_kernel
 from prompts import random_task
 
@@ -165,3 +168,137 @@ def test_kernel_alignment_bad_arguments_raise():
         kernel_alignment(linear, task)
     with pytest.raises(ValueError, match="same shape"):
         alignment_metrics(np.ones((3, 3)), np.ones((3, 4)))
+
+
+def numpy_row_softmax(logits: np.ndarray, keys: np.ndarray) -> np.ndarray:
+    """Softmax of each row over its visible keys (0 elsewhere, and on rows without keys)."""
+    masked = np.where(keys, logits, -np.inf)
+    top = masked.max(-1, keepdims=True)
+    weights = np.exp(masked - np.where(np.isfinite(top), top, 0.0))
+    return weights / np.maximum(weights.sum(-1, keepdims=True), 1e-300)
+
+
+def numpy_mean_distance(log_beta: float, attn: np.ndarray, similarity: np.ndarray, keys: np.ndarray) -> float:
+    """Mean over prompts of |row-normalised exp(beta S) - attn|_F^2 for one head: attn, keys `[B, r, n]`."""
+    return float(((numpy_row_softmax(np.exp(log_beta) * similarity, keys) - attn) ** 2).sum((-2, -1)).mean())
+
+
+def noisy_kernel_attention(seed: int, kernel: str, per_head_keys: bool):
+    """Attention of 2 x 2 heads that is a row-normalised kernel times noise (so no beta fits exactly),
+    over causal keys shared by all heads or over keys that differ between heads."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(5, N, D, generator=g, dtype=torch.float64)
+    similarity = log_similarity(kernel, x, x)[:, None, None]  # [B, 1, 1, n, n]
+    betas = torch.tensor([[0.7, 1.6], [3.0, 0.25]], dtype=torch.float64)[:, :, None, None]
+    keys = torch.tril(torch.ones(N, N, dtype=torch.bool)).expand(5, 2, 2, N, N)
+    if per_head_keys:
+        keys = keys & (torch.rand(5, 2, 2, N, N, generator=g) > 0.3)
+    noise = 0.4 * torch.randn(5, 2, 2, N, N, generator=g, dtype=torch.float64)
+    return row_normalised_kernel(betas * similarity + noise, keys), similarity, keys
+
+
+@pytest.mark.parametrize("per_head_keys", [False, True])
+@pytest.mark.parametrize("kernel", ["exp", "gaussian"])
+def test_distance_fit_is_the_minimiser_found_by_a_dense_numpy_scan(kernel, per_head_keys):
+    """Against the objective recomputed in NumPy: the fitted log beta beats every point of a dense
+    scan of its range and is a stationary point (central differences) to 1e-6."""
+    attn, similarity, keys = noisy_kernel_attention(5, kernel, per_head_keys)
+    fitted = fit_inverse_scale(attn, similarity, keys).log()
+    start = fit_inverse_scale(attn, similarity, keys, fit="log_lstsq").log()
+    a, s, k = attn.numpy(), similarity.expand_as(attn).numpy(), keys.numpy()
+    for layer in range(2):
+        for head in range(2):
+            head_data = (a[:, layer, head], s[:, layer, head], k[:, layer, head])
+            loss = lambda u: numpy_mean_distance(u, *head_data)  # noqa: E731
+            u = float(fitted[layer, head])
+            scan = np.linspace(float(start[layer, head]) - 7.0, float(start[layer, head]) + 7.0, 2801)
+            assert loss(u) <= min(loss(v) for v in scan) + 1e-15
+            h = 1e-3
+            slope, curvature = (loss(u + h) - loss(u - h)) / (2 * h), (loss(u + h) - 2 * loss(u) + loss(u - h)) / h**2
+            assert abs(slope / curvature) < 1e-6
+
+
+def test_distance_fit_walks_to_the_minimum_where_the_distance_is_below_the_grid_rounding():
+    """Attention exactly a row-normalised Gaussian kernel with beta ~ 25 over 1 to 4 visible keys:
+    nearly one-hot rows, so the mean squared distance stays below the rounding of the grid's
+    expanded form |attn|^2 + |ref|^2 - 2 attn . ref over a wide range and the grid's best point
+    lies more than a spacing from the minimum; the Newton steps walk there. (Within ~1e-5 of
+    beta the distance is at double precision's floor, hence the tolerance.)"""
+    g = torch.Generator().manual_seed(27)
+    rows, keys_x = torch.randn(4, 1, 3, generator=g, dtype=torch.float64), torch.randn(4, 7, 3, generator=g, dtype=torch.float64)
+    keys = (torch.rand(4, 2, 2, 1, 7, generator=g) > 0.5)[:, :1, :1]  # 1, 2, 4 and 4 visible keys
+    similarity = log_similarity("gaussian", rows, keys_x)[:, None, None]
+    beta = 25.154287892051848
+    attn = row_normalised_kernel(beta * similarity, keys)
+    assert float(fit_inverse_scale(attn, similarity, keys)[0, 0]) == pytest.approx(beta, rel=1e-4)
+
+
+def test_log_lstsq_fit_matches_numpy_least_squares_of_row_centred_logs():
+    attn, similarity, keys = noisy_kernel_attention(6, "gaussian", per_head_keys=True)
+    a, s, k = attn.numpy(), similarity.expand_as(attn).numpy(), keys.numpy()
+    expected = np.empty((2, 2))
+    for layer in range(2):
+        for head in range(2):
+            logs, sims = [], []
+            rows = (value[:, layer, head].reshape(-1, N) for value in (a, s, k))
+            for row_attn, row_sim, row_keys in zip(*rows):
+                if row_keys.any():
+                    logs.append(np.log(row_attn[row_keys]) - np.log(row_attn[row_keys]).mean())
+                    sims.append(row_sim[row_keys] - row_sim[row_keys].mean())
+            logs, sims = np.concatenate(logs), np.concatenate(sims)
+            expected[layer, head] = logs @ sims / (sims @ sims)
+    np.testing.assert_allclose(fit_inverse_scale(attn, similarity, keys, fit="log_lstsq").numpy(), expected, rtol=1e-12)
+
+
+def test_rank_correlations_match_scipy_on_near_ties_signed_zeros_and_masks():
+    """Values a few ulps apart (closer than the packed-key sort resolves), exact ties, -0.0 beside
+    +0.0 and negative entries: Spearman as scipy computes it, with average ranks."""
+    rng = np.random.default_rng(7)
+    attn = rng.standard_normal((40, 6, 9))
+    ulps = np.nextafter(0.5, 1.0) - 0.5
+    attn[:10] = 0.5 + ulps * rng.integers(0, 4, size=(10, 6, 9))  # near-ties and exact ties
+    attn[10:15, :, :3] = np.array([-0.0, 0.0, -0.0])
+    ref = attn[rng.permutation(40)] + 1e-15 * rng.standard_normal((40, 6, 9))
+    mask = rng.random((40, 6, 9)) > 0.2
+    metrics = alignment_metrics(torch.as_tensor(attn), torch.as_tensor(ref), mask=torch.as_tensor(mask))
+    for i in range(40):
+        expected = stats.spearmanr(attn[i][mask[i]], ref[i][mask[i]]).statistic
+        assert float(metrics["spearman"][i]) == pytest.approx(expected, rel=1e-12, abs=1e-14)
+        rows = [stats.spearmanr(attn[i, r][mask[i, r]], ref[i, r][mask[i, r]]).statistic for r in range(6) if mask[i, r].sum() > 1]
+        assert float(metrics["row_spearman"][i]) == pytest.approx(np.nanmean(rows), rel=1e-12, abs=1e-14)
+
+
+@pytest.mark.parametrize("per_head_keys", [False, True])
+def test_kernel_alignment_per_prompt_metrics_match_numpy_and_scipy_across_chunks(monkeypatch, per_head_keys):
+    """End to end, with chunks of one or two prompts: each prompt's metrics against the reference
+    rebuilt in NumPy at the fitted scale. The attention: noisy row-normalised exp kernels with
+    some keys unseen (the same for all heads, or not), giving 0.8 of each row to the support."""
+    module = importlib.import_module("probes.kernel_alignment")  # `probes.kernel_alignment` names the function
+    monkeypatch.setattr(module, "CHUNK_VALUES", 300)  # a prompt holds 2 x 2 heads x 5 x 8 entries
+    task = make_task(batch=7, seed=3)
+    g = torch.Generator().manual_seed(8)
+    similarity = log_similarity("exp", task.x_query, task.x_support)[:, None, None]  # [B, 1, 1, M, N]
+    betas = torch.tensor([[0.8, 2.0], [0.3, 1.2]], dtype=torch.float64)[:, :, None, None]
+    keys = torch.rand(7, 1 if not per_head_keys else 2, 1 if not per_head_keys else 2, M, N, generator=g) > 0.15
+    noise = 0.3 * torch.randn(7, 2, 2, M, N, generator=g, dtype=torch.float64)
+    pattern = 0.8 * row_normalised_kernel(betas * similarity + noise, keys.expand(7, 2, 2, M, N))
+    result = kernel_alignment(None, task, attention=AttentionKernels(support=None, query=pattern, source="pattern"))
+    attn, keys = (pattern / pattern.sum(-1, keepdim=True)).numpy(), (pattern > 0).numpy()
+    for kernel, scale in result.scale.items():
+        assert torch.isfinite(scale).all()
+        beta = (1 / scale if kernel == "exp" else scale**-2).numpy()[:, :, None, None]
+        ref = numpy_row_softmax(beta * log_similarity(kernel, task.x_query, task.x_support).numpy()[:, None, None], keys)
+        for b in range(7):
+            for layer in range(2):
+                for head in range(2):
+                    a, r, k = attn[b, layer, head], ref[b, layer, head], keys[b, layer, head]
+                    rows = [stats.spearmanr(a[i][k[i]], r[i][k[i]]).statistic for i in range(M) if k[i].sum() > 1]
+                    expected = {
+                        "operator_distance": np.linalg.norm(a - r, ord=2) / np.linalg.norm(r, ord=2),
+                        "cka": centred_cka(a, r),
+                        "spearman": stats.spearmanr(a[k], r[k]).statistic,
+                        "row_spearman": np.mean(rows),
+                    }
+                    for name, value in expected.items():
+                        got = float(result.per_prompt[kernel][name][b, layer, head])
+                        assert got == pytest.approx(value, rel=1e-9, abs=1e-12), (kernel, name, b, layer, head)
