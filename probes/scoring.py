@@ -127,12 +127,22 @@ def weighted_sse_sst(sums: PairedSums, weights=None) -> tuple[np.ndarray, np.nda
     """SSE `[R, L', T+1]`, SST `[R, T+1]` and the number of values `[R]` under prompt weights
     `[B]` or `[R, B]` (None: every prompt once, R = 1)."""
     w = _weights(sums, weights)
-    sse = (w @ sums.sse.reshape(sums.n_prompts, -1)).reshape(len(w), *sums.sse.shape[1:])
+    per_prompt = np.concatenate([sums.sse.reshape(sums.n_prompts, -1), sums.step_sum, sums.step_sq], axis=1)
+    weighted = _matmul(w, per_prompt)  # [R, L' (T+1) + 2 (T+1)]
+    n_times = sums.step_sum.shape[1]
+    sse = weighted[:, : -2 * n_times].reshape(len(w), *sums.sse.shape[1:])
+    total, squares = weighted[:, -2 * n_times : -n_times], weighted[:, -n_times:]
     count = w.sum(1) * sums.n_values
-    total = w @ sums.step_sum
     with np.errstate(invalid="ignore", divide="ignore"):
-        sst = w @ sums.step_sq - total**2 / count[:, None]
+        sst = squares - total**2 / count[:, None]
     return sse, np.maximum(sst, 0.0), count
+
+
+def _matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """a @ b for float64 arrays, by torch: the rest of `probes` runs on torch's thread pool, and
+    alternating it with NumPy's own BLAS threads makes each pool wait for the other's spinning
+    workers on a small machine."""
+    return torch.from_numpy(np.ascontiguousarray(a)).mm(torch.from_numpy(np.ascontiguousarray(b))).numpy()
 
 
 def r2_and_mse(sums: PairedSums, weights=None) -> tuple[np.ndarray, np.ndarray]:
