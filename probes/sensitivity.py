@@ -31,9 +31,18 @@ LINEAR_IN_Y: frozenset[str] = frozenset(
 and Newton's scale depend on K and lam only). Any other solver (CG, Jacobi-CG, and any solver
 added later until listed here) is differentiated by autograd at a given y."""
 
+BACKWARD_CHUNK = 4
+"""Jacobian rows per vmapped backward pass through a model. Larger batches of rows were slower on
+CPU (2 threads, 256 prompts, the shipped softmax model's 40 rows; rows per pass -> seconds):
+4 -> 3.3-4.5, 8 -> 4.8-5.7, 16 -> 6.1-7.9, 32 -> 7.4-7.8."""
+
+SOLVER_BACKWARD_CHUNK = 8
+"""The same for backward passes through a solver (CG's 168 rows at T = 20, same prompts):
+4 -> 1.19 s, 8 -> 0.72-0.87, 16 -> 0.74-0.88, 32 -> 2.3, 64 -> 2.3."""
+
 
 def label_sensitivities(
-    model: ICLModel, task: ICLTask, layers: Sequence[int] | None = None, chunk_size: int = 32
+    model: ICLModel, task: ICLTask, layers: Sequence[int] | None = None, chunk_size: int = BACKWARD_CHUNK
 ) -> torch.Tensor:
     """d yhat_l(query j) / d y_i of the read-out lens, by autograd through the model.
 
@@ -58,7 +67,7 @@ def label_sensitivities(
     return einops.rearrange(jacobian, "batch (layer query) n -> batch layer query n", layer=len(layers)).to(torch.float64)
 
 
-def batch_jacobian(outputs: torch.Tensor, inputs: torch.Tensor, chunk_size: int = 32) -> torch.Tensor:
+def batch_jacobian(outputs: torch.Tensor, inputs: torch.Tensor, chunk_size: int = BACKWARD_CHUNK) -> torch.Tensor:
     """Per-sample Jacobian d outputs[b, k] / d inputs[b, i] -> `[batch, k, n]`, for outputs
     `[batch, k]` where sample b depends only on inputs[b] `[batch, n]` (no cross-sample terms).
 
@@ -86,7 +95,7 @@ def solver_sensitivities(
     lam: float,
     n_steps: int,
     y: torch.Tensor | None = None,
-    chunk_size: int = 64,
+    chunk_size: int = SOLVER_BACKWARD_CHUNK,
     linear_in_y: bool | None = None,
 ) -> torch.Tensor:
     """d pred_t(query j) / d y_i along a solver's trajectory -> `[..., T+1, n_query, n_support]`
