@@ -4,6 +4,7 @@ import itertools
 
 import numpy as np
 import pytest
+import scipy.stats
 
 from probes.scoring import (
     bootstrap_weights,
@@ -124,6 +125,14 @@ def test_bootstrap_weights_are_seeded_resamples_of_all_prompts():
     np.testing.assert_array_equal(weights, bootstrap_weights(12, 40, seed=3))
     assert not np.array_equal(weights, bootstrap_weights(12, 40, seed=4))
     assert abs(weights.mean() - 1.0) < 0.1
+
+
+def test_bootstrap_counts_follow_the_multinomial_of_resampling_with_replacement():
+    # each prompt's count over resamples is Binomial(B, 1/B); two prompts' counts covary by -1/B
+    weights = bootstrap_weights(5, 40000, seed=0)
+    frequencies = np.bincount(weights[:, 0].astype(int), minlength=6) / len(weights)
+    np.testing.assert_allclose(frequencies, scipy.stats.binom.pmf(np.arange(6), 5, 0.2), atol=0.01)
+    assert np.cov(weights[:, 0], weights[:, 1])[0, 1] == pytest.approx(-0.2, abs=0.02)
 
 
 def test_bootstrap_interval_covers_the_population_r2_about_95_percent_of_the_time():
