@@ -195,3 +195,16 @@ def test_bad_inputs_raise_a_value_error_naming_the_argument(arguments, name, sol
 def test_bad_solver_options_raise_a_value_error_naming_the_argument(call, name):
     with pytest.raises(ValueError, match=rf"^{name}\b"):
         call()
+
+
+def test_finite_entries_whose_sum_overflows_are_accepted_and_a_lone_inf_is_not():
+    # finiteness is decided by one summation pass, with the exact entrywise test when the sum is
+    # not finite: 8 entries of 1e308 overflow the sum but are all finite
+    from mi_krr._validation import as_float64
+
+    huge = np.full((2, 4), 1e308)
+    np.testing.assert_array_equal(as_float64("K_query", huge).numpy(), huge)
+    with pytest.raises(ValueError, match=r"^K_query contains NaN or inf"):
+        as_float64("K_query", np.where(np.eye(2, 4) > 0, np.inf, huge))
+    with pytest.raises(ValueError, match=r"^K_query contains NaN or inf"):
+        as_float64("K_query", np.array([[np.inf, -np.inf]]))  # the sum is NaN, not inf
