@@ -62,10 +62,7 @@ def check_choice(name: str, value: str, choices: tuple[str, ...]) -> str:
 
 def check_non_negative(name: str, value: Any) -> float:
     """`value` as a float after checking it is finite and >= 0."""
-    try:
-        number = math.nan if isinstance(value, bool) else float(value)
-    except (TypeError, ValueError):
-        number = math.nan
+    number = _number_or_nan(value)
     if not math.isfinite(number) or number < 0:
         raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
     return number
@@ -73,13 +70,21 @@ def check_non_negative(name: str, value: Any) -> float:
 
 def check_finite(name: str, value: Any) -> float:
     """`value` as a finite float."""
-    try:
-        number = math.nan if isinstance(value, bool) else float(value)
-    except (TypeError, ValueError):
-        number = math.nan
+    number = _number_or_nan(value)
     if not math.isfinite(number):
         raise ValueError(f"{name} must be a finite number, got {value!r}")
     return number
+
+
+def _number_or_nan(value: Any) -> float:
+    """`value` as a float; NaN for booleans and anything float() rejects (so callers' finiteness
+    checks turn them into their own error)."""
+    if isinstance(value, bool):
+        return math.nan
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return math.nan
 
 
 def check_condition_number(name: str, value: Any) -> float:
