@@ -105,9 +105,9 @@ def pairwise_sse(layers: np.ndarray, steps: np.ndarray) -> np.ndarray:
 def centred_step_sums(steps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per-prompt sums of `steps` `[B, T+1, ...]` over values, centred by each step's all-prompt
     mean, and of their squares: (`[B, T+1]`, `[B, T+1]`) (see `PairedSums`)."""
-    flat = steps.reshape(steps.shape[0], steps.shape[1], -1)
-    centred = flat - flat.mean(axis=(0, 2), keepdims=True)
-    return centred.sum(-1), np.einsum("btv,btv->bt", centred, centred)
+    flat = torch.from_numpy(np.ascontiguousarray(steps.reshape(steps.shape[0], steps.shape[1], -1)))
+    centred = flat - flat.mean(dim=(0, 2), keepdim=True)  # torch: NumPy reduces short last axes slowly
+    return centred.sum(-1).numpy(), centred.square_().sum(-1).numpy()
 
 
 def step_sum_count(steps: np.ndarray) -> int:
@@ -127,11 +127,8 @@ def weighted_sse_sst(sums: PairedSums, weights=None) -> tuple[np.ndarray, np.nda
     """SSE `[R, L', T+1]`, SST `[R, T+1]` and the number of values `[R]` under prompt weights
     `[B]` or `[R, B]` (None: every prompt once, R = 1)."""
     w = _weights(sums, weights)
-    per_prompt = np.concatenate([sums.sse.reshape(sums.n_prompts, -1), sums.step_sum, sums.step_sq], axis=1)
-    weighted = _matmul(w, per_prompt)  # [R, L' (T+1) + 2 (T+1)]
-    n_times = sums.step_sum.shape[1]
-    sse = weighted[:, : -2 * n_times].reshape(len(w), *sums.sse.shape[1:])
-    total, squares = weighted[:, -2 * n_times : -n_times], weighted[:, -n_times:]
+    sse = _matmul(w, sums.sse.reshape(sums.n_prompts, -1)).reshape(len(w), *sums.sse.shape[1:])
+    total, squares = _matmul(w, sums.step_sum), _matmul(w, sums.step_sq)
     count = w.sum(1) * sums.n_values
     with np.errstate(invalid="ignore", divide="ignore"):
         sst = squares - total**2 / count[:, None]

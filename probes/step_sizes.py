@@ -45,7 +45,7 @@ from mi_krr._validation import check_choice
 from mi_krr.solvers import heavy_ball, richardson
 from mi_krr.solvers._spectrum import polyak_parameters, preconditioner_diagonal, richardson_optimal_step
 from mi_krr.solvers._system import check_steps, krr_system
-from probes.scoring import monotone_alignment, path_r2
+from probes.scoring import PairedSums, centred_step_sums, monotone_alignment, pairwise_sse, path_r2, weighted_sse_sst
 from probes.sensitivity import RICHARDSON_PRECONDITIONERS
 
 STEP_SIZES = ("fitted", "optimal")
@@ -256,33 +256,24 @@ def path_scores(layer_pred: np.ndarray, candidate_pred: torch.Tensor, scored: np
     `[B]`, every fold 0..F-1 non-empty): each fold's score on its own prompts `[F, G]`, as if
     the folds were scored one at a time (a prompt's trajectory may differ between folds).
 
-    The sums are `probes.scoring`'s (`paired_sums` + `weighted_sse_sst`: SSE over prompts and
-    queries per (layer, step), SST of each step's values about their all-prompt mean), computed
-    in torch as exact differences (no |a|^2 - 2 a.b + |b|^2 cancellation) because the fit scores
-    thousands of candidates; the alignment and path R2 are `probes.scoring`'s own."""
+    The sums are `probes.scoring`'s (`pairwise_sse`, `centred_step_sums`, `weighted_sse_sst` with
+    one 0/1 weight row per fold: exact differences, no cancellation), as are the alignment and
+    path R2."""
     batch, n_candidates, n_times, n_query = candidate_pred.shape
-    fold = torch.zeros(batch, dtype=torch.int64) if folds is None else torch.as_tensor(np.asarray(folds, dtype=np.int64))
-    n_folds = int(fold.max()) + 1
+    fold = np.zeros(batch, dtype=np.int64) if folds is None else np.asarray(folds, dtype=np.int64)
+    indicator = (fold[None, :] == np.arange(fold.max() + 1)[:, None]).astype(np.float64)  # [F, B]
     pred = candidate_pred.detach().cpu().numpy()
     finite = np.isfinite(pred).reshape(batch, n_candidates, -1).all(axis=2)  # [B, G]
-    values = torch.from_numpy(pred if finite.all() else np.where(finite[:, :, None, None], pred, 0.0)).reshape(batch, -1, n_query)
-    layers = torch.as_tensor(layer_pred, dtype=torch.float64)
-    sse = _fold_sums(fold, n_folds, torch.cdist(layers, values, compute_mode="donot_use_mm_for_euclid_dist").square_())  # [F, L', G (T+1)]
-    count = torch.bincount(fold, minlength=n_folds).to(torch.float64) * n_query  # values per fold and step
-    mean = _fold_sums(fold, n_folds, values.sum(2)) / count[:, None]  # [F, G (T+1)]
-    sst = _fold_sums(fold, n_folds, (values - mean[fold][:, :, None]).square_().sum(2))  # [F, G (T+1)]
-    diverged = _fold_sums(fold, n_folds, torch.from_numpy(~finite).to(torch.float64)).numpy() > 0  # [F, G]
-    sse = einops.rearrange(sse.numpy(), "fold layer (g t) -> (fold g) layer t", g=n_candidates)
-    sst = einops.rearrange(sst.numpy(), "fold (g t) -> (fold g) t", g=n_candidates)
-    steps, _ = monotone_alignment(sse / count.numpy().repeat(n_candidates)[:, None, None])
-    score = path_r2(sse, sst, steps, scored).reshape(n_folds, n_candidates)
+    values = (pred if finite.all() else np.where(finite[:, :, None, None], pred, 0.0)).reshape(batch, -1, n_query)
+    sums = PairedSums(pairwise_sse(np.asarray(layer_pred, dtype=np.float64), values), *centred_step_sums(values), n_query)
+    sse, sst, count = weighted_sse_sst(sums, indicator)  # [F, L', G (T+1)], [F, G (T+1)], [F]
+    diverged = indicator @ ~finite > 0  # [F, G]
+    sse = einops.rearrange(sse, "fold layer (g t) -> (fold g) layer t", g=n_candidates)
+    sst = einops.rearrange(sst, "fold (g t) -> (fold g) t", g=n_candidates)
+    steps, _ = monotone_alignment(sse / count.repeat(n_candidates)[:, None, None])
+    score = path_r2(sse, sst, steps, scored).reshape(len(indicator), n_candidates)
     score = np.where(~diverged & ~np.isnan(score), score, -np.inf)
     return score[0] if folds is None else score
-
-
-def _fold_sums(fold: torch.Tensor, n_folds: int, values: torch.Tensor) -> torch.Tensor:
-    """Per-prompt `values` `[B, ...]` summed over each fold's prompts -> `[F, ...]`."""
-    return torch.zeros((n_folds, *values.shape[1:]), dtype=values.dtype).index_add_(0, fold, values)
 
 
 def bounded_brent(loss: Callable[[np.ndarray, np.ndarray], np.ndarray], low: np.ndarray, high: np.ndarray, xatol: float) -> tuple[np.ndarray, np.ndarray]:
