@@ -37,7 +37,15 @@ from probes.kernel_alignment import REFERENCE_KERNELS, KernelAlignment, kernel_a
 from probes.layer_predictions import METHODS, layer_predictions
 from probes.scoring import AlgorithmScore, score_algorithms
 from probes.sensitivity import label_sensitivities, solver_sensitivities
-from probes.step_sizes import FITTED_STEP_ALGORITHMS, STEP_SIZES, FittedStep, cross_fit_step
+from probes.step_sizes import (
+    FITTED_STEP_ALGORITHMS,
+    STEP_SIZES,
+    FittedStep,
+    SpectralSystem,
+    cross_fit_step,
+    fit_preconditioner,
+    spectral_system,
+)
 from probes.streaming import encode_for_probe, resolve_layers, stream_probes
 
 DEFAULT_ALGORITHMS = ("cg", "jacobi_cg", "gd", "richardson_jacobi", "richardson_rowsum", "chebyshev", "heavy_ball", "newton")
@@ -357,12 +365,16 @@ def _diagnose_task_set(model, set_name, task, bar, *, algorithms, kernels, kerne
     scored = np.flatnonzero(np.asarray(layers) > 0)
     layer_pred_np = _numpy(layer_pred)
     fitted: dict[str, FittedStep] = {}
+    spectra: dict[str, SpectralSystem] = {}  # preconditioner -> eigensystem, shared by the fits
     solvers: dict[str, Callable[..., Any]] = {}
     step_preds = {}
     for name, solver in algorithms.items():
         try:
             if step_sizes == "fitted" and name in FITTED_STEP_ALGORITHMS and solver is ALGORITHMS.get(name):
-                fitted[name] = cross_fit_step(name, K, y, lam, n_steps, K_query, layer_pred_np, scored, seed)
+                preconditioner = fit_preconditioner(name)
+                if preconditioner not in spectra:
+                    spectra[preconditioner] = spectral_system(name, K, y, lam, K_query)
+                fitted[name] = cross_fit_step(name, K, y, lam, n_steps, K_query, layer_pred_np, scored, seed, spectra[preconditioner])
                 solver = fitted[name].solver()
             step_preds[name] = solver(K, y, lam, n_steps, K_query=K_query).pred
             solvers[name] = solver

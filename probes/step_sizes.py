@@ -166,11 +166,10 @@ def _heavy_ball_predictions(mu: torch.Tensor, gain_t: np.ndarray, w: torch.Tenso
 def spectral_system(algorithm: str, K: Any, y: Any, lam: float, K_query: Any) -> SpectralSystem:
     """The `SpectralSystem` of `algorithm`'s preconditioner (heavy ball: none) on K `[B, n, n]`, y
     `[B, n]`, K_query `[B, m, n]`: one batched symmetric eigendecomposition."""
-    check_choice("algorithm", algorithm, FITTED_STEP_ALGORITHMS)
     system = krr_system(K, y, lam, K_query)
     if system.K_query is None:
         raise ValueError("spectral_system needs K_query [..., m, n]: the fit compares query predictions")
-    diagonal = preconditioner_diagonal(system, RICHARDSON_PRECONDITIONERS.get(algorithm, "none"))  # [B, 1, n] or None
+    diagonal = preconditioner_diagonal(system, fit_preconditioner(algorithm))  # [B, 1, n] or None
     A = system.K + system.lam * torch.eye(system.n, dtype=system.K.dtype, device=system.K.device)
     root = torch.ones_like(system.y) if diagonal is None else diagonal.sqrt()  # P^1/2 as rows [B, 1, n]
     eigenvalues, U = torch.linalg.eigh(root.mT * A * root)
@@ -178,6 +177,13 @@ def spectral_system(algorithm: str, K: Any, y: Any, lam: float, K_query: Any) ->
     coefficients = torch.bmm(system.y, basis)  # (U^T P^1/2 y)^T, [B, 1, n]
     gain = torch.bmm(system.K_query, basis) * coefficients
     return SpectralSystem(eigenvalues=eigenvalues, gain=gain)
+
+
+def fit_preconditioner(algorithm: str) -> str:
+    """The preconditioner of `algorithm`'s `SpectralSystem` ("none" for gd and heavy ball, which
+    therefore share one)."""
+    check_choice("algorithm", algorithm, FITTED_STEP_ALGORITHMS)
+    return RICHARDSON_PRECONDITIONERS.get(algorithm, "none")
 
 
 def optimal_steps(algorithm: str, eigenvalues: torch.Tensor) -> torch.Tensor:
@@ -443,13 +449,16 @@ def _columns(group: np.ndarray, rank: np.ndarray, value: np.ndarray) -> np.ndarr
 
 def cross_fit_step(
     algorithm: str, K: torch.Tensor, y: torch.Tensor, lam: float, n_steps: int, K_query: torch.Tensor,
-    layer_pred: np.ndarray, scored: np.ndarray, seed: int,
+    layer_pred: np.ndarray, scored: np.ndarray, seed: int, spectral: SpectralSystem | None = None,
 ) -> FittedStep:
     """`fit_step` on each half of the prompts (`cross_fit_folds(B, seed)`); see module docstring.
-    One eigendecomposition per prompt serves both halves, whose searches run side by side."""
+    One eigendecomposition per prompt serves both halves, whose searches run side by side.
+    `spectral`: `spectral_system(algorithm, K, y, lam, K_query)` if already computed (algorithms
+    with the same `fit_preconditioner` share it)."""
     check_choice("algorithm", algorithm, FITTED_STEP_ALGORITHMS)
     folds = cross_fit_folds(K.shape[0], seed)
-    step, momentum, score = zip(*_fit_folds(algorithm, spectral_system(algorithm, K, y, lam, K_query), folds, n_steps, layer_pred, scored))
+    spectral = spectral_system(algorithm, K, y, lam, K_query) if spectral is None else spectral
+    step, momentum, score = zip(*_fit_folds(algorithm, spectral, folds, n_steps, layer_pred, scored))
     return FittedStep(
         algorithm=algorithm,
         folds=folds,

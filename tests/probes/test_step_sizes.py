@@ -19,6 +19,7 @@ from probes.step_sizes import (
     bounded_brent,
     cross_fit_folds,
     cross_fit_step,
+    fit_preconditioner,
     fit_step,
     optimal_steps,
     path_scores,
@@ -83,6 +84,18 @@ def test_cross_fit_uses_each_half_for_its_own_step_only():
     fit = cross_fit_step("gd", K, y, LAM, T, K_query, layers, np.arange(1, T + 1), seed=3)
     np.testing.assert_array_equal(fit.folds, folds)
     np.testing.assert_allclose(fit.step, [0.1, 0.2], rtol=1e-5)
+
+
+def test_heavy_ball_fit_on_gd_s_shared_eigensystem_recovers_its_step_and_momentum():
+    """gd and heavy ball share fit_preconditioner "none", so diagnose computes one eigensystem for
+    both; a heavy-ball fit given gd's recovers the layers' (step, momentum) on both halves."""
+    K, y, K_query = system(4)
+    assert fit_preconditioner("gd") == fit_preconditioner("heavy_ball") == "none"
+    layers = numpy_layers(K, y, K_query, 0.08, momentum=0.3)
+    shared = spectral_system("gd", K, y, LAM, K_query)
+    fit = cross_fit_step("heavy_ball", K, y, LAM, T, K_query, layers, np.arange(1, T + 1), seed=0, spectral=shared)
+    np.testing.assert_allclose(fit.step, [0.08, 0.08], rtol=1e-5)
+    np.testing.assert_allclose(fit.momentum, [0.3, 0.3])
 
 
 def test_cross_fit_needs_two_prompts():
