@@ -298,8 +298,8 @@ def diagnose(
         "step_sizes": step_sizes,
     }
     device, dtype = _model_device_dtype(model)
-    for task in task_sets.values():
-        encode_for_probe(model, task.to(device=device, dtype=dtype))  # the model's own checks (dimension, length), up front
+    task_sets = {name: task.to(device=device, dtype=dtype) for name, task in task_sets.items()}
+    prompts = {name: encode_for_probe(model, task) for name, task in task_sets.items()}  # the model's own checks, up front
     bar = tqdm(total=len(task_sets) * len(STAGES), desc="diagnose", disable=not progress, leave=False)
     results = {}
     with bar:
@@ -307,7 +307,8 @@ def diagnose(
             results[set_name] = _diagnose_task_set(
                 model,
                 set_name,
-                task.to(device=device, dtype=dtype),
+                task,
+                prompts[set_name],
                 bar,
                 algorithms=algorithms,
                 kernels=kernels,
@@ -328,9 +329,9 @@ def diagnose(
     return Diagnosis(task_sets=results, settings=settings)
 
 
-def _diagnose_task_set(model, set_name, task, bar, *, algorithms, kernels, kernel, kernel_params, lam, n_steps, method,
+def _diagnose_task_set(model, set_name, task, prompt, bar, *, algorithms, kernels, kernel, kernel_params, lam, n_steps, method,
                        layers, train_task, sensitivities, step_sizes, bootstrap, seed, n_kappa_bins, verdict_thresholds) -> TaskSetDiagnosis:
-    """All stages on one task set (see `diagnose`)."""
+    """All stages on one task set (see `diagnose`); `prompt` is `model.encode(task)`."""
     seconds: dict[str, float] = {}
     notes: list[str] = []
     clock = [time.perf_counter()]
@@ -355,7 +356,7 @@ def _diagnose_task_set(model, set_name, task, bar, *, algorithms, kernels, kerne
 
     read_layers = layers if method == "readout" else []  # the read-out lens rides on the one pass
     blocks = (ALIGNMENT_BLOCK,) if kernels else ()
-    streamed = stream_probes(model, encode_for_probe(model, task), layers=read_layers, blocks=blocks) if read_layers or blocks else None
+    streamed = stream_probes(model, prompt, layers=read_layers, blocks=blocks) if read_layers or blocks else None
     if method == "readout":
         layer_pred = streamed.readouts.to(torch.float64)
     else:
