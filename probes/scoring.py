@@ -35,8 +35,10 @@ for a bootstrap replicate, an indicator for a kappa stratum).
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 
+import einops
 import numpy as np
 import torch
 
@@ -175,18 +177,19 @@ def monotone_alignment(cost) -> tuple[np.ndarray, np.ndarray]:
     cost = np.asarray(cost, dtype=np.float64)
     if cost.ndim < 2 or cost.shape[-1] < 1 or cost.shape[-2] < 1:
         raise ValueError(f"cost must be [..., n_layers, n_steps] with both sizes >= 1, got shape {cost.shape}")
-    n_rows = cost.shape[-2]
-    best = np.empty_like(cost)
-    best[..., 0, :] = cost[..., 0, :]
+    n_rows, n_steps = cost.shape[-2:]
+    # layers and steps first, [L', T+1, batch]: every pass below runs over the batch in one
+    # contiguous inner loop (NumPy runs short last-axis scans one matrix at a time)
+    best = np.moveaxis(cost.reshape(-1, n_rows, n_steps), 0, -1).copy()  # C order
     for row in range(1, n_rows):
-        best[..., row, :] = cost[..., row, :] + np.minimum.accumulate(best[..., row - 1, :], axis=-1)
-    steps = np.empty(cost.shape[:-1], dtype=np.int64)
-    steps[..., -1] = np.argmin(best[..., -1, :], axis=-1)
-    total = np.take_along_axis(best[..., -1, :], steps[..., -1:], axis=-1)[..., 0]
+        best[row] += np.minimum.accumulate(best[row - 1], axis=0)
+    steps = np.empty((n_rows, best.shape[-1]), dtype=np.int64)
+    steps[-1] = np.argmin(best[-1], axis=0)
+    total = np.take_along_axis(best[-1], steps[-1][None], axis=0)[0]
+    later = np.arange(n_steps)[:, None]
     for row in range(n_rows - 2, -1, -1):
-        allowed = np.arange(cost.shape[-1]) <= steps[..., row + 1 : row + 2]
-        steps[..., row] = np.argmin(np.where(allowed, best[..., row, :], np.inf), axis=-1)
-    return steps, total
+        steps[row] = np.argmin(np.where(later <= steps[row + 1], best[row], np.inf), axis=0)
+    return steps.T.reshape(cost.shape[:-1]), total.reshape(cost.shape[:-2])
 
 
 def path_r2(sse: np.ndarray, sst: np.ndarray, steps: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
@@ -239,13 +242,20 @@ def percentile_interval(samples, level: float = 0.95) -> tuple[float, float]:
     """Percentile bootstrap interval of `samples` `[R]` at `level`: the order statistics at
     ceil(q R) for q = (1 - level)/2 and (1 + level)/2 (no interpolation, so -inf replicates count
     as the lowest values); NaN replicates are dropped, (nan, nan) when none is left."""
-    samples = np.asarray(samples, dtype=np.float64)
-    samples = samples[~np.isnan(samples)]
-    if samples.size == 0:
-        return (float("nan"), float("nan"))
-    tail = (1.0 - level) / 2.0
-    low, high = np.quantile(samples, [tail, 1.0 - tail], method="inverted_cdf")
+    low, high = percentile_intervals(np.asarray(samples, dtype=np.float64).reshape(-1), level)
     return (float(low), float(high))
+
+
+def percentile_intervals(samples, level: float = 0.95) -> np.ndarray:
+    """`percentile_interval` of every column of `samples` `[R, ...]` -> `[..., 2]` (low, high)."""
+    samples = np.asarray(samples, dtype=np.float64)
+    if samples.shape[0] == 0:
+        return np.full((*samples.shape[1:], 2), np.nan)
+    tail = (1.0 - level) / 2.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # an all-NaN column gives (nan, nan)
+        bounds = np.nanquantile(samples, [tail, 1.0 - tail], axis=0, method="inverted_cdf")
+    return np.moveaxis(bounds, 0, -1)
 
 
 def kappa_strata(kappa, n_bins: int) -> tuple[np.ndarray, np.ndarray]:
@@ -359,95 +369,18 @@ def score_algorithm(
         n_kappa_bins: number of quantile bins of kappa.
         level: confidence level of the intervals.
     """
-    sums = paired_sums(layer_pred, step_pred)
-    n_rows = sums.sse.shape[1]
-    layers = np.arange(n_rows) if layers is None else np.asarray(layers, dtype=np.int64)
-    if layers.shape != (n_rows,):
-        raise ValueError(f"layers must list one layer index per row of layer_pred ({n_rows}), got {layers.tolist()}")
-    scored = np.flatnonzero(layers > 0)
-    if scored.size == 0:
-        raise ValueError("layers must include at least one layer after the embedding (index >= 1) to score")
-
-    sse, sst, count = weighted_sse_sst(sums)
-    steps, _ = monotone_alignment(sse / count[:, None, None])
-    score = float(path_r2(sse, sst, steps, scored)[0])
-    per_layer = aligned_r2(sse, sst, steps)[0]
-
-    if resamples is not None and len(resamples):
-        boot_sse, boot_sst, boot_count = weighted_sse_sst(sums, resamples)
-        boot_steps, _ = monotone_alignment(boot_sse / boot_count[:, None, None])
-        samples = path_r2(boot_sse, boot_sst, boot_steps, scored)
-        boot_layer = aligned_r2(boot_sse, boot_sst, boot_steps)
-        layer_ci = np.array([percentile_interval(boot_layer[:, row], level) for row in range(n_rows)])
-    else:
-        samples = np.empty(0)
-        layer_ci = np.full((n_rows, 2), np.nan)
-
-    krr = _as_array("krr_pred", krr_pred, 2)
-    model_profile = log_error_profile(layer_pred, krr)
-    algorithm_profile = log_error_profile(step_pred, krr)
-    profile_gap = (model_profile[:, None] - algorithm_profile[None, :]) ** 2
-    profile_steps, _ = monotone_alignment(profile_gap)
-
-    result = AlgorithmScore(
-        algorithm=algorithm,
+    return _score_side_by_side(
+        layer_pred,
+        {algorithm: step_pred},
+        krr_pred,
         layers=layers,
-        scored=scored,
-        r2=_r2(sse, sst)[0],
-        mse=sse[0] / count[0],
-        aligned_steps=steps[0],
-        argmin_steps=np.argmin(sse[0], axis=-1),
-        aligned_r2=per_layer,
-        aligned_r2_ci=layer_ci,
-        score=score,
-        score_ci=percentile_interval(samples, level),
-        score_samples=samples,
-        model_profile=model_profile,
-        algorithm_profile=algorithm_profile,
-        profile_distance=profile_distance(model_profile, algorithm_profile, steps[0]),
-        profile_steps=profile_steps,
-        profile_aligned_distance=profile_distance(model_profile, algorithm_profile, profile_steps),
-    )
-
-    if layer_sensitivity is not None and step_sensitivity is not None:
-        sens = paired_sums(layer_sensitivity, step_sensitivity)
-        sens_sse, sens_sst, _ = weighted_sse_sst(sens)
-        result.sensitivity_r2 = _r2(sens_sse, sens_sst)[0]
-        result.sensitivity_aligned_r2 = aligned_r2(sens_sse, sens_sst, steps)[0]
-        result.sensitivity_score = float(path_r2(sens_sse, sens_sst, steps, scored)[0])
-
-    if kappa is not None:
-        result.strata = _kappa_strata_scores(sums, steps, scored, kappa, n_kappa_bins)
-        finite = [(s.score, max(np.log10(s.median_kappa), _MIN_STRATUM_WEIGHT)) for s in result.strata if np.isfinite(s.score)]
-        if finite:
-            values, weights = np.array(finite).T
-            result.weighted_r2 = float(np.sum(values * weights) / np.sum(weights))
-    return result
-
-
-def _kappa_strata_scores(sums: PairedSums, steps: np.ndarray, scored: np.ndarray, kappa, n_bins: int) -> list[KappaStratum]:
-    """Path R2 and per-layer R2 per kappa bin, at the all-prompt alignment `steps` `[1, L']`."""
-    kappa = _as_array("kappa", kappa, 1)
-    if kappa.shape != (sums.n_prompts,):
-        raise ValueError(f"kappa must hold one condition number per prompt ({sums.n_prompts}), got shape {kappa.shape}")
-    index, edges = kappa_strata(kappa, n_bins)
-    strata = []
-    for bin_id in range(n_bins):
-        members = index == bin_id
-        if not members.any():
-            continue
-        sse, sst, _ = weighted_sse_sst(sums, members.astype(np.float64))
-        strata.append(
-            KappaStratum(
-                kappa_low=float(edges[bin_id]),
-                kappa_high=float(edges[bin_id + 1]),
-                median_kappa=float(np.median(kappa[members])),
-                n_prompts=int(members.sum()),
-                score=float(path_r2(sse, sst, steps, scored)[0]),
-                aligned_r2=aligned_r2(sse, sst, steps)[0],
-            )
-        )
-    return strata
+        resamples=resamples,
+        layer_sensitivity=layer_sensitivity,
+        step_sensitivities=None if step_sensitivity is None else {algorithm: step_sensitivity},
+        kappa=kappa,
+        n_kappa_bins=n_kappa_bins,
+        level=level,
+    )[algorithm]
 
 
 def score_algorithms(
@@ -465,26 +398,155 @@ def score_algorithms(
     level: float = 0.95,
 ) -> dict[str, AlgorithmScore]:
     """`score_algorithm` for every algorithm in `step_preds` (name -> `[B, T+1, m]`), all on the
-    same `bootstrap` prompt resamples (seeded by `seed`) so their scores are paired."""
+    same `bootstrap` prompt resamples (seeded by `seed`) so their scores are paired.
+
+    Algorithms with the same number of steps are scored side by side: one product of every prompt
+    weighting (all prompts, each kappa stratum, each resample) with every algorithm's per-prompt
+    sums, and one batch of monotone alignments."""
     if not step_preds:
         raise ValueError("step_preds must hold at least one algorithm's step predictions")
     check_count("bootstrap", bootstrap, 0)
     batch = np.shape(layer_pred)[0]
-    resamples = bootstrap_weights(batch, bootstrap, seed) if bootstrap else None
-    step_sensitivities = step_sensitivities or {}
-    return {
-        name: score_algorithm(
-            name,
-            layer_pred,
-            step_pred,
-            krr_pred,
-            layers=layers,
-            resamples=resamples,
-            layer_sensitivity=layer_sensitivity,
-            step_sensitivity=step_sensitivities.get(name),
-            kappa=kappa,
-            n_kappa_bins=n_kappa_bins,
-            level=level,
-        )
-        for name, step_pred in step_preds.items()
-    }
+    return _score_side_by_side(
+        layer_pred,
+        step_preds,
+        krr_pred,
+        layers=layers,
+        resamples=bootstrap_weights(batch, bootstrap, seed) if bootstrap else None,
+        layer_sensitivity=layer_sensitivity,
+        step_sensitivities=step_sensitivities,
+        kappa=kappa,
+        n_kappa_bins=n_kappa_bins,
+        level=level,
+    )
+
+
+def _score_side_by_side(
+    layer_pred, step_preds: dict, krr_pred, *, layers, resamples, layer_sensitivity, step_sensitivities, kappa, n_kappa_bins, level
+) -> dict[str, AlgorithmScore]:
+    """The scores of `step_preds` (name -> `[B, T+1, m]`), one group of algorithms with equal
+    step shapes at a time (see `score_algorithms`)."""
+    layer_values = _as_array("layer_values", layer_pred, 2)
+    n_prompts, n_rows = layer_values.shape[:2]
+    layers = np.arange(n_rows) if layers is None else np.asarray(layers, dtype=np.int64)
+    if layers.shape != (n_rows,):
+        raise ValueError(f"layers must list one layer index per row of layer_pred ({n_rows}), got {layers.tolist()}")
+    scored = np.flatnonzero(layers > 0)
+    if scored.size == 0:
+        raise ValueError("layers must include at least one layer after the embedding (index >= 1) to score")
+    krr = _as_array("krr_pred", krr_pred, 2)
+    weighting = _PromptWeighting.build(n_prompts, resamples, kappa, n_kappa_bins)
+    model_profile = log_error_profile(layer_values, krr)
+    step_values = {name: _as_array("step_values", pred, 2) for name, pred in step_preds.items()}
+    groups: dict[tuple[int, ...], list[str]] = {}
+    for name, values in step_values.items():
+        groups.setdefault(values.shape, []).append(name)
+    results = {}
+    for names in groups.values():
+        stacked = np.stack([step_values[name] for name in names], axis=1)  # [B, A, T+1, ...]
+        every_step = stacked.reshape(n_prompts, -1, *stacked.shape[3:])
+        sse, sst, count = weighted_sse_sst(paired_sums(layer_values, every_step), weighting.rows)
+        sse = np.ascontiguousarray(einops.rearrange(sse, "w layer (a t) -> a w layer t", a=len(names)))
+        sst = np.ascontiguousarray(einops.rearrange(sst, "w (a t) -> a w t", a=len(names)))
+        steps, _ = monotone_alignment(sse / count[:, None, None])  # [A, W, L']
+        score = _fold_leading(path_r2, sse, sst, steps, scored)  # [A, W]
+        per_layer = _fold_leading(aligned_r2, sse, sst, steps)  # [A, W, L']
+        at_estimate = np.repeat(steps[:, :1], len(weighting.strata), axis=1)  # strata: at the all-prompt alignment
+        strata_sse, strata_sst = sse[:, weighting.strata], sst[:, weighting.strata]
+        strata_score = _fold_leading(path_r2, strata_sse, strata_sst, at_estimate, scored)  # [A, S]
+        strata_layer = _fold_leading(aligned_r2, strata_sse, strata_sst, at_estimate)  # [A, S, L']
+        samples = score[:, weighting.resamples]  # [A, R]
+        layer_ci = percentile_intervals(per_layer[:, weighting.resamples].swapaxes(0, 1), level)  # [A, L', 2]
+        score_ci = percentile_intervals(samples.T, level)  # [A, 2]
+        for a, name in enumerate(names):
+            algorithm_profile = log_error_profile(step_values[name], krr)
+            profile_steps, _ = monotone_alignment((model_profile[:, None] - algorithm_profile[None, :]) ** 2)
+            result = AlgorithmScore(
+                algorithm=name,
+                layers=layers,
+                scored=scored,
+                r2=_r2(sse[a, :1], sst[a, :1])[0],
+                mse=sse[a, 0] / count[0],
+                aligned_steps=steps[a, 0],
+                argmin_steps=np.argmin(sse[a, 0], axis=-1),
+                aligned_r2=per_layer[a, 0],
+                aligned_r2_ci=layer_ci[a],
+                score=float(score[a, 0]),
+                score_ci=(float(score_ci[a, 0]), float(score_ci[a, 1])),
+                score_samples=samples[a],
+                model_profile=model_profile,
+                algorithm_profile=algorithm_profile,
+                profile_distance=profile_distance(model_profile, algorithm_profile, steps[a, 0]),
+                profile_steps=profile_steps,
+                profile_aligned_distance=profile_distance(model_profile, algorithm_profile, profile_steps),
+            )
+            step_sensitivity = (step_sensitivities or {}).get(name)
+            if layer_sensitivity is not None and step_sensitivity is not None:
+                _add_sensitivity_scores(result, paired_sums(layer_sensitivity, step_sensitivity), scored)
+            if weighting.bins:
+                result.strata = [
+                    KappaStratum(**stratum, score=float(strata_score[a, i]), aligned_r2=strata_layer[a, i])
+                    for i, stratum in enumerate(weighting.bins)
+                ]
+                finite = [(s.score, max(np.log10(s.median_kappa), _MIN_STRATUM_WEIGHT)) for s in result.strata if np.isfinite(s.score)]
+                if finite:
+                    values, stratum_weights = np.array(finite).T
+                    result.weighted_r2 = float(np.sum(values * stratum_weights) / np.sum(stratum_weights))
+            results[name] = result
+    return {name: results[name] for name in step_preds}
+
+
+def _fold_leading(statistic, sse: np.ndarray, sst: np.ndarray, steps: np.ndarray, *rows) -> np.ndarray:
+    """`statistic` (`path_r2` or `aligned_r2`, written for one leading axis) over two leading axes:
+    sse `[A, W, L', T+1]`, sst `[A, W, T+1]`, steps `[A, W, L']` -> `[A, W, ...]`."""
+    lead = sse.shape[:2]
+    value = statistic(sse.reshape(-1, *sse.shape[2:]), sst.reshape(-1, sst.shape[-1]), steps.reshape(-1, steps.shape[-1]), *rows)
+    return value.reshape(*lead, *value.shape[1:])
+
+
+def _add_sensitivity_scores(result: AlgorithmScore, sums: PairedSums, scored: np.ndarray) -> None:
+    """R2 of label sensitivities at the prediction alignment, into `result`."""
+    sse, sst, _ = weighted_sse_sst(sums)
+    result.sensitivity_r2 = _r2(sse, sst)[0]
+    result.sensitivity_aligned_r2 = aligned_r2(sse, sst, result.aligned_steps[None])[0]
+    result.sensitivity_score = float(path_r2(sse, sst, result.aligned_steps[None], scored)[0])
+
+
+@dataclass(frozen=True)
+class _PromptWeighting:
+    """Every prompt weighting a score needs, as the rows of one `[W, B]` matrix: row 0 all ones
+    (the estimate), then one 0/1 row per non-empty kappa stratum, then the bootstrap resamples.
+
+    Attributes:
+        rows: the weights `[W, B]`.
+        strata, resamples: the row indices of the strata and of the resamples.
+        bins: per stratum, the `KappaStratum` fields that do not depend on the algorithm.
+    """
+
+    rows: np.ndarray
+    strata: np.ndarray
+    resamples: np.ndarray
+    bins: list[dict]
+
+    @classmethod
+    def build(cls, n_prompts: int, resamples: np.ndarray | None, kappa, n_bins: int) -> _PromptWeighting:
+        indicators, bins = [], []
+        if kappa is not None:
+            kappa = _as_array("kappa", kappa, 1)
+            if kappa.shape != (n_prompts,):
+                raise ValueError(f"kappa must hold one condition number per prompt ({n_prompts}), got shape {kappa.shape}")
+            index, edges = kappa_strata(kappa, n_bins)
+            for bin_id in range(n_bins):
+                members = index == bin_id
+                if members.any():
+                    indicators.append(members.astype(np.float64))
+                    bins.append({
+                        "kappa_low": float(edges[bin_id]),
+                        "kappa_high": float(edges[bin_id + 1]),
+                        "median_kappa": float(np.median(kappa[members])),
+                        "n_prompts": int(members.sum()),
+                    })
+        boot = np.empty((0, n_prompts)) if resamples is None else np.asarray(resamples, dtype=np.float64).reshape(-1, n_prompts)
+        rows = np.concatenate([np.ones((1, n_prompts)), np.array(indicators).reshape(-1, n_prompts), boot])
+        first_resample = 1 + len(indicators)
+        return cls(rows=rows, strata=np.arange(1, first_resample), resamples=np.arange(first_resample, len(rows)), bins=bins)

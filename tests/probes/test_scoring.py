@@ -13,6 +13,7 @@ from probes.scoring import (
     monotone_alignment,
     mse_matrix,
     percentile_interval,
+    percentile_intervals,
     profile_distance,
     r2_matrix,
     score_algorithm,
@@ -155,6 +156,50 @@ def test_percentile_interval_is_the_order_statistics_and_ignores_nan():
     assert percentile_interval(samples, 0.9) == (ordered[49], ordered[949])  # ceil(0.05 * 1000) = 50th
     assert percentile_interval(np.r_[np.full(9, -np.inf), np.arange(91.0)], 0.8)[0] == 0.0  # 10th of 100
     assert np.isnan(percentile_interval([np.nan])[0])
+
+
+def test_percentile_intervals_take_each_columns_order_statistics_without_its_nans():
+    rng = np.random.default_rng(13)
+    samples = rng.normal(size=(200, 3, 2))
+    samples[rng.random(samples.shape) < 0.1] = np.nan
+    samples[:, 2, 1] = np.nan  # a column with nothing left
+    samples[:7, 0, 0] = -np.inf
+    bounds = percentile_intervals(samples, 0.9)
+    assert bounds.shape == (3, 2, 2)
+    for i, j in itertools.product(range(3), range(2)):
+        kept = np.sort(samples[:, i, j][~np.isnan(samples[:, i, j])])
+        if kept.size == 0:
+            assert np.isnan(bounds[i, j]).all()
+            continue
+        rank = lambda q: int(np.ceil(q * kept.size - 1e-9)) - 1  # noqa: E731  the ceil(q k)-th smallest
+        assert tuple(bounds[i, j]) == (kept[rank(0.05)], kept[rank(0.95)])
+
+
+def test_side_by_side_scores_of_algorithms_with_different_step_counts_match_brute_force_resamples():
+    # every bootstrap replicate recomputed from the resampled prompts themselves: repeated prompts,
+    # pooled sums, the best monotone path by enumeration, path R2 over the scored rows
+    rng = np.random.default_rng(14)
+    n_prompts, n_query = 12, 3
+    long = rng.normal(size=(n_prompts, 6, n_query))
+    long[:, 0] = 0.0
+    trajectories = {"short": long[:, [0, 1, 3, 5]] + 0.2 * rng.normal(size=(n_prompts, 4, n_query)), "long": long}
+    trajectories["short"][:, 0] = 0.0
+    layers = long[:, [0, 3, 5]] + 0.3 * rng.normal(size=(n_prompts, 3, n_query))
+    scores = score_algorithms(layers, trajectories, layers[:, -1], bootstrap=6, seed=3)
+    counts = bootstrap_weights(n_prompts, 6, seed=3).astype(int)
+    for name, steps in trajectories.items():
+        for replicate, count in enumerate(counts):
+            layer_rows, step_rows = np.repeat(layers, count, axis=0), np.repeat(steps, count, axis=0)
+            mse = ((layer_rows[:, :, None] - step_rows[:, None]) ** 2).mean(axis=(0, 3))  # [L', T+1]
+            path = min(
+                itertools.combinations_with_replacement(range(steps.shape[1]), 3),
+                key=lambda path: sum(mse[row, step] for row, step in enumerate(path)),
+            )
+            error = sum(((layer_rows[:, row] - step_rows[:, step]) ** 2).sum() for row, step in enumerate(path) if row > 0)
+            variance = sum(((step_rows[:, step] - step_rows[:, step].mean()) ** 2).sum() for step in path[1:])
+            assert path[1] > 0 and scores[name].score_samples[replicate] == pytest.approx(1 - error / variance, rel=1e-10)
+    assert list(scores) == ["short", "long"]
+    assert scores["short"].r2.shape == (3, 4) and scores["long"].r2.shape == (3, 6)
 
 
 def test_kappa_strata_follow_numpy_quantiles():
