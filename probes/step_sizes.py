@@ -43,8 +43,8 @@ import torch
 
 from mi_krr._validation import check_choice
 from mi_krr.solvers import heavy_ball, richardson
-from mi_krr.solvers._spectrum import polyak_parameters, preconditioner_diagonal, richardson_optimal_step
-from mi_krr.solvers._system import check_steps, krr_system
+from mi_krr.solvers.spectrum import polyak_parameters, preconditioner_diagonal, richardson_optimal_step
+from mi_krr.solvers.system import check_steps, krr_system
 from probes.scoring import PairedSums, centred_step_sums, monotone_alignment, pairwise_sse, path_r2, weighted_sse_sst
 from probes.sensitivity import RICHARDSON_PRECONDITIONERS
 

@@ -14,8 +14,8 @@ import numpy as np
 import torch
 
 from mi_krr._validation import check_count
-from mi_krr.solvers._spectrum import preconditioner_diagonal
-from mi_krr.solvers._system import KRRSystem, check_steps, krr_system, ratio, safe_sqrt
+from mi_krr.solvers.spectrum import preconditioner_diagonal
+from mi_krr.solvers.system import KRRSystem, check_steps, krr_system, ratio, safe_sqrt
 from mi_krr.solvers.trajectory import Trajectory
 
 CG_BLOCK_BYTES = 8 * 2**20

@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from mi_krr.solvers._system import krr_system
+from mi_krr.solvers.system import krr_system
 
 
 def krr(K: Any, y: Any, lam: float) -> torch.Tensor:

@@ -6,8 +6,8 @@ from typing import Any
 
 import torch
 
-from mi_krr.solvers._spectrum import preconditioned_eigenvalues
-from mi_krr.solvers._system import check_steps, krr_system
+from mi_krr.solvers.spectrum import preconditioned_eigenvalues
+from mi_krr.solvers.system import check_steps, krr_system
 from mi_krr.solvers.trajectory import Trajectory
 
 

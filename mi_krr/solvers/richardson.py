@@ -10,8 +10,8 @@ from typing import Any
 
 import torch
 
-from mi_krr.solvers._spectrum import preconditioner_diagonal, richardson_optimal_step, spectrum_bounds
-from mi_krr.solvers._system import check_steps, krr_system
+from mi_krr.solvers.spectrum import preconditioner_diagonal, richardson_optimal_step, spectrum_bounds
+from mi_krr.solvers.system import check_steps, krr_system
 from mi_krr.solvers.trajectory import Trajectory
 
 

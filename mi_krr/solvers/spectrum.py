@@ -1,11 +1,12 @@
-"""Diagonal preconditioners and the spectra that set default step sizes."""
+"""Diagonal preconditioners and the spectra that set default step sizes (used by the solvers and by
+`probes.step_sizes`)."""
 
 from __future__ import annotations
 
 import torch
 
 from mi_krr._validation import check_choice
-from mi_krr.solvers._system import KRRSystem
+from mi_krr.solvers.system import KRRSystem
 
 PRECONDITIONERS = ("none", "jacobi", "rowsum")
 
