@@ -18,24 +18,12 @@ import nbformat
 
 EXAMPLES = Path(__file__).resolve().parent
 
-# Every notebook finds the shipped checkpoints from its working directory (examples/ when opened
-# in Jupyter, the repository root when run from there).
-FIND_CHECKPOINTS = """\
-CHECKPOINTS = next(
-    (folder / "checkpoints" for folder in (Path.cwd(), *Path.cwd().parents) if (folder / "checkpoints" / "softmax_gp").is_dir()),
-    None,
-)
-if CHECKPOINTS is None:
-    raise FileNotFoundError("no checkpoints/softmax_gp above the working directory: open the notebook inside the mi-krr repository")"""
-
-
 def md(text: str) -> tuple[str, str]:
     return ("markdown", textwrap.dedent(text).strip())
 
 
 def code(text: str) -> tuple[str, str]:
-    """A code cell; a line `<find checkpoints>` becomes `FIND_CHECKPOINTS`."""
-    return ("code", textwrap.dedent(text).strip().replace("<find checkpoints>", FIND_CHECKPOINTS))
+    return ("code", textwrap.dedent(text).strip())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -60,20 +48,17 @@ ATTACH_PROBES = [
     ),
     code(
         """
-        from pathlib import Path
-
         import matplotlib.pyplot as plt
         import numpy as np
         import pandas as pd
         import torch
 
         import probes
+        from mi_krr.checkpoints import shipped_checkpoint
         from mi_krr.tasks import sampler_from_config
         from mi_krr.train import bayes_optimal_predictions, load_model, read_run_config
 
-        <find checkpoints>
-
-        run = CHECKPOINTS / "softmax_gp"
+        run = shipped_checkpoint("softmax_gp")  # checkpoints/softmax_gp, found from anywhere inside the repository
         model = load_model(run)
         run_config = read_run_config(run)
         sampler = sampler_from_config(run_config["sampler"])
@@ -277,7 +262,6 @@ LAYERWISE_DIAGNOSTICS = [
     code(
         """
         from functools import partial
-        from pathlib import Path
 
         import matplotlib.pyplot as plt
         import numpy as np
@@ -285,15 +269,14 @@ LAYERWISE_DIAGNOSTICS = [
         import torch
 
         import probes
+        from mi_krr.checkpoints import shipped_checkpoint
         from mi_krr.construct import cg_transformer, gd_transformer, richardson_transformer
         from mi_krr.models import model_from_config
         from mi_krr.solvers import ALGORITHMS, richardson
         from mi_krr.tasks import LinearRegressionSampler, sampler_from_config
         from mi_krr.train import load_model, read_run_config
 
-        <find checkpoints>
-
-        run = CHECKPOINTS / "softmax_gp"
+        run = shipped_checkpoint("softmax_gp")
         model = load_model(run)
         run_config = read_run_config(run)
         gp_sampler = sampler_from_config(run_config["sampler"])
@@ -480,19 +463,16 @@ COMPARE_ARCHITECTURES = [
     ),
     code(
         """
-        from pathlib import Path
-
         import matplotlib.pyplot as plt
         import numpy as np
         import pandas as pd
         import torch
 
         import probes
+        from mi_krr.checkpoints import shipped_checkpoint
         from mi_krr.models import ICLTransformer, ICLTransformerConfig
         from mi_krr.tasks import sampler_from_config
         from mi_krr.train import TrainConfig, bayes_optimal_predictions, load_model, optimal_ridge, preset_config, read_run_config, train
-
-        <find checkpoints>
 
         sampler = sampler_from_config(preset_config("linear_lr")["sampler"])
         kernel, _, lam = optimal_ridge(sampler)  # the Bayes-optimal predictor is KRR with this kernel and ridge
@@ -590,8 +570,9 @@ COMPARE_ARCHITECTURES = [
         fig, ax = plt.subplots(figsize=(6, 4))
         rows = []
         for name in ("linear_lr", "softmax_gp"):
-            run_config = read_run_config(CHECKPOINTS / name)
-            model, run_sampler = load_model(CHECKPOINTS / name), sampler_from_config(run_config["sampler"])
+            run = shipped_checkpoint(name)
+            run_config = read_run_config(run)
+            model, run_sampler = load_model(run), sampler_from_config(run_config["sampler"])
             run_task = run_sampler.sample(128, run_config["train"]["n_support"], run_config["train"]["n_query"], seed=1)
             run_kernel, _, run_lam = optimal_ridge(run_sampler)
             optimal = bayes_optimal_predictions(run_sampler, run_task)
@@ -635,8 +616,6 @@ SOFTMAX_KERNEL_OOD = [
     ),
     code(
         """
-        from pathlib import Path
-
         import matplotlib.pyplot as plt
         import numpy as np
         import pandas as pd
@@ -644,12 +623,11 @@ SOFTMAX_KERNEL_OOD = [
         from scipy import stats
 
         import probes
+        from mi_krr.checkpoints import shipped_checkpoint
         from mi_krr.tasks import apply_shift, applicable_shifts, sampler_from_config
         from mi_krr.train import bayes_optimal_predictions, load_model, read_run_config
 
-        <find checkpoints>
-
-        run = CHECKPOINTS / "softmax_gp"
+        run = shipped_checkpoint("softmax_gp")
         model = load_model(run)
         run_config = read_run_config(run)
         sampler = sampler_from_config(run_config["sampler"])

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 import torch
 
+from mi_krr.checkpoints import shipped_checkpoint
 from mi_krr.cli import main
-from mi_krr.commands.loading import shipped_checkpoint
 from mi_krr.construct.studies import conditioned_linear_task
 from mi_krr.reproductions import cg_rate, reproduction, richardson_profile, softmax_ood, width
 from mi_krr.tasks import LinearRegressionSampler, sampler_from_config

@@ -64,7 +64,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> tuple[argparse.Argumen
     parser.add_argument("--quick", action="store_true",
                         help="smaller batches, one shift, shorter constructions (the same code path; for tests)")
     parser.add_argument("--checkpoints", default=None,
-                        help="folder holding the shipped runs linear_lr/ and softmax_gp/ (default: ./checkpoints, else the repository's)")
+                        help="folder holding the shipped runs linear_lr/ and softmax_gp/ (default: checkpoints/ in the working directory or a parent of it, else the repository's)")
     parser.add_argument("--sensitivities", action="store_true",
                         help="also compare label sensitivities d yhat / d y on the trained models' in-distribution prompts (about +1 min)")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
@@ -78,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
     from tqdm.auto import tqdm
 
-    from mi_krr.commands.loading import shipped_checkpoint
+    from mi_krr.checkpoints import shipped_checkpoint
     from mi_krr.commands.overview import format_table, summary_rows, write_overview_report
 
     start = time.perf_counter()
@@ -162,8 +162,8 @@ def shipped_entry(path: Path, name: str, settings: DemoSettings, seed: int, devi
                   sensitivities: bool = False):
     """A shipped checkpoint, in distribution and under its applicable shifts (label sensitivities
     on the in-distribution set when `sensitivities`)."""
+    from mi_krr.checkpoints import load_checkpoint, task_sets
     from mi_krr.commands.diagnose import diagnose_task_sets
-    from mi_krr.commands.loading import load_checkpoint, task_sets
     from mi_krr.commands.overview import ModelEntry
 
     loaded = load_checkpoint(path, device=device)

@@ -89,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
 
     import torch
 
-    from mi_krr.commands.loading import load_checkpoint, task_sets
+    from mi_krr.checkpoints import load_checkpoint, task_sets
     from mi_krr.commands.overview import ModelEntry, format_table, summary_rows, write_overview_report
 
     start = time.perf_counter()

@@ -165,7 +165,7 @@ def richardson_profile(
     the shipped checkpoints/softmax_gp; the ridge probes train on `train_batch_size` other prompts.
     `n_steps` solver steps (64: room for the slow stationary solvers, which need many steps on
     these kappa ~ 100-200 systems, to reach what a layer does)."""
-    from mi_krr.commands.loading import load_checkpoint, shipped_checkpoint, task_sets
+    from mi_krr.checkpoints import load_checkpoint, shipped_checkpoint, task_sets
     from probes.diagnose import diagnose
 
     path = Path(checkpoint) if checkpoint is not None else shipped_checkpoint("softmax_gp")

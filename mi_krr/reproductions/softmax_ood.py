@@ -104,7 +104,7 @@ def softmax_ood(
     shipped checkpoints/softmax_gp; `shifts` (names in DEFAULT_SHIFTS) limits the shifts."""
     from tqdm.auto import tqdm
 
-    from mi_krr.commands.loading import load_checkpoint, shipped_checkpoint, task_sets
+    from mi_krr.checkpoints import load_checkpoint, shipped_checkpoint, task_sets
     from probes.kernel_alignment import kernel_alignment
 
     path = Path(checkpoint) if checkpoint is not None else shipped_checkpoint("softmax_gp")

@@ -1,5 +1,6 @@
 """Checkpoints and the prompts to diagnose them on.
 
+`shipped_checkpoint(name)` finds a shipped run (checkpoints/softmax_gp, checkpoints/linear_lr).
 `load_checkpoint(path)` recognises an mi-krr run (a folder with config.json, or its
 model.safetensors / state/step_*.safetensors / .pt beside a config.json) and a run of Garg et
 al.'s code (a folder with config.yaml, or a .pt in one), and returns the model with the task
@@ -50,16 +51,23 @@ class LoadedCheckpoint:
 
 
 def shipped_checkpoint(name: str, folder: str | Path | None = None) -> Path:
-    """The shipped run `name` ("softmax_gp", "linear_lr"): in `folder`, else in ./checkpoints,
-    else beside the package (an editable install). FileNotFoundError naming the fix when absent."""
-    candidates = [Path(folder)] if folder is not None else [Path("checkpoints"), Path(__file__).resolve().parents[2] / "checkpoints"]
+    """The shipped run `name` ("softmax_gp", "linear_lr"): in `folder`, else in ./checkpoints
+    (returned relative), else in the checkpoints/ folder of the nearest parent of the working
+    directory that has it (a notebook opened in examples/ finds the repository's), else beside
+    the package (an editable install). FileNotFoundError naming the fix when absent."""
+    if folder is not None:
+        candidates = [Path(folder)]
+    else:
+        parents = [parent / "checkpoints" for parent in Path.cwd().parents]
+        candidates = [Path("checkpoints"), *parents, Path(__file__).resolve().parents[1] / "checkpoints"]
     for candidate in candidates:
         if (candidate / name).is_dir():
             return candidate / name
     missing = candidates[0] / name
     raise FileNotFoundError(
-        f"shipped checkpoint {missing} not found: run from the repository root, pass the folder holding it "
-        f"(--checkpoints / checkpoint=), or train it with `mi-krr train --preset {name} --out {missing}`"
+        f"shipped checkpoint {missing} not found: run inside the repository (its checkpoints/ is looked for in the working "
+        f"directory and every parent), pass the folder holding it (--checkpoints / checkpoint=), or train it with "
+        f"`mi-krr train --preset {name} --out {missing}`"
     )
 
 
