@@ -20,6 +20,10 @@ Time (median of `repeats`, the variants alternated so machine load hits them ali
   kernel alignment);
 - diagnose (+ sensitivities, `--full`): the default plus the opt-in label sensitivities.
 
+`--scale` adds a freshly initialised model of softmax_gp's architecture at Garg et al.'s size (12
+layers, width 256, 8 heads; 40 support points): diagnose's own work grows with layers, heads and
+prompts but not with the width, so its ratio to the forward depends on the model's size.
+
 Memory, two measures of the same three calls (same model and prompts): bare forward, the
 extraction path (without trajectories, which are float64 solver work independent of the model),
 and `run_with_cache` of every hook; goal for extraction <= 1.2x the bare forward.
@@ -45,25 +49,34 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ("softmax_gp", "linear_lr")
+SCALED = {"softmax_gp_12x256": ("softmax_gp", {"d_model": 256, "n_layers": 12, "n_heads": 8}, 40)}
+"""`--scale` models: (preset, model changes, support points), freshly initialised: softmax_gp's
+architecture and task at the size of Garg et al.'s GPT-2 (12 layers, width 256, 8 heads) with 40
+support points, to show how the ratios move when the forward costs what a research model's does."""
 
 
 def load(name: str, batch: int, seed: int = 1):
-    """(model, task, source) for a shipped preset."""
+    """(model, task, source) for a shipped preset or a `SCALED` model."""
     from mi_krr.tasks.samplers import sampler_from_config
     from mi_krr.train.checkpoint import load_model
     from mi_krr.train.runs import build_run, preset_config
 
-    description = preset_config(name)
-    folder = ROOT / "checkpoints" / name
-    try:
-        model, source = load_model(folder), f"checkpoint {folder.relative_to(ROOT)}"
-    except (FileNotFoundError, OSError, ValueError) as error:
-        torch.manual_seed(0)
-        model = build_run(description).model
-        source = f"FRESHLY INITIALISED (no usable checkpoint: {type(error).__name__})"
-    model.eval()
+    preset, changes, n_support = SCALED.get(name, (name, None, None))
+    description = preset_config(preset)
     train = description["train"]
-    task = sampler_from_config(description["sampler"]).sample(batch, train["n_support"], train["n_query"], seed=seed)
+    if changes is not None:
+        description["model"].update(changes)
+        model, source = build_run(description).model, "FRESHLY INITIALISED (a scaled-up architecture: timing only)"
+    else:
+        folder = ROOT / "checkpoints" / name
+        try:
+            model, source = load_model(folder), f"checkpoint {folder.relative_to(ROOT)}"
+        except (FileNotFoundError, OSError, ValueError) as error:
+            torch.manual_seed(0)
+            model = build_run(description).model
+            source = f"FRESHLY INITIALISED (no usable checkpoint: {type(error).__name__})"
+    model.eval()
+    task = sampler_from_config(description["sampler"]).sample(batch, n_support or train["n_support"], train["n_query"], seed=seed)
     return model, task, source
 
 
@@ -176,13 +189,14 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--memory-batch", type=int, default=1024)
     parser.add_argument("--full", action="store_true", help="also time diagnose with the opt-in label sensitivities (slow)")
+    parser.add_argument("--scale", action="store_true", help=f"also time the scaled-up, freshly initialised {', '.join(SCALED)} (slow)")
     parser.add_argument("--memory-child", nargs=2, metavar=("MODEL", "VARIANT"))
     args = parser.parse_args()
     if args.memory_child:
         measure_memory(*args.memory_child, args.batch)
         return
     torch.set_num_threads(2)
-    for name in MODELS:
+    for name in MODELS + (tuple(SCALED) if args.scale else ()):
         model, task, source = load(name, args.batch)
         print(f"== {name}: {source}; {model.n_layers} layers, batch {task.batch_size}, "
               f"{task.n_support} support + {task.n_query} query points", flush=True)
@@ -192,6 +206,8 @@ def main() -> None:
             ratios = [value / reference for value, reference in zip(values, seconds["baseline"])]  # same repeat
             print(f"  time {key:<16} median {statistics.median(values) * 1e3:9.1f} ms   {statistics.median(values) / base:6.2f}x "
                   f"baseline (per-repeat ratios {min(ratios):.2f}-{max(ratios):.2f})", flush=True)
+        stages = next(iter(variants(model, task)["diagnose"]().task_sets.values())).seconds
+        print("  default diagnose by stage (one more call): " + ", ".join(f"{stage} {value * 1e3:.0f} ms" for stage, value in stages.items()), flush=True)
         memory_model, memory_task, _ = load(name, args.memory_batch)
         calls = variants(memory_model, memory_task)
         peaks = {v: torch_peak_mb(calls[v]) for v in ("forward", "extraction_only", "cache")}
