@@ -31,7 +31,7 @@ def allowed_attention(
     if n_support is None or not 1 <= n_support <= seq_len:
         raise ValueError(
             f"the concat layout needs n_support in [1, seq_len={seq_len}] to mask queries, got {n_support!r}: "
-            "pass n_support=prompt.n_support (or call model.encode(task) first)"
+            "pass n_support=prompt.n_support (or call the model on model.encode(task).tokens)"
         )
     key_is_support = positions[None, :] < n_support
     query_is_support = positions[:, None] < n_support

@@ -12,6 +12,10 @@ import torch
 from mi_krr.models.encoding import EncodedPrompt, encode, interleave_pairs
 from mi_krr.tasks import ICLTask
 
+_N_SUPPORT_ATTRIBUTE = "mi_krr_n_support"
+"""The attribute `encode` sets on its token tensor: the prompt's n_support, which the concat
+layout's mask needs."""
+
 
 @dataclass
 class TrainingPredictions:
@@ -60,15 +64,18 @@ class PromptedModelMixin:
     """`encode`, `predict`, `prefix_predictions`, `training_predictions` on top of `forward`.
 
     The concat layout's attention mask depends on how many support tokens a sequence starts with.
-    `forward(tokens, n_support=None)` takes it explicitly, or, when omitted, from the last
-    `encode` of a prompt of the same length, so `model.run_with_cache(model.encode(task).tokens)`
-    works as in TransformerLens. The interleaved layout is causal and needs no n_support.
+    `forward(tokens, n_support=None)` takes it explicitly; when omitted, `encode`'s tokens carry
+    their own n_support (an attribute of the tensor `encode` returns), so
+    `model.run_with_cache(model.encode(task).tokens)` works as in TransformerLens and prompts
+    encoded earlier stay right after others were encoded. Other tensors (slices, copies) fall back
+    on the lengths this model has encoded: a sequence length it encoded with one n_support only.
+    The interleaved layout is causal and needs no n_support.
     """
 
     layout: str
     n_dims: int
     max_seq_len: int | None
-    _last_encoded: tuple[int, int] | None = None
+    _encoded_splits: dict[int, set[int]] | None = None  # sequence length -> every n_support encoded at it
 
     def _param_like(self) -> torch.Tensor:
         return next(self.parameters())
@@ -78,23 +85,32 @@ class PromptedModelMixin:
         check_task_fits(self, task)
         reference = self._param_like()
         prompt = encode(task.to(device=reference.device, dtype=reference.dtype), self.layout)
-        self._last_encoded = (prompt.tokens.shape[1], prompt.n_support)
+        setattr(prompt.tokens, _N_SUPPORT_ATTRIBUTE, prompt.n_support)
+        if self._encoded_splits is None:
+            self._encoded_splits = {}
+        self._encoded_splits.setdefault(prompt.tokens.shape[1], set()).add(prompt.n_support)
         return prompt
 
     def _resolve_n_support(self, tokens: torch.Tensor, n_support: int | None) -> int | None:
-        """The n_support the attention mask of `tokens` `[batch', seq, d_token]` needs."""
+        """The n_support the attention mask of `tokens` `[batch', seq, d_token]` needs: the
+        argument, else the tokens' own (from `encode`), else the only one this model encoded at
+        this length."""
         if tokens.dim() != 3:
             raise ValueError(f"tokens must be [batch, seq, d_token], got shape {tuple(tokens.shape)}")
         if self.layout == "interleaved":
             return None
         if n_support is not None:
             return n_support
+        if hasattr(tokens, _N_SUPPORT_ATTRIBUTE):
+            return getattr(tokens, _N_SUPPORT_ATTRIBUTE)
         seq_len = tokens.shape[1]
-        if self._last_encoded is not None and self._last_encoded[0] == seq_len:
-            return self._last_encoded[1]
+        seen = (self._encoded_splits or {}).get(seq_len, set())
+        if len(seen) == 1:
+            return next(iter(seen))
+        reason = f"prompts of {seq_len} tokens were encoded with n_support in {sorted(seen)}" if seen else f"no prompt of {seq_len} tokens was encoded"
         raise ValueError(
-            f"a concat-layout model needs to know how many of the {seq_len} tokens are support tokens: "
-            "pass n_support=prompt.n_support, or encode the task with model.encode(task) first"
+            f"a concat-layout model needs to know how many of the {seq_len} tokens are support tokens and {reason}: "
+            "pass n_support=prompt.n_support, or call the model on model.encode(task).tokens itself"
         )
 
     def predict(self, task: ICLTask) -> torch.Tensor:

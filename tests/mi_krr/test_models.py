@@ -237,6 +237,27 @@ def test_concat_tokens_without_known_support_count_raise_clear_error():
     assert model(tokens, n_support=5).shape == (2, 7)
 
 
+def test_encoded_tokens_keep_their_support_count_after_other_prompts_are_encoded():
+    """Two 8-token prompts split 5 + 3 and 3 + 5, then a third prompt: each prompt's own tokens
+    still get its own mask, so every query's output equals the model run on that prompt's support
+    tokens and that query alone (n_support given explicitly). A copy of the tokens carries no
+    count: at a length encoded with two splits it is refused, at a length with one split it gets
+    that one."""
+    model = make_model(layout="concat")
+    task_a, task_b, task_c = make_task(n=5, m=3, seed=1), make_task(n=3, m=5, seed=2), make_task(n=9, m=2, seed=3)
+    prompts = [(model.encode(task_a), 5), (model.encode(task_b), 3)]
+    prompt_c = model.encode(task_c)
+    with torch.no_grad():
+        for prompt, n in prompts:
+            out = model(prompt.tokens)
+            for j in range(prompt.n_query):
+                alone = torch.cat([prompt.tokens[:, :n], prompt.tokens[:, n + j : n + j + 1]], dim=1)
+                torch.testing.assert_close(out[:, n + j], model(alone, n_support=n)[:, n], rtol=1e-12, atol=1e-12)
+        with pytest.raises(ValueError, match=r"prompts of 8 tokens were encoded with n_support in \[3, 5\]: pass n_support"):
+            model(prompts[0][0].tokens.clone())
+        torch.testing.assert_close(model(prompt_c.tokens.clone()), model(prompt_c.tokens, n_support=9), rtol=0, atol=0)
+
+
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [

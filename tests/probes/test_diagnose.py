@@ -275,3 +275,21 @@ def test_diagnose_reads_the_model_in_one_forward_pass_with_the_same_numbers_as_t
     np.testing.assert_allclose(result.layer_predictions, layer_predictions(model, task).numpy(), rtol=1e-6, atol=1e-7)
     separate = kernel_alignment(model, task)
     torch.testing.assert_close(result.kernel_alignment.tau, separate.tau, rtol=1e-6, atol=0, equal_nan=True)
+
+
+def test_task_sets_of_other_prompt_lengths_and_splits_each_get_their_own_concat_mask():
+    """diagnose encodes every task set up front and streams them one after another: each set's
+    last read-out equals `model.predict` on that set (which passes its n_support explicitly),
+    including a set of the same token count as another but a different support / query split."""
+    torch.manual_seed(0)
+    model = ICLTransformer(ICLTransformerConfig(n_dims=3, d_model=16, n_layers=2, n_heads=2))
+    tasks = {
+        "short": GPRegressionSampler(dim=3).sample(6, 8, 3, seed=1),  # 11 tokens, 8 support
+        "long": GPRegressionSampler(dim=3).sample(6, 16, 3, seed=2),  # 19 tokens
+        "other_split": GPRegressionSampler(dim=3).sample(6, 5, 6, seed=3),  # 11 tokens, 5 support
+    }
+    result = diagnose(model, tasks, algorithms=("cg",), n_steps=4, kernels=(), bootstrap=0, progress=False)
+    for name, task in tasks.items():
+        with torch.no_grad():
+            expected = model.predict(task).double().numpy()
+        np.testing.assert_allclose(result[name].layer_predictions[:, -1], expected, rtol=1e-6, atol=1e-7, err_msg=name)
