@@ -97,3 +97,15 @@ def test_every_model_and_task_set_has_finite_scores_and_a_table_row(demo):
     assert 0.0 < softmax_row["kernel_distance"] < 2.0  # softmax attention has an exp-kernel distance
     linear_row = next(row for row in report["table"] if row["model"] == "linear_lr")
     assert linear_row["kernel_distance"] is None  # linear attention is not a normalised kernel (NaN, written as null)
+
+
+def test_full_demo_as_the_readme_runs_it_covers_every_shift_of_the_shipped_models(tmp_path):
+    """`mi-krr demo` on its shipped defaults (what `make demo` runs, ~12 s): every task set of
+    both shipped models, longer prompts included, gets a finite best score."""
+    assert main(["demo", "--no-progress", "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "report.json").read_text())
+    for model, n_sets in (("linear_lr", 7), ("softmax_gp", 9)):
+        task_sets = report["models"][model]["diagnosis"]["task_sets"]
+        assert len(task_sets) == n_sets and "longer_prompts_x2" in task_sets, sorted(task_sets)
+        for result in task_sets.values():
+            assert math.isfinite(result["scores"][result["verdict"]["best"]]["score"])
