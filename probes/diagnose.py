@@ -42,7 +42,7 @@ from probes.step_sizes import (
     STEP_SIZES,
     FittedStep,
     SpectralSystem,
-    cross_fit_step,
+    cross_fit_steps,
     fit_preconditioner,
     spectral_system,
 )
@@ -365,17 +365,26 @@ def _diagnose_task_set(model, set_name, task, prompt, bar, *, algorithms, kernel
 
     scored = np.flatnonzero(np.asarray(layers) > 0)
     layer_pred_np = _numpy(layer_pred)
-    fitted: dict[str, FittedStep] = {}
     spectra: dict[str, SpectralSystem] = {}  # preconditioner -> eigensystem, shared by the fits
+    to_fit: dict[str, SpectralSystem] = {}
+    unfit: dict[str, ValueError] = {}  # e.g. the row-sum preconditioner on a kernel with negative rows
+    for name, solver in algorithms.items():
+        if step_sizes == "fitted" and name in FITTED_STEP_ALGORITHMS and solver is ALGORITHMS.get(name):
+            preconditioner = fit_preconditioner(name)
+            try:
+                if preconditioner not in spectra:
+                    spectra[preconditioner] = spectral_system(name, K, y, lam, K_query)
+                to_fit[name] = spectra[preconditioner]
+            except ValueError as error:
+                unfit[name] = error
+    fitted = cross_fit_steps(to_fit, n_steps, layer_pred_np, scored, seed)  # every algorithm's searches in one lockstep
     solvers: dict[str, Callable[..., Any]] = {}
     step_preds = {}
     for name, solver in algorithms.items():
         try:
-            if step_sizes == "fitted" and name in FITTED_STEP_ALGORITHMS and solver is ALGORITHMS.get(name):
-                preconditioner = fit_preconditioner(name)
-                if preconditioner not in spectra:
-                    spectra[preconditioner] = spectral_system(name, K, y, lam, K_query)
-                fitted[name] = cross_fit_step(name, K, y, lam, n_steps, K_query, layer_pred_np, scored, seed, spectra[preconditioner])
+            if name in unfit:
+                raise unfit[name]
+            if name in fitted:
                 solver = fitted[name].solver()
             step_preds[name] = solver(K, y, lam, n_steps, K_query=K_query).pred
             solvers[name] = solver

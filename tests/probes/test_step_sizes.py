@@ -19,9 +19,11 @@ from probes.step_sizes import (
     bounded_brent,
     cross_fit_folds,
     cross_fit_step,
+    cross_fit_steps,
     fit_preconditioner,
     fit_step,
     optimal_steps,
+    path_score,
     path_scores,
     spectral_system,
 )
@@ -84,6 +86,48 @@ def test_cross_fit_uses_each_half_for_its_own_step_only():
     fit = cross_fit_step("gd", K, y, LAM, T, K_query, layers, np.arange(1, T + 1), seed=3)
     np.testing.assert_array_equal(fit.folds, folds)
     np.testing.assert_allclose(fit.step, [0.1, 0.2], rtol=1e-5)
+
+
+def test_algorithms_fitted_together_get_what_each_gets_fitted_alone():
+    """cross_fit_steps runs every algorithm's searches in one lockstep (candidates of several
+    eigensystems scored in shared batches; searches of one algorithm and half finishing while
+    others go on): each algorithm's steps, momenta and fit scores equal its own cross_fit_step's,
+    and on layers running row-sum Richardson at 0.61 that algorithm recovers 0.61 on both halves."""
+    K, y, K_query = system(5)
+    layers = numpy_layers(K, y, K_query, 0.61, preconditioner=lambda K: 1.0 / K.sum(1))
+    scored = np.arange(1, T + 1)
+    systems = {name: spectral_system(name, K, y, LAM, K_query) for name in FITTED_STEP_ALGORITHMS}
+    together = cross_fit_steps(systems, T, layers, scored, seed=1)
+    assert list(together) == list(FITTED_STEP_ALGORITHMS)
+    for name in FITTED_STEP_ALGORITHMS:
+        alone = cross_fit_step(name, K, y, LAM, T, K_query, layers, scored, seed=1)
+        np.testing.assert_array_equal(together[name].folds, alone.folds)
+        np.testing.assert_allclose(together[name].step, alone.step, rtol=1e-9, err_msg=name)
+        np.testing.assert_allclose(together[name].fit_score, alone.fit_score, rtol=1e-12, err_msg=name)
+        assert (together[name].momentum is None) == (alone.momentum is None) == (name != "heavy_ball")
+        if name == "heavy_ball":
+            np.testing.assert_array_equal(together[name].momentum, alone.momentum)
+    np.testing.assert_allclose(together["richardson_rowsum"].step, [0.61, 0.61], rtol=1e-5)
+
+
+def test_lockstep_scores_candidates_of_systems_that_search_different_halves():
+    """One batch holding gd's candidates on half 0 only and row-sum Richardson's on half 1 only
+    (as late in a lockstep search, once one algorithm's searches on a half have finished): each
+    candidate's score is the path R2 of that system's trajectory on that half's prompts alone."""
+    from probes.step_sizes import _candidate_scores
+
+    K, y, K_query = system(6)
+    layers = numpy_layers(K, y, K_query, 0.2)
+    scored = np.arange(1, T + 1)
+    folds = cross_fit_folds(B, seed=2)
+    systems = [spectral_system("gd", K, y, LAM, K_query), spectral_system("richardson_rowsum", K, y, LAM, K_query)]
+    score = _candidate_scores(systems, folds, T, layers, scored)
+    steps = np.array([0.15, 0.25, 0.5])
+    got = score(np.array([0, 0, 1]), np.array([0, 0, 1]), np.log(steps), np.full(3, np.nan))
+    for value, s, fold, step in zip(got, [0, 0, 1], [0, 0, 1], steps):
+        half = torch.as_tensor(np.flatnonzero(folds == fold))
+        pred = systems[s].select(half).predictions([step], T)[:, 0]
+        assert value == pytest.approx(path_score(layers[half.numpy()], pred.numpy(), scored), rel=1e-12)
 
 
 def test_heavy_ball_fit_on_gd_s_shared_eigensystem_recovers_its_step_and_momentum():
