@@ -439,7 +439,10 @@ def _candidate_scores(
         members = np.flatnonzero(np.isin(folds, active))
         chunk = max(1, GRID_CHUNK_VALUES // (len(members) * (n_steps + 1) * max(systems[0].gain.shape[1:])))
         index = torch.as_tensor(members)
-        return [spectral.select(index) for spectral in systems], np.searchsorted(active, folds[members]), layer_pred[members], chunk
+        selected = {}  # one selection per distinct system (gd and heavy ball share theirs)
+        for spectral in systems:
+            selected.setdefault(id(spectral), spectral.select(index))
+        return [selected[id(spectral)] for spectral in systems], np.searchsorted(active, folds[members]), layer_pred[members], chunk
 
     def score(system: np.ndarray, fold: np.ndarray, log_step: np.ndarray, momentum: np.ndarray) -> np.ndarray:
         active, position = np.unique(fold, return_inverse=True)
@@ -449,25 +452,25 @@ def _candidate_scores(
         pending: list[tuple[np.ndarray, np.ndarray, torch.Tensor]] = []  # (candidates, their batch columns, predictions)
 
         def flush() -> None:
+            """Score the pending predictions in one batch."""
             table = path_scores(layers, torch.cat([pred for _, _, pred in pending], dim=1), scored, folds=member_folds)
             for candidates, columns, _ in pending:
                 values[candidates] = table[position[candidates], columns]
             pending.clear()
 
-        width = 0
         for s in np.unique(system):
             ours = np.flatnonzero(system == s)
             steps = _columns(position[ours], column[ours], np.exp(log_step[ours]), len(active))  # [F_active, C_s]
             betas = None if np.isnan(momentum[ours]).all() else _columns(position[ours], column[ours], momentum[ours], len(active))
             for start in range(0, steps.shape[1], chunk):
                 part = slice(start, start + chunk)
-                if width and width + steps[:, part].shape[1] > chunk:
+                width = sum(pred.shape[1] for _, _, pred in pending)
+                if pending and width + steps[:, part].shape[1] > chunk:
                     flush()
                     width = 0
                 pred = selected[s].predictions(steps[member_folds, part], n_steps, None if betas is None else betas[member_folds, part])
                 here = ours[(column[ours] >= start) & (column[ours] < start + chunk)]
                 pending.append((here, width + column[here] - start, pred))
-                width += pred.shape[1]
         flush()
         return values
 
