@@ -16,9 +16,9 @@ every bracket of both cross-fitting halves in ONE closed-form batch (the grids o
 one batch too): the same searches as one at a time (scores equal to rounding, fitted steps to
 ~1e-10), in ~30 batches per algorithm instead of ~125 single evaluations. `cross_fit_steps` runs
 every algorithm's searches in the same lockstep, their candidates' path R2 computed together
-(fitted steps bit-identical to fitting one algorithm at a time; 10-15% less time for the four
-default fitted algorithms on the shipped models: 251 -> 224 ms softmax_gp, 149 -> 133 ms
-linear_lr, A/B in one process). The typical optimal step comes from the same eigendecomposition
+(fitted steps bit-identical to fitting one algorithm at a time; 4-15% less time for the four
+default fitted algorithms on the shipped models, A/B in one process over several runs: 251 ->
+224, 260 -> 245, 404 -> 374 ms softmax_gp; 149 -> 133, 259 -> 242, 277 -> 265 ms linear_lr). The typical optimal step comes from the same eigendecomposition
 (`optimal_steps`).
 
 Every candidate is evaluated in closed form (`SpectralSystem`), not by re-running the solver: with
