@@ -365,19 +365,9 @@ def _diagnose_task_set(model, set_name, task, prompt, bar, *, algorithms, kernel
 
     scored = np.flatnonzero(np.asarray(layers) > 0)
     layer_pred_np = _numpy(layer_pred)
-    spectra: dict[str, SpectralSystem] = {}  # preconditioner -> eigensystem, shared by the fits
-    to_fit: dict[str, SpectralSystem] = {}
-    unfit: dict[str, ValueError] = {}  # e.g. the row-sum preconditioner on a kernel with negative rows
-    for name, solver in algorithms.items():
-        if step_sizes == "fitted" and name in FITTED_STEP_ALGORITHMS and solver is ALGORITHMS.get(name):
-            preconditioner = fit_preconditioner(name)
-            try:
-                if preconditioner not in spectra:
-                    spectra[preconditioner] = spectral_system(name, K, y, lam, K_query)
-                to_fit[name] = spectra[preconditioner]
-            except ValueError as error:
-                unfit[name] = error
-    fitted = cross_fit_steps(to_fit, n_steps, layer_pred_np, scored, seed)  # every algorithm's searches in one lockstep
+    fitted, unfit = {}, {}
+    if step_sizes == "fitted":
+        fitted, unfit = _fitted_steps(algorithms, K, y, lam, K_query, n_steps, layer_pred_np, scored, seed)
     solvers: dict[str, Callable[..., Any]] = {}
     step_preds = {}
     for name, solver in algorithms.items():
@@ -456,6 +446,30 @@ def _diagnose_task_set(model, set_name, task, prompt, bar, *, algorithms, kernel
         notes=notes,
         seconds=seconds,
     )
+
+
+def _fitted_steps(
+    algorithms: dict[str, Callable[..., Any]], K: torch.Tensor, y: torch.Tensor, lam: float, K_query: torch.Tensor,
+    n_steps: int, layer_pred: np.ndarray, scored: np.ndarray, seed: int,
+) -> tuple[dict[str, FittedStep], dict[str, ValueError]]:
+    """Cross-fitted global steps of the registry algorithms in `FITTED_STEP_ALGORITHMS`, all in
+    one lockstep search (`cross_fit_steps`), algorithms with the same preconditioner sharing one
+    eigensystem. Returns (fitted, unfit): name -> `FittedStep`, and name -> the ValueError of an
+    algorithm whose preconditioner does not apply (e.g. row sums <= 0)."""
+    spectra: dict[str, SpectralSystem] = {}  # preconditioner -> eigensystem
+    systems: dict[str, SpectralSystem] = {}
+    unfit: dict[str, ValueError] = {}
+    for name, solver in algorithms.items():
+        if name not in FITTED_STEP_ALGORITHMS or solver is not ALGORITHMS.get(name):
+            continue
+        preconditioner = fit_preconditioner(name)
+        try:
+            if preconditioner not in spectra:
+                spectra[preconditioner] = spectral_system(name, K, y, lam, K_query)
+            systems[name] = spectra[preconditioner]
+        except ValueError as error:
+            unfit[name] = error
+    return cross_fit_steps(systems, n_steps, layer_pred, scored, seed), unfit
 
 
 def resolve_kernel(task: ICLTask, kernel: str, kernel_params: dict[str, float] | None) -> tuple[str, dict[str, float]]:
