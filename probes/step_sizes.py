@@ -18,8 +18,8 @@ one batch too): the same searches as one at a time (scores equal to rounding, fi
 every algorithm's searches in the same lockstep, their candidates' path R2 computed together
 (fitted steps bit-identical to fitting one algorithm at a time; 4-15% less time for the four
 default fitted algorithms on the shipped models, A/B in one process over several runs: 251 ->
-224, 260 -> 245, 404 -> 374 ms softmax_gp; 149 -> 133, 259 -> 242, 277 -> 265 ms linear_lr). The typical optimal step comes from the same eigendecomposition
-(`optimal_steps`).
+224, 260 -> 245, 404 -> 374 ms softmax_gp; 149 -> 133, 259 -> 242, 277 -> 265 ms linear_lr).
+The typical optimal step comes from the same eigendecomposition (`optimal_steps`).
 
 Every candidate is evaluated in closed form (`SpectralSystem`), not by re-running the solver: with
 P the diagonal preconditioner and S = P^1/2 (K + lam I) P^1/2 = U diag(mu) U^T (ONE symmetric
