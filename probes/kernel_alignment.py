@@ -206,9 +206,9 @@ CHUNK_VALUES = 2**18
 """Numbers per tensor when work is split into chunks of prompts (2 MiB of float64): temporaries
 stay in the 1-2 MiB caches per core and are reused by the allocator instead of being mapped afresh
 each time, while each chunk's ~50 torch ops still see enough prompts to amortise their dispatch.
-Measured (2 threads, 256 prompts, kernel alignment of the query block, two runs): 2^16 -> 2^18
-took a 12-layer, 8-head model (40 keys) from 2.7-2.9 to 1.6-2.0 s and the shipped 4-layer, 4-head
-softmax_gp from 203-246 to 168-228 ms; 2^17 and 2^19 were in between, 2^20 slower than 2^16."""
+`benchmarks/bench_analysis.py` times 2^16 .. 2^19 (2 threads, 256 prompts, query block, two
+runs): shipped softmax_gp 178-197, 152-170, 143-165, 189-228 ms; with `--scale`, a 12-layer,
+8-head model (40 keys) 2154, 1882, 1772, 1644 ms."""
 
 
 def _prompt_chunks(attn: torch.Tensor, values_per_prompt: int | None = None) -> list[slice]:
@@ -541,8 +541,8 @@ def _tie_averaged(position: torch.Tensor, tied: torch.Tensor) -> torch.Tensor:
     i equals entry i + 1) replaced by the run's mean position (`position` must hold 1..m; it sets
     the shape and dtype), computed as last - (size - 1) / 2: each entry's
     run index by a cumulative sum, run sizes by one scatter-add, run ends by a cumulative sum of
-    the sizes (cheaper than scans of running maxima and minima, which torch pairs with indices:
-    kernel alignment 5-7% faster on the shipped softmax_gp and on a 12-layer, 8-head model)."""
+    the sizes (cheaper than scans of running maxima and minima, which torch pairs with
+    indices)."""
     run = torch.cat([torch.zeros_like(tied[..., :1]), ~tied], -1).cumsum(-1)  # run index from 0 [..., m]
     size = torch.zeros_like(position).scatter_add_(-1, run, torch.ones_like(position))  # 0 past the last run
     return size.cumsum(-1).gather(-1, run) - (size.gather(-1, run) - 1) / 2

@@ -16,9 +16,9 @@ every bracket of both cross-fitting halves in ONE closed-form batch (the grids o
 one batch too): the same searches as one at a time (scores equal to rounding, fitted steps to
 ~1e-10), in ~30 batches per algorithm instead of ~125 single evaluations. `cross_fit_steps` runs
 every algorithm's searches in the same lockstep, their candidates' path R2 computed together
-(fitted steps bit-identical to fitting one algorithm at a time; 4-15% less time for the four
-default fitted algorithms on the shipped models, A/B in one process over several runs: 251 ->
-224, 260 -> 245, 404 -> 374 ms softmax_gp; 149 -> 133, 259 -> 242, 277 -> 265 ms linear_lr).
+(fitted steps bit-identical to fitting one algorithm at a time; `benchmarks/bench_analysis.py`
+times both: 248-257 -> 209-217 ms on softmax_gp, 168-180 -> 138-156 ms on linear_lr, 444-453 ->
+427-430 ms on a 12-layer, 8-head model).
 The typical optimal step comes from the same eigendecomposition (`optimal_steps`).
 
 Every candidate is evaluated in closed form (`SpectralSystem`), not by re-running the solver: with
@@ -430,7 +430,9 @@ def _candidate_scores(
     candidate (w, beta) of `systems[system]` (beta NaN: Richardson) on the prompts of its fold.
     Candidates are scored side by side, on the prompts of the folds that have candidates only:
     per system, batch column c holds the c-th candidate of every such fold (`path_scores(...,
-    folds)`); the systems' columns are scored together, `chunk` columns per batch."""
+    folds)`); systems with candidates in the same folds are scored together, `chunk` columns per
+    batch (a system searching fewer folds gets its own batches: no trajectories of prompts
+    nobody scores)."""
 
     @functools.lru_cache(maxsize=None)
     def prompts_of(active: tuple[int, ...]) -> tuple[list[SpectralSystem], np.ndarray, np.ndarray, int]:
@@ -445,6 +447,15 @@ def _candidate_scores(
         return [selected[id(spectral)] for spectral in systems], np.searchsorted(active, folds[members]), layer_pred[members], chunk
 
     def score(system: np.ndarray, fold: np.ndarray, log_step: np.ndarray, momentum: np.ndarray) -> np.ndarray:
+        values = np.empty(len(fold))
+        folds_of = {s: tuple(np.unique(fold[system == s]).tolist()) for s in np.unique(system)}
+        for active in set(folds_of.values()):  # systems searching the same folds share batches
+            ours = np.flatnonzero(np.isin(system, [s for s, searched in folds_of.items() if searched == active]))
+            values[ours] = score_on_shared_folds(system[ours], fold[ours], log_step[ours], momentum[ours])
+        return values
+
+    def score_on_shared_folds(system: np.ndarray, fold: np.ndarray, log_step: np.ndarray, momentum: np.ndarray) -> np.ndarray:
+        """`score` of candidates whose systems each have candidates in every fold present."""
         active, position = np.unique(fold, return_inverse=True)
         selected, member_folds, layers, chunk = prompts_of(tuple(active.tolist()))
         column = _rank_within(system * len(active) + position)  # rank within (system, fold)
@@ -460,8 +471,8 @@ def _candidate_scores(
 
         for s in np.unique(system):
             ours = np.flatnonzero(system == s)
-            steps = _columns(position[ours], column[ours], np.exp(log_step[ours]), len(active))  # [F_active, C_s]
-            betas = None if np.isnan(momentum[ours]).all() else _columns(position[ours], column[ours], momentum[ours], len(active))
+            steps = _columns(position[ours], column[ours], np.exp(log_step[ours]))  # [F_active, C_s]
+            betas = None if np.isnan(momentum[ours]).all() else _columns(position[ours], column[ours], momentum[ours])
             for start in range(0, steps.shape[1], chunk):
                 part = slice(start, start + chunk)
                 width = sum(pred.shape[1] for _, _, pred in pending)
@@ -485,11 +496,10 @@ def _rank_within(group: np.ndarray) -> np.ndarray:
     return rank
 
 
-def _columns(group: np.ndarray, rank: np.ndarray, value: np.ndarray, n_groups: int) -> np.ndarray:
-    """Values `[N]` laid out as `[n_groups, max rank + 1]` (a group's r-th value in column r);
-    unused cells, and the rows of groups without values, repeat the first value (scored and
-    ignored)."""
-    out = np.full((n_groups, rank.max() + 1), value[0])
+def _columns(group: np.ndarray, rank: np.ndarray, value: np.ndarray) -> np.ndarray:
+    """Values `[N]` laid out as `[groups, max rank + 1]` (a group's r-th value in column r);
+    unused cells repeat the first value (scored and ignored)."""
+    out = np.full((group.max() + 1, rank.max() + 1), value[0])
     out[group, rank] = value
     return out
 

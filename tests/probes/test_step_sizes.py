@@ -111,7 +111,7 @@ def test_algorithms_fitted_together_get_what_each_gets_fitted_alone():
 
 
 def test_lockstep_scores_candidates_of_systems_that_search_different_halves():
-    """One batch holding gd's candidates on half 0 only and row-sum Richardson's on half 1 only
+    """One call scoring gd's candidates on half 0 only and row-sum Richardson's on half 1 only
     (as late in a lockstep search, once one algorithm's searches on a half have finished): each
     candidate's score is the path R2 of that system's trajectory on that half's prompts alone."""
     from probes.step_sizes import _candidate_scores

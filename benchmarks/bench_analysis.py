@@ -1,0 +1,116 @@
+"""What diagnose's two analysis stages cost, each A/B in one process on the shipped models
+(`bench_probes.load`; `--scale` adds its freshly initialised 12-layer, width-256, 8-head model):
+
+- kernel alignment (`probes.kernel_alignment`, query block, exp and Gaussian kernels) with
+  `CHUNK_VALUES` = 2^16 .. 2^19 numbers per chunk of prompts (the shipped value is 2^18);
+- the cross-fitted step sizes of diagnose's four fitted algorithms, one algorithm at a time
+  (`cross_fit_step` each) against all together (`cross_fit_steps`, the lockstep diagnose runs),
+  with the fitted steps of both checked equal.
+
+Variants alternate within each repeat; medians. Run: .venv/bin/python benchmarks/bench_analysis.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+
+import numpy as np
+import torch
+
+from bench_probes import MODELS, SCALED, load
+
+
+def median_ms(functions: dict, repeats: int) -> dict[str, float]:
+    """Median milliseconds of each zero-argument function, alternated within each repeat."""
+    for function in functions.values():
+        function()
+    times = {name: [] for name in functions}
+    for _ in range(repeats):
+        for name, function in functions.items():
+            start = time.perf_counter()
+            function()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) * 1e3 for name, values in times.items()}
+
+
+def kernel_alignment_chunks(model, task, repeats: int) -> dict[str, float]:
+    from probes.attention_kernels import AttentionKernels
+    from probes.diagnose import ALIGNMENT_BLOCK
+    from probes.kernel_alignment import kernel_alignment
+    from probes.streaming import stream_probes
+
+    module = sys.modules["probes.kernel_alignment"]  # `probes.kernel_alignment` the name is the function
+    shipped = module.CHUNK_VALUES
+    streamed = stream_probes(model, model.encode(task), layers=[], blocks=(ALIGNMENT_BLOCK,))
+    attention = AttentionKernels(support=streamed.support, query=streamed.query, source="pattern")
+
+    def with_chunk(values: int):
+        def run():
+            module.CHUNK_VALUES = values
+            kernel_alignment(model, task, block=ALIGNMENT_BLOCK, attention=attention)
+
+        return run
+
+    try:
+        return median_ms({f"2^{power}": with_chunk(2**power) for power in (16, 17, 18, 19)}, repeats)
+    finally:
+        module.CHUNK_VALUES = shipped
+
+
+def step_fits(model, task, repeats: int) -> dict[str, float]:
+    from mi_krr.kernels import kernel_matrix
+    from probes.diagnose import DEFAULT_ALGORITHMS, default_n_steps, resolve_kernel, resolve_lam
+    from probes.step_sizes import FITTED_STEP_ALGORITHMS, cross_fit_step, cross_fit_steps, fit_preconditioner, spectral_system
+    from probes.streaming import resolve_layers, stream_probes
+
+    kernel, params = resolve_kernel(task, "auto", None)
+    x, xq, y = task.x_support.double(), task.x_query.double(), task.y_support.double()
+    K, K_query = kernel_matrix(kernel, x, **params), kernel_matrix(kernel, xq, x, **params)
+    lam, n_steps = resolve_lam(task, None), default_n_steps(model.n_layers)
+    layers = resolve_layers(model, None)
+    layer_pred = stream_probes(model, model.encode(task), layers=layers).readouts.double().numpy()
+    scored = np.flatnonzero(np.asarray(layers) > 0)
+    spectra, systems = {}, {}
+    for name in (name for name in DEFAULT_ALGORITHMS if name in FITTED_STEP_ALGORITHMS):
+        try:
+            spectra.setdefault(fit_preconditioner(name), spectral_system(name, K, y, lam, K_query))
+        except ValueError:  # the row-sum preconditioner on the linear kernel, left out as diagnose does
+            continue
+        systems[name] = spectra[fit_preconditioner(name)]
+
+    def one_at_a_time():
+        return {name: cross_fit_step(name, K, y, lam, n_steps, K_query, layer_pred, scored, 0, spectral) for name, spectral in systems.items()}
+
+    def together():
+        return cross_fit_steps(systems, n_steps, layer_pred, scored, 0)
+
+    alone, joint = one_at_a_time(), together()
+    for name in systems:
+        if not np.array_equal(alone[name].step, joint[name].step):
+            raise AssertionError(f"{name}: steps fitted together {joint[name].step} differ from alone {alone[name].step}")
+    return median_ms({"one at a time": one_at_a_time, "together": together}, repeats)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--scale", action="store_true", help=f"also the freshly initialised {', '.join(SCALED)} (slow)")
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    for name in MODELS + (tuple(SCALED) if args.scale else ()):
+        model, task, source = load(name, args.batch)
+        print(f"== {name}: {source}; batch {task.batch_size}", flush=True)
+        if name != "linear_lr":  # linear attention has no softmax pattern to align
+            chunks = kernel_alignment_chunks(model, task, args.repeats)
+            print("  kernel alignment by CHUNK_VALUES: " + ", ".join(f"{key} {ms:.0f} ms" for key, ms in chunks.items()), flush=True)
+        fits = step_fits(model, task, args.repeats)
+        print(f"  step fits (same steps): one at a time {fits['one at a time']:.0f} ms, together {fits['together']:.0f} ms "
+              f"({1 - fits['together'] / fits['one at a time']:.0%} less)", flush=True)
+
+
+if __name__ == "__main__":
+    main()
