@@ -1,9 +1,15 @@
 """Conjugate gradient on (K + lam I) alpha = y, plain and Jacobi-preconditioned, with every iterate.
 
-Schedule: the batch is cut into blocks of `block_size` prompts; each block runs all T steps
-before the next starts, so a block's kernels stay in cache across its T mat-vecs. One step is a
-handful of batched torch ops (no Python per prompt, no data-dependent control flow), written
-out-of-place so that autograd runs through every step (label sensitivities d pred_t / d y).
+Two schedules of the same recurrence (`backend`), agreeing to rounding:
+- "torch": the batch is cut into blocks of `block_size` prompts; each block runs all T steps
+  before the next starts. One step is a handful of batched torch ops (no Python per prompt, no
+  data-dependent control flow), written out-of-place so that autograd runs through every step
+  (label sensitivities d pred_t / d y); any device.
+- "fused": `mi_krr.solvers.fused_cg`, a compiled CPU loop running all T steps of one prompt while
+  its K stays in cache (no gradients). At B=256, n=64, T=30 it takes a fraction of the torch
+  schedule's time (`benchmarks/bench_solvers.py`).
+"auto" (the default) takes "fused" for CPU systems when no input needs gradients, else "torch".
+The predictions K_query alpha_t are one batched torch product after either.
 """
 
 from __future__ import annotations
@@ -13,13 +19,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from mi_krr._validation import check_count
+from mi_krr._validation import check_choice, check_count
+from mi_krr.solvers.fused_cg import fused_pcg
 from mi_krr.solvers.spectrum import preconditioner_diagonal
 from mi_krr.solvers.system import KRRSystem, check_steps, krr_system, ratio, safe_sqrt
 from mi_krr.solvers.trajectory import Trajectory
 
+CG_BACKENDS = ("auto", "fused", "torch")
+"""`cg` / `jacobi_cg` schedules (module docstring)."""
+
 CG_BLOCK_BYTES = 8 * 2**20
-"""Default cache budget for one block's kernels K `[block, n, n]` (float64), see `cg_block_size`.
+"""Default cache budget of the torch schedule for one block's kernels K `[block, n, n]` (float64), see `cg_block_size`.
 
 Each CG step reads every kernel of its block once; a block whose kernels stay in cache runs all
 T steps without going back to main memory, while every extra block pays the per-step torch op
@@ -38,7 +48,9 @@ def cg_block_size(n: int, budget_bytes: int = CG_BLOCK_BYTES) -> int:
     return max(1, budget_bytes // (8 * n * n))
 
 
-def cg(K: Any, y: Any, lam: float, n_steps: int, K_query: Any = None, block_size: int | None = None) -> Trajectory:
+def cg(
+    K: Any, y: Any, lam: float, n_steps: int, K_query: Any = None, block_size: int | None = None, backend: str = "auto"
+) -> Trajectory:
     """Hestenes–Stiefel CG on (K + lam I) alpha = y from alpha_0 = 0, every iterate kept.
 
     Args:
@@ -47,18 +59,20 @@ def cg(K: Any, y: Any, lam: float, n_steps: int, K_query: Any = None, block_size
         lam: ridge parameter > 0.
         n_steps: T, the number of CG steps (0 returns the start).
         K_query: query-support kernel `[..., m, n]`; gives `pred` `[..., T+1, m]`.
-        block_size: prompts per block of the schedule (default `cg_block_size(n)`).
+        block_size: prompts per block of the torch schedule (default `cg_block_size(n)`).
+        backend: "auto" (default), "fused" or "torch" (module docstring; "fused" needs CPU
+            inputs that need no gradients).
 
     Returns:
         Trajectory with alpha `[..., T+1, n]`, residual_norm `[..., T+1]` (CG's recursively
         updated residual, equal to ||y - (K + lam I) alpha_t|| up to rounding), pred, method "cg".
     """
     system = krr_system(K, y, lam, K_query)
-    return _conjugate_gradient(system, check_steps(n_steps), None, block_size, "cg")
+    return _conjugate_gradient(system, check_steps(n_steps), None, block_size, backend, "cg")
 
 
 def jacobi_cg(
-    K: Any, y: Any, lam: float, n_steps: int, K_query: Any = None, block_size: int | None = None
+    K: Any, y: Any, lam: float, n_steps: int, K_query: Any = None, block_size: int | None = None, backend: str = "auto"
 ) -> Trajectory:
     """CG preconditioned with P = diag(K + lam I)^-1 (PCG), alpha_0 = 0; arguments as `cg`.
 
@@ -67,14 +81,48 @@ def jacobi_cg(
     """
     system = krr_system(K, y, lam, K_query)
     inverse_diagonal = preconditioner_diagonal(system, "jacobi")
-    return _conjugate_gradient(system, check_steps(n_steps), inverse_diagonal, block_size, "jacobi_cg")
+    return _conjugate_gradient(system, check_steps(n_steps), inverse_diagonal, block_size, backend, "jacobi_cg")
 
 
 def _conjugate_gradient(
-    system: KRRSystem, n_steps: int, inverse_diagonal: torch.Tensor | None, block_size: int | None, method: str
+    system: KRRSystem,
+    n_steps: int,
+    inverse_diagonal: torch.Tensor | None,
+    block_size: int | None,
+    backend: str,
+    method: str,
 ) -> Trajectory:
-    batch = system.K.shape[0]
     block = cg_block_size(system.n) if block_size is None else check_count("block_size", block_size, minimum=1)
+    if _use_fused(system, inverse_diagonal, check_choice("backend", backend, CG_BACKENDS)):
+        alpha, squared_norms = fused_pcg(system.K, system.y, system.lam, n_steps, inverse_diagonal)
+        residual_norm = squared_norms.sqrt()
+    else:
+        alpha, residual_norm = _torch_schedule(system, n_steps, inverse_diagonal, block)
+    return system.trajectory(
+        alpha, residual_norm, method, preconditioner="none" if inverse_diagonal is None else "jacobi"
+    )
+
+
+def _use_fused(system: KRRSystem, inverse_diagonal: torch.Tensor | None, backend: str) -> bool:
+    """Whether `backend` runs the fused schedule on `system`; "fused" where it cannot is an error."""
+    if backend == "torch":
+        return False
+    on_cpu = system.K.device.type == "cpu"
+    needs_gradients = torch.is_grad_enabled() and any(
+        tensor is not None and tensor.requires_grad for tensor in (system.K, system.y, inverse_diagonal)
+    )
+    if backend == "fused" and not on_cpu:
+        raise ValueError(f"backend='fused' runs on the CPU, not {system.K.device}: move K and y to the CPU or pass backend='torch'")
+    if backend == "fused" and needs_gradients:
+        raise ValueError("backend='fused' records no gradients, and K or y requires grad: pass backend='torch' (or 'auto') to differentiate through CG")
+    return on_cpu and not needs_gradients
+
+
+def _torch_schedule(
+    system: KRRSystem, n_steps: int, inverse_diagonal: torch.Tensor | None, block: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The blocked torch schedule: iterates `[B, T+1, n]` and residual norms `[B, T+1]`."""
+    batch = system.K.shape[0]
     blocks = [
         _pcg_block(
             system.K[start : start + block],
@@ -87,9 +135,7 @@ def _conjugate_gradient(
     ]
     alpha = torch.cat([a for a, _ in blocks]) if len(blocks) > 1 else blocks[0][0]
     residual_norm = torch.cat([r for _, r in blocks]) if len(blocks) > 1 else blocks[0][1]
-    return system.trajectory(
-        alpha, residual_norm, method, preconditioner="none" if inverse_diagonal is None else "jacobi"
-    )
+    return alpha, residual_norm
 
 
 def _pcg_block(

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import signal
+
 import numpy as np
 import pytest
 import scipy.linalg
@@ -35,13 +38,14 @@ def test_krr_matches_scipy_solve_on_batched_gaussian_kernels():
         np.testing.assert_allclose(alpha[index].numpy(), expected, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("backend", ["fused", "torch"])
 @pytest.mark.parametrize("kappa", [2.0, 10.0, 50.0])
-def test_cg_matches_scipy_iterates_on_well_conditioned_systems(kappa):
+def test_cg_matches_scipy_iterates_on_well_conditioned_systems(kappa, backend):
     lam = 0.1
     K = np.stack([spd_matrix(RNG, 16, 1.0, kappa) - lam * np.eye(16) for _ in range(4)])
     y = RNG.standard_normal((4, 16))
     K_query = RNG.standard_normal((4, 3, 16))
-    trajectory = cg(K, y, lam, 8, K_query=K_query)
+    trajectory = cg(K, y, lam, 8, K_query=K_query, backend=backend)
     for b in range(4):
         A = K[b] + lam * np.eye(16)
         expected = scipy_cg_iterates(A, y[b], 8)
@@ -52,13 +56,14 @@ def test_cg_matches_scipy_iterates_on_well_conditioned_systems(kappa):
         np.testing.assert_allclose(trajectory.residual_norm[b].numpy(), true_residuals, rtol=1e-8)
 
 
-def test_jacobi_cg_matches_scipy_preconditioned_cg():
+@pytest.mark.parametrize("backend", ["fused", "torch"])
+def test_jacobi_cg_matches_scipy_preconditioned_cg(backend):
     lam = 0.2
     # badly scaled rows and columns: the case Jacobi preconditioning is for
     scaling = np.diag(np.geomspace(0.3, 3.0, 12))
     K = np.stack([scaling @ spd_matrix(RNG, 12, 1.0, 5.0) @ scaling for _ in range(3)])
     y = RNG.standard_normal((3, 12))
-    trajectory = jacobi_cg(K, y, lam, 7)
+    trajectory = jacobi_cg(K, y, lam, 7, backend=backend)
     assert trajectory.method == "jacobi_cg" and trajectory.preconditioner == "jacobi"
     for b in range(3):
         A = K[b] + lam * np.eye(12)
@@ -69,12 +74,13 @@ def test_jacobi_cg_matches_scipy_preconditioned_cg():
         )
 
 
+@pytest.mark.parametrize("backend", ["fused", "torch"])
 @pytest.mark.parametrize("n", [1, 3, 5, 8])
-def test_cg_reaches_the_krr_solution_after_n_steps(n):
+def test_cg_reaches_the_krr_solution_after_n_steps(n, backend):
     K, K_query = gaussian_kernel(RNG, n, m=4)
     y = RNG.standard_normal(n)
     lam = 0.5
-    trajectory = cg(K, y, lam, n, K_query=K_query)
+    trajectory = cg(K, y, lam, n, K_query=K_query, backend=backend)
     expected = scipy.linalg.solve(K + lam * np.eye(n), y)
     np.testing.assert_allclose(trajectory.alpha[-1].numpy(), expected, rtol=1e-8, atol=1e-10)
     np.testing.assert_allclose(trajectory.pred[-1].numpy(), K_query @ expected, rtol=1e-8, atol=1e-10)
@@ -129,7 +135,7 @@ def test_cg_a_norm_error_is_nonincreasing(n, log_lam, n_steps, seed):
 def test_cg_block_schedule_does_not_change_results(block_size):
     K = np.stack([gaussian_kernel(RNG, 10)[0] for _ in range(7)])
     y = RNG.standard_normal((7, 10))
-    blocked = cg(K, y, 0.1, 6, block_size=block_size)
+    blocked = cg(K, y, 0.1, 6, block_size=block_size, backend="torch")
     for b in range(7):
         single = scipy_cg_iterates(K[b] + 0.1 * np.eye(10), y[b], 6)
         np.testing.assert_allclose(blocked.alpha[b].numpy(), single, rtol=0, atol=1e-10 * np.abs(single).max())
@@ -192,3 +198,88 @@ def test_cg_with_zero_steps_returns_the_start():
     assert torch.equal(trajectory.alpha, torch.zeros(1, 4, dtype=torch.float64))
     np.testing.assert_allclose(trajectory.residual_norm.numpy(), [np.linalg.norm(y)])
     assert torch.equal(trajectory.pred, torch.zeros(1, 2, dtype=torch.float64))
+
+
+@settings(max_examples=20, deadline=None)
+@given(
+    batch=st.integers(0, 9),
+    n=st.integers(1, 13),  # the fused mat-vec takes rows four at a time: every remainder
+    n_steps=st.integers(0, 10),
+    jacobi=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_fused_and_torch_schedules_agree_with_scipy_on_every_shape(batch, n, n_steps, jacobi, seed):
+    rng = np.random.default_rng(seed)
+    lam = 0.3
+    K = np.array([spd_matrix(rng, n, 1.0, 20.0) - lam * np.eye(n) for _ in range(batch)]).reshape(batch, n, n)
+    y = rng.standard_normal((batch, n))
+    solver = jacobi_cg if jacobi else cg
+    fused, torch_schedule = (solver(K, y, lam, n_steps, backend=backend) for backend in ("fused", "torch"))
+    assert fused.alpha.shape == torch_schedule.alpha.shape == (batch, n_steps + 1, n)
+    for b in range(batch):
+        A = K[b] + lam * np.eye(n)
+        # SciPy divides by zero past exact convergence: its iterates up to step n, then the solution
+        expected = scipy_cg_iterates(A, y[b], min(n_steps, n), M=np.diag(1.0 / np.diag(A)) if jacobi else None)
+        expected = np.concatenate([expected, np.tile(scipy.linalg.solve(A, y[b]), (n_steps - min(n_steps, n), 1))])
+        scale = np.abs(expected).max() + 1e-300
+        for trajectory in (fused, torch_schedule):
+            np.testing.assert_allclose(trajectory.alpha[b].numpy(), expected, rtol=0, atol=1e-9 * scale)
+            true_residuals = np.linalg.norm(y[b] - expected @ A, axis=1)
+            np.testing.assert_allclose(trajectory.residual_norm[b].numpy(), true_residuals, rtol=1e-6, atol=1e-9 * np.linalg.norm(y[b]))
+
+
+def test_fused_schedule_does_not_depend_on_the_thread_count():
+    K = np.stack([gaussian_kernel(RNG, 11)[0] for _ in range(9)])
+    y = RNG.standard_normal((9, 11))
+    threads = torch.get_num_threads()
+    try:
+        runs = []
+        for count in (1, 2, 3):
+            torch.set_num_threads(count)
+            runs.append(cg(K, y, 0.1, 12, backend="fused").alpha)
+    finally:
+        torch.set_num_threads(threads)
+    # every prompt is one sequential loop, whichever thread runs it: bit for bit the same
+    assert all(torch.equal(runs[0], other) for other in runs[1:])
+    single = [cg(K[b], y[b], 0.1, 12, backend="fused").alpha for b in range(9)]
+    assert torch.equal(runs[0], torch.stack(single))
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_fused_schedule_runs_in_a_forked_child_after_the_parent_used_it():
+    K = np.stack([gaussian_kernel(RNG, 8)[0] for _ in range(6)])
+    y = RNG.standard_normal((6, 8))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # the parent's pool of helper threads exists before the fork
+    try:
+        parent = cg(K, y, 0.1, 5, backend="fused").alpha
+        pid = os.fork()
+        if pid == 0:  # child: a hang would be killed by the alarm, a wrong result exits 1
+            signal.alarm(30)
+            os._exit(0 if torch.equal(cg(K, y, 0.1, 5, backend="fused").alpha, parent) else 1)
+        _, status = os.waitpid(pid, 0)
+    finally:
+        torch.set_num_threads(threads)
+    assert os.waitstatus_to_exitcode(status) == 0
+
+
+def test_fused_schedule_stops_cleanly_on_exact_convergence():
+    # y an eigenvector of K + lam I: CG converges in one step, then every denominator is 0
+    K = np.diag([2.0, 3.0, 5.0])
+    y = np.array([0.0, 1.0, 0.0])
+    trajectory = cg(K, y, 0.5, 4, backend="fused")
+    assert torch.isfinite(trajectory.alpha).all()
+    np.testing.assert_allclose(trajectory.alpha[1:].numpy(), np.tile([0.0, 1.0 / 3.5, 0.0], (4, 1)), rtol=1e-15)
+    np.testing.assert_array_equal(trajectory.residual_norm[1:].numpy(), 0.0)
+
+
+def test_auto_backend_differentiates_and_fused_refuses_gradients():
+    K, K_query = gaussian_kernel(RNG, 5, m=2)
+    y = torch.from_numpy(RNG.standard_normal(5)).requires_grad_(True)
+    assert cg(K, y, 0.3, 3, K_query=K_query).pred.requires_grad  # auto: the torch schedule
+    with torch.no_grad():
+        assert not cg(K, y, 0.3, 3, K_query=K_query).pred.requires_grad  # auto: fused, nothing to record
+    with pytest.raises(ValueError, match="backend='fused' records no gradients.*backend='torch'"):
+        cg(K, y, 0.3, 3, backend="fused")
+    with pytest.raises(ValueError, match="backend must be one of 'auto', 'fused', 'torch'"):
+        cg(K, y.detach(), 0.3, 3, backend="numba")
