@@ -6,9 +6,10 @@ The batched torch schedule of `mi_krr.solvers.cg` streams every kernel of the ba
 prompts keeps one K in cache but pays Python per step. This loop (numba, float64, no fast-math:
 every sum in index order) keeps K in cache AND has no per-step overhead. It runs the same
 recurrence as the torch schedule, operation for operation (row-vector mat-vec p K + lam p, step
-lengths rho / max(p^T A p, TINY)), so both agree to rounding. Prompts are split into contiguous
-ranges run on `torch.get_num_threads()` threads (the loop releases the GIL; the calling thread
-takes the first range). The predictions K_query alpha_t are left to one batched torch product
+lengths rho / max(p^T A p, TINY)), so both agree to rounding, and each prompt's result is the
+same whichever thread runs it. Prompts are split into `torch.get_num_threads()` contiguous
+ranges run by numba's parallel threads (its OpenMP layer, which measured faster than Python
+threads next to torch's own busy OpenMP pool). The predictions K_query alpha_t are left to one batched torch product
 (MKL's batched GEMM beats a per-prompt loop here).
 
 It records no gradients: `cg` uses it only where none are needed (`backend="auto"`).
@@ -16,9 +17,8 @@ It records no gradients: `cg` uses it only where none are needed (`backend="auto
 
 from __future__ import annotations
 
-import functools
 import os
-from concurrent.futures import ThreadPoolExecutor
+import threading
 
 import numba
 import numpy as np
@@ -50,19 +50,20 @@ def fused_pcg(
         updated residual).
     """
     batch, n = K.shape[0], K.shape[-1]
-    arrays = [_array(K), _array(y).reshape(batch, n)]
-    diagonal = None if inverse_diagonal is None else _array(inverse_diagonal).reshape(batch, n)
+    arrays = (_array(K), _array(y).reshape(batch, n), None if inverse_diagonal is None else _array(inverse_diagonal).reshape(batch, n))
     alpha = np.empty((batch, n_steps + 1, n))
     squared_norms = np.empty((batch, n_steps + 1))
-    bounds = np.linspace(0, batch, max(1, min(torch.get_num_threads(), batch)) + 1).astype(np.int64).tolist()
-
-    def run(start: int, stop: int) -> None:
-        _pcg_prompts(*arrays, diagonal, float(lam), n_steps, alpha, squared_norms, start, stop)
-
-    others = [_thread_pool(len(bounds) - 2).submit(run, *pair) for pair in zip(bounds[1:-1], bounds[2:])] if len(bounds) > 2 else []
-    run(bounds[0], bounds[1])
-    for other in others:
-        other.result()
+    chunks = min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS, batch)
+    if chunks <= 1 or _FORKED[0]:
+        _pcg_prompts(*arrays, float(lam), n_steps, alpha, squared_norms, 0, batch)
+    else:
+        with _LAUNCH:
+            previous = numba.get_num_threads()
+            numba.set_num_threads(chunks)
+            try:
+                _pcg_parallel(*arrays, float(lam), n_steps, alpha, squared_norms, chunks)
+            finally:
+                numba.set_num_threads(previous)
     return torch.from_numpy(alpha), torch.from_numpy(squared_norms)
 
 
@@ -71,13 +72,21 @@ def _array(tensor: torch.Tensor) -> np.ndarray:
     return np.ascontiguousarray(tensor.detach().numpy(), dtype=np.float64)
 
 
-@functools.cache
-def _thread_pool(workers: int) -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mi_krr_cg")
+_LAUNCH = threading.Lock()
+"""One parallel launch at a time (numba's fallback threading layer, workqueue, is not thread-safe)."""
+
+_FORKED = [False]
+"""Whether this process is a fork: GNU OpenMP (numba's usual threading layer) aborts a forked child
+that launches a parallel region its parent used, so children run the serial loop."""
+os.register_at_fork(after_in_child=lambda: _FORKED.__setitem__(0, True))
 
 
-# a forked child inherits the pool object but not its threads: it starts its own
-os.register_at_fork(after_in_child=_thread_pool.cache_clear)
+@numba.njit(nogil=True, parallel=True, cache=True)
+def _pcg_parallel(K, y, diagonal, lam, n_steps, alpha, squared_norms, chunks):  # pragma: no cover (compiled)
+    """`_pcg_prompts` on `chunks` contiguous ranges of the prompts, one per thread."""
+    batch = K.shape[0]
+    for chunk in numba.prange(chunks):
+        _pcg_prompts(K, y, diagonal, lam, n_steps, alpha, squared_norms, chunk * batch // chunks, (chunk + 1) * batch // chunks)
 
 
 @numba.njit(nogil=True, cache=True)
