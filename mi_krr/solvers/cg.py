@@ -9,7 +9,8 @@ Two schedules of the same recurrence (`backend`), agreeing to rounding:
   its K stays in cache (no gradients). At B=256, n=64, T=30 it takes a fraction of the torch
   schedule's time (`benchmarks/bench_solvers.py`).
 "auto" (the default) takes "fused" for CPU systems when no input needs gradients, else "torch".
-The predictions K_query alpha_t are one batched torch product after either.
+The fused schedule computes each prompt's predictions K_query alpha_t in its loop, the torch
+schedule in one batched product.
 """
 
 from __future__ import annotations
@@ -94,12 +95,13 @@ def _conjugate_gradient(
 ) -> Trajectory:
     block = cg_block_size(system.n) if block_size is None else check_count("block_size", block_size, minimum=1)
     if _use_fused(system, inverse_diagonal, check_choice("backend", backend, CG_BACKENDS)):
-        alpha, squared_norms = fused_pcg(system.K, system.y, system.lam, n_steps, inverse_diagonal)
+        alpha, squared_norms, pred = fused_pcg(system.K, system.y, system.lam, n_steps, inverse_diagonal, system.K_query)
         residual_norm = squared_norms.sqrt()
     else:
         alpha, residual_norm = _torch_schedule(system, n_steps, inverse_diagonal, block)
+        pred = system.predictions(alpha)
     return system.trajectory(
-        alpha, residual_norm, method, preconditioner="none" if inverse_diagonal is None else "jacobi"
+        alpha, residual_norm, method, preconditioner="none" if inverse_diagonal is None else "jacobi", pred=pred
     )
 
 

@@ -9,8 +9,9 @@ recurrence as the torch schedule, operation for operation (row-vector mat-vec p 
 lengths rho / max(p^T A p, TINY)), so both agree to rounding, and each prompt's result is the
 same whichever thread runs it. Prompts are split into `torch.get_num_threads()` contiguous
 ranges run by numba's parallel threads (its OpenMP layer, which measured faster than Python
-threads next to torch's own busy OpenMP pool). The predictions K_query alpha_t are left to one batched torch product
-(MKL's batched GEMM beats a per-prompt loop here).
+threads next to torch's own busy OpenMP pool). Each prompt's predictions K_query alpha_t are
+computed right after its iterates, in the same launch (no torch op after it, whose thread pool
+would then compete with numba's).
 
 It records no gradients: `cg` uses it only where none are needed (`backend="auto"`).
 """
@@ -35,7 +36,8 @@ def fused_pcg(
     lam: float,
     n_steps: int,
     inverse_diagonal: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    K_query: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """PCG from alpha_0 = 0 on CPU float64 systems, every iterate kept.
 
     Args:
@@ -44,27 +46,31 @@ def fused_pcg(
         lam: ridge parameter.
         n_steps: T >= 0.
         inverse_diagonal: P's diagonal `[B, 1, n]` (or `[B, n]`), or None (P = I).
+        K_query: query-support kernels `[B, m, n]`, or None.
 
     Returns:
-        iterates `[B, T+1, n]` and squared residual norms ||r_t||^2 `[B, T+1]` (CG's recursively
-        updated residual).
+        iterates `[B, T+1, n]`; squared residual norms ||r_t||^2 `[B, T+1]` (CG's recursively
+        updated residual); predictions K_query alpha_t `[B, T+1, m]` (None without K_query).
     """
     batch, n = K.shape[0], K.shape[-1]
-    arrays = (_array(K), _array(y).reshape(batch, n), None if inverse_diagonal is None else _array(inverse_diagonal).reshape(batch, n))
+    diagonal = None if inverse_diagonal is None else _array(inverse_diagonal).reshape(batch, n)
+    queries = None if K_query is None else _array(K_query)
+    arrays = (_array(K), _array(y).reshape(batch, n), diagonal, queries)
     alpha = np.empty((batch, n_steps + 1, n))
     squared_norms = np.empty((batch, n_steps + 1))
+    pred = None if queries is None else np.empty((batch, n_steps + 1, queries.shape[1]))
     chunks = min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS, batch)
     if chunks <= 1 or _FORKED[0]:
-        _pcg_prompts(*arrays, float(lam), n_steps, alpha, squared_norms, 0, batch)
+        _pcg_prompts(*arrays, float(lam), n_steps, alpha, squared_norms, pred, 0, batch)
     else:
         with _LAUNCH:
             previous = numba.get_num_threads()
             numba.set_num_threads(chunks)
             try:
-                _pcg_parallel(*arrays, float(lam), n_steps, alpha, squared_norms, chunks)
+                _pcg_parallel(*arrays, float(lam), n_steps, alpha, squared_norms, pred, chunks)
             finally:
                 numba.set_num_threads(previous)
-    return torch.from_numpy(alpha), torch.from_numpy(squared_norms)
+    return torch.from_numpy(alpha), torch.from_numpy(squared_norms), None if pred is None else torch.from_numpy(pred)
 
 
 def _array(tensor: torch.Tensor) -> np.ndarray:
@@ -82,24 +88,27 @@ os.register_at_fork(after_in_child=lambda: _FORKED.__setitem__(0, True))
 
 
 @numba.njit(nogil=True, parallel=True, cache=True)
-def _pcg_parallel(K, y, diagonal, lam, n_steps, alpha, squared_norms, chunks):  # pragma: no cover (compiled)
+def _pcg_parallel(K, y, diagonal, K_query, lam, n_steps, alpha, squared_norms, pred, chunks):  # pragma: no cover (compiled)
     """`_pcg_prompts` on `chunks` contiguous ranges of the prompts, one per thread."""
     batch = K.shape[0]
     for chunk in numba.prange(chunks):
-        _pcg_prompts(K, y, diagonal, lam, n_steps, alpha, squared_norms, chunk * batch // chunks, (chunk + 1) * batch // chunks)
+        start, stop = chunk * batch // chunks, (chunk + 1) * batch // chunks
+        _pcg_prompts(K, y, diagonal, K_query, lam, n_steps, alpha, squared_norms, pred, start, stop)
 
 
 @numba.njit(nogil=True, cache=True)
-def _pcg_prompts(K, y, diagonal, lam, n_steps, alpha, squared_norms, start, stop):  # pragma: no cover (compiled)
-    """PCG on prompts start..stop-1: K `[B, n, n]`, y `[B, n]`, diagonal `[B, n]` or None; writes
-    alpha `[B, T+1, n]` and squared_norms `[B, T+1]`. One prompt's vectors live in work arrays of
-    length n; K[b] is read T times while it stays in cache."""
+def _pcg_prompts(K, y, diagonal, K_query, lam, n_steps, alpha, squared_norms, pred, start, stop):  # pragma: no cover (compiled)
+    """PCG on prompts start..stop-1: K `[B, n, n]`, y `[B, n]`, diagonal `[B, n]` or None,
+    K_query `[B, m, n]` or None; writes alpha `[B, T+1, n]`, squared_norms `[B, T+1]` and (with
+    K_query) pred `[B, T+1, m]`. One prompt's vectors live in work arrays of length n; K[b] is read
+    T times while it stays in cache, then its iterates meet K_query[b]."""
     n = K.shape[1]
     residual = np.empty(n)
     preconditioned = np.empty(n)
     direction = np.empty(n)
     image = np.empty(n)
     iterate = np.empty(n)
+    transposed = np.empty((n, 0 if K_query is None else K_query.shape[1]))  # K_query[b]^T
     for b in range(start, stop):
         for i in range(n):
             residual[i] = y[b, i]
@@ -136,6 +145,10 @@ def _pcg_prompts(K, y, diagonal, lam, n_steps, alpha, squared_norms, start, stop
                 direction[i] = preconditioned[i] + scale * direction[i]
             rho = rho_next
             squared_norms[b, t + 1] = rho if diagonal is None else norm
+        if K_query is not None:  # pred_t = alpha_t K_query^T, row by row
+            transposed[:, :] = K_query[b].T
+            for t in range(n_steps + 1):
+                _row_times_matrix(alpha[b, t], transposed, pred[b, t])
 
 
 @numba.njit(nogil=True, cache=True)

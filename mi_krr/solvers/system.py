@@ -105,10 +105,12 @@ class KRRSystem:
         step: float | torch.Tensor | None = None,
         preconditioner: str | None = None,
         params: dict[str, Any] | None = None,
+        pred: torch.Tensor | None = None,
     ) -> Trajectory:
-        """Package flat `[batch, T+1, n]` iterates and `[batch, T+1]` residual norms (predictions
-        are computed here) with the caller's leading dimensions restored."""
-        pred = self.predictions(alpha)
+        """Package flat `[batch, T+1, n]` iterates and `[batch, T+1]` residual norms with the
+        caller's leading dimensions restored; predictions `[batch, T+1, m]` are computed here
+        unless given."""
+        pred = self.predictions(alpha) if pred is None else pred
         return Trajectory(
             alpha=self.unflatten(alpha),
             residual_norm=self.unflatten(residual_norm),

@@ -205,16 +205,18 @@ def test_cg_with_zero_steps_returns_the_start():
     batch=st.integers(0, 9),
     n=st.integers(1, 13),  # the fused mat-vec takes rows four at a time: every remainder
     n_steps=st.integers(0, 10),
+    m=st.integers(0, 6),  # 0: no queries
     jacobi=st.booleans(),
     seed=st.integers(0, 2**16),
 )
-def test_fused_and_torch_schedules_agree_with_scipy_on_every_shape(batch, n, n_steps, jacobi, seed):
+def test_fused_and_torch_schedules_agree_with_scipy_on_every_shape(batch, n, n_steps, m, jacobi, seed):
     rng = np.random.default_rng(seed)
     lam = 0.3
     K = np.array([spd_matrix(rng, n, 1.0, 20.0) - lam * np.eye(n) for _ in range(batch)]).reshape(batch, n, n)
     y = rng.standard_normal((batch, n))
+    K_query = rng.standard_normal((batch, m, n)) if m else None
     solver = jacobi_cg if jacobi else cg
-    fused, torch_schedule = (solver(K, y, lam, n_steps, backend=backend) for backend in ("fused", "torch"))
+    fused, torch_schedule = (solver(K, y, lam, n_steps, K_query=K_query, backend=backend) for backend in ("fused", "torch"))
     assert fused.alpha.shape == torch_schedule.alpha.shape == (batch, n_steps + 1, n)
     for b in range(batch):
         A = K[b] + lam * np.eye(n)
@@ -226,23 +228,28 @@ def test_fused_and_torch_schedules_agree_with_scipy_on_every_shape(batch, n, n_s
             np.testing.assert_allclose(trajectory.alpha[b].numpy(), expected, rtol=0, atol=1e-9 * scale)
             true_residuals = np.linalg.norm(y[b] - expected @ A, axis=1)
             np.testing.assert_allclose(trajectory.residual_norm[b].numpy(), true_residuals, rtol=1e-6, atol=1e-9 * np.linalg.norm(y[b]))
+            if m:
+                np.testing.assert_allclose(trajectory.pred[b].numpy(), expected @ K_query[b].T, rtol=0, atol=1e-8 * scale)
+    assert (fused.pred is None) == (torch_schedule.pred is None) == (m == 0)
 
 
 def test_fused_schedule_does_not_depend_on_the_thread_count():
-    K = np.stack([gaussian_kernel(RNG, 11)[0] for _ in range(9)])
+    pairs = [gaussian_kernel(RNG, 11, m=3) for _ in range(9)]
+    K, K_query = (np.stack(arrays) for arrays in zip(*pairs))
     y = RNG.standard_normal((9, 11))
     threads = torch.get_num_threads()
     try:
         runs = []
         for count in (1, 2, 3):
             torch.set_num_threads(count)
-            runs.append(cg(K, y, 0.1, 12, backend="fused").alpha)
+            trajectory = cg(K, y, 0.1, 12, K_query=K_query, backend="fused")
+            runs.append(torch.cat([trajectory.alpha, trajectory.pred], dim=-1))
     finally:
         torch.set_num_threads(threads)
     # every prompt is one sequential loop, whichever thread runs it: bit for bit the same
     assert all(torch.equal(runs[0], other) for other in runs[1:])
-    single = [cg(K[b], y[b], 0.1, 12, backend="fused").alpha for b in range(9)]
-    assert torch.equal(runs[0], torch.stack(single))
+    single = [cg(K[b], y[b], 0.1, 12, K_query=K_query[b], backend="fused") for b in range(9)]
+    assert torch.equal(runs[0], torch.stack([torch.cat([one.alpha, one.pred], dim=-1) for one in single]))
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
