@@ -111,12 +111,12 @@ def _use_fused(system: KRRSystem, inverse_diagonal: torch.Tensor | None, backend
         return False
     on_cpu = system.K.device.type == "cpu"
     needs_gradients = torch.is_grad_enabled() and any(
-        tensor is not None and tensor.requires_grad for tensor in (system.K, system.y, inverse_diagonal)
+        tensor is not None and tensor.requires_grad for tensor in (system.K, system.y, system.K_query, inverse_diagonal)
     )
     if backend == "fused" and not on_cpu:
         raise ValueError(f"backend='fused' runs on the CPU, not {system.K.device}: move K and y to the CPU or pass backend='torch'")
     if backend == "fused" and needs_gradients:
-        raise ValueError("backend='fused' records no gradients, and K or y requires grad: pass backend='torch' (or 'auto') to differentiate through CG")
+        raise ValueError("backend='fused' records no gradients, and K, y or K_query requires grad: pass backend='torch' (or 'auto') to differentiate through CG")
     return on_cpu and not needs_gradients
 
 

@@ -288,5 +288,9 @@ def test_auto_backend_differentiates_and_fused_refuses_gradients():
         assert not cg(K, y, 0.3, 3, K_query=K_query).pred.requires_grad  # auto: fused, nothing to record
     with pytest.raises(ValueError, match="backend='fused' records no gradients.*backend='torch'"):
         cg(K, y, 0.3, 3, backend="fused")
+    queries = torch.from_numpy(K_query).requires_grad_(True)  # the fused loop computes predictions too
+    assert cg(K, y.detach(), 0.3, 3, K_query=queries).pred.requires_grad
+    with pytest.raises(ValueError, match="K_query requires grad"):
+        cg(K, y.detach(), 0.3, 3, K_query=queries, backend="fused")
     with pytest.raises(ValueError, match="backend must be one of 'auto', 'fused', 'torch'"):
         cg(K, y.detach(), 0.3, 3, backend="numba")
