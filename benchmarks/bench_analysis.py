@@ -63,7 +63,7 @@ def kernel_alignment_chunks(model, task, repeats: int) -> dict[str, float]:
 def step_fits(model, task, repeats: int) -> dict[str, float]:
     from mi_krr.kernels import kernel_matrix
     from probes.diagnose import DEFAULT_ALGORITHMS, default_n_steps, resolve_kernel, resolve_lam
-    from probes.step_sizes import FITTED_STEP_ALGORITHMS, cross_fit_step, cross_fit_steps, fit_preconditioner, spectral_system
+    from probes.step_sizes import FITTED_STEP_ALGORITHMS, cross_fit_step, cross_fit_steps, spectral_systems
     from probes.streaming import resolve_layers, stream_probes
 
     kernel, params = resolve_kernel(task, "auto", None)
@@ -73,13 +73,8 @@ def step_fits(model, task, repeats: int) -> dict[str, float]:
     layers = resolve_layers(model, None)
     layer_pred = stream_probes(model, model.encode(task), layers=layers).readouts.double().numpy()
     scored = np.flatnonzero(np.asarray(layers) > 0)
-    spectra, systems = {}, {}
-    for name in (name for name in DEFAULT_ALGORITHMS if name in FITTED_STEP_ALGORITHMS):
-        try:
-            spectra.setdefault(fit_preconditioner(name), spectral_system(name, K, y, lam, K_query))
-        except ValueError:  # the row-sum preconditioner on the linear kernel, left out as diagnose does
-            continue
-        systems[name] = spectra[fit_preconditioner(name)]
+    # as diagnose does: algorithms whose preconditioner does not apply (row sums on the linear kernel) are left out
+    systems, _ = spectral_systems([name for name in DEFAULT_ALGORITHMS if name in FITTED_STEP_ALGORITHMS], K, y, lam, K_query)
 
     def one_at_a_time():
         return {name: cross_fit_step(name, K, y, lam, n_steps, K_query, layer_pred, scored, 0, spectral) for name, spectral in systems.items()}

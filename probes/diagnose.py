@@ -41,10 +41,8 @@ from probes.step_sizes import (
     FITTED_STEP_ALGORITHMS,
     STEP_SIZES,
     FittedStep,
-    SpectralSystem,
     cross_fit_steps,
-    fit_preconditioner,
-    spectral_system,
+    spectral_systems,
 )
 from probes.streaming import encode_for_probe, resolve_layers, stream_probes
 
@@ -453,22 +451,11 @@ def _fitted_steps(
     n_steps: int, layer_pred: np.ndarray, scored: np.ndarray, seed: int,
 ) -> tuple[dict[str, FittedStep], dict[str, ValueError]]:
     """Cross-fitted global steps of the registry algorithms in `FITTED_STEP_ALGORITHMS`, all in
-    one lockstep search (`cross_fit_steps`), algorithms with the same preconditioner sharing one
-    eigensystem. Returns (fitted, unfit): name -> `FittedStep`, and name -> the ValueError of an
-    algorithm whose preconditioner does not apply (e.g. row sums <= 0)."""
-    spectra: dict[str, SpectralSystem] = {}  # preconditioner -> eigensystem
-    systems: dict[str, SpectralSystem] = {}
-    unfit: dict[str, ValueError] = {}
-    for name, solver in algorithms.items():
-        if name not in FITTED_STEP_ALGORITHMS or solver is not ALGORITHMS.get(name):
-            continue
-        preconditioner = fit_preconditioner(name)
-        try:
-            if preconditioner not in spectra:
-                spectra[preconditioner] = spectral_system(name, K, y, lam, K_query)
-            systems[name] = spectra[preconditioner]
-        except ValueError as error:
-            unfit[name] = error
+    one lockstep search (`cross_fit_steps`) on shared eigensystems (`spectral_systems`). Returns
+    (fitted, unfit): name -> `FittedStep`, and name -> the ValueError of an algorithm whose
+    preconditioner does not apply (e.g. row sums <= 0)."""
+    names = [name for name, solver in algorithms.items() if name in FITTED_STEP_ALGORITHMS and solver is ALGORITHMS.get(name)]
+    systems, unfit = spectral_systems(names, K, y, lam, K_query)
     return cross_fit_steps(systems, n_steps, layer_pred, scored, seed), unfit
 
 

@@ -183,6 +183,29 @@ def spectral_system(algorithm: str, K: Any, y: Any, lam: float, K_query: Any) ->
     return SpectralSystem(eigenvalues=eigenvalues, gain=gain)
 
 
+def spectral_systems(
+    algorithms: list[str], K: Any, y: Any, lam: float, K_query: Any
+) -> tuple[dict[str, SpectralSystem], dict[str, ValueError]]:
+    """`spectral_system` of each of `algorithms` (names in `FITTED_STEP_ALGORITHMS`), those with
+    the same `fit_preconditioner` sharing ONE eigendecomposition (gd and heavy ball).
+
+    Returns:
+        (systems, unfit): name -> its `SpectralSystem`, and name -> the ValueError of an algorithm
+        whose preconditioner does not apply to these prompts (e.g. row sums <= 0).
+    """
+    by_preconditioner: dict[str, SpectralSystem | ValueError] = {}
+    for name in algorithms:
+        preconditioner = fit_preconditioner(name)
+        if preconditioner not in by_preconditioner:
+            try:
+                by_preconditioner[preconditioner] = spectral_system(name, K, y, lam, K_query)
+            except ValueError as error:
+                by_preconditioner[preconditioner] = error
+    outcome = {name: by_preconditioner[fit_preconditioner(name)] for name in algorithms}
+    systems = {name: value for name, value in outcome.items() if isinstance(value, SpectralSystem)}
+    return systems, {name: value for name, value in outcome.items() if isinstance(value, ValueError)}
+
+
 def fit_preconditioner(algorithm: str) -> str:
     """The preconditioner of `algorithm`'s `SpectralSystem` ("none" for gd and heavy ball, which
     therefore share one)."""
@@ -443,7 +466,8 @@ def _candidate_scores(
         index = torch.as_tensor(members)
         selected = {}  # one selection per distinct system (gd and heavy ball share theirs)
         for spectral in systems:
-            selected.setdefault(id(spectral), spectral.select(index))
+            if id(spectral) not in selected:
+                selected[id(spectral)] = spectral.select(index)
         return [selected[id(spectral)] for spectral in systems], np.searchsorted(active, folds[members]), layer_pred[members], chunk
 
     def score(system: np.ndarray, fold: np.ndarray, log_step: np.ndarray, momentum: np.ndarray) -> np.ndarray:

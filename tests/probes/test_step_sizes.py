@@ -26,6 +26,7 @@ from probes.step_sizes import (
     path_score,
     path_scores,
     spectral_system,
+    spectral_systems,
 )
 
 B, N, M, LAM, T = 16, 8, 3, 0.05, 6
@@ -173,6 +174,24 @@ def test_spectral_system_keeps_the_rowsum_preconditioners_error_on_a_linear_kern
     x = torch.randn(2, 5, 3, generator=g, dtype=torch.float64)
     with pytest.raises(ValueError, match="row sum"):
         spectral_system("richardson_rowsum", x @ x.mT, torch.randn(2, 5, dtype=torch.float64), LAM, x[:, :2] @ x.mT)
+
+
+def test_spectral_systems_share_one_eigensystem_per_preconditioner_and_keep_errors_per_algorithm():
+    K, y, K_query = system(7)
+    systems, unfit = spectral_systems(list(FITTED_STEP_ALGORITHMS), K, y, LAM, K_query)
+    assert not unfit and set(systems) == set(FITTED_STEP_ALGORITHMS)
+    assert systems["gd"] is systems["heavy_ball"]  # both unpreconditioned: one eigendecomposition
+    for name, spectral in systems.items():  # eigenvalues of P (K + lam I), P = I, diag(A)^-1 or diag(K 1)^-1
+        A = K.numpy() + LAM * np.eye(N)
+        P = {"gd": np.ones(N), "heavy_ball": np.ones(N)}.get(name)
+        P = P if P is not None else 1.0 / (np.diagonal(A, axis1=1, axis2=2) if name == "richardson_jacobi" else K.numpy().sum(-1))
+        expected = np.sort(np.linalg.eigvals(P[..., :, None] * A).real, axis=-1)
+        np.testing.assert_allclose(spectral.eigenvalues.numpy(), expected, rtol=1e-9)
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(2, 5, 3, generator=g, dtype=torch.float64)  # linear kernel: some row sums <= 0
+    systems, unfit = spectral_systems(["gd", "richardson_rowsum"], x @ x.mT, torch.randn(2, 5, dtype=torch.float64), LAM, x[:, :2] @ x.mT)
+    assert set(systems) == {"gd"} and set(unfit) == {"richardson_rowsum"}
+    assert "row sum" in str(unfit["richardson_rowsum"])
 
 
 def brute_force_path_r2(layers: np.ndarray, candidates: np.ndarray, scored: np.ndarray) -> np.ndarray:
