@@ -6,7 +6,8 @@ loop a careful user would write: per prompt, A = K + lam I as a dense ndarray,
 scipy.sparse.linalg.cg from x0 = 0 with rtol = atol = 0 and maxiter = T (so exactly T steps),
 a callback that copies each iterate, then one matmul for all steps' predictions. mi_krr's `cg`
 runs with its default backend ("auto": the fused compiled schedule on the CPU) and, in a third
-column, with backend="torch" (the batched torch schedule autograd runs through).
+column, with backend="torch" (the batched torch schedule autograd runs through). Both are also
+checked for accuracy against CG in extended precision (np.longdouble) on the first prompts.
 
 Timings are medians over interleaved repeats. Run: .venv/bin/python benchmarks/bench_solvers.py
 """
@@ -54,6 +55,38 @@ def gaussian_prompts(batch: int, n: int, m: int, seed: int = 0) -> tuple[np.ndar
 
     K = kernel(support, support)
     return (K + K.transpose(0, 2, 1)) / 2, y, kernel(query, support)
+
+
+ACCURACY_PROMPTS = 16
+
+
+def extended_precision_cg(K: np.ndarray, y: np.ndarray, lam: float, n_steps: int) -> np.ndarray:
+    """CG iterates `[T+1, n]` of one prompt in np.longdouble (x87 80-bit on x86-64: 64-bit
+    mantissa, ~3 more digits than float64), rounded to float64: the accuracy reference."""
+    A = K.astype(np.longdouble) + np.longdouble(lam) * np.eye(len(y), dtype=np.longdouble)
+    residual = y.astype(np.longdouble)
+    direction, alpha, rho = residual.copy(), np.zeros_like(residual), residual @ residual
+    iterates = [alpha]
+    for _ in range(n_steps):
+        image = A @ direction
+        step = rho / (direction @ image)
+        alpha, residual = alpha + step * direction, residual - step * image
+        rho_next = residual @ residual
+        direction, rho = residual + (rho_next / rho) * direction, rho_next
+        iterates.append(alpha)
+    return np.stack(iterates).astype(np.float64)
+
+
+def accuracy(K: np.ndarray, y: np.ndarray, n_steps: int, backend: str) -> np.ndarray:
+    """Median over the first ACCURACY_PROMPTS prompts of max_i |alpha_t,i - reference| /
+    max_i |reference_t,i| per step `[T+1]`, against `extended_precision_cg`."""
+    prompts = slice(0, ACCURACY_PROMPTS)
+    ours = cg(torch.from_numpy(K[prompts]), torch.from_numpy(y[prompts]), LAM, n_steps, backend=backend).alpha.numpy()
+    errors = []
+    for alpha, kernel, labels in zip(ours, K[prompts], y[prompts]):
+        reference = extended_precision_cg(kernel, labels, LAM, n_steps)
+        errors.append(np.abs(alpha - reference).max(1) / np.maximum(np.abs(reference).max(1), 1e-300))
+    return np.median(errors, axis=0)
 
 
 def scipy_loop(K: np.ndarray, y: np.ndarray, K_query: np.ndarray | None, lam: float, n_steps: int) -> list[tuple[np.ndarray, np.ndarray | None]]:
@@ -129,6 +162,7 @@ def main() -> None:
     )
     print(header)
     print("-" * len(header))
+    accuracy_lines = []
     for batch, n, n_steps, goal in CONFIGS:
         m = n if args.queries is None else args.queries
         K, y, K_query = gaussian_prompts(batch, n, m)
@@ -145,6 +179,12 @@ def main() -> None:
         # systems (kappa ~ 300); its first steps and its end point are well determined
         difference = np.abs(ours - theirs) / np.abs(theirs).max()
         early, last = difference[:, :6].max(), difference[:, -1].max()
+        steps = sorted({1, n_steps // 3, n_steps})
+        errors = {backend: accuracy(K, y, n_steps, backend) for backend in ("fused", "torch")}
+        accuracy_lines.append(
+            f"{batch:>4} {n:>4}: error relative to max|alpha_t| at steps {', '.join(map(str, steps))} (median of {ACCURACY_PROMPTS} prompts): "
+            + "; ".join(f"{backend} " + ", ".join(f"{error[t]:.1e}" for t in steps) for backend, error in errors.items())
+        )
         times = median_times(
             {
                 "scipy": lambda: scipy_loop(K, y, K_query, LAM, n_steps),
@@ -161,6 +201,9 @@ def main() -> None:
             f"{times['cg'] * 1e3:>7.2f} ms | {speed_up:>7.1f}x {goal:>4.0f}x  {'yes' if speed_up >= goal else 'NO':<4} | "
             f"{times['torch'] * 1e3:>9.2f} ms {times['scipy'] / times['torch']:>7.1f}x | {early:.1e}, {last:.1e}"
         )
+
+    print("\naccuracy of the iterates against a long-double CG (both schedules; the torch one is what autograd runs):")
+    print("\n".join(accuracy_lines))
 
 
 if __name__ == "__main__":
