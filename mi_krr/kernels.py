@@ -11,6 +11,8 @@ are re-exported here.
 
 from __future__ import annotations
 
+import inspect
+
 from typing import Any, Callable
 
 import numpy as np
@@ -127,6 +129,13 @@ _KERNELS: dict[str, tuple[Callable[..., torch.Tensor], tuple[str, ...]]] = {
 def kernel_parameters(name: str) -> tuple[str, ...]:
     """The keyword parameters kernel `name` takes, e.g. ("bandwidth",) for "gaussian"."""
     return _KERNELS[check_choice("kernel", name, KERNEL_NAMES)][1]
+
+
+def kernel_defaults(name: str) -> dict[str, float]:
+    """The default value of each keyword parameter of kernel `name`, e.g. {"bandwidth": 1.0}."""
+    function, allowed = _KERNELS[check_choice("kernel", name, KERNEL_NAMES)]
+    signature = inspect.signature(function)
+    return {parameter: float(signature.parameters[parameter].default) for parameter in allowed}
 
 
 def kernel_matrix(name: str, x: torch.Tensor, z: torch.Tensor | None = None, **params: float) -> torch.Tensor:

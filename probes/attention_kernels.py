@@ -11,7 +11,7 @@ import torch
 from mi_krr._validation import check_choice
 from mi_krr.models.adapter import ICLModel
 from mi_krr.tasks import ICLTask
-from probes.streaming import attention_blocks, encode_for_probe
+from probes.streaming import attention_blocks, encode_for_probe, probe_model
 
 SOURCES = ("pattern", "scores")
 
@@ -46,6 +46,7 @@ class AttentionKernels:
 def attention_kernels(model: ICLModel, task: ICLTask, source: str = "pattern") -> AttentionKernels:
     """Every layer's and head's attention between support keys and support / query tokens,
     reduced to those blocks inside the hooks (see `probes.streaming.attention_blocks`)."""
+    model = probe_model(model)
     check_choice("source", source, SOURCES)
     support, query = attention_blocks(model, encode_for_probe(model, task), source)
     return AttentionKernels(support=support, query=query, source=source)

@@ -14,6 +14,7 @@ tabulates (`to_dataframe`), serialises (`to_json`) and writes a report folder (`
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import time
@@ -25,15 +26,15 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from mi_krr._validation import check_choice, check_count, check_positive
-from mi_krr.kernels import KERNEL_NAMES, condition_number, kernel_matrix, kernel_parameters
+from mi_krr._validation import check_choice, check_count, check_finite, check_non_negative, check_positive
+from mi_krr.kernels import KERNEL_NAMES, condition_number, kernel_defaults, kernel_matrix, kernel_parameters
 from mi_krr.solvers import ALGORITHMS
 from mi_krr.solvers.direct import krr
 from mi_krr.tasks import ICLTask
 from mi_krr.tasks.optimal import bayes_optimal_ridge
 from probes.attention_kernels import AttentionKernels
 from probes.identifiability import Verdict, identifiability_verdict
-from probes.kernel_alignment import REFERENCE_KERNELS, KernelAlignment, kernel_alignment
+from probes.kernel_alignment import REFERENCE_KERNELS, KernelAlignment, kernel_alignment, reference_kernel_names
 from probes.layer_predictions import METHODS, layer_predictions
 from probes.scoring import AlgorithmScore, score_algorithms
 from probes.sensitivity import label_sensitivities, solver_sensitivities
@@ -44,7 +45,7 @@ from probes.step_sizes import (
     cross_fit_steps,
     spectral_systems,
 )
-from probes.streaming import encode_for_probe, resolve_layers, stream_probes
+from probes.streaming import encode_for_probe, probe_model, resolve_layers, stream_probes
 
 DEFAULT_ALGORITHMS = ("cg", "jacobi_cg", "gd", "richardson_jacobi", "richardson_rowsum", "chebyshev", "heavy_ball", "newton")
 ALIGNMENT_BLOCK = "query"
@@ -156,7 +157,7 @@ class Diagnosis:
     def to_dict(self) -> dict[str, Any]:
         """Every statistic as nested lists and Python numbers (NaN / inf kept as floats here;
         `to_json` writes them as null)."""
-        return {"settings": self.settings, "task_sets": {name: _task_set_dict(result) for name, result in self.task_sets.items()}}
+        return {"settings": _jsonable(self.settings), "task_sets": {name: _task_set_dict(result) for name, result in self.task_sets.items()}}
 
     def to_json(self, path: str | Path | None = None) -> str:
         """`to_dict()` as strict JSON text (RFC 8259): every NaN, inf and -inf is written as null
@@ -237,12 +238,14 @@ def diagnose(
         n_steps: solver steps T; default `default_n_steps(model.n_layers)` = max(2 L, 20).
         method: layer predictions, "readout" (the model's own read-out on every layer) or
             "ridge" (probes fitted on `train_task`).
-        layers: residual indices to probe (default all 0..L); layer 0 is never scored.
+        layers: residual indices to probe, increasing (default all 0..L); layer 0 is never scored.
         train_task: prompts to fit ridge probes on (method="ridge" only).
         sensitivities: also compare label sensitivities d yhat / d y (opt-in: one backward pass
             per layer and query, tens of times the cost of everything else; `mi-krr diagnose`
             turns it on).
-        bootstrap: prompt resamples for the intervals (0: no intervals and no verdict).
+        bootstrap: prompt resamples for the intervals (0: no intervals and no verdict; a verdict
+            needs >= `MIN_VERDICT_RESAMPLES` = 100 resamples and >= `MIN_VERDICT_PROMPTS` = 20
+            prompts, see `probes.identifiability`).
         seed: seed of the resamples.
         n_kappa_bins: quantile bins of the condition number for stratified scores.
         min_score, min_gap, agreement_threshold: verdict thresholds (see
@@ -262,26 +265,39 @@ def diagnose(
     at the queries and the attention query block, reduced inside the hooks); label
     sensitivities add one differentiable pass and batched backward passes.
     """
+    model = probe_model(model)
     task_sets = _check_tasks(tasks)
     algorithms = _check_algorithms(algorithms)
-    kernels = tuple(kernels)
-    for name in kernels:
-        check_choice("kernels entry", name, REFERENCE_KERNELS)
+    kernels = reference_kernel_names(kernels)
     check_choice("method", method, METHODS)
     if method == "ridge" and train_task is None:
         raise ValueError("method='ridge' needs train_task: prompts (disjoint from the diagnosed ones) to fit the probes on")
+    if method == "readout" and train_task is not None:
+        raise ValueError("train_task is only read by method='ridge' (fitted probes): pass method='ridge' or drop train_task")
+    if train_task is not None and not isinstance(train_task, ICLTask):
+        raise ValueError(f"train_task must be an mi_krr.tasks.ICLTask, got {type(train_task).__name__}")
     if kernel != "auto":
         check_choice("kernel", kernel, KERNEL_NAMES)
     layers = resolve_layers(model, layers)
+    if any(later <= earlier for earlier, later in zip(layers, layers[1:])):
+        raise ValueError(f"layers must be increasing without repeats (the layer -> step alignment reads them as depth), got {layers}: pass {sorted(set(layers))}")
     if not any(layer > 0 for layer in layers):
         raise ValueError("layers must include at least one block output (index >= 1); layer 0 is the embedding")
     n_steps = default_n_steps(model.n_layers) if n_steps is None else check_count("n_steps", n_steps, 1)
     if lam is not None:
         lam = check_positive("lam", lam)
-    check_count("bootstrap", bootstrap, 0)
+    bootstrap = check_count("bootstrap", bootstrap, 0)
+    seed = check_count("seed", seed, 0)
+    n_kappa_bins = check_count("n_kappa_bins", n_kappa_bins, 1)
+    min_score = _check_r2_threshold("min_score", min_score)
+    min_gap = check_non_negative("min_gap", min_gap)
+    agreement_threshold = _check_r2_threshold("agreement_threshold", agreement_threshold)
+    for name, flag in (("sensitivities", sensitivities), ("progress", progress)):
+        if not isinstance(flag, bool):
+            raise ValueError(f"{name} must be True or False, got {flag!r}")
     check_choice("step_sizes", step_sizes, STEP_SIZES)
     settings = {
-        "algorithms": {name: getattr(solver, "__name__", repr(solver)) for name, solver in algorithms.items()},
+        "algorithms": {name: _describe_solver(name, solver) for name, solver in algorithms.items()},
         "kernels": list(kernels),
         "method": method,
         "n_steps": n_steps,
@@ -473,8 +489,9 @@ def resolve_kernel(task: ICLTask, kernel: str, kernel_params: dict[str, float] |
             )
     check_choice("kernel", kernel, KERNEL_NAMES)
     allowed = kernel_parameters(kernel)
-    if kernel_params is None:
-        return kernel, {name: float(task.info[name]) for name in allowed if task.info.get(name) is not None}
+    if kernel_params is None:  # the sampler's values, else the kernel's defaults (written out, so reports show them)
+        defaults = kernel_defaults(kernel)
+        return kernel, {name: float(task.info[name]) if task.info.get(name) is not None else defaults[name] for name in allowed}
     unknown = sorted(set(kernel_params) - set(allowed))
     if unknown:
         raise ValueError(f"kernel_params for {kernel!r} may only set {allowed or 'nothing'}, got {unknown}")
@@ -506,6 +523,25 @@ def _check_tasks(tasks: Any) -> dict[str, ICLTask]:
         if not isinstance(task, ICLTask):
             raise ValueError(f"tasks[{name!r}] must be an mi_krr.tasks.ICLTask, got {type(task).__name__}")
     return {str(name): task for name, task in tasks.items()}
+
+
+def _check_r2_threshold(name: str, value: Any) -> float:
+    """A path-R2 threshold as a float: finite and <= 1 (no R2 exceeds 1)."""
+    number = check_finite(name, value)
+    if number > 1:
+        raise ValueError(f"{name} must be <= 1 (a threshold on R2, which never exceeds 1), got {number}")
+    return number
+
+
+def _describe_solver(name: str, solver: Callable[..., Any]) -> str:
+    """How the settings record a candidate: "registry" for `mi_krr.solvers.ALGORITHMS[name]`, else
+    the callable's qualified name (with a partial's keywords)."""
+    if solver is ALGORITHMS.get(name):
+        return "registry"
+    if isinstance(solver, functools.partial):
+        keywords = ", ".join(f"{key}={value!r}" for key, value in solver.keywords.items())
+        return f"{_describe_solver(name, solver.func)}({keywords})"
+    return f"{getattr(solver, '__module__', '?')}.{getattr(solver, '__qualname__', type(solver).__name__)}"
 
 
 def _check_algorithms(algorithms: Sequence[str] | dict[str, Callable[..., Any]]) -> dict[str, Callable[..., Any]]:

@@ -22,7 +22,7 @@ import torch
 from mi_krr._validation import as_float64, check_count
 from mi_krr.models.adapter import ICLModel
 from mi_krr.tasks import ICLTask
-from probes.streaming import encode_for_probe, query_residuals, resolve_layers
+from probes.streaming import encode_for_probe, probe_model, query_residuals, resolve_layers
 
 DEFAULT_LAM_GRID: tuple[float, ...] = tuple(float(v) for v in np.logspace(-8, 2, 21))
 
@@ -90,6 +90,7 @@ class LayerProbes:
         return self.control.apply(self._features(model, task))
 
     def _features(self, model: ICLModel, task: ICLTask) -> torch.Tensor:
+        model = probe_model(model)
         shared = self.train_prompts & set(prompt_fingerprints(task))
         if shared:
             raise ValueError(
@@ -134,6 +135,7 @@ def fit_layer_probes(
 
     The penalty with the best validation R^2 is kept and the probe refitted on all training prompts.
     """
+    model = probe_model(model)
     layers = resolve_layers(model, layers)
     prompt = encode_for_probe(model, train_task)
     batch = train_task.batch_size

@@ -17,7 +17,11 @@ Two questions, answered separately:
    Algorithms inseparable from the top one are reported as its equivalence class, never as
    runners-up.
 
-A model that matches no candidate fails the first condition, so it is never identified.
+A model that matches no candidate fails the first condition, so it is never identified. Nor is
+anything identified from fewer than `MIN_VERDICT_PROMPTS` prompts or `MIN_VERDICT_RESAMPLES`
+resamples: a bootstrap over a handful of prompts (or a few resamples) gives intervals that are
+degenerate (two prompts: the lower bound can equal the estimate) or miss the estimate, and a
+verdict would rest on them.
 """
 
 from __future__ import annotations
@@ -38,6 +42,12 @@ from probes.scoring import (
     step_sum_count,
     weighted_sse_sst,
 )
+
+MIN_VERDICT_PROMPTS = 20
+"""Fewest prompts a verdict is given on: the percentile bootstrap needs enough distinct prompts
+for its intervals to mean anything."""
+MIN_VERDICT_RESAMPLES = 100
+"""Fewest bootstrap resamples a verdict is given on: the 2.5% tail needs a few of them."""
 
 
 def algorithm_agreement(step_preds: dict, aligned_steps: dict) -> tuple[list[str], np.ndarray]:
@@ -156,12 +166,15 @@ def identifiability_verdict(
         with np.errstate(invalid="ignore"):  # -inf - -inf: both at step 0 on that resample, dropped as NaN
             gap_ci = percentile_interval(top.score_samples - scores[runner_up].score_samples, level)
     has_intervals = top.score_samples.size > 0
-    good_enough = has_intervals and top.score_ci[0] >= min_score
+    n_prompts = len(next(iter(step_preds.values())))
+    enough = n_prompts >= MIN_VERDICT_PROMPTS and top.score_samples.size >= MIN_VERDICT_RESAMPLES
+    good_enough = enough and top.score_ci[0] >= min_score
     beats_runner_up = runner_up is None or (has_intervals and gap_ci[0] > 0 and gap >= min_gap)
     identified = bool(good_enough and beats_runner_up)
 
     message = _message(
-        best, top, runner_up, gap, gap_ci, equivalent, agreement[row], names, identified, has_intervals, min_score, min_gap
+        best, top, runner_up, gap, gap_ci, equivalent, agreement[row], names, identified, has_intervals, min_score, min_gap,
+        None if enough else n_prompts,
     )
     return Verdict(
         best=best,
@@ -188,12 +201,15 @@ def _finite(value: float) -> float:
     return -np.inf if np.isnan(value) else value
 
 
-def _message(best, top, runner_up, gap, gap_ci, equivalent, agreement_row, names, identified, has_intervals, min_score, min_gap) -> str:
-    """The verdict as a few sentences."""
+def _message(best, top, runner_up, gap, gap_ci, equivalent, agreement_row, names, identified, has_intervals, min_score, min_gap,
+             too_few_prompts) -> str:
+    """The verdict as a few sentences (too_few_prompts: the prompt count when the prompts or
+    resamples are too few for a verdict, else None)."""
     ci = f"[{top.score_ci[0]:.4f}, {top.score_ci[1]:.4f}]" if has_intervals else "(no bootstrap interval)"
     lines = [f"Best: {best}, path R2 {top.score:.4f} {ci}."]
     if runner_up is not None:
-        lines.append(f"Runner-up: {runner_up}, gap {gap:+.4f} [{gap_ci[0]:+.4f}, {gap_ci[1]:+.4f}] (paired bootstrap).")
+        interval = f" [{gap_ci[0]:+.4f}, {gap_ci[1]:+.4f}] (paired bootstrap)" if has_intervals else ""
+        lines.append(f"Runner-up: {runner_up}, gap {gap:+.4f}{interval}.")
     if equivalent:
         pairs = ", ".join(f"{name} (agreement {agreement_row[names.index(name)]:.4f})" for name in equivalent)
         lines.append(
@@ -204,6 +220,12 @@ def _message(best, top, runner_up, gap, gap_ci, equivalent, agreement_row, names
         lines.append(f"Verdict: identified as {best}" + (f" (or its equivalents {', '.join(equivalent)})." if equivalent else "."))
     elif not has_intervals:
         lines.append("Verdict: not identified: run with bootstrap > 0 to get the intervals a verdict needs.")
+    elif too_few_prompts is not None:
+        lines.append(
+            f"Verdict: not identified: {too_few_prompts} prompts and {top.score_samples.size} resamples are too few for "
+            f"bootstrap intervals to support a verdict (needs >= {MIN_VERDICT_PROMPTS} prompts and >= "
+            f"{MIN_VERDICT_RESAMPLES} resamples)."
+        )
     elif not np.isfinite(top.score) and np.all(top.aligned_steps[top.scored] == 0):
         lines.append(
             "Verdict: not identified: every scored layer aligns with step 0 (alpha = 0, prediction 0): the layers' "

@@ -98,11 +98,9 @@ def kernel_alignment(
             read, e.g. by `diagnose`'s single streaming pass; None reads it here (one forward).
             Only the block compared is needed (the other may be None).
     """
-    kernels = tuple(kernels)
+    kernels = reference_kernel_names(kernels)
     if not kernels:
         raise ValueError(f"kernels must name at least one of {REFERENCE_KERNELS}")
-    for kernel in kernels:
-        check_choice("kernels entry", kernel, REFERENCE_KERNELS)
     check_choice("block", block, BLOCKS)
     check_choice("fit", fit, FITS)
     if attention is None:
@@ -133,6 +131,17 @@ def kernel_alignment(
         positive = torch.where(beta >= 0, beta, torch.nan)
         scale[kernel] = positive.reciprocal() if kernel == "exp" else positive.rsqrt()
     return KernelAlignment(block=block, scale=scale, metrics=metrics, per_prompt=per_prompt)
+
+
+def reference_kernel_names(kernels: Any) -> tuple[str, ...]:
+    """`kernels` (names from `REFERENCE_KERNELS`, or one name alone) as a tuple; () allowed."""
+    if isinstance(kernels, str):
+        kernels = (kernels,)
+    if not isinstance(kernels, (tuple, list)):
+        raise ValueError(f"kernels must name reference kernels from {REFERENCE_KERNELS} (or be () for none), got {kernels!r}")
+    for kernel in kernels:
+        check_choice("kernels entry", kernel, REFERENCE_KERNELS)
+    return tuple(kernels)
 
 
 def _alignment_per_prompt(attn, keys, similarities, betas) -> dict[str, dict[str, torch.Tensor]]:

@@ -11,7 +11,7 @@ from mi_krr._validation import check_choice
 from mi_krr.models.adapter import ICLModel
 from mi_krr.tasks import ICLTask
 from probes.fitted_probes import DEFAULT_LAM_GRID, fit_layer_probes
-from probes.streaming import encode_for_probe, query_readouts, resolve_layers
+from probes.streaming import encode_for_probe, probe_model, query_readouts, resolve_layers
 
 METHODS = ("readout", "ridge")
 
@@ -39,6 +39,7 @@ def layer_predictions(
         `fit_layer_probes`, whose `LayerProbes` also carries the shuffled-target control
         (`.control.val_r2`, `.predict_control`) to report beside these predictions.
     """
+    model = probe_model(model)
     check_choice("method", method, METHODS)
     layers = resolve_layers(model, layers)
     if method == "readout":

@@ -79,10 +79,11 @@ def write_report(diagnosis: "Diagnosis", folder: str | Path) -> Path:
     np.savez_compressed(folder / "arrays.npz", **arrays)
 
     lines = ["# mi-krr diagnosis", "", "Settings: " + ", ".join(f"{k}={v}" for k, v in diagnosis.settings.items()), ""]
+    stems = _file_stems(list(diagnosis.task_sets))
     for name, result in diagnosis.task_sets.items():
         lines += [f"## {name}", "", "```", task_set_summary(result), "```", ""]
         for figure_name, figure in diagnosis_figures(diagnosis, name).items():
-            file_name = f"{_safe(name)}_{figure_name}.png"
+            file_name = f"{stems[name]}_{figure_name}.png"
             figure.savefig(folder / file_name, dpi=110, bbox_inches="tight")
             plt.close(figure)
             lines += [f"![{name}: {figure_name}]({file_name})", ""]
@@ -90,6 +91,21 @@ def write_report(diagnosis: "Diagnosis", folder: str | Path) -> Path:
     index = folder / "index.md"
     index.write_text("\n".join(lines))
     return index
+
+
+def _file_stems(names: list[str]) -> dict[str, str]:
+    """Each task-set name as a distinct file-name stem: characters other than letters, digits, '-'
+    and '_' become '_', and a stem already taken gets '_2', '_3', ... ("scale x2" and "scale_x2"
+    must not overwrite each other's figures)."""
+    stems: dict[str, str] = {}
+    for name in names:
+        base = _safe(name)
+        stem, copy = base, 1
+        while stem in stems.values():
+            copy += 1
+            stem = f"{base}_{copy}"
+        stems[name] = stem
+    return stems
 
 
 def _safe(name: str) -> str:

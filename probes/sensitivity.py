@@ -22,7 +22,7 @@ import torch
 from mi_krr._validation import as_float64, check_choice, check_count, check_positive
 from mi_krr.models.adapter import ICLModel
 from mi_krr.tasks import ICLTask
-from probes.streaming import encode_for_probe, query_readouts, resolve_layers
+from probes.streaming import encode_for_probe, probe_model, query_readouts, resolve_layers
 
 LINEAR_IN_Y: frozenset[str] = frozenset(
     {"gd", "richardson_jacobi", "richardson_rowsum", "chebyshev", "heavy_ball", "newton"}
@@ -53,6 +53,7 @@ def label_sensitivities(
     `chunk_size` at a time as vmapped backward passes. Use a float64 model for reference-grade
     numbers.
     """
+    model = probe_model(model)
     layers = resolve_layers(model, layers)
     check_count("chunk_size", chunk_size, minimum=1)
     labels = task.y_support.detach().clone().requires_grad_(True)

@@ -20,7 +20,7 @@ import einops
 import torch
 
 from mi_krr._validation import check_choice, check_count
-from mi_krr.models.adapter import ICLModel
+from mi_krr.models.adapter import ICLModel, adapter_for
 from mi_krr.models.encoding import EncodedPrompt
 from mi_krr.tasks import ICLTask
 
@@ -28,22 +28,36 @@ Reduction = Callable[[torch.Tensor], Any]
 ATTENTION_BLOCKS = ("support", "query")
 
 
+def probe_model(model: Any) -> ICLModel:
+    """The mi-krr ICL model a probe reads: `model` itself, or the model inside a `probes.attach`
+    result, after `adapter_for`'s check (a missing method or hook raises a ValueError naming it)."""
+    from probes.attach import ProbedModel  # attach imports the probes, and so this module
+
+    return adapter_for(model.model if isinstance(model, ProbedModel) else model)
+
+
 def encode_for_probe(model: ICLModel, task: ICLTask) -> EncodedPrompt:
-    """`model.encode(task)` after checking `task` is an `ICLTask`; every mi-krr model's `encode`
-    checks the task's dimension and length against the model (`check_task_fits`)."""
+    """`model.encode(task)` after checking `task` is an `ICLTask` with at least one query (probes
+    read the model at its queries); every mi-krr model's `encode` checks the task's dimension and
+    length against the model (`check_task_fits`)."""
     if not isinstance(task, ICLTask):
         raise ValueError(f"task must be an mi_krr.tasks.ICLTask, got {type(task).__name__}")
+    if task.n_query < 1:
+        raise ValueError("task has no query points (n_query=0): probes read the model at its queries; sample with n_query >= 1")
     return model.encode(task)
 
 
-def resolve_layers(model: ICLModel, layers: Sequence[int] | None) -> list[int]:
-    """Residual-stream indices to probe: None -> all of 0..L (0 = embeddings, l = after block l).
+def resolve_layers(model: ICLModel, layers: Sequence[int] | int | None) -> list[int]:
+    """Residual-stream indices to probe: None -> all of 0..L (0 = embeddings, l = after block l);
+    one index, or a sequence / array / tensor of them.
 
     Raises ValueError for an empty list, a non-integer, or an index outside [0, L]."""
     n_layers = model.n_layers
     if layers is None:
         return list(range(n_layers + 1))
-    layers = list(layers)
+    if hasattr(layers, "tolist"):  # NumPy arrays and tensors
+        layers = layers.tolist()
+    layers = [layers] if isinstance(layers, int) else list(layers)
     if not layers:
         raise ValueError(f"layers must name at least one residual index in [0, {n_layers}], got an empty list")
     for layer in layers:

@@ -51,7 +51,7 @@ class DemoSettings:
 
 
 FULL = DemoSettings(batch=64, construction_batch=32, bootstrap=1000, shifts=None)
-QUICK = DemoSettings(batch=16, construction_batch=16, bootstrap=100, shifts=("input_scale_x2", "longer_prompts_x2"), cg_steps=3, richardson_steps=3)
+QUICK = DemoSettings(batch=16, construction_batch=24, bootstrap=100, shifts=("input_scale_x2", "longer_prompts_x2"), cg_steps=3, richardson_steps=3)
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> tuple[argparse.ArgumentParser, str]:

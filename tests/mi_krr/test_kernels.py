@@ -10,11 +10,14 @@ import torch
 
 from mi_krr import kernels
 from mi_krr.kernels import (
+    KERNEL_NAMES,
     condition_number,
     effective_dimension,
     exp_kernel,
     gaussian_kernel,
+    kernel_defaults,
     kernel_matrix,
+    kernel_parameters,
     linear_kernel,
 )
 
@@ -132,3 +135,14 @@ def test_bad_arguments_raise_one_line_value_errors_naming_them(call, argument):
         call(x)
     message = str(error.value)
     assert argument in message and "\n" not in message
+
+
+@pytest.mark.parametrize("name", KERNEL_NAMES)
+def test_kernel_defaults_are_the_values_a_kernel_uses_when_given_none(name):
+    x = torch.randn(3, 5, 2, dtype=torch.float64)
+    defaults = kernel_defaults(name)
+    assert set(defaults) == set(kernel_parameters(name))
+    torch.testing.assert_close(kernel_matrix(name, x, **defaults), kernel_matrix(name, x), rtol=0, atol=0)
+    if defaults:  # and a different value changes the kernel: the defaults are really used
+        other = {key: 2.0 * value for key, value in defaults.items()}
+        assert not torch.allclose(kernel_matrix(name, x, **other), kernel_matrix(name, x))

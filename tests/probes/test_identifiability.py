@@ -6,7 +6,7 @@ import itertools
 import numpy as np
 import pytest
 
-from probes.identifiability import algorithm_agreement, identifiability_verdict
+from probes.identifiability import MIN_VERDICT_PROMPTS, MIN_VERDICT_RESAMPLES, algorithm_agreement, identifiability_verdict
 from probes.scoring import score_algorithms
 
 BATCH, N, M, STEPS = 40, 12, 4, 8
@@ -145,3 +145,18 @@ def test_missing_trajectories_raise_a_clear_error(trajectories):
     scores = score_algorithms(preds["cg"][:, :4], preds, krr, bootstrap=10)
     with pytest.raises(ValueError, match="lacks the trajectories"):
         identifiability_verdict(scores, {"cg": preds["cg"]})
+
+
+@pytest.mark.parametrize("prompts, resamples", [(MIN_VERDICT_PROMPTS - 1, 300), (BATCH, MIN_VERDICT_RESAMPLES - 1)])
+def test_too_few_prompts_or_resamples_give_no_verdict_even_for_an_exact_match(trajectories, prompts, resamples):
+    preds, krr = trajectories
+    subset = {name: pred[:prompts] for name, pred in preds.items()}
+    layers = subset["cg"][:, [0, 1, 2, 3, 4]]  # exactly CG: identified with enough prompts (test above)
+    scores = score_algorithms(layers, subset, krr[:prompts], bootstrap=resamples, seed=0)
+    verdict = identifiability_verdict(scores, subset)
+    assert verdict.best == "cg" and verdict.score == pytest.approx(1.0)
+    assert not verdict.identified
+    assert f"{prompts} prompts and {resamples} resamples are too few" in verdict.message
+    enough = score_algorithms(layers, subset, krr[:prompts], bootstrap=MIN_VERDICT_RESAMPLES, seed=0) if prompts == BATCH else None
+    if enough is not None:  # the same prompts with the minimum number of resamples: identified
+        assert identifiability_verdict(enough, subset).identified
