@@ -15,6 +15,7 @@ tabulates (`to_dataframe`), serialises (`to_json`) and writes a report folder (`
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 import math
 import time
@@ -229,8 +230,10 @@ def diagnose(
             `{"gd(step=0.04)": functools.partial(mi_krr.solvers.richardson, step=0.04)}`, used as
             given (registry solvers in the dict are treated like names).
         kernels: reference kernels for the attention alignment ("exp", "gaussian"); empty skips it.
-        kernel: the KRR kernel ("linear", "exp", "gaussian"), or "auto": `task.info["kernel"]`
-            (GP sampler), "linear" for the linear-regression sampler, else an error.
+        kernel: the KRR kernel ("linear", "exp", "gaussian") of the reference system (built in
+            float64 from the prompts as the model sees them, i.e. cast to its dtype), or "auto":
+            `task.info["kernel"]` (GP sampler), "linear" for the linear-regression sampler, else
+            an error.
         kernel_params: the kernel's keywords (bandwidth / temperature); default: from
             `task.info`, else the kernel's defaults.
         lam: the ridge; default the Bayes-optimal one of the sampler in `task.info`
@@ -551,7 +554,7 @@ def _check_algorithms(algorithms: Sequence[str] | dict[str, Callable[..., Any]])
         algorithms = (algorithms,)
     if isinstance(algorithms, dict):
         for name, solver in algorithms.items():
-            if not isinstance(name, str) or not callable(solver):
+            if not isinstance(name, str) or not callable(solver) or not _takes_registry_arguments(solver):
                 raise ValueError(
                     f"algorithms entry {name!r} must map a name to a solver callable (K, y, lam, n_steps, K_query=None) -> Trajectory"
                 )
@@ -567,6 +570,20 @@ def _check_algorithms(algorithms: Sequence[str] | dict[str, Callable[..., Any]])
     if not candidates:
         raise ValueError(f"algorithms must name at least one of {tuple(ALGORITHMS)}")
     return candidates
+
+
+def _takes_registry_arguments(solver: Callable[..., Any]) -> bool:
+    """Whether `solver` can be called as solver(K, y, lam, n_steps, K_query=...) (True when its
+    signature cannot be read)."""
+    try:
+        signature = inspect.signature(solver)
+    except (TypeError, ValueError):
+        return True
+    try:
+        signature.bind(None, None, None, None, K_query=None)
+    except TypeError:
+        return False
+    return True
 
 
 def _model_device_dtype(model: Any) -> tuple[torch.device, torch.dtype]:

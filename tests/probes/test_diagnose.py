@@ -248,6 +248,7 @@ def test_json_summary_plots_and_report_carry_the_same_numbers(random_diagnosis, 
         ({"sensitivities": "no"}, "sensitivities must be True or False"),
         ({"train_task": GPRegressionSampler(dim=3).sample(2, 4, 1, seed=5)}, "train_task is only read by method='ridge'"),
         ({"method": "ridge", "train_task": {"a": 1}}, "train_task must be an mi_krr.tasks.ICLTask"),
+        ({"algorithms": {"mine": lambda K, y, lam: None}}, r"algorithms entry 'mine' must map a name to a solver callable \(K, y, lam, n_steps"),
     ],
 )
 def test_bad_arguments_raise_one_line_value_errors(kwargs, message):
