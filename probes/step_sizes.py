@@ -49,7 +49,6 @@ from mi_krr._validation import check_choice
 from mi_krr.solvers import heavy_ball, richardson
 from mi_krr.solvers.spectrum import polyak_parameters, preconditioner_diagonal, richardson_optimal_step
 from mi_krr.solvers.system import check_steps, krr_system
-from probes.mode_predictions import heavy_ball_mode_predictions, richardson_mode_predictions
 from probes.scoring import PairedSums, centred_step_sums, monotone_alignment, pairwise_sse, path_r2, weighted_sse_sst
 from probes.sensitivity import RICHARDSON_PRECONDITIONERS
 
@@ -100,20 +99,19 @@ class SpectralSystem:
         return SpectralSystem(eigenvalues=self.eigenvalues[index], gain=self.gain[index])
 
     @functools.cached_property
-    def _arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _arrays(self) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
         """CPU copies for the candidate loops: mu `[B, n]`; gain^T `[B, n, m]`; and
         [-(gain / mu)^T; pred_inf] `[B, n+1, m]` with pred_inf = (gain / mu) 1 (the limit
         t -> inf), so that the row [(1 - w mu)^t, 1] times it is Richardson's pred_t."""
-        mu = self.eigenvalues.detach().cpu().numpy()
+        mu = self.eigenvalues.detach().cpu()
         gain = self.gain.detach().cpu().numpy()
-        scaled = gain / mu[:, None, :]
+        scaled = gain / mu.numpy()[:, None, :]
         limit_form = np.concatenate([-scaled, scaled.sum(-1, keepdims=True)], axis=2).transpose(0, 2, 1)
         return mu, np.ascontiguousarray(gain.transpose(0, 2, 1)), np.ascontiguousarray(limit_form)
 
     def predictions(self, step: Any, n_steps: int, momentum: Any = None) -> torch.Tensor:
         """Query predictions of alpha_{t+1} = alpha_t + w P (y - A alpha_t) + beta (alpha_t -
-        alpha_{t-1}) from alpha_0 = alpha_-1 = 0 for G candidate (w, beta) pairs at once
-        (compiled: `probes.mode_predictions`).
+        alpha_{t-1}) from alpha_0 = alpha_-1 = 0 for G candidate (w, beta) pairs at once.
 
         Args:
             step: w per candidate `[G]`, per prompt and candidate `[B, G]`, or a number.
@@ -128,17 +126,45 @@ class SpectralSystem:
         mu, gain_t, limit_form = self._arrays
         w = _per_prompt(step, len(mu))
         if momentum is None:
-            pred = richardson_mode_predictions(mu, limit_form, w, n_steps)
+            pred = _richardson_predictions(mu, limit_form, w, n_steps)
         else:
-            pred = heavy_ball_mode_predictions(mu, gain_t, w, _per_prompt(momentum, len(mu)), n_steps)
+            pred = _heavy_ball_predictions(mu, gain_t, w, _per_prompt(momentum, len(mu)), n_steps)
         return torch.from_numpy(pred).to(self.eigenvalues.device)
 
 
-def _per_prompt(value: Any, batch: int) -> np.ndarray:
-    """A candidate parameter (number, `[G]` or `[B, G]`) as `[B, G]`."""
-    rows = torch.as_tensor(value, dtype=torch.float64, device="cpu").numpy()
-    rows = rows.reshape(1, -1) if rows.ndim < 2 else rows
-    return np.broadcast_to(rows, (batch, rows.shape[1]))
+def _per_prompt(value: Any, batch: int) -> torch.Tensor:
+    """A candidate parameter (number, `[G]` or `[B, G]`) as `[B, G, 1]`."""
+    value = torch.as_tensor(value, dtype=torch.float64, device="cpu")
+    return (value.reshape(1, -1) if value.ndim < 2 else value).expand(batch, -1)[:, :, None]
+
+
+def _richardson_predictions(mu: torch.Tensor, limit_form: np.ndarray, w: torch.Tensor, n_steps: int) -> np.ndarray:
+    """Richardson in closed form, pred_t = gain s_t = pred_inf - (gain / mu) (1 - w mu)^t, with
+    pred_0 = 0 exactly: mu `[B, n]`, limit_form = [-(gain / mu)^T; pred_inf] `[B, n+1, m]`, w
+    `[B, G, 1]` -> `[B, G, T+1, m]`: ONE matmul of the rows [(1 - w mu)^t, 1] (t >= 1; t = 0: 0)."""
+    batch, n = mu.shape
+    decay = 1.0 - w * mu[:, None, :]  # [B, G, n]
+    rows = torch.empty(batch, w.shape[1], n_steps + 1, n + 1, dtype=torch.float64)
+    rows[:, :, 0] = 0.0
+    rows[:, :, 1:, n] = 1.0
+    torch.cumprod(decay[:, :, None, :].expand(-1, -1, n_steps, -1), dim=2, out=rows[:, :, 1:, :n])
+    return np.matmul(rows.numpy().reshape(batch, -1, n + 1), limit_form).reshape(*rows.shape[:3], -1)
+
+
+def _heavy_ball_predictions(mu: torch.Tensor, gain_t: np.ndarray, w: torch.Tensor, beta: torch.Tensor, n_steps: int) -> np.ndarray:
+    """The per-mode recurrence s_{t+1} = s_t + w (1 - mu s_t) + beta (s_t - s_{t-1}) =
+    w + (1 + beta - w mu) s_t - beta s_{t-1} from s_0 = s_-1 = 0, pred_t = gain s_t: mu `[B, n]`,
+    gain_t = gain^T `[B, n, m]`, w and beta `[B, G, 1]` -> `[B, G, T+1, m]`."""
+    batch, n = mu.shape
+    w, beta = torch.broadcast_tensors(w, beta)
+    carry = (1.0 + beta) - w * mu[:, None, :]  # [B, G, n]
+    modes = torch.empty(batch, w.shape[1], n_steps + 1, n, dtype=torch.float64)
+    modes[:, :, 0] = 0.0
+    modes[:, :, 1:2] = w[:, :, None]  # s_1 = w (nothing when T = 0)
+    for t in range(1, n_steps):
+        torch.addcmul(w, carry, modes[:, :, t], out=modes[:, :, t + 1])
+        modes[:, :, t + 1].addcmul_(beta, modes[:, :, t - 1], value=-1.0)
+    return np.matmul(modes.numpy().reshape(batch, -1, n), gain_t).reshape(*modes.shape[:3], -1)
 
 
 def spectral_system(algorithm: str, K: Any, y: Any, lam: float, K_query: Any) -> SpectralSystem:

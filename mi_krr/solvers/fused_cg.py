@@ -8,21 +8,23 @@ every sum in index order) keeps K in cache AND has no per-step overhead. It runs
 recurrence as the torch schedule, operation for operation (row-vector mat-vec p K + lam p, step
 lengths rho / max(p^T A p, TINY)), so both agree to rounding, and each prompt's result is the
 same whichever thread runs it. Prompts are split into `torch.get_num_threads()` contiguous
-ranges run by numba's parallel threads (`mi_krr.parallel_prompts`; its OpenMP layer measured
-faster than Python threads next to torch's own busy OpenMP pool). Each prompt's predictions
-K_query alpha_t are computed right after its iterates, in the same launch (no torch op after it,
-whose thread pool would then compete with numba's).
+ranges run by numba's parallel threads (its OpenMP layer, which measured faster than Python
+threads next to torch's own busy OpenMP pool). Each prompt's predictions K_query alpha_t are
+computed right after its iterates, in the same launch (no torch op after it, whose thread pool
+would then compete with numba's).
 
 It records no gradients: `cg` uses it only where none are needed (`backend="auto"`).
 """
 
 from __future__ import annotations
 
+import os
+import threading
+
 import numba
 import numpy as np
 import torch
 
-from mi_krr.parallel_prompts import run_over_prompts
 from mi_krr.solvers.system import TINY
 
 _TINY = float(TINY)
@@ -57,13 +59,32 @@ def fused_pcg(
     alpha = np.empty((batch, n_steps + 1, n))
     squared_norms = np.empty((batch, n_steps + 1))
     pred = None if queries is None else np.empty((batch, n_steps + 1, queries.shape[1]))
-    run_over_prompts(_pcg_prompts, _pcg_parallel, batch, *arrays, float(lam), n_steps, alpha, squared_norms, pred)
+    chunks = min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS, batch)
+    if chunks <= 1 or _FORKED[0]:
+        _pcg_prompts(*arrays, float(lam), n_steps, alpha, squared_norms, pred, 0, batch)
+    else:
+        with _LAUNCH:
+            previous = numba.get_num_threads()
+            numba.set_num_threads(chunks)
+            try:
+                _pcg_parallel(*arrays, float(lam), n_steps, alpha, squared_norms, pred, chunks)
+            finally:
+                numba.set_num_threads(previous)
     return torch.from_numpy(alpha), torch.from_numpy(squared_norms), None if pred is None else torch.from_numpy(pred)
 
 
 def _array(tensor: torch.Tensor) -> np.ndarray:
     """A C-contiguous float64 NumPy view (or copy) of a CPU tensor."""
     return np.ascontiguousarray(tensor.detach().numpy(), dtype=np.float64)
+
+
+_LAUNCH = threading.Lock()
+"""One parallel launch at a time (numba's fallback threading layer, workqueue, is not thread-safe)."""
+
+_FORKED = [False]
+"""Whether this process is a fork: GNU OpenMP (numba's usual threading layer) aborts a forked child
+that launches a parallel region its parent used, so children run the serial loop."""
+os.register_at_fork(after_in_child=lambda: _FORKED.__setitem__(0, True))
 
 
 @numba.njit(nogil=True, parallel=True, cache=True)

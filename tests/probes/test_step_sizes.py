@@ -315,19 +315,3 @@ def test_spectral_trajectories_take_a_step_and_momentum_per_prompt():
         expected = heavy_ball(K, y, LAM, T, step=step, momentum=momentum, K_query=K_query).pred
         torch.testing.assert_close(heavy_pred[:, g], expected, rtol=1e-10, atol=1e-12)
     assert not spectral_system("gd", K, y, LAM, K_query).predictions(steps, 0).any()  # T = 0: alpha_0 = 0 only
-
-
-def test_spectral_trajectories_do_not_depend_on_the_thread_count():
-    K, y, K_query = system(11)
-    steps, momenta = np.array([0.05, 0.2, 0.7]), np.array([0.1, 0.5, 0.9])
-    threads = torch.get_num_threads()
-    try:
-        runs = []
-        for count in (1, 2, 3):  # 16 prompts over 1, 2, 3 threads (numba's layer as well)
-            torch.set_num_threads(count)
-            runs.append([spectral_system(name, K, y, LAM, K_query).predictions(steps, T, momentum)
-                         for name, momentum in (("gd", None), ("heavy_ball", momenta))])
-    finally:
-        torch.set_num_threads(threads)
-    # each prompt and candidate is one sequential loop, whichever thread runs it: bit for bit the same
-    assert all(torch.equal(a, b) for other in runs[1:] for a, b in zip(runs[0], other))
