@@ -1,6 +1,7 @@
 """The identifiability verdict on synthetic models built from independently computed solver
 trajectories (NumPy CG and gradient descent on random kernel systems)."""
 
+import dataclasses
 import itertools
 
 import numpy as np
@@ -80,7 +81,16 @@ def test_model_matching_no_algorithm_is_not_identified(trajectories):
     verdict = _verdict(layers, preds, krr)
     assert not verdict.identified
     assert verdict.score < 0.9
-    assert "not identified" in verdict.message
+    # layers unrelated to every trajectory sit closest to step 0 (prediction 0): that branch speaks
+    assert "every scored layer aligns with step 0" in verdict.message
+
+
+def test_model_only_partly_explained_by_the_best_algorithm_is_not_identified(trajectories):
+    preds, krr = trajectories
+    noise = preds["cg"].std() * np.random.default_rng(6).normal(size=(BATCH, 5, M))
+    verdict = _verdict(preds["cg"][:, :5] + noise, preds, krr)
+    assert verdict.best == "cg" and 0.0 < verdict.score < 0.9 and not verdict.identified
+    assert "no algorithm explains the layers well enough (needs path R2 >= 0.9" in verdict.message
 
 
 def test_model_equally_close_to_two_separable_algorithms_is_not_identified(trajectories):
@@ -160,3 +170,57 @@ def test_too_few_prompts_or_resamples_give_no_verdict_even_for_an_exact_match(tr
     enough = score_algorithms(layers, subset, krr[:prompts], bootstrap=MIN_VERDICT_RESAMPLES, seed=0) if prompts == BATCH else None
     if enough is not None:  # the same prompts with the minimum number of resamples: identified
         assert identifiability_verdict(enough, subset).identified
+
+
+def _exact_cg_scores(trajectories):
+    """Scores of layers that are exactly CG's steps 0..4 (cg: path R2 1, gd: lower), 300 resamples."""
+    preds, krr = trajectories
+    return preds, score_algorithms(preds["cg"][:, :5], preds, krr, bootstrap=300, seed=0)
+
+
+def test_identification_needs_the_interval_lower_bound_not_the_estimate_above_min_score(trajectories):
+    preds, scores = _exact_cg_scores(trajectories)
+    below = {**scores, "cg": dataclasses.replace(scores["cg"], score=0.95, score_ci=(0.89, 0.97))}
+    verdict = identifiability_verdict(below, preds, min_score=0.9)
+    assert verdict.best == "cg" and verdict.score > 0.9 and not verdict.identified
+    assert "no algorithm explains the layers well enough" in verdict.message
+    above = {**scores, "cg": dataclasses.replace(scores["cg"], score=0.95, score_ci=(0.91, 0.97))}
+    assert identifiability_verdict(above, preds, min_score=0.9).identified
+
+
+@pytest.mark.parametrize("spread, identified", [(0.05, False), (0.002, True)])
+def test_identification_needs_the_paired_gap_interval_above_zero_not_just_a_gap_of_min_gap(trajectories, spread, identified):
+    preds, scores = _exact_cg_scores(trajectories)
+    runner = scores["gd"].score_samples
+    differences = 0.02 + spread * np.random.default_rng(5).standard_normal(runner.shape)
+    top = dataclasses.replace(scores["cg"], score=scores["gd"].score + 0.02, score_ci=(0.95, 0.99), score_samples=runner + differences)
+    verdict = identifiability_verdict({**scores, "cg": top}, preds, min_score=0.9, min_gap=0.01)
+    expected_ci = np.quantile(differences, [0.025, 0.975], method="inverted_cdf")  # NumPy's percentile interval
+    np.testing.assert_allclose(verdict.gap_ci, expected_ci, rtol=1e-12)
+    assert verdict.gap == pytest.approx(0.02) and verdict.runner_up == "gd"
+    assert (verdict.gap_ci[0] > 0) == identified and verdict.identified == identified
+    assert identified or "does not beat gd beyond the interval" in verdict.message
+
+
+def test_without_a_separable_runner_up_a_good_enough_best_is_identified_with_its_equivalents(trajectories):
+    preds, krr = trajectories
+    copies = {"cg": preds["cg"], "cg_again": preds["cg"].copy()}
+    scores = score_algorithms(preds["cg"][:, :5], copies, krr, bootstrap=300, seed=0)
+    verdict = identifiability_verdict(scores, copies)
+    assert verdict.runner_up is None and np.isnan(verdict.gap)
+    assert verdict.identified and "(or its equivalents" in verdict.message
+
+
+def test_layers_at_zero_align_with_step_0_and_say_so(trajectories):
+    preds, krr = trajectories
+    zeros = np.zeros((BATCH, 5, M))
+    verdict = _verdict(zeros, preds, krr)
+    assert not verdict.identified and not np.isfinite(verdict.score)  # error 0 over variance 0 at step 0
+    assert "every scored layer aligns with step 0" in verdict.message
+
+
+def test_an_undefined_score_never_ranks_first(trajectories):
+    preds, scores = _exact_cg_scores(trajectories)
+    undefined = {**scores, "cg": dataclasses.replace(scores["cg"], score=float("nan"))}
+    verdict = identifiability_verdict(undefined, preds)
+    assert verdict.best == "gd" and verdict.runner_up == "cg"
