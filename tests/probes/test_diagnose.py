@@ -2,6 +2,7 @@
 a random one, the result object's views, and bad inputs."""
 
 import json
+import re
 import matplotlib
 
 matplotlib.use("Agg")
@@ -15,7 +16,7 @@ from mi_krr.construct import cg_transformer, gd_transformer, richardson_transfor
 from mi_krr.models import ICLTransformer, ICLTransformerConfig
 from mi_krr.tasks.samplers import GPRegressionSampler, LinearRegressionSampler
 import probes
-from probes.diagnose import Diagnosis, diagnose, resolve_lam
+from probes.diagnose import Diagnosis, default_n_steps, diagnose, resolve_lam
 
 LAM = 0.1
 
@@ -208,6 +209,18 @@ def test_json_summary_plots_and_report_carry_the_same_numbers(random_diagnosis, 
         assert result.kernel_alignment is not None
     text = diagnosis.summary()
     assert "in_distribution" in text and "ill_conditioned" in text and "Verdict" in text
+    for block, result in zip(text.split("\n\n"), diagnosis.task_sets.values()):  # each algorithm's row, ranked
+        rows = [line.split() for line in block.splitlines() if line.split() and line.split()[0] in result.scores]
+        assert [row[0] for row in rows] == sorted(result.scores, key=lambda name: -result.scores[name].score)
+        for row in rows:
+            score = result.scores[row[0]]
+            printed = [float(value.strip("[],")) for value in row[1:4]]
+            np.testing.assert_allclose(printed, [score.score, *score.score_ci], atol=5e-5)
+        best = result.scores[result.verdict.best]
+        step_line = next(line for line in block.splitlines() if line.startswith("  step  "))
+        pairs = re.findall(r"(\d+) \(\s*(\d+)\)", step_line)  # "aligned (argmin)" per layer
+        assert [int(aligned) for aligned, _ in pairs] == best.aligned_steps.tolist()
+        assert [int(argmin) for _, argmin in pairs] == best.argmin_steps.tolist()
     figures = diagnosis.plot("in_distribution")
     assert set(figures) == {"error_profiles", "step_map", "kernel_alignment", "sensitivities"}
     plt.close("all")
@@ -217,6 +230,12 @@ def test_json_summary_plots_and_report_carry_the_same_numbers(random_diagnosis, 
     assert {"index.md", "diagnosis.json", "arrays.npz", "in_distribution_step_map.png"} <= written
     json.loads((index.parent / "diagnosis.json").read_text(), parse_constant=reject_constant)
     assert "![in_distribution: error_profiles]" in index.read_text()
+    arrays, result = np.load(index.parent / "arrays.npz"), diagnosis["in_distribution"]
+    np.testing.assert_array_equal(arrays["in_distribution/krr_predictions"], result.krr_predictions)
+    np.testing.assert_array_equal(arrays["in_distribution/layer_predictions"], result.layer_predictions)
+    np.testing.assert_array_equal(arrays["in_distribution/kappa"], result.kappa)
+    for algorithm, pred in result.step_predictions.items():
+        np.testing.assert_array_equal(arrays[f"in_distribution/steps/{algorithm}"], pred)
     colliding = Diagnosis(task_sets={"scale x2": diagnosis["in_distribution"], "scale_x2": diagnosis["ill_conditioned"]},
                           settings=diagnosis.settings)
     index = colliding.save(tmp_path / "colliding")
@@ -342,3 +361,11 @@ def test_task_sets_of_other_prompt_lengths_and_splits_each_get_their_own_concat_
         with torch.no_grad():
             expected = model.predict(task).double().numpy()
         np.testing.assert_allclose(result[name].layer_predictions[:, -1], expected, rtol=1e-6, atol=1e-7, err_msg=name)
+
+
+def test_default_solver_steps_are_twice_the_layers_but_at_least_20():
+    assert [default_n_steps(layers) for layers in (1, 4, 10, 12)] == [20, 20, 20, 24]
+    model = ICLTransformer(ICLTransformerConfig(n_dims=3, d_model=8, n_layers=1, n_heads=1))
+    result = diagnose(model, GPRegressionSampler(dim=3).sample(4, 5, 2, seed=0), algorithms="cg", kernels=(), bootstrap=0,
+                      progress=False)["tasks"]
+    assert result.n_steps == 20 and result.step_predictions["cg"].shape == (4, 21, 2)

@@ -148,6 +148,15 @@ def test_cross_fit_needs_two_prompts():
         cross_fit_folds(1, seed=0)
 
 
+@pytest.mark.parametrize("n_prompts", [2, 7, 24])
+def test_cross_fit_folds_are_seeded_halves_differing_by_at_most_one_prompt(n_prompts):
+    folds = cross_fit_folds(n_prompts, seed=3)
+    assert sorted(np.bincount(folds, minlength=2).tolist()) == [n_prompts // 2, n_prompts - n_prompts // 2]
+    np.testing.assert_array_equal(folds, cross_fit_folds(n_prompts, seed=3))
+    if n_prompts > 7:  # different seeds, different splits (C(24, 12) of them)
+        assert not np.array_equal(folds, cross_fit_folds(n_prompts, seed=4))
+
+
 @pytest.mark.parametrize("algorithm, precond", [("gd", "none"), ("richardson_jacobi", "jacobi"), ("richardson_rowsum", "rowsum")])
 def test_spectral_richardson_trajectories_equal_the_solver_for_every_candidate_step(algorithm, precond):
     K, y, K_query = system(4)
@@ -296,10 +305,19 @@ def test_bounded_brent_takes_scipys_steps_on_every_search_at_once():
 
 
 @pytest.mark.parametrize("algorithm", FITTED_STEP_ALGORITHMS)
-def test_optimal_steps_are_the_registry_default_steps(algorithm):
+def test_optimal_steps_are_the_closed_forms_on_numpy_eigenvalues_and_the_registry_default_steps(algorithm):
     K, y, K_query = system(8)
+    diagonals = {"gd": lambda Kb: np.ones(N), "heavy_ball": lambda Kb: np.ones(N), "richardson_jacobi": jacobi,
+                 "richardson_rowsum": lambda Kb: 1.0 / Kb.sum(1)}
+    expected = []
+    for Kb in K.numpy():
+        root = np.sqrt(diagonals[algorithm](Kb))
+        mu = np.linalg.eigvalsh(root[:, None] * (Kb + LAM * np.eye(N)) * root[None, :])  # spectrum of P (K + lam I)
+        low, high = mu[0], mu[-1]
+        expected.append(4.0 / (np.sqrt(high) + np.sqrt(low)) ** 2 if algorithm == "heavy_ball" else 2.0 / (low + high))
     eigenvalues = spectral_system(algorithm, K, y, LAM, K_query).eigenvalues
-    torch.testing.assert_close(optimal_steps(algorithm, eigenvalues), ALGORITHMS[algorithm](K, y, LAM, 0).step, rtol=1e-12, atol=0)
+    np.testing.assert_allclose(optimal_steps(algorithm, eigenvalues).numpy(), expected, rtol=1e-10)
+    np.testing.assert_allclose(ALGORITHMS[algorithm](K, y, LAM, 0).step.numpy(), expected, rtol=1e-10)
 
 
 def test_spectral_trajectories_take_a_step_and_momentum_per_prompt():
