@@ -61,6 +61,11 @@ def test_layer_predictions_ridge_matches_fitted_probes_on_held_out_prompts():
     model, train, test = make_model(), linear_task(40, seed=0), linear_task(10, seed=1)
     expected = fit_layer_probes(model, train, layers=[2]).predict(model, test)
     torch.testing.assert_close(layer_predictions(model, test, method="ridge", layers=[2], train_task=train), expected)
+    # the fit's settings reach the probes: a single huge penalty shrinks them to the (unpenalised) intercept
+    options = dict(val_fraction=0.5, lam_grid=[1e8], seed=4)
+    shrunk = layer_predictions(model, test, method="ridge", layers=[2], train_task=train, **options)
+    torch.testing.assert_close(shrunk, fit_layer_probes(model, train, layers=[2], **options).predict(model, test))
+    assert shrunk.std() < 1e-3 * expected.std()
 
 
 def test_shuffled_target_control_scores_near_zero_where_the_probe_finds_the_signal():
