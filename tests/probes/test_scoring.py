@@ -219,8 +219,48 @@ def test_kappa_strata_follow_numpy_quantiles():
     np.testing.assert_allclose(edges, np.percentile(kappa, [0, 25, 50, 75, 100]))
     for bin_id in range(4):
         members = kappa[index == bin_id]
-        assert np.all(members >= edges[bin_id]) and np.all(members <= edges[bin_id + 1])
+        last = bin_id == 3  # half-open bins, the last one closed
+        assert np.all(members >= edges[bin_id]) and np.all(members <= edges[bin_id + 1] if last else members < edges[bin_id + 1])
         assert abs(members.size - 301 / 4) <= 2
+
+
+def test_a_condition_number_on_an_inner_edge_opens_the_next_bin():
+    kappa = np.arange(1.0, 10.0)  # 2 bins: edges 1, 5, 9
+    index, edges = kappa_strata(kappa, 2)
+    np.testing.assert_array_equal(edges, [1.0, 5.0, 9.0])
+    np.testing.assert_array_equal(index, [0, 0, 0, 0, 1, 1, 1, 1, 1])
+
+
+def test_tied_condition_numbers_leave_empty_bins_out_and_weights_are_floored_at_log10_of_1_1():
+    rng = np.random.default_rng(15)
+    steps = rng.normal(size=(40, 3, 2))
+    steps[:, 0] = 0
+    layers = steps + 0.3 * rng.normal(size=steps.shape)
+    tied = score_algorithm("toy", layers, steps, steps[:, -1], kappa=np.full(40, 3.0), n_kappa_bins=3)
+    assert [(s.n_prompts, s.kappa_low, s.kappa_high) for s in tied.strata] == [(40, 3.0, 3.0)]  # two empty bins dropped
+    assert tied.strata[0].score == pytest.approx(tied.score, rel=1e-12)
+    near_one = np.linspace(1.0, 1.05, 40)  # log10 of every median < log10(1.1): equal (floored) weights
+    floored = score_algorithm("toy", layers, steps, steps[:, -1], kappa=near_one, n_kappa_bins=2)
+    scores = [s.score for s in floored.strata]
+    assert scores[0] != pytest.approx(scores[1], rel=1e-3)
+    assert floored.weighted_r2 == pytest.approx(np.mean(scores), rel=1e-12)
+
+
+def test_strata_are_scored_at_the_all_prompt_alignment_not_their_own():
+    rng = np.random.default_rng(16)
+    steps = rng.normal(size=(60, 3, 2))
+    steps[:, 0] = 0
+    kappa = np.exp(rng.uniform(0, 6, size=60))
+    high = kappa > np.median(kappa)
+    steps[~high] *= 3.0  # the well-conditioned half dominates the all-prompt sums
+    layers = steps.copy()
+    layers[high, 1] = steps[high, 2]  # on its own the ill-conditioned half would align layer 1 with step 2
+    score = score_algorithm("toy", layers, steps, steps[:, -1], kappa=kappa, n_kappa_bins=2)
+    np.testing.assert_array_equal(score.aligned_steps, [0, 1, 2])
+    error = np.sum((layers[high, 1] - steps[high, 1]) ** 2)  # layer 2 matches step 2 exactly
+    variance = sum(np.sum((steps[high, t] - steps[high, t].mean()) ** 2) for t in (1, 2))
+    assert score.strata[1].score == pytest.approx(1 - error / variance, rel=1e-10)
+    assert score.strata[1].score < 1.0 - 1e-3
 
 
 def test_strata_scores_and_weighted_r2_match_direct_computation():
