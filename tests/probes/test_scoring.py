@@ -343,3 +343,60 @@ def test_bad_inputs_raise_one_line_value_errors():
         score_algorithm("toy", np.zeros((3, 1, 2)), np.ones((3, 2, 2)), np.ones((3, 2)), layers=[0])
     with pytest.raises(ValueError, match="at least one algorithm"):
         score_algorithms(np.zeros((3, 2, 2)), {}, np.zeros((3, 2)))
+
+
+def _brute_force_path(cost: np.ndarray) -> tuple[int, ...]:
+    """The cheapest non-decreasing step per row of cost [L', T+1] by enumeration (ties: the
+    earliest steps from the last row back, as `monotone_alignment` documents)."""
+    paths = list(itertools.combinations_with_replacement(range(cost.shape[1]), cost.shape[0]))
+    totals = [sum(cost[row, step] for row, step in enumerate(path)) for path in paths]
+    return min((path for path, total in zip(paths, totals) if total == min(totals)), key=lambda path: path[::-1])
+
+
+def _sums(layers: np.ndarray, steps: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+    """SSE [L', T+1] and SST [T+1] pooled over prompts and values (plain NumPy loops), and the count."""
+    sse = np.array([[np.sum((layers[:, l] - steps[:, t]) ** 2) for t in range(steps.shape[1])] for l in range(layers.shape[1])])
+    sst = np.array([np.sum((steps[:, t] - steps[:, t].mean()) ** 2) for t in range(steps.shape[1])])
+    return sse, sst, steps[:, 0].size
+
+
+def test_every_algorithm_score_field_against_a_numpy_recomputation():
+    rng = np.random.default_rng(17)
+    steps = rng.normal(size=(20, 5, 2)) * np.linspace(0.0, 1.0, 5)[None, :, None]  # step 0 is 0
+    layers = steps[:, [0, 1, 3, 4]] + 0.3 * rng.normal(size=(20, 4, 2))
+    krr = steps[:, -1] + 0.01 * rng.normal(size=(20, 2))
+    step_sens, noise = rng.normal(size=(20, 5, 2, 3)), rng.normal(size=(20, 4, 2, 3))
+    layer_sens = step_sens[:, [0, 1, 3, 4]] + 0.5 * noise
+    layer_sens[:, 0] = 100.0 * noise[:, 0]  # layer 0 is never scored: a huge error there must not count
+    weights = bootstrap_weights(20, 60, seed=5)
+    score = score_algorithm("toy", layers, steps, krr, resamples=weights, layer_sensitivity=layer_sens, step_sensitivity=step_sens)
+
+    sse, sst, count = _sums(layers, steps)
+    aligned = _brute_force_path(sse / count)
+    np.testing.assert_array_equal(score.aligned_steps, aligned)
+    np.testing.assert_array_equal(score.argmin_steps, np.argmin(sse, axis=1))
+    model_profile = np.log10([np.mean((layers[:, l] - krr) ** 2) for l in range(4)])
+    algorithm_profile = np.log10([np.mean((steps[:, t] - krr) ** 2) for t in range(5)])
+    np.testing.assert_allclose(score.model_profile, model_profile, rtol=1e-12)
+    np.testing.assert_allclose(score.algorithm_profile, algorithm_profile, rtol=1e-12)
+    gaps = model_profile[:, None] - algorithm_profile[None, :]
+    assert score.profile_distance == pytest.approx(np.sqrt(np.mean(gaps[range(4), aligned] ** 2)), rel=1e-12)
+    profile_path = _brute_force_path(gaps**2)
+    np.testing.assert_array_equal(score.profile_steps, profile_path)
+    assert score.profile_aligned_distance == pytest.approx(np.sqrt(np.mean(gaps[range(4), profile_path] ** 2)), rel=1e-12)
+
+    sens_sse, sens_sst, _ = _sums(layer_sens.reshape(20, 4, -1), step_sens.reshape(20, 5, -1))
+    scored = [(row, aligned[row]) for row in (1, 2, 3)]
+    expected = 1 - sum(sens_sse[row, t] for row, t in scored) / sum(sens_sst[t] for _, t in scored)
+    assert score.sensitivity_score == pytest.approx(expected, rel=1e-10)
+
+    per_resample = []  # each resample: prompts repeated by their counts, aligned on their own, per-layer R2
+    for w in weights:
+        index = np.repeat(np.arange(20), w.astype(int))
+        r_sse, r_sst, r_count = _sums(layers[index], steps[index])
+        path = _brute_force_path(r_sse / r_count)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            per_resample.append([1 - r_sse[row, t] / r_sst[t] if r_sst[t] > 0 else np.nan for row, t in enumerate(path)])
+    per_resample = np.array(per_resample)
+    for row in range(1, 4):
+        np.testing.assert_allclose(score.aligned_r2_ci[row], percentile_interval(per_resample[:, row]), rtol=1e-9)
