@@ -1,6 +1,7 @@
 """`diagnose` end to end: positive controls on constructed transformers, the negative control on
 a random one, the result object's views, and bad inputs."""
 
+import itertools
 import json
 import re
 import matplotlib
@@ -93,6 +94,23 @@ def test_cross_fitting_scores_each_prompt_with_the_step_fitted_on_the_other_half
             alpha = alpha + step * (y[b] - A @ alpha)
             expected.append(xq[b] @ x[b].T @ alpha)
         np.testing.assert_allclose(result.step_predictions["gd"][b], np.stack(expected), rtol=1e-10, atol=1e-12)
+    assert fit.to_dict()["fold_sizes"] == np.bincount(fit.folds, minlength=2).tolist()
+    for fold in (0, 1):  # fit_score: the path R2 of the fold's own step on its own prompts (in-sample)
+        members = np.flatnonzero(fit.folds == fold)
+        steps = []
+        for b in members:
+            A, alpha, pred = x[b] @ x[b].T + LAM * np.eye(12), np.zeros(12), [np.zeros(4)]
+            for _ in range(5):
+                alpha = alpha + fit.step[fold] * (y[b] - A @ alpha)
+                pred.append(xq[b] @ x[b].T @ alpha)
+            steps.append(pred)
+        steps, layers = np.array(steps), result.layer_predictions[members]
+        sse = np.array([[np.sum((layers[:, l] - steps[:, t]) ** 2) for t in range(6)] for l in range(layers.shape[1])])
+        sst = np.array([np.sum((steps[:, t] - steps[:, t].mean()) ** 2) for t in range(6)])
+        paths = itertools.combinations_with_replacement(range(6), layers.shape[1])
+        path = min(paths, key=lambda path: sum(sse[row, t] for row, t in enumerate(path)))  # layer 0 aligned too
+        expected_score = 1 - sum(sse[row, path[row]] for row in range(1, len(path))) / sum(sst[path[row]] for row in range(1, len(path)))
+        assert fit.fit_score[fold] == pytest.approx(expected_score, rel=1e-9)
 
 
 def test_richardson_transformer_is_identified_as_rowsum_richardson_and_separable_from_gd():
@@ -180,6 +198,12 @@ def test_dataframe_holds_every_layer_step_pair_with_r2_from_the_stored_predictio
     assert row.r2.item() == pytest.approx(expected, rel=1e-10)
     assert row.mse.item() == pytest.approx(np.mean((a - s) ** 2), rel=1e-10)
     assert frame.groupby(["task_set", "algorithm", "layer"]).aligned.sum().eq(1).all()
+    for (set_name, algorithm, layer), rows in frame.groupby(["task_set", "algorithm", "layer"]):
+        score = diagnosis[set_name].scores[algorithm]
+        row = list(score.layers).index(layer)
+        assert rows.step[rows.aligned].item() == score.aligned_steps[row]
+        assert rows.step[rows.argmin].item() == int(np.argmin(rows.mse.to_numpy()))  # the MSE checked above
+        assert rows.best.all() == (algorithm == diagnosis[set_name].verdict.best) == rows.best.any()
 
 
 def reject_constant(name):
