@@ -5,7 +5,8 @@
   `CHUNK_VALUES` = 2^16 .. 2^19 numbers per chunk of prompts (the shipped value is 2^18);
 - the cross-fitted step sizes of diagnose's four fitted algorithms, one algorithm at a time
   (`cross_fit_step` each) against all together (`cross_fit_steps`, the lockstep diagnose runs),
-  with the fitted steps of both checked equal.
+  with the fitted steps of both checked equal; and how much arithmetic the fit does: the (prompt,
+  candidate) trajectories it scores and the multiply-adds of their closed-form predictions.
 
 Variants alternate within each repeat; medians. Run: .venv/bin/python benchmarks/bench_analysis.py
 """
@@ -86,7 +87,28 @@ def step_fits(model, task, repeats: int) -> dict[str, float]:
     for name in systems:
         if not np.array_equal(alone[name].step, joint[name].step):
             raise AssertionError(f"{name}: steps fitted together {joint[name].step} differ from alone {alone[name].step}")
-    return median_ms({"one at a time": one_at_a_time, "together": together}, repeats)
+    times = median_ms({"one at a time": one_at_a_time, "together": together}, repeats)
+    times["prompt-candidates"] = count_scored_candidates(together)
+    n_query, n_support = K_query.shape[1:]
+    times["multiply-adds"] = times["prompt-candidates"] * n_steps * n_query * n_support  # pred_t = gain s_t, t = 1..T
+    return times
+
+
+def count_scored_candidates(fit) -> int:
+    """(prompt, candidate) trajectories one call of `fit` scores (through `probes.step_sizes.path_scores`)."""
+    module = sys.modules["probes.step_sizes"]
+    scored, original = [0], module.path_scores
+
+    def counting(layer_pred, candidate_pred, *args, **kwargs):
+        scored[0] += candidate_pred.shape[0] * candidate_pred.shape[1]
+        return original(layer_pred, candidate_pred, *args, **kwargs)
+
+    module.path_scores = counting
+    try:
+        fit()
+    finally:
+        module.path_scores = original
+    return scored[0]
 
 
 def main() -> None:
@@ -105,6 +127,9 @@ def main() -> None:
         fits = step_fits(model, task, args.repeats)
         print(f"  step fits (same steps): one at a time {fits['one at a time']:.0f} ms, together {fits['together']:.0f} ms "
               f"({1 - fits['together'] / fits['one at a time']:.0%} less)", flush=True)
+        rate = 2 * fits["multiply-adds"] / (fits["together"] * 1e-3) / 1e9
+        print(f"  the fit together scores {fits['prompt-candidates']} (prompt, candidate) trajectories in closed form: "
+              f"{fits['multiply-adds'] / 1e9:.2f} G multiply-adds for the predictions alone, {rate:.1f} GFLOP/s over the whole fit", flush=True)
 
 
 if __name__ == "__main__":
