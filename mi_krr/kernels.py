@@ -12,7 +12,6 @@ are re-exported here.
 from __future__ import annotations
 
 import inspect
-
 from typing import Any, Callable
 
 import numpy as np

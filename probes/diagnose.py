@@ -283,7 +283,10 @@ def diagnose(
         check_choice("kernel", kernel, KERNEL_NAMES)
     layers = resolve_layers(model, layers)
     if any(later <= earlier for earlier, later in zip(layers, layers[1:])):
-        raise ValueError(f"layers must be increasing without repeats (the layer -> step alignment reads them as depth), got {layers}: pass {sorted(set(layers))}")
+        raise ValueError(
+            f"layers must be increasing without repeats (the layer -> step alignment reads them as depth), "
+            f"got {layers}: pass {sorted(set(layers))}"
+        )
     if not any(layer > 0 for layer in layers):
         raise ValueError("layers must include at least one block output (index >= 1); layer 0 is the embedding")
     n_steps = default_n_steps(model.n_layers) if n_steps is None else check_count("n_steps", n_steps, 1)

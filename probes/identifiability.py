@@ -174,7 +174,7 @@ def identifiability_verdict(
 
     message = _message(
         best, top, runner_up, gap, gap_ci, equivalent, agreement[row], names, identified, has_intervals, min_score, min_gap,
-        None if enough else n_prompts,
+        enough, n_prompts,
     )
     return Verdict(
         best=best,
@@ -202,9 +202,9 @@ def _finite(value: float) -> float:
 
 
 def _message(best, top, runner_up, gap, gap_ci, equivalent, agreement_row, names, identified, has_intervals, min_score, min_gap,
-             too_few_prompts) -> str:
-    """The verdict as a few sentences (too_few_prompts: the prompt count when the prompts or
-    resamples are too few for a verdict, else None)."""
+             enough, n_prompts) -> str:
+    """The verdict as a few sentences (enough: whether the n_prompts prompts and the resamples
+    are enough for a verdict)."""
     ci = f"[{top.score_ci[0]:.4f}, {top.score_ci[1]:.4f}]" if has_intervals else "(no bootstrap interval)"
     lines = [f"Best: {best}, path R2 {top.score:.4f} {ci}."]
     if runner_up is not None:
@@ -220,9 +220,9 @@ def _message(best, top, runner_up, gap, gap_ci, equivalent, agreement_row, names
         lines.append(f"Verdict: identified as {best}" + (f" (or its equivalents {', '.join(equivalent)})." if equivalent else "."))
     elif not has_intervals:
         lines.append("Verdict: not identified: run with bootstrap > 0 to get the intervals a verdict needs.")
-    elif too_few_prompts is not None:
+    elif not enough:
         lines.append(
-            f"Verdict: not identified: {too_few_prompts} prompts and {top.score_samples.size} resamples are too few for "
+            f"Verdict: not identified: {n_prompts} prompts and {top.score_samples.size} resamples are too few for "
             f"bootstrap intervals to support a verdict (needs >= {MIN_VERDICT_PROMPTS} prompts and >= "
             f"{MIN_VERDICT_RESAMPLES} resamples)."
         )

@@ -165,6 +165,7 @@ def stream_probes(
 
     Raises ValueError for an unknown block or source, or when nothing is requested.
     """
+    model = probe_model(model)
     blocks = tuple(blocks)
     for block in blocks:
         check_choice("blocks entry", block, ATTENTION_BLOCKS)
