@@ -39,13 +39,7 @@ from probes.kernel_alignment import REFERENCE_KERNELS, KernelAlignment, kernel_a
 from probes.layer_predictions import METHODS, layer_predictions
 from probes.scoring import AlgorithmScore, score_algorithms
 from probes.sensitivity import label_sensitivities, solver_sensitivities
-from probes.step_sizes import (
-    FITTED_STEP_ALGORITHMS,
-    STEP_SIZES,
-    FittedStep,
-    cross_fit_steps,
-    spectral_systems,
-)
+from probes.step_sizes import FITTED_STEP_ALGORITHMS, STEP_SIZES, FittedStep, fit_global_steps
 from probes.streaming import encode_for_probe, probe_model, resolve_layers, stream_probes
 
 DEFAULT_ALGORITHMS = ("cg", "jacobi_cg", "gd", "richardson_jacobi", "richardson_rowsum", "chebyshev", "heavy_ball", "newton")
@@ -387,7 +381,8 @@ def _diagnose_task_set(model, set_name, task, prompt, bar, *, algorithms, kernel
     layer_pred_np = _numpy(layer_pred)
     fitted, unfit = {}, {}
     if step_sizes == "fitted":
-        fitted, unfit = _fitted_steps(algorithms, K, y, lam, K_query, n_steps, layer_pred_np, scored, seed)
+        names = [name for name, solver in algorithms.items() if name in FITTED_STEP_ALGORITHMS and solver is ALGORITHMS.get(name)]
+        fitted, unfit = fit_global_steps(names, K, y, lam, K_query, n_steps, layer_pred_np, scored, seed)
     solvers: dict[str, Callable[..., Any]] = {}
     step_preds = {}
     for name, solver in algorithms.items():
@@ -466,19 +461,6 @@ def _diagnose_task_set(model, set_name, task, prompt, bar, *, algorithms, kernel
         notes=notes,
         seconds=seconds,
     )
-
-
-def _fitted_steps(
-    algorithms: dict[str, Callable[..., Any]], K: torch.Tensor, y: torch.Tensor, lam: float, K_query: torch.Tensor,
-    n_steps: int, layer_pred: np.ndarray, scored: np.ndarray, seed: int,
-) -> tuple[dict[str, FittedStep], dict[str, ValueError]]:
-    """Cross-fitted global steps of the registry algorithms in `FITTED_STEP_ALGORITHMS`, all in
-    one lockstep search (`cross_fit_steps`) on shared eigensystems (`spectral_systems`). Returns
-    (fitted, unfit): name -> `FittedStep`, and name -> the ValueError of an algorithm whose
-    preconditioner does not apply (e.g. row sums <= 0)."""
-    names = [name for name, solver in algorithms.items() if name in FITTED_STEP_ALGORITHMS and solver is ALGORITHMS.get(name)]
-    systems, unfit = spectral_systems(names, K, y, lam, K_query)
-    return cross_fit_steps(systems, n_steps, layer_pred, scored, seed), unfit
 
 
 def resolve_kernel(task: ICLTask, kernel: str, kernel_params: dict[str, float] | None) -> tuple[str, dict[str, float]]:

@@ -249,6 +249,11 @@ class FittedStep:
         momentum = None if self.momentum is None else torch.as_tensor(self.momentum[other], dtype=torch.float64)
         return _solver(self.algorithm, step, momentum)
 
+    def rescaled(self, algorithm: str, factor: float) -> FittedStep:
+        """The same fit for `algorithm`, whose step w is this one's times `factor` (e.g. Jacobi
+        Richardson with P = p I runs exactly GD's iterates at w = w_gd / p)."""
+        return FittedStep(algorithm=algorithm, folds=self.folds, step=self.step * factor, momentum=self.momentum, fit_score=self.fit_score)
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "algorithm": self.algorithm,
@@ -551,6 +556,42 @@ def cross_fit_steps(
             fit_score=np.array(score),
         )
     return fitted
+
+
+def fit_global_steps(
+    algorithms: list[str], K: torch.Tensor, y: torch.Tensor, lam: float, K_query: torch.Tensor, n_steps: int,
+    layer_pred: np.ndarray, scored: np.ndarray, seed: int,
+) -> tuple[dict[str, FittedStep], dict[str, ValueError]]:
+    """The cross-fitted global steps of `algorithms` (names in `FITTED_STEP_ALGORITHMS`) on K
+    `[B, n, n]`, y `[B, n]`, K_query `[B, m, n]` against `layer_pred` `[B, L', m]` (rows `scored`):
+    every search in one lockstep (`cross_fit_steps`) on shared eigensystems (`spectral_systems`).
+
+    When the Jacobi preconditioner is one scalar p for every prompt (diag K constant, as for the
+    Gaussian kernel), Jacobi Richardson with step w IS gradient descent with step w p, step for
+    step: with gd among `algorithms`, its fit is gd's rescaled (`FittedStep.rescaled`), not a
+    second search.
+
+    Returns:
+        (fitted, unfit): name -> `FittedStep`, and name -> the ValueError of an algorithm whose
+        preconditioner does not apply to these prompts (e.g. row sums <= 0).
+    """
+    jacobi = scalar_jacobi(K, lam) if {"gd", "richardson_jacobi"} <= set(algorithms) else None
+    searched = [name for name in algorithms if not (name == "richardson_jacobi" and jacobi is not None)]
+    systems, unfit = spectral_systems(searched, K, y, lam, K_query)
+    fitted = cross_fit_steps(systems, n_steps, layer_pred, scored, seed)
+    if jacobi is not None:
+        fitted = {name: fitted[name] if name != "richardson_jacobi" else fitted["gd"].rescaled(name, 1.0 / jacobi)
+                  for name in algorithms if name in fitted or name == "richardson_jacobi"}
+    return fitted, unfit
+
+
+def scalar_jacobi(K: torch.Tensor, lam: float) -> float | None:
+    """p when the Jacobi preconditioner diag(K + lam I)^-1 is p I for every prompt of K `[B, n, n]`
+    (every diagonal entry equal), else None."""
+    diagonal = torch.diagonal(torch.as_tensor(K), dim1=-2, dim2=-1)
+    if diagonal.numel() == 0 or not bool((diagonal == diagonal.flatten()[0]).all()):
+        return None
+    return 1.0 / (float(diagonal.flatten()[0]) + lam)
 
 
 def cross_fit_step(

@@ -6,6 +6,7 @@ evaluates its candidates with, against the real solvers and a NumPy loop."""
 from __future__ import annotations
 
 import itertools
+import sys
 
 import numpy as np
 import pytest
@@ -20,11 +21,13 @@ from probes.step_sizes import (
     cross_fit_folds,
     cross_fit_step,
     cross_fit_steps,
+    fit_global_steps,
     fit_preconditioner,
     fit_step,
     optimal_steps,
     path_score,
     path_scores,
+    scalar_jacobi,
     spectral_system,
     spectral_systems,
 )
@@ -70,6 +73,30 @@ def test_fitted_step_recovers_the_fixed_step_of_the_layers(algorithm, step, prec
     layers = numpy_layers(K, y, K_query, step, preconditioner=preconditioner)
     fitted, momentum, score = fit_step(algorithm, K, y, LAM, T + 4, K_query, layers, np.arange(1, T + 1))
     assert fitted == pytest.approx(step, rel=1e-5) and momentum is None and score == pytest.approx(1.0, abs=1e-9)
+
+
+def test_a_scalar_jacobi_preconditioner_takes_gds_fit_rescaled_instead_of_a_second_search(monkeypatch):
+    K, y, K_query = system(12)  # Gaussian kernels: diag K = 1, so P = I / (1 + lam) for every prompt
+    assert scalar_jacobi(K, LAM) == 1.0 / (1.0 + LAM)
+    layers = numpy_layers(K, y, K_query, 0.3, preconditioner=jacobi)  # a network running Jacobi Richardson at 0.3
+    scored = np.arange(1, T + 1)
+    searched = cross_fit_step("richardson_jacobi", K, y, LAM, T, K_query, layers, scored, seed=2)  # its own search
+    seen = []
+    real = sys.modules["probes.step_sizes"].spectral_systems
+    monkeypatch.setattr(sys.modules["probes.step_sizes"], "spectral_systems", lambda names, *args: seen.append(names) or real(names, *args))
+    fitted, unfit = fit_global_steps(["gd", "richardson_jacobi", "heavy_ball"], K, y, LAM, K_query, T, layers, scored, seed=2)
+    assert seen == [["gd", "heavy_ball"]] and unfit == {} and list(fitted) == ["gd", "richardson_jacobi", "heavy_ball"]
+    shortcut = fitted["richardson_jacobi"]
+    np.testing.assert_allclose(shortcut.step, [0.3, 0.3], rtol=1e-5)
+    np.testing.assert_allclose(shortcut.step, searched.step, rtol=1e-5)
+    np.testing.assert_allclose(shortcut.fit_score, searched.fit_score, rtol=1e-9)
+    np.testing.assert_array_equal(shortcut.folds, searched.folds)
+    assert shortcut.algorithm == "richardson_jacobi" and shortcut.momentum is None
+    varied = K * torch.linspace(1.0, 2.0, N, dtype=torch.float64)[:, None].sqrt() * torch.linspace(1.0, 2.0, N, dtype=torch.float64).sqrt()
+    assert scalar_jacobi(varied, LAM) is None  # a varying diagonal: Jacobi is searched like the others
+    seen.clear()
+    fit_global_steps(["gd", "richardson_jacobi"], varied, y, LAM, K_query, T, layers, scored, seed=2)
+    assert seen == [["gd", "richardson_jacobi"]]
 
 
 def test_heavy_ball_fit_recovers_step_and_a_grid_momentum():
