@@ -8,12 +8,13 @@ from typing import Any, Sequence
 
 import torch
 
-from mi_krr.models.adapter import ICLModel, adapter_for
+from mi_krr.models.adapter import ICLModel
 from mi_krr.tasks import ICLTask
 from probes.attention_kernels import AttentionKernels, attention_kernels
 from probes.kernel_alignment import REFERENCE_KERNELS, KernelAlignment, kernel_alignment
 from probes.layer_predictions import layer_predictions
 from probes.sensitivity import label_sensitivities
+from probes.streaming import probe_model
 
 
 @dataclass
@@ -50,5 +51,6 @@ class ProbedModel:
 
 def attach(model: Any) -> ProbedModel:
     """Validate `model` (`mi_krr.models.adapter.adapter_for`: a missing method or hook raises a
-    ValueError naming it) and return it bundled with the probes."""
-    return ProbedModel(adapter_for(model))
+    ValueError naming it) and return it bundled with the probes (an attached model is returned
+    re-bundled, not wrapped twice)."""
+    return ProbedModel(probe_model(model))

@@ -53,3 +53,14 @@ def test_probed_model_methods_run_on_the_attached_model(layout):
     assert kernels.support.shape == (2, 2, 2, 5, 5) and kernels.query.shape == (2, 2, 2, 3, 5)
     alignment = probed.kernel_alignment(task, kernels=("exp",))
     assert alignment.tau.shape == (2, 2)
+
+
+def test_attached_models_are_accepted_wherever_a_model_is():
+    model, task = make_model(), make_task()
+    probed = attach(model)
+    assert attach(probed).model is model  # not wrapped twice
+    import probes
+
+    torch.testing.assert_close(probes.layer_predictions(probed, task), probes.layer_predictions(model, task))
+    torch.testing.assert_close(probes.label_sensitivities(probed, task, layers=[2]), probes.label_sensitivities(model, task, layers=[2]))
+    assert torch.equal(probes.attention_kernels(probed, task).query, probes.attention_kernels(model, task).query)
