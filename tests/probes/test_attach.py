@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import probes
 from mi_krr.models import ICLTransformer, ICLTransformerConfig
 from mi_krr.tasks import ICLTask
 from probes import ProbedModel, attach
@@ -59,8 +60,6 @@ def test_attached_models_are_accepted_wherever_a_model_is():
     model, task = make_model(), make_task()
     probed = attach(model)
     assert attach(probed).model is model  # not wrapped twice
-    import probes
-
     torch.testing.assert_close(probes.layer_predictions(probed, task), probes.layer_predictions(model, task))
     torch.testing.assert_close(probes.label_sensitivities(probed, task, layers=[2]), probes.label_sensitivities(model, task, layers=[2]))
     assert torch.equal(probes.attention_kernels(probed, task).query, probes.attention_kernels(model, task).query)
