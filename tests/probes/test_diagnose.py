@@ -1,6 +1,7 @@
 """`diagnose` end to end: positive controls on constructed transformers, the negative control on
 a random one, the result object's views, and bad inputs."""
 
+import functools
 import itertools
 import json
 import re
@@ -15,6 +16,7 @@ import torch
 
 from mi_krr.construct import cg_transformer, gd_transformer, richardson_transformer
 from mi_krr.models import ICLTransformer, ICLTransformerConfig
+from mi_krr.solvers import ALGORITHMS, richardson
 from mi_krr.tasks.samplers import GPRegressionSampler, LinearRegressionSampler
 import probes
 from probes.diagnose import Diagnosis, default_n_steps, diagnose, resolve_lam
@@ -393,3 +395,38 @@ def test_default_solver_steps_are_twice_the_layers_but_at_least_20():
     result = diagnose(model, GPRegressionSampler(dim=3).sample(4, 5, 2, seed=0), algorithms="cg", kernels=(), bootstrap=0,
                       progress=False)["tasks"]
     assert result.n_steps == 20 and result.step_predictions["cg"].shape == (4, 21, 2)
+
+
+def test_plots_draw_the_stored_statistics_and_only_the_figures_a_diagnosis_has(random_diagnosis):
+    _, diagnosis = random_diagnosis
+    figures = diagnosis.plot()  # both task sets: keys prefixed by the task set
+    assert set(figures) == {f"{name}/{figure}" for name in diagnosis.task_sets
+                            for figure in ("error_profiles", "step_map", "kernel_alignment", "sensitivities")}
+    result = diagnosis["ill_conditioned"]
+    best = result.scores[result.verdict.best]
+    left = figures["ill_conditioned/step_map"].axes[0]
+    path, argmin = (line for line in left.get_lines())
+    np.testing.assert_array_equal(path.get_xdata(), best.aligned_steps)  # the white path is the alignment
+    np.testing.assert_array_equal(argmin.get_xdata(), best.argmin_steps)  # the crosses the per-layer argmin
+    plt.close("all")
+    model = ICLTransformer(ICLTransformerConfig(n_dims=3, d_model=8, n_layers=1, n_heads=1))
+    lean = diagnose(model, GPRegressionSampler(dim=3).sample(4, 5, 2, seed=0), algorithms="cg", kernels=(), bootstrap=0, progress=False)
+    assert set(lean.plot()) == {"error_profiles", "step_map"}  # no alignment, no sensitivities: no empty figures
+    plt.close("all")
+
+
+def test_custom_solvers_in_a_dict_run_as_given_and_registry_ones_like_names():
+    model, task, _ = gd_control()
+    custom = functools.partial(richardson, step=0.05)
+    result = diagnose(model, task, algorithms={"gd_at_0.05": custom, "gd": ALGORITHMS["gd"]}, lam=LAM, n_steps=4, kernels=(),
+                      bootstrap=0, progress=False)["tasks"]
+    assert list(result.fitted_steps) == ["gd"]  # the registry gd is fitted, the custom one is not
+    x, xq, y = (t.double().numpy() for t in (task.x_support, task.x_query, task.y_support))
+    for b in range(3):
+        A, alpha, expected = x[b] @ x[b].T + LAM * np.eye(12), np.zeros(12), [np.zeros(4)]
+        for _ in range(4):
+            alpha = alpha + 0.05 * (y[b] - A @ alpha)
+            expected.append(xq[b] @ x[b].T @ alpha)
+        np.testing.assert_allclose(result.step_predictions["gd_at_0.05"][b], np.stack(expected), rtol=1e-10, atol=1e-12)
+    assert diagnose(model, task, algorithms={"mine": custom}, lam=LAM, n_steps=4, kernels=(), bootstrap=0,
+                    progress=False).settings["algorithms"] == {"mine": "mi_krr.solvers.richardson.richardson(step=0.05)"}
