@@ -86,7 +86,9 @@ class ICLTask:
         )
 
     def select(self, index: torch.Tensor | slice | list[int]) -> "ICLTask":
-        """The prompts at `index` along the batch dimension."""
+        """The prompts at `index` along the batch dimension. As in torch indexing, a slice gives
+        views of this task's tensors (writing into them writes into this task) and a list or
+        tensor index gives copies."""
         return replace(
             self,
             **{name: getattr(self, name)[index] for name in self._tensor_fields()},
