@@ -575,23 +575,24 @@ def fit_global_steps(
         (fitted, unfit): name -> `FittedStep`, and name -> the ValueError of an algorithm whose
         preconditioner does not apply to these prompts (e.g. row sums <= 0).
     """
-    jacobi = scalar_jacobi(K, lam) if {"gd", "richardson_jacobi"} <= set(algorithms) else None
+    jacobi = scalar_jacobi(K, y, lam) if {"gd", "richardson_jacobi"} <= set(algorithms) else None
     searched = [name for name in algorithms if not (name == "richardson_jacobi" and jacobi is not None)]
     systems, unfit = spectral_systems(searched, K, y, lam, K_query)
     fitted = cross_fit_steps(systems, n_steps, layer_pred, scored, seed)
     if jacobi is not None:
-        fitted = {name: fitted[name] if name != "richardson_jacobi" else fitted["gd"].rescaled(name, 1.0 / jacobi)
-                  for name in algorithms if name in fitted or name == "richardson_jacobi"}
+        fitted["richardson_jacobi"] = fitted["gd"].rescaled("richardson_jacobi", 1.0 / jacobi)
+        fitted = {name: fitted[name] for name in algorithms if name in fitted}  # in the order asked
     return fitted, unfit
 
 
-def scalar_jacobi(K: torch.Tensor, lam: float) -> float | None:
-    """p when the Jacobi preconditioner diag(K + lam I)^-1 is p I for every prompt of K `[B, n, n]`
-    (every diagonal entry equal), else None."""
-    diagonal = torch.diagonal(torch.as_tensor(K), dim1=-2, dim2=-1)
-    if diagonal.numel() == 0 or not bool((diagonal == diagonal.flatten()[0]).all()):
+def scalar_jacobi(K: Any, y: Any, lam: float) -> float | None:
+    """p when the Jacobi preconditioner diag(K + lam I)^-1 (`preconditioner_diagonal`) is p I for
+    every prompt of K `[B, n, n]` (labels y `[B, n]`), else None (also where it does not apply)."""
+    try:
+        diagonal = preconditioner_diagonal(krr_system(K, y, lam), "jacobi").flatten()
+    except ValueError:
         return None
-    return 1.0 / (float(diagonal.flatten()[0]) + lam)
+    return float(diagonal[0]) if diagonal.numel() and bool((diagonal == diagonal[0]).all()) else None
 
 
 def cross_fit_step(

@@ -77,7 +77,7 @@ def test_fitted_step_recovers_the_fixed_step_of_the_layers(algorithm, step, prec
 
 def test_a_scalar_jacobi_preconditioner_takes_gds_fit_rescaled_instead_of_a_second_search(monkeypatch):
     K, y, K_query = system(12)  # Gaussian kernels: diag K = 1, so P = I / (1 + lam) for every prompt
-    assert scalar_jacobi(K, LAM) == 1.0 / (1.0 + LAM)
+    assert scalar_jacobi(K, y, LAM) == 1.0 / (1.0 + LAM)
     layers = numpy_layers(K, y, K_query, 0.3, preconditioner=jacobi)  # a network running Jacobi Richardson at 0.3
     scored = np.arange(1, T + 1)
     searched = cross_fit_step("richardson_jacobi", K, y, LAM, T, K_query, layers, scored, seed=2)  # its own search
@@ -93,7 +93,7 @@ def test_a_scalar_jacobi_preconditioner_takes_gds_fit_rescaled_instead_of_a_seco
     np.testing.assert_array_equal(shortcut.folds, searched.folds)
     assert shortcut.algorithm == "richardson_jacobi" and shortcut.momentum is None
     varied = K * torch.linspace(1.0, 2.0, N, dtype=torch.float64)[:, None].sqrt() * torch.linspace(1.0, 2.0, N, dtype=torch.float64).sqrt()
-    assert scalar_jacobi(varied, LAM) is None  # a varying diagonal: Jacobi is searched like the others
+    assert scalar_jacobi(varied, y, LAM) is None  # a varying diagonal: Jacobi is searched like the others
     seen.clear()
     fit_global_steps(["gd", "richardson_jacobi"], varied, y, LAM, K_query, T, layers, scored, seed=2)
     assert seen == [["gd", "richardson_jacobi"]]
