@@ -2,7 +2,6 @@
 a random one, the result object's views, and bad inputs."""
 
 import functools
-import itertools
 import json
 import re
 import matplotlib
@@ -13,6 +12,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 import torch
+
+from brute_force import path_r2
 
 from mi_krr.construct import cg_transformer, gd_transformer, richardson_transformer
 from mi_krr.models import ICLTransformer, ICLTransformerConfig
@@ -106,12 +107,8 @@ def test_cross_fitting_scores_each_prompt_with_the_step_fitted_on_the_other_half
                 alpha = alpha + fit.step[fold] * (y[b] - A @ alpha)
                 pred.append(xq[b] @ x[b].T @ alpha)
             steps.append(pred)
-        steps, layers = np.array(steps), result.layer_predictions[members]
-        sse = np.array([[np.sum((layers[:, l] - steps[:, t]) ** 2) for t in range(6)] for l in range(layers.shape[1])])
-        sst = np.array([np.sum((steps[:, t] - steps[:, t].mean()) ** 2) for t in range(6)])
-        paths = itertools.combinations_with_replacement(range(6), layers.shape[1])
-        path = min(paths, key=lambda path: sum(sse[row, t] for row, t in enumerate(path)))  # layer 0 aligned too
-        expected_score = 1 - sum(sse[row, path[row]] for row in range(1, len(path))) / sum(sst[path[row]] for row in range(1, len(path)))
+        layers = result.layer_predictions[members]
+        expected_score = path_r2(layers, np.array(steps)[None], np.arange(1, layers.shape[1]))[0]  # layer 0 aligned, not scored
         assert fit.fit_score[fold] == pytest.approx(expected_score, rel=1e-9)
 
 

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import scipy.stats
 
+from brute_force import monotone_path, pooled_sums
 from probes.scoring import (
     bootstrap_weights,
     kappa_strata,
@@ -90,12 +91,9 @@ def test_monotone_alignment_breaks_ties_toward_earlier_steps_from_the_last_layer
     rng = np.random.default_rng(21)
     for _ in range(200):
         cost = rng.integers(0, 3, size=(3, 4)).astype(float)  # small integers: many tied optima
-        paths = list(itertools.combinations_with_replacement(range(4), 3))
-        totals = [sum(cost[row, step] for row, step in enumerate(path)) for path in paths]
-        optimal = [path for path, total in zip(paths, totals) if total == min(totals)]
-        expected = min(optimal, key=lambda path: path[::-1])  # earliest last step, then earliest before it, ...
+        expected = monotone_path(cost)  # earliest last step, then earliest before it, ...
         steps, total = monotone_alignment(cost)
-        assert tuple(steps.tolist()) == expected and total == min(totals)
+        assert tuple(steps.tolist()) == expected and total == sum(cost[row, step] for row, step in enumerate(expected))
 
 
 def test_path_score_is_pooled_r2_along_the_alignment():
@@ -345,21 +343,6 @@ def test_bad_inputs_raise_one_line_value_errors():
         score_algorithms(np.zeros((3, 2, 2)), {}, np.zeros((3, 2)))
 
 
-def _brute_force_path(cost: np.ndarray) -> tuple[int, ...]:
-    """The cheapest non-decreasing step per row of cost [L', T+1] by enumeration (ties: the
-    earliest steps from the last row back, as `monotone_alignment` documents)."""
-    paths = list(itertools.combinations_with_replacement(range(cost.shape[1]), cost.shape[0]))
-    totals = [sum(cost[row, step] for row, step in enumerate(path)) for path in paths]
-    return min((path for path, total in zip(paths, totals) if total == min(totals)), key=lambda path: path[::-1])
-
-
-def _sums(layers: np.ndarray, steps: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
-    """SSE [L', T+1] and SST [T+1] pooled over prompts and values (plain NumPy loops), and the count."""
-    sse = np.array([[np.sum((layers[:, l] - steps[:, t]) ** 2) for t in range(steps.shape[1])] for l in range(layers.shape[1])])
-    sst = np.array([np.sum((steps[:, t] - steps[:, t].mean()) ** 2) for t in range(steps.shape[1])])
-    return sse, sst, steps[:, 0].size
-
-
 def test_every_algorithm_score_field_against_a_numpy_recomputation():
     rng = np.random.default_rng(17)
     steps = rng.normal(size=(20, 5, 2)) * np.linspace(0.0, 1.0, 5)[None, :, None]  # step 0 is 0
@@ -371,8 +354,8 @@ def test_every_algorithm_score_field_against_a_numpy_recomputation():
     weights = bootstrap_weights(20, 60, seed=5)
     score = score_algorithm("toy", layers, steps, krr, resamples=weights, layer_sensitivity=layer_sens, step_sensitivity=step_sens)
 
-    sse, sst, count = _sums(layers, steps)
-    aligned = _brute_force_path(sse / count)
+    sse, sst, count = pooled_sums(layers, steps)
+    aligned = monotone_path(sse / count)
     np.testing.assert_array_equal(score.aligned_steps, aligned)
     np.testing.assert_array_equal(score.argmin_steps, np.argmin(sse, axis=1))
     model_profile = np.log10([np.mean((layers[:, l] - krr) ** 2) for l in range(4)])
@@ -381,11 +364,11 @@ def test_every_algorithm_score_field_against_a_numpy_recomputation():
     np.testing.assert_allclose(score.algorithm_profile, algorithm_profile, rtol=1e-12)
     gaps = model_profile[:, None] - algorithm_profile[None, :]
     assert score.profile_distance == pytest.approx(np.sqrt(np.mean(gaps[range(4), aligned] ** 2)), rel=1e-12)
-    profile_path = _brute_force_path(gaps**2)
+    profile_path = monotone_path(gaps**2)
     np.testing.assert_array_equal(score.profile_steps, profile_path)
     assert score.profile_aligned_distance == pytest.approx(np.sqrt(np.mean(gaps[range(4), profile_path] ** 2)), rel=1e-12)
 
-    sens_sse, sens_sst, _ = _sums(layer_sens.reshape(20, 4, -1), step_sens.reshape(20, 5, -1))
+    sens_sse, sens_sst, _ = pooled_sums(layer_sens.reshape(20, 4, -1), step_sens.reshape(20, 5, -1))
     scored = [(row, aligned[row]) for row in (1, 2, 3)]
     expected = 1 - sum(sens_sse[row, t] for row, t in scored) / sum(sens_sst[t] for _, t in scored)
     assert score.sensitivity_score == pytest.approx(expected, rel=1e-10)
@@ -393,8 +376,8 @@ def test_every_algorithm_score_field_against_a_numpy_recomputation():
     per_resample = []  # each resample: prompts repeated by their counts, aligned on their own, per-layer R2
     for w in weights:
         index = np.repeat(np.arange(20), w.astype(int))
-        r_sse, r_sst, r_count = _sums(layers[index], steps[index])
-        path = _brute_force_path(r_sse / r_count)
+        r_sse, r_sst, r_count = pooled_sums(layers[index], steps[index])
+        path = monotone_path(r_sse / r_count)
         with np.errstate(invalid="ignore", divide="ignore"):
             per_resample.append([1 - r_sse[row, t] / r_sst[t] if r_sst[t] > 0 else np.nan for row, t in enumerate(path)])
     per_resample = np.array(per_resample)

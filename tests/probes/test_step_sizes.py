@@ -5,7 +5,6 @@ evaluates its candidates with, against the real solvers and a NumPy loop."""
 
 from __future__ import annotations
 
-import itertools
 import sys
 
 import numpy as np
@@ -13,6 +12,7 @@ import pytest
 import torch
 from scipy import optimize
 
+from brute_force import path_r2
 from mi_krr.kernels import gaussian_kernel
 from mi_krr.solvers import ALGORITHMS, heavy_ball, richardson
 from probes.step_sizes import (
@@ -230,27 +230,13 @@ def test_spectral_systems_share_one_eigensystem_per_preconditioner_and_keep_erro
     assert "row sum" in str(unfit["richardson_rowsum"])
 
 
-def brute_force_path_r2(layers: np.ndarray, candidates: np.ndarray, scored: np.ndarray) -> np.ndarray:
-    """Path R2 `[G]` of candidate trajectories `[G, B, T+1, m]` against `layers` `[B, L', m]` (NumPy):
-    SSE per (layer, step) over prompts and queries, SST of each step about its all-prompt mean, at
-    the non-decreasing layer -> step map of least total SSE, found by enumerating every such map."""
-    n_layers, n_times = layers.shape[1], candidates.shape[2]
-    sse = ((layers[None, :, :, None] - candidates[:, :, None]) ** 2).sum(axis=(1, 4))  # [G, L', T+1]
-    sst = ((candidates - candidates.mean(axis=(1, 3), keepdims=True)) ** 2).sum(axis=(1, 3))  # [G, T+1]
-    maps = np.array(list(itertools.combinations_with_replacement(range(n_times), n_layers)))  # [P, L'], non-decreasing
-    best = maps[np.argmin(sse[:, np.arange(n_layers), maps].sum(-1), axis=1)]  # [G, L']
-    rows = np.arange(len(candidates))[:, None]
-    with np.errstate(divide="ignore"):
-        return 1.0 - sse[rows, scored, best[:, scored]].sum(1) / sst[rows, best[:, scored]].sum(1)
-
-
 def test_batched_path_scores_equal_a_brute_force_monotone_alignment_and_minus_inf_for_divergence():
     rng = np.random.default_rng(7)
     layers, steps = rng.normal(size=(5, 3, 2)), rng.normal(size=(5, 4, 4, 2))  # [B, L', m], [B, G, T+1, m]
     steps[:, 3, 2, 0] = np.inf  # candidate 3 diverged
     scored = np.arange(1, 3)
     got = path_scores(layers, torch.as_tensor(steps), scored)
-    np.testing.assert_allclose(got[:3], brute_force_path_r2(layers, steps[:, :3].transpose(1, 0, 2, 3), scored), rtol=1e-12)
+    np.testing.assert_allclose(got[:3], path_r2(layers, steps[:, :3].transpose(1, 0, 2, 3), scored), rtol=1e-12)
     assert got[3] == -np.inf
 
 
@@ -266,7 +252,7 @@ def test_path_scores_of_folds_equal_each_fold_scored_alone():
     assert got.shape == (2, 3)
     for fold, finite in ((0, 3), (1, 2)):
         members = folds == fold
-        expected = brute_force_path_r2(layers[members], steps[members][:, :finite].transpose(1, 0, 2, 3), scored)
+        expected = path_r2(layers[members], steps[members][:, :finite].transpose(1, 0, 2, 3), scored)
         np.testing.assert_allclose(got[fold, :finite], expected, rtol=1e-12)
     assert got[1, 2] == -np.inf
 
@@ -297,9 +283,9 @@ def test_fitted_step_is_the_maximum_of_a_dense_scan(algorithm, preconditioner):
     step, _, score = fit_step(algorithm, K, y, LAM, T, K_query, layers, scored)
 
     coarse = np.geomspace(1e-4, 10.0, 4001)
-    r2 = brute_force_path_r2(layers, richardson_trajectories(K, y, K_query, coarse, preconditioner), scored)
+    r2 = path_r2(layers, richardson_trajectories(K, y, K_query, coarse, preconditioner), scored)
     fine = coarse[np.argmax(r2)] * np.exp(np.linspace(-1, 1, 4001) * np.log(coarse[1] / coarse[0]))
-    r2 = brute_force_path_r2(layers, richardson_trajectories(K, y, K_query, fine, preconditioner), scored)
+    r2 = path_r2(layers, richardson_trajectories(K, y, K_query, fine, preconditioner), scored)
     assert score >= r2.max() - 1e-12 and step == pytest.approx(fine[np.argmax(r2)], rel=1e-5)
 
 

@@ -1,0 +1,39 @@
+"""Brute-force references for the probes' scoring: plain NumPy sums and alignments found by
+enumerating every non-decreasing layer -> step map (small sizes only)."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+
+
+def monotone_path(cost: np.ndarray) -> tuple[int, ...]:
+    """The cheapest non-decreasing step per row of cost `[L', T+1]` (ties: the earliest steps from
+    the last row back, as `probes.scoring.monotone_alignment` documents)."""
+    paths = list(itertools.combinations_with_replacement(range(cost.shape[1]), cost.shape[0]))
+    totals = [sum(cost[row, step] for row, step in enumerate(path)) for path in paths]
+    return min((path for path, total in zip(paths, totals) if total == min(totals)), key=lambda path: path[::-1])
+
+
+def pooled_sums(layers: np.ndarray, steps: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+    """SSE `[L', T+1]` and SST `[T+1]` (about each step's all-prompt mean) pooled over prompts and
+    values of layers `[B, L', ...]` and steps `[B, T+1, ...]`, and the values per step."""
+    sse = np.array([[np.sum((layers[:, l] - steps[:, t]) ** 2) for t in range(steps.shape[1])] for l in range(layers.shape[1])])
+    sst = np.array([np.sum((steps[:, t] - steps[:, t].mean()) ** 2) for t in range(steps.shape[1])])
+    return sse, sst, steps[:, 0].size
+
+
+def path_r2(layers: np.ndarray, candidates: np.ndarray, scored: np.ndarray) -> np.ndarray:
+    """Path R2 `[G]` of candidate trajectories `[G, B, T+1, m]` against `layers` `[B, L', m]`:
+    SSE per (layer, step) over prompts and queries, SST of each step about its all-prompt mean, at
+    the non-decreasing layer -> step map of least total SSE (every row aligned, rows `scored`
+    counted), found by enumerating every such map."""
+    n_layers, n_times = layers.shape[1], candidates.shape[2]
+    sse = ((layers[None, :, :, None] - candidates[:, :, None]) ** 2).sum(axis=(1, 4))  # [G, L', T+1]
+    sst = ((candidates - candidates.mean(axis=(1, 3), keepdims=True)) ** 2).sum(axis=(1, 3))  # [G, T+1]
+    maps = np.array(list(itertools.combinations_with_replacement(range(n_times), n_layers)))  # [P, L'], non-decreasing
+    best = maps[np.argmin(sse[:, np.arange(n_layers), maps].sum(-1), axis=1)]  # [G, L']
+    rows = np.arange(len(candidates))[:, None]
+    with np.errstate(divide="ignore"):
+        return 1.0 - sse[rows, scored, best[:, scored]].sum(1) / sst[rows, best[:, scored]].sum(1)
