@@ -53,6 +53,14 @@ def check_count(name: str, value: int, minimum: int = 0) -> int:
     return int(value)
 
 
+def store_count(instance: Any, name: str, minimum: int = 0) -> int:
+    """`check_count` of the attribute `name` of a dataclass `instance` (frozen or not), stored back
+    as a Python int: a NumPy integer would pass the check but break torch seeding and JSON configs."""
+    value = check_count(name, getattr(instance, name), minimum)
+    object.__setattr__(instance, name, value)
+    return value
+
+
 def check_choice(name: str, value: str, choices: tuple[str, ...]) -> str:
     """Return `value` after checking it is one of `choices`."""
     if value not in choices:

@@ -20,7 +20,7 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
-from mi_krr._validation import check_choice, check_count, check_positive
+from mi_krr._validation import check_choice, check_positive, store_count
 from mi_krr.kernels import KERNEL_NAMES, _as_points, _point_pair, kernel_matrix, kernel_parameters
 
 __all__ = [
@@ -127,9 +127,9 @@ class RandomProjection:
     weights: torch.Tensor = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        check_count("d", self.d, minimum=1)
-        check_count("m", self.m, minimum=1)
-        check_count("seed", self.seed)
+        store_count(self, "d", minimum=1)
+        store_count(self, "m", minimum=1)
+        store_count(self, "seed")
         object.__setattr__(self, "weights", _gaussian_directions(self.d, self.m, self.seed, self.orthogonal))
 
     @property
@@ -181,9 +181,9 @@ class PositiveRandomFeatures:
     weights: torch.Tensor = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        check_count("d", self.d, minimum=1)
-        check_count("m", self.m, minimum=1)
-        check_count("seed", self.seed)
+        store_count(self, "d", minimum=1)
+        store_count(self, "m", minimum=1)
+        store_count(self, "seed")
         check_choice("kind", self.kind, ("exp", "gaussian"))
         if self.kind == "exp":
             if self.bandwidth is not None:
@@ -235,7 +235,7 @@ class LinearFeatures:
     d: int
 
     def __post_init__(self) -> None:
-        check_count("d", self.d, minimum=1)
+        store_count(self, "d", minimum=1)
 
     @property
     def in_dim(self) -> int:
@@ -292,10 +292,10 @@ class ProjectedKernelFeatures:
 
     def __post_init__(self) -> None:
         check_choice("kernel", self.kernel, KERNEL_NAMES)
-        check_count("d", self.d, minimum=1)
-        check_count("m", self.m, minimum=1)
+        store_count(self, "d", minimum=1)
+        store_count(self, "m", minimum=1)
         check_choice("projection", self.projection, PROJECTIONS)
-        check_count("seed", self.seed)
+        store_count(self, "seed")
         takes = kernel_parameters(self.kernel)
         for name in ("temperature", "bandwidth"):
             value = getattr(self, name)

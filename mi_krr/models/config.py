@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from mi_krr._validation import check_choice, check_count, dataclass_from_dict
+from mi_krr._validation import check_choice, dataclass_from_dict, store_count
 from mi_krr.models.encoding import LAYOUTS
 
 ATTENTIONS = ("softmax", "linear", "relu")
@@ -63,10 +63,10 @@ class ICLTransformerConfig:
     dtype: str = "float32"
 
     def __post_init__(self) -> None:
-        check_count("n_dims", self.n_dims, minimum=1)
-        check_count("d_model", self.d_model, minimum=1)
-        check_count("n_layers", self.n_layers, minimum=1)
-        check_count("n_heads", self.n_heads, minimum=1)
+        store_count(self, "n_dims", minimum=1)
+        store_count(self, "d_model", minimum=1)
+        store_count(self, "n_layers", minimum=1)
+        store_count(self, "n_heads", minimum=1)
         if self.d_head is None:
             if self.d_model < self.n_heads:
                 raise ValueError(
@@ -74,13 +74,13 @@ class ICLTransformerConfig:
                     "raise d_model or set d_head explicitly"
                 )
             self.d_head = self.d_model // self.n_heads
-        check_count("d_head", self.d_head, minimum=1)
+        store_count(self, "d_head", minimum=1)
         check_choice("attention", self.attention, ATTENTIONS)
         if not isinstance(self.mlp, bool):
             raise ValueError(f"mlp must be True or False, got {self.mlp!r}")
         if self.d_mlp is None:
             self.d_mlp = 4 * self.d_model
-        check_count("d_mlp", self.d_mlp, minimum=1)
+        store_count(self, "d_mlp", minimum=1)
         check_choice("act_fn", self.act_fn, ACTIVATIONS)
         check_choice("norm", self.norm, NORMS)
         check_choice("layout", self.layout, LAYOUTS)
@@ -90,7 +90,7 @@ class ICLTransformerConfig:
             raise ValueError(f"causal must be True, False or None, got {self.causal!r}")
         if self.layout == "interleaved" and not self.causal:
             raise ValueError("the interleaved layout is causal (Garg et al.): set causal=True or use layout='concat'")
-        check_count("max_seq_len", self.max_seq_len, minimum=1)
+        store_count(self, "max_seq_len", minimum=1)
         check_choice("dtype", self.dtype, tuple(DTYPES))
 
     @property

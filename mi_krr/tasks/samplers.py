@@ -22,7 +22,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from mi_krr._validation import check_choice, check_count, check_positive
+from mi_krr._validation import check_choice, check_count, check_positive, store_count
 from mi_krr.feature_maps import random_orthogonal
 from mi_krr.kernels import kernel_matrix
 from mi_krr._validation import check_condition_number, check_finite, check_non_negative
@@ -42,7 +42,7 @@ def _resolve_generator(seed: int | None, generator: torch.Generator | None) -> t
         return generator, None
     if seed is None:
         seed = int(torch.randint(0, 2**62, (1,)).item())  # from the global RNG, recorded so the draw can be replayed
-    check_count("seed", seed)
+    seed = check_count("seed", seed)
     return torch.Generator().manual_seed(seed), seed
 
 
@@ -75,7 +75,7 @@ class _PromptSampler(ABC):
     n_support_factor: float = 1.0
 
     def __post_init__(self) -> None:
-        check_count("dim", self.dim, minimum=1)
+        store_count(self, "dim", minimum=1)
         self._set("noise_std", check_non_negative("noise_std", self.noise_std))
         input_std = self._default_input_std() if self.input_std is None else self.input_std
         self._set("input_std", check_positive("input_std", input_std))
@@ -83,7 +83,7 @@ class _PromptSampler(ABC):
         if kappa > 1 and self.dim == 1:
             raise ValueError("condition_number must be 1 when dim == 1: one variance has no ratio")
         self._set("condition_number", kappa)
-        check_count("rotation_seed", self.rotation_seed)
+        store_count(self, "rotation_seed")
         self._set("input_mean", self._checked_mean(self.input_mean))
         self._set("n_support_factor", check_positive("n_support_factor", self.n_support_factor))
 
@@ -160,13 +160,13 @@ class _PromptSampler(ABC):
             ICLTask with x_support `[B, n, d]`, y_support `[B, n]` (noisy), x_query `[B, m, d]`,
             y_query `[B, m]` (noise-free); info = to_config() plus "seed", "active_dim".
         """
-        check_count("batch_size", batch_size, minimum=1)
-        check_count("n_support", n_support, minimum=1)
-        check_count("n_query", n_query, minimum=0)
+        batch_size = check_count("batch_size", batch_size, minimum=1)
+        n_support = check_count("n_support", n_support, minimum=1)
+        n_query = check_count("n_query", n_query, minimum=0)
         if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
             raise ValueError(f"dtype must be a floating torch.dtype, got {dtype!r}")
         if active_dim is not None:
-            check_count("active_dim", active_dim, minimum=1)
+            active_dim = check_count("active_dim", active_dim, minimum=1)
             if active_dim > self.dim:
                 raise ValueError(f"active_dim must be <= dim={self.dim}, got {active_dim}")
         generator, recorded_seed = _resolve_generator(seed, generator)

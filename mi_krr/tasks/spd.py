@@ -50,12 +50,12 @@ def sample_spd_system(
     (1 + lam) / (1 / kappa + lam), so pass lam=0 to a solver to test at exactly kappa.
     Drawn in float64 on the CPU from `seed`, then cast to `dtype` and moved to `device`.
     """
-    check_count("batch_size", batch_size, minimum=1)
-    check_count("n", n, minimum=1)
+    batch_size = check_count("batch_size", batch_size, minimum=1)
+    n = check_count("n", n, minimum=1)
     kappa = check_condition_number("kappa", kappa)
     if n == 1 and kappa != 1:
         raise ValueError("kappa must be 1 when n == 1: a 1x1 matrix has condition number 1")
-    check_count("seed", seed)
+    seed = check_count("seed", seed)
     generator = torch.Generator().manual_seed(seed)
     eigenvalues = geometric_spectrum(n, kappa)
     bases = torch.stack([random_orthogonal(n, generator) for _ in range(batch_size)])

@@ -7,7 +7,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from mi_krr._validation import check_count, check_positive, dataclass_from_dict
+from mi_krr._validation import check_positive, dataclass_from_dict, store_count
 
 # Settings that change nothing about the sequence of weights a run produces: a resumed run may
 # change these; any other difference from the checkpointed run is refused.
@@ -59,35 +59,35 @@ class TrainConfig:
     device: str = "cpu"
 
     def __post_init__(self) -> None:
-        check_count("steps", self.steps, minimum=1)
-        check_count("batch_size", self.batch_size, minimum=1)
+        store_count(self, "steps", minimum=1)
+        store_count(self, "batch_size", minimum=1)
         check_positive("lr", self.lr)
         if not isinstance(self.min_lr, (int, float)) or not math.isfinite(self.min_lr) or not 0 <= self.min_lr <= self.lr:
             raise ValueError(f"min_lr must be a number in [0, lr={self.lr}], got {self.min_lr!r}")
         if not isinstance(self.weight_decay, (int, float)) or not math.isfinite(self.weight_decay) or self.weight_decay < 0:
             raise ValueError(f"weight_decay must be a finite number >= 0, got {self.weight_decay!r}")
-        check_count("warmup_steps", self.warmup_steps)
+        store_count(self, "warmup_steps")
         if self.warmup_steps > self.steps:
             raise ValueError(f"warmup_steps must be <= steps={self.steps}, got {self.warmup_steps}")
         if self.grad_clip is not None:
             check_positive("grad_clip", self.grad_clip)
-        check_count("n_support", self.n_support, minimum=1)
-        check_count("n_query", self.n_query, minimum=1)
+        store_count(self, "n_support", minimum=1)
+        store_count(self, "n_query", minimum=1)
         if self.n_support_start is not None:
-            check_count("n_support_start", self.n_support_start, minimum=1)
+            store_count(self, "n_support_start", minimum=1)
             if self.n_support_start > self.n_support:
                 raise ValueError(f"n_support_start must be <= n_support={self.n_support}, got {self.n_support_start}")
         if self.active_dim_start is not None:
-            check_count("active_dim_start", self.active_dim_start, minimum=1)
-        check_count("curriculum_steps", self.curriculum_steps)
+            store_count(self, "active_dim_start", minimum=1)
+        store_count(self, "curriculum_steps")
         if self.curriculum_steps > self.steps:
             raise ValueError(f"curriculum_steps must be <= steps={self.steps}, got {self.curriculum_steps}")
-        check_count("eval_every", self.eval_every, minimum=1)
-        check_count("eval_prompts", self.eval_prompts, minimum=1)
-        check_count("eval_seed", self.eval_seed)
-        check_count("checkpoint_every", self.checkpoint_every, minimum=1)
-        check_count("keep_checkpoints", self.keep_checkpoints, minimum=1)
-        check_count("seed", self.seed)
+        store_count(self, "eval_every", minimum=1)
+        store_count(self, "eval_prompts", minimum=1)
+        store_count(self, "eval_seed")
+        store_count(self, "checkpoint_every", minimum=1)
+        store_count(self, "keep_checkpoints", minimum=1)
+        store_count(self, "seed")
         if self.out_dir is not None and not isinstance(self.out_dir, str):
             self.out_dir = str(self.out_dir)
         if not isinstance(self.device, str):
