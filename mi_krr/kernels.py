@@ -153,8 +153,8 @@ def _symmetric_float64(K: Any) -> torch.Tensor:
     K = as_float64("K", K, min_dim=2)
     if K.shape[-1] != K.shape[-2]:
         raise ValueError(f"K must be square [..., n, n], got shape {tuple(K.shape)}")
-    scale = K.abs().amax().clamp_min(1e-300)
-    if (K - K.mT).abs().amax() > 1e-6 * scale:
+    scale = K.abs().amax((-2, -1)).clamp_min(1e-300)  # each matrix at its own scale
+    if ((K - K.mT).abs().amax((-2, -1)) > 1e-6 * scale).any():
         raise ValueError("K must be symmetric: pass (K + K.mT) / 2 if the asymmetry is rounding")
     return (K + K.mT) / 2
 
@@ -189,7 +189,8 @@ def condition_number(K: torch.Tensor, lam: float | torch.Tensor = 0.0) -> torch.
     if (lam < 0).any():
         raise ValueError("lam must be >= 0")
     moduli = (torch.linalg.eigvalsh(K) + lam.unsqueeze(-1)).abs()
-    return moduli.amax(-1) / moduli.amin(-1)
+    smallest = moduli.amin(-1)
+    return torch.where(smallest > 0, moduli.amax(-1) / smallest, torch.inf)
 
 
 def __getattr__(name: str) -> Any:
