@@ -74,16 +74,16 @@ def shipped_checkpoint(name: str, folder: str | Path | None = None) -> Path:
 def checkpoint_format(path: str | Path) -> str:
     """"mi-krr" or "garg" for a supported checkpoint at `path`; FileNotFoundError when nothing is
     there, ValueError (naming what is supported) otherwise."""
+    from mi_krr.train.checkpoint import run_folder
+
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no checkpoint at {path}: pass {SUPPORTED}")
-    folder = path if path.is_dir() else path.parent
+    folder = path if path.is_dir() else run_folder(path)
     if path.is_file() and path.suffix not in (".safetensors", ".pt"):
         raise ValueError(f"{path} is not a supported checkpoint file (.safetensors or .pt): pass {SUPPORTED}")
     if path.is_file() and path.suffix == ".safetensors":
         return "mi-krr"
-    if path.is_file() and folder.name == "state":  # state/step_*.pt of an mi-krr run
-        folder = folder.parent
     if (folder / "config.json").is_file():
         return "mi-krr"
     if (folder / "config.yaml").is_file():
@@ -135,11 +135,10 @@ def load_checkpoint(
 def _load_mi_krr(path: Path, device: str) -> LoadedCheckpoint:
     from mi_krr.tasks import sampler_from_config
     from mi_krr.train import load_model, read_run_config
+    from mi_krr.train.checkpoint import run_folder
 
     model = load_model(path, device=device)
-    folder = path if path.is_dir() else path.parent
-    if folder.name == "state":
-        folder = folder.parent
+    folder = path if path.is_dir() else run_folder(path)
     description = read_run_config(folder)
     train = description["train"]
     return LoadedCheckpoint(

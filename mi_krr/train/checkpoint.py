@@ -381,6 +381,13 @@ def _resolve_model_file(path: Path) -> Path:
     return path
 
 
+def run_folder(file: Path) -> Path:
+    """The folder whose config describes the weights file `file`: its own folder, or the run
+    folder above it for a file in a run's `state/` folder."""
+    folder = file.parent
+    return folder.parent if folder.name == STATE_DIR else folder
+
+
 def _read_pt_state_dict(file: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """A tensors-only state dict from a pickle file, read without running any pickled code."""
     try:
@@ -391,9 +398,9 @@ def _read_pt_state_dict(file: Path) -> tuple[dict[str, Any], dict[str, torch.Ten
         loaded = loaded["model_state_dict"]
     if not isinstance(loaded, dict) or not all(isinstance(value, torch.Tensor) for value in loaded.values()):
         raise CheckpointError(f"{file} must hold a dict of tensors (a state dict), got {type(loaded).__name__} with non-tensor entries")
-    config_file = file.parent / CONFIG_FILE
+    config_file = run_folder(file) / CONFIG_FILE
     if not config_file.is_file():
-        raise FileNotFoundError(f"{file} needs a {CONFIG_FILE} beside it with the model config ({{'model': ...}})")
+        raise FileNotFoundError(f"{file} needs a {CONFIG_FILE} beside it (or above its {STATE_DIR}/ folder) with the model config ({{'model': ...}})")
     try:
         model_config = json.loads(config_file.read_text())["model"]
     except (json.JSONDecodeError, KeyError, TypeError) as exc:

@@ -12,6 +12,7 @@ import torch
 import yaml
 from scipy.spatial.distance import cdist
 
+from mi_krr.checkpoints import checkpoint_format, load_checkpoint
 from mi_krr.models import ICLTransformer, ICLTransformerConfig
 from mi_krr.tasks.samplers import GPRegressionSampler, LinearRegressionSampler
 from mi_krr.train import (
@@ -88,6 +89,10 @@ def test_load_model_round_trip_gives_bit_identical_predictions(tmp_path):
         # a plain .pt state dict beside the run's config.json, read without unpickling objects
         torch.save(model.state_dict(), tmp_path / "weights.pt")
         assert torch.equal(load_model(tmp_path / "weights.pt").predict(task), expected)
+        # ... or in the run's state/ folder, whose config.json is the run's (as checkpoint_format says)
+        torch.save(model.state_dict(), tmp_path / "state" / "step_6.pt")
+        assert checkpoint_format(tmp_path / "state" / "step_6.pt") == "mi-krr"
+        assert torch.equal(load_checkpoint(tmp_path / "state" / "step_6.pt").model.predict(task), expected)
 
 
 def test_loading_pickles_never_runs_code_or_builds_objects(tmp_path):
