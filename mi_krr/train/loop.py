@@ -66,11 +66,20 @@ def training_batch(sampler: Any, cfg: TrainConfig, step: int) -> ICLTask:
 
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW with weight decay on weight matrices (ndim >= 2) only, biases and norms exempt."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    """AdamW with weight decay on weight matrices and embeddings (ndim >= 2) only: biases (named
+    `bias` or `b_*`, including TransformerLens's per-head b_Q / b_K / b_V `[n_heads, d_head]`)
+    and norms are exempt."""
+    decay, no_decay = [], []
+    for name, parameter in model.named_parameters():
+        if parameter.requires_grad:
+            (decay if parameter.dim() >= 2 and not _is_bias(name) else no_decay).append(parameter)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr)
+
+
+def _is_bias(parameter_name: str) -> bool:
+    leaf = parameter_name.rsplit(".", 1)[-1]
+    return leaf == "bias" or leaf.startswith("b_")
 
 
 def run_config(model: Any, sampler: Any, cfg: TrainConfig) -> dict[str, Any]:
@@ -242,7 +251,13 @@ def _resume(
         raise CheckpointError(f"{path} is at step {state.step}, beyond cfg.steps={cfg.steps}")
     load_weights(model, state.model_state, source=path)
     model.to(cfg.device)
-    optimizer.load_state_dict(state.optimizer_state)
+    try:
+        optimizer.load_state_dict(state.optimizer_state)
+    except ValueError as error:  # torch: parameter groups of other sizes
+        raise CheckpointError(
+            f"{path}: its optimizer state does not fit this optimizer's parameter groups ({error}); "
+            "resume with the mi-krr version that wrote it, or start afresh with resume=False"
+        ) from error
     state.rng.restore()
     return path, state.step, state.history
 
