@@ -58,7 +58,8 @@ class LayerProbes:
     Attributes:
         layers: residual indices probed.
         fit: the probes trained on the real targets (`RidgeFit`).
-        control: the same probes trained on targets shuffled across prompts.
+        control: the same probes trained on targets shuffled across prompts (every prompt gets
+            another prompt's targets).
         targets: what was predicted ("y_query", or "custom" for a given tensor).
         train_prompts: fingerprints of the training prompts' support inputs.
     """
@@ -162,7 +163,7 @@ def fit_layer_probes(
     order = torch.randperm(batch, generator=generator)
     n_val = min(max(1, round(batch * float(val_fraction))), batch - 1)
     val, train = order[:n_val], order[n_val:]
-    shuffled = target[torch.randperm(batch, generator=generator)]
+    shuffled = target[random_derangement(batch, generator)]
     return LayerProbes(
         layers=layers,
         fit=_fit_ridge(features, target, train, val, lam_grid),
@@ -170,6 +171,16 @@ def fit_layer_probes(
         targets=target_name,
         train_prompts=frozenset(prompt_fingerprints(train_task)),
     )
+
+
+def random_derangement(n: int, generator: torch.Generator) -> torch.Tensor:
+    """A random permutation of 0..n-1 (n >= 2) that moves every index: one n-cycle through a
+    uniformly shuffled order (a plain shuffle may leave prompts, or all of them, in place, and
+    a control fitted on unmoved targets is no control)."""
+    order = torch.randperm(n, generator=generator)
+    successor = torch.empty_like(order)
+    successor[order] = order.roll(-1)
+    return successor
 
 
 def _fit_ridge(

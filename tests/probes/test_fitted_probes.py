@@ -10,6 +10,7 @@ import torch
 from mi_krr.models import ICLTransformer, ICLTransformerConfig
 from mi_krr.tasks import ICLTask
 from probes import fit_layer_probes, layer_predictions
+from probes.fitted_probes import random_derangement
 
 D, N, M = 3, 5, 4
 
@@ -109,3 +110,21 @@ def test_custom_targets_are_probed_and_checked_for_shape():
         fit_layer_probes(model, train, val_fraction=1.0)
     with pytest.raises(ValueError, match="lam_grid"):
         fit_layer_probes(model, train, lam_grid=[1.0, -1.0])
+
+
+@pytest.mark.parametrize("n", [2, 3, 4, 7])
+def test_control_shuffle_moves_every_prompt(n):
+    """random_derangement is a permutation without fixed points for every seed (brute-force check);
+    with 2 prompts a plain shuffle would leave them in place half the time."""
+    for seed in range(50):
+        permutation = random_derangement(n, torch.Generator().manual_seed(seed)).tolist()
+        assert sorted(permutation) == list(range(n))
+        assert all(permutation[i] != i for i in range(n)), (seed, permutation)
+
+
+def test_control_is_never_the_probe_itself():
+    """Batches and seeds where a plain shuffle was the identity: the control's weights differ from the fit's."""
+    model = make_model()
+    for batch, seed in ((3, 1), (2, 3), (4, 13)):
+        probes = fit_layer_probes(model, linear_task(batch, seed=7), layers=[2], seed=seed)
+        assert not torch.allclose(probes.control.weight, probes.fit.weight)
