@@ -146,6 +146,12 @@ def solver_sensitivities(
         name = algorithm if isinstance(algorithm, str) else "this solver"
         raise ValueError(f"algorithm {name!r} is nonlinear in y: pass the labels y [..., n] to take its sensitivity at")
     y = as_float64("y", y, min_dim=1).detach()
+    try:
+        fits = torch.broadcast_shapes(y.shape, (*batch_shape, n)) == (*batch_shape, n)
+    except RuntimeError:
+        fits = False
+    if not fits:
+        raise ValueError(f"y must be [..., n={n}] broadcasting to the prompts {tuple(batch_shape)}, got shape {tuple(y.shape)}")
     labels = y.expand(*batch_shape, n).reshape(-1, n).clone().requires_grad_(True)
     with torch.enable_grad():
         pred = solve(K, labels.reshape(*batch_shape, n), lam, n_steps, K_query=K_query).pred  # [..., T+1, m]

@@ -16,6 +16,7 @@ from probes.fitted_probes import fit_layer_probes
 from probes.identifiability import algorithm_agreement
 from probes.kernel_alignment import alignment_metrics, kernel_alignment
 from probes.scoring import monotone_alignment, score_algorithm, score_algorithms
+from probes.sensitivity import solver_sensitivities
 from probes.step_sizes import spectral_system
 
 MODEL = ICLTransformer(ICLTransformerConfig(n_dims=3, d_model=8, n_layers=2, n_heads=1))
@@ -70,6 +71,10 @@ CASES = {
     "spectral_system K_query": (
         lambda: spectral_system("gd", torch.eye(3)[None], torch.ones(1, 3), 0.1, None),
         "spectral_system needs K_query",
+    ),
+    "solver_sensitivities y shape": (
+        lambda: solver_sensitivities("cg", torch.eye(5).expand(3, 5, 5), torch.ones(3, 2, 5), 0.1, 3, y=torch.ones(3, 4)),
+        r"y must be \[\.\.\., n=5\] broadcasting to the prompts \(3,\), got shape \(3, 4\)",
     ),
     "fit_layer_probes val_fraction": (
         lambda: fit_layer_probes(MODEL, TASK, val_fraction=1.0),
