@@ -123,6 +123,20 @@ def _command_parser(parser: argparse.ArgumentParser, command: str | None) -> arg
     return parser
 
 
+def _check_device(device: str | None) -> None:
+    """UsageError, before any work starts, unless torch can put a tensor on `device` here (None:
+    the command's configured device)."""
+    if device is None:
+        return
+    import torch
+
+    try:
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as error:  # unknown name; a backend torch lacks (AssertionError for CUDA)
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise UsageError(f"--device {device!r} cannot be used here ({reason}): pass e.g. --device cpu") from error
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("MPLBACKEND", "Agg")  # the CLI only writes figures to files; a user's setting wins
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -134,6 +148,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
+        _check_device(getattr(args, "device", None))
         return runners[args.command](args)
     except (UsageError, ValueError, FileNotFoundError) as error:
         if args.debug:

@@ -85,6 +85,16 @@ def test_unsupported_checkpoint_is_a_one_line_error(tmp_path, make):
     assert_one_line_error(run_cli("diagnose", str(path)), "not a supported checkpoint")
 
 
+@pytest.mark.parametrize("device", ["nonsense", "cuda:99" if torch.cuda.is_available() else "cuda"])
+def test_unusable_device_is_a_one_line_error_before_any_work(device, capsys):
+    """An unknown device name, or one this machine lacks, exits 2 with one line naming --device."""
+    assert main(["construct", "cg", "--steps", "1", "--device", device]) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and f"--device {device!r} cannot be used here" in lines[0] and "--device cpu" in lines[0]
+    assert captured.out == ""  # refused before the command printed anything
+
+
 def test_debug_shows_the_traceback(tmp_path):
     result = run_cli("diagnose", str(tmp_path / "nowhere"), "--debug")
     assert result.returncode != 0
