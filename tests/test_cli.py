@@ -13,6 +13,7 @@ import pytest
 import torch
 import yaml
 
+from mi_krr.checkpoints import shipped_checkpoint
 from mi_krr.cli import COMMANDS, main
 from mi_krr.tasks import GPRegressionSampler, LinearRegressionSampler
 
@@ -93,6 +94,13 @@ def test_unusable_device_is_a_one_line_error_before_any_work(device, capsys):
     lines = captured.err.strip().splitlines()
     assert len(lines) == 1 and f"--device {device!r} cannot be used here" in lines[0] and "--device cpu" in lines[0]
     assert captured.out == ""  # refused before the command printed anything
+
+
+def test_diagnose_batch_below_two_is_a_one_line_error(capsys):
+    """--batch 1 cannot be cross-fitted: one line naming --batch (not the library's step_sizes hint)."""
+    assert main(["diagnose", str(shipped_checkpoint("linear_lr")), "--batch", "1", "--no-shifts"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "--batch must be >= 2, got 1" in lines[0]
 
 
 def test_debug_shows_the_traceback(tmp_path):

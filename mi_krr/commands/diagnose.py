@@ -92,6 +92,8 @@ def run(args: argparse.Namespace) -> int:
     from mi_krr.checkpoints import load_checkpoint, task_sets
     from mi_krr.commands.overview import ModelEntry, format_table, summary_rows, write_overview_report
 
+    if args.batch < 2:
+        raise ValueError(f"--batch must be >= 2, got {args.batch}: the fitted step sizes are cross-fitted on two halves of the prompts (and a verdict needs 20)")
     start = time.perf_counter()
     torch.manual_seed(args.seed)
     loaded = load_checkpoint(args.path, device=args.device, task=args.task, n_support=args.n_support, n_query=args.n_query, lam=args.lam)
