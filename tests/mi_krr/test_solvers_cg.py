@@ -8,24 +8,16 @@ import signal
 import numpy as np
 import pytest
 import scipy.linalg
-import scipy.sparse.linalg
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mi_krr.solvers import cg, cg_error_bound, jacobi_cg, krr
-from solver_systems import a_norm_errors, gaussian_kernel, spd_matrix
+from solver_systems import a_norm_errors, gaussian_kernel, scipy_cg_iterates, spd_matrix
 
 RNG = np.random.default_rng(2024)
 
 
-def scipy_cg_iterates(A: np.ndarray, y: np.ndarray, n_steps: int, M: np.ndarray | None = None) -> np.ndarray:
-    """SciPy's CG iterates from x0 = 0, exactly n_steps of them after the start: `[T+1, n]`."""
-    iterates = [np.zeros_like(y)]
-    scipy.sparse.linalg.cg(
-        A, y, x0=np.zeros_like(y), rtol=0.0, atol=0.0, maxiter=n_steps, M=M, callback=lambda x: iterates.append(x.copy())
-    )
-    return np.stack(iterates)
 
 
 def test_krr_matches_scipy_solve_on_batched_gaussian_kernels():

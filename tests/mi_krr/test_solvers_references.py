@@ -6,23 +6,15 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import scipy.sparse.linalg
 import torch
 from numpy.polynomial import chebyshev as chebyshev_polynomials
 
 from mi_krr.solvers import cg_error_bound, chebyshev, heavy_ball, jacobi_cg, richardson, solve
-from solver_systems import gaussian_kernel, spd_matrix
+from solver_systems import brute_force_heavy_ball, gaussian_kernel, scipy_cg_iterates, spd_matrix
 
 RNG = np.random.default_rng(31337)
 
 
-def scipy_cg_iterates(A: np.ndarray, y: np.ndarray, n_steps: int, M: np.ndarray | None = None) -> np.ndarray:
-    """SciPy's (P)CG iterates from x0 = 0, the start and n_steps more: `[T+1, n]`."""
-    iterates = [np.zeros_like(y)]
-    scipy.sparse.linalg.cg(
-        A, y, x0=np.zeros_like(y), rtol=0.0, atol=0.0, maxiter=n_steps, M=M, callback=lambda x: iterates.append(x.copy())
-    )
-    return np.stack(iterates)
 
 
 def richardson_loop(A: np.ndarray, y: np.ndarray, step: float, P: np.ndarray, n_steps: int) -> np.ndarray:
@@ -35,14 +27,6 @@ def richardson_loop(A: np.ndarray, y: np.ndarray, step: float, P: np.ndarray, n_
     return np.stack(iterates)
 
 
-def heavy_ball_loop(A: np.ndarray, y: np.ndarray, step: float, momentum: float, n_steps: int) -> np.ndarray:
-    """alpha_{t+1} = alpha_t + step (y - A alpha_t) + momentum (alpha_t - alpha_{t-1}), alpha_{-1} = alpha_0 = 0."""
-    previous = alpha = np.zeros(len(y))
-    iterates = [alpha]
-    for _ in range(n_steps):
-        previous, alpha = alpha, alpha + step * (y - A @ alpha) + momentum * (alpha - previous)
-        iterates.append(alpha)
-    return np.stack(iterates)
 
 
 def chebyshev_closed_form(A: np.ndarray, y: np.ndarray, low: float, high: float, n_steps: int) -> np.ndarray:
@@ -81,7 +65,7 @@ def registry_reference(name: str, K: np.ndarray, y: np.ndarray, lam: float, n_st
     mu = np.linalg.eigvalsh(A)
     if name == "heavy_ball":
         low, high = np.sqrt(mu[[0, -1]])
-        return heavy_ball_loop(A, y, 4 / (high + low) ** 2, ((high - low) / (high + low)) ** 2, n_steps)
+        return brute_force_heavy_ball(A, y, 4 / (high + low) ** 2, ((high - low) / (high + low)) ** 2, n_steps)
     if name == "chebyshev":
         return chebyshev_closed_form(A, y, mu[0], mu[-1], n_steps)
     assert name == "newton"
@@ -138,7 +122,7 @@ def test_heavy_ball_and_chebyshev_residual_norms_are_true_residual_norms():
         mu = np.linalg.eigvalsh(A)
         low, high = np.sqrt(mu[[0, -1]])
         references = {
-            "heavy_ball": (ball, heavy_ball_loop(A, y[b], 4 / (high + low) ** 2, ((high - low) / (high + low)) ** 2, n_steps)),
+            "heavy_ball": (ball, brute_force_heavy_ball(A, y[b], 4 / (high + low) ** 2, ((high - low) / (high + low)) ** 2, n_steps)),
             "chebyshev": (cheb, chebyshev_closed_form(A, y[b], mu[0], mu[-1], n_steps)),
         }
         for trajectory, expected in references.values():

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from numpy.polynomial import chebyshev as chebyshev_polynomials
 
 from mi_krr.solvers import chebyshev, heavy_ball, iterative_newton, newton_schulz, richardson
-from solver_systems import a_norm_errors, gaussian_kernel, spd_matrix
+from solver_systems import a_norm_errors, brute_force_heavy_ball, gaussian_kernel, spd_matrix
 
 RNG = np.random.default_rng(7)
 
@@ -45,13 +45,6 @@ def brute_force_richardson(K, y, lam, step, P, n_steps):
     return np.stack(iterates)
 
 
-def brute_force_heavy_ball(A, y, step, momentum, n_steps):
-    previous = alpha = np.zeros(len(A))
-    iterates = [alpha]
-    for _ in range(n_steps):
-        previous, alpha = alpha, alpha + step * (y - A @ alpha) + momentum * (alpha - previous)
-        iterates.append(alpha)
-    return np.stack(iterates)
 
 
 def test_gd_matches_the_eigendecomposition_closed_form():

@@ -6,7 +6,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-import probes.streaming
 from mi_krr.models import AttentionHooks, BridgeICLModel, ICLTransformer, ICLTransformerConfig
 from mi_krr.tasks import ICLTask
 from probes import attention_kernels
@@ -89,23 +88,14 @@ def test_bridge_scores_rebuilt_from_q_and_k_are_the_log_pattern_up_to_a_row_cons
     assert scores.query.std() > 0.01
 
 
-def test_attention_hooks_retain_only_the_blocks(monkeypatch):
+def test_attention_hooks_retain_only_the_blocks(retained_reductions):
     """What outlives the forward pass is, per layer, the support block [batch, head, n, n] and the
     query block [batch, head, m, n] in their own storage: never the [batch', head, seq, seq]
     pattern, nor a view of it."""
-    retained = []
-    original = probes.streaming.run_with_reductions
-
-    def recording(*args, **kwargs):
-        results = original(*args, **kwargs)
-        retained.extend(results)
-        return results
-
-    monkeypatch.setattr(probes.streaming, "run_with_reductions", recording)
     model, task = make_model("interleaved"), make_task()
     attention_kernels(model, task)
-    assert len(retained) == model.cfg.n_layers
-    for blocks in retained:
+    assert len(retained_reductions) == model.cfg.n_layers
+    for blocks in retained_reductions:
         support, query = blocks["support"], blocks["query"]
         assert support.shape == (2, 3, N, N) and query.shape == (2, 3, M, N)
         for value in (support, query):

@@ -15,7 +15,6 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-import probes.streaming  # noqa: E402
 from brute_force import monotone_path, pooled_sums  # noqa: E402
 from mi_krr.construct import gd_transformer  # noqa: E402
 from mi_krr.models import ICLTransformer, ICLTransformerConfig  # noqa: E402
@@ -103,23 +102,14 @@ def test_negative_layer_index_is_rejected_not_wrapped_to_the_last_layer():
         label_sensitivities(model, task, layers=[0, -1])
 
 
-def test_concat_attention_blocks_equal_cached_pattern_and_keep_their_own_storage(monkeypatch):
-    """Concat layout (consecutive rows and keys, where a slice is a view): the retained blocks equal
+def test_concat_attention_blocks_equal_cached_pattern_and_keep_their_own_storage(retained_reductions):
+    """Concat layout (consecutive rows and keys, where a slice is a view): the retained_reductions blocks equal
     run_with_cache's hook_pattern and own their storage, never a view of the [batch, head, seq, seq] pattern."""
-    retained = []
-    original = probes.streaming.run_with_reductions
-
-    def recording(*args, **kwargs):
-        results = original(*args, **kwargs)
-        retained.extend(results)
-        return results
-
-    monkeypatch.setattr(probes.streaming, "run_with_reductions", recording)
     model, task = make_model(n_heads=3, d_head=4), random_task(2, N, M, D)
     kernels = attention_kernels(model, task)
     _, cache = model.run_with_cache(model.encode(task).tokens)
-    assert len(retained) == 2
-    for layer, blocks in enumerate(retained):
+    assert len(retained_reductions) == 2
+    for layer, blocks in enumerate(retained_reductions):
         pattern = cache[f"blocks.{layer}.attn.hook_pattern"].detach()
         torch.testing.assert_close(blocks["support"], pattern[:, :, :N, :N], rtol=1e-12, atol=0)
         torch.testing.assert_close(blocks["query"], pattern[:, :, N : N + M, :N], rtol=1e-12, atol=0)

@@ -7,7 +7,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import probes.streaming
 from mi_krr.models import ICLTransformer, ICLTransformerConfig
 from mi_krr.tasks import ICLTask
 from probes import layer_predictions
@@ -70,22 +69,13 @@ def test_readout_lens_returns_no_autograd_graph():
     assert not layer_predictions(make_model("concat"), make_task()).requires_grad
 
 
-def test_readout_hooks_retain_only_query_predictions(monkeypatch):
+def test_readout_hooks_retain_only_query_predictions(retained_reductions):
     """No hook keeps a [batch', seq, d_model] activation (nor a view of one): what outlives the
     forward pass is [batch, n_query] per layer, in its own storage."""
-    retained = []
-    original = probes.streaming.run_with_reductions
-
-    def recording(*args, **kwargs):
-        results = original(*args, **kwargs)
-        retained.extend(results)
-        return results
-
-    monkeypatch.setattr(probes.streaming, "run_with_reductions", recording)
     model, task = make_model("interleaved"), make_task(batch=5)
     layer_predictions(model, task)
-    assert len(retained) == model.cfg.n_layers + 1
-    for value in retained:
+    assert len(retained_reductions) == model.cfg.n_layers + 1
+    for value in retained_reductions:
         assert value.shape == (5, M)
         assert value.untyped_storage().nbytes() == value.numel() * value.element_size()
 
