@@ -378,11 +378,11 @@ def _diagnose_task_set(model, set_name, task, prompt, bar, *, algorithms, kernel
     stage_done("model pass")
 
     scored = np.flatnonzero(np.asarray(layers) > 0)
-    layer_pred_np = _numpy(layer_pred)
+    layer_pred = _numpy(layer_pred)  # float64 NumPy from here on: the fits and the scores read it
     fitted, unfit = {}, {}
     if step_sizes == "fitted":
         names = [name for name, solver in algorithms.items() if name in FITTED_STEP_ALGORITHMS and solver is ALGORITHMS.get(name)]
-        fitted, unfit = fit_global_steps(names, K, y, lam, K_query, n_steps, layer_pred_np, scored, seed)
+        fitted, unfit = fit_global_steps(names, K, y, lam, K_query, n_steps, layer_pred, scored, seed)
     solvers: dict[str, Callable[..., Any]] = {}
     step_preds = {}
     for name, solver in algorithms.items():
@@ -425,17 +425,18 @@ def _diagnose_task_set(model, set_name, task, prompt, bar, *, algorithms, kernel
     stage_done("kernel alignment")
 
     step_preds = {name: _numpy(pred) for name, pred in step_preds.items()}
-    layer_pred = _numpy(layer_pred)
+    krr_pred, kappa = _numpy(krr_pred), _numpy(kappa)
+    layer_sens = None if layer_sens is None else _numpy(layer_sens)
     scores = score_algorithms(
         layer_pred,
         step_preds,
-        _numpy(krr_pred),
+        krr_pred,
         layers=layers,
         bootstrap=bootstrap,
         seed=seed,
-        layer_sensitivity=None if layer_sens is None else _numpy(layer_sens),
+        layer_sensitivity=layer_sens,
         step_sensitivities=step_sens,
-        kappa=_numpy(kappa),
+        kappa=kappa,
         n_kappa_bins=n_kappa_bins,
     )
     verdict = identifiability_verdict(scores, step_preds, **verdict_thresholds)
@@ -448,13 +449,13 @@ def _diagnose_task_set(model, set_name, task, prompt, bar, *, algorithms, kernel
         lam=lam,
         n_steps=n_steps,
         layers=list(layers),
-        kappa=_numpy(kappa),
+        kappa=kappa,
         layer_predictions=layer_pred,
-        krr_predictions=_numpy(krr_pred),
+        krr_predictions=krr_pred,
         step_predictions=step_preds,
         scores=scores,
         verdict=verdict,
-        layer_sensitivities=None if layer_sens is None else _numpy(layer_sens),
+        layer_sensitivities=layer_sens,
         step_sensitivities=step_sens,
         kernel_alignment=alignment,
         fitted_steps=fitted,
