@@ -4,8 +4,8 @@
   every algorithm's per-step one, each layer drawn at its aligned step.
 - `plot_step_map`: the best algorithm's layer x step R2 matrix with the monotone alignment and
   the per-layer argmin on top, and every algorithm's aligned step per layer.
-- `plot_kernel_alignment`: per layer and head, the row-wise Spearman correlation and CKA of the
-  attention pattern with each reference kernel.
+- `plot_kernel_alignment`: per block and head, the relative operator distance, row-wise Spearman
+  correlation and CKA of the attention pattern with each reference kernel.
 - `plot_sensitivities`: label-sensitivity matrices d yhat / d y of one prompt, the model's layers
   above the best algorithm's aligned steps.
 """
@@ -66,6 +66,7 @@ def plot_step_map(result: "TaskSetDiagnosis"):
     figure.colorbar(image, ax=axes[0, 0])
     for name, score in result.scores.items():
         axes[0, 1].plot(score.layers, score.aligned_steps, "o-", ms=3, label=f"{name} (R2 {score.score:.3f})")
+    axes[0, 1].set_xticks(best.layers)
     axes[0, 1].set_xlabel("layer")
     axes[0, 1].set_ylabel("aligned step")
     axes[0, 1].set_title("best-matching step per layer")
@@ -75,25 +76,75 @@ def plot_step_map(result: "TaskSetDiagnosis"):
     return figure
 
 
+ALIGNMENT_PANELS = (
+    ("operator_distance", "rel. op. distance", "magma_r", (0.0, None)),
+    ("row_spearman", "row Spearman", "magma", (-1.0, 1.0)),
+    ("cka", "CKA", "magma", (0.0, 1.0)),
+)
+"""The kernel-alignment heatmaps: (metric, title, colour map, (vmin, vmax); vmax None: the
+larger of 1 and the data's maximum). Brighter is always closer to the kernel."""
+
+MAX_ANNOTATED_CELLS = 64
+"""Heatmaps with at most this many cells print each cell's value."""
+
+
 def plot_kernel_alignment(result: "TaskSetDiagnosis"):
-    """Per layer x head heatmaps of row Spearman and CKA against each reference kernel, or None
-    when the alignment was skipped."""
+    """Per block x head heatmaps of the relative operator distance, row Spearman and CKA of the
+    attention pattern against each reference kernel (rows: reference kernels, with the fitted
+    scale's range in the title), or None when the alignment was skipped."""
     alignment = result.kernel_alignment
     if alignment is None:
         return None
     kernels = list(alignment.metrics)
-    figure, axes = _figure(len(kernels), 2, 4.5, 3.5)
+    figure, axes = _figure(len(kernels), len(ALIGNMENT_PANELS), 4.2, 3.4)
     for row, kernel in enumerate(kernels):
-        for col, metric in enumerate(("row_spearman", "cka")):
-            values = np.asarray(alignment.metrics[kernel][metric].cpu(), dtype=np.float64)
-            image = axes[row, col].imshow(values, aspect="auto", origin="lower", cmap="magma", vmin=-1 if metric == "row_spearman" else 0, vmax=1)
-            axes[row, col].set_xlabel("head")
-            axes[row, col].set_ylabel("layer (block)")
-            axes[row, col].set_title(f"{kernel}: {metric}", fontsize=9)
-            figure.colorbar(image, ax=axes[row, col])
-    figure.suptitle(f"{result.name}: attention vs reference kernels ({alignment.block} rows)")
+        scale_name = "τ" if kernel == "exp" else "σ"
+        scale = np.asarray(alignment.scale[kernel].cpu(), dtype=np.float64)
+        for col, (metric, title, cmap, (vmin, vmax)) in enumerate(ALIGNMENT_PANELS):
+            values = np.asarray(alignment.metrics[kernel][metric].cpu(), dtype=np.float64)  # [block, head]
+            if vmax is None:
+                vmax = max(1.0, float(np.nanmax(values, initial=1.0)))
+            ax = axes[row, col]
+            image = ax.imshow(values, aspect="auto", origin="lower", cmap=cmap, vmin=vmin, vmax=vmax)
+            _integer_ticks(ax, *values.shape)
+            if values.size <= MAX_ANNOTATED_CELLS:
+                _annotate_cells(ax, values, image)
+            ax.set_xlabel("head")
+            ax.set_ylabel("block")
+            ax.set_title(f"{kernel}: {title}", fontsize=9)
+            figure.colorbar(image, ax=ax)
+        axes[row, 0].set_title(f"{kernel} ({scale_name} {_value_range(scale)}): {ALIGNMENT_PANELS[0][1]}", fontsize=9)
+    figure.suptitle(f"{result.name}: attention pattern ({alignment.block} rows) vs reference kernels, brighter = closer")
     figure.tight_layout()
     return figure
+
+
+def _integer_ticks(ax, n_rows: int, n_columns: int) -> None:
+    """Tick every row and column of an `[n_rows, n_columns]` heatmap at its integer index."""
+    ax.set_xticks(np.arange(n_columns))
+    ax.set_yticks(np.arange(n_rows))
+
+
+def _annotate_cells(ax, values: np.ndarray, image) -> None:
+    """Write each cell's value `[rows, columns]` on the heatmap, dark on bright cells."""
+    for (row, column), value in np.ndenumerate(values):
+        if np.isfinite(value):
+            brightness = np.mean(image.cmap(image.norm(value))[:3])
+            ax.text(column, row, f"{value:.2f}", ha="center", va="center", fontsize=7, color="black" if brightness > 0.5 else "white")
+
+
+def _value_range(values: np.ndarray) -> str:
+    """"a-b" over the finite entries of `values` (3 significant digits), then how many are
+    infinite (a fitted scale of inf: the best reference is uniform over the keys)."""
+    finite = values[np.isfinite(values)]
+    if finite.size == 0:
+        text = "none finite"
+    elif np.isclose(finite.min(), finite.max()):
+        text = f"{finite.min():.3g}"
+    else:
+        text = f"{finite.min():.3g}-{finite.max():.3g}"
+    infinite = int(np.isinf(values).sum())
+    return text + (f"; ∞ in {infinite}" if infinite else "")
 
 
 def plot_sensitivities(result: "TaskSetDiagnosis", prompt: int = 0, max_columns: int = 5):

@@ -405,6 +405,18 @@ def test_plots_draw_the_stored_statistics_and_only_the_figures_a_diagnosis_has(r
     path, argmin = (line for line in left.get_lines())
     np.testing.assert_array_equal(path.get_xdata(), best.aligned_steps)  # the white path is the alignment
     np.testing.assert_array_equal(argmin.get_xdata(), best.argmin_steps)  # the crosses the per-layer argmin
+    assert list(figures["ill_conditioned/step_map"].axes[1].get_xticks()) == list(best.layers)  # one tick per layer
+    alignment = result.kernel_alignment
+    panels = [ax for ax in figures["ill_conditioned/kernel_alignment"].axes if ax.get_images()]  # not the colour bars
+    assert [ax.get_title().split(":")[-1].strip() for ax in panels] == ["rel. op. distance", "row Spearman", "CKA"] * 2
+    for ax, (kernel, metric) in zip(panels, [(k, m) for k in ("exp", "gaussian") for m in ("operator_distance", "row_spearman", "cka")]):
+        values = alignment.metrics[kernel][metric].numpy()  # [block, head] = [2, 2]
+        np.testing.assert_array_equal(ax.get_images()[0].get_array(), values)
+        assert list(ax.get_xticks()) == [0, 1] and list(ax.get_yticks()) == [0, 1]
+        assert sorted(text.get_text() for text in ax.texts) == sorted(f"{value:.2f}" for value in values[np.isfinite(values)])  # NaN cells stay blank
+    tau = alignment.tau.numpy()
+    finite = tau[np.isfinite(tau)]
+    assert f"τ {finite.min():.3g}-{finite.max():.3g}; ∞ in {np.isinf(tau).sum()}" in panels[0].get_title()  # inf: uniform is closest
     plt.close("all")
     model = ICLTransformer(ICLTransformerConfig(n_dims=3, d_model=8, n_layers=1, n_heads=1))
     lean = diagnose(model, GPRegressionSampler(dim=3).sample(4, 5, 2, seed=0), algorithms="cg", kernels=(), bootstrap=0, progress=False)
