@@ -26,10 +26,15 @@ def _figure(n_rows: int, n_cols: int, width: float, height: float):
     return plt.subplots(n_rows, n_cols, figsize=(width * n_cols, height * n_rows), squeeze=False)
 
 
+PROFILE_MARGIN = 1.0
+"""log10 units the error-profile plot shows beyond the model's and the best algorithm's range."""
+
+
 def plot_error_profiles(result: "TaskSetDiagnosis"):
     """log10 MSE to the KRR prediction: algorithms against step, the model's layers at their
-    aligned step of the best algorithm (and against layer index, dashed)."""
-    figure, axes = _figure(1, 1, 7.0, 4.5)
+    aligned step of the best algorithm (and against layer index, dashed); the y range is the
+    model's and the best algorithm's (other algorithms converging further leave the frame)."""
+    figure, axes = _figure(1, 1, 8.5, 4.5)
     ax = axes[0, 0]
     best = result.scores[result.verdict.best]
     for name, score in result.scores.items():
@@ -42,7 +47,9 @@ def plot_error_profiles(result: "TaskSetDiagnosis"):
     ax.set_xlabel("solver step (model: aligned step; numbers = layer)")
     ax.set_ylabel("log10 MSE to exact KRR")
     ax.set_title(f"{result.name}: error profiles")
-    ax.legend(fontsize=7, ncol=2)
+    shown = np.concatenate([best.model_profile, best.algorithm_profile])  # the other algorithms may leave the frame
+    ax.set_ylim(shown.min() - PROFILE_MARGIN, shown.max() + PROFILE_MARGIN)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.grid(alpha=0.3)
     figure.tight_layout()
     return figure

@@ -406,6 +406,8 @@ def test_plots_draw_the_stored_statistics_and_only_the_figures_a_diagnosis_has(r
     np.testing.assert_array_equal(path.get_xdata(), best.aligned_steps)  # the white path is the alignment
     np.testing.assert_array_equal(argmin.get_xdata(), best.argmin_steps)  # the crosses the per-layer argmin
     assert list(figures["ill_conditioned/step_map"].axes[1].get_xticks()) == list(best.layers)  # one tick per layer
+    low, high = figures["ill_conditioned/error_profiles"].axes[0].get_ylim()
+    assert low <= best.model_profile.min() and best.model_profile.max() <= high  # every layer in the frame
     alignment = result.kernel_alignment
     panels = [ax for ax in figures["ill_conditioned/kernel_alignment"].axes if ax.get_images()]  # not the colour bars
     assert [ax.get_title().split(":")[-1].strip() for ax in panels] == ["rel. op. distance", "row Spearman", "CKA"] * 2
