@@ -168,6 +168,8 @@ ATTACH_PROBES = [
         - **row Spearman**: do the head and the kernel *rank* the support points alike (1 = same order)?
         - **operator distance**: ‖A − K‖₂ / ‖K‖₂ (0 = the same matrix).
 
+        (The figure adds CKA, the similarity of the centred matrices.)
+
         **Look for:** heads with row Spearman near 1 *and* a small distance (kernel smoothers), and a
         fitted σ near the task's bandwidth.
         """
@@ -183,18 +185,7 @@ ATTACH_PROBES = [
     ),
     code(
         """
-        fig, axes = plt.subplots(1, 4, figsize=(15, 3.4))
-        panels = [(kernel, metric) for metric in ("row_spearman", "operator_distance") for kernel in ("gaussian", "exp")]
-        for ax, (kernel, metric) in zip(axes, panels):
-            values = alignment.metrics[kernel][metric].numpy()
-            image = ax.imshow(values, cmap="viridis" if metric == "row_spearman" else "viridis_r", vmin=0, vmax=1, origin="lower")
-            for (row, col), value in np.ndenumerate(values):
-                dark = sum(image.cmap(image.norm(value))[:3]) < 1.5
-                ax.text(col, row, f"{value:.2f}", ha="center", va="center", fontsize=8, color="w" if dark else "k")
-            ax.set(xlabel="head", ylabel="block", xticks=range(model.n_heads), yticks=range(model.n_layers), title=f"{kernel}: {metric}")
-            fig.colorbar(image, ax=ax, fraction=0.046)
-        fig.suptitle("Attention (query rows) vs row-normalised reference kernels")
-        fig.tight_layout()
+        alignment.plot("softmax_gp");  # every metric per block and head, one row of panels per kernel
         """
     ),
     md(

@@ -63,6 +63,12 @@ class KernelAlignment:
         """Fitted Gaussian bandwidth `[layer, head]`."""
         return self.scale["gaussian"]
 
+    def plot(self, title: str = "attention"):
+        """Heatmaps of every metric per block and head (`probes.plots.plot_alignment`)."""
+        from probes.plots import plot_alignment
+
+        return plot_alignment(self, title)
+
     def to_dict(self) -> dict[str, Any]:
         """Nested lists of floats (inf / NaN stay floats here: pass it through
         `probes.diagnose.strict_json` before `json.dumps(..., allow_nan=False)`, as

@@ -4,8 +4,9 @@
   every algorithm's per-step one, each layer drawn at its aligned step.
 - `plot_step_map`: the best algorithm's layer x step R2 matrix with the monotone alignment and
   the per-layer argmin on top, and every algorithm's aligned step per layer.
-- `plot_kernel_alignment`: per block and head, the relative operator distance, row-wise Spearman
-  correlation and CKA of the attention pattern with each reference kernel.
+- `plot_kernel_alignment` (`plot_alignment` of any `KernelAlignment`, also
+  `KernelAlignment.plot()`): per block and head, the relative operator distance, row-wise
+  Spearman correlation and CKA of the attention pattern with each reference kernel.
 - `plot_sensitivities`: label-sensitivity matrices d yhat / d y of one prompt, the model's layers
   above the best algorithm's aligned steps.
 """
@@ -18,6 +19,7 @@ import numpy as np
 
 if TYPE_CHECKING:
     from probes.diagnose import Diagnosis, TaskSetDiagnosis
+    from probes.kernel_alignment import KernelAlignment
 
 
 def _figure(n_rows: int, n_cols: int, width: float, height: float):
@@ -96,18 +98,22 @@ MAX_ANNOTATED_CELLS = 64
 
 
 def plot_kernel_alignment(result: "TaskSetDiagnosis"):
-    """Per block x head heatmaps of the relative operator distance, row Spearman and CKA of the
-    attention pattern against each reference kernel (rows: reference kernels, with the fitted
-    scale's range in the title), or None when the alignment was skipped."""
-    alignment = result.kernel_alignment
-    if alignment is None:
+    """`plot_alignment` of a diagnosed task set's kernel alignment, or None when it was skipped."""
+    if result.kernel_alignment is None:
         return None
+    return plot_alignment(result.kernel_alignment, title=result.name)
+
+
+def plot_alignment(alignment: "KernelAlignment", title: str = "attention"):
+    """Per block x head heatmaps of the relative operator distance, row Spearman and CKA of the
+    attention pattern against each reference kernel (one row of panels per kernel, the fitted
+    scale's range in its first title); `title` starts the figure's title."""
     kernels = list(alignment.metrics)
     figure, axes = _figure(len(kernels), len(ALIGNMENT_PANELS), 4.2, 3.4)
     for row, kernel in enumerate(kernels):
         scale_name = "τ" if kernel == "exp" else "σ"
         scale = np.asarray(alignment.scale[kernel].cpu(), dtype=np.float64)
-        for col, (metric, title, cmap, (vmin, vmax)) in enumerate(ALIGNMENT_PANELS):
+        for col, (metric, metric_title, cmap, (vmin, vmax)) in enumerate(ALIGNMENT_PANELS):
             values = np.asarray(alignment.metrics[kernel][metric].cpu(), dtype=np.float64)  # [block, head]
             if vmax is None:
                 vmax = max(1.0, float(np.nanmax(values, initial=1.0)))
@@ -118,10 +124,10 @@ def plot_kernel_alignment(result: "TaskSetDiagnosis"):
                 _annotate_cells(ax, values, image)
             ax.set_xlabel("head")
             ax.set_ylabel("block")
-            ax.set_title(f"{kernel}: {title}", fontsize=9)
+            ax.set_title(f"{kernel}: {metric_title}", fontsize=9)
             figure.colorbar(image, ax=ax)
         axes[row, 0].set_title(f"{kernel} ({scale_name} {_value_range(scale)}): {ALIGNMENT_PANELS[0][1]}", fontsize=9)
-    figure.suptitle(f"{result.name}: attention pattern ({alignment.block} rows) vs reference kernels, brighter = closer")
+    figure.suptitle(f"{title}: attention pattern ({alignment.block} rows) vs reference kernels, brighter = closer")
     figure.tight_layout()
     return figure
 
