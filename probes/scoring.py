@@ -23,7 +23,7 @@ Definitions (the only ones used anywhere in `probes`):
   layers at their aligned steps a_l: the fraction of the algorithm's trajectory variance, along
   the path the model is aligned to, that the model's layers reproduce. Layers aligned to step 0
   add their error and no variance, so a model whose layers all sit at step 0 scores -inf, not a
-  vacuous 1.
+  vacuous 1 (NaN if their error is 0 too: layers predicting exactly step 0's outputs).
 - Weighted R2 (after MetaRepICL's algorithm-identification summary): the mean of the per-kappa-
   stratum path R2, weighted by log10 of each stratum's median condition number (at least
   log10(1.1)), so ill-conditioned prompts, where algorithms differ most, count more.
@@ -134,7 +134,14 @@ def weighted_sse_sst(sums: PairedSums, weights=None) -> tuple[np.ndarray, np.nda
     count = w.sum(1) * sums.n_values
     with np.errstate(invalid="ignore", divide="ignore"):
         sst = squares - total**2 / count[:, None]
-    return sse, np.maximum(sst, 0.0), count
+    return sse, np.where(sst > SST_ROUNDING * squares, sst, 0.0), count
+
+
+SST_ROUNDING = 1e-12
+"""SST under prompt weights is squares - total^2 / count of values centred by the ALL-prompt mean,
+so for a weighting whose values are one constant (a kappa stratum, a resample) the two terms
+cancel to rounding noise (a few eps x squares), not 0: SST below this fraction of the squares is
+taken as 0 (no variance: R2 NaN, a path's error over it -inf), never as a tiny variance."""
 
 
 def _matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
