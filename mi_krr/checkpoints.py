@@ -170,8 +170,9 @@ def _load_garg(path: Path, device: str) -> LoadedCheckpoint:
 
 
 def scaled_labels(task: Any, factor: float) -> Any:
-    """`task` with y_support and y_query multiplied by `factor` (recorded in info["label_scale"]);
-    KRR predictions scale with the labels, so every comparison is unchanged in kind."""
+    """`task` with y_support and y_query multiplied by `factor` (recorded in info["label_scale"];
+    factor 1 returns `task` itself); KRR predictions scale with the labels, so every comparison
+    is unchanged in kind."""
     if factor == 1.0:
         return task
     return replace(task, y_support=task.y_support * factor, y_query=task.y_query * factor,
