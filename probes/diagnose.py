@@ -511,7 +511,10 @@ def _check_tasks(tasks: Any) -> dict[str, ICLTask]:
     for name, task in tasks.items():
         if not isinstance(task, ICLTask):
             raise ValueError(f"tasks[{name!r}] must be an mi_krr.tasks.ICLTask, got {type(task).__name__}")
-    return {str(name): task for name, task in tasks.items()}
+    named = {str(name): task for name, task in tasks.items()}
+    if len(named) < len(tasks):
+        raise ValueError(f"tasks' names must stay distinct as strings (results are keyed by str(name)), got {list(tasks)}: rename them")
+    return named
 
 
 def _check_r2_threshold(name: str, value: Any) -> float:
