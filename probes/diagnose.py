@@ -492,7 +492,7 @@ def resolve_lam(task: ICLTask, lam: float | None) -> float:
     recorded in `task.info` (`mi_krr.tasks.optimal.bayes_optimal_ridge`: noise_std^2 for GP
     regression, noise_std^2 * d for linear regression with w ~ N(0, I/d))."""
     if lam is not None:
-        return lam
+        return check_positive("lam", lam)
     try:
         ridge = bayes_optimal_ridge(task.info)
     except ValueError as error:

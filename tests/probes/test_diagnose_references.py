@@ -330,3 +330,13 @@ def test_task_set_names_that_collide_as_strings_are_refused_not_dropped():
     task = GPRegressionSampler(dim=3).sample(4, 5, 2, seed=0)
     with pytest.raises(ValueError, match="distinct as strings"):
         diagnose(ICLTransformer(ICLTransformerConfig(n_dims=3, d_model=8, n_layers=1, n_heads=1)), {1: task, "1": task}, progress=False)
+
+
+def test_resolve_lam_refuses_a_non_positive_ridge_by_name():
+    from probes.diagnose import resolve_lam
+
+    task = GPRegressionSampler(dim=3).sample(2, 5, 2, seed=0)
+    assert resolve_lam(task, 0.25) == 0.25
+    for bad in (0.0, -0.1, float("nan")):
+        with pytest.raises(ValueError, match="lam"):
+            resolve_lam(task, bad)
