@@ -254,8 +254,9 @@ def fit_inverse_scale(attn: torch.Tensor, similarity: torch.Tensor, keys: torch.
     bool like attn -> beta `[L, H]` (pooled over prompts and rows). "log_lstsq": least squares of
     row-centred log attn on row-centred similarity (through the origin). "distance": the mean
     squared Frobenius distance minimised over log beta within `LOG_SCALE_HALF_WIDTH` of the
-    log_lstsq value (from the best point of a grid, safeguarded Newton steps with the exact first
-    and second derivatives), then beta = 0 (uniform over the keys) if that is at least as close.
+    log_lstsq value (of 1 / the RMS of the centred similarity where that value is <= 0), from
+    the best point of a grid by safeguarded Newton steps with the exact first and second
+    derivatives; then beta = 0 (uniform over the keys) if that is at least as close.
     The log_lstsq beta may be < 0 (attention anti-aligned with the kernel); "distance" gives
     beta >= 0.
     """

@@ -58,7 +58,8 @@ FITTED_STEP_ALGORITHMS = (*RICHARDSON_PRECONDITIONERS, "heavy_ball")
 registry parameters)."""
 
 STEP_GRID = np.geomspace(1e-3, 2.0, 23)
-"""Candidate steps relative to the median spectrum-optimal step of the fitted prompts (ratio
+"""Candidate steps relative to the median spectrum-optimal step of the fitted prompts (torch's
+median: the lower middle value for an even count; the grid only needs a typical step) (ratio
 ~1.4 between neighbours; Brent then resolves the step inside the best points' brackets); above
 ~2x the optimal step Richardson diverges on typical prompts."""
 
