@@ -15,6 +15,7 @@ import torch
 from scipy import optimize
 
 from brute_force import path_r2
+from kernel_references import numpy_mean_distance, numpy_row_softmax
 from mi_krr.kernels import gaussian_kernel
 from probes.attention_kernels import AttentionKernels
 from probes.kernel_alignment import (
@@ -189,18 +190,6 @@ def test_bounded_brent_takes_scipys_steps_on_plateaus_and_kinks(function, bounds
 
 
 # ---------------------------------------------------------------- probes.kernel_alignment
-
-
-def numpy_row_softmax(logits: np.ndarray, keys: np.ndarray) -> np.ndarray:
-    masked = np.where(keys, logits, -np.inf)
-    top = masked.max(-1, keepdims=True)
-    weights = np.exp(masked - np.where(np.isfinite(top), top, 0.0))
-    return weights / np.maximum(weights.sum(-1, keepdims=True), 1e-300)
-
-
-def numpy_mean_distance(log_beta: float, attn: np.ndarray, similarity: np.ndarray, keys: np.ndarray) -> float:
-    """Mean over prompts of |row-normalised exp(beta S) - attn|_F^2, one head: `[B, r, n]` each."""
-    return float(((numpy_row_softmax(np.exp(log_beta) * similarity, keys) - attn) ** 2).sum((-2, -1)).mean())
 
 
 def noisy_heads(seed: int, per_head_keys: bool, batch: int = 5, n: int = 6):

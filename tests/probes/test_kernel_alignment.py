@@ -14,6 +14,7 @@ import pytest
 import torch
 from scipy import stats
 
+from kernel_references import numpy_mean_distance, numpy_row_softmax
 from mi_krr.construct import richardson_transformer
 from mi_krr.kernels import exp_kernel, gaussian_kernel
 from mi_krr.models import ICLTransformer, ICLTransformerConfig
@@ -168,19 +169,6 @@ def test_kernel_alignment_bad_arguments_raise():
         kernel_alignment(linear, task)
     with pytest.raises(ValueError, match="same shape"):
         alignment_metrics(np.ones((3, 3)), np.ones((3, 4)))
-
-
-def numpy_row_softmax(logits: np.ndarray, keys: np.ndarray) -> np.ndarray:
-    """Softmax of each row over its visible keys (0 elsewhere, and on rows without keys)."""
-    masked = np.where(keys, logits, -np.inf)
-    top = masked.max(-1, keepdims=True)
-    weights = np.exp(masked - np.where(np.isfinite(top), top, 0.0))
-    return weights / np.maximum(weights.sum(-1, keepdims=True), 1e-300)
-
-
-def numpy_mean_distance(log_beta: float, attn: np.ndarray, similarity: np.ndarray, keys: np.ndarray) -> float:
-    """Mean over prompts of |row-normalised exp(beta S) - attn|_F^2 for one head: attn, keys `[B, r, n]`."""
-    return float(((numpy_row_softmax(np.exp(log_beta) * similarity, keys) - attn) ** 2).sum((-2, -1)).mean())
 
 
 def noisy_kernel_attention(seed: int, kernel: str, per_head_keys: bool):
