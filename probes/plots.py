@@ -147,8 +147,8 @@ def _annotate_cells(ax, values: np.ndarray, image) -> None:
 
 
 def _value_range(values: np.ndarray) -> str:
-    """"a-b" over the finite entries of `values` (3 significant digits), then how many are
-    infinite (a fitted scale of inf: the best reference is uniform over the keys)."""
+    """The range of the finite entries of `values` as "low-high" (3 significant digits), then how
+    many are infinite (a fitted scale of inf: the best reference is uniform over the keys)."""
     finite = values[np.isfinite(values)]
     if finite.size == 0:
         text = "none finite"

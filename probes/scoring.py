@@ -126,8 +126,8 @@ def _weights(sums: PairedSums, weights) -> np.ndarray:
 
 
 def weighted_sse_sst(sums: PairedSums, weights=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """SSE `[R, L', T+1]`, SST `[R, T+1]` and the number of values `[R]` under prompt weights
-    `[B]` or `[R, B]` (None: every prompt once, R = 1)."""
+    """SSE `[R, L', T+1]`, SST `[R, T+1]` (0 below `SST_ROUNDING`) and the number of values `[R]`
+    under prompt weights `[B]` or `[R, B]` (None: every prompt once, R = 1)."""
     w = _weights(sums, weights)
     sse = _matmul(w, sums.sse.reshape(sums.n_prompts, -1)).reshape(len(w), *sums.sse.shape[1:])
     total, squares = _matmul(w, sums.step_sum), _matmul(w, sums.step_sq)
