@@ -229,7 +229,8 @@ def diagnose(
             `task.info["kernel"]` (GP sampler), "linear" for the linear-regression sampler, else
             an error.
         kernel_params: the kernel's keywords (bandwidth / temperature); default: from
-            `task.info`, else the kernel's defaults.
+            `task.info`, else the kernel's defaults (a keyword `kernel_params` leaves out also
+            takes the kernel's default; the result records every value used).
         lam: the ridge; default the Bayes-optimal one of the sampler in `task.info`
             (`resolve_lam`: noise_std^2 for GP regression, noise_std^2 * d for linear regression).
         n_steps: solver steps T; default `default_n_steps(model.n_layers)` = max(2 L, 20).
@@ -478,13 +479,13 @@ def resolve_kernel(task: ICLTask, kernel: str, kernel_params: dict[str, float] |
             )
     check_choice("kernel", kernel, KERNEL_NAMES)
     allowed = kernel_parameters(kernel)
-    if kernel_params is None:  # the sampler's values, else the kernel's defaults (written out, so reports show them)
-        defaults = kernel_defaults(kernel)
+    defaults = kernel_defaults(kernel)  # every keyword is written out, so reports show the values used
+    if kernel_params is None:  # the sampler's values, else the kernel's defaults
         return kernel, {name: float(task.info[name]) if task.info.get(name) is not None else defaults[name] for name in allowed}
     unknown = sorted(set(kernel_params) - set(allowed))
     if unknown:
         raise ValueError(f"kernel_params for {kernel!r} may only set {allowed or 'nothing'}, got {unknown}")
-    return kernel, {name: check_positive(f"kernel_params[{name!r}]", value) for name, value in kernel_params.items()}
+    return kernel, {**defaults, **{name: check_positive(f"kernel_params[{name!r}]", value) for name, value in kernel_params.items()}}
 
 
 def resolve_lam(task: ICLTask, lam: float | None) -> float:

@@ -340,3 +340,17 @@ def test_resolve_lam_refuses_a_non_positive_ridge_by_name():
     for bad in (0.0, -0.1, float("nan")):
         with pytest.raises(ValueError, match="lam"):
             resolve_lam(task, bad)
+
+
+def test_kernel_params_left_out_are_the_kernels_defaults_and_are_recorded():
+    from probes.diagnose import resolve_kernel
+
+    task = GPRegressionSampler(dim=3, bandwidth=0.5).sample(3, 6, 2, seed=0)
+    assert resolve_kernel(task, "gaussian", {}) == ("gaussian", {"bandwidth": 1.0})  # gaussian_kernel's default, not the sampler's
+    assert resolve_kernel(task, "gaussian", None) == ("gaussian", {"bandwidth": 0.5})
+    result = diagnose(ICLTransformer(ICLTransformerConfig(n_dims=3, d_model=8, n_layers=1, n_heads=1)), task, algorithms="cg",
+                      kernel="exp", kernel_params={}, lam=0.1, kernels=(), bootstrap=0, progress=False)["tasks"]
+    assert result.kernel_params == {"temperature": 1.0}
+    x, xq, y = (t.double().numpy() for t in (task.x_support, task.x_query, task.y_support))
+    expected = np.exp(xq[0] @ x[0].T) @ np.linalg.solve(np.exp(x[0] @ x[0].T) + 0.1 * np.eye(6), y[0])
+    np.testing.assert_allclose(result.krr_predictions[0], expected, rtol=1e-9)
