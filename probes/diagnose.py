@@ -64,6 +64,7 @@ class TaskSetDiagnosis:
         info: the task's `info` (sampler configuration).
         kernel, kernel_params, lam: the KRR system the algorithms solve.
         n_steps: solver steps T.
+        n_support: support points n per prompt.
         layers: residual indices probed (0 = embeddings).
         kappa: condition number of K + lam I per prompt `[B]`.
         layer_predictions: the model's per-layer query predictions `[B, L', m]`.
@@ -86,6 +87,7 @@ class TaskSetDiagnosis:
     kernel_params: dict[str, float]
     lam: float
     n_steps: int
+    n_support: int
     layers: list[int]
     kappa: np.ndarray
     layer_predictions: np.ndarray
@@ -449,6 +451,7 @@ def _diagnose_task_set(model, set_name, task, prompt, bar, *, algorithms, kernel
         kernel_params=params,
         lam=lam,
         n_steps=n_steps,
+        n_support=task.n_support,
         layers=list(layers),
         kappa=kappa,
         layer_predictions=layer_pred,
@@ -635,6 +638,8 @@ def _task_set_dict(result: TaskSetDiagnosis) -> dict[str, Any]:
             "n_steps": result.n_steps,
             "layers": result.layers,
             "n_prompts": result.n_prompts,
+            "n_support": result.n_support,
+            "n_query": result.n_query,
             "kappa": result.kappa,
             "scores": scores,
             "verdict": verdict,

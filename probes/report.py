@@ -20,11 +20,9 @@ def _kernel_text(result: "TaskSetDiagnosis") -> str:
 def task_set_summary(result: "TaskSetDiagnosis") -> str:
     """One task set: header, per-algorithm scores ranked, the best algorithm's aligned step per
     layer with its R2, the verdict, and any notes."""
-    n_support = result.layer_sensitivities.shape[-1] if result.layer_sensitivities is not None else None
     header = (
-        f"== {result.name}: {result.n_prompts} prompts, {result.n_query} queries"
-        + (f", {n_support} support points" if n_support else "")
-        + f"; KRR {_kernel_text(result)}, lam={result.lam:g}, {result.n_steps} solver steps; "
+        f"== {result.name}: {result.n_prompts} prompts, {result.n_query} queries, {result.n_support} support points"
+        f"; KRR {_kernel_text(result)}, lam={result.lam:g}, {result.n_steps} solver steps; "
         f"kappa median {np.median(result.kappa):.3g} [{np.min(result.kappa):.3g}, {np.max(result.kappa):.3g}]"
     )
     lines = [header, f"{'algorithm':<18} {'path R2':>9} {'95% interval':>20} {'kappa-wtd R2':>13} {'log-err dist':>13} {'sens R2':>9}"]

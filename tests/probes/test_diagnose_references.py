@@ -85,6 +85,7 @@ def test_krr_system_takes_the_exp_temperature_and_noise_variance_from_the_sample
     stored = json.loads(diagnosis.to_json())["task_sets"]["tasks"]
     assert stored["lam"] == pytest.approx(NOISE**2, rel=1e-12) and stored["kernel_params"] == {"temperature": TEMPERATURE}
     assert stored["n_prompts"] == 8 and stored["kernel"] == "exp"
+    assert (stored["n_support"], stored["n_query"]) == (task.n_support, task.n_query) == (6, 3)
 
 
 def test_json_writes_numpy_scalars_in_task_info_and_settings_as_plain_numbers(exp_case):
@@ -101,6 +102,8 @@ def test_summary_header_counts_prompts_queries_support_and_quotes_kappa_median_a
     kappa = [np.linalg.cond(numpy_system(task, b)[0] + NOISE**2 * np.eye(6)) for b in range(8)]
     median, low, high = map(float, re.search(r"kappa median (\S+) \[(\S+), (\S+)\]", header).groups())
     np.testing.assert_allclose([median, low, high], [np.median(kappa), np.min(kappa), np.max(kappa)], rtol=5e-3)
+    without_sensitivities = dataclasses.replace(diagnosis["tasks"], layer_sensitivities=None, step_sensitivities=None)
+    assert summary_lines(without_sensitivities)[0].startswith("== tasks: 8 prompts, 3 queries, 6 support points;")
 
 
 def test_dataframe_score_is_brute_force_path_r2_and_sensitivity_r2_is_pooled_r2_of_the_stored_sensitivities(exp_case):
