@@ -117,10 +117,11 @@ def _pcg_prompts(K, y, diagonal, K_query, lam, n_steps, alpha, squared_norms, pr
             iterate[i] = 0.0
             alpha[b, 0, i] = 0.0
         rho = 0.0  # r^T P r
-        norm = 0.0  # r^T r
+        norm = 0.0  # r^T r, needed only when P != I (else it is rho)
         for i in range(n):
             rho += residual[i] * preconditioned[i]
-            norm += residual[i] * residual[i]
+            if diagonal is not None:
+                norm += residual[i] * residual[i]
         squared_norms[b, 0] = rho if diagonal is None else norm
         for t in range(n_steps):
             _row_times_matrix(direction, K[b], image)  # image = p K + lam p = (K + lam I) p, K symmetric
