@@ -456,7 +456,6 @@ COMPARE_ARCHITECTURES = [
         """
         import matplotlib.pyplot as plt
         import numpy as np
-        import pandas as pd
         import torch
 
         import probes
@@ -504,8 +503,9 @@ COMPARE_ARCHITECTURES = [
     md(
         """
         Next, what each variant's layers compute: the read-out lens per layer, scored against the
-        Bayes-optimal predictions, and `probes.diagnose` (predictions only, for speed) for the best
-        matching KRR algorithm. The diagnosis uses the Bayes-optimal ridge `lam` from above.
+        Bayes-optimal predictions, and `probes.diagnose` (no kernel alignment, for speed) for the best
+        matching KRR algorithm, the models side by side with `probes.compare`. The diagnosis uses the
+        Bayes-optimal ridge `lam` from above.
 
         **Look for:** which variants learn fastest (left), how the error is spread across depth
         (right: a deeper model can improve gradually or all at once), and whether attention type
@@ -516,14 +516,15 @@ COMPARE_ARCHITECTURES = [
         """
         task = sampler.sample(128, train_cfg.n_support, train_cfg.n_query, seed=1)
         optimal = bayes_optimal_predictions(sampler, task)
-        rows, lens_error = [], {}
+        diagnoses, lens_error = {}, {}
         for name, model in models.items():
             lens = probes.layer_predictions(model, task)  # [batch, L + 1, n_query]
             lens_error[name] = (lens - optimal[:, None]).square().mean(dim=(0, 2)).numpy()
-            verdict = probes.diagnose(model, task, kernel=kernel, lam=lam, sensitivities=False, kernels=(), bootstrap=300, progress=False)["tasks"].verdict
-            rows.append({"variant": name, "MSE / optimal": histories[name][-1]["ratio"], "best algorithm": verdict.best,
-                         "path R2": verdict.score, "CI low": verdict.score_ci[0], "CI high": verdict.score_ci[1], "identified": verdict.identified})
-        pd.DataFrame(rows).set_index("variant").round(3)
+            diagnoses[name] = probes.diagnose(model, task, kernel=kernel, lam=lam, kernels=(), bootstrap=300, progress=False)
+        comparison = probes.compare(diagnoses)  # one row per model (and task set): best algorithm, CI, verdict, step map
+        table = comparison.to_dataframe().set_index("model").drop(columns=["task_set", "kernel_distance"])
+        table.insert(0, "MSE / optimal", [histories[name][-1]["ratio"] for name in table.index])
+        table.round(3)
         """
     ),
     code(
@@ -553,13 +554,15 @@ COMPARE_ARCHITECTURES = [
         fraction of the gap to the optimum each layer has *not* yet closed.
 
         **Look for:** at which depth each model closes most of the gap, and the algorithm each is
-        closest to (each on its own task's KRR system).
+        closest to (each on its own task's KRR system). `kernel_distance` is the softmax heads'
+        distance to an exp kernel (best head per layer, mean over layers); linear attention is not a
+        normalised kernel, so it has none (NaN).
         """
     ),
     code(
         """
         fig, ax = plt.subplots(figsize=(6, 4))
-        rows = []
+        shipped = {}
         for name in ("linear_lr", "softmax_gp"):
             run = shipped_checkpoint(name)
             run_config = read_run_config(run)
@@ -570,16 +573,15 @@ COMPARE_ARCHITECTURES = [
             lens = probes.layer_predictions(model, run_task)
             remaining = (lens - optimal[:, None]).square().mean(dim=(0, 2)) / optimal.square().mean()
             ax.plot(range(model.n_layers + 1), remaining, "o-", label=f"{name} ({model.cfg.attention} attention)")
-            verdict = probes.diagnose(model, run_task, kernel=run_kernel, lam=run_lam, sensitivities=False, kernels=(), bootstrap=300, progress=False)["tasks"].verdict
-            rows.append({"checkpoint": name, "attention": model.cfg.attention, "task": run_sampler.name, "best algorithm": verdict.best,
-                         "path R2": verdict.score, "CI low": verdict.score_ci[0], "CI high": verdict.score_ci[1], "identified": verdict.identified})
+            # kernels: the attention-kernel alignment, skipped with a note for linear attention (not a normalised kernel)
+            shipped[f"{name} ({model.cfg.attention})"] = probes.diagnose(model, run_task, kernel=run_kernel, lam=run_lam, bootstrap=300, progress=False)
         ax.set(yscale="log", xlabel="layer (0 = embeddings)", ylabel="MSE to optimal / MSE of predicting 0",
                title="Gap to the Bayes-optimal predictor, per layer")
         ax.set_xticks(range(model.n_layers + 1))
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
         fig.tight_layout()
-        pd.DataFrame(rows).set_index("checkpoint").round(3)
+        probes.compare(shipped).to_dataframe().set_index("model").drop(columns="task_set").round(3)
         """
     ),
 ]

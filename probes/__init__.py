@@ -13,6 +13,7 @@ from probes.kernel_alignment import KernelAlignment, alignment_metrics, kernel_a
 from probes.layer_predictions import layer_predictions
 from probes.sensitivity import label_sensitivities, solver_sensitivities
 
+from probes.compare import Comparison, compare
 from probes.diagnose import DEFAULT_ALGORITHMS, Diagnosis, TaskSetDiagnosis, diagnose
 from probes.identifiability import Verdict, algorithm_agreement, identifiability_verdict
 from probes.plots import diagnosis_figures

@@ -67,14 +67,7 @@ def write_report(diagnosis: "Diagnosis", folder: str | Path) -> Path:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     diagnosis.to_json(folder / "diagnosis.json")
-    arrays = {}
-    for name, result in diagnosis.task_sets.items():
-        arrays[f"{name}/layer_predictions"] = result.layer_predictions
-        arrays[f"{name}/krr_predictions"] = result.krr_predictions
-        arrays[f"{name}/kappa"] = result.kappa
-        for algorithm, pred in result.step_predictions.items():
-            arrays[f"{name}/steps/{algorithm}"] = pred
-    np.savez_compressed(folder / "arrays.npz", **arrays)
+    np.savez_compressed(folder / "arrays.npz", **prediction_arrays(diagnosis))
 
     lines = ["# mi-krr diagnosis", "", "Settings: " + ", ".join(f"{k}={v}" for k, v in diagnosis.settings.items()), ""]
     stems = _file_stems(list(diagnosis.task_sets))
@@ -89,6 +82,20 @@ def write_report(diagnosis: "Diagnosis", folder: str | Path) -> Path:
     index = folder / "index.md"
     index.write_text("\n".join(lines))
     return index
+
+
+def prediction_arrays(diagnosis: "Diagnosis") -> dict[str, np.ndarray]:
+    """The arrays a report saves, keyed "<task set>/layer_predictions" `[B, L', m]`,
+    "<task set>/krr_predictions" `[B, m]`, "<task set>/kappa" `[B]` and
+    "<task set>/steps/<algorithm>" `[B, T+1, m]`."""
+    arrays = {}
+    for name, result in diagnosis.task_sets.items():
+        arrays[f"{name}/layer_predictions"] = result.layer_predictions
+        arrays[f"{name}/krr_predictions"] = result.krr_predictions
+        arrays[f"{name}/kappa"] = result.kappa
+        for algorithm, pred in result.step_predictions.items():
+            arrays[f"{name}/steps/{algorithm}"] = pred
+    return arrays
 
 
 def _file_stems(names: list[str]) -> dict[str, str]:

@@ -79,7 +79,8 @@ def run(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
     from mi_krr.checkpoints import shipped_checkpoint
-    from mi_krr.commands.overview import format_table, summary_rows, write_overview_report
+    from mi_krr.commands.overview import write_overview_report
+    from probes.compare import format_table, summary_rows
 
     start = time.perf_counter()
     settings = QUICK if args.quick else FULL

@@ -90,7 +90,8 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from mi_krr.checkpoints import load_checkpoint, task_sets
-    from mi_krr.commands.overview import ModelEntry, format_table, summary_rows, write_overview_report
+    from mi_krr.commands.overview import ModelEntry, write_overview_report
+    from probes.compare import format_table, summary_rows
 
     if args.batch < 2:
         raise ValueError(f"--batch must be >= 2, got {args.batch}: the fitted step sizes are cross-fitted on two halves of the prompts (and a verdict needs 20)")

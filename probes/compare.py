@@ -1,0 +1,207 @@
+"""Several models' diagnoses side by side: which algorithm best explains each model's layers on
+each task set, whether it is identified, and how close its attention is to an exp kernel.
+
+    comparison = probes.compare({"linear": probes.diagnose(linear_model, tasks),
+                                 "softmax": probes.diagnose(softmax_model, tasks)})
+    comparison.to_dataframe(); print(comparison.summary()); comparison.plot()
+
+`mi-krr demo` and `mi-krr diagnose` print `summary()` and draw `plot()` in their reports.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Mapping
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from probes.diagnose import Diagnosis, TaskSetDiagnosis
+
+IN_DISTRIBUTION = "in_distribution"
+SCORE_FLOOR = -0.5
+"""`plot_overview` draws path R2 below this at the floor (a diverging match would squash the rest)."""
+
+
+@dataclass
+class SummaryRow:
+    """One model on one task set.
+
+    Attributes:
+        model, task_set: names.
+        best: the top-scoring algorithm; `score` its path R2 and `score_ci` the interval.
+        step_map: the best algorithm's monotone-aligned step per probed block output,
+            "layer:step" pairs.
+        identified: the verdict.
+        kernel_distance: relative operator-norm distance of attention to the fitted exp kernel,
+            best head per layer, mean over layers (NaN when the alignment was skipped, e.g. for
+            linear attention, whose pattern is not a row-normalised kernel).
+    """
+
+    model: str
+    task_set: str
+    best: str
+    score: float
+    score_ci: tuple[float, float]
+    step_map: str
+    identified: bool
+    kernel_distance: float
+
+
+@dataclass
+class Comparison:
+    """The result of `compare`.
+
+    Attributes:
+        diagnoses: model name -> its `Diagnosis`, in the order given.
+        rows: one `SummaryRow` per model and task set (models in order, each model's task sets
+            in its diagnosis's order).
+    """
+
+    diagnoses: dict[str, "Diagnosis"]
+    rows: list[SummaryRow]
+
+    def to_dataframe(self):
+        """pandas DataFrame, one row per (model, task_set): best, score, ci_low, ci_high,
+        identified, kernel_distance, step_map."""
+        import pandas as pd
+
+        return pd.DataFrame(
+            [
+                {"model": row.model, "task_set": row.task_set, "best": row.best, "score": row.score, "ci_low": row.score_ci[0],
+                 "ci_high": row.score_ci[1], "identified": row.identified, "kernel_distance": row.kernel_distance,
+                 "step_map": row.step_map}
+                for row in self.rows
+            ]
+        )
+
+    def summary(self) -> str:
+        """The rows as a fixed-width text table (`format_table`)."""
+        return format_table(self.rows)
+
+    def plot(self):
+        """The overview figure (`plot_overview`)."""
+        return plot_overview(self.rows)
+
+    def __repr__(self) -> str:
+        return f"Comparison({len(self.diagnoses)} models, {len(self.rows)} rows)\n{self.summary()}"
+
+
+def compare(diagnoses: Mapping[str, "Diagnosis"]) -> Comparison:
+    """Put several models' diagnoses side by side.
+
+    Args:
+        diagnoses: model name -> `probes.diagnose(...)` of that model (any task sets; the
+            overview lines up task sets by name).
+
+    Returns:
+        `Comparison` with `.rows`, `.to_dataframe()`, `.summary()` and `.plot()`.
+    """
+    from probes.diagnose import Diagnosis
+
+    if not isinstance(diagnoses, Mapping) or not diagnoses:
+        raise ValueError("diagnoses must be a non-empty dict {model name: probes.diagnose(...)}")
+    for name, diagnosis in diagnoses.items():
+        if not isinstance(name, str):
+            raise ValueError(f"diagnoses keys must be model names (str), got {name!r}: name each model, e.g. {{'softmax': diagnosis}}")
+        if not isinstance(diagnosis, Diagnosis):
+            raise ValueError(f"diagnoses[{name!r}] must be the Diagnosis that probes.diagnose returns, got {type(diagnosis).__name__}")
+    return Comparison(diagnoses=dict(diagnoses), rows=[row for name, diagnosis in diagnoses.items() for row in summary_rows(name, diagnosis)])
+
+
+def kernel_distance(result: "TaskSetDiagnosis", kernel: str = "exp") -> float:
+    """Operator-norm distance of a task set's attention to `kernel`: min over heads, mean over
+    layers (NaN without an alignment for that kernel)."""
+    alignment = result.kernel_alignment
+    if alignment is None or kernel not in alignment.metrics:
+        return math.nan
+    distance = np.asarray(alignment.metrics[kernel]["operator_distance"].cpu(), dtype=np.float64)  # [layer, head]
+    finite = np.where(np.isfinite(distance), distance, np.inf).min(axis=1)
+    finite = finite[np.isfinite(finite)]
+    return float(finite.mean()) if finite.size else math.nan
+
+
+def summary_rows(model_name: str, diagnosis: "Diagnosis") -> list[SummaryRow]:
+    """One `SummaryRow` per task set of `diagnosis`."""
+    rows = []
+    for set_name, result in diagnosis.task_sets.items():
+        best = result.scores[result.verdict.best]
+        pairs = [f"{layer}:{step}" for layer, step in zip(best.layers, best.aligned_steps) if layer > 0]
+        rows.append(
+            SummaryRow(
+                model=model_name,
+                task_set=set_name,
+                best=best.algorithm,
+                score=float(best.score),
+                score_ci=(float(best.score_ci[0]), float(best.score_ci[1])),
+                step_map=" ".join(pairs),
+                identified=bool(result.verdict.identified),
+                kernel_distance=kernel_distance(result),
+            )
+        )
+    return rows
+
+
+def format_table(rows: list[SummaryRow]) -> str:
+    """The rows as a fixed-width text table (also valid inside a Markdown code block)."""
+    header = ("model", "task set", "best algorithm", "path R2 [95% CI]", "identified", "exp-kernel dist", "best-step map (layer:step)")
+    cells = [
+        (
+            row.model,
+            row.task_set,
+            row.best,
+            f"{row.score:.4f} [{row.score_ci[0]:.3f}, {row.score_ci[1]:.3f}]",
+            "yes" if row.identified else "no",
+            "-" if math.isnan(row.kernel_distance) else f"{row.kernel_distance:.3f}",
+            row.step_map,
+        )
+        for row in rows
+    ]
+    widths = [max(len(str(line[i])) for line in [header, *cells]) for i in range(len(header) - 1)]
+    lines = []
+    for line in [header, *cells]:
+        lines.append("  ".join(str(value).ljust(width) for value, width in zip(line, widths)) + "  " + line[-1])
+        if line is header:
+            lines.append("  ".join("-" * width for width in widths) + "  " + "-" * len(header[-1]))
+    return "\n".join(lines)
+
+
+def plot_overview(rows: list[SummaryRow]):
+    """Left: best path R2 per task set, one line per model (filled markers: identified).
+    Right: exp-kernel distance per task set for models with softmax attention."""
+    import matplotlib.pyplot as plt
+
+    models = list(dict.fromkeys(row.model for row in rows))
+    sets = sorted(dict.fromkeys(row.task_set for row in rows), key=_set_order)
+    position = {name: index for index, name in enumerate(sets)}
+    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 3.8), dpi=80)
+    for index, model in enumerate(models):
+        mine = sorted((row for row in rows if row.model == model), key=lambda row: position[row.task_set])
+        x = [position[row.task_set] for row in mine]
+        left.plot(x, [max(row.score, SCORE_FLOOR) for row in mine], "-", color=f"C{index}", lw=1, label=model)
+        for row, xi in zip(mine, x):
+            left.plot(xi, max(row.score, SCORE_FLOOR), "o", color=f"C{index}", mfc=f"C{index}" if row.identified else "white")
+        distances = [row.kernel_distance for row in mine]
+        if any(math.isfinite(value) for value in distances):
+            right.plot(x, distances, "o-", color=f"C{index}", label=model)
+    for ax in (left, right):
+        ax.set_xticks(range(len(sets)), sets, rotation=40, ha="right", fontsize=7)
+        ax.grid(alpha=0.3)
+    left.set_ylabel(f"best algorithm's path R2 (clipped at {SCORE_FLOOR})")
+    left.set_title("Which algorithm explains the layers (filled: identified)", fontsize=9)
+    left.legend(fontsize=7)
+    right.set_ylabel("attention vs exp kernel (rel. op. distance)")
+    right.set_title("Attention as an exp kernel: best head per layer, mean", fontsize=9)
+    if right.lines:
+        right.legend(fontsize=7)
+    figure.tight_layout()
+    return figure
+
+
+def _set_order(name: str) -> tuple[int, str]:
+    """In-distribution first, then the shifts in `DEFAULT_SHIFTS` order, then the rest by name."""
+    from mi_krr.tasks import DEFAULT_SHIFTS
+
+    order = [IN_DISTRIBUTION, *DEFAULT_SHIFTS]
+    return (order.index(name), "") if name in order else (len(order), name)

@@ -1,0 +1,110 @@
+"""`probes.compare`: several models' diagnoses side by side, each row checked against the
+diagnoses' own statistics recomputed by hand (best = argmax of the scores, the exp-kernel
+distance as a NumPy min over heads and mean over layers, the step map from the aligned steps)."""
+
+import math
+
+import matplotlib
+import numpy as np
+import pytest
+import torch
+
+matplotlib.use("Agg")
+
+import probes
+from mi_krr.construct import cg_transformer
+from mi_krr.models import ICLTransformer, ICLTransformerConfig
+from mi_krr.tasks.samplers import GPRegressionSampler
+
+TEMPERATURE, NOISE = 2.0, 0.2
+SETS = ("label_noise_0.5", "zz_custom", "in_distribution", "input_scale_x2", "a_custom")
+ORDERED = ("in_distribution", "input_scale_x2", "label_noise_0.5", "a_custom", "zz_custom")
+"""`SETS` in the overview's order: in distribution, then `DEFAULT_SHIFTS` order, then by name."""
+
+
+@pytest.fixture(scope="module")
+def comparison():
+    sampler = GPRegressionSampler(dim=3, kernel="exp", temperature=TEMPERATURE, noise_std=NOISE)
+    tasks = {name: sampler.sample(24, 6, 3, seed=index) for index, name in enumerate(SETS)}
+    torch.manual_seed(0)
+    softmax = ICLTransformer(ICLTransformerConfig(n_dims=3, d_model=16, n_layers=2, n_heads=2)).eval()
+    cg = cg_transformer(n_steps=2, lam=NOISE**2, kernel="exp", dim=3, temperature=TEMPERATURE, head_width=128)
+    common = dict(n_steps=4, bootstrap=100, progress=False, algorithms=("gd", "cg", "richardson_jacobi"))
+    diagnoses = {"cg": probes.diagnose(cg, tasks, kernels=(), **common), "softmax": probes.diagnose(softmax, tasks, **common)}
+    return diagnoses, probes.compare(diagnoses)
+
+
+def expected_kernel_distance(result):
+    if result.kernel_alignment is None:
+        return math.nan
+    distance = result.kernel_alignment.metrics["exp"]["operator_distance"].numpy()  # [layer, head]
+    per_layer = [min(value for value in row if np.isfinite(value)) for row in distance if np.isfinite(row).any()]
+    return float(np.mean(per_layer)) if per_layer else math.nan
+
+
+def test_rows_are_each_models_best_algorithm_interval_verdict_step_map_and_kernel_distance(comparison):
+    diagnoses, result = comparison
+    assert [(row.model, row.task_set) for row in result.rows] == [(model, name) for model in diagnoses for name in SETS]
+    for row in result.rows:
+        task_set = diagnoses[row.model][row.task_set]
+        best = max(task_set.scores.values(), key=lambda score: score.score)
+        assert row.best == best.algorithm and row.score == best.score and row.score_ci == tuple(best.score_ci)
+        assert row.identified == task_set.verdict.identified
+        assert row.step_map == " ".join(f"{layer}:{step}" for layer, step in zip(best.layers, best.aligned_steps) if layer > 0)
+        expected = expected_kernel_distance(task_set)
+        assert (math.isnan(row.kernel_distance) and math.isnan(expected)) or row.kernel_distance == pytest.approx(expected, rel=1e-12)
+    assert all(row.identified and row.best == "cg" for row in result.rows if row.model == "cg")  # the positive control
+    assert all(math.isnan(row.kernel_distance) for row in result.rows if row.model == "cg")  # linear attention: no alignment
+    assert all(0 < row.kernel_distance < math.inf for row in result.rows if row.model == "softmax")
+
+
+def test_dataframe_and_table_carry_every_row(comparison):
+    _, result = comparison
+    frame = result.to_dataframe()
+    assert list(frame.columns) == ["model", "task_set", "best", "score", "ci_low", "ci_high", "identified", "kernel_distance", "step_map"]
+    assert len(frame) == len(result.rows) == 2 * len(SETS)
+    for record, row in zip(frame.to_dict("records"), result.rows):
+        assert (record["model"], record["task_set"], record["best"], record["identified"], record["step_map"]) == (
+            row.model, row.task_set, row.best, row.identified, row.step_map)
+        assert (record["score"], record["ci_low"], record["ci_high"]) == (row.score, *row.score_ci)
+    lines = result.summary().splitlines()
+    assert lines[0].split()[:3] == ["model", "task", "set"] and set(lines[1]) <= {"-", " "}
+    for line, row in zip(lines[2:], result.rows, strict=True):
+        fields = line.split()
+        assert fields[:3] == [row.model, row.task_set, row.best]
+        assert float(fields[3]) == pytest.approx(row.score, abs=5e-5)
+        assert fields[6] == ("yes" if row.identified else "no")
+        assert fields[7] == ("-" if math.isnan(row.kernel_distance) else f"{row.kernel_distance:.3f}")
+        assert " ".join(fields[8:]) == row.step_map
+    assert repr(result).splitlines()[0] == "Comparison(2 models, 10 rows)"
+
+
+def test_overview_plots_clipped_scores_in_task_set_order_and_distances_only_where_attention_is_a_kernel(comparison):
+    _, result = comparison
+    figure = result.plot()
+    left, right = figure.axes
+    assert [label.get_text() for label in left.get_xticklabels()] == list(ORDERED)
+    for model_index, model in enumerate(("cg", "softmax")):
+        by_set = {row.task_set: row for row in result.rows if row.model == model}
+        line = next(line for line in left.lines if line.get_label() == model)
+        np.testing.assert_array_equal(line.get_xdata(), np.arange(len(ORDERED)))
+        np.testing.assert_array_equal(line.get_ydata(), [max(by_set[name].score, -0.5) for name in ORDERED])
+        markers = [marker for marker in left.lines if marker.get_color() == f"C{model_index}" and marker.get_marker() == "o"]
+        assert [marker.get_markerfacecolor() != "white" for marker in markers] == [by_set[name].identified for name in ORDERED]
+    assert [line.get_label() for line in right.lines] == ["softmax"]
+    by_set = {row.task_set: row.kernel_distance for row in result.rows if row.model == "softmax"}
+    np.testing.assert_array_equal(right.lines[0].get_ydata(), [by_set[name] for name in ORDERED])
+
+
+@pytest.mark.parametrize(
+    "diagnoses, message",
+    [
+        ({}, "non-empty dict"),
+        ([("a", None)], "non-empty dict"),
+        ({1: None}, "keys must be model names"),
+        ({"a": "not a diagnosis"}, r"diagnoses\['a'\] must be the Diagnosis"),
+    ],
+)
+def test_bad_input_is_refused_with_the_fix(diagnoses, message):
+    with pytest.raises(ValueError, match=message):
+        probes.compare(diagnoses)
