@@ -1,5 +1,6 @@
 """Several models' diagnoses side by side: which algorithm best explains each model's layers on
-each task set, whether it is identified, and how close its attention is to an exp kernel.
+each task set, whether it is identified, and how close its attention is to an exp and to a
+Gaussian kernel.
 
     comparison = probes.compare({"linear": probes.diagnose(linear_model, tasks),
                                  "softmax": probes.diagnose(softmax_model, tasks)})
@@ -20,6 +21,8 @@ if TYPE_CHECKING:
     from probes.diagnose import Diagnosis, TaskSetDiagnosis
 
 IN_DISTRIBUTION = "in_distribution"
+KERNEL_LABELS = {"kernel_distance": "exp", "gaussian_distance": "Gaussian"}
+"""`SummaryRow` distance fields and the kernel each measures."""
 SCORE_FLOOR = -0.5
 """`plot_overview` draws path R2 below this at the floor (a diverging match would squash the rest)."""
 
@@ -37,6 +40,7 @@ class SummaryRow:
         kernel_distance: relative operator-norm distance of attention to the fitted exp kernel,
             best head per layer, mean over layers (NaN when the alignment was skipped, e.g. for
             linear attention, whose pattern is not a row-normalised kernel).
+        gaussian_distance: the same for the fitted Gaussian kernel.
     """
 
     model: str
@@ -47,6 +51,7 @@ class SummaryRow:
     step_map: str
     identified: bool
     kernel_distance: float
+    gaussian_distance: float
 
 
 @dataclass
@@ -64,14 +69,14 @@ class Comparison:
 
     def to_dataframe(self):
         """pandas DataFrame, one row per (model, task_set): best, score, ci_low, ci_high,
-        identified, kernel_distance, step_map."""
+        identified, kernel_distance (exp), gaussian_distance, step_map."""
         import pandas as pd
 
         return pd.DataFrame(
             [
                 {"model": row.model, "task_set": row.task_set, "best": row.best, "score": row.score, "ci_low": row.score_ci[0],
                  "ci_high": row.score_ci[1], "identified": row.identified, "kernel_distance": row.kernel_distance,
-                 "step_map": row.step_map}
+                 "gaussian_distance": row.gaussian_distance, "step_map": row.step_map}
                 for row in self.rows
             ]
         )
@@ -138,6 +143,7 @@ def summary_rows(model_name: str, diagnosis: "Diagnosis") -> list[SummaryRow]:
                 step_map=" ".join(pairs),
                 identified=bool(result.verdict.identified),
                 kernel_distance=kernel_distance(result),
+                gaussian_distance=kernel_distance(result, "gaussian"),
             )
         )
     return rows
@@ -145,7 +151,8 @@ def summary_rows(model_name: str, diagnosis: "Diagnosis") -> list[SummaryRow]:
 
 def format_table(rows: list[SummaryRow]) -> str:
     """The rows as a fixed-width text table (also valid inside a Markdown code block)."""
-    header = ("model", "task set", "best algorithm", "path R2 [95% CI]", "identified", "exp-kernel dist", "best-step map (layer:step)")
+    header = ("model", "task set", "best algorithm", "path R2 [95% CI]", "identified", "exp-kernel dist", "gauss-kernel dist",
+              "best-step map (layer:step)")
     cells = [
         (
             row.model,
@@ -153,7 +160,7 @@ def format_table(rows: list[SummaryRow]) -> str:
             row.best,
             f"{row.score:.4f} [{row.score_ci[0]:.3f}, {row.score_ci[1]:.3f}]",
             "yes" if row.identified else "no",
-            "-" if math.isnan(row.kernel_distance) else f"{row.kernel_distance:.3f}",
+            *("-" if math.isnan(distance) else f"{distance:.3f}" for distance in (row.kernel_distance, row.gaussian_distance)),
             row.step_map,
         )
         for row in rows
@@ -169,7 +176,8 @@ def format_table(rows: list[SummaryRow]) -> str:
 
 def plot_overview(rows: list[SummaryRow]):
     """Left: best path R2 per task set, one line per model (filled markers: identified).
-    Right: exp-kernel distance per task set for models with softmax attention."""
+    Right: exp-kernel (solid) and Gaussian-kernel (dashed) distance per task set for models whose
+    attention was aligned (softmax attention)."""
     import matplotlib.pyplot as plt
 
     models = list(dict.fromkeys(row.model for row in rows))
@@ -182,17 +190,18 @@ def plot_overview(rows: list[SummaryRow]):
         left.plot(x, [max(row.score, SCORE_FLOOR) for row in mine], "-", color=f"C{index}", lw=1, label=model)
         for row, xi in zip(mine, x):
             left.plot(xi, max(row.score, SCORE_FLOOR), "o", color=f"C{index}", mfc=f"C{index}" if row.identified else "white")
-        distances = [row.kernel_distance for row in mine]
-        if any(math.isfinite(value) for value in distances):
-            right.plot(x, distances, "o-", color=f"C{index}", label=model)
+        for kernel, style in (("kernel_distance", "o-"), ("gaussian_distance", "s--")):
+            distances = [getattr(row, kernel) for row in mine]
+            if any(math.isfinite(value) for value in distances):
+                right.plot(x, distances, style, color=f"C{index}", label=f"{model} ({KERNEL_LABELS[kernel]})")
     for ax in (left, right):
         ax.set_xticks(range(len(sets)), sets, rotation=40, ha="right", fontsize=7)
         ax.grid(alpha=0.3)
     left.set_ylabel(f"best algorithm's path R2 (clipped at {SCORE_FLOOR})")
     left.set_title("Which algorithm explains the layers (filled: identified)", fontsize=9)
     left.legend(fontsize=7)
-    right.set_ylabel("attention vs exp kernel (rel. op. distance)")
-    right.set_title("Attention as an exp kernel: best head per layer, mean", fontsize=9)
+    right.set_ylabel("attention vs kernel (rel. op. distance)")
+    right.set_title("Attention as a kernel: best head per layer, mean", fontsize=9)
     if right.lines:
         right.legend(fontsize=7)
     figure.tight_layout()

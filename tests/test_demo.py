@@ -76,6 +76,9 @@ def test_richardson_construction_is_best_matched_by_its_fixed_step_rowsum_solver
     _, report = demo
     verdict = report["models"]["richardson_construction"]["diagnosis"]["task_sets"]["in_distribution"]["verdict"]
     assert verdict["best"].startswith("richardson_rowsum(w=") and verdict["score"] > 0.999
+    row = next(row for row in report["table"] if row["model"] == "richardson_construction")
+    # its kernel heads attend with exactly D^-1 K of the Gaussian kernel: 0 to rounding; the exp kernel differs by the key norms
+    assert row["gaussian_distance"] < 1e-9 and row["kernel_distance"] > 0.1
 
 
 def test_every_model_and_task_set_has_finite_scores_and_a_table_row(demo):

@@ -61,10 +61,10 @@ def diagnose_task_sets(
     **kwargs: Any,
 ):
     """`probes.diagnose` on in-distribution prompts (the first set) and shifts (the rest), with
-    the expensive extras spent where they inform: label sensitivities and the Gaussian-kernel
-    alignment on the first set only; the shifted sets get predictions, scores, verdict and the
-    exp-kernel alignment, with `shift_step_sizes` ("fitted": one cross-fitted global step per
-    algorithm, as on the first set; "optimal": each prompt's spectrum-optimal step, much faster).
+    the expensive extra spent where it informs: label sensitivities on the first set only; the
+    shifted sets get predictions, scores, verdict and the kernel alignment, with
+    `shift_step_sizes` ("fitted": one cross-fitted global step per algorithm, as on the first set;
+    "optimal": each prompt's spectrum-optimal step, much faster).
     Returns one `Diagnosis` holding every set."""
     from probes.diagnose import Diagnosis, diagnose
 
@@ -74,11 +74,9 @@ def diagnose_task_sets(
     settings = dict(result.settings, sensitivities=f"{first} only" if sensitivities and rest else sensitivities)
     task_sets = dict(result.task_sets)
     if rest:
-        shift_kernels = tuple(kernel for kernel in kernels if kernel == "exp")
-        shifted = diagnose(model, {name: sets[name] for name in rest}, sensitivities=False, kernels=shift_kernels,
+        shifted = diagnose(model, {name: sets[name] for name in rest}, sensitivities=False, kernels=kernels,
                            step_sizes=shift_step_sizes, **common)
         task_sets.update(shifted.task_sets)
-        settings["kernels"] = f"{list(kernels)} on {first}, {list(shift_kernels)} on shifts"
         settings["step_sizes"] = f"{result.settings['step_sizes']} on {first}, {shift_step_sizes} on shifts"
     return Diagnosis(task_sets=task_sets, settings=settings)
 

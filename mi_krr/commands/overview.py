@@ -54,9 +54,9 @@ def write_overview_report(entries: list[ModelEntry], folder: str | Path, title: 
 
     lines = [f"# {title}", "", "```", format_table(rows), "```", "",
              "path R2: share of the best algorithm's trajectory variance (along the layer -> step alignment) the "
-             "layers reproduce; identified: the verdict of `probes.identifiability`; exp-kernel dist: relative "
-             "operator-norm distance of attention to a row-normalised exp kernel (best head per layer, mean over "
-             "layers; `-` where attention is not a normalised kernel).", "",
+             "layers reproduce; identified: the verdict of `probes.identifiability`; exp- / gauss-kernel dist: relative "
+             "operator-norm distance of attention to a row-normalised exp / Gaussian kernel, scale fitted per head "
+             "(best head per layer, mean over layers; `-` where attention is not a normalised kernel).", "",
              f"![overview]({OVERVIEW_FIGURE})", "",
              "Settings: " + ", ".join(f"{key}={value}" for key, value in settings.items()), ""]
     drawers = {"error_profiles": plot_error_profiles, "step_map": plot_step_map, "kernel_alignment": plot_kernel_alignment}
