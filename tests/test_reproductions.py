@@ -92,23 +92,31 @@ def test_softmax_ood_distance_matches_a_numpy_recomputation_from_the_attention_p
     _, cache = model.run_with_cache(prompt.tokens, names_filter=lambda name: name.endswith("hook_pattern"))
     xs, xq = task.x_support.double().numpy(), task.x_query.double().numpy()
     support, query = prompt.support_positions.numpy(), prompt.query_positions.numpy()
-    for layer in range(model.n_layers):
-        pattern = cache[f"blocks.{layer}.attn.hook_pattern"].double().numpy()  # [B, H, seq, seq]
-        tau = result.best_tau["in_distribution"][layer]
+    squared_distance = ((xq[:, :, None] - xs[:, None]) ** 2).sum(-1)  # [B, m, n]
+
+    def head_distances(pattern, logits):
+        """Mean over prompts of ||attn - softmax(logits)||_2 / ||softmax(logits)||_2 per head."""
         per_head = []
         for head in range(model.n_heads):
             distances = []
             for b in range(batch):
                 attn = pattern[b, head][np.ix_(query, support)]
                 attn = attn / attn.sum(1, keepdims=True)
-                logits = xq[b] @ xs[b].T / tau
-                ref = np.exp(logits - logits.max(1, keepdims=True))
+                ref = np.exp(logits[b] - logits[b].max(1, keepdims=True))
                 ref /= ref.sum(1, keepdims=True)
                 distances.append(np.linalg.norm(attn - ref, 2) / np.linalg.norm(ref, 2))
             per_head.append(np.mean(distances))
-        # the best head, at its fitted tau, reproduces the reported distance (other heads have their own tau)
-        reported = result.best_distance["in_distribution"][layer]
-        assert any(value == pytest.approx(reported, rel=1e-5) for value in per_head), (per_head, reported)
+        return per_head
+
+    for layer in range(model.n_layers):
+        pattern = cache[f"blocks.{layer}.attn.hook_pattern"].double().numpy()  # [B, H, seq, seq]
+        tau, sigma = result.best_tau["in_distribution"][layer], result.best_bandwidth["in_distribution"][layer]
+        # the best head, at its fitted scale, reproduces the reported distance (other heads have their own scale)
+        for per_head, reported in (
+            (head_distances(pattern, xq @ xs.transpose(0, 2, 1) / tau), result.best_distance["in_distribution"][layer]),
+            (head_distances(pattern, -squared_distance / (2 * sigma**2)), result.best_gaussian_distance["in_distribution"][layer]),
+        ):
+            assert any(value == pytest.approx(reported, rel=1e-5) for value in per_head), (per_head, reported)
         assert result.best_distance["in_distribution"][layer] <= result.mean_distance["in_distribution"][layer] + 1e-12
     plt.close(result.plot())
 

@@ -139,14 +139,18 @@ def softmax_checkpoint():
 
 
 def alignment_reference(model, task):
-    """Per layer from `kernel_alignment` (exp): best-head distance, mean over heads, best head's Spearman and tau."""
-    alignment = kernel_alignment(model, task, kernels=("exp",))
+    """Per layer from `kernel_alignment`: the exp kernel's best-head distance, mean over heads, best
+    head's Spearman and tau; the Gaussian kernel's best-head distance and sigma (its own best head)."""
+    alignment = kernel_alignment(model, task, kernels=("exp", "gaussian"))
     distance = alignment.metrics["exp"]["operator_distance"].double().numpy()
     spearman = alignment.metrics["exp"]["row_spearman"].double().numpy()
     tau = alignment.scale["exp"].double().numpy()
-    head = np.nanargmin(distance, axis=1)
+    gaussian = alignment.metrics["gaussian"]["operator_distance"].double().numpy()
+    sigma = alignment.scale["gaussian"].double().numpy()
+    head, gaussian_head = np.nanargmin(distance, axis=1), np.nanargmin(gaussian, axis=1)
     rows = np.arange(distance.shape[0])
-    return distance[rows, head], np.nanmean(distance, axis=1), spearman[rows, head], tau[rows, head]
+    return (distance[rows, head], np.nanmean(distance, axis=1), spearman[rows, head], tau[rows, head],
+            gaussian[rows, gaussian_head], sigma[rows, gaussian_head])
 
 
 def shifted_seed(sampler, name, seed):
@@ -167,17 +171,22 @@ def test_softmax_ood_per_layer_statistics_and_overall_ratio_match_kernel_alignme
              shift: apply_shift(sampler, DEFAULT_SHIFTS[shift]).sample(batch, n, m, seed=shifted_seed(sampler, shift, seed), dtype=torch.float32)}
     overall = {}
     for name, task in tasks.items():
-        best, mean, spearman, tau = alignment_reference(model, task)
+        best, mean, spearman, tau, gaussian, sigma = alignment_reference(model, task)
         np.testing.assert_allclose(result.best_distance[name], best, rtol=1e-9)
         np.testing.assert_allclose(result.mean_distance[name], mean, rtol=1e-9)
         np.testing.assert_allclose(result.best_row_spearman[name], spearman, rtol=1e-9)
         np.testing.assert_allclose(result.best_tau[name], tau, rtol=1e-9)
+        np.testing.assert_allclose(result.best_gaussian_distance[name], gaussian, rtol=1e-9)
+        np.testing.assert_allclose(result.best_bandwidth[name], sigma, rtol=1e-9)
         overall[name] = float(np.mean(best))
         assert result.overall(name) == pytest.approx(overall[name], rel=1e-12)
+        assert result.overall(name, "gaussian") == pytest.approx(float(np.mean(gaussian)), rel=1e-12)
     assert np.any(np.abs(np.array(result.mean_distance["in_distribution"]) - np.array(result.best_distance["in_distribution"])) > 1e-6)
     numbers = result.key_numbers()
     ratio = overall[shift] / overall["in_distribution"]
     assert numbers[f"{shift}: distance (ratio to in-distribution)"] == f"{overall[shift]:.4f} ({ratio:.3f}x)"
+    assert numbers["gaussian-kernel distance (best head, mean over layers)"] == ", ".join(
+        f"{name} {result.overall(name, 'gaussian'):.3f}" for name in tasks)
 
 
 # ---- richardson-profile -------------------------------------------------------------------------

@@ -6,7 +6,9 @@ every head's query x support attention is compared with the row-normalised exp k
 exp(x . x' / tau) on the raw inputs (`probes.kernel_alignment`, tau fitted per layer and head),
 on in-distribution prompts and under every shift of `DEFAULT_SHIFTS` that applies to its sampler.
 Per layer the best head (smallest relative operator-norm distance) is reported, with its Spearman
-row correlation and tau, and the mean over heads.
+row correlation and tau, and the mean over heads; beside it the best head's distance to the
+row-normalised Gaussian kernel exp(-|x - x'|^2 / 2 sigma^2) (sigma fitted per head), which
+differs from the exp kernel by the key norms.
 """
 
 from __future__ import annotations
@@ -34,6 +36,9 @@ class SoftmaxOODResult:
         mean_distance: set -> per layer, mean over heads.
         best_row_spearman: set -> per layer, Spearman row correlation of the best head.
         best_tau: set -> per layer, fitted temperature of the best head.
+        best_gaussian_distance: set -> per layer, min over heads of the distance to the Gaussian
+            kernel (its own best head).
+        best_bandwidth: set -> per layer, fitted sigma of that head.
         batch_size, n_support, n_query: the prompts.
     """
 
@@ -44,6 +49,8 @@ class SoftmaxOODResult:
     mean_distance: dict[str, list[float]]
     best_row_spearman: dict[str, list[float]]
     best_tau: dict[str, list[float]]
+    best_gaussian_distance: dict[str, list[float]]
+    best_bandwidth: dict[str, list[float]]
     batch_size: int
     n_support: int
     n_query: int
@@ -51,9 +58,10 @@ class SoftmaxOODResult:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
-    def overall(self, task_set: str) -> float:
-        """Best-head distance averaged over layers."""
-        return float(np.mean(self.best_distance[task_set]))
+    def overall(self, task_set: str, kernel: str = "exp") -> float:
+        """Best-head distance to `kernel` ("exp" or "gaussian") averaged over layers."""
+        distances = {"exp": self.best_distance, "gaussian": self.best_gaussian_distance}[kernel]
+        return float(np.mean(distances[task_set]))
 
     def key_numbers(self) -> dict[str, Any]:
         base = self.overall("in_distribution")
@@ -63,6 +71,9 @@ class SoftmaxOODResult:
         for name in self.task_sets[1:]:
             value = self.overall(name)
             numbers[f"{name}: distance (ratio to in-distribution)"] = f"{value:.4f} ({value / base:.3f}x)"
+        numbers["gaussian-kernel distance (best head, mean over layers)"] = ", ".join(
+            f"{name} {self.overall(name, 'gaussian'):.3f}" for name in self.task_sets
+        )
         return numbers
 
     def summary(self) -> str:
@@ -77,17 +88,20 @@ class SoftmaxOODResult:
             left.plot(self.layers, self.best_distance[name], "o-", ms=3, label=name, **style)
         left.set_xlabel("layer (block)")
         left.set_ylabel("rel. operator distance to exp kernel")
-        left.set_title("Best head per layer", fontsize=9)
+        left.set_title("exp(x.x'/tau): best head per layer", fontsize=9)
         left.set_xticks(self.layers)
         left.legend(fontsize=7)
-        values = [self.overall(name) for name in self.task_sets]
-        right.bar(range(len(values)), values, color=["k"] + [f"C{i}" for i in range(1, len(values))])
-        right.set_xticks(range(len(values)), self.task_sets, rotation=40, ha="right", fontsize=7)
+        positions = np.arange(len(self.task_sets))
+        colours = ["k"] + [f"C{i}" for i in range(1, len(self.task_sets))]
+        for offset, kernel, hatch in ((-0.2, "exp", None), (0.2, "gaussian", "//")):
+            values = [self.overall(name, kernel) for name in self.task_sets]
+            right.bar(positions + offset, values, width=0.4, color=colours, hatch=hatch, edgecolor="w")
+        right.set_xticks(positions, self.task_sets, rotation=40, ha="right", fontsize=7)
         right.set_ylabel("mean over layers")
-        right.set_title("In distribution vs shifted prompts", fontsize=9)
+        right.set_title("exp kernel (plain) vs Gaussian kernel (hatched), per task set", fontsize=9)
         for ax in (left, right):
             ax.grid(alpha=0.3)
-        figure.suptitle(f"Softmax attention vs exp(x.x'/tau): {Path(self.checkpoint).name}", fontsize=10)
+        figure.suptitle(f"Softmax attention vs row-normalised kernels of x: {Path(self.checkpoint).name}", fontsize=10)
         figure.tight_layout()
         return figure
 
@@ -100,7 +114,7 @@ def softmax_ood(
     device: str = "cpu",
     progress: bool = False,
 ) -> SoftmaxOODResult:
-    """Measure attention vs the exp kernel (module docstring). `checkpoint` defaults to the
+    """Measure attention vs the exp and Gaussian kernels (module docstring). `checkpoint` defaults to the
     shipped checkpoints/softmax_gp; `shifts` (names in DEFAULT_SHIFTS) limits the shifts."""
     from tqdm.auto import tqdm
 
@@ -113,9 +127,9 @@ def softmax_ood(
                         model=loaded.model)
     if shifts is not None:
         sets = {name: task for name, task in sets.items() if name == "in_distribution" or name in shifts}
-    best, mean, spearman, tau = {}, {}, {}, {}
+    best, mean, spearman, tau, gaussian, bandwidth = {}, {}, {}, {}, {}, {}
     for name, task in tqdm(sets.items(), desc="softmax-ood", disable=not progress):
-        alignment = kernel_alignment(loaded.model, task, kernels=("exp",))
+        alignment = kernel_alignment(loaded.model, task, kernels=("exp", "gaussian"))
         distance = np.asarray(alignment.metrics["exp"]["operator_distance"].cpu(), dtype=np.float64)  # [layer, head]
         rows = np.asarray(alignment.metrics["exp"]["row_spearman"].cpu(), dtype=np.float64)
         scale = np.asarray(alignment.scale["exp"].cpu(), dtype=np.float64)
@@ -125,6 +139,10 @@ def softmax_ood(
         mean[name] = np.nanmean(distance, axis=1).tolist()
         spearman[name] = rows[index, head].tolist()
         tau[name] = scale[index, head].tolist()
+        gaussian_distance = np.asarray(alignment.metrics["gaussian"]["operator_distance"].cpu(), dtype=np.float64)
+        gaussian_head = np.nanargmin(gaussian_distance, axis=1)
+        gaussian[name] = gaussian_distance[index, gaussian_head].tolist()
+        bandwidth[name] = np.asarray(alignment.scale["gaussian"].cpu(), dtype=np.float64)[index, gaussian_head].tolist()
     return SoftmaxOODResult(
         checkpoint=str(path),
         task_sets=list(sets),
@@ -133,6 +151,8 @@ def softmax_ood(
         mean_distance=mean,
         best_row_spearman=spearman,
         best_tau=tau,
+        best_gaussian_distance=gaussian,
+        best_bandwidth=bandwidth,
         batch_size=batch_size,
         n_support=loaded.n_support,
         n_query=loaded.n_query,
