@@ -522,7 +522,7 @@ COMPARE_ARCHITECTURES = [
             lens_error[name] = (lens - optimal[:, None]).square().mean(dim=(0, 2)).numpy()
             diagnoses[name] = probes.diagnose(model, task, kernel=kernel, lam=lam, kernels=(), bootstrap=300, progress=False)
         comparison = probes.compare(diagnoses)  # one row per model (and task set): best algorithm, CI, verdict, step map
-        table = comparison.to_dataframe().set_index("model").drop(columns=["task_set", "kernel_distance"])
+        table = comparison.to_dataframe().set_index("model").drop(columns=["task_set", "exp_distance", "gaussian_distance"])
         table.insert(0, "MSE / optimal", [histories[name][-1]["ratio"] for name in table.index])
         table.round(3)
         """
@@ -554,9 +554,9 @@ COMPARE_ARCHITECTURES = [
         fraction of the gap to the optimum each layer has *not* yet closed.
 
         **Look for:** at which depth each model closes most of the gap, and the algorithm each is
-        closest to (each on its own task's KRR system). `kernel_distance` is the softmax heads'
-        distance to an exp kernel (best head per layer, mean over layers); linear attention is not a
-        normalised kernel, so it has none (NaN).
+        closest to (each on its own task's KRR system). `exp_distance` / `gaussian_distance` are
+        the softmax heads' distances to an exp / Gaussian kernel (best head per layer, mean over
+        layers); linear attention is not a normalised kernel, so it has none (NaN).
         """
     ),
     code(

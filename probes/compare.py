@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from probes.diagnose import Diagnosis, TaskSetDiagnosis
 
 IN_DISTRIBUTION = "in_distribution"
-KERNEL_LABELS = {"kernel_distance": "exp", "gaussian_distance": "Gaussian"}
+KERNEL_LABELS = {"exp_distance": "exp", "gaussian_distance": "Gaussian"}
 """`SummaryRow` distance fields and the kernel each measures."""
 SCORE_FLOOR = -0.5
 """`plot_overview` draws path R2 below this at the floor (a diverging match would squash the rest)."""
@@ -37,7 +37,7 @@ class SummaryRow:
         step_map: the best algorithm's monotone-aligned step per probed block output,
             "layer:step" pairs.
         identified: the verdict.
-        kernel_distance: relative operator-norm distance of attention to the fitted exp kernel,
+        exp_distance: relative operator-norm distance of attention to the fitted exp kernel,
             best head per layer, mean over layers (NaN when the alignment was skipped, e.g. for
             linear attention, whose pattern is not a row-normalised kernel).
         gaussian_distance: the same for the fitted Gaussian kernel.
@@ -50,7 +50,7 @@ class SummaryRow:
     score_ci: tuple[float, float]
     step_map: str
     identified: bool
-    kernel_distance: float
+    exp_distance: float
     gaussian_distance: float
 
 
@@ -69,13 +69,13 @@ class Comparison:
 
     def to_dataframe(self):
         """pandas DataFrame, one row per (model, task_set): best, score, ci_low, ci_high,
-        identified, kernel_distance (exp), gaussian_distance, step_map."""
+        identified, exp_distance, gaussian_distance, step_map."""
         import pandas as pd
 
         return pd.DataFrame(
             [
                 {"model": row.model, "task_set": row.task_set, "best": row.best, "score": row.score, "ci_low": row.score_ci[0],
-                 "ci_high": row.score_ci[1], "identified": row.identified, "kernel_distance": row.kernel_distance,
+                 "ci_high": row.score_ci[1], "identified": row.identified, "exp_distance": row.exp_distance,
                  "gaussian_distance": row.gaussian_distance, "step_map": row.step_map}
                 for row in self.rows
             ]
@@ -142,7 +142,7 @@ def summary_rows(model_name: str, diagnosis: "Diagnosis") -> list[SummaryRow]:
                 score_ci=(float(best.score_ci[0]), float(best.score_ci[1])),
                 step_map=" ".join(pairs),
                 identified=bool(result.verdict.identified),
-                kernel_distance=kernel_distance(result),
+                exp_distance=kernel_distance(result),
                 gaussian_distance=kernel_distance(result, "gaussian"),
             )
         )
@@ -160,7 +160,7 @@ def format_table(rows: list[SummaryRow]) -> str:
             row.best,
             f"{row.score:.4f} [{row.score_ci[0]:.3f}, {row.score_ci[1]:.3f}]",
             "yes" if row.identified else "no",
-            *("-" if math.isnan(distance) else f"{distance:.3f}" for distance in (row.kernel_distance, row.gaussian_distance)),
+            *("-" if math.isnan(distance) else f"{distance:.3f}" for distance in (row.exp_distance, row.gaussian_distance)),
             row.step_map,
         )
         for row in rows
@@ -190,7 +190,7 @@ def plot_overview(rows: list[SummaryRow]):
         left.plot(x, [max(row.score, SCORE_FLOOR) for row in mine], "-", color=f"C{index}", lw=1, label=model)
         for row, xi in zip(mine, x):
             left.plot(xi, max(row.score, SCORE_FLOOR), "o", color=f"C{index}", mfc=f"C{index}" if row.identified else "white")
-        for kernel, style in (("kernel_distance", "o-"), ("gaussian_distance", "s--")):
+        for kernel, style in (("exp_distance", "o-"), ("gaussian_distance", "s--")):
             distances = [getattr(row, kernel) for row in mine]
             if any(math.isfinite(value) for value in distances):
                 right.plot(x, distances, style, color=f"C{index}", label=f"{model} ({KERNEL_LABELS[kernel]})")

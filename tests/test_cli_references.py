@@ -304,7 +304,7 @@ def test_demo_kernel_distance_is_the_best_head_per_layer_averaged_over_layers(de
     task = sampler.sample(QUICK.batch, config["train"]["n_support"], config["train"]["n_query"], seed=DEMO_SEED, dtype=torch.float32)
     expected = float(np.mean(exp_alignment_by_layer(load_model(checkpoint), task)))
     row = next(r for r in report["table"] if r["model"] == "softmax_gp" and r["task_set"] == "in_distribution")
-    assert row["kernel_distance"] == pytest.approx(expected, rel=1e-6)
+    assert row["exp_distance"] == pytest.approx(expected, rel=1e-6)
     printed = next(cells for cells in printed_rows(text) if cells[0] == "softmax_gp" and cells[1] == "in_distribution")
     assert printed[5] == f"{expected:.3f}"
 

@@ -78,7 +78,7 @@ def test_richardson_construction_is_best_matched_by_its_fixed_step_rowsum_solver
     assert verdict["best"].startswith("richardson_rowsum(w=") and verdict["score"] > 0.999
     row = next(row for row in report["table"] if row["model"] == "richardson_construction")
     # its kernel heads attend with exactly D^-1 K of the Gaussian kernel: 0 to rounding; the exp kernel differs by the key norms
-    assert row["gaussian_distance"] < 1e-9 and row["kernel_distance"] > 0.1
+    assert row["gaussian_distance"] < 1e-9 and row["exp_distance"] > 0.1
 
 
 def test_every_model_and_task_set_has_finite_scores_and_a_table_row(demo):
@@ -98,9 +98,9 @@ def test_every_model_and_task_set_has_finite_scores_and_a_table_row(demo):
                 at_start = all(np.array(score["aligned_steps"])[score["scored"]] == 0)
                 assert math.isfinite(score["score"]) if score["score"] is not None else at_start
     softmax_row = next(row for row in report["table"] if row["model"] == "softmax_gp")
-    assert 0.0 < softmax_row["kernel_distance"] < 2.0  # softmax attention has an exp-kernel distance
+    assert 0.0 < softmax_row["exp_distance"] < 2.0  # softmax attention has an exp-kernel distance
     linear_row = next(row for row in report["table"] if row["model"] == "linear_lr")
-    assert linear_row["kernel_distance"] is None  # linear attention is not a normalised kernel (NaN, written as null)
+    assert linear_row["exp_distance"] is None  # linear attention is not a normalised kernel (NaN, written as null)
 
 
 def test_full_demo_as_the_readme_runs_it_covers_every_shift_of_the_shipped_models(tmp_path):

@@ -51,26 +51,26 @@ def test_rows_are_each_models_best_algorithm_interval_verdict_step_map_and_kerne
         assert row.best == best.algorithm and row.score == best.score and row.score_ci == tuple(best.score_ci)
         assert row.identified == task_set.verdict.identified
         assert row.step_map == " ".join(f"{layer}:{step}" for layer, step in zip(best.layers, best.aligned_steps) if layer > 0)
-        for kernel, distance in (("exp", row.kernel_distance), ("gaussian", row.gaussian_distance)):
+        for kernel, distance in (("exp", row.exp_distance), ("gaussian", row.gaussian_distance)):
             expected = expected_kernel_distance(task_set, kernel)
             assert (math.isnan(distance) and math.isnan(expected)) or distance == pytest.approx(expected, rel=1e-12)
     assert all(row.identified and row.best == "cg" for row in result.rows if row.model == "cg")  # the positive control
-    assert all(math.isnan(row.kernel_distance) and math.isnan(row.gaussian_distance) for row in result.rows if row.model == "cg")
-    assert all(0 < row.kernel_distance < math.inf and 0 < row.gaussian_distance < math.inf for row in result.rows if row.model == "softmax")
-    assert any(row.kernel_distance != row.gaussian_distance for row in result.rows)
+    assert all(math.isnan(row.exp_distance) and math.isnan(row.gaussian_distance) for row in result.rows if row.model == "cg")
+    assert all(0 < row.exp_distance < math.inf and 0 < row.gaussian_distance < math.inf for row in result.rows if row.model == "softmax")
+    assert any(row.exp_distance != row.gaussian_distance for row in result.rows)
 
 
 def test_dataframe_and_table_carry_every_row(comparison):
     _, result = comparison
     frame = result.to_dataframe()
-    assert list(frame.columns) == ["model", "task_set", "best", "score", "ci_low", "ci_high", "identified", "kernel_distance",
+    assert list(frame.columns) == ["model", "task_set", "best", "score", "ci_low", "ci_high", "identified", "exp_distance",
                                    "gaussian_distance", "step_map"]
     assert len(frame) == len(result.rows) == 2 * len(SETS)
     for record, row in zip(frame.to_dict("records"), result.rows):
         assert (record["model"], record["task_set"], record["best"], record["identified"], record["step_map"]) == (
             row.model, row.task_set, row.best, row.identified, row.step_map)
         assert (record["score"], record["ci_low"], record["ci_high"]) == (row.score, *row.score_ci)
-        np.testing.assert_array_equal([record["kernel_distance"], record["gaussian_distance"]], [row.kernel_distance, row.gaussian_distance])
+        np.testing.assert_array_equal([record["exp_distance"], record["gaussian_distance"]], [row.exp_distance, row.gaussian_distance])
     lines = result.summary().splitlines()
     assert lines[0].split()[:3] == ["model", "task", "set"] and set(lines[1]) <= {"-", " "}
     for line, row in zip(lines[2:], result.rows, strict=True):
@@ -78,7 +78,7 @@ def test_dataframe_and_table_carry_every_row(comparison):
         assert fields[:3] == [row.model, row.task_set, row.best]
         assert float(fields[3]) == pytest.approx(row.score, abs=5e-5)
         assert fields[6] == ("yes" if row.identified else "no")
-        for field, distance in zip(fields[7:9], (row.kernel_distance, row.gaussian_distance)):
+        for field, distance in zip(fields[7:9], (row.exp_distance, row.gaussian_distance)):
             assert field == ("-" if math.isnan(distance) else f"{distance:.3f}")
         assert " ".join(fields[9:]) == row.step_map
     assert repr(result).splitlines()[0] == "Comparison(2 models, 10 rows)"
@@ -97,7 +97,7 @@ def test_overview_plots_clipped_scores_in_task_set_order_and_both_distances_only
         markers = [marker for marker in left.lines if marker.get_color() == f"C{model_index}" and marker.get_marker() == "o"]
         assert [marker.get_markerfacecolor() != "white" for marker in markers] == [by_set[name].identified for name in ORDERED]
     assert [line.get_label() for line in right.lines] == ["softmax (exp)", "softmax (Gaussian)"]
-    for line, kernel in zip(right.lines, ("kernel_distance", "gaussian_distance")):
+    for line, kernel in zip(right.lines, ("exp_distance", "gaussian_distance")):
         by_set = {row.task_set: getattr(row, kernel) for row in result.rows if row.model == "softmax"}
         np.testing.assert_array_equal(line.get_ydata(), [by_set[name] for name in ORDERED])
 
