@@ -30,17 +30,25 @@ class AttentionKernels:
             blocked entries carry the model's mask value).
     """
 
-    support: torch.Tensor
-    query: torch.Tensor
+    support: torch.Tensor | None
+    query: torch.Tensor | None
     source: str
 
     @property
     def n_layers(self) -> int:
-        return self.support.shape[1]
+        return self._block.shape[1]
 
     @property
     def n_heads(self) -> int:
-        return self.support.shape[2]
+        return self._block.shape[2]
+
+    @property
+    def _block(self) -> torch.Tensor:
+        """Whichever block was read (both share batch, layer and head dimensions)."""
+        block = self.support if self.support is not None else self.query
+        if block is None:
+            raise ValueError("these AttentionKernels hold neither block: read them with attention_kernels(model, task)")
+        return block
 
 
 def attention_kernels(model: ICLModel, task: ICLTask, source: str = "pattern") -> AttentionKernels:
