@@ -56,16 +56,33 @@ def label_sensitivities(
     model = probe_model(model)
     layers = resolve_layers(model, layers)
     check_count("chunk_size", chunk_size, minimum=1)
-    labels = task.y_support.detach().clone().requires_grad_(True)
-    prompt = encode_for_probe(model, dataclasses.replace(task, y_support=labels))
-    pred = query_readouts(model, prompt, layers, grad=True)  # [B, L', m]
-    if not pred.requires_grad:
-        raise ValueError(
-            "the model's predictions do not depend differentiably on task.y_support: its encode() must build "
-            "tokens from the labels with torch operations (no detach / numpy round trip)"
-        )
-    jacobian = batch_jacobian(pred.flatten(1), labels, chunk_size)  # [B, L' * m, n]
+    with torch.enable_grad():  # also under a caller's torch.no_grad()
+        labels = task.y_support.detach().clone().requires_grad_(True)
+        prompt = encode_for_probe(model, dataclasses.replace(task, y_support=labels))
+        pred = query_readouts(model, prompt, layers, grad=True)  # [B, L', m]
+        if not _in_graph(labels, pred):
+            raise ValueError(
+                "the model's predictions do not depend differentiably on task.y_support: its encode() must build "
+                "tokens from the labels with torch operations (no detach / numpy round trip)"
+            )
+        jacobian = batch_jacobian(pred.flatten(1), labels, chunk_size)  # [B, L' * m, n]
     return einops.rearrange(jacobian, "batch (layer query) n -> batch layer query n", layer=len(layers)).to(torch.float64)
+
+
+def _in_graph(leaf: torch.Tensor, output: torch.Tensor) -> bool:
+    """Whether the leaf tensor `leaf` (requires_grad) is in `output`'s autograd graph: a walk over
+    its nodes (checking `output.requires_grad` is not enough: the model's parameters give it a
+    graph even when the labels were cut out of it)."""
+    stack, seen = [output.grad_fn], set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if getattr(node, "variable", None) is leaf:  # the leaf's AccumulateGrad node
+            return True
+        stack.extend(parent for parent, _ in node.next_functions)
+    return False
 
 
 def batch_jacobian(outputs: torch.Tensor, inputs: torch.Tensor, chunk_size: int = BACKWARD_CHUNK) -> torch.Tensor:
