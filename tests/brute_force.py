@@ -1,11 +1,13 @@
-"""Brute-force references for the probes' scoring: plain NumPy sums and alignments found by
-enumerating every non-decreasing layer -> step map (small sizes only)."""
+"""Brute-force references for the probes: plain NumPy sums and alignments found by enumerating
+every non-decreasing layer -> step map (small sizes only), and central finite differences of a
+solver's predictions in the labels."""
 
 from __future__ import annotations
 
 import itertools
 
 import numpy as np
+import torch
 
 
 def monotone_path(cost: np.ndarray) -> tuple[int, ...]:
@@ -37,3 +39,17 @@ def path_r2(layers: np.ndarray, candidates: np.ndarray, scored: np.ndarray) -> n
     rows = np.arange(len(candidates))[:, None]
     with np.errstate(divide="ignore"):
         return 1.0 - sse[rows, scored, best[:, scored]].sum(1) / sst[rows, best[:, scored]].sum(1)
+
+
+def solver_finite_differences(solve, K: torch.Tensor, K_query: torch.Tensor, y: torch.Tensor, lam: float, steps: int,
+                              eps: float = 1e-6) -> torch.Tensor:
+    """d pred_t / d y_i of `solve(K, y, lam, steps, K_query=K_query).pred` by central differences
+    in each label: y `[B, n]` -> `[B, T+1, m, n]`."""
+    columns = []
+    for i in range(y.shape[-1]):
+        shift = torch.zeros(y.shape[-1], dtype=y.dtype)
+        shift[i] = eps
+        up = solve(K, y + shift, lam, steps, K_query=K_query).pred
+        down = solve(K, y - shift, lam, steps, K_query=K_query).pred
+        columns.append((up - down) / (2 * eps))
+    return torch.stack(columns, dim=-1)

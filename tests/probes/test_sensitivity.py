@@ -15,6 +15,7 @@ from mi_krr.models import ICLTransformer, ICLTransformerConfig
 from mi_krr.solvers import ALGORITHMS
 from mi_krr.tasks import ICLTask
 from probes import label_sensitivities, layer_predictions, solver_sensitivities
+from brute_force import solver_finite_differences
 from prompts import random_task
 
 D, N, M = 2, 5, 3
@@ -68,15 +69,8 @@ def test_solver_sensitivities_match_central_finite_differences(algorithm):
     lam, steps, eps = 0.1, 4, 1e-6
     sensitivities = solver_sensitivities(algorithm, K, K_query, lam, steps, y=y)
     assert sensitivities.shape == (3, steps + 1, M, N)
-    solve = ALGORITHMS[algorithm]
-    columns = []
-    for i in range(N):
-        shift = torch.zeros(N, dtype=torch.float64)
-        shift[i] = eps
-        up = solve(K, y + shift, lam, steps, K_query=K_query).pred
-        down = solve(K, y - shift, lam, steps, K_query=K_query).pred
-        columns.append((up - down) / (2 * eps))
-    torch.testing.assert_close(sensitivities, torch.stack(columns, dim=-1), rtol=1e-6, atol=1e-8)
+    expected = solver_finite_differences(ALGORITHMS[algorithm], K, K_query, y, lam, steps, eps)
+    torch.testing.assert_close(sensitivities, expected, rtol=1e-6, atol=1e-8)
 
 
 def richardson_closed_form(K: np.ndarray, K_query: np.ndarray, lam: float, steps: int, preconditioner: np.ndarray) -> np.ndarray:

@@ -20,6 +20,7 @@ from mi_krr.tasks import ICLTask
 from probes import attention_kernels, label_sensitivities, layer_predictions, solver_sensitivities, stream_probes
 from probes.sensitivity import LINEAR_IN_Y, batch_jacobian
 from probes.streaming import query_readouts, query_residuals, resolve_layers, run_with_reductions
+from brute_force import solver_finite_differences
 from prompts import random_task
 
 D, N, M = 2, 5, 4
@@ -393,29 +394,18 @@ def test_leading_dimensions_broadcast_between_K_and_K_query():
         np.testing.assert_allclose(shared_kernel[b].numpy(), gd_closed_form(K[1].numpy(), K_query[b].numpy(), 0.1, 3), rtol=1e-9, atol=1e-12)
 
 
-def cg_finite_differences(K: torch.Tensor, K_query: torch.Tensor, y: torch.Tensor, lam: float, steps: int, eps: float = 1e-6) -> torch.Tensor:
-    columns = []
-    for i in range(N):
-        shift = torch.zeros(N, dtype=torch.float64)
-        shift[i] = eps
-        up = cg(K, y + shift, lam, steps, K_query=K_query).pred
-        down = cg(K, y - shift, lam, steps, K_query=K_query).pred
-        columns.append((up - down) / (2 * eps))
-    return torch.stack(columns, dim=-1)
-
-
 def test_cg_sensitivities_are_chunk_size_invariant_broadcast_a_shared_y_and_work_under_no_grad():
     """CG (nonlinear in y) by autograd: chunk sizes 1, 4 and 1000 and a call under torch.no_grad all
     equal central finite differences; one y [n] broadcasts to every prompt."""
     K, K_query, y = kernel_system()
     lam, steps = 0.1, 3
-    expected = cg_finite_differences(K, K_query, y, lam, steps)
+    expected = solver_finite_differences(cg, K, K_query, y, lam, steps)
     for chunk_size in (1, 4, 1000):
         torch.testing.assert_close(solver_sensitivities("cg", K, K_query, lam, steps, y=y, chunk_size=chunk_size), expected, rtol=1e-6, atol=1e-8)
     with torch.no_grad():
         torch.testing.assert_close(solver_sensitivities("cg", K, K_query, lam, steps, y=y), expected, rtol=1e-6, atol=1e-8)
     shared = solver_sensitivities("cg", K, K_query, lam, steps, y=y[1])
-    torch.testing.assert_close(shared, cg_finite_differences(K, K_query, y[1].expand(3, N), lam, steps), rtol=1e-6, atol=1e-8)
+    torch.testing.assert_close(shared, solver_finite_differences(cg, K, K_query, y[1].expand(3, N), lam, steps), rtol=1e-6, atol=1e-8)
 
 
 def test_solver_sensitivities_reject_a_non_square_K_and_a_zero_chunk_size():
