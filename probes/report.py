@@ -46,9 +46,28 @@ def task_set_summary(result: "TaskSetDiagnosis") -> str:
             f"{name}: one global step fitted to the layers, {fit.step[0]:.6g} / {fit.step[1]:.6g}{momentum} "
             "(fitted on each half of the prompts; each half scored with the other half's)"
         )
+    lines += _alignment_lines(result)
     lines.append(result.verdict.message)
     lines += [f"note: {note}" for note in result.notes]
     return "\n".join(lines)
+
+
+def _alignment_lines(result: "TaskSetDiagnosis") -> list[str]:
+    """Per reference kernel, the smallest relative operator distance over each block's heads (the
+    TransformerLens block index, as in the alignment figure; "-" where no head has one); none
+    without a kernel alignment."""
+    alignment = result.kernel_alignment
+    if alignment is None:
+        return []
+    distances = {kernel: np.asarray(metrics["operator_distance"].cpu(), dtype=np.float64) for kernel, metrics in alignment.metrics.items()}
+    n_blocks = next(iter(distances.values())).shape[0]  # each [block, head]
+    width = max(len("block"), *map(len, distances))
+    lines = [f"kernel alignment ({alignment.block} rows vs support keys; best head's relative operator distance per block, 0 = identical):",
+             f"  {'block':<{width}} " + " ".join(f"{block:>7d}" for block in range(n_blocks))]
+    for kernel, distance in distances.items():
+        best = [np.min(row[np.isfinite(row)]) if np.isfinite(row).any() else np.nan for row in distance]
+        lines.append(f"  {kernel:<{width}} " + " ".join(f"{value:>7.3f}" if np.isfinite(value) else f"{'-':>7}" for value in best))
+    return lines
 
 
 def summary_text(diagnosis: "Diagnosis") -> str:

@@ -357,3 +357,22 @@ def test_kernel_params_left_out_are_the_kernels_defaults_and_are_recorded():
     x, xq, y = (t.double().numpy() for t in (task.x_support, task.x_query, task.y_support))
     expected = np.exp(xq[0] @ x[0].T) @ np.linalg.solve(np.exp(x[0] @ x[0].T) + 0.1 * np.eye(6), y[0])
     np.testing.assert_allclose(result.krr_predictions[0], expected, rtol=1e-9)
+
+
+def test_summary_lists_each_kernels_best_head_distance_per_block():
+    """The kernel-alignment lines: per reference kernel, NumPy's min over each block's finite head
+    distances at 3 decimals ('-' for a block without one), the blocks numbered as in the figure."""
+    task = GPRegressionSampler(dim=3, kernel="exp", temperature=TEMPERATURE, noise_std=NOISE).sample(8, 6, 3, seed=2)
+    result = diagnose(small_model(), task, algorithms=("gd",), n_steps=N_STEPS, bootstrap=0, progress=False)["tasks"]
+    distance = {kernel: metrics["operator_distance"].double().numpy() for kernel, metrics in result.kernel_alignment.metrics.items()}
+    distance["gaussian"][1] = [np.nan, np.inf]  # block 1: no head with a distance
+    alignment = dataclasses.replace(result.kernel_alignment, metrics={
+        kernel: {**metrics, "operator_distance": torch.from_numpy(distance[kernel])} for kernel, metrics in result.kernel_alignment.metrics.items()})
+    lines = summary_lines(dataclasses.replace(result, kernel_alignment=alignment))
+    start = next(i for i, line in enumerate(lines) if line.startswith("kernel alignment (query rows vs support keys;"))
+    assert lines[start + 1].split() == ["block", "0", "1"]
+    for line, kernel in zip(lines[start + 2 : start + 4], ("exp", "gaussian"), strict=True):
+        expected = [f"{np.min(row[np.isfinite(row)]):.3f}" if np.isfinite(row).any() else "-" for row in distance[kernel]]
+        assert line.split() == [kernel, *expected]
+    assert lines[start + 3].split()[2] == "-" and lines[start + 4].startswith("Best: ")
+    assert not any(line.startswith("kernel alignment") for line in summary_lines(dataclasses.replace(result, kernel_alignment=None)))
