@@ -121,10 +121,9 @@ def kernel_distance(result: "TaskSetDiagnosis", kernel: str = "exp") -> float:
     alignment = result.kernel_alignment
     if alignment is None or kernel not in alignment.metrics:
         return math.nan
-    distance = np.asarray(alignment.metrics[kernel]["operator_distance"].cpu(), dtype=np.float64)  # [layer, head]
-    finite = np.where(np.isfinite(distance), distance, np.inf).min(axis=1)
-    finite = finite[np.isfinite(finite)]
-    return float(finite.mean()) if finite.size else math.nan
+    best = alignment.best_head_distance(kernel)
+    best = best[np.isfinite(best)]
+    return float(best.mean()) if best.size else math.nan
 
 
 def summary_rows(model_name: str, diagnosis: "Diagnosis") -> list[SummaryRow]:

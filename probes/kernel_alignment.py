@@ -63,6 +63,15 @@ class KernelAlignment:
         """Fitted Gaussian bandwidth `[layer, head]`."""
         return self.scale["gaussian"]
 
+    def best_head_distance(self, kernel: str) -> np.ndarray:
+        """Per layer, the smallest relative operator distance to `kernel` over the heads with a
+        finite one (NaN for a layer without any): float64 `[layer]`."""
+        if kernel not in self.metrics:
+            raise ValueError(f"kernel must be one this alignment measured, one of {tuple(self.metrics)}; got {kernel!r}")
+        distance = np.asarray(self.metrics[kernel]["operator_distance"].cpu(), dtype=np.float64)  # [layer, head]
+        finite = np.where(np.isfinite(distance), distance, np.inf).min(axis=1)
+        return np.where(np.isfinite(finite), finite, np.nan)
+
     def plot(self, title: str = "attention"):
         """Heatmaps of every metric per block and head (`probes.plots.plot_alignment`)."""
         from probes.plots import plot_alignment

@@ -59,14 +59,12 @@ def _alignment_lines(result: "TaskSetDiagnosis") -> list[str]:
     alignment = result.kernel_alignment
     if alignment is None:
         return []
-    distances = {kernel: np.asarray(metrics["operator_distance"].cpu(), dtype=np.float64) for kernel, metrics in alignment.metrics.items()}
-    n_blocks = next(iter(distances.values())).shape[0]  # each [block, head]
-    width = max(len("block"), *map(len, distances))
+    best = {kernel: alignment.best_head_distance(kernel) for kernel in alignment.metrics}  # each [block]
+    width = max(len("block"), *map(len, best))
     lines = [f"kernel alignment ({alignment.block} rows vs support keys; best head's relative operator distance per block, 0 = identical):",
-             f"  {'block':<{width}} " + " ".join(f"{block:>7d}" for block in range(n_blocks))]
-    for kernel, distance in distances.items():
-        best = [np.min(row[np.isfinite(row)]) if np.isfinite(row).any() else np.nan for row in distance]
-        lines.append(f"  {kernel:<{width}} " + " ".join(f"{value:>7.3f}" if np.isfinite(value) else f"{'-':>7}" for value in best))
+             f"  {'block':<{width}} " + " ".join(f"{block:>7d}" for block in range(len(next(iter(best.values())))))]
+    for kernel, distances in best.items():
+        lines.append(f"  {kernel:<{width}} " + " ".join(f"{value:>7.3f}" if np.isfinite(value) else f"{'-':>7}" for value in distances))
     return lines
 
 

@@ -26,6 +26,7 @@ from mi_krr.models import ICLTransformer, ICLTransformerConfig
 from mi_krr.reproductions.softmax_ood import SoftmaxOODResult
 from mi_krr.tasks.samplers import GPRegressionSampler
 from probes.compare import SummaryRow, format_table, kernel_distance, plot_overview
+from probes.kernel_alignment import KernelAlignment
 from probes.report import _file_stems, task_set_summary
 
 TEMPERATURE, NOISE, BATCH, N_SUPPORT, N_QUERY = 2.0, 0.2, 6, 5, 2
@@ -105,12 +106,17 @@ def test_kernel_distance_takes_each_layers_best_finite_head_skips_layers_without
     head, or no alignment: NaN."""
     nan, inf = math.nan, math.inf
     distance = torch.tensor([[0.3, nan, 0.1], [nan, inf, nan], [0.5, 0.2, inf], [0.4, 0.45, 0.6]], dtype=torch.float64)
-    result = types.SimpleNamespace(kernel_alignment=types.SimpleNamespace(metrics={"exp": {"operator_distance": distance}}))
+    def alignment(operator_distance):
+        return KernelAlignment(block="query", scale={}, metrics={"exp": {"operator_distance": operator_distance}}, per_prompt={})
+
+    result = types.SimpleNamespace(kernel_alignment=alignment(distance))
+    np.testing.assert_array_equal(result.kernel_alignment.best_head_distance("exp"), [0.1, nan, 0.2, 0.4])
+    with pytest.raises(ValueError, match="kernel must be one this alignment measured"):
+        result.kernel_alignment.best_head_distance("gaussian")
     assert kernel_distance(result) == pytest.approx((0.1 + 0.2 + 0.4) / 3, rel=1e-15)
     assert kernel_distance(result, "exp") == kernel_distance(result)
     assert math.isnan(kernel_distance(result, "gaussian"))  # only the exp kernel was fitted
-    hopeless = types.SimpleNamespace(
-        kernel_alignment=types.SimpleNamespace(metrics={"exp": {"operator_distance": torch.tensor([[nan, inf]])}}))
+    hopeless = types.SimpleNamespace(kernel_alignment=alignment(torch.tensor([[nan, inf]], dtype=torch.float64)))
     assert math.isnan(kernel_distance(hopeless))
     assert math.isnan(kernel_distance(types.SimpleNamespace(kernel_alignment=None)))
 
