@@ -19,7 +19,8 @@ def _kernel_text(result: "TaskSetDiagnosis") -> str:
 
 def task_set_summary(result: "TaskSetDiagnosis") -> str:
     """One task set: header, per-algorithm scores ranked, the best algorithm's aligned step per
-    layer with its R2, the verdict, and any notes."""
+    layer with its R2, the fitted steps, the kernel alignment's best head per block, the verdict,
+    and any notes."""
     header = (
         f"== {result.name}: {result.n_prompts} prompts, {result.n_query} queries, {result.n_support} support points"
         f"; KRR {_kernel_text(result)}, lam={result.lam:g}, {result.n_steps} solver steps; "
