@@ -121,7 +121,7 @@ def kernel_distance(result: "TaskSetDiagnosis", kernel: str = "exp") -> float:
     alignment = result.kernel_alignment
     if alignment is None or kernel not in alignment.metrics:
         return math.nan
-    best = alignment.best_head_distance(kernel)
+    _, best = alignment.best_heads(kernel)
     best = best[np.isfinite(best)]
     return float(best.mean()) if best.size else math.nan
 

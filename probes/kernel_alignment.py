@@ -63,14 +63,18 @@ class KernelAlignment:
         """Fitted Gaussian bandwidth `[layer, head]`."""
         return self.scale["gaussian"]
 
-    def best_head_distance(self, kernel: str) -> np.ndarray:
-        """Per layer, the smallest relative operator distance to `kernel` over the heads with a
-        finite one (NaN for a layer without any): float64 `[layer]`."""
+    def best_heads(self, kernel: str) -> tuple[np.ndarray, np.ndarray]:
+        """Per layer, the head closest to `kernel` (smallest finite relative operator distance)
+        and that distance: int64 `[layer]` (-1 for a layer without a finite distance) and float64
+        `[layer]` (NaN there)."""
         if kernel not in self.metrics:
             raise ValueError(f"kernel must be one this alignment measured, one of {tuple(self.metrics)}; got {kernel!r}")
         distance = np.asarray(self.metrics[kernel]["operator_distance"].cpu(), dtype=np.float64)  # [layer, head]
-        finite = np.where(np.isfinite(distance), distance, np.inf).min(axis=1)
-        return np.where(np.isfinite(finite), finite, np.nan)
+        finite = np.where(np.isfinite(distance), distance, np.inf)
+        head = finite.argmin(axis=1)
+        best = finite[np.arange(len(head)), head]
+        missing = ~np.isfinite(best)
+        return np.where(missing, -1, head), np.where(missing, np.nan, best)
 
     def plot(self, title: str = "attention"):
         """Heatmaps of every metric per block and head (`probes.plots.plot_alignment`)."""

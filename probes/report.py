@@ -60,7 +60,7 @@ def _alignment_lines(result: "TaskSetDiagnosis") -> list[str]:
     alignment = result.kernel_alignment
     if alignment is None:
         return []
-    best = {kernel: alignment.best_head_distance(kernel) for kernel in alignment.metrics}  # each [block]
+    best = {kernel: alignment.best_heads(kernel)[1] for kernel in alignment.metrics}  # each [block]
     width = max(len("block"), *map(len, best))
     lines = [f"kernel alignment ({alignment.block} rows vs support keys; best head's relative operator distance per block, 0 = identical):",
              f"  {'block':<{width}} " + " ".join(f"{block:>7d}" for block in range(len(next(iter(best.values())))))]

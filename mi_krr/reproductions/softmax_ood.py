@@ -130,19 +130,13 @@ def softmax_ood(
     best, mean, spearman, tau, gaussian, bandwidth = {}, {}, {}, {}, {}, {}
     for name, task in tqdm(sets.items(), desc="softmax-ood", disable=not progress):
         alignment = kernel_alignment(loaded.model, task, kernels=("exp", "gaussian"))
-        distance = np.asarray(alignment.metrics["exp"]["operator_distance"].cpu(), dtype=np.float64)  # [layer, head]
-        rows = np.asarray(alignment.metrics["exp"]["row_spearman"].cpu(), dtype=np.float64)
-        scale = np.asarray(alignment.scale["exp"].cpu(), dtype=np.float64)
-        head = np.nanargmin(distance, axis=1)
-        index = np.arange(distance.shape[0])
-        best[name] = distance[index, head].tolist()
-        mean[name] = np.nanmean(distance, axis=1).tolist()
-        spearman[name] = rows[index, head].tolist()
-        tau[name] = scale[index, head].tolist()
-        gaussian_distance = np.asarray(alignment.metrics["gaussian"]["operator_distance"].cpu(), dtype=np.float64)
-        gaussian_head = np.nanargmin(gaussian_distance, axis=1)
-        gaussian[name] = gaussian_distance[index, gaussian_head].tolist()
-        bandwidth[name] = np.asarray(alignment.scale["gaussian"].cpu(), dtype=np.float64)[index, gaussian_head].tolist()
+        head, exp_distance = alignment.best_heads("exp")
+        gaussian_head, gaussian_distance = alignment.best_heads("gaussian")
+        best[name], gaussian[name] = exp_distance.tolist(), gaussian_distance.tolist()
+        mean[name] = np.nanmean(np.asarray(alignment.metrics["exp"]["operator_distance"].cpu(), dtype=np.float64), axis=1).tolist()
+        spearman[name] = _at_heads(alignment.metrics["exp"]["row_spearman"], head)
+        tau[name] = _at_heads(alignment.scale["exp"], head)
+        bandwidth[name] = _at_heads(alignment.scale["gaussian"], gaussian_head)
     return SoftmaxOODResult(
         checkpoint=str(path),
         task_sets=list(sets),
@@ -157,3 +151,10 @@ def softmax_ood(
         n_support=loaded.n_support,
         n_query=loaded.n_query,
     )
+
+
+def _at_heads(values: Any, head: np.ndarray) -> list[float]:
+    """values `[layer, head]` at each layer's `head` `[layer]` (NaN where head is -1)."""
+    values = np.asarray(values.cpu(), dtype=np.float64)
+    picked = values[np.arange(len(head)), head]
+    return np.where(head >= 0, picked, np.nan).tolist()

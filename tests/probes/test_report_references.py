@@ -110,9 +110,11 @@ def test_kernel_distance_takes_each_layers_best_finite_head_skips_layers_without
         return KernelAlignment(block="query", scale={}, metrics={"exp": {"operator_distance": operator_distance}}, per_prompt={})
 
     result = types.SimpleNamespace(kernel_alignment=alignment(distance))
-    np.testing.assert_array_equal(result.kernel_alignment.best_head_distance("exp"), [0.1, nan, 0.2, 0.4])
+    heads, best = result.kernel_alignment.best_heads("exp")
+    np.testing.assert_array_equal(heads, [2, -1, 1, 0])
+    np.testing.assert_array_equal(best, [0.1, nan, 0.2, 0.4])
     with pytest.raises(ValueError, match="kernel must be one this alignment measured"):
-        result.kernel_alignment.best_head_distance("gaussian")
+        result.kernel_alignment.best_heads("gaussian")
     assert kernel_distance(result) == pytest.approx((0.1 + 0.2 + 0.4) / 3, rel=1e-15)
     assert kernel_distance(result, "exp") == kernel_distance(result)
     assert math.isnan(kernel_distance(result, "gaussian"))  # only the exp kernel was fitted
