@@ -116,7 +116,7 @@ def plot_alignment(alignment: "KernelAlignment", title: str = "attention"):
         for col, (metric, metric_title, cmap, (vmin, vmax)) in enumerate(ALIGNMENT_PANELS):
             values = np.asarray(alignment.metrics[kernel][metric].cpu(), dtype=np.float64)  # [block, head]
             if vmax is None:
-                vmax = max(1.0, float(np.nanmax(values, initial=1.0)))
+                vmax = float(np.nanmax(values, initial=1.0))
             ax = axes[row, col]
             image = ax.imshow(values, aspect="auto", origin="lower", cmap=cmap, vmin=vmin, vmax=vmax)
             _integer_ticks(ax, *values.shape)
@@ -124,9 +124,9 @@ def plot_alignment(alignment: "KernelAlignment", title: str = "attention"):
                 _annotate_cells(ax, values, image)
             ax.set_xlabel("head")
             ax.set_ylabel("block")
-            ax.set_title(f"{kernel}: {metric_title}", fontsize=9)
+            fitted = f" ({scale_name} {_value_range(scale)})" if col == 0 else ""  # the first panel names the fitted scales
+            ax.set_title(f"{kernel}{fitted}: {metric_title}", fontsize=9)
             figure.colorbar(image, ax=ax)
-        axes[row, 0].set_title(f"{kernel} ({scale_name} {_value_range(scale)}): {ALIGNMENT_PANELS[0][1]}", fontsize=9)
     figure.suptitle(f"{title}: attention pattern ({alignment.block} rows) vs reference kernels, brighter = closer")
     figure.tight_layout()
     return figure

@@ -125,6 +125,13 @@ def _weights(sums: PairedSums, weights) -> np.ndarray:
     return weights[None] if weights.ndim == 1 else weights
 
 
+SST_ROUNDING = 1e-12
+"""SST under prompt weights is squares - total^2 / count of values centred by the ALL-prompt mean,
+so for a weighting whose values are one constant (a kappa stratum, a resample) the two terms
+cancel to rounding noise (a few eps x squares), not 0: SST below this fraction of the squares is
+taken as 0 (no variance: R2 NaN, a path's error over it -inf), never as a tiny variance."""
+
+
 def weighted_sse_sst(sums: PairedSums, weights=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """SSE `[R, L', T+1]`, SST `[R, T+1]` (0 below `SST_ROUNDING`) and the number of values `[R]`
     under prompt weights `[B]` or `[R, B]` (None: every prompt once, R = 1)."""
@@ -135,13 +142,6 @@ def weighted_sse_sst(sums: PairedSums, weights=None) -> tuple[np.ndarray, np.nda
     with np.errstate(invalid="ignore", divide="ignore"):
         sst = squares - total**2 / count[:, None]
     return sse, np.where(sst > SST_ROUNDING * squares, sst, 0.0), count
-
-
-SST_ROUNDING = 1e-12
-"""SST under prompt weights is squares - total^2 / count of values centred by the ALL-prompt mean,
-so for a weighting whose values are one constant (a kappa stratum, a resample) the two terms
-cancel to rounding noise (a few eps x squares), not 0: SST below this fraction of the squares is
-taken as 0 (no variance: R2 NaN, a path's error over it -inf), never as a tiny variance."""
 
 
 def _matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
