@@ -11,6 +11,7 @@ Gaussian kernel.
 
 from __future__ import annotations
 
+import html
 import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Mapping
@@ -89,6 +90,10 @@ class Comparison:
         """The overview figure (`plot_overview`)."""
         return plot_overview(self.rows)
 
+    def _repr_html_(self) -> str:
+        """The summary as an HTML table, shown when a notebook cell ends with the comparison."""
+        return format_html(self.rows)
+
     def __repr__(self) -> str:
         return f"Comparison({len(self.diagnoses)} models, {len(self.rows)} rows)\n{self.summary()}"
 
@@ -148,29 +153,45 @@ def summary_rows(model_name: str, diagnosis: "Diagnosis") -> list[SummaryRow]:
     return rows
 
 
+TABLE_HEADER = ("model", "task set", "best algorithm", "path R2 [95% CI]", "identified", "exp-kernel dist", "gauss-kernel dist",
+                "best-step map (layer:step)")
+"""Column titles of `format_table` and `format_html`, in `table_cells` order."""
+
+
+def table_cells(row: SummaryRow) -> tuple[str, ...]:
+    """One row's cells as text, in `TABLE_HEADER` order (distances "-" where not computed)."""
+    return (
+        row.model,
+        row.task_set,
+        row.best,
+        f"{row.score:.4f} [{row.score_ci[0]:.3f}, {row.score_ci[1]:.3f}]",
+        "yes" if row.identified else "no",
+        *("-" if math.isnan(distance) else f"{distance:.3f}" for distance in (row.exp_distance, row.gaussian_distance)),
+        row.step_map,
+    )
+
+
 def format_table(rows: list[SummaryRow]) -> str:
     """The rows as a fixed-width text table (also valid inside a Markdown code block)."""
-    header = ("model", "task set", "best algorithm", "path R2 [95% CI]", "identified", "exp-kernel dist", "gauss-kernel dist",
-              "best-step map (layer:step)")
-    cells = [
-        (
-            row.model,
-            row.task_set,
-            row.best,
-            f"{row.score:.4f} [{row.score_ci[0]:.3f}, {row.score_ci[1]:.3f}]",
-            "yes" if row.identified else "no",
-            *("-" if math.isnan(distance) else f"{distance:.3f}" for distance in (row.exp_distance, row.gaussian_distance)),
-            row.step_map,
-        )
-        for row in rows
-    ]
-    widths = [max(len(str(line[i])) for line in [header, *cells]) for i in range(len(header) - 1)]
+    cells = [table_cells(row) for row in rows]
+    widths = [max(len(line[i]) for line in [TABLE_HEADER, *cells]) for i in range(len(TABLE_HEADER) - 1)]
     lines = []
-    for line in [header, *cells]:
-        lines.append("  ".join(str(value).ljust(width) for value, width in zip(line, widths)) + "  " + line[-1])
-        if line is header:
-            lines.append("  ".join("-" * width for width in widths) + "  " + "-" * len(header[-1]))
+    for line in [TABLE_HEADER, *cells]:
+        lines.append("  ".join(value.ljust(width) for value, width in zip(line, widths)) + "  " + line[-1])
+        if line is TABLE_HEADER:
+            lines.append("  ".join("-" * width for width in widths) + "  " + "-" * len(TABLE_HEADER[-1]))
     return "\n".join(lines)
+
+
+def format_html(rows: list[SummaryRow], with_model: bool = True) -> str:
+    """The rows as an HTML table (what a notebook shows for a `Comparison` or a `Diagnosis`);
+    `with_model=False` leaves out the model column (one model's task sets)."""
+    first = 0 if with_model else 1
+    header = "".join(f"<th>{html.escape(title)}</th>" for title in TABLE_HEADER[first:])
+    body = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(cell)}</td>" for cell in table_cells(row)[first:]) + "</tr>" for row in rows
+    )
+    return f"<table><thead><tr>{header}</tr></thead><tbody>{body}</tbody></table>"
 
 
 def plot_overview(rows: list[SummaryRow]):

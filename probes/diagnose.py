@@ -34,6 +34,7 @@ from mi_krr.solvers.direct import krr
 from mi_krr.tasks import ICLTask
 from mi_krr.tasks.optimal import bayes_optimal_ridge
 from probes.attention_kernels import AttentionKernels
+from probes.compare import format_html, summary_rows
 from probes.identifiability import Verdict, identifiability_verdict
 from probes.kernel_alignment import REFERENCE_KERNELS, KernelAlignment, kernel_alignment, reference_kernel_names
 from probes.layer_predictions import METHODS, layer_predictions
@@ -173,10 +174,16 @@ class Diagnosis:
         return summary_text(self)
 
     def __repr__(self) -> str:
-        verdicts = ", ".join(
-            f"{name}: {'identified ' + r.verdict.best if r.verdict.identified else 'not identified'}" for name, r in self.task_sets.items()
+        verdicts = "; ".join(
+            f"{row.task_set}: best {row.best} (path R2 {row.score:.3f}), {'identified' if row.identified else 'not identified'}"
+            for row in summary_rows("", self)
         )
         return f"Diagnosis({verdicts})"
+
+    def _repr_html_(self) -> str:
+        """Per task set: best algorithm, path R2 with its CI, verdict, kernel distances and step
+        map as an HTML table, shown when a notebook cell ends with the diagnosis."""
+        return format_html(summary_rows("", self), with_model=False)
 
     def plot(self, task_set: str | None = None) -> dict[str, Any]:
         """matplotlib figures by name (see `probes.plots.diagnosis_figures`)."""

@@ -3,6 +3,7 @@ diagnoses' own statistics recomputed by hand (best = argmax of the scores, the e
 distance as a NumPy min over heads and mean over layers, the step map from the aligned steps)."""
 
 import math
+from html.parser import HTMLParser
 
 import matplotlib
 import numpy as np
@@ -82,6 +83,67 @@ def test_dataframe_and_table_carry_every_row(comparison):
             assert field == ("-" if math.isnan(distance) else f"{distance:.3f}")
         assert " ".join(fields[9:]) == row.step_map
     assert repr(result).splitlines()[0] == "Comparison(2 models, 10 rows)"
+
+
+class _TableCells(HTMLParser):
+    """The text of every <th> / <td> of an HTML table, row by row (the standard library's parser)."""
+
+    def __init__(self):
+        super().__init__()
+        self.rows, self._cell = [], None
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "tr":
+            self.rows.append([])
+        elif tag in ("th", "td"):
+            self._cell = ""
+
+    def handle_endtag(self, tag):
+        if tag in ("th", "td"):
+            self.rows[-1].append(self._cell)
+            self._cell = None
+
+    def handle_data(self, data):
+        if self._cell is not None:
+            self._cell += data
+
+
+def html_cells(text):
+    parser = _TableCells()
+    parser.feed(text)
+    return parser.rows
+
+
+def expected_cells(task_set):
+    """One task set's row, written from its own scores and verdict by hand."""
+    best = max(task_set.scores.values(), key=lambda score: score.score)
+    distances = ["-" if math.isnan(value) else f"{value:.3f}" for value in (expected_kernel_distance(task_set, k) for k in ("exp", "gaussian"))]
+    steps = " ".join(f"{layer}:{step}" for layer, step in zip(best.layers, best.aligned_steps) if layer > 0)
+    return [task_set.name, best.algorithm, f"{best.score:.4f} [{best.score_ci[0]:.3f}, {best.score_ci[1]:.3f}]",
+            "yes" if task_set.verdict.identified else "no", *distances, steps]
+
+
+def test_notebooks_show_comparison_and_diagnosis_as_html_tables_of_the_same_cells(comparison):
+    """`_repr_html_` (what Jupyter renders): the header, then one row per model and task set, each
+    cell as written by hand from the diagnosis; a markup character in a name is escaped."""
+    diagnoses, result = comparison
+    rows = html_cells(result._repr_html_())
+    assert rows[0] == ["model", "task set", "best algorithm", "path R2 [95% CI]", "identified", "exp-kernel dist",
+                       "gauss-kernel dist", "best-step map (layer:step)"]
+    assert rows[1:] == [[model, *expected_cells(diagnoses[model][name])] for model in diagnoses for name in SETS]
+    one_model = html_cells(diagnoses["softmax"]._repr_html_())
+    assert one_model[0] == rows[0][1:] and one_model[1:] == [expected_cells(diagnoses["softmax"][name]) for name in SETS]
+    assert "<td>a&lt;b</td>" in probes.compare({"a<b": diagnoses["cg"]})._repr_html_()
+
+
+def test_diagnosis_repr_names_each_task_sets_best_algorithm_score_and_verdict(comparison):
+    diagnoses, _ = comparison
+    parts = repr(diagnoses["cg"]).removeprefix("Diagnosis(").removesuffix(")").split("; ")
+    for part, name in zip(parts, SETS, strict=True):
+        task_set = diagnoses["cg"][name]
+        best = max(task_set.scores.values(), key=lambda score: score.score)
+        verdict = "identified" if task_set.verdict.identified else "not identified"
+        assert part == f"{name}: best {best.algorithm} (path R2 {best.score:.3f}), {verdict}"
 
 
 def test_overview_plots_clipped_scores_in_task_set_order_and_both_distances_only_where_attention_is_a_kernel(comparison):
