@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from mi_krr.models.adapter import AttentionHooks
-from mi_krr.models.config import ICLTransformerConfig
+from mi_krr.models.config import ICLTransformerConfig, check_config
 from mi_krr.models.hook_names import attention_hook_names, residual_hook_names
 from mi_krr.models.masks import allowed_attention
 from mi_krr.models.prompting import PromptedModelMixin
@@ -93,8 +93,7 @@ class BridgeICLModel(BridgeBackedMixin, PromptedModelMixin, nn.Module):
 
     def __init__(self, cfg: ICLTransformerConfig, device: torch.device | str | None = None):
         super().__init__()
-        if not isinstance(cfg, ICLTransformerConfig):
-            raise ValueError(f"cfg must be an ICLTransformerConfig, got {type(cfg).__name__}")
+        check_config(cfg)
         if cfg.attention != "softmax":
             raise ValueError(
                 f"BridgeICLModel supports attention='softmax' only (TransformerBridge native blocks), got {cfg.attention!r}: "

@@ -119,3 +119,10 @@ class ICLTransformerConfig:
     def from_dict(cls, values: dict[str, Any]) -> "ICLTransformerConfig":
         """Rebuild a config from `to_dict()` output; unknown or missing keys raise ValueError."""
         return dataclass_from_dict(cls, values)
+
+
+def check_config(cfg: Any) -> None:
+    """Refuse anything but an `ICLTransformerConfig` (a model class's `cfg` argument)."""
+    if not isinstance(cfg, ICLTransformerConfig):
+        hint = "ICLTransformerConfig.from_dict(cfg)" if isinstance(cfg, dict) else "ICLTransformerConfig(n_dims=..., ...)"
+        raise ValueError(f"cfg must be an ICLTransformerConfig, got {type(cfg).__name__}: pass {hint}")

@@ -12,7 +12,7 @@ from transformer_lens.hook_points import HookPoint
 
 from mi_krr.models.adapter import AttentionHooks
 from mi_krr.models.blocks import TransformerBlock, make_norm
-from mi_krr.models.config import ICLTransformerConfig
+from mi_krr.models.config import ICLTransformerConfig, check_config
 from mi_krr.models.hook_names import attention_hook_names, residual_hook_names
 from mi_krr.models.masks import allowed_attention
 from mi_krr.models.prompting import PromptedModelMixin
@@ -34,8 +34,7 @@ class ICLTransformer(PromptedModelMixin, HookedRootModule):
 
     def __init__(self, cfg: ICLTransformerConfig, device: torch.device | str | None = None):
         super().__init__()
-        if not isinstance(cfg, ICLTransformerConfig):
-            raise ValueError(f"cfg must be an ICLTransformerConfig, got {type(cfg).__name__}")
+        check_config(cfg)
         self.cfg = cfg
         self.read_in = nn.Linear(cfg.d_token, cfg.d_model)
         self.hook_embed = HookPoint()

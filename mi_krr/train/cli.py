@@ -58,7 +58,7 @@ def run_description(args: argparse.Namespace) -> dict[str, Any]:
     if args.resume:
         if args.preset:
             raise ValueError("--resume continues the run in --out with its own config.json: drop --preset")
-        overridden = [name for name in _OVERRIDES if getattr(args, name) is not None]
+        overridden = [name for name in (*_OVERRIDES, "seed") if getattr(args, name, None) is not None]
         if overridden:
             raise ValueError(f"--resume keeps the run's own settings: drop --{overridden[0].replace('_', '-')}")
         source = args.config if args.config else out
