@@ -112,7 +112,7 @@ def dataclass_from_dict(cls: type[ConfigT], values: Any) -> ConfigT:
     naming the keys and the allowed ones."""
     name = cls.__name__
     if not isinstance(values, dict):
-        raise ValueError(f"a {name} must be given as a dict of its fields, got {type(values).__name__}")
+        raise ValueError(f"{name} must be built from a dict of its fields ({name}.from_dict({{...}})), got {type(values).__name__}")
     fields = dataclasses.fields(cls)
     allowed = sorted(f.name for f in fields if f.init)
     unknown = sorted(set(values) - set(allowed))

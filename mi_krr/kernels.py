@@ -52,7 +52,10 @@ def _as_points(name: str, value: Any, min_dim: int = 2) -> torch.Tensor:
         try:
             value = torch.as_tensor(np.asarray(value, dtype=np.float64))
         except (TypeError, ValueError) as exc:
-            raise ValueError(f"{name} must be a numeric tensor [..., n, d], got {type(value).__name__}") from exc
+            raise ValueError(
+                f"{name} must be numeric points [..., n, d] (a tensor, or an array / nested list of numbers with equal-length rows), "
+                f"got a {type(value).__name__} NumPy cannot read as one: {exc}"
+            ) from exc
     if not value.is_floating_point():
         raise ValueError(f"{name} must be a floating-point tensor, got {value.dtype}: call .double() first")
     if value.dim() < min_dim:
@@ -77,7 +80,8 @@ def _point_pair(x: Any, z: Any) -> tuple[torch.Tensor, torch.Tensor]:
         torch.broadcast_shapes(x.shape[:-2], z.shape[:-2])
     except RuntimeError as exc:
         raise ValueError(
-            f"z's leading (batch) shape {tuple(z.shape[:-2])} does not broadcast with x's {tuple(x.shape[:-2])}"
+            f"z's leading (batch) shape {tuple(z.shape[:-2])} does not broadcast with x's {tuple(x.shape[:-2])}: "
+            "give z the batch shape of x, or none (one set of points for every batch)"
         ) from exc
     return x, z
 
@@ -187,7 +191,7 @@ def condition_number(K: torch.Tensor, lam: float | torch.Tensor = 0.0) -> torch.
     K = _symmetric_float64(K)
     lam = as_float64("lam", lam).to(K.device)
     if (lam < 0).any():
-        raise ValueError("lam must be >= 0")
+        raise ValueError(f"lam must be >= 0 (a ridge), got {float(lam.min())}")
     moduli = (torch.linalg.eigvalsh(K) + lam.unsqueeze(-1)).abs()
     smallest = moduli.amin(-1)
     return torch.where(smallest > 0, moduli.amax(-1) / smallest, torch.inf)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import itertools
 import json
 import math
 import time
@@ -587,11 +588,13 @@ def _takes_registry_arguments(solver: Callable[..., Any]) -> bool:
 
 
 def _model_device_dtype(model: Any) -> tuple[torch.device, torch.dtype]:
-    """Where the model's parameters live (CPU / float32 for a parameter-free model)."""
-    parameter = next(iter(model.parameters()), None) if hasattr(model, "parameters") else None
-    if parameter is None:
+    """Device and dtype of the model's first parameter, else of its first floating-point buffer
+    (fixed weights held as buffers), else CPU / float32."""
+    tensors = itertools.chain(*(getattr(model, kind)() for kind in ("parameters", "buffers") if hasattr(model, kind)))
+    weight = next((tensor for tensor in tensors if tensor.is_floating_point()), None)
+    if weight is None:
         return torch.device("cpu"), torch.float32
-    return parameter.device, parameter.dtype
+    return weight.device, weight.dtype
 
 
 def _numpy(value: Any) -> np.ndarray:

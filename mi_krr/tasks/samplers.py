@@ -16,16 +16,18 @@ Randomness: everything is drawn on the CPU in float64 from one `torch.Generator`
 from __future__ import annotations
 
 import math
+import numbers
 from abc import ABC, abstractmethod
 from dataclasses import KW_ONLY, dataclass, fields
 from typing import Any, ClassVar
 
 import torch
 
-from mi_krr._validation import check_choice, check_count, check_positive, store_count
+from mi_krr._validation import (
+    check_choice, check_condition_number, check_count, check_finite, check_non_negative, check_positive, store_count,
+)
 from mi_krr.feature_maps import random_orthogonal
 from mi_krr.kernels import kernel_matrix
-from mi_krr._validation import check_condition_number, check_finite, check_non_negative
 from mi_krr.tasks.spd import geometric_spectrum
 from mi_krr.tasks.task import ICLTask
 
@@ -94,7 +96,7 @@ class _PromptSampler(ABC):
         return 1.0
 
     def _checked_mean(self, mean: Any) -> float | tuple[float, ...]:
-        if isinstance(mean, (int, float)) and not isinstance(mean, bool):
+        if isinstance(mean, numbers.Real) and not isinstance(mean, bool):
             return check_finite("input_mean", mean)
         try:
             values = tuple(float(v) for v in mean)
@@ -278,9 +280,10 @@ class GPRegressionSampler(_PromptSampler):
     def _function_values(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         factor, info = torch.linalg.cholesky_ex(self.covariance(x))
         if (info != 0).any():
+            (scale,) = self.kernel_params()
             raise ValueError(
                 f"the {self.kernel} kernel matrix is not numerically positive definite at jitter={self.jitter}: "
-                "raise jitter, bandwidth or temperature"
+                f"raise jitter, or lower {scale} (at a large {scale} every entry of K tends to 1)"
             )
         gaussian = torch.randn(factor.shape[:-1], generator=generator, dtype=torch.float64)
         return (factor @ gaussian.to(factor.device).unsqueeze(-1)).squeeze(-1)
