@@ -201,8 +201,13 @@ def optimizer_state_to_flat(state_dict: dict[str, Any]) -> tuple[dict[str, torch
         for key, value in param_state.items():
             if isinstance(value, torch.Tensor):
                 tensors[f"optimizer/{index}/{key}"] = value
-            else:
+            elif isinstance(value, (int, float, str, type(None))):
                 scalars[f"{index}/{key}"] = value
+            else:
+                raise ValueError(
+                    f"optimizer state entry {key!r} of parameter {index} is a {type(value).__name__}: training states hold "
+                    "tensors and numbers per parameter (AdamW, Adam, SGD); save other optimizers with torch.save"
+                )
     return tensors, {"param_groups": state_dict["param_groups"], "scalars": scalars}
 
 

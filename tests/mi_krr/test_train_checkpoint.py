@@ -144,6 +144,25 @@ def test_optimizer_state_round_trip_continues_identically():
         assert torch.equal(a, b)
 
 
+def test_optimizer_state_holding_lists_of_tensors_is_refused_naming_the_entry():
+    """L-BFGS keeps lists of tensors per parameter, which the flat format cannot hold: a ValueError
+    naming the entry and the alternative (it used to surface as a JSON TypeError)."""
+    torch.manual_seed(0)
+    net = torch.nn.Linear(3, 1)
+    optimizer = torch.optim.LBFGS(net.parameters())
+    batch = torch.randn(8, 3)
+
+    def loss():
+        optimizer.zero_grad()
+        value = net(batch).square().mean()
+        value.backward()
+        return value
+
+    optimizer.step(loss)
+    with pytest.raises(ValueError, match=r"optimizer state entry '\w+' of parameter 0 is a (list|deque): .*torch\.save"):
+        optimizer_state_to_flat(optimizer.state_dict())
+
+
 def test_truncated_checkpoint_raises_checkpoint_error(tmp_path):
     net, optimizer = _stepped_adamw()
     path = save_training_state(tmp_path / "s.safetensors", _training_state(net, optimizer, 1))
