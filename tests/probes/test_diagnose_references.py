@@ -269,8 +269,8 @@ def test_repr_names_the_identified_algorithm_and_says_not_identified_without_res
     # the documented rule: no verdict from fewer than 100 bootstrap resamples
     model, task, _ = gd_case
     common = dict(algorithms=("gd", "cg"), lam=0.1, n_steps=6, kernels=(), progress=False)
-    assert repr(diagnose(model, task, bootstrap=100, **common)) == "Diagnosis(tasks: identified gd)"
-    assert repr(diagnose(model, task, bootstrap=0, **common)) == "Diagnosis(tasks: not identified)"
+    assert repr(diagnose(model, task, bootstrap=100, **common)) == "Diagnosis(tasks: best gd (path R2 1.000), identified)"
+    assert repr(diagnose(model, task, bootstrap=0, **common)) == "Diagnosis(tasks: best gd (path R2 1.000), not identified)"
 
 
 def test_a_trajectory_without_variance_scores_minus_infinity_and_ranks_last_in_the_summary(gd_case):
