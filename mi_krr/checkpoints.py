@@ -15,6 +15,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from mi_krr._repr import compact_repr
+
 SUPPORTED = (
     "an mi-krr run folder (config.json + model.safetensors or state/step_*.safetensors) or one of its files, "
     "or a Garg et al. run folder (config.yaml + state.pt or model_<step>.pt) or one of its .pt files"
@@ -38,6 +40,8 @@ class LoadedCheckpoint:
         lam: the KRR ridge to compare with (None: the sampler's noise variance).
         notes: how the task family was chosen.
     """
+
+    __repr__ = compact_repr
 
     model: Any
     sampler: Any

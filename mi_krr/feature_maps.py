@@ -20,6 +20,7 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
+from mi_krr._repr import compact_repr
 from mi_krr._validation import check_choice, check_positive, store_count
 from mi_krr.kernels import KERNEL_NAMES, _as_points, _point_pair, kernel_matrix, kernel_parameters
 
@@ -120,6 +121,8 @@ class RandomProjection:
         weights: W `[d, m]`, float64 on the CPU.
     """
 
+    __repr__ = compact_repr
+
     d: int
     m: int
     seed: int = 0
@@ -170,6 +173,8 @@ class PositiveRandomFeatures:
         orthogonal: orthogonal random features (blocks of exactly orthogonal w's), still unbiased.
         weights: W `[d, m]`, float64 on the CPU.
     """
+
+    __repr__ = compact_repr
 
     d: int
     m: int

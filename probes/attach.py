@@ -8,6 +8,7 @@ from typing import Any, Sequence
 
 import torch
 
+from mi_krr._repr import compact_repr
 from mi_krr.models.adapter import ICLModel
 from mi_krr.tasks import ICLTask
 from probes.attention_kernels import AttentionKernels, attention_kernels
@@ -21,6 +22,8 @@ from probes.streaming import probe_model
 class ProbedModel:
     """A model checked by `adapter_for`, with the probes as methods (each delegates to the
     function of the same name in `probes`, with this model as first argument)."""
+
+    __repr__ = compact_repr
 
     model: ICLModel
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
+from mi_krr._repr import compact_repr
 from mi_krr._validation import check_choice
 from mi_krr.models.adapter import ICLModel
 from mi_krr.tasks import ICLTask
@@ -29,6 +30,8 @@ class AttentionKernels:
             of attention that lands on support keys) or "scores" (pre-normalisation scores;
             blocked entries carry the model's mask value).
     """
+
+    __repr__ = compact_repr
 
     support: torch.Tensor | None
     query: torch.Tensor | None

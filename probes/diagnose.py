@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from mi_krr._repr import compact_repr
 from mi_krr._validation import check_choice, check_count, check_finite, check_non_negative, check_positive
 from mi_krr.kernels import KERNEL_NAMES, condition_number, kernel_defaults, kernel_matrix, kernel_parameters
 from mi_krr.solvers import ALGORITHMS
@@ -82,6 +83,8 @@ class TaskSetDiagnosis:
         notes: what was skipped and why.
         seconds: wall time per stage.
     """
+
+    __repr__ = compact_repr
 
     name: str
     info: dict[str, Any]

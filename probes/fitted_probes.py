@@ -19,6 +19,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from mi_krr._repr import compact_repr
 from mi_krr._validation import as_float64, check_count
 from mi_krr.models.adapter import ICLModel
 from mi_krr.tasks import ICLTask
@@ -38,6 +39,8 @@ class RidgeFit:
             minimises mean (x.w + b - t)^2 + lam |w|^2).
         val_r2: validation R^2 at the chosen penalty `[layer]`.
     """
+
+    __repr__ = compact_repr
 
     weight: torch.Tensor
     bias: torch.Tensor
@@ -63,6 +66,8 @@ class LayerProbes:
         targets: what was predicted ("y_query", or "custom" for a given tensor).
         train_prompts: fingerprints of the training prompts' support inputs.
     """
+
+    __repr__ = compact_repr
 
     layers: list[int]
     fit: RidgeFit

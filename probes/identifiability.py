@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 import einops
 import numpy as np
 
+from mi_krr._repr import compact_repr
 from probes.scoring import (
     AlgorithmScore,
     PairedSums,
@@ -111,6 +112,8 @@ class Verdict:
         scores: every candidate's path R2.
         message: the verdict in words.
     """
+
+    __repr__ = compact_repr
 
     best: str
     score: float

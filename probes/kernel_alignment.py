@@ -23,6 +23,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
+from mi_krr._repr import compact_repr
 from mi_krr._validation import as_float64, check_choice
 from mi_krr.models.adapter import ICLModel
 from mi_krr.tasks import ICLTask
@@ -47,6 +48,8 @@ class KernelAlignment:
             (NaN-ignoring: row Spearman is undefined on rows that see one key).
         per_prompt: the same per prompt `[batch, layer, head]`.
     """
+
+    __repr__ = compact_repr
 
     block: str
     scale: dict[str, torch.Tensor]

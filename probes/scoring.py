@@ -42,6 +42,7 @@ import einops
 import numpy as np
 import torch
 
+from mi_krr._repr import compact_repr
 from mi_krr._validation import check_count
 
 _MIN_STRATUM_WEIGHT = np.log10(1.1)
@@ -288,6 +289,8 @@ class KappaStratum:
         aligned_r2: per-layer R2 at the aligned steps `[L']`.
     """
 
+    __repr__ = compact_repr
+
     kappa_low: float
     kappa_high: float
     median_kappa: float
@@ -321,6 +324,8 @@ class AlgorithmScore:
             alignment.
         strata: per-kappa-bin scores; `weighted_r2` their log10-kappa-weighted mean.
     """
+
+    __repr__ = compact_repr
 
     algorithm: str
     layers: np.ndarray

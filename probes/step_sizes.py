@@ -45,6 +45,7 @@ import einops
 import numpy as np
 import torch
 
+from mi_krr._repr import compact_repr
 from mi_krr._validation import check_choice
 from mi_krr.solvers import heavy_ball, richardson
 from mi_krr.solvers.spectrum import polyak_parameters, preconditioner_diagonal, richardson_optimal_step
@@ -91,6 +92,8 @@ class SpectralSystem:
         eigenvalues: mu, the eigenvalues of S (= those of P (K + lam I)), ascending `[B, n]`.
         gain: K_query P^1/2 U diag(U^T P^1/2 y) `[B, m, n]`: pred_t = gain @ s_t.
     """
+
+    __repr__ = compact_repr
 
     eigenvalues: torch.Tensor
     gain: torch.Tensor
@@ -235,6 +238,8 @@ class FittedStep:
         momentum: heavy ball's fitted momentum per half `[2]`, else None.
         fit_score: path R2 on the half each parameter was fitted on `[2]` (in-sample: never a score).
     """
+
+    __repr__ = compact_repr
 
     algorithm: str
     folds: np.ndarray

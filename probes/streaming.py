@@ -19,6 +19,7 @@ from typing import Any, Callable, Sequence
 import einops
 import torch
 
+from mi_krr._repr import compact_repr
 from mi_krr._validation import check_choice, check_count
 from mi_krr.models.adapter import ICLModel, adapter_for
 from mi_krr.models.encoding import EncodedPrompt
@@ -143,6 +144,8 @@ class StreamedProbes:
         support: attention of support x tokens on support keys `[batch, layer, head, n, n]`.
         query: attention of query tokens on support keys `[batch, layer, head, n_query, n]`.
     """
+
+    __repr__ = compact_repr
 
     readouts: torch.Tensor | None
     support: torch.Tensor | None

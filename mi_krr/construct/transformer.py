@@ -32,6 +32,7 @@ from torch import nn
 from transformer_lens import HookedRootModule
 from transformer_lens.hook_points import HookPoint
 
+from mi_krr._repr import compact_repr
 from mi_krr._validation import check_choice
 from mi_krr.construct.primitives import Op, Readout, ReluArithmetic, compile_mlp, coord
 from mi_krr.models.adapter import AttentionHooks
@@ -215,6 +216,8 @@ class StepStates:
         pred: the read-out prediction on the query tokens `[batch, T+1, n_query]`.
         hook_names: the T + 1 residual hooks read (step 0: the embeddings).
     """
+
+    __repr__ = compact_repr
 
     support: dict[str, torch.Tensor]
     query: dict[str, torch.Tensor]

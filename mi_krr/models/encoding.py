@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import einops
 import torch
 
+from mi_krr._repr import compact_repr
 from mi_krr.tasks import ICLTask
 
 LAYOUTS = ("concat", "interleaved")
@@ -34,6 +35,8 @@ class EncodedPrompt:
         label_positions: positions whose token holds y_i, `[n]` (the same as support_positions in
             the concat layout; the y tokens in the interleaved one).
     """
+
+    __repr__ = compact_repr
 
     tokens: torch.Tensor
     query_positions: torch.Tensor

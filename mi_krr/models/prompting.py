@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
+from mi_krr._repr import compact_repr
 from mi_krr.models.encoding import EncodedPrompt, encode, interleave_pairs
 from mi_krr.tasks import ICLTask
 
@@ -26,6 +27,8 @@ class TrainingPredictions:
         target: the labels they predict `[batch, k]` (interleaved layout: y_support, one
             prediction per prefix; concat layout: y_query).
     """
+
+    __repr__ = compact_repr
 
     pred: torch.Tensor
     target: torch.Tensor

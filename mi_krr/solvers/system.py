@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from mi_krr._repr import compact_repr
 from mi_krr._validation import as_float64, check_count, check_positive
 from mi_krr.solvers.trajectory import Trajectory
 
@@ -39,6 +40,8 @@ class KRRSystem:
         K_query: query-support kernel `[batch, m, n]`, or None.
         batch_shape: the caller's leading dimensions `...`.
     """
+
+    __repr__ = compact_repr
 
     K: torch.Tensor
     y: torch.Tensor

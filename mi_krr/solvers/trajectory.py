@@ -7,6 +7,8 @@ from typing import Any
 
 import torch
 
+from mi_krr._repr import compact_repr
+
 
 @dataclass
 class Trajectory:
@@ -25,6 +27,8 @@ class Trajectory:
         preconditioner: "none", "jacobi", "rowsum", or None.
         params: any further parameters (momentum, eigenvalue bounds, ...).
     """
+
+    __repr__ = compact_repr
 
     alpha: torch.Tensor
     residual_norm: torch.Tensor

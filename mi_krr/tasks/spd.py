@@ -7,8 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
-from mi_krr._validation import check_count
-from mi_krr._validation import check_condition_number
+from mi_krr._repr import compact_repr
+from mi_krr._validation import check_condition_number, check_count
 from mi_krr.feature_maps import random_orthogonal
 
 __all__ = ["SPDSystem", "geometric_spectrum", "sample_spd_system"]
@@ -30,6 +30,8 @@ class SPDSystem:
         eigenvalues: K's eigenvalues `[n]`, descending: kappa^(-i/(n-1)), from 1 down to 1/kappa
             (the same spectrum for every prompt; the eigenbases differ).
     """
+
+    __repr__ = compact_repr
 
     matrix: torch.Tensor
     rhs: torch.Tensor

@@ -7,6 +7,8 @@ from typing import Any
 
 import torch
 
+from mi_krr._repr import compact_repr
+
 
 @dataclass
 class ICLTask:
@@ -21,6 +23,8 @@ class ICLTask:
         info: how the prompts were made (sampler name, kernel, bandwidth, noise, seed, ...);
             free-form, JSON-serialisable values only.
     """
+
+    __repr__ = compact_repr
 
     x_support: torch.Tensor
     y_support: torch.Tensor

@@ -29,6 +29,8 @@ import safetensors.torch
 import torch
 from safetensors import safe_open
 
+from mi_krr._repr import compact_repr
+
 STATE_FORMAT = "mi-krr-training-state"
 MODEL_FORMAT = "mi-krr-model"
 FORMAT_VERSION = "1"
@@ -142,6 +144,8 @@ class RNGState:
     seeded by (seed, step) (`mi_krr.train.seeding`), so no sampler state needs saving.
     """
 
+    __repr__ = compact_repr
+
     torch_cpu: torch.Tensor
     python: list[Any]
     numpy_keys: torch.Tensor
@@ -244,6 +248,8 @@ class TrainingState:
         rng: random generator states at the end of `step`.
         history: evaluation records so far (one dict per evaluation).
     """
+
+    __repr__ = compact_repr
 
     step: int
     run_config: dict[str, Any]

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from mi_krr._repr import compact_repr
 from mi_krr.kernels import kernel_matrix
 from mi_krr.tasks import ICLTask, bayes_optimal_ridge
 from mi_krr.train.config import TrainConfig
@@ -34,6 +35,8 @@ class EvalReference:
         optimal_mse: their mean squared error against `task.y_query`.
         zero_mse: the error of always predicting 0 (the prior mean).
     """
+
+    __repr__ = compact_repr
 
     task: ICLTask
     optimal_pred: torch.Tensor

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from mi_krr._repr import compact_repr
 from mi_krr.tasks import ICLTask
 from mi_krr.train.checkpoint import (
     CONFIG_FILE,
@@ -47,6 +48,8 @@ class TrainResult:
             stopped at `until_step` before `steps`).
         steps_done: optimizer steps taken in total (including those before a resume).
     """
+
+    __repr__ = compact_repr
 
     final_metrics: dict[str, Any]
     history: list[dict[str, Any]] = field(default_factory=list)

@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from mi_krr._repr import compact_repr
 from mi_krr.train.config import TrainConfig
 
 # The two shipped runs (checkpoints/softmax_gp, checkpoints/linear_lr); see checkpoints/README.md
@@ -83,6 +84,8 @@ PRESETS: dict[str, dict[str, Any]] = {
 @dataclass
 class Run:
     """A run ready for `train(run.model, run.sampler, run.cfg)`."""
+
+    __repr__ = compact_repr
 
     model: torch.nn.Module
     sampler: Any
