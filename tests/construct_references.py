@@ -34,3 +34,30 @@ def numpy_cg_predictions(K, y, lam, K_query, n_steps):
 def relative_errors_to_krr(preds, exact):
     """Per step ||pred_t - KRR|| / ||KRR|| pooled over prompts and queries; preds [B, T+1, m]."""
     return np.sqrt(((preds - exact[:, None]) ** 2).sum(axis=(0, 2))) / np.sqrt((exact**2).sum())
+
+
+def random_projection_width_errors(x, xq, y, lam, widths, n_steps, seed):
+    """The width study's random-projection head by hand: for each width w, CG for `n_steps` on the
+    head's kernel of features x W / sqrt(w) (W = `RandomProjection(d, w, seed).weights`), and KRR
+    on the same features, each as relative error to oracle linear-kernel KRR, averaged over prompts
+    (x `[B, n, d]`, xq `[B, m, d]`, y `[B, n]` NumPy). Returns (model errors, feature-KRR errors)
+    `[len(widths)]` each."""
+    from mi_krr.feature_maps import RandomProjection
+
+    batch, n, dim = x.shape
+    model_error, krr_error = [], []
+    for w in widths:
+        W = RandomProjection(dim, w, seed=seed).weights.numpy()
+        per_model, per_krr = [], []
+        for b in range(batch):
+            oracle = xq[b] @ x[b].T @ np.linalg.solve(x[b] @ x[b].T + lam * np.eye(n), y[b])
+            phi, phi_q = x[b] @ W / np.sqrt(w), xq[b] @ W / np.sqrt(w)
+            K, K_query = phi @ phi.T, phi_q @ phi.T
+            pred = numpy_cg_predictions(K, y[b], lam, K_query, n_steps)[-1]
+            head_krr = K_query @ np.linalg.solve(K + lam * np.eye(n), y[b])
+            per_model.append(np.linalg.norm(pred - oracle) / np.linalg.norm(oracle))
+            per_krr.append(np.linalg.norm(head_krr - oracle) / np.linalg.norm(oracle))
+        model_error.append(np.mean(per_model))
+        krr_error.append(np.mean(per_krr))
+    return np.array(model_error), np.array(krr_error)
+

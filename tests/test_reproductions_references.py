@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 import torch
 
+from construct_references import random_projection_width_errors
 from mi_krr.checkpoints import shipped_checkpoint
 from mi_krr.construct.studies import conditioned_linear_task
-from mi_krr.feature_maps import RandomProjection
 from mi_krr.reproductions import cg_rate, richardson_profile, softmax_ood, width
 from mi_krr.tasks import DEFAULT_SHIFTS, LinearRegressionSampler, apply_shift, sampler_from_config, shift_applies
 from mi_krr.train import load_model, read_run_config
@@ -26,25 +26,23 @@ from probes.kernel_alignment import kernel_alignment
 from probes.layer_predictions import layer_predictions
 
 
-def numpy_cg(K, y, lam, n_steps, K_query=None):
-    """Plain CG on (K + lam I) alpha = y from 0: (A-norm error ratios, query predictions), t = 0..T."""
+def numpy_cg_error_ratios(K, y, lam, n_steps):
+    """Plain CG on (K + lam I) alpha = y from 0: A-norm error relative to the solution's, t = 0..T."""
     A = K + lam * np.eye(len(y))
     solution = np.linalg.solve(A, y)
     alpha, r = np.zeros_like(y), y.copy()
     p = r.copy()
-    ratios, preds = [], []
+    ratios = []
     for t in range(n_steps + 1):
         error = alpha - solution
         ratios.append(np.sqrt(max(error @ A @ error, 0.0) / (solution @ A @ solution)))
-        if K_query is not None:
-            preds.append(K_query @ alpha)
         if t == n_steps:
             break
         Ap = A @ p
         step = (r @ r) / (p @ Ap)
         alpha, r_new = alpha + step * p, r - step * Ap
         p, r = r_new + (r_new @ r_new) / (r @ r) * p, r_new
-    return np.array(ratios), np.array(preds)
+    return np.array(ratios)
 
 
 def first_below(values, tolerance):
@@ -66,7 +64,7 @@ def test_cg_rate_steps_to_tolerance_are_numpy_cgs_and_the_bounds_first_steps_bel
         bound = 2 * ((root - 1) / (root + 1)) ** t
         task = conditioned_linear_task(batch, n, kappa, lam, n_query=16, seed=seed)
         x, y = task.x_support.numpy(), task.y_support.numpy()
-        model = np.median([numpy_cg(x[b] @ x[b].T, y[b], lam, steps)[0] for b in range(batch)], axis=0)
+        model = np.median([numpy_cg_error_ratios(x[b] @ x[b].T, y[b], lam, steps) for b in range(batch)], axis=0)
         assert result.steps_to_tolerance[key] == first_below(model, tol)
         assert result.bound_steps_to_tolerance[key] == first_below(bound, tol)
     # the setting is informative: CG beats its worst-case bound on at least one kappa
@@ -104,21 +102,7 @@ def test_width_errors_floor_gap_and_tolerance_width_match_numpy_cg_on_the_random
     widths, dim, n, m, lam, steps, batch, seed = (2, 6), 4, 10, 4, 0.1, 2, 3, 5
     task = LinearRegressionSampler(dim, condition_number=100.0, noise_std=0.1).sample(batch, n, m, seed=seed, dtype=torch.float64)
     x, xq, y = task.x_support.numpy(), task.x_query.numpy(), task.y_support.numpy()
-    model_error, krr_error = [], []
-    for w in widths:
-        W = RandomProjection(dim, w, seed=seed).weights.numpy()
-        per_model, per_krr = [], []
-        for b in range(batch):
-            oracle = xq[b] @ x[b].T @ np.linalg.solve(x[b] @ x[b].T + lam * np.eye(n), y[b])
-            phi, phi_q = x[b] @ W / np.sqrt(w), xq[b] @ W / np.sqrt(w)
-            K, K_query = phi @ phi.T, phi_q @ phi.T
-            pred = numpy_cg(K, y[b], lam, steps, K_query)[1][-1]
-            head_krr = K_query @ np.linalg.solve(K + lam * np.eye(n), y[b])
-            per_model.append(np.linalg.norm(pred - oracle) / np.linalg.norm(oracle))
-            per_krr.append(np.linalg.norm(head_krr - oracle) / np.linalg.norm(oracle))
-        model_error.append(np.mean(per_model))
-        krr_error.append(np.mean(per_krr))
-    model_error, krr_error = np.array(model_error), np.array(krr_error)
+    model_error, krr_error = random_projection_width_errors(x, xq, y, lam, widths, steps, seed)
     tolerance = float(model_error.max()) * 1.01  # every width qualifies: the smallest must be reported
     result = width(widths=widths, kernels=("linear",), dim=dim, n_support=n, n_query=m, lam=lam, n_steps=steps, batch_size=batch,
                    seed=seed, tolerance=tolerance, heads=("random_features",), n_seeds=1)

@@ -12,6 +12,7 @@ import pytest
 import safetensors.torch
 import torch
 
+from optimizer_steps import assert_same_next_step
 from mi_krr.train.checkpoint import (
     CheckpointError,
     RNGState,
@@ -135,13 +136,7 @@ def test_optimizer_state_round_trip_continues_identically():
     clone_optimizer = torch.optim.AdamW(clone.parameters(), lr=1.0)
     clone_optimizer.load_state_dict(optimizer_state_from_flat(tensors, restored_meta))
     assert clone_optimizer.param_groups[0]["betas"] == (0.8, 0.95)
-    batch = torch.randn(8, 3)
-    for model, opt in ((net, optimizer), (clone, clone_optimizer)):
-        opt.zero_grad()
-        model(batch).square().mean().backward()
-        opt.step()
-    for a, b in zip(net.parameters(), clone.parameters()):
-        assert torch.equal(a, b)
+    assert_same_next_step((net, optimizer), (clone, clone_optimizer), torch.randn(8, 3))
 
 
 def test_optimizer_state_holding_lists_of_tensors_is_refused_naming_the_entry():

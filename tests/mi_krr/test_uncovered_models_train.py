@@ -18,9 +18,9 @@ import torch
 import yaml
 from transformer_lens import ActivationCache
 
-from construct_references import numpy_cg_predictions
+from construct_references import random_projection_width_errors
+from optimizer_steps import assert_same_next_step
 from mi_krr.cli import COMMANDS, main
-from mi_krr.feature_maps import RandomProjection
 from mi_krr.models import (
     BridgeICLModel,
     ICLTransformer,
@@ -366,13 +366,7 @@ def test_optimizer_state_with_plain_number_entries_round_trips_and_continues_ide
     clone.load_state_dict(net.state_dict())
     clone_optimizer = torch.optim.AdamW(clone.parameters(), lr=1e-2)
     clone_optimizer.load_state_dict(loaded)
-    batch = torch.randn(4, 3)
-    for model, opt in ((net, optimizer), (clone, clone_optimizer)):
-        opt.zero_grad()
-        model(batch).square().mean().backward()
-        opt.step()
-    for a, b in zip(net.parameters(), clone.parameters()):
-        assert torch.equal(a, b)
+    assert_same_next_step((net, optimizer), (clone, clone_optimizer), torch.randn(4, 3))
 
 
 def test_file_claiming_the_state_format_without_its_entries_is_refused(tmp_path):
@@ -678,25 +672,13 @@ def width_reference():
     widths, dim, n, m, lam, steps, batch, seed = (2, 6), 4, 10, 4, 0.1, 2, 3, 5
     task = LinearRegressionSampler(dim, condition_number=100.0, noise_std=0.1).sample(batch, n, m, seed=seed, dtype=torch.float64)
     x, xq, y = task.x_support.numpy(), task.x_query.numpy(), task.y_support.numpy()
-    model_error, krr_error = [], []
-    for w in widths:
-        W = RandomProjection(dim, w, seed=seed).weights.numpy()
-        per_model, per_krr = [], []
-        for b in range(batch):
-            oracle = xq[b] @ x[b].T @ np.linalg.solve(x[b] @ x[b].T + lam * np.eye(n), y[b])
-            phi, phi_q = x[b] @ W / np.sqrt(w), xq[b] @ W / np.sqrt(w)
-            K, K_query = phi @ phi.T, phi_q @ phi.T
-            pred = numpy_cg_predictions(K, y[b], lam, K_query, steps)[-1]
-            per_model.append(np.linalg.norm(pred - oracle) / np.linalg.norm(oracle))
-            per_krr.append(np.linalg.norm(K_query @ np.linalg.solve(K + lam * np.eye(n), y[b]) - oracle) / np.linalg.norm(oracle))
-        model_error.append(np.mean(per_model))
-        krr_error.append(np.mean(per_krr))
+    model_error, krr_error = random_projection_width_errors(x, xq, y, lam, widths, steps, seed)
     d_eff = np.mean([np.sum(mu / (mu + lam)) for mu in (np.linalg.eigvalsh(x[b] @ x[b].T) for b in range(batch))])
     tolerance = 0.5 * (model_error[0] + model_error[1])  # only the wider head is below it
     assert model_error[1] < tolerance < model_error[0]
     result = width(widths=widths, kernels=("linear",), dim=dim, n_support=n, n_query=m, lam=lam, n_steps=steps, batch_size=batch,
                    seed=seed, tolerance=tolerance, heads=("random_features",), n_seeds=1)
-    return result, {"widths": widths, "model_error": np.array(model_error), "krr_error": np.array(krr_error), "d_eff": d_eff,
+    return result, {"widths": widths, "model_error": model_error, "krr_error": krr_error, "d_eff": d_eff,
                     "tolerance": tolerance}
 
 
