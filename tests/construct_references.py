@@ -31,6 +31,25 @@ def numpy_cg_predictions(K, y, lam, K_query, n_steps):
     return np.array(preds)
 
 
+def numpy_cg_a_norm_ratios(K, y, lam, n_steps):
+    """||alpha_t - alpha*||_A / ||alpha*||_A for plain CG on (K + lam I) alpha = y from 0, t = 0..T."""
+    A = K + lam * np.eye(len(y))
+    solution = np.linalg.solve(A, y)
+    alpha, r = np.zeros_like(y), y.copy()
+    p = r.copy()
+    ratios = []
+    for t in range(n_steps + 1):
+        error = alpha - solution
+        ratios.append(np.sqrt(max(error @ A @ error, 0.0) / (solution @ A @ solution)))
+        if t == n_steps:
+            break
+        Ap = A @ p
+        step = (r @ r) / (p @ Ap)
+        alpha, r_new = alpha + step * p, r - step * Ap
+        p, r = r_new + (r_new @ r_new) / (r @ r) * p, r_new
+    return np.array(ratios)
+
+
 def relative_errors_to_krr(preds, exact):
     """Per step ||pred_t - KRR|| / ||KRR|| pooled over prompts and queries; preds [B, T+1, m]."""
     return np.sqrt(((preds - exact[:, None]) ** 2).sum(axis=(0, 2))) / np.sqrt((exact**2).sum())

@@ -15,29 +15,13 @@ import numpy as np
 import pytest
 import torch
 
+from construct_references import numpy_cg_a_norm_ratios
 from mi_krr.checkpoints import shipped_checkpoint
 from mi_krr.cli import main
 from mi_krr.construct.studies import conditioned_linear_task
 from mi_krr.reproductions import cg_rate, reproduction, richardson_profile, softmax_ood, width
 from mi_krr.tasks import LinearRegressionSampler, sampler_from_config
 from mi_krr.train import load_model, read_run_config
-
-
-def numpy_cg_a_norm_ratios(K, y, lam, n_steps):
-    """||alpha_t - alpha*||_A / ||alpha*||_A for plain CG from 0, t = 0..T."""
-    A = K + lam * np.eye(len(y))
-    solution = np.linalg.solve(A, y)
-    alpha, r = np.zeros_like(y), y.copy()
-    p = r.copy()
-    ratios = []
-    for _ in range(n_steps + 1):
-        error = alpha - solution
-        ratios.append(np.sqrt(max(error @ A @ error, 0.0) / (solution @ A @ solution)))
-        Ap = A @ p
-        step = (r @ r) / (p @ Ap)
-        alpha, r_new = alpha + step * p, r - step * Ap
-        p, r = r_new + (r_new @ r_new) / (r @ r) * p, r_new
-    return np.array(ratios)
 
 
 def test_cg_rate_errors_follow_numpy_cg_and_stay_below_the_cg_bound():

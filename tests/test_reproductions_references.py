@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from construct_references import random_projection_width_errors
+from construct_references import numpy_cg_a_norm_ratios, random_projection_width_errors
 from mi_krr.checkpoints import shipped_checkpoint
 from mi_krr.construct.studies import conditioned_linear_task
 from mi_krr.reproductions import cg_rate, richardson_profile, softmax_ood, width
@@ -24,25 +24,6 @@ from mi_krr.tasks import DEFAULT_SHIFTS, LinearRegressionSampler, apply_shift, s
 from mi_krr.train import load_model, read_run_config
 from probes.kernel_alignment import kernel_alignment
 from probes.layer_predictions import layer_predictions
-
-
-def numpy_cg_error_ratios(K, y, lam, n_steps):
-    """Plain CG on (K + lam I) alpha = y from 0: A-norm error relative to the solution's, t = 0..T."""
-    A = K + lam * np.eye(len(y))
-    solution = np.linalg.solve(A, y)
-    alpha, r = np.zeros_like(y), y.copy()
-    p = r.copy()
-    ratios = []
-    for t in range(n_steps + 1):
-        error = alpha - solution
-        ratios.append(np.sqrt(max(error @ A @ error, 0.0) / (solution @ A @ solution)))
-        if t == n_steps:
-            break
-        Ap = A @ p
-        step = (r @ r) / (p @ Ap)
-        alpha, r_new = alpha + step * p, r - step * Ap
-        p, r = r_new + (r_new @ r_new) / (r @ r) * p, r_new
-    return np.array(ratios)
 
 
 def first_below(values, tolerance):
@@ -64,7 +45,7 @@ def test_cg_rate_steps_to_tolerance_are_numpy_cgs_and_the_bounds_first_steps_bel
         bound = 2 * ((root - 1) / (root + 1)) ** t
         task = conditioned_linear_task(batch, n, kappa, lam, n_query=16, seed=seed)
         x, y = task.x_support.numpy(), task.y_support.numpy()
-        model = np.median([numpy_cg_error_ratios(x[b] @ x[b].T, y[b], lam, steps) for b in range(batch)], axis=0)
+        model = np.median([numpy_cg_a_norm_ratios(x[b] @ x[b].T, y[b], lam, steps) for b in range(batch)], axis=0)
         assert result.steps_to_tolerance[key] == first_below(model, tol)
         assert result.bound_steps_to_tolerance[key] == first_below(bound, tol)
     # the setting is informative: CG beats its worst-case bound on at least one kappa
