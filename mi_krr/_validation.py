@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, TypeVar
+from typing import Any, Callable, TypeVar
 
 import numpy as np
 import torch
@@ -33,6 +33,23 @@ def as_float64(name: str, value: Any, min_dim: int = 0) -> torch.Tensor:
     return tensor
 
 
+SYMMETRY_RTOL = 1e-8
+"""A float64 matrix counts as symmetric when K - K^T is within SYMMETRY_RTOL of K's scale (each
+matrix at its own scale); see `symmetry_rtol` for lower-precision inputs."""
+
+
+def symmetry_rtol(value: Any) -> float:
+    """The relative asymmetry a matrix given as `value` may carry and still count as symmetric:
+    `SYMMETRY_RTOL`, or 64 machine epsilons of its floating dtype where that is larger (a float32
+    kernel is symmetric only to float32 rounding, ~1e-7)."""
+    dtype = getattr(value, "dtype", None)
+    if isinstance(dtype, torch.dtype):
+        eps = torch.finfo(dtype).eps if dtype.is_floating_point else 0.0
+    else:
+        eps = float(np.finfo(dtype).eps) if dtype is not None and np.issubdtype(dtype, np.floating) else 0.0
+    return max(SYMMETRY_RTOL, 64 * eps)
+
+
 def check_positive(name: str, value: float) -> float:
     """Return `value` as a float after checking it is finite and > 0."""
     try:
@@ -53,10 +70,19 @@ def check_count(name: str, value: int, minimum: int = 0) -> int:
     return int(value)
 
 
-def store_count(instance: Any, name: str, minimum: int = 0) -> int:
-    """`check_count` of the attribute `name` of a dataclass `instance` (frozen or not), stored back
-    as a Python int: a NumPy integer would pass the check but break torch seeding and JSON configs."""
-    value = check_count(name, getattr(instance, name), minimum)
+def check_seed(name: str, value: int) -> int:
+    """Return `value` after checking it is an integer seed torch can take, 0 <= value < 2**64."""
+    value = check_count(name, value)
+    if value >= 2**64:
+        raise ValueError(f"{name} must be an integer in [0, 2**64) (torch's seed range), got {value}")
+    return value
+
+
+def store_count(instance: Any, name: str, minimum: int = 0, check: Callable[[str, Any], int] | None = None) -> int:
+    """`check_count` (or `check`, e.g. `check_seed`) of the attribute `name` of a dataclass
+    `instance` (frozen or not), stored back as a Python int: a NumPy integer would pass the check
+    but break torch seeding and JSON configs."""
+    value = check_count(name, getattr(instance, name), minimum) if check is None else check(name, getattr(instance, name))
     object.__setattr__(instance, name, value)
     return value
 

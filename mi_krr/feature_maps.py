@@ -21,7 +21,7 @@ from typing import Protocol, runtime_checkable
 import torch
 
 from mi_krr._repr import compact_repr
-from mi_krr._validation import check_choice, check_positive, store_count
+from mi_krr._validation import check_choice, check_positive, check_seed, store_count
 from mi_krr.kernels import KERNEL_NAMES, _as_points, _point_pair, kernel_matrix, kernel_parameters
 
 __all__ = [
@@ -132,7 +132,7 @@ class RandomProjection:
     def __post_init__(self) -> None:
         store_count(self, "d", minimum=1)
         store_count(self, "m", minimum=1)
-        store_count(self, "seed")
+        store_count(self, "seed", check=check_seed)
         object.__setattr__(self, "weights", _gaussian_directions(self.d, self.m, self.seed, self.orthogonal))
 
     @property
@@ -188,7 +188,7 @@ class PositiveRandomFeatures:
     def __post_init__(self) -> None:
         store_count(self, "d", minimum=1)
         store_count(self, "m", minimum=1)
-        store_count(self, "seed")
+        store_count(self, "seed", check=check_seed)
         check_choice("kind", self.kind, ("exp", "gaussian"))
         if self.kind == "exp":
             if self.bandwidth is not None:
@@ -300,7 +300,7 @@ class ProjectedKernelFeatures:
         store_count(self, "d", minimum=1)
         store_count(self, "m", minimum=1)
         check_choice("projection", self.projection, PROJECTIONS)
-        store_count(self, "seed")
+        store_count(self, "seed", check=check_seed)
         takes = kernel_parameters(self.kernel)
         for name in ("temperature", "bandwidth"):
             value = getattr(self, name)

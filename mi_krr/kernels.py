@@ -17,7 +17,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from mi_krr._validation import as_float64, check_choice, check_positive
+from mi_krr._validation import as_float64, check_choice, check_positive, symmetry_rtol
 
 KERNEL_NAMES: tuple[str, ...] = ("linear", "exp", "gaussian")
 
@@ -154,20 +154,40 @@ def kernel_matrix(name: str, x: torch.Tensor, z: torch.Tensor | None = None, **p
 
 
 def _symmetric_float64(K: Any) -> torch.Tensor:
+    rtol = symmetry_rtol(K)
     K = as_float64("K", K, min_dim=2)
     if K.shape[-1] != K.shape[-2]:
         raise ValueError(f"K must be square [..., n, n], got shape {tuple(K.shape)}")
     scale = K.abs().amax((-2, -1)).clamp_min(1e-300)  # each matrix at its own scale
-    if ((K - K.mT).abs().amax((-2, -1)) > 1e-6 * scale).any():
+    if ((K - K.mT).abs().amax((-2, -1)) > rtol * scale).any():
         raise ValueError("K must be symmetric: pass (K + K.mT) / 2 if the asymmetry is rounding")
     return (K + K.mT) / 2
+
+
+PSD_RTOL = 1e-6
+"""`effective_dimension` treats eigenvalues down to -PSD_RTOL x the largest as rounding of a PSD K
+(a float32 kernel's included) and refuses K below that."""
+
+
+def _ridge(lam: Any, K: torch.Tensor) -> torch.Tensor:
+    """lam as float64 on K's device, after checking it broadcasts against K's batch `K.shape[:-2]`."""
+    lam = as_float64("lam", lam).to(K.device)
+    try:
+        torch.broadcast_shapes(K.shape[:-2], lam.shape)
+    except RuntimeError:
+        raise ValueError(
+            f"lam of shape {tuple(lam.shape)} does not broadcast against K's batch {tuple(K.shape[:-2])}: "
+            "pass one number, or a tensor broadcasting against it (e.g. lam[:, None] for a sweep)"
+        ) from None
+    return lam
 
 
 def effective_dimension(K: torch.Tensor, lam: float | torch.Tensor) -> torch.Tensor:
     """d_eff(lam) = tr K (K + lam I)^-1 = sum_i mu_i / (mu_i + lam) over the eigenvalues mu_i of K.
 
     Args:
-        K: symmetric PSD matrices `[..., n, n]` (eigenvalues below 0 from rounding are clamped to 0).
+        K: symmetric PSD matrices `[..., n, n]` (eigenvalues below 0 from rounding, down to
+            -`PSD_RTOL` times the largest, are clamped to 0; below that K is refused).
         lam: ridge > 0, a float or a float64-castable tensor broadcasting against `K.shape[:-2]`
             (e.g. `lam[:, None]` against a batch `[B]` gives a sweep `[L, B]`).
 
@@ -175,10 +195,15 @@ def effective_dimension(K: torch.Tensor, lam: float | torch.Tensor) -> torch.Ten
         float64 tensor `broadcast(K.shape[:-2], lam.shape)`, between 0 and rank(K).
     """
     K = _symmetric_float64(K)
-    lam = as_float64("lam", lam).to(K.device)
+    lam = _ridge(lam, K)
     if (lam <= 0).any():
         raise ValueError("lam must be > 0: d_eff is defined for a positive ridge")
-    eigenvalues = torch.linalg.eigvalsh(K).clamp_min(0.0)
+    eigenvalues = torch.linalg.eigvalsh(K)
+    rounding = PSD_RTOL * eigenvalues.abs().amax(-1, keepdim=True)
+    if (eigenvalues < -rounding).any():
+        smallest = float((eigenvalues / eigenvalues.abs().amax(-1, keepdim=True).clamp_min(1e-300)).min())
+        raise ValueError(f"K must be positive semi-definite (a kernel matrix); its smallest eigenvalue is {smallest:.3g} x its largest")
+    eigenvalues = eigenvalues.clamp_min(0.0)
     return (eigenvalues / (eigenvalues + lam.unsqueeze(-1))).sum(-1)
 
 
@@ -189,7 +214,7 @@ def condition_number(K: torch.Tensor, lam: float | torch.Tensor = 0.0) -> torch.
     `lam >= 0`, a float or a tensor broadcasting against `K.shape[:-2]`.
     """
     K = _symmetric_float64(K)
-    lam = as_float64("lam", lam).to(K.device)
+    lam = _ridge(lam, K)
     if (lam < 0).any():
         raise ValueError(f"lam must be >= 0 (a ridge), got {float(lam.min())}")
     moduli = (torch.linalg.eigvalsh(K) + lam.unsqueeze(-1)).abs()

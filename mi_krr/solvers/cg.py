@@ -23,7 +23,7 @@ import torch
 from mi_krr._validation import check_choice, check_count
 from mi_krr.solvers.fused_cg import fused_pcg
 from mi_krr.solvers.spectrum import preconditioner_diagonal
-from mi_krr.solvers.system import KRRSystem, check_steps, krr_system, ratio, safe_sqrt
+from mi_krr.solvers.system import KRRSystem, check_positive_definite, check_steps, krr_system, ratio, safe_sqrt
 from mi_krr.solvers.trajectory import Trajectory
 
 CG_BACKENDS = ("auto", "fused", "torch")
@@ -135,17 +135,19 @@ def _torch_schedule(
         )
         for start in range(0, max(batch, 1), block)  # one (empty) block for an empty batch
     ]
-    alpha = torch.cat([a for a, _ in blocks]) if len(blocks) > 1 else blocks[0][0]
-    residual_norm = torch.cat([r for _, r in blocks]) if len(blocks) > 1 else blocks[0][1]
+    check_positive_definite(any(bool(indefinite) for _, _, indefinite in blocks))
+    alpha = torch.cat([a for a, _, _ in blocks]) if len(blocks) > 1 else blocks[0][0]
+    residual_norm = torch.cat([r for _, r, _ in blocks]) if len(blocks) > 1 else blocks[0][1]
     return alpha, residual_norm
 
 
 def _pcg_block(
     K: torch.Tensor, y: torch.Tensor, lam: float, n_steps: int, inverse_diagonal: torch.Tensor | None
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """PCG on one block: K `[b, n, n]`, y `[b, 1, n]`, P's diagonal `[b, 1, n]` or None (P = I).
 
-    Returns iterates `[b, T+1, n]` and residual norms `[b, T+1]`.
+    Returns iterates `[b, T+1, n]`, residual norms `[b, T+1]`, and whether any curvature
+    p^T (K + lam I) p was < 0 (K + lam I not positive definite; a bool tensor `[]`).
     """
     residual = y
     preconditioned = residual if inverse_diagonal is None else residual * inverse_diagonal
@@ -154,9 +156,12 @@ def _pcg_block(
     alpha = torch.zeros_like(y)
     iterates = [alpha]
     squared_norms = [rho if inverse_diagonal is None else _dot(residual, residual)]
+    indefinite = torch.zeros((), dtype=torch.bool, device=y.device)
     for _ in range(n_steps):
         image = torch.baddbmm(direction, direction, K, beta=lam)  # (K + lam I) p, K symmetric
-        step = ratio(rho, _dot(direction, image))
+        curvature = _dot(direction, image)
+        indefinite = indefinite | (curvature.detach() < 0).any()
+        step = ratio(rho, curvature)
         alpha = torch.addcmul(alpha, step, direction)
         residual = torch.addcmul(residual, step, image, value=-1.0)
         preconditioned = residual if inverse_diagonal is None else residual * inverse_diagonal
@@ -165,7 +170,7 @@ def _pcg_block(
         rho = rho_next
         iterates.append(alpha)
         squared_norms.append(rho if inverse_diagonal is None else _dot(residual, residual))
-    return torch.cat(iterates, dim=-2), safe_sqrt(torch.cat(squared_norms, dim=-1).squeeze(-2))
+    return torch.cat(iterates, dim=-2), safe_sqrt(torch.cat(squared_norms, dim=-1).squeeze(-2)), indefinite
 
 
 def _dot(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

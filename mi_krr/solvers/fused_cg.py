@@ -25,7 +25,7 @@ import numba
 import numpy as np
 import torch
 
-from mi_krr.solvers.system import TINY
+from mi_krr.solvers.system import TINY, check_positive_definite
 
 _TINY = float(TINY)
 
@@ -51,6 +51,7 @@ def fused_pcg(
     Returns:
         iterates `[B, T+1, n]`; squared residual norms ||r_t||^2 `[B, T+1]` (CG's recursively
         updated residual); predictions K_query alpha_t `[B, T+1, m]` (None without K_query).
+        ValueError where a curvature p^T (K + lam I) p < 0 shows K + lam I is not positive definite.
     """
     batch, n = K.shape[0], K.shape[-1]
     diagonal = None if inverse_diagonal is None else _array(inverse_diagonal).reshape(batch, n)
@@ -59,17 +60,19 @@ def fused_pcg(
     alpha = np.empty((batch, n_steps + 1, n))
     squared_norms = np.empty((batch, n_steps + 1))
     pred = None if queries is None else np.empty((batch, n_steps + 1, queries.shape[1]))
+    indefinite = np.zeros(batch, dtype=np.bool_)
     chunks = min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS, batch)
     if chunks <= 1 or _FORKED[0]:
-        _pcg_prompts(*arrays, float(lam), n_steps, alpha, squared_norms, pred, 0, batch)
+        _pcg_prompts(*arrays, float(lam), n_steps, alpha, squared_norms, pred, indefinite, 0, batch)
     else:
         with _LAUNCH:
             previous = numba.get_num_threads()
             numba.set_num_threads(chunks)
             try:
-                _pcg_parallel(*arrays, float(lam), n_steps, alpha, squared_norms, pred, chunks)
+                _pcg_parallel(*arrays, float(lam), n_steps, alpha, squared_norms, pred, indefinite, chunks)
             finally:
                 numba.set_num_threads(previous)
+    check_positive_definite(bool(indefinite.any()))
     return torch.from_numpy(alpha), torch.from_numpy(squared_norms), None if pred is None else torch.from_numpy(pred)
 
 
@@ -88,19 +91,20 @@ os.register_at_fork(after_in_child=lambda: _FORKED.__setitem__(0, True))
 
 
 @numba.njit(nogil=True, parallel=True, cache=True)
-def _pcg_parallel(K, y, diagonal, K_query, lam, n_steps, alpha, squared_norms, pred, chunks):  # pragma: no cover (compiled)
+def _pcg_parallel(K, y, diagonal, K_query, lam, n_steps, alpha, squared_norms, pred, indefinite, chunks):  # pragma: no cover (compiled)
     """`_pcg_prompts` on `chunks` contiguous ranges of the prompts, one per thread."""
     batch = K.shape[0]
     for chunk in numba.prange(chunks):
         start, stop = chunk * batch // chunks, (chunk + 1) * batch // chunks
-        _pcg_prompts(K, y, diagonal, K_query, lam, n_steps, alpha, squared_norms, pred, start, stop)
+        _pcg_prompts(K, y, diagonal, K_query, lam, n_steps, alpha, squared_norms, pred, indefinite, start, stop)
 
 
 @numba.njit(nogil=True, cache=True)
-def _pcg_prompts(K, y, diagonal, K_query, lam, n_steps, alpha, squared_norms, pred, start, stop):  # pragma: no cover (compiled)
+def _pcg_prompts(K, y, diagonal, K_query, lam, n_steps, alpha, squared_norms, pred, indefinite, start, stop):  # pragma: no cover (compiled)
     """PCG on prompts start..stop-1: K `[B, n, n]`, y `[B, n]`, diagonal `[B, n]` or None,
-    K_query `[B, m, n]` or None; writes alpha `[B, T+1, n]`, squared_norms `[B, T+1]` and (with
-    K_query) pred `[B, T+1, m]`. One prompt's vectors live in work arrays of length n; K[b] is read
+    K_query `[B, m, n]` or None; writes alpha `[B, T+1, n]`, squared_norms `[B, T+1]`, (with
+    K_query) pred `[B, T+1, m]`, and indefinite `[B]` (True where a curvature p^T A p < 0 showed
+    that A = K + lam I is not positive definite). One prompt's vectors live in work arrays of length n; K[b] is read
     T times while it stays in cache, then its iterates meet K_query[b]."""
     n = K.shape[1]
     residual = np.empty(n)
@@ -130,6 +134,8 @@ def _pcg_prompts(K, y, diagonal, K_query, lam, n_steps, alpha, squared_norms, pr
             curvature = 0.0
             for i in range(n):
                 curvature += direction[i] * image[i]
+            if curvature < 0.0:
+                indefinite[b] = True
             step = rho / max(curvature, _TINY)
             rho_next = 0.0
             norm = 0.0

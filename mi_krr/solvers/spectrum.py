@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from mi_krr._validation import check_choice
-from mi_krr.solvers.system import KRRSystem
+from mi_krr.solvers.system import KRRSystem, check_positive_definite
 
 PRECONDITIONERS = ("none", "jacobi", "rowsum")
 
@@ -38,13 +38,16 @@ def preconditioned_eigenvalues(system: KRRSystem, diagonal: torch.Tensor | None 
     """Ascending eigenvalues of P (K + lam I) `[batch, n]`, P = diag(`diagonal`) (identity if None).
 
     P A is similar to the symmetric P^1/2 A P^1/2 (P SPD diagonal), so its eigenvalues are real
-    and positive and come from one batched eigvalsh.
+    and positive (else ValueError: K + lam I is not positive definite) and come from one batched
+    eigvalsh.
     """
     A = system.K + system.lam * torch.eye(system.n, dtype=system.K.dtype, device=system.K.device)
     if diagonal is not None:
         root = diagonal.sqrt()
         A = root.mT * A * root
-    return torch.linalg.eigvalsh(A)
+    eigenvalues = torch.linalg.eigvalsh(A)
+    check_positive_definite(eigenvalues.numel() > 0 and bool((eigenvalues[:, 0].detach() <= 0).any()))
+    return eigenvalues
 
 
 def spectrum_bounds(system: KRRSystem, diagonal: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:

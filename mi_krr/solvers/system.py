@@ -11,20 +11,16 @@ within ~20% of the column form `K @ v.mT` for k = 1).
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from mi_krr._repr import compact_repr
-from mi_krr._validation import as_float64, check_count, check_positive
+from mi_krr._validation import SYMMETRY_RTOL, as_float64, check_count, check_positive, symmetry_rtol
 from mi_krr.solvers.trajectory import Trajectory
 
-SYMMETRY_RTOL = 1e-8
-"""K counts as symmetric when |(K - K^T) v| <= SYMMETRY_RTOL * |K v| (max norms, each prompt at
-its own scale) for a fixed probe vector v with entries in [1, 2): two fast batched mat-vecs
-instead of a transposed copy of K. An asymmetric K passes only if K - K^T annihilates that
-particular v."""
 
 TINY = torch.finfo(torch.float64).tiny
 
@@ -97,7 +93,7 @@ class KRRSystem:
     def recorded(self, given: Any, per_prompt: torch.Tensor) -> float | torch.Tensor:
         """How a parameter is recorded in the Trajectory: a user's plain number as given, anything
         else as the per-prompt tensor `[...]`."""
-        if isinstance(given, (int, float)):
+        if isinstance(given, numbers.Real) and not isinstance(given, bool):  # NumPy scalars too
             return float(given)
         return self.unflatten(per_prompt.reshape(-1))
 
@@ -139,6 +135,7 @@ def krr_system(K: Any, y: Any, lam: float, K_query: Any = None) -> KRRSystem:
     Raises ValueError (one line, naming the argument and the fix) on any bad input.
     """
     lam = check_positive("lam", lam)
+    rtol = symmetry_rtol(K)
     K = as_float64("K", K, min_dim=2)
     if K.shape[-1] != K.shape[-2]:
         raise ValueError(f"K must be square [..., n, n], got shape {tuple(K.shape)}")
@@ -146,8 +143,10 @@ def krr_system(K: Any, y: Any, lam: float, K_query: Any = None) -> KRRSystem:
     if n < 1:
         raise ValueError("K must hold at least one support point (n >= 1), got n = 0")
     batch_shape = K.shape[:-2]
-    if not _is_symmetric(K.detach().reshape(math.prod(batch_shape), n, n)):
+    if not _is_symmetric(K.detach().reshape(math.prod(batch_shape), n, n), rtol):
         raise ValueError("K must be symmetric (a kernel matrix): symmetrise it with (K + K.mT) / 2")
+    if rtol > SYMMETRY_RTOL:  # given in lower precision: symmetric to its rounding, made exactly so
+        K = (K + K.mT) / 2
     y = as_float64("y", y).to(K.device)
     if y.shape != K.shape[:-1]:
         raise ValueError(f"y must have shape [..., n] = {tuple(K.shape[:-1])} to match K, got {tuple(y.shape)}")
@@ -167,8 +166,10 @@ def krr_system(K: Any, y: Any, lam: float, K_query: Any = None) -> KRRSystem:
     )
 
 
-def _is_symmetric(K: torch.Tensor) -> bool:
-    """Probe test of K `[batch, n, n]` == K^T, each prompt at its own scale; see SYMMETRY_RTOL."""
+def _is_symmetric(K: torch.Tensor, rtol: float) -> bool:
+    """Whether |(K - K^T) v| <= rtol |K v| (max norms, each prompt of K `[batch, n, n]` at its own
+    scale) for a fixed probe vector v with entries in [1, 2): two fast batched mat-vecs instead of
+    a transposed copy of K. An asymmetric K passes only if K - K^T annihilates that v."""
     if K.numel() == 0:
         return True
     generator = torch.Generator().manual_seed(0)
@@ -176,7 +177,17 @@ def _is_symmetric(K: torch.Tensor) -> bool:
     probe = probe.expand(K.shape[0], 1, -1).contiguous()
     columns = torch.bmm(K, probe.mT).mT  # K v, [batch, 1, n]
     rows = torch.bmm(probe, K)  # v^T K = (K^T v)^T
-    return bool(((columns - rows).abs().amax(-1) <= SYMMETRY_RTOL * columns.abs().amax(-1)).all())
+    return bool(((columns - rows).abs().amax(-1) <= rtol * columns.abs().amax(-1)).all())
+
+
+def check_positive_definite(indefinite: bool) -> None:
+    """Raise the one error every solver gives when it finds K + lam I not positive definite (a
+    non-positive eigenvalue, or CG's curvature p^T (K + lam I) p < 0)."""
+    if indefinite:
+        raise ValueError(
+            "K + lam I is not positive definite, so it is no KRR system: K must be a PSD kernel matrix "
+            "(if it is PSD only up to rounding, raise lam)"
+        )
 
 
 def check_steps(n_steps: Any) -> int:

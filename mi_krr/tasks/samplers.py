@@ -18,13 +18,13 @@ from __future__ import annotations
 import math
 import numbers
 from abc import ABC, abstractmethod
-from dataclasses import KW_ONLY, dataclass, fields
+from dataclasses import KW_ONLY, MISSING, dataclass, fields
 from typing import Any, ClassVar
 
 import torch
 
 from mi_krr._validation import (
-    check_choice, check_condition_number, check_count, check_finite, check_non_negative, check_positive, store_count,
+    check_choice, check_condition_number, check_count, check_finite, check_non_negative, check_positive, check_seed, store_count,
 )
 from mi_krr.feature_maps import random_orthogonal
 from mi_krr.kernels import kernel_matrix
@@ -44,7 +44,7 @@ def _resolve_generator(seed: int | None, generator: torch.Generator | None) -> t
         return generator, None
     if seed is None:
         seed = int(torch.randint(0, 2**62, (1,)).item())  # from the global RNG, recorded so the draw can be replayed
-    seed = check_count("seed", seed)
+    seed = check_seed("seed", seed)
     return torch.Generator().manual_seed(seed), seed
 
 
@@ -85,7 +85,7 @@ class _PromptSampler(ABC):
         if kappa > 1 and self.dim == 1:
             raise ValueError("condition_number must be 1 when dim == 1: one variance has no ratio")
         self._set("condition_number", kappa)
-        store_count(self, "rotation_seed")
+        store_count(self, "rotation_seed", check=check_seed)
         self._set("input_mean", self._checked_mean(self.input_mean))
         self._set("n_support_factor", check_positive("n_support_factor", self.n_support_factor))
 
@@ -96,6 +96,8 @@ class _PromptSampler(ABC):
         return 1.0
 
     def _checked_mean(self, mean: Any) -> float | tuple[float, ...]:
+        if getattr(mean, "ndim", None) == 0:  # a 0-d tensor or array, e.g. x.mean()
+            mean = mean.item()
         if isinstance(mean, numbers.Real) and not isinstance(mean, bool):
             return check_finite("input_mean", mean)
         try:
@@ -275,10 +277,19 @@ class GPRegressionSampler(_PromptSampler):
         f = L g with L the Cholesky factor of `covariance(x)` and g ~ N(0, I) from the generator.
         """
         generator, _ = _resolve_generator(seed, generator)
-        return self._function_values(torch.as_tensor(x), generator)
+        x = torch.as_tensor(x)
+        if x.dim() < 2 or x.shape[-1] != self.dim:
+            raise ValueError(f"x must be [..., N, d={self.dim}] (this sampler's dim), got shape {tuple(x.shape)}")
+        return self._function_values(x, generator)
 
     def _function_values(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        factor, info = torch.linalg.cholesky_ex(self.covariance(x))
+        covariance = self.covariance(x)
+        if not bool(covariance.isfinite().all()):
+            raise ValueError(
+                f"the {self.kernel} kernel overflows float64 at these inputs (x.x' / temperature > 709): "
+                "raise temperature, or shrink the inputs (input_std, input_mean)"
+            )
+        factor, info = torch.linalg.cholesky_ex(covariance)
         if (info != 0).any():
             (scale,) = self.kernel_params()
             raise ValueError(
@@ -306,4 +317,7 @@ def sampler_from_config(config: dict[str, Any]) -> Sampler:
     unknown = sorted(set(kwargs) - {f.name for f in fields(cls)})
     if unknown:
         raise ValueError(f"config has keys {cls.__name__} does not take: {', '.join(unknown)}")
+    missing = sorted(f.name for f in fields(cls) if f.init and f.default is MISSING and f.default_factory is MISSING and f.name not in kwargs)
+    if missing:
+        raise ValueError(f"config lacks {', '.join(missing)}, which {cls.__name__} needs: rebuild it from sampler.to_config()")
     return cls(**kwargs)

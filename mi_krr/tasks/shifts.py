@@ -76,6 +76,8 @@ class Shift:
 
 
 def _inapplicable_reason(sampler: Sampler, shift: Shift) -> str | None:
+    if shift.kind == "anisotropy" and sampler.dim == 1 and shift.value != 1.0:
+        return "the anisotropy shift needs inputs of dim >= 2 (one coordinate has no covariance spectrum to stretch)"
     if shift.kind == "bandwidth" and not isinstance(sampler, GPRegressionSampler):
         return f"the bandwidth shift needs a GP sampler (a kernel), got {type(sampler).__name__}"
     if shift.kind == "covariance_rotation":
@@ -86,13 +88,15 @@ def _inapplicable_reason(sampler: Sampler, shift: Shift) -> str | None:
     return None
 
 
-def shift_applies(sampler: Sampler, shift: Shift) -> bool:
+def shift_applies(sampler: Sampler, shift: Shift | str) -> bool:
     """Whether `apply_shift(sampler, shift)` is defined (e.g. bandwidth needs a GP sampler)."""
-    return _inapplicable_reason(sampler, shift) is None
+    return _inapplicable_reason(sampler, _as_shift(shift)) is None
 
 
-def apply_shift(sampler: Sampler, shift: Shift) -> Sampler:
-    """A new sampler of the same class drawing the shifted distribution (see module docstring)."""
+def apply_shift(sampler: Sampler, shift: Shift | str) -> Sampler:
+    """A new sampler of the same class drawing the shifted distribution (see module docstring).
+    `shift`: a `Shift`, or the label of one of `DEFAULT_SHIFTS` (e.g. "input_scale_x2")."""
+    shift = _as_shift(shift)
     reason = _inapplicable_reason(sampler, shift)
     if reason is not None:
         raise ValueError(reason)
@@ -131,6 +135,16 @@ DEFAULT_SHIFTS: Mapping[str, Shift] = MappingProxyType(
         "label_noise_0.5": Shift("label_noise", {"noise_std": 0.5}),
     }
 )
+
+
+def _as_shift(shift: Any) -> Shift:
+    """`shift` itself, or the `DEFAULT_SHIFTS` entry it labels."""
+    if isinstance(shift, str):
+        check_choice("shift", shift, tuple(DEFAULT_SHIFTS))
+        return DEFAULT_SHIFTS[shift]
+    if not isinstance(shift, Shift):
+        raise ValueError(f"shift must be a Shift (e.g. Shift('input_scale', {{'factor': 2.0}})) or a DEFAULT_SHIFTS label, got {shift!r}")
+    return shift
 
 
 def applicable_shifts(sampler: Sampler, shifts: Mapping[str, Shift] = DEFAULT_SHIFTS) -> dict[str, Shift]:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from mi_krr._repr import compact_repr
-from mi_krr._validation import check_condition_number, check_count
+from mi_krr._validation import check_condition_number, check_count, check_seed
 from mi_krr.feature_maps import random_orthogonal
 
 __all__ = ["SPDSystem", "geometric_spectrum", "sample_spd_system"]
@@ -49,7 +49,8 @@ def sample_spd_system(
     """K = U diag(kappa^(-i/(n-1))) U^T with U Haar-random per prompt, and y ~ N(0, I).
 
     cond(K) = kappa exactly (to float64 rounding). A ridge shifts it: cond(K + lam I) =
-    (1 + lam) / (1 / kappa + lam), so pass lam=0 to a solver to test at exactly kappa.
+    (1 + lam) / (1 / kappa + lam), close to kappa (1 - lam kappa) for lam << 1 / kappa (solvers
+    need lam > 0: a small lam tests at nearly kappa).
     Drawn in float64 on the CPU from `seed`, then cast to `dtype` and moved to `device`.
     """
     batch_size = check_count("batch_size", batch_size, minimum=1)
@@ -57,7 +58,7 @@ def sample_spd_system(
     kappa = check_condition_number("kappa", kappa)
     if n == 1 and kappa != 1:
         raise ValueError("kappa must be 1 when n == 1: a 1x1 matrix has condition number 1")
-    seed = check_count("seed", seed)
+    seed = check_seed("seed", seed)
     generator = torch.Generator().manual_seed(seed)
     eigenvalues = geometric_spectrum(n, kappa)
     bases = torch.stack([random_orthogonal(n, generator) for _ in range(batch_size)])

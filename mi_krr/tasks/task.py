@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Any
+import numbers
+from typing import Any, Sequence
 
+import numpy as np
 import torch
 
 from mi_krr._repr import compact_repr
@@ -89,10 +91,17 @@ class ICLTask:
             info=dict(self.info),
         )
 
-    def select(self, index: torch.Tensor | slice | list[int]) -> "ICLTask":
-        """The prompts at `index` along the batch dimension. As in torch indexing, a slice gives
-        views of this task's tensors (writing into them writes into this task) and a list or
-        tensor index gives copies."""
+    def select(self, index: torch.Tensor | slice | Sequence[int] | int) -> "ICLTask":
+        """The prompts at `index` along the batch dimension (an int keeps the batch dimension:
+        select(3) is select([3]), batch 1). As in torch indexing, a slice gives views of this
+        task's tensors (writing into them writes into this task) and a sequence or tensor index
+        gives copies."""
+        if isinstance(index, numbers.Integral) and not isinstance(index, bool):
+            index = [int(index)]
+        elif isinstance(index, (tuple, range, np.ndarray)):
+            index = torch.as_tensor(list(index) if isinstance(index, range) else index)
+        elif not isinstance(index, (slice, list, torch.Tensor)):
+            raise ValueError(f"index must be an int, a slice, a sequence of ints or a tensor of prompt indices, got {type(index).__name__}")
         return replace(
             self,
             **{name: getattr(self, name)[index] for name in self._tensor_fields()},
