@@ -132,6 +132,13 @@ def kernel_alignment(
     pattern = attention.query if block == "query" else attention.support
     if pattern is None:
         raise ValueError(f"attention lacks the {block!r} block that block={block!r} compares: read it with that block")
+    rows = task.n_query if block == "query" else task.n_support
+    expected = (task.batch_size, rows, task.n_support)
+    if (pattern.shape[0], *pattern.shape[-2:]) != expected:
+        raise ValueError(
+            f"attention's {block} block is [batch, L, H, rows, keys] = {tuple(pattern.shape)}, but this task needs "
+            f"batch, rows, keys = {expected}: pass the attention_kernels of this task (or attention=None)"
+        )
     pattern = as_float64("attention pattern", pattern)
     if (pattern < 0).any():
         raise ValueError(

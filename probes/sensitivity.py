@@ -56,7 +56,7 @@ def label_sensitivities(
     model = probe_model(model)
     layers = resolve_layers(model, layers)
     check_count("chunk_size", chunk_size, minimum=1)
-    with torch.enable_grad():  # also under a caller's torch.no_grad()
+    with torch.inference_mode(False), torch.enable_grad():  # also under a caller's no_grad() or inference_mode()
         labels = task.y_support.detach().clone().requires_grad_(True)
         prompt = encode_for_probe(model, dataclasses.replace(task, y_support=labels))
         pred = query_readouts(model, prompt, layers, grad=True)  # [B, L', m]
@@ -169,8 +169,9 @@ def solver_sensitivities(
         fits = False
     if not fits:
         raise ValueError(f"y must be [..., n={n}] broadcasting to the prompts {tuple(batch_shape)}, got shape {tuple(y.shape)}")
-    labels = y.expand(*batch_shape, n).reshape(-1, n).clone().requires_grad_(True)
-    with torch.enable_grad():
+    with torch.inference_mode(False), torch.enable_grad():  # also under a caller's no_grad() or inference_mode()
+        labels = y.expand(*batch_shape, n).reshape(-1, n).clone().requires_grad_(True)
+        K, K_query = (tensor.clone() if tensor.is_inference() else tensor for tensor in (K, K_query))  # autograd saves them
         pred = solve(K, labels.reshape(*batch_shape, n), lam, n_steps, K_query=K_query).pred  # [..., T+1, m]
         jacobian = batch_jacobian(pred.reshape(labels.shape[0], -1), labels, chunk_size)  # [B, (T+1) m, n]
     return jacobian.reshape(*batch_shape, n_steps + 1, m, n)

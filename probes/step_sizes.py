@@ -405,22 +405,25 @@ def _fit_folds(
 ) -> dict[str, list[tuple[float, float | None, float]]]:
     """`fit_step` of every algorithm of `systems` (name -> its `SpectralSystem`) on the prompts of
     each fold `folds` `[B]` separately, all side by side: the grids (steps relative to each fold's
-    median optimal step) in one batch, then bounded Brent on log step inside each algorithm's and
-    fold's `REFINED_BRACKETS` best cells' brackets, every search in lockstep (`bounded_brent`), so
-    that each iteration scores the next point of every search in one batch. Returns, per
-    algorithm, (step, momentum or None, path R2) per fold."""
+    median optimal step, plus the `first_step_seeds`) in one batch, then bounded Brent on log step
+    inside each algorithm's and fold's `REFINED_BRACKETS` best cells' brackets, every search in
+    lockstep (`bounded_brent`), so that each iteration scores the next point of every search in
+    one batch. Returns, per algorithm, (step, momentum or None, path R2) per fold."""
     names = list(systems)
     n_folds = int(folds.max()) + 1
     members = [torch.as_tensor(np.flatnonzero(folds == fold)) for fold in range(n_folds)]
-    log_grids, momenta = [], []  # per algorithm: [F, G] log steps, momentum grid (NaN: none)
+    log_grids, momenta = [], []  # per algorithm: [F, G] log steps (sorted), momentum grid (NaN: none)
     for name, spectral in systems.items():
         optimal = optimal_steps(name, spectral.eigenvalues).cpu()
         references = np.array([float(optimal[fold_members].median()) for fold_members in members])
-        log_grids.append(np.log(references[:, None] * STEP_GRID))
+        grid = np.log(references[:, None] * STEP_GRID)
+        seeds = first_step_seeds(spectral, members, layer_pred)  # [F, L']
+        seeds = np.where(seeds > 0, np.log(np.where(seeds > 0, seeds, 1.0)), grid[:, :1])  # none: repeat a grid point
+        log_grids.append(np.sort(np.concatenate([grid, seeds], axis=1), axis=1))
         momenta.append(MOMENTUM_GRID if name == "heavy_ball" else np.full(1, np.nan))
     score = _candidate_scores(list(systems.values()), folds, n_steps, layer_pred, scored)
 
-    cells = [np.indices((n_folds, len(momenta[a]), len(STEP_GRID))).reshape(3, -1) for a in range(len(names))]  # (fold, row, column)
+    cells = [np.indices((n_folds, len(momenta[a]), log_grids[a].shape[1])).reshape(3, -1) for a in range(len(names))]  # (fold, row, column)
     system = np.concatenate([np.full(cell.shape[1], a) for a, cell in enumerate(cells)])
     values = score(
         system,
@@ -443,7 +446,7 @@ def _fit_folds(
         return np.where(np.isfinite(values), -values, _DIVERGED)
 
     low = np.array([log_grids[a][f, max(c - 1, 0)] for a, f, c in zip(algorithm, fold, column)])
-    high = np.array([log_grids[a][f, min(c + 1, len(STEP_GRID) - 1)] for a, f, c in zip(algorithm, fold, column)])
+    high = np.array([log_grids[a][f, min(c + 1, log_grids[a].shape[1] - 1)] for a, f, c in zip(algorithm, fold, column)])
     log_step, value = bounded_brent(loss, low, high, LOG_STEP_XTOL)
     fits: dict[str, list[tuple[float, float | None, float]]] = {}
     for a, name in enumerate(names):
@@ -455,6 +458,24 @@ def _fit_folds(
             best, best_log_step, best_momentum = max(candidates, key=lambda fit: fit[0])
             fits[name].append((float(np.exp(best_log_step)), None if np.isnan(best_momentum) else float(best_momentum), float(best)))
     return fits
+
+
+def first_step_seeds(spectral: SpectralSystem, members: list[torch.Tensor], layer_pred: np.ndarray) -> np.ndarray:
+    """Per fold (prompt indices `members`, one `[B_f]` tensor per fold) and layer of `layer_pred`
+    `[B, L', m]`, the step w whose FIRST step best matches that layer, by least squares over the
+    fold's prompts and queries -> `[F, L']` (<= 0 or NaN where none fits). Step 1 of Richardson
+    and of heavy ball is pred_1 = w g with g = gain 1 (s_1 = w in every mode), so
+    w_l = <layer_l, g> / <g, g>. A network that runs the algorithm with its step takes exactly
+    that step at its first step boundary: a grid point there finds a peak of path R2 that can be
+    far narrower than the grid's spacing (the step is nearly unidentifiable between w and w / 2
+    run twice as long, so path R2 is nearly flat away from the exact step)."""
+    first = spectral.gain.sum(-1).detach().cpu().numpy()  # g [B, m]
+    seeds = []
+    for fold_members in members:
+        g, layers = first[fold_members.numpy()], np.asarray(layer_pred, dtype=np.float64)[fold_members.numpy()]
+        norm = float(np.vdot(g, g))
+        seeds.append(np.einsum("blm,bm->l", layers, g) / norm if norm > 0 else np.full(layers.shape[1], np.nan))
+    return np.array(seeds)
 
 
 def _candidate_scores(

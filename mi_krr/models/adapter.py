@@ -63,9 +63,11 @@ class ICLModel(Protocol):
 
 
 def adapter_for(model: object) -> ICLModel:
-    """Return `model` after checking it implements `ICLModel` and fires every hook it names.
+    """Return `model` after checking it implements `ICLModel`: its methods, L + 1 residual hook
+    names and L attention hook sets (L = `n_layers`), each name in its `hook_dict`. (Whether a
+    hook fires is checked where probes run the model: a hook that never fires is named there.)
 
-    Raises ValueError naming the missing method or hook.
+    Raises ValueError naming the missing method or hook, or the list of the wrong length.
     """
     for method in ("encode", "forward", "residual_hook_names", "attention_hook_names", "readout", "predict"):
         if not callable(getattr(model, method, None)):
@@ -76,8 +78,18 @@ def adapter_for(model: object) -> ICLModel:
     hook_dict = getattr(model, "hook_dict", None)
     if hook_dict is None:
         raise ValueError(f"{type(model).__name__} has no hook_dict: it must be a TransformerLens HookedRootModule or bridge")
+    n_layers = getattr(model, "n_layers", None)
+    if isinstance(n_layers, bool) or not isinstance(n_layers, int) or n_layers < 1:
+        raise ValueError(f"{type(model).__name__}.n_layers must be its number of blocks (an int >= 1), got {n_layers!r}")
     names = list(model.residual_hook_names())
-    for hooks in model.attention_hook_names():
+    attention = list(model.attention_hook_names())
+    for method, found, expected in (("residual_hook_names", names, n_layers + 1), ("attention_hook_names", attention, n_layers)):
+        if len(found) != expected:
+            raise ValueError(
+                f"{type(model).__name__}.{method}() gives {len(found)} entries, but n_layers = {n_layers} needs {expected} "
+                "(residual: embeddings + one per block; attention: one per block)"
+            )
+    for hooks in attention:
         names += [hooks.pattern, hooks.q, hooks.k] + ([hooks.scores] if hooks.scores else [])
     missing = [name for name in names if name not in hook_dict]
     if missing:

@@ -135,6 +135,29 @@ def test_fit_is_the_best_of_the_grid_and_scipys_bounded_searches_in_the_best_cel
         assert fits[name].step[1] == pytest.approx(np.exp(grids[name][1][5]), rel=1e-12)  # the spike, a grid point
 
 
+def test_first_step_seeds_are_each_layers_least_squares_first_step():
+    """first_step_seeds: per half and layer, argmin_w sum over the half's prompts and queries of
+    (layer - pred_1(w))^2, where pred_1(w) is a NumPy Richardson (row-sum P) / heavy-ball first
+    step (linear in w: found from pred_1(1)); layers built from a known first step come back exactly."""
+    from probes.step_sizes import first_step_seeds
+
+    batch, n, m = 8, 5, 3
+    K, y, K_query = gaussian_prompts(batch, n, m, seed=6)
+    folds = cross_fit_folds(batch, seed=2)
+    members = [torch.as_tensor(np.flatnonzero(folds == f)) for f in (0, 1)]
+    rng = np.random.default_rng(6)
+    for algorithm, diagonal in (("richardson_rowsum", lambda Kb: 1.0 / Kb.sum(1)), ("heavy_ball", lambda Kb: None)):
+        unit = np.stack([numpy_iteration(K[b].numpy(), y[b].numpy(), K_query[b].numpy(), 1, 1.0,
+                                         diagonal=diagonal(K[b].numpy()))[1] for b in range(batch)])  # pred_1(w=1) [B, m]
+        layers = np.stack([0.3 * unit, 0.7 * unit + 0.1 * rng.normal(size=unit.shape), rng.normal(size=unit.shape)], axis=1)
+        seeds = first_step_seeds(spectral_system(algorithm, K, y, LAM, K_query), members, layers)
+        for f, index in enumerate(members):
+            g, h = unit[index.numpy()].ravel(), layers[index.numpy()]
+            expected = [np.linalg.lstsq(g[:, None], h[:, layer].ravel(), rcond=None)[0][0] for layer in range(3)]
+            np.testing.assert_allclose(seeds[f], expected, rtol=1e-10)
+            assert seeds[f][0] == pytest.approx(0.3, rel=1e-12)
+
+
 def test_candidate_scores_split_into_many_small_batches_equal_brute_force_path_r2(monkeypatch):
     """GRID_CHUNK_VALUES forcing 3 candidates per batch: candidates of three systems (gd and heavy
     ball sharing one eigensystem) on both halves, 2 + 2, 1 + 1 (sharing gd's batch) and 4 + 3 (two
