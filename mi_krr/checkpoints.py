@@ -196,8 +196,9 @@ def task_sets(
     """In-distribution prompts ("in_distribution", drawn with `seed`) and, with `shifts`, one set
     per shift of `DEFAULT_SHIFTS` that applies to `sampler` (seeds seed + 1, seed + 2, ...).
 
-    With `model`, sets whose prompts the model cannot take (too long for its positions) are left
-    out. Returns (name -> ICLTask, notes on what was left out and why).
+    With `model`, shifted sets whose prompts the model cannot take (too long for its positions)
+    are left out, and in-distribution prompts it cannot take are a ValueError saying why.
+    Returns (name -> ICLTask, notes on what was left out and why).
     """
     import torch
 
@@ -219,6 +220,8 @@ def task_sets(
             try:
                 check_task_fits(model, task)
             except ValueError as error:
+                if name == "in_distribution":  # nothing to diagnose: say why, up front
+                    raise ValueError(f"the in-distribution prompts do not fit the model: {error}") from error
                 notes.append(f"{name} left out: {error}")
                 continue
         sets[name] = task

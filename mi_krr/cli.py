@@ -18,6 +18,7 @@ import argparse
 import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import NoReturn
 
 CommandRunner = Callable[[argparse.Namespace], int]
@@ -137,6 +138,17 @@ def _check_device(device: str | None) -> None:
         raise UsageError(f"--device {device!r} cannot be used here ({reason}): pass e.g. --device cpu") from error
 
 
+def _check_out(out: str | None) -> None:
+    """UsageError, before any work starts, where --out names something that is not a folder (an
+    existing file, or a path through one)."""
+    if out is None:
+        return
+    path = Path(out)
+    blocker = next((part for part in (path, *path.parents) if part.exists()), None)
+    if blocker is not None and not blocker.is_dir():
+        raise UsageError(f"--out {out!r} cannot be a folder: {str(blocker)!r} is a file; pass a folder path")
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("MPLBACKEND", "Agg")  # the CLI only writes figures to files; a user's setting wins
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -149,6 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         _check_device(getattr(args, "device", None))
+        _check_out(getattr(args, "out", None))
         return runners[args.command](args)
     except (UsageError, ValueError, FileNotFoundError) as error:
         if args.debug:

@@ -124,6 +124,8 @@ class Diagnosis:
     settings: dict[str, Any]
 
     def __getitem__(self, name: str) -> TaskSetDiagnosis:
+        if name not in self.task_sets:
+            raise KeyError(f"no task set {name!r} in this diagnosis; its task sets are {tuple(self.task_sets)}")
         return self.task_sets[name]
 
     def to_dataframe(self):
@@ -257,7 +259,8 @@ def diagnose(
         bootstrap: prompt resamples for the intervals (0: no intervals and no verdict; a verdict
             needs >= `MIN_VERDICT_RESAMPLES` = 100 resamples and >= `MIN_VERDICT_PROMPTS` = 20
             prompts, see `probes.identifiability`).
-        seed: seed of the resamples.
+        seed: seed of the bootstrap resamples and of the cross-fitting halves of the fitted steps
+            (so the fitted algorithms' point estimates, too, may move with it).
         n_kappa_bins: quantile bins of the condition number for stratified scores.
         min_score, min_gap, agreement_threshold: verdict thresholds (see
             `probes.identifiability`).
@@ -394,9 +397,12 @@ def _diagnose_task_set(model, set_name, task, prompt, bar, *, algorithms, kernel
     scored = np.flatnonzero(np.asarray(layers) > 0)
     layer_pred = _numpy(layer_pred)  # float64 NumPy from here on: the fits and the scores read it
     fitted, unfit = {}, {}
+    registry = {name: registry_name(solver) for name, solver in algorithms.items()}  # label -> registry name or None
     if step_sizes == "fitted":
-        names = [name for name, solver in algorithms.items() if name in FITTED_STEP_ALGORITHMS and solver is ALGORITHMS.get(name)]
-        fitted, unfit = fit_global_steps(names, K, y, lam, K_query, n_steps, layer_pred, scored, seed)
+        names = list(dict.fromkeys(entry for entry in registry.values() if entry in FITTED_STEP_ALGORITHMS))
+        by_registry, unfit_by_registry = fit_global_steps(names, K, y, lam, K_query, n_steps, layer_pred, scored, seed)
+        fitted = {name: by_registry[entry] for name, entry in registry.items() if entry in by_registry}
+        unfit = {name: unfit_by_registry[entry] for name, entry in registry.items() if entry in unfit_by_registry}
     solvers: dict[str, Callable[..., Any]] = {}
     step_preds = {}
     for name, solver in algorithms.items():
@@ -405,7 +411,7 @@ def _diagnose_task_set(model, set_name, task, prompt, bar, *, algorithms, kernel
                 raise unfit[name]
             if name in fitted:
                 solver = fitted[name].solver()
-            step_preds[name] = solver(K, y, lam, n_steps, K_query=K_query).pred
+            step_preds[name] = _checked_step_predictions(name, solver(K, y, lam, n_steps, K_query=K_query), K_query.shape, n_steps)
             solvers[name] = solver
         except ValueError as error:  # e.g. the row-sum preconditioner on a kernel with negative rows
             fitted.pop(name, None)
@@ -421,8 +427,8 @@ def _diagnose_task_set(model, set_name, task, prompt, bar, *, algorithms, kernel
         for name, solver in solvers.items():
             if name in fitted:  # richardson / heavy ball with explicit steps: linear in y
                 step_sens[name] = _numpy(solver_sensitivities(solver, K, K_query, lam, n_steps, linear_in_y=True))
-            elif solver is ALGORITHMS.get(name):
-                step_sens[name] = _numpy(solver_sensitivities(name, K, K_query, lam, n_steps, y=y))
+            elif registry[name] is not None:
+                step_sens[name] = _numpy(solver_sensitivities(registry[name], K, K_query, lam, n_steps, y=y))
             else:  # a custom callable: linear in y unknown, so differentiated at y
                 step_sens[name] = _numpy(solver_sensitivities(solver, K, K_query, lam, n_steps, y=y))
     elif sensitivities:
@@ -540,11 +546,35 @@ def _check_r2_threshold(name: str, value: Any) -> float:
     return number
 
 
+def _checked_step_predictions(name: str, trajectory: Any, query_shape: torch.Size, n_steps: int) -> Any:
+    """The query predictions `[B, T+1, m]` (a tensor or an array) of the trajectory candidate
+    `name` returned, after checking them (a custom solver's mistakes are named here, not deep
+    inside the scores)."""
+    pred = getattr(trajectory, "pred", None)
+    expected = (query_shape[0], n_steps + 1, query_shape[1])
+    if pred is None or tuple(np.shape(pred)) != expected:
+        got = f"a {type(trajectory).__name__} without pred" if pred is None else f"pred of shape {tuple(np.shape(pred))}"
+        raise ValueError(
+            f"algorithm {name!r} returned {got}: a solver must return a Trajectory whose pred is [batch, n_steps + 1, m] = {expected}"
+        )
+    if not np.isfinite(_numpy(pred)).all():
+        raise ValueError(f"algorithm {name!r} returned non-finite predictions (it diverges on this task set): check its step sizes")
+    return pred
+
+
+def registry_name(solver: Callable[..., Any]) -> str | None:
+    """The `mi_krr.solvers.ALGORITHMS` name of `solver` (the registry's own function, under any
+    label a user gives it), else None."""
+    return next((name for name, registered in ALGORITHMS.items() if registered is solver), None)
+
+
 def _describe_solver(name: str, solver: Callable[..., Any]) -> str:
-    """How the settings record a candidate: "registry" for `mi_krr.solvers.ALGORITHMS[name]`, else
-    the callable's qualified name (with a partial's keywords)."""
-    if solver is ALGORITHMS.get(name):
-        return "registry"
+    """How the settings record a candidate: "registry" for `mi_krr.solvers.ALGORITHMS[name]`
+    ("registry: NAME" under another label), else the callable's qualified name (with a partial's
+    keywords)."""
+    registered = registry_name(solver)
+    if registered is not None:
+        return "registry" if registered == name else f"registry: {registered}"
     if isinstance(solver, functools.partial):
         keywords = ", ".join(f"{key}={value!r}" for key, value in solver.keywords.items())
         return f"{_describe_solver(name, solver.func)}({keywords})"

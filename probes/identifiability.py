@@ -21,7 +21,8 @@ A model that matches no candidate fails the first condition, so it is never iden
 anything identified from fewer than `MIN_VERDICT_PROMPTS` prompts or `MIN_VERDICT_RESAMPLES`
 resamples: a bootstrap over a handful of prompts (or a few resamples) gives intervals that are
 degenerate (two prompts: the lower bound can equal the estimate) or miss the estimate, and a
-verdict would rest on them.
+verdict would rest on them. Nor is a lone candidate identified: with no rival scored, nothing
+was ruled out.
 """
 
 from __future__ import annotations
@@ -172,7 +173,8 @@ def identifiability_verdict(
     n_prompts = len(next(iter(step_preds.values())))
     enough = n_prompts >= MIN_VERDICT_PROMPTS and top.score_samples.size >= MIN_VERDICT_RESAMPLES
     good_enough = enough and top.score_ci[0] >= min_score
-    beats_runner_up = runner_up is None or (has_intervals and gap_ci[0] > 0 and gap >= min_gap)
+    rivals = len(names) > 1  # with no other candidate scored, nothing was ruled out
+    beats_runner_up = rivals and (runner_up is None or (has_intervals and gap_ci[0] > 0 and gap >= min_gap))
     identified = bool(good_enough and beats_runner_up)
 
     message = _message(
@@ -221,6 +223,11 @@ def _message(best, top, runner_up, gap, gap_ci, equivalent, agreement_row, names
         )
     if identified:
         lines.append(f"Verdict: identified as {best}" + (f" (or its equivalents {', '.join(equivalent)})." if equivalent else "."))
+    elif len(names) == 1:
+        lines.append(
+            f"Verdict: not identified: {best} was the only candidate scored, so no rival was ruled out; "
+            "pass several algorithms to compare."
+        )
     elif not has_intervals:
         lines.append("Verdict: not identified: run with bootstrap > 0 to get the intervals a verdict needs.")
     elif not enough:

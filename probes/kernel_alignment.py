@@ -170,6 +170,8 @@ def reference_kernel_names(kernels: Any) -> tuple[str, ...]:
         raise ValueError(f"kernels must name reference kernels from {REFERENCE_KERNELS} (or be () for none), got {kernels!r}")
     for kernel in kernels:
         check_choice("kernels entry", kernel, REFERENCE_KERNELS)
+    if len(set(kernels)) != len(kernels):
+        raise ValueError(f"kernels must be distinct, got {tuple(kernels)}")
     return tuple(kernels)
 
 

@@ -78,7 +78,7 @@ def plot_step_map(result: "TaskSetDiagnosis"):
     axes[0, 1].set_xticks(best.layers)
     axes[0, 1].set_xlabel("layer")
     axes[0, 1].set_ylabel("aligned step")
-    axes[0, 1].set_title("best-matching step per layer")
+    axes[0, 1].set_title(f"{result.name}: best-matching step per layer")
     axes[0, 1].legend(fontsize=7)
     axes[0, 1].grid(alpha=0.3)
     figure.tight_layout()

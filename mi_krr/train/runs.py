@@ -108,12 +108,13 @@ def read_run_config(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"no run config at {path}: pass a .json/.yaml file with model, sampler and train sections")
     text = path.read_text()
-    if path.suffix in (".yaml", ".yml"):
-        import yaml
+    import yaml
 
-        values = yaml.safe_load(text)
-    else:
-        values = json.loads(text)
+    try:
+        values = yaml.safe_load(text) if path.suffix in (".yaml", ".yml") else json.loads(text)
+    except (yaml.YAMLError, json.JSONDecodeError) as error:
+        reason = " ".join(str(error).split())  # the parser's message, on one line
+        raise ValueError(f"run config {path} is not valid {'YAML' if path.suffix in ('.yaml', '.yml') else 'JSON'}: {reason}") from error
     return _checked_description(values, str(path))
 
 
