@@ -199,9 +199,9 @@ def effective_dimension(K: torch.Tensor, lam: float | torch.Tensor) -> torch.Ten
     if (lam <= 0).any():
         raise ValueError("lam must be > 0: d_eff is defined for a positive ridge")
     eigenvalues = torch.linalg.eigvalsh(K)
-    rounding = PSD_RTOL * eigenvalues.abs().amax(-1, keepdim=True)
-    if (eigenvalues < -rounding).any():
-        smallest = float((eigenvalues / eigenvalues.abs().amax(-1, keepdim=True).clamp_min(1e-300)).min())
+    relative = eigenvalues / eigenvalues.abs().amax(-1, keepdim=True).clamp_min(1e-300)
+    if (relative < -PSD_RTOL).any():
+        smallest = float(relative.min())
         raise ValueError(f"K must be positive semi-definite (a kernel matrix); its smallest eigenvalue is {smallest:.3g} x its largest")
     eigenvalues = eigenvalues.clamp_min(0.0)
     return (eigenvalues / (eigenvalues + lam.unsqueeze(-1))).sum(-1)

@@ -418,8 +418,8 @@ def _fit_folds(
         references = np.array([float(optimal[fold_members].median()) for fold_members in members])
         grid = np.log(references[:, None] * STEP_GRID)
         seeds = first_step_seeds(spectral, members, layer_pred)  # [F, L']
-        seeds = np.where(seeds > 0, np.log(np.where(seeds > 0, seeds, 1.0)), grid[:, :1])  # none: repeat a grid point
-        log_grids.append(np.sort(np.concatenate([grid, seeds], axis=1), axis=1))
+        seeds = np.where(seeds > 0, seeds, references[:, None] * STEP_GRID[0])  # no positive fit: the grid's first step
+        log_grids.append(np.sort(np.concatenate([grid, np.log(seeds)], axis=1), axis=1))
         momenta.append(MOMENTUM_GRID if name == "heavy_ball" else np.full(1, np.nan))
     score = _candidate_scores(list(systems.values()), folds, n_steps, layer_pred, scored)
 

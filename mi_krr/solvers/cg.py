@@ -135,7 +135,7 @@ def _torch_schedule(
         )
         for start in range(0, max(batch, 1), block)  # one (empty) block for an empty batch
     ]
-    check_positive_definite(any(bool(indefinite) for _, _, indefinite in blocks))
+    check_positive_definite(any(indefinite for _, _, indefinite in blocks))
     alpha = torch.cat([a for a, _, _ in blocks]) if len(blocks) > 1 else blocks[0][0]
     residual_norm = torch.cat([r for _, r, _ in blocks]) if len(blocks) > 1 else blocks[0][1]
     return alpha, residual_norm
@@ -143,11 +143,11 @@ def _torch_schedule(
 
 def _pcg_block(
     K: torch.Tensor, y: torch.Tensor, lam: float, n_steps: int, inverse_diagonal: torch.Tensor | None
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, bool]:
     """PCG on one block: K `[b, n, n]`, y `[b, 1, n]`, P's diagonal `[b, 1, n]` or None (P = I).
 
     Returns iterates `[b, T+1, n]`, residual norms `[b, T+1]`, and whether any curvature
-    p^T (K + lam I) p was < 0 (K + lam I not positive definite; a bool tensor `[]`).
+    p^T (K + lam I) p was < 0 (K + lam I not positive definite).
     """
     residual = y
     preconditioned = residual if inverse_diagonal is None else residual * inverse_diagonal
@@ -156,12 +156,11 @@ def _pcg_block(
     alpha = torch.zeros_like(y)
     iterates = [alpha]
     squared_norms = [rho if inverse_diagonal is None else _dot(residual, residual)]
-    indefinite = torch.zeros((), dtype=torch.bool, device=y.device)
+    curvatures = []  # p^T (K + lam I) p per step, checked for < 0 once after the loop
     for _ in range(n_steps):
         image = torch.baddbmm(direction, direction, K, beta=lam)  # (K + lam I) p, K symmetric
-        curvature = _dot(direction, image)
-        indefinite = indefinite | (curvature.detach() < 0).any()
-        step = ratio(rho, curvature)
+        curvatures.append(_dot(direction, image))
+        step = ratio(rho, curvatures[-1])
         alpha = torch.addcmul(alpha, step, direction)
         residual = torch.addcmul(residual, step, image, value=-1.0)
         preconditioned = residual if inverse_diagonal is None else residual * inverse_diagonal
@@ -170,6 +169,7 @@ def _pcg_block(
         rho = rho_next
         iterates.append(alpha)
         squared_norms.append(rho if inverse_diagonal is None else _dot(residual, residual))
+    indefinite = bool(curvatures) and bool((torch.cat(curvatures, dim=-1).detach() < 0).any())
     return torch.cat(iterates, dim=-2), safe_sqrt(torch.cat(squared_norms, dim=-1).squeeze(-2)), indefinite
 
 

@@ -319,17 +319,19 @@ def test_cg_construction_sensitivities_past_convergence_equal_finite_differences
     torch.testing.assert_close(probes.label_sensitivities(model, task, layers=last)[:, 0], krr_map, rtol=1e-6, atol=1e-8)
 
 
-def test_fitted_step_recovers_the_richardson_constructions_step():
-    """A 2-step row-sum Richardson construction with step 0.5 (24 prompts, n = 16): the solver at
-    step 0.5 follows its layers exactly (path R2 1, checked through a fixed-step callable), so
-    the fitted step, which maximises path R2, is 0.5 on both halves and scores 1 (the grid alone
-    used to miss this narrow peak: 0.29 / 0.12, path R2 0.89; `first_step_seeds` now seeds it)."""
-    model, task = richardson_transformer(2, lam=0.5, bandwidth=1.0, step=0.5, dim=2), random_task(24, 16, 2, 2, seed=18)
-    fixed = functools.partial(solvers.richardson, step=0.5, precond="rowsum")
+@pytest.mark.parametrize("step, n, seed", [(0.5, 16, 18), (0.5, 4, 2), (0.3, 8, 5), (0.2, 16, 6), (1.5, 16, 4)])
+def test_fitted_step_recovers_the_richardson_constructions_step(step, n, seed):
+    """A 2-step row-sum Richardson construction (24 prompts, n support points): the solver at the
+    construction's step follows its layers exactly (path R2 1, checked through a fixed-step
+    callable), so the fitted step, which maximises path R2, is that step on both halves and scores
+    1 (the grid alone used to miss these narrow peaks: at 0.5, n = 16 it fitted 0.29 / 0.12, path
+    R2 0.89; at 0.2 and 0.3 it fitted about half the step; `first_step_seeds` now seeds them)."""
+    model, task = richardson_transformer(2, lam=0.5, bandwidth=1.0, step=step, dim=2), random_task(24, n, 2, 2, seed=seed)
+    fixed = functools.partial(solvers.richardson, step=step, precond="rowsum")
     result = probes.diagnose(model, task, kernel="gaussian", lam=0.5, bootstrap=0, progress=False, kernels=(),
                              algorithms={"richardson_rowsum": solvers.ALGORITHMS["richardson_rowsum"], "fixed": fixed})["tasks"]
     assert result.scores["fixed"].score == pytest.approx(1.0, abs=1e-9)
-    np.testing.assert_allclose(result.fitted_steps["richardson_rowsum"].step, [0.5, 0.5], rtol=1e-4)
+    np.testing.assert_allclose(result.fitted_steps["richardson_rowsum"].step, [step, step], rtol=1e-4)
     assert result.scores["richardson_rowsum"].score == pytest.approx(1.0, abs=1e-6)
 
 
