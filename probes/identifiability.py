@@ -214,7 +214,8 @@ def _message(best, top, runner_up, gap, gap_ci, equivalent, agreement_row, names
     lines = [f"Best: {best}, path R2 {top.score:.4f} {ci}."]
     if runner_up is not None:
         interval = f" [{gap_ci[0]:+.4f}, {gap_ci[1]:+.4f}] (paired bootstrap)" if has_intervals else ""
-        lines.append(f"Runner-up: {runner_up}, gap {gap:+.4f}{interval}.")
+        gap_text = "undefined (both path R2 -inf)" if np.isnan(gap) else f"{gap:+.4f}"
+        lines.append(f"Runner-up: {runner_up}, gap {gap_text}{interval}.")
     if equivalent:
         pairs = ", ".join(f"{name} (agreement {agreement_row[names.index(name)]:.4f})" for name in equivalent)
         lines.append(

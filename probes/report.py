@@ -32,8 +32,9 @@ def task_set_summary(result: "TaskSetDiagnosis") -> str:
         low, high = score.score_ci
         weighted = "" if score.weighted_r2 is None else f"{score.weighted_r2:.4f}"
         sens = "" if score.sensitivity_score is None else f"{score.sensitivity_score:.4f}"
+        interval = "-" if np.isnan([low, high]).all() else f"[{low:.4f}, {high:.4f}]"  # "-": no interval (bootstrap=0)
         lines.append(
-            f"{score.algorithm:<18} {score.score:>9.4f} {f'[{low:.4f}, {high:.4f}]':>20} {weighted:>13} "
+            f"{score.algorithm:<18} {score.score:>9.4f} {interval:>20} {weighted:>13} "
             f"{score.profile_distance:>13.3f} {sens:>9}"
         )
     best = result.scores[result.verdict.best]

@@ -5,6 +5,7 @@ write (index.md, report.json, figures, per-model npz), all checked against the d
 arrays recomputed with NumPy (argmax of the scores, min over heads and mean over layers, median
 and range of kappa), and softmax-ood's key numbers and figure on a hand-built result."""
 
+import dataclasses
 import json
 import math
 import re
@@ -197,6 +198,29 @@ def test_summary_prints_the_prompt_counts_kappa_statistics_every_r2_and_every_no
     for text, value in zip(printed, best.aligned_r2):
         assert (text == "-") if not np.isfinite(value) else float(text) == pytest.approx(value, abs=5e-5)
     assert lines[-2:] == ["note: b: second note", "note: a: first note"]
+
+
+def test_summary_prints_each_interval_by_hand_and_a_dash_without_bootstrap(diagnoses):
+    """Each algorithm's row carries its stored CI to 4 decimals; with bootstrap=0 (no interval:
+    both ends NaN) the cell is '-', never '[nan, nan]'."""
+    result = diagnoses["softmax"]["in_distribution"]
+    rows = {line.split()[0]: line for line in task_set_summary(result).splitlines()[2 : 2 + len(result.scores)]}
+    for name, score in result.scores.items():
+        low, high = score.score_ci
+        assert f"[{low:.4f}, {high:.4f}]" in rows[name]
+    bare = dataclasses.replace(result, scores={name: dataclasses.replace(score, score_ci=(math.nan, math.nan))
+                                               for name, score in result.scores.items()})
+    table = task_set_summary(bare).splitlines()[2 : 2 + len(result.scores)]
+    assert all(line.split()[2] == "-" and "nan" not in line for line in table)
+
+
+def test_verdict_calls_the_gap_of_two_minus_inf_scores_undefined_not_nan(diagnoses):
+    """The random softmax model's layers all align with step 0 under both candidates, so both path
+    R2 are -inf (checked here) and their difference is undefined: said in words, not '+nan'."""
+    verdict = diagnoses["softmax"]["in_distribution"].verdict
+    assert np.isneginf(list(verdict.scores.values())).all()
+    assert f"Runner-up: {verdict.runner_up}, gap undefined (both path R2 -inf)" in verdict.message
+    assert "nan" not in verdict.message
 
 
 def test_saved_report_has_a_section_per_task_set_with_its_figures_every_array_and_the_statistics(diagnoses, tmp_path):
