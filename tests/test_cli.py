@@ -182,6 +182,40 @@ def test_construct_gd_is_exact_and_saves_a_loadable_model(tmp_path, capsys):
     assert len(load_file(str(out / "model.safetensors"))) > 0
 
 
+SMALL_CONSTRUCTION = ["--steps", "1", "--dim", "2", "--n-support", "3", "--batch", "1"]
+
+
+@pytest.mark.parametrize(
+    "args, option, used_by",
+    [
+        (["gd", "--head-width", "8"], "--head-width", "used by: cg"),
+        (["gd", "--mlp", "exact"], "--mlp", "used by: cg, richardson"),  # given, though it is the default
+        (["cg", "--bandwidth", "0.5"], "--bandwidth", "used by: richardson, cg --kernel gaussian"),  # cg's default kernel is linear
+        (["richardson", "--temperature", "2"], "--temperature", "used by: cg --kernel exp"),
+        (["cg", "--mlp-width", "64"], "--mlp-width", "used by: cg --mlp relu, richardson --mlp relu"),
+    ],
+)
+def test_construct_refuses_an_option_its_construction_or_kernel_does_not_read(args, option, used_by, capsys):
+    assert main(["construct", *args, *SMALL_CONSTRUCTION]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"construct {args[0]} does not use {option} ({used_by}): drop it" in err[0], err
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["cg"], ["richardson"], ["gd"],  # every option at its default
+        ["cg", "--kernel", "gaussian", "--head-width", "8", "--bandwidth", "0.5", "--mlp", "relu", "--mlp-width", "64"],
+        ["cg", "--kernel", "exp", "--head-width", "8", "--temperature", "2"],
+        ["richardson", "--bandwidth", "0.8", "--step", "0.5", "--mlp", "relu", "--mlp-width", "64"],
+        ["gd", "--step", "0.1"],
+    ],
+)
+def test_construct_accepts_its_defaults_and_every_option_it_reads(args, capsys):
+    assert main(["construct", *args, *SMALL_CONSTRUCTION]) == 0
+    assert capsys.readouterr().err == ""
+
+
 def test_construct_rejects_a_kernel_the_construction_cannot_run_in_one_line(capsys):
     assert main(["construct", "richardson", "--kernel", "linear"]) == 2
     err = capsys.readouterr().err.strip().splitlines()

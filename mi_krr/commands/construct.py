@@ -13,6 +13,10 @@ row-sum preconditioned Richardson with a fixed step on a Gaussian kernel (defaul
 optimal one for the median prompt); gd: one linear self-attention layer per GD step on linear
 regression (default rate 1 / (mu_max(X^T X) + lam)). Prompts: linear regression (N(0, I) inputs)
 for the linear kernel, GP regression with the chosen kernel otherwise, label noise 0.1.
+
+An option the chosen construction does not read is refused rather than ignored: --head-width is
+cg's, --step richardson's and gd's, --mlp cg's and richardson's (--mlp-width with --mlp relu),
+--bandwidth the Gaussian kernel's, --temperature the exp kernel's.
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ from typing import Any
 DEFAULT_OUT = "runs/construct"
 CONSTRUCTIONS = ("cg", "richardson", "gd")
 DEFAULT_STEPS = {"cg": 8, "richardson": 10, "gd": 10}
+# The values of the options only some constructions read, where they do and none is given.
+DEFAULT_OPTIONS = {"bandwidth": 1.0, "temperature": 1.0, "mlp": "exact", "mlp_width": 256}
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> tuple[argparse.ArgumentParser, str]:
@@ -44,11 +50,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> tuple[argparse.Argumen
     parser.add_argument("--n-query", type=int, default=4, help="queries per prompt (default: 4)")
     parser.add_argument("--batch", type=int, default=8, help="prompts (default: 8)")
     parser.add_argument("--head-width", type=int, default=None, help="cg: feature-map width m (required for exp / gaussian)")
-    parser.add_argument("--bandwidth", type=float, default=1.0, help="Gaussian kernel bandwidth (default: 1.0)")
-    parser.add_argument("--temperature", type=float, default=1.0, help="exp kernel temperature (default: 1.0)")
+    # default None: an option is "given" only when passed, so one the construction does not read is refused
+    parser.add_argument("--bandwidth", type=float, default=None, help="Gaussian kernel bandwidth (default: 1.0)")
+    parser.add_argument("--temperature", type=float, default=None, help="exp kernel temperature (default: 1.0)")
     parser.add_argument("--step", type=float, default=None, help="richardson step w / gd learning rate (default: see above)")
-    parser.add_argument("--mlp", choices=("exact", "relu"), default="exact", help="MLP arithmetic (default: exact)")
-    parser.add_argument("--mlp-width", type=int, default=256, help="ReLU units per scalar operation with --mlp relu")
+    parser.add_argument("--mlp", choices=("exact", "relu"), default=None, help="cg, richardson: MLP arithmetic (default: exact)")
+    parser.add_argument("--mlp-width", type=int, default=None, help="ReLU units per scalar operation with --mlp relu (default: 256)")
     parser.add_argument("--save", action="store_true", help="write the model (model.safetensors) and construction.json to --out")
     return parser, DEFAULT_OUT
 
@@ -102,16 +109,19 @@ def check_construction(
     n_query: int = 4,
     batch: int = 8,
     head_width: int | None = None,
-    bandwidth: float = 1.0,
-    temperature: float = 1.0,
+    bandwidth: float | None = None,
+    temperature: float | None = None,
     step: float | None = None,
-    mlp: str = "exact",
-    mlp_width: int = 256,
+    mlp: str | None = None,
+    mlp_width: int | None = None,
     seed: int = 0,
     device: str = "cpu",
 ) -> ConstructionCheck:
     """Build the construction (module docstring), sample prompts with `seed` (float64), and
-    compare its per-step predictions with its solver (`mi_krr.solvers`) and exact KRR."""
+    compare its per-step predictions with its solver (`mi_krr.solvers`) and exact KRR.
+
+    None for an option: its default (`DEFAULT_OPTIONS`; for `step` see the module docstring).
+    A non-None option the construction does not read with `kernel` is a ValueError."""
     import torch
 
     from mi_krr._validation import check_choice, check_count, check_positive
@@ -126,6 +136,12 @@ def check_construction(
         raise ValueError(f"the richardson construction runs on the Gaussian kernel (softmax gives D^-1 K): drop --kernel {kernel}")
     if construction == "gd" and kernel != "linear":
         raise ValueError(f"the gd construction runs on linear regression: drop --kernel {kernel} (or use cg with --head-width)")
+    refuse_unread_options(construction, kernel, {"head_width": head_width, "bandwidth": bandwidth, "temperature": temperature,
+                                                 "step": step, "mlp": mlp, "mlp_width": mlp_width})
+    bandwidth = DEFAULT_OPTIONS["bandwidth"] if bandwidth is None else bandwidth
+    temperature = DEFAULT_OPTIONS["temperature"] if temperature is None else temperature
+    mlp = DEFAULT_OPTIONS["mlp"] if mlp is None else mlp
+    mlp_width = DEFAULT_OPTIONS["mlp_width"] if mlp_width is None else mlp_width
     n_steps = check_count("steps", DEFAULT_STEPS[construction] if n_steps is None else n_steps, minimum=1)
     lam = check_positive("lam", lam)
     for name, value in (("dim", dim), ("n_support", n_support), ("n_query", n_query), ("batch", batch)):
@@ -175,6 +191,30 @@ def check_construction(
         solver_vs_krr=relative(solver),
         model=model,
     )
+
+
+def option_readers(construction: str, kernel: str, mlp: str | None) -> dict[str, tuple[str, bool]]:
+    """For each option only some constructions read: the constructions that read it (as the
+    command line spells them) and whether `construction` on `kernel` with `mlp` does."""
+    has_reciprocal_mlps = construction in ("cg", "richardson")
+    return {
+        "head_width": ("cg", construction == "cg"),
+        "step": ("richardson, gd", construction in ("richardson", "gd")),
+        "mlp": ("cg, richardson", has_reciprocal_mlps),
+        "mlp_width": ("cg --mlp relu, richardson --mlp relu", has_reciprocal_mlps and mlp == "relu"),
+        "bandwidth": ("richardson, cg --kernel gaussian", kernel == "gaussian"),
+        "temperature": ("cg --kernel exp", kernel == "exp"),
+    }
+
+
+def refuse_unread_options(construction: str, kernel: str, given: dict[str, Any]) -> None:
+    """ValueError naming the first option in `given` (option -> value, None: not given) that
+    `construction` on `kernel` would ignore, and the constructions that read it."""
+    readers = option_readers(construction, kernel, given.get("mlp"))
+    for name, value in given.items():
+        used_by, read = readers[name]
+        if value is not None and not read:
+            raise ValueError(f"construct {construction} does not use --{name.replace('_', '-')} (used by: {used_by}): drop it")
 
 
 def rowsum_optimal_step(K: Any, lam: float) -> float:

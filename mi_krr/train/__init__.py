@@ -17,7 +17,7 @@ from mi_krr.train.checkpoint import (
 )
 from mi_krr.train.config import TrainConfig
 from mi_krr.train.evaluation import EvalReference, bayes_optimal_predictions, evaluate, held_out_reference, optimal_ridge
-from mi_krr.train.loop import TrainResult, make_optimizer, train, training_batch, training_step
+from mi_krr.train.loop import RunFolderInUseError, TrainResult, make_optimizer, train, training_batch, training_step
 from mi_krr.train.runs import PRESETS, Run, build_run, preset_config, read_run_config
 from mi_krr.train.schedule import curriculum_value, learning_rate
 
@@ -25,6 +25,7 @@ __all__ = [
     "CheckpointError",
     "PRESETS",
     "Run",
+    "RunFolderInUseError",
     "EvalReference",
     "TrainConfig",
     "TrainResult",

@@ -3,6 +3,7 @@
     mi-krr train --preset softmax_gp --out runs/gp
     mi-krr train --resume --out runs/gp                 # continue an interrupted run
     mi-krr train --config my_run.yaml --steps 2000 --out runs/mine
+    mi-krr train --preset linear_lr --steps 20 --warmup-steps 2 --curriculum-steps 0 --out runs/short
 
 `--out`, `--seed` and `--device` are the command line's common options (mi_krr.cli adds them);
 with --resume the run's own config.json is used and only --device may change.
@@ -17,6 +18,8 @@ from typing import Any
 # TrainConfig fields a flag may override, with their types.
 _OVERRIDES: dict[str, type] = {
     "steps": int,
+    "warmup_steps": int,
+    "curriculum_steps": int,
     "batch_size": int,
     "lr": float,
     "n_support": int,
@@ -76,6 +79,7 @@ def run_description(args: argparse.Namespace) -> dict[str, Any]:
             value = getattr(args, name)
             if value is not None:
                 train[name] = value
+        _check_phases_fit(train)
         if seed is not None:
             train["seed"] = seed
         if out is not None:
@@ -87,13 +91,29 @@ def run_description(args: argparse.Namespace) -> dict[str, Any]:
     return description
 
 
+def _check_phases_fit(train: dict[str, Any]) -> None:
+    """ValueError naming the flag to pass where the warm-up or the curriculum of the `train`
+    section (after the flags) is longer than its `steps`, as a shortening --steps leaves it."""
+    from mi_krr.train.config import TrainConfig
+
+    steps = train.get("steps", TrainConfig.steps)
+    for phase in ("warmup_steps", "curriculum_steps"):
+        length = train.get(phase, getattr(TrainConfig, phase))
+        if isinstance(length, int) and isinstance(steps, int) and length > steps:  # other types: TrainConfig names them
+            raise ValueError(f"train.{phase}={length} is longer than the run's {steps} steps: pass --{phase.replace('_', '-')} N with "
+                             f"N <= {steps} (--until-step stops a run early without shortening its schedule)")
+
+
 def run_train(args: argparse.Namespace) -> int:
     """Train the run `args` describe; print the final metrics as one JSON line. Returns 0."""
-    from mi_krr.train.loop import train
+    from mi_krr.train.loop import RunFolderInUseError, train
     from mi_krr.train.runs import build_run
 
     run = build_run(run_description(args))
-    result = train(run.model, run.sampler, run.cfg, resume=args.resume, progress=not args.no_progress, until_step=args.until_step)
+    try:
+        result = train(run.model, run.sampler, run.cfg, resume=args.resume, progress=not args.no_progress, until_step=args.until_step)
+    except RunFolderInUseError as error:  # worded for the command line's flags
+        raise RunFolderInUseError(error.out_dir, resume_option="--resume", out_option="--out") from error
     summary = {key: result.final_metrics[key] for key in ("step", "model_mse", "optimal_mse", "ratio", "zero_mse")}
     summary["run_dir"] = run.cfg.out_dir
     print(json.dumps(summary))

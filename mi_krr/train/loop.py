@@ -36,6 +36,16 @@ from mi_krr.train.schedule import step_active_dim, step_learning_rate, step_prom
 from mi_krr.train.seeding import TRAIN_STREAM, derived_generator
 
 
+class RunFolderInUseError(ValueError):
+    """`out_dir` already holds checkpoints and resuming was not asked for. The message names the
+    fix in the caller's terms: `resume_option` and `out_option` (by default the Python API's)."""
+
+    def __init__(self, out_dir: Path, resume_option: str = "resume=True", out_option: str = "out_dir") -> None:
+        self.out_dir = out_dir
+        super().__init__(f"{out_option} {out_dir} already holds checkpoints: pass {resume_option} to continue it, "
+                         f"or choose a new {out_option}")
+
+
 @dataclass
 class TrainResult:
     """What a run produced.
@@ -106,7 +116,7 @@ def train(
         cfg: the run's settings.
         resume: continue from the newest checkpoint in `cfg.out_dir` (weights, optimizer, RNG
             states, history); the run then ends exactly as an uninterrupted one would. Without it,
-            an `out_dir` that already holds checkpoints is refused.
+            an `out_dir` that already holds checkpoints is refused (`RunFolderInUseError`).
         progress: show a tqdm bar.
         until_step: stop after this many total steps (a checkpoint is written there), as if the
             run were interrupted; `train(..., resume=True)` continues it. None: run to cfg.steps.
@@ -127,7 +137,7 @@ def train(
         if stop < start:
             raise ValueError(f"until_step={stop} is before the checkpoint's step {start}: pass a later until_step or None")
     elif out_dir is not None and latest_checkpoint(out_dir) is not None:
-        raise ValueError(f"out_dir {out_dir} already holds checkpoints: pass resume=True to continue it, or choose a new out_dir")
+        raise RunFolderInUseError(out_dir)
     if out_dir is not None:
         atomic_write_json(out_dir / CONFIG_FILE, config)
 

@@ -17,6 +17,7 @@ from mi_krr.models import ICLTransformer, ICLTransformerConfig
 from mi_krr.tasks.samplers import GPRegressionSampler, LinearRegressionSampler
 from mi_krr.train import (
     CheckpointError,
+    RunFolderInUseError,
     TrainConfig,
     bayes_optimal_predictions,
     held_out_reference,
@@ -70,7 +71,7 @@ def test_resume_refuses_changed_settings_and_existing_runs(tmp_path):
         train(_tiny_model(0), sampler, _tiny_config(tmp_path, lr=1e-3), resume=True, progress=False)
     with pytest.raises(CheckpointError, match="different sampler config"):
         train(_tiny_model(0), LinearRegressionSampler(2, noise_std=0.3), _tiny_config(tmp_path), resume=True, progress=False)
-    with pytest.raises(ValueError, match="already holds checkpoints"):
+    with pytest.raises(RunFolderInUseError, match="already holds checkpoints: pass resume=True to continue it, or choose a new out_dir"):
         train(_tiny_model(0), sampler, _tiny_config(tmp_path), progress=False)
     with pytest.raises(FileNotFoundError, match="holds no state"):
         train(_tiny_model(0), sampler, _tiny_config(tmp_path / "empty"), resume=True, progress=False)

@@ -584,6 +584,24 @@ def test_train_flags_override_the_config_file(cli_run):
     assert [record["step"] for record in history] == [0, 1, 2]  # eval_every=1 over steps=2
 
 
+def test_train_warmup_and_curriculum_flags_shorten_the_schedule_to_fit_a_short_run(tmp_path):
+    """A config with a 10-step warm-up and curriculum, run for --steps 4 --warmup-steps 2
+    --curriculum-steps 0: the flags reach config.json, and the recorded learning rates are the
+    closed-form schedule's (lr 1e-3, min_lr 1e-5): step 0 warms up to lr / 2, step 3 is half-way
+    down the cosine, min_lr + (lr - min_lr) / 2."""
+    description = {"model": tiny_config(dtype="float32", n_layers=1).to_dict() | {"model_type": "ICLTransformer"},
+                   "sampler": SAMPLER.to_config(), "train": {**TRAIN_SECTION, "steps": 20, "warmup_steps": 10, "curriculum_steps": 10}}
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(description))
+    assert main(["train", "--config", str(tmp_path / "run.yaml"), "--steps", "4", "--warmup-steps", "2", "--curriculum-steps", "0",
+                 "--out", str(tmp_path / "run"), "--no-progress"]) == 0
+    written = json.loads((tmp_path / "run" / "config.json").read_text())["train"]
+    assert (written["steps"], written["warmup_steps"], written["curriculum_steps"]) == (4, 2, 0)
+    history = json.loads((tmp_path / "run" / "metrics.json").read_text())["history"]
+    assert [record["step"] for record in history] == [0, 4]
+    assert history[0]["lr"] == pytest.approx(1e-3 / 2, rel=1e-12)
+    assert history[1]["lr"] == pytest.approx(1e-5 + (1e-3 - 1e-5) / 2, rel=1e-12)
+
+
 def test_train_resume_refuses_an_override_flag(cli_run, capsys):
     """`mi-krr train --resume --steps 9` exits 2 asking to drop --steps."""
     _, run = cli_run

@@ -1,8 +1,8 @@
 """What a researcher does with `probes.diagnose`'s results, and the `mi-krr` command line, used as
 a user would: the result views agree with a brute-force path R2 and with each other, the seed
 reproduces and varies what it should, and the user errors found in a usage review (custom
-solvers, task-set names, figures, `--out`, configs, prompts too long for the model) are pinned
-as strict xfails until fixed."""
+solvers, task-set names, figures, `--out`, configs, prompts too long for the model, options a
+construction ignores, short training runs) stay fixed."""
 
 from __future__ import annotations
 
@@ -254,7 +254,6 @@ def test_train_malformed_config_is_one_line_naming_the_file(name, text, tmp_path
     one_line_error(capsys, name)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: construct silently ignores options its construction does not use (gd --mlp relu, cg --step)")
 @pytest.mark.parametrize("args, option", [(["gd", "--mlp", "relu"], "--mlp"), (["cg", "--step", "0.5"], "--step")])
 def test_construct_refuses_an_option_the_construction_does_not_use(args, option, capsys):
     rc = main(["construct", *args, "--steps", "1", "--dim", "2", "--n-support", "3", "--batch", "1"])
@@ -262,9 +261,16 @@ def test_construct_refuses_an_option_the_construction_does_not_use(args, option,
     one_line_error(capsys, option)
 
 
-@pytest.mark.xfail(strict=True, reason="UX: train's refusal of a used --out tells a CLI user to 'pass resume=True' instead of --resume")
 def test_train_into_a_used_run_folder_points_to_the_resume_flag(tmp_path, capsys):
     (tmp_path / "run" / "state").mkdir(parents=True)
     (tmp_path / "run" / "state" / "step_00000001.safetensors").write_bytes(b"")
     assert main(["train", "--preset", "linear_lr", "--until-step", "1", "--no-progress", "--out", str(tmp_path / "run")]) == 2
     one_line_error(capsys, "already holds checkpoints", "--resume")
+
+
+@pytest.mark.parametrize("flags, fix", [(["--steps", "2"], "--warmup-steps"),
+                                        (["--steps", "2", "--warmup-steps", "1"], "--curriculum-steps")])
+def test_train_a_short_preset_run_names_the_flag_that_fits_its_schedule(flags, fix, tmp_path, capsys):
+    """The preset's 200-step warm-up and 500-step curriculum do not fit in --steps 2: the error names the flag to pass."""
+    assert main(["train", "--preset", "linear_lr", *flags, "--no-progress", "--out", str(tmp_path / "run")]) == 2
+    one_line_error(capsys, fix, "N <= 2")
