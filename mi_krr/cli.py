@@ -132,10 +132,12 @@ def _check_device(device: str | None) -> None:
     import torch
 
     try:
-        torch.empty(0, device=device)
+        placed = torch.empty(0, device=device)
     except (RuntimeError, AssertionError) as error:  # unknown name; a backend torch lacks (AssertionError for CUDA)
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise UsageError(f"--device {device!r} cannot be used here ({reason}): pass e.g. --device cpu") from error
+    if placed.is_meta:
+        raise UsageError(f"--device {device!r} cannot be used here (meta tensors hold no values to compute with): pass e.g. --device cpu")
 
 
 def _check_out(out: str | None) -> None:

@@ -87,9 +87,10 @@ def test_unsupported_checkpoint_is_a_one_line_error(tmp_path, make):
     assert_one_line_error(run_cli("diagnose", str(path)), "not a supported checkpoint")
 
 
-@pytest.mark.parametrize("device", ["nonsense", "cuda:99" if torch.cuda.is_available() else "cuda"])
+@pytest.mark.parametrize("device", ["nonsense", "cuda:99" if torch.cuda.is_available() else "cuda", "meta"])
 def test_unusable_device_is_a_one_line_error_before_any_work(device, capsys):
-    """An unknown device name, or one this machine lacks, exits 2 with one line naming --device."""
+    """An unknown device name, one this machine lacks, or meta (shapes without values) exits 2 with
+    one line naming --device."""
     assert main(["construct", "cg", "--steps", "1", "--device", device]) == 2
     captured = capsys.readouterr()
     lines = captured.err.strip().splitlines()
