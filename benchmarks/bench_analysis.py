@@ -48,7 +48,7 @@ def kernel_alignment_chunks(model, task, repeats: int) -> dict[str, float]:
     module = sys.modules["probes.kernel_alignment"]  # `probes.kernel_alignment` the name is the function
     shipped = module.CHUNK_VALUES
     streamed = stream_probes(model, model.encode(task), layers=[], blocks=(ALIGNMENT_BLOCK,))
-    attention = AttentionKernels(support=streamed.support, query=streamed.query, source="pattern")
+    attention = AttentionKernels.from_stream(streamed)
 
     def with_chunk(values: int):
         def run():

@@ -12,7 +12,7 @@ from mi_krr._repr import compact_repr
 from mi_krr._validation import check_choice
 from mi_krr.models.adapter import ICLModel
 from mi_krr.tasks import ICLTask
-from probes.streaming import attention_blocks, encode_for_probe, probe_model
+from probes.streaming import ATTENTION_BLOCKS, StreamedProbes, encode_for_probe, probe_model, stream_probes
 
 SOURCES = ("pattern", "scores")
 
@@ -29,6 +29,10 @@ class AttentionKernels:
         source: "pattern" (weights applied; rows are not renormalised, so they sum to the share
             of attention that lands on support keys) or "scores" (pre-normalisation scores;
             blocked entries carry the model's mask value).
+        support_allowed, query_allowed: the model's structural mask on each block, bool
+            `[n_support, n_support]` and `[n_query, n_support]` (the same for every prompt, layer
+            and head; True: the row's token may attend to the key), None where the block was not
+            read or the model has no such mask (`ICLModel.allowed_attention`).
     """
 
     __repr__ = compact_repr
@@ -36,6 +40,19 @@ class AttentionKernels:
     support: torch.Tensor | None
     query: torch.Tensor | None
     source: str
+    support_allowed: torch.Tensor | None = None
+    query_allowed: torch.Tensor | None = None
+
+    @classmethod
+    def from_stream(cls, streamed: StreamedProbes, source: str = "pattern") -> AttentionKernels:
+        """The blocks, and their structural masks, that a `stream_probes` pass read with `source`."""
+        return cls(
+            support=streamed.support,
+            query=streamed.query,
+            source=source,
+            support_allowed=streamed.support_allowed,
+            query_allowed=streamed.query_allowed,
+        )
 
     @property
     def n_layers(self) -> int:
@@ -56,8 +73,9 @@ class AttentionKernels:
 
 def attention_kernels(model: ICLModel, task: ICLTask, source: str = "pattern") -> AttentionKernels:
     """Every layer's and head's attention between support keys and support / query tokens,
-    reduced to those blocks inside the hooks (see `probes.streaming.attention_blocks`)."""
+    reduced to those blocks inside the hooks, with the model's structural mask on each block (see
+    `probes.streaming.stream_probes` for `source`)."""
     model = probe_model(model)
     check_choice("source", source, SOURCES)
-    support, query = attention_blocks(model, encode_for_probe(model, task), source)
-    return AttentionKernels(support=support, query=query, source=source)
+    streamed = stream_probes(model, encode_for_probe(model, task), blocks=ATTENTION_BLOCKS, source=source)
+    return AttentionKernels.from_stream(streamed, source)

@@ -437,7 +437,7 @@ def _diagnose_task_set(model, set_name, task, prompt, bar, *, algorithms, kernel
 
     alignment = None
     if kernels:
-        attention = AttentionKernels(support=streamed.support, query=streamed.query, source="pattern")
+        attention = AttentionKernels.from_stream(streamed)
         try:
             alignment = kernel_alignment(model, task, kernels=kernels, block=ALIGNMENT_BLOCK, attention=attention)
         except ValueError as error:

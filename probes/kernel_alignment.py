@@ -2,8 +2,9 @@
 
 Softmax attention applies the row-normalised kernel D^-1 K of K = exp(q . k / sqrt(d_head)), so a
 head is compared with a reference kernel only after the same normalisation: both matrices are
-restricted to the keys the head actually sees (its nonzero pattern entries among the support
-keys) and each row is scaled to sum to one. References: the exponential kernel
+restricted to the support keys each row may see under the model's structural mask (where the
+model has none, e.g. the constructions' per-head masks, the head's nonzero pattern entries) and
+each row is scaled to sum to one. References: the exponential kernel
 exp(x . x' / tau) and the Gaussian kernel exp(-|x - x'|^2 / (2 sigma^2)) (`mi_krr.kernels`
 conventions), on the raw inputs or a given representation, with tau / sigma fitted per layer and
 head (one value pooled over prompts).
@@ -130,6 +131,7 @@ def kernel_alignment(
     elif not isinstance(attention, AttentionKernels) or attention.source != "pattern":
         raise ValueError("attention must be the AttentionKernels of attention_kernels(model, task, source='pattern'), or None")
     pattern = attention.query if block == "query" else attention.support
+    allowed = attention.query_allowed if block == "query" else attention.support_allowed
     if pattern is None:
         raise ValueError(f"attention lacks the {block!r} block that block={block!r} compares: read it with that block")
     rows = task.n_query if block == "query" else task.n_support
@@ -147,7 +149,7 @@ def kernel_alignment(
         )
     support_x, query_x = _representation(task, representation)
     rows_x = query_x if block == "query" else support_x
-    keys = pattern > 0  # [B, L, H, r, n]
+    keys = _visible_keys(pattern, allowed)  # [B, L, H, r, n]
     attn = pattern / pattern.sum(dim=-1, keepdim=True).clamp_min(1e-300)
     similarities = {
         kernel: log_similarity(kernel, rows_x.to(attn.device), support_x.to(attn.device))[:, None, None] for kernel in kernels
@@ -160,6 +162,20 @@ def kernel_alignment(
         positive = torch.where(beta >= 0, beta, torch.nan)
         scale[kernel] = positive.reciprocal() if kernel == "exp" else positive.rsqrt()
     return KernelAlignment(block=block, scale=scale, metrics=metrics, per_prompt=per_prompt)
+
+
+def _visible_keys(pattern: torch.Tensor, allowed: torch.Tensor | None) -> torch.Tensor:
+    """The support keys each row may see, bool like pattern `[B, L, H, r, n]`: the model's
+    structural mask `allowed` `[r, n]` broadcast (no copy), or, where the model has none, the
+    pattern's nonzero entries (then a softmax weight that underflowed to 0 counts as masked)."""
+    if allowed is None:
+        return pattern > 0
+    if tuple(allowed.shape) != tuple(pattern.shape[-2:]):
+        raise ValueError(
+            f"attention's allowed mask is {tuple(allowed.shape)} but its block has rows, keys = {tuple(pattern.shape[-2:])}: "
+            "pass the AttentionKernels that attention_kernels(model, task) returns"
+        )
+    return allowed.to(pattern.device).expand_as(pattern)
 
 
 def reference_kernel_names(kernels: Any) -> tuple[str, ...]:

@@ -8,7 +8,8 @@ query x support blocks inside the hook; both kinds ride on ONE forward pass, so 
 the model once. No hook keeps a `[batch', seq, ...]` activation: everything stored is a small
 tensor in its own storage, never a view that would keep the full activation alive.
 
-Probes talk to models only through `mi_krr.models.adapter.ICLModel` (encode, hook names, readout).
+Probes talk to models only through `mi_krr.models.adapter.ICLModel` (encode, hook names, the
+structural attention mask, readout).
 """
 
 from __future__ import annotations
@@ -116,25 +117,6 @@ def query_residuals(model: ICLModel, prompt: EncodedPrompt, layers: Sequence[int
     return torch.stack(run_with_reductions(model, prompt.tokens, reductions), dim=1)
 
 
-def attention_blocks(
-    model: ICLModel, prompt: EncodedPrompt, source: str = "pattern"
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-layer attention between support x tokens and support / query tokens, reduced in hooks
-    (`stream_probes` with both blocks and no read-outs).
-
-    source "pattern": the weights applied (`AttentionHooks.pattern`). "scores": pre-normalisation
-    scores from `AttentionHooks.scores` where the model has them (blocked entries carry the
-    model's mask value, e.g. -inf), else rebuilt as q . k / sqrt(d_head) from `hook_q`/`hook_k`
-    (exact for plain dot-product attention; a model that transforms q and k after those hooks,
-    e.g. rotary, must expose `scores`).
-
-    Returns (support `[batch, layer, head, n, n]`, query `[batch, layer, head, n_query, n]`),
-    rows = attending token, columns = support keys (x tokens in the interleaved layout).
-    """
-    streamed = stream_probes(model, prompt, blocks=ATTENTION_BLOCKS, source=source)
-    return streamed.support, streamed.query
-
-
 @dataclass
 class StreamedProbes:
     """What one forward pass with probe hooks keeps (None: not requested).
@@ -143,6 +125,10 @@ class StreamedProbes:
         readouts: the read-out lens at the query positions `[batch, len(layers), n_query]`.
         support: attention of support x tokens on support keys `[batch, layer, head, n, n]`.
         query: attention of query tokens on support keys `[batch, layer, head, n_query, n]`.
+        support_allowed, query_allowed: the model's structural mask on those blocks, bool
+            `[n, n]` and `[n_query, n]` (the same for every prompt, layer and head; True: the
+            row's token may attend to the key), None where the block was not read or the model
+            has no such mask (`ICLModel.allowed_attention`).
     """
 
     __repr__ = compact_repr
@@ -150,6 +136,8 @@ class StreamedProbes:
     readouts: torch.Tensor | None
     support: torch.Tensor | None
     query: torch.Tensor | None
+    support_allowed: torch.Tensor | None = None
+    query_allowed: torch.Tensor | None = None
 
 
 def stream_probes(
@@ -162,9 +150,17 @@ def stream_probes(
 ) -> StreamedProbes:
     """ONE forward pass of `model` that keeps, reduced inside the hooks as they fire, the read-out
     lens of each residual index in `layers` (`[batch, n_query]` per layer) and the attention
-    `blocks` ("support", "query") of every layer (`[batch, head, rows, n]` per layer; see
-    `attention_blocks` for `source`). No hook keeps an activation, or a view of one: at any time
-    the pass holds one layer's activations plus these reductions.
+    `blocks` ("support", "query") of every layer (`[batch, head, rows, n]` per layer; rows =
+    attending token, columns = support keys, the x tokens in the interleaved layout), with the
+    model's structural mask on each block. No hook keeps an activation, or a view of one: at any
+    time the pass holds one layer's activations plus these reductions.
+
+    source "pattern": the weights applied (`AttentionHooks.pattern`). "scores": pre-normalisation
+    scores from `AttentionHooks.scores` where the model has them (blocked entries carry the
+    model's mask value, e.g. -inf), else rebuilt as q . k / sqrt(d_head) from `hook_q`/`hook_k`
+    (exact for plain softmax dot-product attention; a model that transforms q and k after those
+    hooks, e.g. rotary, must expose `scores`), with -inf where `model.allowed_attention(prompt)`
+    blocks the entry (finite everywhere for a model without that mask).
 
     Raises ValueError for an unknown block or source, or when nothing is requested.
     """
@@ -180,18 +176,47 @@ def stream_probes(
     reductions: list[tuple[str, Reduction]] = [
         (names[layer], lambda resid: model.readout(prompt.gather_queries(resid))) for layer in layers
     ]
-    finish_attention = _attention_reductions(model, prompt, blocks, source, reductions) if blocks else None
+    allowed = _allowed_blocks(model, prompt, blocks) if blocks else {}
+    finish_attention = _attention_reductions(model, prompt, blocks, source, allowed, reductions) if blocks else None
     results = run_with_reductions(model, prompt.tokens, reductions, grad=grad)
     readouts = torch.stack(results[: len(layers)], dim=1) if layers else None
     support, query = finish_attention(results[len(layers) :]) if blocks else (None, None)
-    return StreamedProbes(readouts=readouts, support=support, query=query)
+    return StreamedProbes(
+        readouts=readouts, support=support, query=query, support_allowed=allowed.get("support"), query_allowed=allowed.get("query")
+    )
+
+
+def _allowed_blocks(model: ICLModel, prompt: EncodedPrompt, blocks: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """The model's structural mask (`model.allowed_attention(prompt)`, `[seq, seq]`) cut to each
+    of `blocks` like the attention: {block: bool `[rows, n]`}, query rows folded over groups as
+    the query block is; empty when the model has no such mask."""
+    allowed = model.allowed_attention(prompt)
+    if allowed is None:
+        return {}
+    seq_len = prompt.tokens.shape[1]
+    if not isinstance(allowed, torch.Tensor) or allowed.dtype != torch.bool or tuple(allowed.shape) != (seq_len, seq_len):
+        raise ValueError(
+            f"{type(model).__name__}.allowed_attention(prompt) must be a bool tensor [{seq_len}, {seq_len}] (the prompt's "
+            f"sequence length) or None, got {type(allowed).__name__} {tuple(getattr(allowed, 'shape', ()))}"
+        )
+    keys = prompt.support_positions
+    cut = {block: _take(_take(allowed, 0, positions), 1, keys) for block, positions in _block_rows(prompt, blocks).items()}
+    if "query" in cut:
+        cut["query"] = einops.repeat(cut["query"], "q key -> (group q) key", group=prompt.groups)
+    return {block: mask.clone(memory_format=torch.contiguous_format) for block, mask in cut.items()}
 
 
 def _attention_reductions(
-    model: ICLModel, prompt: EncodedPrompt, blocks: tuple[str, ...], source: str, reductions: list[tuple[str, Reduction]]
+    model: ICLModel,
+    prompt: EncodedPrompt,
+    blocks: tuple[str, ...],
+    source: str,
+    allowed: dict[str, torch.Tensor],
+    reductions: list[tuple[str, Reduction]],
 ) -> Callable[[list[Any]], tuple[torch.Tensor | None, torch.Tensor | None]]:
     """Append to `reductions` the hooks that cut every layer's attention down to `blocks`; return
-    the function that turns their results (in order) into (support, query) `[batch, layer, ...]`."""
+    the function that turns their results (in order) into (support, query) `[batch, layer, ...]`.
+    Scores rebuilt from q and k get -inf where `allowed` (`_allowed_blocks`) blocks them."""
     keys, rows = prompt.support_positions, _block_rows(prompt, blocks)
 
     def blocks_of(pattern: torch.Tensor) -> dict[str, torch.Tensor]:  # [seqs, head, pos, pos]
@@ -218,18 +243,23 @@ def _attention_reductions(
                 per_layer.append(next(results))
                 continue
             q_rows, k = next(results), next(results)  # {block: [seqs, rows, head, e]}, [seqs, n, head, e]
-            per_layer.append({
-                block: _fold_block(
-                    block,
-                    einops.einsum(q, k, "seqs row head e, seqs key head e -> seqs head row key") / q.shape[-1] ** 0.5,
-                    prompt,
-                )
-                for block, q in q_rows.items()
-            })
+            per_layer.append({block: _rebuilt_scores(block, q, k, prompt, allowed.get(block)) for block, q in q_rows.items()})
         stacked = {block: torch.stack([layer[block] for layer in per_layer], dim=1) for block in blocks}
         return stacked.get("support"), stacked.get("query")
 
     return finish
+
+
+def _rebuilt_scores(
+    block: str, q: torch.Tensor, k: torch.Tensor, prompt: EncodedPrompt, allowed: torch.Tensor | None
+) -> torch.Tensor:
+    """Softmax scores q . k / sqrt(d_head) of one block from q at its rows `[seqs, rows, head, e]`
+    and k at the support keys `[seqs, n, head, e]`, folded per prompt (`_fold_block`), with -inf
+    where `allowed` (the block's structural mask, `_allowed_blocks`) is False, as a model's own
+    score hook carries them (None: no mask known, every entry finite)."""
+    scores = einops.einsum(q, k, "seqs row head e, seqs key head e -> seqs head row key") / q.shape[-1] ** 0.5
+    folded = _fold_block(block, scores, prompt)
+    return folded if allowed is None else folded.masked_fill(~allowed, float("-inf"))
 
 
 def _block_rows(prompt: EncodedPrompt, blocks: tuple[str, ...]) -> dict[str, torch.Tensor]:

@@ -353,6 +353,10 @@ class ConstructedTransformer(HookedRootModule):
     def attention_hook_names(self) -> list[AttentionHooks]:
         return attention_hook_names(self.n_layers, with_scores=True)
 
+    def allowed_attention(self, prompt: EncodedPrompt) -> None:
+        """None: each head has its own token-type mask (`HeadSpec`), not one mask for the model."""
+        return None
+
     def step_hook_names(self) -> list[str]:
         """T + 1 hooks: the embeddings, then `blocks.{t * layers_per_step - 1}.hook_resid_post`
         (the residual stream after step t's blocks) for t = 1..T."""

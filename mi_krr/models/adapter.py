@@ -1,10 +1,11 @@
 """The contract between models and probes.
 
 Probes only ever talk to a model through `ICLModel`: how a task becomes input (`encode`), which
-hook names hold the residual stream after each block and each layer's attention, and how a
-residual vector becomes a prediction (`readout`). Every model class in mi-krr (`ICLTransformer`,
-the TransformerBridge model, Garg-format checkpoints, the constructed reference models)
-implements it; `adapter_for` checks a model does, naming what is missing.
+hook names hold the residual stream after each block and each layer's attention, which token may
+attend to which (`allowed_attention`), and how a residual vector becomes a prediction
+(`readout`). Every model class in mi-krr (`ICLTransformer`, the TransformerBridge model,
+Garg-format checkpoints, the constructed reference models) implements it; `adapter_for` checks a
+model does, naming what is missing.
 """
 
 from __future__ import annotations
@@ -55,6 +56,12 @@ class ICLModel(Protocol):
     def attention_hook_names(self) -> list[AttentionHooks]:
         """One `AttentionHooks` per block (empty names are not allowed)."""
 
+    def allowed_attention(self, prompt: EncodedPrompt) -> torch.Tensor | None:
+        """The structural mask the model applies to `prompt`'s token sequences: bool
+        `[query_pos, key_pos]` (the same for every sequence), True where a token may attend to
+        the key; None where the model has no such mask (e.g. per-head masks), and probes then
+        take a head's nonzero attention weights as the keys it could see."""
+
     def readout(self, resid: torch.Tensor) -> torch.Tensor:
         """The model's own final norm and read-out: `[..., d_model]` -> `[...]`."""
 
@@ -69,7 +76,7 @@ def adapter_for(model: object) -> ICLModel:
 
     Raises ValueError naming the missing method or hook, or the list of the wrong length.
     """
-    for method in ("encode", "forward", "residual_hook_names", "attention_hook_names", "readout", "predict"):
+    for method in ("encode", "forward", "residual_hook_names", "attention_hook_names", "allowed_attention", "readout", "predict"):
         if not callable(getattr(model, method, None)):
             raise ValueError(
                 f"{type(model).__name__} has no method {method!r}: probes need an mi_krr ICL model "

@@ -131,6 +131,7 @@ class BridgeICLModel(BridgeBackedMixin, PromptedModelMixin, nn.Module):
     n_heads = property(lambda self: self.cfg.n_heads)
     n_dims = property(lambda self: self.cfg.n_dims)
     layout = property(lambda self: self.cfg.layout)
+    causal = property(lambda self: self.cfg.causal)
     max_seq_len = property(lambda self: self.cfg.max_seq_len)
 
     def _bridge_mask(self, tokens: torch.Tensor, n_support: int | None) -> torch.Tensor | None:

@@ -72,6 +72,7 @@ class GargICLModel(BridgeBackedMixin, PromptedModelMixin, nn.Module):
     """
 
     layout = "interleaved"
+    causal = True
 
     def __init__(self, garg_config: GargConfig, state_dict: dict[str, torch.Tensor] | None = None,
                  device: torch.device | str | None = None, source: dict[str, Any] | None = None):

@@ -53,6 +53,7 @@ class ICLTransformer(PromptedModelMixin, HookedRootModule):
     n_heads = property(lambda self: self.cfg.n_heads)
     n_dims = property(lambda self: self.cfg.n_dims)
     layout = property(lambda self: self.cfg.layout)
+    causal = property(lambda self: self.cfg.causal)
 
     @property
     def max_seq_len(self) -> int | None:

@@ -1,6 +1,7 @@
-"""Task-level methods every mi-krr model class shares: encode a task for the model, read query
-predictions, and the predictions a trainer scores. A model class supplies `layout`, `n_dims`,
-`max_seq_len` and `forward(tokens, n_support=None) -> [batch', seq]`; this mixin does the rest.
+"""Task-level methods every mi-krr model class shares: encode a task for the model, its attention
+mask, read query predictions, and the predictions a trainer scores. A model class supplies
+`layout`, `causal`, `n_dims`, `max_seq_len` and `forward(tokens, n_support=None) -> [batch', seq]`;
+this mixin does the rest.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import torch
 
 from mi_krr._repr import compact_repr
 from mi_krr.models.encoding import EncodedPrompt, encode, interleave_pairs
+from mi_krr.models.masks import allowed_attention
 from mi_krr.tasks import ICLTask
 
 _N_SUPPORT_ATTRIBUTE = "mi_krr_n_support"
@@ -64,7 +66,8 @@ def check_task_fits(model: object, task: ICLTask) -> None:
 
 
 class PromptedModelMixin:
-    """`encode`, `predict`, `prefix_predictions`, `training_predictions` on top of `forward`.
+    """`encode`, `allowed_attention`, `predict`, `prefix_predictions`, `training_predictions` on
+    top of `forward`.
 
     The concat layout's attention mask depends on how many support tokens a sequence starts with.
     `forward(tokens, n_support=None)` takes it explicitly; when omitted, `encode`'s tokens carry
@@ -76,6 +79,7 @@ class PromptedModelMixin:
     """
 
     layout: str
+    causal: bool
     n_dims: int
     max_seq_len: int | None
     _encoded_splits: dict[int, set[int]] | None = None  # sequence length -> every n_support encoded at it
@@ -93,6 +97,12 @@ class PromptedModelMixin:
             self._encoded_splits = {}
         self._encoded_splits.setdefault(prompt.tokens.shape[1], set()).add(prompt.n_support)
         return prompt
+
+    def allowed_attention(self, prompt: EncodedPrompt) -> torch.Tensor:
+        """The mask the model applies to `prompt`'s token sequences: bool `[query_pos, key_pos]`,
+        True where a token may attend to the key (`mi_krr.models.masks.allowed_attention` of the
+        model's layout, for the prompt's length and n_support)."""
+        return allowed_attention(self.layout, prompt.tokens.shape[1], prompt.n_support, self.causal, device=prompt.tokens.device)
 
     def _resolve_n_support(self, tokens: torch.Tensor, n_support: int | None) -> int | None:
         """The n_support the attention mask of `tokens` `[batch', seq, d_token]` needs: the

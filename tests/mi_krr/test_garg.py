@@ -84,6 +84,18 @@ def test_loader_reproduces_plain_hf_gpt2_predictions_from_state_pt(state_run, re
     adapter_for(model)
 
 
+def test_garg_allowed_attention_is_gpt2s_causal_mask(state_run):
+    """A Garg model's allowed_attention is lower-triangular over each sequence, and equals where
+    GPT-2's applied weights are nonzero."""
+    model = load_garg_checkpoint(state_run)
+    prompt = model.encode(make_task())
+    allowed, seq = model.allowed_attention(prompt), prompt.tokens.shape[1]
+    assert torch.equal(allowed, torch.tril(torch.ones(seq, seq, dtype=torch.bool)))
+    _, cache = model.run_with_cache(prompt.tokens)
+    for hooks in model.attention_hook_names():
+        assert ((cache[hooks.pattern] > 0) == allowed).all()
+
+
 def test_loader_picks_newest_model_step_file_or_the_one_asked_for(tmp_path):
     folder = write_run(tmp_path / "run")
     older, newer = GargReference(seed=1), GargReference(seed=2)

@@ -209,6 +209,21 @@ def test_mask_rows_follow_the_documented_rules():
     np.testing.assert_array_equal(allowed_attention("interleaved", seq_len=4).numpy(), np.tril(np.ones((4, 4), dtype=bool)))
 
 
+@pytest.mark.parametrize("layout, causal", [("concat", False), ("concat", True), ("interleaved", True)])
+def test_allowed_attention_is_where_the_models_own_scores_are_not_masked(layout, causal):
+    """model.allowed_attention(prompt) [seq, seq] is exactly where every block's hook_attn_scores
+    is finite (softmax: -inf at blocked entries) in every sequence and head."""
+    model = make_model(layout=layout, causal=causal)
+    prompt = model.encode(make_task())
+    allowed = model.allowed_attention(prompt)
+    _, cache = model.run_with_cache(prompt.tokens)
+    seq = prompt.tokens.shape[1]
+    assert allowed.dtype == torch.bool and allowed.shape == (seq, seq)
+    for layer in range(2):
+        finite = torch.isfinite(cache[f"blocks.{layer}.attn.hook_attn_scores"])  # [seqs, head, seq, seq]
+        assert (finite == allowed).all()
+
+
 def test_model_runs_in_float32_and_encodes_float64_tasks_to_its_dtype():
     model = make_model(dtype="float32")
     pred = model.predict(make_task(dtype=torch.float64))

@@ -43,6 +43,18 @@ def test_bridge_hooks_fire_with_documented_shapes(layout):
     torch.testing.assert_close(model.readout(cache[model.residual_hook_names()[-1]]), out, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("layout, causal", [("concat", False), ("concat", True), ("interleaved", True)])
+def test_bridge_allowed_attention_is_where_its_pattern_is_nonzero(layout, causal):
+    """model.allowed_attention(prompt) is the mask the bridge applies: where every block's applied
+    weights are nonzero (random weights: no softmax weight underflows), in every sequence and head."""
+    model = make_bridge(layout=layout, causal=causal)
+    prompt = model.encode(make_task())
+    allowed = model.allowed_attention(prompt)
+    _, cache = model.run_with_cache(prompt.tokens)
+    for hooks in model.attention_hook_names():
+        assert ((cache[hooks.pattern] > 0) == allowed).all()
+
+
 def test_bridge_pattern_is_softmax_of_scores_rebuilt_from_q_and_k_under_the_concat_mask():
     model = make_bridge(layout="concat")
     prompt = model.encode(make_task())

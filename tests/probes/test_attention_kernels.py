@@ -3,9 +3,11 @@ pattern / scores of run_with_cache read at hand-picked positions."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
+from mi_krr.construct import richardson_transformer
 from mi_krr.models import AttentionHooks, BridgeICLModel, ICLTransformer, ICLTransformerConfig
 from mi_krr.tasks import ICLTask
 from probes import attention_kernels
@@ -18,9 +20,11 @@ def make_task(batch: int = 2, seed: int = 0) -> ICLTask:
     return random_task(batch, N, M, D, seed)
 
 
-def make_model(layout: str, cls: type = ICLTransformer) -> ICLTransformer:
+def make_model(layout: str, cls: type = ICLTransformer, causal: bool | None = None) -> ICLTransformer:
     torch.manual_seed(0)
-    cfg = ICLTransformerConfig(n_dims=D, d_model=12, n_layers=2, n_heads=3, d_head=4, layout=layout, max_seq_len=32, dtype="float64")
+    cfg = ICLTransformerConfig(
+        n_dims=D, d_model=12, n_layers=2, n_heads=3, d_head=4, layout=layout, causal=causal, max_seq_len=32, dtype="float64"
+    )
     return cls(cfg).eval()
 
 
@@ -65,15 +69,33 @@ def test_interleaved_support_block_is_causal():
     assert (kernels.support[..., upper] == 0).all() and (kernels.support[..., ~upper] > 0).all()
 
 
-def test_scores_rebuilt_from_q_and_k_when_the_model_has_no_score_hook():
-    """Concat layout: every support and query row sees every support key, so the cached scores
-    have no masked entries in these blocks."""
-    plain, rebuilt = make_model("concat"), make_model("concat", ModelWithoutScoreHook)
+@pytest.mark.parametrize("layout, causal", [("concat", False), ("concat", True), ("interleaved", True)])
+def test_scores_rebuilt_from_q_and_k_when_the_model_has_no_score_hook(layout, causal):
+    """Rebuilt scores equal the cached hook_attn_scores of the same model, -inf included where its
+    mask blocks a support key (the causal support blocks' upper triangle)."""
+    plain, rebuilt = make_model(layout, causal=causal), make_model(layout, ModelWithoutScoreHook, causal=causal)
     task = make_task()
     kernels = attention_kernels(rebuilt, task, source="scores")
     support, query = cached_blocks(plain, task, "hook_attn_scores")
+    assert torch.isneginf(support).any() == causal
     torch.testing.assert_close(kernels.support, support, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(kernels.query, query, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("layout, causal", [("concat", False), ("concat", True), ("interleaved", True)])
+def test_attention_kernels_carry_the_models_mask_on_each_block(layout, causal):
+    """support_allowed [n, n] is lower-triangular under a causal mask and all True otherwise;
+    query_allowed [m, n] is all True (a query sees every support key in both layouts)."""
+    kernels = attention_kernels(make_model(layout, causal=causal), make_task())
+    expected = np.tril(np.ones((N, N), dtype=bool)) if causal else np.ones((N, N), dtype=bool)
+    np.testing.assert_array_equal(kernels.support_allowed.numpy(), expected)
+    np.testing.assert_array_equal(kernels.query_allowed.numpy(), np.ones((M, N), dtype=bool))
+
+
+def test_a_construction_has_no_model_wide_mask_so_its_kernels_carry_none():
+    """Constructions mask per head (token types): allowed_attention gives None, and so do the blocks."""
+    kernels = attention_kernels(richardson_transformer(n_steps=1, lam=0.5, bandwidth=0.9, step=0.1, dim=D), make_task())
+    assert kernels.support_allowed is None and kernels.query_allowed is None
 
 
 def test_bridge_scores_rebuilt_from_q_and_k_are_the_log_pattern_up_to_a_row_constant():

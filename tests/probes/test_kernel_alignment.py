@@ -256,6 +256,49 @@ def test_rank_correlations_match_scipy_on_near_ties_signed_zeros_and_masks():
         assert float(metrics["row_spearman"][i]) == pytest.approx(np.nanmean(rows), rel=1e-12, abs=1e-14)
 
 
+def test_kernel_alignment_compares_rows_over_the_structural_mask_not_the_nonzero_weights():
+    """A causal support block (support_allowed lower-triangular) whose heads put exactly zero
+    weight on some keys they may see (as a saturated softmax does): the fitted scale minimises
+    the NumPy mean distance over the structural keys, and each prompt's metrics equal the NumPy /
+    SciPy ones with every row's reference a softmax over all its allowed keys."""
+    task = make_task(batch=5, seed=4)
+    g = torch.Generator().manual_seed(11)
+    allowed = torch.tril(torch.ones(N, N, dtype=torch.bool))
+    similarity = log_similarity("gaussian", task.x_support, task.x_support)[:, None, None]  # [B, 1, 1, N, N]
+    seen = allowed & ((torch.rand(5, 1, 2, N, N, generator=g) > 0.3) | torch.eye(N, dtype=torch.bool))  # zero weight elsewhere
+    noise = 0.2 * torch.randn(5, 1, 2, N, N, generator=g, dtype=torch.float64)
+    pattern = row_normalised_kernel(torch.tensor([1.5, 0.4], dtype=torch.float64)[:, None, None] * similarity + noise, seen)
+    attention = AttentionKernels(support=pattern, query=None, source="pattern", support_allowed=allowed)
+    result = kernel_alignment(None, task, kernels=("gaussian",), block="support", attention=attention)
+    attn, keys, s = pattern.numpy(), np.broadcast_to(allowed.numpy(), (5, N, N)), similarity[:, 0, 0].numpy()
+    beta = result.bandwidth.numpy() ** -2.0  # [1, 2]
+    for head in range(2):
+        loss = lambda u: numpy_mean_distance(u, attn[:, 0, head], s, keys)  # noqa: E731
+        u = math.log(beta[0, head])
+        assert loss(u) <= min(loss(v) for v in np.linspace(u - 5.0, u + 5.0, 2001)) + 1e-15
+        ref = numpy_row_softmax(beta[0, head] * s, keys)
+        for b in range(5):
+            a, r, k = attn[b, 0, head], ref[b], keys[b]
+            rows = [stats.spearmanr(a[i][k[i]], r[i][k[i]]).statistic for i in range(N) if k[i].sum() > 1]
+            expected = {
+                "operator_distance": np.linalg.norm(a - r, ord=2) / np.linalg.norm(r, ord=2),
+                "cka": centred_cka(a, r),
+                "spearman": stats.spearmanr(a[k], r[k]).statistic,
+                "row_spearman": np.mean(rows),
+            }
+            for name, value in expected.items():
+                got = float(result.per_prompt["gaussian"][name][b, 0, head])
+                assert got == pytest.approx(value, rel=1e-9, abs=1e-12), (name, b, head)
+
+
+def test_kernel_alignment_refuses_a_structural_mask_of_another_shape():
+    task = make_task()
+    pattern = torch.full((4, 1, 1, M, N), 1.0 / N, dtype=torch.float64)
+    attention = AttentionKernels(support=None, query=pattern, source="pattern", query_allowed=torch.ones(N, N, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"attention's allowed mask is \(8, 8\) but its block has rows, keys = \(5, 8\)"):
+        kernel_alignment(None, task, attention=attention)
+
+
 @pytest.mark.parametrize("per_head_keys", [False, True])
 def test_kernel_alignment_per_prompt_metrics_match_numpy_and_scipy_across_chunks(monkeypatch, per_head_keys):
     """End to end, with chunks of one or two prompts: each prompt's metrics against the reference

@@ -203,6 +203,23 @@ def test_stream_probes_rejects_an_unknown_block_an_unknown_source_and_an_empty_r
         stream_probes(model, prompt)
 
 
+class MaskOfItsSupport(ICLTransformer):
+    """An allowed_attention of the wrong shape: [n, n] instead of [seq, seq]."""
+
+    def allowed_attention(self, prompt: EncodedPrompt) -> torch.Tensor:
+        return torch.ones(prompt.n_support, prompt.n_support, dtype=torch.bool)
+
+
+def test_stream_probes_names_a_models_allowed_attention_of_the_wrong_shape():
+    """A model's allowed_attention must be bool [seq, seq]: [n, n] is refused with a one-line
+    ValueError naming the method and the expected shape (only when attention blocks are read)."""
+    model, task = make_model(cls=MaskOfItsSupport), make_task()
+    prompt = model.encode(task)
+    with pytest.raises(ValueError, match=rf"MaskOfItsSupport.allowed_attention\(prompt\) must be a bool tensor \[{N + M}, {N + M}\]"):
+        stream_probes(model, prompt, blocks=("query",))
+    assert stream_probes(model, prompt, layers=[1]).readouts.shape == (2, 1, M)
+
+
 def test_resolve_layers_normalises_every_accepted_form_to_python_ints():
     """None -> 0..L; an int, a list, a NumPy array and a tensor -> the same indices as Python ints."""
     model = make_model()

@@ -178,8 +178,6 @@ def test_bridge_label_sensitivities_and_readout_lens_at_one_support_point(layout
                                    rtol=1e-6, atol=1e-8)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: source='scores' on a bridge (scores rebuilt from q/k) leaves blocked "
-                   "entries finite where ICLTransformer and the docstring give the model's mask value (-inf)")
 @pytest.mark.parametrize("layout", ["concat", "interleaved"])
 def test_bridge_scores_carry_the_mask_at_blocked_support_entries(layout):
     """Causal support block: entry (i, j > i) is blocked by the model's mask. ICLTransformer's
@@ -348,8 +346,6 @@ def test_cg_and_gd_constructions_attention_refuses_kernel_alignment_but_diagnose
 
 # ---------------------------------------------------------------- kernel alignment
 
-@pytest.mark.xfail(strict=True, reason="BUG: kernel_alignment takes keys whose softmax weight underflowed to 0 as masked, "
-                   "so a saturated head attending to the wrong key scores distance ~0 (a perfect kernel)")
 def test_saturated_head_attending_to_the_wrong_key_is_not_a_perfect_kernel():
     """One concat softmax head with W_Q, W_K scaled 150x: each query's attention is one-hot (the
     other weights underflow to exactly 0), on a key that is the exp / Gaussian kernel's nearest
