@@ -24,13 +24,23 @@ done by linear attention (a score times a value is a product of two token's coor
 the MLPs only copy, clear and take reciprocals:
     1. heads: Kr_i = sum_j phi_i . phi_j r_j (support queries, support keys); kr_* = k_*^T r
        (query tokens); rr_new = sum_j r_j r_j (the aggregator: score r_j, value r_j).
-       MLP (aggregator): inv_rr = 1 / rr; rr <- rr_new.
-    2. heads, keys = the aggregator, score = coordinate * rr, value inv_rr, so each output is
-       b * coordinate with b = rr_new / rr_old: bp = b p, bKp = b Kp (support), bkq = b kq (queries).
+       MLP (aggregator): inv_rr = 1 / rr.
+    2. heads, keys = the aggregator, score = coordinate * rr_new, value inv_rr, so each output is
+       b * coordinate with b = rr_new / rr: bp = b p, bKp = b Kp (support), bkq = b kq (queries).
        MLP: p <- r + bp, Kp <- Kr + bKp, kq <- kr + bkq, scratch cleared.
     3. head: pAp = sum_j p_j (Kp_j + lam p_j) (the aggregator). MLP: inv_pAp = 1 / pAp.
-    4. heads, keys = the aggregator, score = coordinate * rr, value inv_pAp (a = rr / pAp):
-       alpha += a p, r -= a (Kp + lam p) (support), pred += a kq (queries). MLP clears inv_pAp.
+    4. heads, keys = the aggregator, score = coordinate * rr_new, value inv_pAp (a = rr_new / pAp):
+       alpha += a p, r -= a (Kp + lam p) (support), pred += a kq (queries). MLP clears inv_pAp,
+       rr <- rr_new.
+Both step lengths read r^T r from rr_new, which attention wrote into a zeroed coordinate, not
+from rr: an MLP overwrites rr by adding rr_new - rr, which rounds away the part of rr_new below
+half an ulp of the old rr. Once CG has converged (r^T r ~ 1e-32 of its start) that is all of it:
+rr is exactly 0 while its derivative in y keeps a rounding remainder, which a = rr / pAp would
+multiply by 1 / pAp ~ 1e32 (autograd label sensitivities off by O(1)). rr only serves as the
+next step's old r^T r, where 0 gives inv_rr = 0, so b = 0. Past convergence the steps move along
+directions made of rounding errors, as `mi_krr.solvers.cg` does: predictions and their
+derivatives in y stay the KRR ones to rounding, and the steps stop (the reciprocals give 0) once
+the squared norms fall below the exact reciprocal's floor (`mi_krr.construct.primitives`).
 Step t therefore forms the direction p_{t-1} = r_{t-1} + beta p_{t-2} first (beta multiplies
 p = 0 at t = 1) and then moves along it: after step t's blocks the residual holds alpha_t, r_t,
 pred_t = k_*^T alpha_t, rr = r_{t-1}^T r_{t-1}, and p = p_{t-1}, the direction of step t
@@ -157,8 +167,8 @@ def cg_transformer(
     one = (const(1.0),)
 
     def from_aggregator(query_type: str, factor, value: str, target: str, coef: float) -> HeadSpec:
-        """Token coordinate `factor` times rr times the aggregator's `value`, added to `target`."""
-        return HeadSpec((query_type,), ("aux",), (factor,), (c["rr"],), c[value], ((i[target], coef),))
+        """Token coordinate `factor` times rr_new times the aggregator's `value`, added to `target`."""
+        return HeadSpec((query_type,), ("aux",), (factor,), (c["rr_new"],), c[value], ((i[target], coef),))
 
     Ap = c["Kp"] + lam * c["p"]
     blocks = [
@@ -168,11 +178,7 @@ def cg_transformer(
                 HeadSpec(("query",), ("support",), feat_q, feat_s, c["r"], ((i["kr"], 1.0),)),
                 HeadSpec(("aux",), ("support",), one, (c["r"],), c["r"], ((i["rr_new"], 1.0),)),
             ),
-            mlp=(
-                Reciprocal(i["inv_rr"], c["rr"], off=layout.other_types("aux")),
-                Linear(i["rr"], c["rr_new"] - c["rr"]),
-                Linear(i["rr_new"], -c["rr_new"]),
-            ),
+            mlp=(Reciprocal(i["inv_rr"], c["rr"], off=layout.other_types("aux")),),
         ),
         BlockSpec(
             heads=(
@@ -200,7 +206,11 @@ def cg_transformer(
                 from_aggregator("support", Ap, "inv_pAp", "r", -1.0),
                 from_aggregator("query", c["kq"], "inv_pAp", "pred", 1.0),
             ),
-            mlp=(Linear(i["inv_pAp"], -c["inv_pAp"]),),
+            mlp=(
+                Linear(i["inv_pAp"], -c["inv_pAp"]),
+                Linear(i["rr"], c["rr_new"] - c["rr"]),
+                Linear(i["rr_new"], -c["rr_new"]),
+            ),
         ),
     ]
     x_span = layout.span("x")

@@ -9,9 +9,12 @@ list into a module with a TransformerLens-style `hook_pre` / `hook_post`:
   identity (a bilinear, GLU-like unit: a product, or a linear term when b_k = 1) or the
   reciprocal 1/s. These are IDEALISED: no standard activation computes u v or 1/s exactly; they
   stand for arithmetic that a wide enough ReLU network approximates to any accuracy on a bounded
-  range, which `ReluMLP` makes concrete. 1/s returns 0 where |s| <= the smallest normal float64
-  (the convention of mi_krr.solvers' CG step lengths, where such a denominator only vanishes
-  together with its numerator).
+  range, which `ReluMLP` makes concrete. 1/s returns 0, with derivative 0, where
+  |s| <= `RECIPROCAL_FLOOR` (~1.5e-154, the square root of the smallest normal float64), so that
+  its derivative -1/s^2 stays finite: below the floor the backward pass would overflow to inf and
+  NaN (CG's squared norms get there when a construction runs many steps past convergence).
+  (mi_krr.solvers' CG divides num / den directly, with no 1/den^2 factor of its own, and guards
+  at the smallest normal float.)
 - `ReluMLP` ("relu"): a standard one-hidden-layer ReLU MLP, out = W_out relu(W_in h + b_in) + b_out.
   Linear terms are exact (u = relu(u) - relu(-u)). A product is u v = ((u + v)^2 - (u - v)^2) / 4
   with s^2 replaced by its piecewise-linear interpolant on `width` ReLU units (uniform knots on
@@ -39,7 +42,8 @@ from transformer_lens.hook_points import HookPoint
 from mi_krr._validation import check_choice, check_count, check_positive
 
 ARITHMETICS = ("exact", "relu")
-TINY = torch.finfo(torch.float64).tiny
+RECIPROCAL_FLOOR = torch.finfo(torch.float64).tiny ** 0.5
+"""|s| at or below which `ExactMLP`'s 1/s is 0 (module docstring)."""
 
 
 @dataclass(frozen=True)
@@ -214,7 +218,7 @@ class ExactMLP(nn.Module):
         gates = self.hook_pre(torch.cat([h @ self.W_b + self.b_b, h @ self.W_d + self.b_d], dim=-1))
         n_bilinear = self.W_b.shape[1]
         gate_bilinear, gate_reciprocal = gates[..., :n_bilinear], gates[..., n_bilinear:]
-        nonzero = gate_reciprocal.abs() > TINY
+        nonzero = gate_reciprocal.abs() > RECIPROCAL_FLOOR
         inverse = torch.where(nonzero, 1.0 / torch.where(nonzero, gate_reciprocal, 1.0), 0.0)
         units = torch.cat([(h @ self.W_a + self.b_a) * gate_bilinear, (h @ self.W_c + self.b_c) * inverse], dim=-1)
         return self.hook_post(units) @ self.W_out

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from mi_krr.construct.primitives import Linear, Product, Reciprocal, ReluArithmetic, coord, compile_mlp
+from mi_krr.construct.primitives import RECIPROCAL_FLOOR, Linear, Product, Reciprocal, ReluArithmetic, coord, compile_mlp
 
 # residual: [u, v, off, out]; the reciprocal applies where off = 0
 U, V, FLAG, OUT = 0, 1, 2, 3
@@ -32,6 +32,19 @@ def test_exact_units_compute_linear_product_and_gated_reciprocal():
     expected = 2 * v - u * v + torch.where(applies > 0, 3 / torch.where(applies > 0, u, 1.0), 0.0)
     # relative accuracy even for u = 1e-30: the gate adds exactly 0 where the reciprocal applies
     torch.testing.assert_close(run(ops, "exact", h), expected, rtol=1e-14, atol=0)
+
+
+def test_exact_reciprocal_is_zero_with_zero_gradient_at_or_below_its_floor():
+    """Above RECIPROCAL_FLOOR (~1.5e-154) the unit gives 1/s with gradient -1/s^2 (closed forms,
+    finite); at or below it, where -1/s^2 would overflow, it gives 0 with gradient 0."""
+    s = torch.tensor([1e-200, RECIPROCAL_FLOOR, 2e-154, 1e-100, 3.0], dtype=torch.float64, requires_grad=True)
+    zeros = torch.zeros(5, dtype=torch.float64)
+    got = run([Reciprocal(OUT, coord(U), off=OFF)], "exact", residual(s, zeros, zeros))
+    (gradient,) = torch.autograd.grad(got.sum(), s)
+    s, above = s.detach(), torch.tensor([False, False, True, True, True])
+    torch.testing.assert_close(got.detach(), torch.where(above, 1 / s, 0.0), rtol=1e-15, atol=0)
+    torch.testing.assert_close(gradient, torch.where(above, -1 / s**2, 0.0), rtol=1e-14, atol=0)
+    assert torch.isfinite(gradient).all()
 
 
 @pytest.mark.parametrize("width", [16, 64, 256])

@@ -128,16 +128,30 @@ def test_label_sensitivities_bad_arguments_raise():
         label_sensitivities(model, make_task(), chunk_size=0)
 
 
-def test_cg_construction_layer_sensitivities_equal_cg_solver_sensitivities():
+@pytest.mark.parametrize("n_steps", [3, 8])
+def test_cg_construction_layer_sensitivities_equal_cg_solver_sensitivities(n_steps):
     """The hand-built CG transformer runs CG exactly; at its step hooks, d yhat / d y by autograd
-    through the model equals d pred_t / d y by autograd through `mi_krr.solvers.cg`."""
-    model, task = cg_transformer(n_steps=3, lam=0.1, dim=D), make_task()
+    through the model equals d pred_t / d y by autograd through `mi_krr.solvers.cg`, also past
+    convergence (K = X X^T has rank D = 2, so CG terminates after 3 steps)."""
+    model, task = cg_transformer(n_steps=n_steps, lam=0.1, dim=D), make_task()
     names = model.residual_hook_names()
     layers = [names.index(name) for name in model.step_hook_names()]
     from_model = label_sensitivities(model, task, layers=layers)
     K, K_query = linear_kernel(task.x_support), linear_kernel(task.x_query, task.x_support)
-    from_solver = solver_sensitivities("cg", K, K_query, 0.1, 3, y=task.y_support)
+    from_solver = solver_sensitivities("cg", K, K_query, 0.1, n_steps, y=task.y_support)
     torch.testing.assert_close(from_model, from_solver, rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.parametrize("n_steps", [N, N + 3, 40])
+def test_cg_solver_sensitivities_past_convergence_equal_the_krr_map(n_steps):
+    """After N steps CG has terminated: d pred_t / d y by autograd through `mi_krr.solvers.cg` is
+    K_query (K + lam I)^-1 (NumPy inverse) at every step t >= N, also 40 steps in."""
+    K, K_query, y = kernel_system()
+    lam = 0.1
+    sensitivities = solver_sensitivities("cg", K, K_query, lam, n_steps, y=y)
+    krr_map = K_query.numpy() @ np.linalg.inv(K.numpy() + lam * np.eye(N))
+    for t in range(N, n_steps + 1):
+        np.testing.assert_allclose(sensitivities[:, t].numpy(), krr_map, rtol=1e-9, atol=1e-11)
 
 
 def test_solver_sensitivities_of_a_fixed_step_callable_equal_the_closed_form():
