@@ -38,6 +38,18 @@ def centred_cka(a: np.ndarray, b: np.ndarray) -> float:
     return float((ac * bc).sum() / (np.linalg.norm(ac) * np.linalg.norm(bc)))
 
 
+def numpy_metrics(a: np.ndarray, r: np.ndarray, k: np.ndarray) -> dict[str, float]:
+    """The four alignment metrics of one head's row-normalised attention a against the reference r
+    `[rows, keys]` over the visible keys k, by NumPy / SciPy."""
+    rows = [stats.spearmanr(a[i][k[i]], r[i][k[i]]).statistic for i in range(len(a)) if k[i].sum() > 1]
+    return {
+        "operator_distance": np.linalg.norm(a - r, ord=2) / np.linalg.norm(r, ord=2),
+        "cka": centred_cka(a, r),
+        "spearman": stats.spearmanr(a[k], r[k]).statistic,
+        "row_spearman": np.mean(rows),
+    }
+
+
 @pytest.mark.parametrize("shape", [(6, 6), (4, 7)])
 def test_alignment_metrics_match_numpy_and_scipy(shape):
     rng = np.random.default_rng(0)
@@ -278,15 +290,7 @@ def test_kernel_alignment_compares_rows_over_the_structural_mask_not_the_nonzero
         assert loss(u) <= min(loss(v) for v in np.linspace(u - 5.0, u + 5.0, 2001)) + 1e-15
         ref = numpy_row_softmax(beta[0, head] * s, keys)
         for b in range(5):
-            a, r, k = attn[b, 0, head], ref[b], keys[b]
-            rows = [stats.spearmanr(a[i][k[i]], r[i][k[i]]).statistic for i in range(N) if k[i].sum() > 1]
-            expected = {
-                "operator_distance": np.linalg.norm(a - r, ord=2) / np.linalg.norm(r, ord=2),
-                "cka": centred_cka(a, r),
-                "spearman": stats.spearmanr(a[k], r[k]).statistic,
-                "row_spearman": np.mean(rows),
-            }
-            for name, value in expected.items():
+            for name, value in numpy_metrics(attn[b, 0, head], ref[b], keys[b]).items():
                 got = float(result.per_prompt["gaussian"][name][b, 0, head])
                 assert got == pytest.approx(value, rel=1e-9, abs=1e-12), (name, b, head)
 
@@ -322,14 +326,7 @@ def test_kernel_alignment_per_prompt_metrics_match_numpy_and_scipy_across_chunks
         for b in range(7):
             for layer in range(2):
                 for head in range(2):
-                    a, r, k = attn[b, layer, head], ref[b, layer, head], keys[b, layer, head]
-                    rows = [stats.spearmanr(a[i][k[i]], r[i][k[i]]).statistic for i in range(M) if k[i].sum() > 1]
-                    expected = {
-                        "operator_distance": np.linalg.norm(a - r, ord=2) / np.linalg.norm(r, ord=2),
-                        "cka": centred_cka(a, r),
-                        "spearman": stats.spearmanr(a[k], r[k]).statistic,
-                        "row_spearman": np.mean(rows),
-                    }
+                    expected = numpy_metrics(attn[b, layer, head], ref[b, layer, head], keys[b, layer, head])
                     for name, value in expected.items():
                         got = float(result.per_prompt[kernel][name][b, layer, head])
                         assert got == pytest.approx(value, rel=1e-9, abs=1e-12), (kernel, name, b, layer, head)
