@@ -259,7 +259,7 @@ def percentile_intervals(samples, level: float = 0.95) -> np.ndarray:
     samples = np.asarray(samples, dtype=np.float64)
     if samples.shape[0] == 0:
         return np.full((*samples.shape[1:], 2), np.nan)
-    tail = (1.0 - level) / 2.0
+    tail = round((1.0 - level) / 2.0, 12)  # level's decimal tail: 0.95 -> 0.025, not 0.025000000000000022 (a rank higher at R = 1000)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # an all-NaN column gives (nan, nan)
         bounds = np.nanquantile(samples, [tail, 1.0 - tail], axis=0, method="inverted_cdf")

@@ -1,6 +1,8 @@
 """Scoring statistics checked against direct NumPy formulas and brute force."""
 
 import itertools
+import math
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -311,10 +313,11 @@ def test_score_interval_is_the_percentile_interval_of_the_resampled_scores_at_th
     rng = np.random.default_rng(14)
     steps = rng.normal(size=(30, 4, 3))
     layers = steps + 0.3 * rng.normal(size=steps.shape)
-    for level in (0.95, 0.8):
-        score = score_algorithms(layers, {"a": steps}, steps[:, -1], bootstrap=300, seed=0, level=level)["a"]
+    for level, bootstrap in ((0.95, 300), (0.95, 1000), (0.8, 300)):
+        score = score_algorithms(layers, {"a": steps}, steps[:, -1], bootstrap=bootstrap, seed=0, level=level)["a"]
         samples = np.sort(score.score_samples)
-        low, high = (samples[int(np.ceil(q * len(samples))) - 1] for q in ((1 - level) / 2, (1 + level) / 2))
+        tail = (1 - Fraction(str(level))) / 2  # exact: ceil(q R) is the 25th of 1000 at 0.95, not the 26th
+        low, high = (samples[math.ceil(q * len(samples)) - 1] for q in (tail, 1 - tail))
         assert score.score_ci == (low, high)
 
 
