@@ -78,6 +78,17 @@ def check_seed(name: str, value: int) -> int:
     return value
 
 
+def check_device(name: str, value: Any) -> torch.device | None:
+    """`value` (a device string or `torch.device`, None: the default) as a `torch.device`, after
+    checking torch knows the name."""
+    if value is None or isinstance(value, torch.device):
+        return value
+    try:
+        return torch.device(value)
+    except (RuntimeError, TypeError) as error:
+        raise ValueError(f"{name} must be a torch device such as 'cpu' or 'cuda', got {value!r}") from error
+
+
 def store_count(instance: Any, name: str, minimum: int = 0, check: Callable[[str, Any], int] | None = None) -> int:
     """`check_count` (or `check`, e.g. `check_seed`) of the attribute `name` of a dataclass
     `instance` (frozen or not), stored back as a Python int: a NumPy integer would pass the check

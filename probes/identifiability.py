@@ -150,6 +150,12 @@ def identifiability_verdict(
     missing = [name for name in scores if name not in step_preds]
     if missing:
         raise ValueError(f"step_preds lacks the trajectories of {missing}: pass the step predictions every score was made from")
+    resample_counts = {name: score.score_samples.size for name, score in scores.items()}
+    if len(set(resample_counts.values())) > 1:
+        raise ValueError(
+            f"scores must share their bootstrap resamples to be paired, got resample counts {resample_counts}: "
+            "score the algorithms together with score_algorithms (or pass one resamples array to every score_algorithm)"
+        )
     names = list(scores)
     aligned = {name: scores[name].aligned_steps[scores[name].scored] for name in names}
     names, agreement = algorithm_agreement({name: step_preds[name] for name in names}, aligned)

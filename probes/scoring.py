@@ -36,6 +36,7 @@ for a bootstrap replicate, an indicator for a kappa stratum).
 from __future__ import annotations
 
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import einops
@@ -43,7 +44,7 @@ import numpy as np
 import torch
 
 from mi_krr._repr import compact_repr
-from mi_krr._validation import check_count
+from mi_krr._validation import check_count, check_seed
 
 _MIN_STRATUM_WEIGHT = np.log10(1.1)
 
@@ -180,7 +181,7 @@ def monotone_alignment(cost) -> tuple[np.ndarray, np.ndarray]:
 
     cost `[..., L', T+1]` -> (steps `[..., L']` int, total cost `[...]`). Dynamic programming:
     best[l, t] = cost[l, t] + min over t' <= t of best[l-1, t'], then backtracking; ties go to the
-    earliest step. O(L' T) per matrix, batched over leading dimensions.
+    earliest step. O(L' T) per matrix, batched over leading dimensions. A cost holding NaN is refused.
     """
     cost = np.asarray(cost, dtype=np.float64)
     if cost.ndim < 2 or cost.shape[-1] < 1 or cost.shape[-2] < 1:
@@ -194,6 +195,8 @@ def monotone_alignment(cost) -> tuple[np.ndarray, np.ndarray]:
     steps = np.empty((n_rows, best.shape[-1]), dtype=np.int64)
     steps[-1] = np.argmin(best[-1], axis=0)
     total = np.take_along_axis(best[-1], steps[-1][None], axis=0)[0]
+    if np.isnan(total).any():  # a NaN anywhere in a cost spreads to its last row, where argmin picks it
+        raise ValueError("cost contains NaN (e.g. 1 - R2 at step 0, where R2 is undefined): align on the MSE, or replace NaN by inf")
     later = np.arange(n_steps)[:, None]
     for row in range(n_rows - 2, -1, -1):
         steps[row] = np.argmin(np.where(later <= steps[row + 1], best[row], np.inf), axis=0)
@@ -256,6 +259,8 @@ def percentile_interval(samples, level: float = 0.95) -> tuple[float, float]:
 
 def percentile_intervals(samples, level: float = 0.95) -> np.ndarray:
     """`percentile_interval` of every column of `samples` `[R, ...]` -> `[..., 2]` (low, high)."""
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"level must be a confidence level in (0, 1), e.g. 0.95, got {level!r}")
     samples = np.asarray(samples, dtype=np.float64)
     if samples.shape[0] == 0:
         return np.full((*samples.shape[1:], 2), np.nan)
@@ -271,6 +276,8 @@ def kappa_strata(kappa, n_bins: int) -> tuple[np.ndarray, np.ndarray]:
     0..n_bins-1, edges `[n_bins + 1]` = the 0, 1/n_bins, ..., 1 quantiles). Bin i holds
     edges[i] <= kappa < edges[i+1] (the last bin includes its upper edge)."""
     kappa = _as_array("kappa", kappa, 1)
+    if kappa.size == 0:
+        raise ValueError("kappa must hold at least one prompt's condition number, got none")
     check_count("n_bins", n_bins, 1)
     edges = np.quantile(kappa, np.linspace(0.0, 1.0, n_bins + 1))
     index = np.clip(np.searchsorted(edges, kappa, side="right") - 1, 0, n_bins - 1)
@@ -415,9 +422,12 @@ def score_algorithms(
     Algorithms with the same number of steps are scored side by side: one product of every prompt
     weighting (all prompts, each kappa stratum, each resample) with every algorithm's per-prompt
     sums, and one batch of monotone alignments."""
+    if not isinstance(step_preds, Mapping):
+        raise ValueError(f"step_preds must map each algorithm's name to its step predictions [B, T+1, m], got {type(step_preds).__name__}")
     if not step_preds:
         raise ValueError("step_preds must hold at least one algorithm's step predictions")
     check_count("bootstrap", bootstrap, 0)
+    check_seed("seed", seed)
     batch = np.shape(layer_pred)[0]
     return _score_side_by_side(
         layer_pred,
@@ -440,16 +450,22 @@ def _score_side_by_side(
     step shapes at a time (see `score_algorithms`)."""
     layer_values = _as_array("layer_values", layer_pred, 2)
     n_prompts, n_rows = layer_values.shape[:2]
-    layers = np.arange(n_rows) if layers is None else np.asarray(layers, dtype=np.int64)
+    layers = np.arange(n_rows) if layers is None else _layer_indices(layers)
     if layers.shape != (n_rows,):
         raise ValueError(f"layers must list one layer index per row of layer_pred ({n_rows}), got {layers.tolist()}")
+    unknown = sorted(set(step_sensitivities or {}) - set(step_preds))
+    if unknown:
+        raise ValueError(f"step_sensitivities names {unknown}, which step_preds lacks: use the algorithm names of step_preds {list(step_preds)}")
     scored = np.flatnonzero(layers > 0)
     if scored.size == 0:
         raise ValueError("layers must include at least one layer after the embedding (index >= 1) to score")
     krr = _as_array("krr_pred", krr_pred, 2)
+    step_values = {name: _as_array("step_values", pred, 2) for name, pred in step_preds.items()}
+    for name, values in {"krr_pred": krr, **{f"step_preds[{name!r}]": values for name, values in step_values.items()}}.items():
+        if values.shape[0] != n_prompts:
+            raise ValueError(f"{name} covers {values.shape[0]} prompts but layer_pred {n_prompts}: pass both for the same prompts")
     weighting = _PromptWeighting.build(n_prompts, resamples, kappa, n_kappa_bins)
     model_profile = log_error_profile(layer_values, krr)
-    step_values = {name: _as_array("step_values", pred, 2) for name, pred in step_preds.items()}
     groups: dict[tuple[int, ...], list[str]] = {}
     for name, values in step_values.items():
         groups.setdefault(values.shape, []).append(name)
@@ -524,6 +540,24 @@ def _add_sensitivity_scores(result: AlgorithmScore, sums: PairedSums, scored: np
     result.sensitivity_score = float(path_r2(sse, sst, result.aligned_steps[None], scored)[0])
 
 
+def _layer_indices(layers) -> np.ndarray:
+    """`layers` as int64 indices `[L']`, refusing values that are not whole numbers."""
+    values = np.asarray(layers)
+    if values.dtype.kind not in "iu" and not (values.dtype.kind == "f" and np.all(values == np.round(values))):
+        raise ValueError(f"layers must be whole layer indices (0 = embeddings, l = after block l), got {values.tolist()}")
+    return values.astype(np.int64)
+
+
+def _resample_weights(resamples, n_prompts: int) -> np.ndarray:
+    """Bootstrap prompt weights as `[R, B]` float64, checked: B = n_prompts, finite and >= 0."""
+    weights = np.asarray(resamples, dtype=np.float64)
+    if weights.ndim != 2 or weights.shape[1] != n_prompts:
+        raise ValueError(f"resamples must be prompt weights [R, {n_prompts}] (bootstrap_weights(n_prompts, R, seed)), got shape {weights.shape}")
+    if not (np.isfinite(weights).all() and (weights >= 0).all()):
+        raise ValueError("resamples must hold finite weights >= 0 (counts of each prompt in a resample)")
+    return weights
+
+
 @dataclass(frozen=True)
 class _PromptWeighting:
     """Every prompt weighting a score needs, as the rows of one `[W, B]` matrix: row 0 all ones
@@ -558,7 +592,7 @@ class _PromptWeighting:
                         "median_kappa": float(np.median(kappa[members])),
                         "n_prompts": int(members.sum()),
                     })
-        boot = np.empty((0, n_prompts)) if resamples is None else np.asarray(resamples, dtype=np.float64).reshape(-1, n_prompts)
+        boot = np.empty((0, n_prompts)) if resamples is None else _resample_weights(resamples, n_prompts)
         rows = np.concatenate([np.ones((1, n_prompts)), np.array(indicators).reshape(-1, n_prompts), boot])
         first_resample = 1 + len(indicators)
         return cls(rows=rows, strata=np.arange(1, first_resample), resamples=np.arange(first_resample, len(rows)), bins=bins)

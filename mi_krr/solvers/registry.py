@@ -19,7 +19,8 @@ Solver = Callable[..., Trajectory]
 
 def gradient_descent(K: Any, y: Any, lam: float, n_steps: int, K_query: Any = None) -> Trajectory:
     """GD on the KRR system (Richardson with P = I, optimal step); for the linear kernel its
-    predictions equal feature-space GD's."""
+    predictions equal feature-space GD's run with the same step (`mi_krr.solvers.feature`; the
+    two default steps differ when n > d: the spectra of X X^T + lam I and X^T X + lam I differ)."""
     return richardson(K, y, lam, n_steps, precond="none", K_query=K_query)
 
 

@@ -24,7 +24,7 @@ from typing import Any, ClassVar
 import torch
 
 from mi_krr._validation import (
-    check_choice, check_condition_number, check_count, check_finite, check_non_negative, check_positive, check_seed, store_count,
+    check_choice, check_condition_number, check_count, check_device, check_finite, check_non_negative, check_positive, check_seed, store_count,
 )
 from mi_krr.feature_maps import random_orthogonal
 from mi_krr.kernels import kernel_matrix
@@ -167,6 +167,7 @@ class _PromptSampler(ABC):
         batch_size = check_count("batch_size", batch_size, minimum=1)
         n_support = check_count("n_support", n_support, minimum=1)
         n_query = check_count("n_query", n_query, minimum=0)
+        device = check_device("device", device)
         if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
             raise ValueError(f"dtype must be a floating torch.dtype, got {dtype!r}")
         if active_dim is not None:
