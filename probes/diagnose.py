@@ -313,6 +313,13 @@ def diagnose(
         if not isinstance(flag, bool):
             raise ValueError(f"{name} must be True or False, got {flag!r}")
     check_choice("step_sizes", step_sizes, STEP_SIZES)
+    if step_sizes == "fitted" and any(registry_name(solver) in FITTED_STEP_ALGORITHMS for solver in algorithms.values()):
+        for set_name, task in task_sets.items():
+            if task.batch_size < 2:
+                raise ValueError(
+                    f"task set {set_name!r} holds {task.batch_size} prompt, but step_sizes='fitted' cross-fits global steps on "
+                    "two halves of each set's prompts: pass >= 2 prompts there, or step_sizes='optimal'"
+                )
     settings = {
         "algorithms": {name: _describe_solver(name, solver) for name, solver in algorithms.items()},
         "kernels": list(kernels),

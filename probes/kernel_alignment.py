@@ -167,7 +167,8 @@ def kernel_alignment(
 def _visible_keys(pattern: torch.Tensor, allowed: torch.Tensor | None) -> torch.Tensor:
     """The support keys each row may see, bool like pattern `[B, L, H, r, n]`: the model's
     structural mask `allowed` `[r, n]` broadcast (no copy), or, where the model has none, the
-    pattern's nonzero entries (then a softmax weight that underflowed to 0 counts as masked)."""
+    pattern's nonzero entries (then a softmax weight that underflowed to 0 counts as masked).
+    A pattern with weight on a key `allowed` blocks is refused (the mask misstates the model's)."""
     if allowed is None:
         return pattern > 0
     if tuple(allowed.shape) != tuple(pattern.shape[-2:]):
@@ -175,7 +176,13 @@ def _visible_keys(pattern: torch.Tensor, allowed: torch.Tensor | None) -> torch.
             f"attention's allowed mask is {tuple(allowed.shape)} but its block has rows, keys = {tuple(pattern.shape[-2:])}: "
             "pass the AttentionKernels that attention_kernels(model, task) returns"
         )
-    return allowed.to(pattern.device).expand_as(pattern)
+    keys = allowed.to(pattern.device).expand_as(pattern)
+    if bool(pattern.masked_fill(keys, 0.0).any()):
+        raise ValueError(
+            "attention puts weight on support keys that the model's allowed_attention(prompt) blocks: the model's "
+            "allowed_attention must return the mask its attention applies (True where a token may attend)"
+        )
+    return keys
 
 
 def reference_kernel_names(kernels: Any) -> tuple[str, ...]:

@@ -46,7 +46,29 @@ def encode_for_probe(model: ICLModel, task: ICLTask) -> EncodedPrompt:
         raise ValueError(f"task must be an mi_krr.tasks.ICLTask, got {type(task).__name__}")
     if task.n_query < 1:
         raise ValueError("task has no query points (n_query=0): probes read the model at its queries; sample with n_query >= 1")
-    return model.encode(task)
+    prompt = model.encode(task)
+    problem = _prompt_mismatch(prompt, task)
+    if problem:
+        raise ValueError(f"{type(model).__name__}.encode(task) returned a prompt that does not fit the task: {problem}")
+    return prompt
+
+
+def _prompt_mismatch(prompt: EncodedPrompt, task: ICLTask) -> str | None:
+    """What makes `prompt` disagree with `task` (its `EncodedPrompt` contract), or None."""
+    if not isinstance(prompt, EncodedPrompt):
+        return f"expected an mi_krr.models.encoding.EncodedPrompt, got {type(prompt).__name__}"
+    counts = {"batch_size": (prompt.batch_size, task.batch_size), "n_support": (prompt.n_support, task.n_support),
+              "n_query": (prompt.n_query, task.n_query)}
+    for name, (given, expected) in counts.items():
+        if given != expected:
+            return f"its {name} is {given}, the task's {expected}"
+    sequences, positions = prompt.tokens.shape[0], prompt.query_positions.numel()
+    if sequences % prompt.batch_size or prompt.groups * positions != prompt.n_query:
+        return (f"{sequences} sequences of {positions} query positions cannot hold {prompt.batch_size} prompts x {prompt.n_query} "
+                "queries (needs sequences = batch_size x groups and groups x query positions = n_query)")
+    if prompt.support_positions.numel() != prompt.n_support or prompt.label_positions.numel() != prompt.n_support:
+        return f"support_positions and label_positions must list n_support = {prompt.n_support} positions each"
+    return None
 
 
 def resolve_layers(model: ICLModel, layers: Sequence[int] | int | None) -> list[int]:
@@ -180,6 +202,12 @@ def stream_probes(
     finish_attention = _attention_reductions(model, prompt, blocks, source, allowed, reductions) if blocks else None
     results = run_with_reductions(model, prompt.tokens, reductions, grad=grad)
     readouts = torch.stack(results[: len(layers)], dim=1) if layers else None
+    if readouts is not None and readouts.shape != (prompt.batch_size, len(layers), prompt.n_query):
+        raise ValueError(
+            f"{type(model).__name__}.readout must map [..., d_model] to [...] (one prediction per position), but the query "
+            f"residuals [{prompt.batch_size}, {prompt.n_query}, d_model] gave {tuple(readouts.shape[:1] + readouts.shape[2:])}: "
+            "e.g. squeeze a trailing dimension of size 1"
+        )
     support, query = finish_attention(results[len(layers) :]) if blocks else (None, None)
     return StreamedProbes(
         readouts=readouts, support=support, query=query, support_allowed=allowed.get("support"), query_allowed=allowed.get("query")
@@ -194,10 +222,14 @@ def _allowed_blocks(model: ICLModel, prompt: EncodedPrompt, blocks: tuple[str, .
     if allowed is None:
         return {}
     seq_len = prompt.tokens.shape[1]
-    if not isinstance(allowed, torch.Tensor) or allowed.dtype != torch.bool or tuple(allowed.shape) != (seq_len, seq_len):
+    device = prompt.tokens.device
+    if (not isinstance(allowed, torch.Tensor) or allowed.dtype != torch.bool or tuple(allowed.shape) != (seq_len, seq_len)
+            or allowed.device != device):
+        description = (f"{allowed.dtype} {tuple(allowed.shape)} on {allowed.device}" if isinstance(allowed, torch.Tensor)
+                       else type(allowed).__name__)
         raise ValueError(
             f"{type(model).__name__}.allowed_attention(prompt) must be a bool tensor [{seq_len}, {seq_len}] (the prompt's "
-            f"sequence length) or None, got {type(allowed).__name__} {tuple(getattr(allowed, 'shape', ()))}"
+            f"sequence length) on the prompt's device {device}, or None; got {description}"
         )
     keys = prompt.support_positions
     cut = {block: _take(_take(allowed, 0, positions), 1, keys) for block, positions in _block_rows(prompt, blocks).items()}
