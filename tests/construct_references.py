@@ -50,6 +50,28 @@ def numpy_cg_a_norm_ratios(K, y, lam, n_steps):
     return np.array(ratios)
 
 
+def gaussian_kernel(a, b, bandwidth):
+    """exp(-|a_i - b_j|^2 / (2 bandwidth^2)) for points a `[p, d]`, b `[q, d]` -> `[p, q]`."""
+    return np.exp(-((a[:, None] - b[None]) ** 2).sum(-1) / (2 * bandwidth**2))
+
+
+def numpy_rowsum_richardson_errors(x, xq, y, lam, bandwidth, step, n_steps):
+    """Row-sum Richardson alpha += step D^-1 (y - (K + lam I) alpha) from 0, D = diag(K 1), on the
+    Gaussian kernel of x `[B, n, d]` (queries xq `[B, m, d]`, labels y `[B, n]`): per step the
+    relative error of its predictions to KRR (`relative_errors_to_krr`) `[T+1]`."""
+    preds, exact = [], []
+    for b in range(len(x)):
+        K, K_query = gaussian_kernel(x[b], x[b], bandwidth), gaussian_kernel(xq[b], x[b], bandwidth)
+        A, D = K + lam * np.eye(len(K)), K.sum(1)
+        alpha, trajectory = np.zeros(len(K)), [np.zeros(len(K_query))]
+        for _ in range(n_steps):
+            alpha = alpha + step * (y[b] - A @ alpha) / D
+            trajectory.append(K_query @ alpha)
+        preds.append(trajectory)
+        exact.append(K_query @ np.linalg.solve(A, y[b]))
+    return relative_errors_to_krr(np.array(preds), np.array(exact))
+
+
 def relative_errors_to_krr(preds, exact):
     """Per step ||pred_t - KRR|| / ||KRR|| pooled over prompts and queries; preds [B, T+1, m]."""
     return np.sqrt(((preds - exact[:, None]) ** 2).sum(axis=(0, 2))) / np.sqrt((exact**2).sum())

@@ -24,11 +24,8 @@ from mi_krr.tasks import (DEFAULT_SHIFTS, GPRegressionSampler, LinearRegressionS
 from mi_krr.train import load_model, read_run_config
 from probes.kernel_alignment import kernel_alignment
 from probes.layer_predictions import layer_predictions
-from construct_references import numpy_cg_predictions, parse_construct_table, relative_errors_to_krr
-
-
-def gaussian(a, b, bandwidth):
-    return np.exp(-((a[:, None] - b[None]) ** 2).sum(-1) / (2 * bandwidth**2))
+from construct_references import gaussian_kernel as gaussian
+from construct_references import numpy_cg_predictions, numpy_rowsum_richardson_errors, parse_construct_table, relative_errors_to_krr
 
 
 def run_main(*args: str) -> tuple[int, str]:
@@ -105,17 +102,7 @@ def test_construct_richardson_default_step_is_the_median_prompts_optimal_rowsum_
         mu = np.linalg.eigvalsh((K + lam * np.eye(n)) / np.outer(root, root))
         optimal.append(2.0 / (mu[0] + mu[-1]))
     step = float(np.median(optimal))
-    preds, exact = [], []
-    for b in range(batch):
-        K, K_query = gaussian(x[b], x[b], bandwidth), gaussian(xq[b], x[b], bandwidth)
-        A, D = K + lam * np.eye(n), K.sum(1)
-        alpha, trajectory = np.zeros(n), [np.zeros(m)]
-        for _ in range(steps):
-            alpha = alpha + step * (y[b] - A @ alpha) / D
-            trajectory.append(K_query @ alpha)
-        preds.append(trajectory)
-        exact.append(K_query @ np.linalg.solve(A, y[b]))
-    expected = relative_errors_to_krr(np.array(preds), np.array(exact))
+    expected = numpy_rowsum_richardson_errors(x, xq, y, lam, bandwidth, step, steps)
     np.testing.assert_allclose(table[:, 3], expected, rtol=2e-3)
     np.testing.assert_allclose(table[:, 2], expected, rtol=2e-3)
 

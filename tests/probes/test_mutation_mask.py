@@ -22,9 +22,11 @@ from probes.attention_kernels import AttentionKernels
 from probes.identifiability import identifiability_verdict
 from probes.report import task_set_summary
 from probes.scoring import percentile_interval, score_algorithms
+from grouped_models import GroupedQueries
 from prompts import random_task
 
-D, N, M, GROUPS = 2, 5, 4, 2
+D, N, M = 2, 5, 4
+GROUPS = GroupedQueries.GROUPS
 PER_GROUP = M // GROUPS
 
 
@@ -40,29 +42,12 @@ def make_task(batch: int = 2, seed: int = 0) -> ICLTask:
     return random_task(batch, N, M, D, seed)
 
 
-class GroupedWithOwnMask(ICLTransformer):
+class GroupedWithOwnMask(GroupedQueries):
     """Concat layout split into GROUPS sequences per prompt (the support tokens, then PER_GROUP of
     the queries), stating a mask in which the j-th query of each sequence may not see support key
     j. Query rows thus differ within a sequence, so the order in which groups are folded into the
     task's queries shows in `query_allowed`. The forward keeps the plain concat mask (a concat
     query sees the support and itself), so q and k equal the ungrouped model's."""
-
-    def encode(self, task: ICLTask) -> EncodedPrompt:
-        plain = super().encode(task)
-        support, queries = plain.tokens[:, :N], plain.tokens[:, N:]
-        sequences = [torch.cat([support, queries[:, g * PER_GROUP : (g + 1) * PER_GROUP]], dim=1) for g in range(GROUPS)]
-        return EncodedPrompt(
-            tokens=torch.stack(sequences, dim=1).flatten(0, 1),  # sequence b * GROUPS + g
-            query_positions=torch.arange(N, N + PER_GROUP),
-            batch_size=task.batch_size,
-            n_query=task.n_query,
-            n_support=N,
-            support_positions=torch.arange(N),
-            label_positions=torch.arange(N),
-        )
-
-    def forward(self, tokens: torch.Tensor, n_support: int | None = None) -> torch.Tensor:
-        return super().forward(tokens, n_support=N)
 
     def allowed_attention(self, prompt: EncodedPrompt) -> torch.Tensor:
         allowed = super().allowed_attention(prompt).clone()

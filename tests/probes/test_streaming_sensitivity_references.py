@@ -21,6 +21,7 @@ from probes import attention_kernels, label_sensitivities, layer_predictions, so
 from probes.sensitivity import LINEAR_IN_Y, batch_jacobian
 from probes.streaming import query_readouts, query_residuals, resolve_layers, run_with_reductions
 from brute_force import solver_finite_differences
+from grouped_models import GroupedQueries
 from prompts import random_task
 
 D, N, M = 2, 5, 4
@@ -39,34 +40,6 @@ def make_model(layout: str = "concat", cls: type = ICLTransformer, **overrides) 
 
 def make_task(batch: int = 2, seed: int = 0) -> ICLTask:
     return random_task(batch, N, M, D, seed)
-
-
-class GroupedQueries(ICLTransformer):
-    """Concat layout split into 2 sequences per prompt, each the support tokens followed by half of
-    the queries: `groups` = 2 and 2 query positions per sequence, so the query-block fold must put
-    group-major (group, q) rows back in the task's query order. A concat query sees only the support
-    and itself, so every number equals the ungrouped model's."""
-
-    GROUPS = 2
-
-    def encode(self, task: ICLTask) -> EncodedPrompt:
-        plain = super().encode(task)
-        n, per_group = task.n_support, task.n_query // self.GROUPS
-        support, queries = plain.tokens[:, :n], plain.tokens[:, n:]
-        sequences = [torch.cat([support, queries[:, g * per_group : (g + 1) * per_group]], dim=1) for g in range(self.GROUPS)]
-        self._grouped_n_support = n
-        return EncodedPrompt(
-            tokens=torch.stack(sequences, dim=1).flatten(0, 1),  # sequence b * groups + g
-            query_positions=torch.arange(n, n + per_group),
-            batch_size=task.batch_size,
-            n_query=task.n_query,
-            n_support=n,
-            support_positions=torch.arange(n),
-            label_positions=torch.arange(n),
-        )
-
-    def forward(self, tokens: torch.Tensor, n_support: int | None = None) -> torch.Tensor:
-        return super().forward(tokens, n_support=self._grouped_n_support)
 
 
 class WithoutScoreHook(ICLTransformer):
