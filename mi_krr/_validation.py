@@ -62,7 +62,10 @@ def check_positive(name: str, value: float) -> float:
 
 
 def check_count(name: str, value: int, minimum: int = 0) -> int:
-    """Return `value` after checking it is an integer >= `minimum`."""
+    """Return `value` as a Python int after checking it is an integer >= `minimum` (a Python or
+    NumPy integer, or a 0-d integer tensor; not a bool)."""
+    if isinstance(value, torch.Tensor) and value.ndim == 0 and not (value.is_floating_point() or value.is_complex()) and value.dtype != torch.bool:
+        value = int(value)
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
     if value < minimum:

@@ -484,3 +484,19 @@ def test_gp_covariance_spd_systems_and_bayes_ridge_match_closed_forms():
     assert torch.equal(sample_spd_system(3, 5, 100.0, seed=1, dtype=torch.float32).matrix, system.matrix.float())
     assert bayes_optimal_ridge(LinearRegressionSampler(3, noise_std=0.1)) == pytest.approx(0.03)
     assert bayes_optimal_ridge(GPRegressionSampler(2)) == pytest.approx(0.01)
+
+
+@pytest.mark.parametrize("algorithm", sorted(ALGORITHMS))
+def test_a_zero_dimensional_integer_tensor_is_a_step_count_and_other_tensors_are_refused(algorithm):
+    """n_steps=torch.tensor(3) (e.g. read back from a tensor of settings) runs exactly 3 steps,
+    as n_steps=3 does; a float, bool or 1-element 1-d tensor is refused by name."""
+    x = torch.tensor(RNG.standard_normal((2, 4, 2)))
+    K = torch.exp(-0.5 * torch.cdist(x, x) ** 2)  # Gaussian: positive row sums, so row-sum Richardson applies
+    y = torch.tensor(RNG.standard_normal((2, 4)))
+    expected = solve(algorithm, K, y, 0.1, 3)
+    got = solve(algorithm, K, y, 0.1, torch.tensor(3))
+    assert got.n_steps == 3 and isinstance(got.n_steps, int)
+    torch.testing.assert_close(got.alpha, expected.alpha, rtol=0, atol=0)
+    for bad in (torch.tensor(3.0), torch.tensor(True), torch.tensor([3])):
+        with pytest.raises(ValueError, match="n_steps must be an integer"):
+            solve(algorithm, K, y, 0.1, bad)
