@@ -276,8 +276,8 @@ def kappa_strata(kappa, n_bins: int) -> tuple[np.ndarray, np.ndarray]:
     0..n_bins-1, edges `[n_bins + 1]` = the 0, 1/n_bins, ..., 1 quantiles). Bin i holds
     edges[i] <= kappa < edges[i+1] (the last bin includes its upper edge)."""
     kappa = _as_array("kappa", kappa, 1)
-    if kappa.size == 0:
-        raise ValueError("kappa must hold at least one prompt's condition number, got none")
+    if kappa.ndim != 1 or kappa.size == 0:
+        raise ValueError(f"kappa must hold one condition number per prompt [B], B >= 1, got shape {kappa.shape}")
     check_count("n_bins", n_bins, 1)
     edges = np.quantile(kappa, np.linspace(0.0, 1.0, n_bins + 1))
     index = np.clip(np.searchsorted(edges, kappa, side="right") - 1, 0, n_bins - 1)

@@ -416,6 +416,8 @@ def test_a_negative_bootstrap_seed_is_refused_by_name():
 def test_kappa_strata_of_no_prompts_is_a_value_error():
     with pytest.raises(ValueError, match="kappa"):
         kappa_strata(np.array([]), 3)
+    with pytest.raises(ValueError, match=r"kappa must hold one condition number per prompt \[B\]"):
+        kappa_strata(np.ones((4, 2)), 3)  # a [B, 2] table is not B condition numbers
 
 
 def test_identical_candidates_are_equivalent_and_a_far_one_is_the_runner_up():
