@@ -92,6 +92,17 @@ def check_device(name: str, value: Any) -> torch.device | None:
         raise ValueError(f"{name} must be a torch device such as 'cpu' or 'cuda', got {value!r}") from error
 
 
+def as_tuple(name: str, value: Any, example: str) -> tuple:
+    """`value` as a tuple: one string becomes a 1-tuple (not its letters); anything else must be
+    a sequence (ValueError naming `name`, with `example`, e.g. for a lone number)."""
+    if isinstance(value, str):
+        return (value,)
+    try:
+        return tuple(value)
+    except TypeError as error:
+        raise ValueError(f"{name} must be a sequence, e.g. {example}, got {value!r}") from error
+
+
 def store_count(instance: Any, name: str, minimum: int = 0, check: Callable[[str, Any], int] | None = None) -> int:
     """`check_count` (or `check`, e.g. `check_seed`) of the attribute `name` of a dataclass
     `instance` (frozen or not), stored back as a Python int: a NumPy integer would pass the check

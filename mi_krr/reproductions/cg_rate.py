@@ -82,9 +82,11 @@ def cg_rate(
     tolerance: float = 1e-6,
 ) -> CGRateResult:
     """Run the CG-rate study (module docstring) and summarise it."""
+    from mi_krr._validation import as_tuple, check_positive
     from mi_krr.construct.studies import cg_rate_study
 
-    study = cg_rate_study(kappas=tuple(kappas), n_support=n_support, n_steps=n_steps, lam=lam, batch_size=batch_size, seed=seed)
+    tolerance = check_positive("tolerance", tolerance)
+    study = cg_rate_study(kappas=as_tuple("kappas", kappas, "(10.0, 100.0)"), n_support=n_support, n_steps=n_steps, lam=lam, batch_size=batch_size, seed=seed)
     within, worst, gap, reached, bound_reached = {}, {}, {}, {}, {}
     for kappa in study.kappas:
         key = str(kappa)

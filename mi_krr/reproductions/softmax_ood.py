@@ -118,6 +118,7 @@ def softmax_ood(
     shipped checkpoints/softmax_gp; `shifts` (names in DEFAULT_SHIFTS) limits the shifts."""
     from tqdm.auto import tqdm
 
+    from mi_krr._validation import as_tuple
     from mi_krr.checkpoints import load_checkpoint, shipped_checkpoint, task_sets
     from probes.kernel_alignment import kernel_alignment
 
@@ -126,6 +127,11 @@ def softmax_ood(
     sets, _ = task_sets(loaded.sampler, batch_size, loaded.n_support, loaded.n_query, seed=seed, label_scale=loaded.label_scale,
                         model=loaded.model)
     if shifts is not None:
+        shifts = as_tuple("shifts", shifts, "('input_scale_x2',)")
+        unknown = [name for name in shifts if name not in sets or name == "in_distribution"]
+        if unknown:
+            known = [name for name in sets if name != "in_distribution"]
+            raise ValueError(f"shifts names {unknown}, which are not shifts of this checkpoint's task: choose from {known}")
         sets = {name: task for name, task in sets.items() if name == "in_distribution" or name in shifts}
     best, mean, spearman, tau, gaussian, bandwidth = {}, {}, {}, {}, {}, {}
     for name, task in tqdm(sets.items(), desc="softmax-ood", disable=not progress):

@@ -82,10 +82,12 @@ def width(
     23 + d + 2 m). `heads` (default: every head of `WIDTH_HEADS`) and `n_seeds` go to
     `width_study`; `scripts/construction_figures.py` runs the larger study behind
     docs/figures/construct_width.png."""
+    from mi_krr._validation import as_tuple, check_positive
     from mi_krr.construct.studies import width_study
 
-    extra = {} if heads is None else {"heads": tuple(heads)}
-    study = width_study(widths=tuple(widths), kernels=tuple(kernels), dim=dim, n_support=n_support, n_query=n_query, lam=lam,
+    tolerance = check_positive("tolerance", tolerance)
+    extra = {} if heads is None else {"heads": as_tuple("heads", heads, "('random_features',)")}
+    study = width_study(widths=as_tuple("widths", widths, "(8, 32)"), kernels=as_tuple("kernels", kernels, "('linear', 'exp')"), dim=dim, n_support=n_support, n_query=n_query, lam=lam,
                         n_steps=n_steps, batch_size=batch_size, seed=seed, n_seeds=n_seeds, **extra)
     first, gap = {}, {}
     for kernel in study.kernels:

@@ -247,6 +247,8 @@ class TrainingState:
         optimizer_state: the optimizer's state dict (torch format).
         rng: random generator states at the end of `step`.
         history: evaluation records so far (one dict per evaluation).
+        pending_losses: the batch losses of the steps since the last evaluation record, which
+            the next record's train_loss averages (empty in states written before they were kept).
     """
 
     __repr__ = compact_repr
@@ -257,6 +259,7 @@ class TrainingState:
     optimizer_state: dict[str, Any]
     rng: RNGState
     history: list[dict[str, Any]]
+    pending_losses: list[float] = field(default_factory=list)
 
 
 def state_path(run_dir: str | Path, step: int) -> Path:
@@ -292,6 +295,7 @@ def save_training_state(path: str | Path, state: TrainingState) -> Path:
         "optimizer": optim_meta,
         "rng": rng_meta,
         "history": state.history,
+        "pending_losses": [float(loss) for loss in state.pending_losses],
     }
     return _write_safetensors(path, {**tensors, **optim_tensors, **rng_tensors}, metadata)
 
@@ -307,6 +311,7 @@ def load_training_state(path: str | Path) -> TrainingState:
             optimizer_state=optimizer_state_from_flat(tensors, metadata["optimizer"]),
             rng=RNGState.from_flat(tensors, metadata["rng"]),
             history=metadata["history"],
+            pending_losses=[float(loss) for loss in metadata.get("pending_losses", [])],
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(f"{path} is missing training-state entry {exc}: it was not written by mi_krr.train.save_training_state") from exc

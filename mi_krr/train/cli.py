@@ -113,7 +113,7 @@ def run_train(args: argparse.Namespace) -> int:
     try:
         result = train(run.model, run.sampler, run.cfg, resume=args.resume, progress=not args.no_progress, until_step=args.until_step)
     except RunFolderInUseError as error:  # worded for the command line's flags
-        raise RunFolderInUseError(error.out_dir, resume_option="--resume", out_option="--out") from error
+        raise RunFolderInUseError(error.out_dir, resume_option="--resume", out_option="--out", finished=error.finished) from error
     summary = {key: result.final_metrics[key] for key in ("step", "model_mse", "optimal_mse", "ratio", "zero_mse")}
     summary["run_dir"] = run.cfg.out_dir
     print(json.dumps(summary))

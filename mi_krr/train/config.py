@@ -7,7 +7,9 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from mi_krr._validation import check_positive, dataclass_from_dict, store_count
+import numpy as np
+
+from mi_krr._validation import check_non_negative, check_positive, dataclass_from_dict, store_count
 
 # Settings that change nothing about the sequence of weights a run produces: a resumed run may
 # change these; any other difference from the checkpointed run is refused.
@@ -61,16 +63,16 @@ class TrainConfig:
     def __post_init__(self) -> None:
         store_count(self, "steps", minimum=1)
         store_count(self, "batch_size", minimum=1)
-        check_positive("lr", self.lr)
-        if not isinstance(self.min_lr, (int, float)) or not math.isfinite(self.min_lr) or not 0 <= self.min_lr <= self.lr:
+        self.lr = check_positive("lr", self.lr)  # numbers stored as Python floats: NumPy scalars would break config.json
+        if not isinstance(self.min_lr, (int, float, np.floating, np.integer)) or not math.isfinite(self.min_lr) or not 0 <= self.min_lr <= self.lr:
             raise ValueError(f"min_lr must be a number in [0, lr={self.lr}], got {self.min_lr!r}")
-        if not isinstance(self.weight_decay, (int, float)) or not math.isfinite(self.weight_decay) or self.weight_decay < 0:
-            raise ValueError(f"weight_decay must be a finite number >= 0, got {self.weight_decay!r}")
+        self.min_lr = float(self.min_lr)
+        self.weight_decay = check_non_negative("weight_decay", self.weight_decay)
         store_count(self, "warmup_steps")
         if self.warmup_steps > self.steps:
             raise ValueError(f"warmup_steps must be <= steps={self.steps}, got {self.warmup_steps}")
         if self.grad_clip is not None:
-            check_positive("grad_clip", self.grad_clip)
+            self.grad_clip = check_positive("grad_clip", self.grad_clip)
         store_count(self, "n_support", minimum=1)
         store_count(self, "n_query", minimum=1)
         if self.n_support_start is not None:

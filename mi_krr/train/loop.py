@@ -13,6 +13,7 @@ import torch
 from tqdm.auto import tqdm
 
 from mi_krr._repr import compact_repr
+from mi_krr._validation import check_count
 from mi_krr.tasks import ICLTask
 from mi_krr.train.checkpoint import (
     CONFIG_FILE,
@@ -37,13 +38,17 @@ from mi_krr.train.seeding import TRAIN_STREAM, derived_generator
 
 
 class RunFolderInUseError(ValueError):
-    """`out_dir` already holds checkpoints and resuming was not asked for. The message names the
-    fix in the caller's terms: `resume_option` and `out_option` (by default the Python API's)."""
+    """`out_dir` already holds checkpoints (or a finished run's model) and resuming was not asked
+    for. The message names the fix in the caller's terms: `resume_option` and `out_option` (by
+    default the Python API's)."""
 
-    def __init__(self, out_dir: Path, resume_option: str = "resume=True", out_option: str = "out_dir") -> None:
-        self.out_dir = out_dir
-        super().__init__(f"{out_option} {out_dir} already holds checkpoints: pass {resume_option} to continue it, "
-                         f"or choose a new {out_option}")
+    def __init__(self, out_dir: Path, resume_option: str = "resume=True", out_option: str = "out_dir", finished: bool = False) -> None:
+        self.out_dir, self.finished = out_dir, finished
+        if finished:
+            message = f"{out_option} {out_dir} already holds a finished run ({MODEL_FILE}): choose a new {out_option}"
+        else:
+            message = f"{out_option} {out_dir} already holds checkpoints: pass {resume_option} to continue it, or choose a new {out_option}"
+        super().__init__(message)
 
 
 @dataclass
@@ -130,14 +135,16 @@ def train(
     model.to(cfg.device)
     optimizer = make_optimizer(model, cfg)
 
-    start, history = 0, []
+    start, history, losses = 0, [], []  # losses: the batch losses since the last evaluation record
     checkpoint_path = None
     if resume:
-        checkpoint_path, start, history = _resume(model, optimizer, config, cfg, out_dir)
+        checkpoint_path, start, history, losses = _resume(model, optimizer, config, cfg, out_dir)
         if stop < start:
             raise ValueError(f"until_step={stop} is before the checkpoint's step {start}: pass a later until_step or None")
     elif out_dir is not None and latest_checkpoint(out_dir) is not None:
         raise RunFolderInUseError(out_dir)
+    elif out_dir is not None and (out_dir / MODEL_FILE).exists():  # e.g. a shipped run, which keeps no training states
+        raise RunFolderInUseError(out_dir, finished=True)
     if out_dir is not None:
         atomic_write_json(out_dir / CONFIG_FILE, config)
 
@@ -147,7 +154,6 @@ def train(
 
     model.train()
     began = time.perf_counter() - (history[-1]["elapsed_s"] if history else 0.0)
-    losses: list[float] = []
     bar = tqdm(total=stop, initial=start, disable=not progress, desc="train", dynamic_ncols=True)
     for step in range(start, stop):
         loss = training_step(model, optimizer, sampler, cfg, step)
@@ -160,7 +166,7 @@ def train(
             losses = []
             bar.set_postfix(loss=f"{record['train_loss']:.4f}", ratio=f"{record['ratio']:.3f}")
         if out_dir is not None and (done % cfg.checkpoint_every == 0 or done == stop):
-            checkpoint_path = _write_state(out_dir, model, optimizer, config, done, history, cfg.keep_checkpoints)
+            checkpoint_path = _write_state(out_dir, model, optimizer, config, done, history, losses, cfg.keep_checkpoints)
     bar.close()
 
     final = history[-1] if history[-1]["step"] == stop else _evaluation_record(
@@ -186,9 +192,13 @@ def _check_inputs(model: Any, sampler: Any, cfg: TrainConfig, until_step: int | 
         raise ValueError(f"active_dim_start must be <= the sampler's dim={sampler.dim}, got {cfg.active_dim_start}")
     if until_step is None:
         return cfg.steps
-    if isinstance(until_step, bool) or not isinstance(until_step, int) or not 1 <= until_step <= cfg.steps:
+    try:
+        stop = check_count("until_step", until_step, 1)  # Python or NumPy integers
+    except ValueError:
+        stop = 0
+    if not 1 <= stop <= cfg.steps:
         raise ValueError(f"until_step must be an integer in [1, steps={cfg.steps}] or None, got {until_step!r}")
-    return until_step
+    return stop
 
 
 def training_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, sampler: Any, cfg: TrainConfig, step: int) -> float:
@@ -231,6 +241,7 @@ def _write_state(
     config: dict[str, Any],
     step: int,
     history: list[dict[str, Any]],
+    pending_losses: list[float],
     keep: int,
 ) -> Path:
     state = TrainingState(
@@ -240,6 +251,7 @@ def _write_state(
         optimizer_state=optimizer.state_dict(),
         rng=RNGState.capture(),
         history=history,
+        pending_losses=list(pending_losses),
     )
     path = save_training_state(state_path(out_dir, step), state)
     prune_checkpoints(out_dir, keep)
@@ -252,7 +264,7 @@ def _resume(
     config: dict[str, Any],
     cfg: TrainConfig,
     out_dir: Path | None,
-) -> tuple[Path, int, list[dict[str, Any]]]:
+) -> tuple[Path, int, list[dict[str, Any]], list[float]]:
     if out_dir is None:
         raise ValueError("resume=True needs cfg.out_dir: set it to the folder of the run to continue")
     path = latest_checkpoint(out_dir)
@@ -272,7 +284,7 @@ def _resume(
             "resume with the mi-krr version that wrote it, or start afresh with resume=False"
         ) from error
     state.rng.restore()
-    return path, state.step, state.history
+    return path, state.step, state.history, state.pending_losses
 
 
 def _check_same_run(saved: dict[str, Any], current: dict[str, Any], path: Path) -> None:
