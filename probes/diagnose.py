@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-import itertools
 import json
 import math
 import time
@@ -39,11 +38,11 @@ from probes.attention_kernels import AttentionKernels
 from probes.compare import format_html, summary_rows
 from probes.identifiability import Verdict, identifiability_verdict
 from probes.kernel_alignment import REFERENCE_KERNELS, KernelAlignment, kernel_alignment, reference_kernel_names
-from probes.layer_predictions import METHODS, layer_predictions
+from probes.layer_predictions import METHODS, check_train_task, layer_predictions
 from probes.scoring import AlgorithmScore, score_algorithms
 from probes.sensitivity import label_sensitivities, solver_sensitivities
 from probes.step_sizes import FITTED_STEP_ALGORITHMS, STEP_SIZES, FittedStep, fit_global_steps
-from probes.streaming import encode_for_probe, probe_model, resolve_layers, stream_probes
+from probes.streaming import encode_for_probe, model_device_dtype, probe_model, resolve_layers, stream_probes
 
 DEFAULT_ALGORITHMS = ("cg", "jacobi_cg", "gd", "richardson_jacobi", "richardson_rowsum", "chebyshev", "heavy_ball", "newton")
 ALIGNMENT_BLOCK = "query"
@@ -284,12 +283,7 @@ def diagnose(
     algorithms = _check_algorithms(algorithms)
     kernels = reference_kernel_names(kernels)
     check_choice("method", method, METHODS)
-    if method == "ridge" and train_task is None:
-        raise ValueError("method='ridge' needs train_task: prompts (disjoint from the diagnosed ones) to fit the probes on")
-    if method == "readout" and train_task is not None:
-        raise ValueError("train_task is only read by method='ridge' (fitted probes): pass method='ridge' or drop train_task")
-    if train_task is not None and not isinstance(train_task, ICLTask):
-        raise ValueError(f"train_task must be an mi_krr.tasks.ICLTask, got {type(train_task).__name__}")
+    check_train_task(method, train_task)
     if kernel != "auto":
         check_choice("kernel", kernel, KERNEL_NAMES)
     layers = resolve_layers(model, layers)
@@ -335,7 +329,7 @@ def diagnose(
         "n_layers": int(model.n_layers),
         "step_sizes": step_sizes,
     }
-    device, dtype = _model_device_dtype(model)
+    device, dtype = model_device_dtype(model)
     task_sets = {name: task.to(device=device, dtype=dtype) for name, task in task_sets.items()}
     prompts = {name: encode_for_probe(model, task) for name, task in task_sets.items()}  # the model's own checks, up front
     bar = tqdm(total=len(task_sets) * len(STAGES), desc="diagnose", disable=not progress, leave=False)
@@ -625,16 +619,6 @@ def _takes_registry_arguments(solver: Callable[..., Any]) -> bool:
     except TypeError:
         return False
     return True
-
-
-def _model_device_dtype(model: Any) -> tuple[torch.device, torch.dtype]:
-    """Device and dtype of the model's first parameter, else of its first floating-point buffer
-    (fixed weights held as buffers), else CPU / float32."""
-    tensors = itertools.chain(*(getattr(model, kind)() for kind in ("parameters", "buffers") if hasattr(model, kind)))
-    weight = next((tensor for tensor in tensors if tensor.is_floating_point()), None)
-    if weight is None:
-        return torch.device("cpu"), torch.float32
-    return weight.device, weight.dtype
 
 
 def _numpy(value: Any) -> np.ndarray:

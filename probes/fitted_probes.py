@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from mi_krr._repr import compact_repr
-from mi_krr._validation import as_float64, check_count
+from mi_krr._validation import as_float64, check_count, check_seed
 from mi_krr.models.adapter import ICLModel
 from mi_krr.tasks import ICLTask
 from probes.streaming import encode_for_probe, probe_model, query_residuals, resolve_layers
@@ -164,7 +164,7 @@ def fit_layer_probes(
     target = target.detach().to("cpu", torch.float64)
 
     features = query_residuals(model, prompt, layers).detach().to("cpu", torch.float64)  # [B, L', m, d]
-    generator = torch.Generator().manual_seed(int(seed))
+    generator = torch.Generator().manual_seed(check_seed("seed", seed))
     order = torch.randperm(batch, generator=generator)
     n_val = min(max(1, round(batch * float(val_fraction))), batch - 1)
     val, train = order[:n_val], order[n_val:]

@@ -42,9 +42,19 @@ def layer_predictions(
     model = probe_model(model)
     check_choice("method", method, METHODS)
     layers = resolve_layers(model, layers)
+    check_train_task(method, train_task)
     if method == "readout":
         return query_readouts(model, encode_for_probe(model, task), layers).to(torch.float64)
-    if train_task is None:
-        raise ValueError("method='ridge' needs train_task: prompts (disjoint from task) to fit the probes on")
     probes = fit_layer_probes(model, train_task, layers=layers, val_fraction=val_fraction, lam_grid=lam_grid, seed=seed)
     return probes.predict(model, task)
+
+
+def check_train_task(method: str, train_task: ICLTask | None) -> None:
+    """ValueError unless `train_task` goes with `method`: an `ICLTask` for "ridge" (the prompts
+    its probes are fitted on), None for "readout" (which fits nothing, so it would be ignored)."""
+    if method == "ridge" and train_task is None:
+        raise ValueError("method='ridge' needs train_task: prompts (disjoint from the probed ones) to fit the probes on")
+    if method == "readout" and train_task is not None:
+        raise ValueError("train_task is only read by method='ridge' (fitted probes): pass method='ridge' or drop train_task")
+    if train_task is not None and not isinstance(train_task, ICLTask):
+        raise ValueError(f"train_task must be an mi_krr.tasks.ICLTask, got {type(train_task).__name__}")

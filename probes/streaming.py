@@ -14,6 +14,7 @@ structural attention mask, readout).
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -69,6 +70,16 @@ def _prompt_mismatch(prompt: EncodedPrompt, task: ICLTask) -> str | None:
     if prompt.support_positions.numel() != prompt.n_support or prompt.label_positions.numel() != prompt.n_support:
         return f"support_positions and label_positions must list n_support = {prompt.n_support} positions each"
     return None
+
+
+def model_device_dtype(model: Any) -> tuple[torch.device, torch.dtype]:
+    """Device and dtype of the model's first parameter, else of its first floating-point buffer
+    (fixed weights held as buffers), else CPU / float32."""
+    tensors = itertools.chain(*(getattr(model, kind)() for kind in ("parameters", "buffers") if hasattr(model, kind)))
+    weight = next((tensor for tensor in tensors if tensor.is_floating_point()), None)
+    if weight is None:
+        return torch.device("cpu"), torch.float32
+    return weight.device, weight.dtype
 
 
 def resolve_layers(model: ICLModel, layers: Sequence[int] | int | None) -> list[int]:
