@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from mi_krr._validation import check_non_negative, check_positive, dataclass_from_dict, store_count
+from mi_krr._validation import check_device, check_non_negative, check_positive, dataclass_from_dict, store_count
 
 # Settings that change nothing about the sequence of weights a run produces: a resumed run may
 # change these; any other difference from the checkpointed run is refused.
@@ -92,8 +92,7 @@ class TrainConfig:
         store_count(self, "seed")
         if self.out_dir is not None and not isinstance(self.out_dir, str):
             self.out_dir = str(self.out_dir)
-        if not isinstance(self.device, str):
-            self.device = str(self.device)
+        self.device = str(check_device("device", self.device))
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-serialisable dict of every field."""

@@ -258,3 +258,11 @@ def test_width_with_one_kernel_name_as_a_string_runs_that_kernel():
     be read letter by letter: "kernels must be one of 'linear', 'exp', got 'l'")."""
     result = width(widths=(4,), kernels="linear", dim=4, n_support=8, n_steps=2, batch_size=2, heads="random_features")
     assert list(result.study.kernels) == ["linear"]
+
+
+def test_a_device_name_torch_does_not_know_is_refused_when_the_config_is_made():
+    """TrainConfig(device="gpu") is refused at once by name (it used to be accepted and fail at the first
+    tensor move); a torch.device is stored as its name, which config.json can hold."""
+    with pytest.raises(ValueError, match="device must be a torch device"):
+        TrainConfig(steps=2, warmup_steps=0, device="gpu")
+    assert TrainConfig(steps=2, warmup_steps=0, device=torch.device("cpu")).device == "cpu"
