@@ -1,9 +1,10 @@
 """Brute-force references for the probes: plain NumPy sums and alignments found by enumerating
 every non-decreasing layer -> step map (small sizes only), and central finite differences of a
-solver's predictions in the labels."""
+solver's predictions, or of a model's read-out lens, in the labels."""
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import numpy as np
@@ -51,5 +52,20 @@ def solver_finite_differences(solve, K: torch.Tensor, K_query: torch.Tensor, y: 
         shift[i] = eps
         up = solve(K, y + shift, lam, steps, K_query=K_query).pred
         down = solve(K, y - shift, lam, steps, K_query=K_query).pred
+        columns.append((up - down) / (2 * eps))
+    return torch.stack(columns, dim=-1)
+
+
+def lens_finite_differences(model, task, layers=None, eps: float = 1e-6) -> torch.Tensor:
+    """Central differences of the read-out lens (`probes.layer_predictions`) in each support label
+    of `task` -> `[B, L', m, n]` (layers=None: all L + 1)."""
+    from probes import layer_predictions
+
+    columns = []
+    for i in range(task.n_support):
+        shift = torch.zeros(task.n_support, dtype=task.y_support.dtype)
+        shift[i] = eps
+        up = layer_predictions(model, dataclasses.replace(task, y_support=task.y_support + shift), layers=layers)
+        down = layer_predictions(model, dataclasses.replace(task, y_support=task.y_support - shift), layers=layers)
         columns.append((up - down) / (2 * eps))
     return torch.stack(columns, dim=-1)

@@ -20,7 +20,7 @@ from mi_krr.tasks import ICLTask
 from probes import attention_kernels, label_sensitivities, layer_predictions, solver_sensitivities, stream_probes
 from probes.sensitivity import LINEAR_IN_Y, batch_jacobian
 from probes.streaming import query_readouts, query_residuals, resolve_layers, run_with_reductions
-from brute_force import solver_finite_differences
+from brute_force import lens_finite_differences, solver_finite_differences
 from grouped_models import GroupedQueries
 from prompts import random_task
 
@@ -208,24 +208,12 @@ def test_resolve_layers_normalises_every_accepted_form_to_python_ints():
 # --- label sensitivities of the model ---------------------------------------------------------------
 
 
-def finite_difference_sensitivities(model: ICLTransformer, task: ICLTask, layers: list[int], eps: float = 1e-5) -> torch.Tensor:
-    """Central differences of the read-out lens in each support label -> [B, L', m, n]."""
-    columns = []
-    for i in range(N):
-        shift = torch.zeros(N, dtype=torch.float64)
-        shift[i] = eps
-        up = layer_predictions(model, dataclasses.replace(task, y_support=task.y_support + shift), layers=layers)
-        down = layer_predictions(model, dataclasses.replace(task, y_support=task.y_support - shift), layers=layers)
-        columns.append((up - down) / (2 * eps))
-    return torch.stack(columns, dim=-1)
-
-
 @pytest.mark.parametrize("layout", ["concat", "interleaved"])
 def test_label_sensitivities_are_chunk_size_invariant_and_follow_the_listed_layers(layout):
     """Chunk sizes 1, 3 and 1000 (rows per backward pass) all equal central finite differences, for the
     layers [2, 0, 1] in that order and for one int layer."""
     model, task = make_model(layout, n_layers=2), make_task()
-    expected = finite_difference_sensitivities(model, task, [2, 0, 1])
+    expected = lens_finite_differences(model, task, [2, 0, 1], eps=1e-5)
     assert expected[:, 0].abs().max() > 1e-3
     for chunk_size in (1, 3, 1000):
         torch.testing.assert_close(label_sensitivities(model, task, layers=[2, 0, 1], chunk_size=chunk_size), expected, rtol=1e-6, atol=1e-8)

@@ -27,6 +27,7 @@ from mi_krr.models import BridgeICLModel, ICLTransformerConfig
 from mi_krr.models.adapter import AttentionHooks, ICLModel
 from mi_krr.models.encoding import EncodedPrompt
 from mi_krr.tasks import GPRegressionSampler
+from brute_force import lens_finite_differences
 from prompts import random_task
 
 
@@ -161,18 +162,6 @@ def exp_kernel_model(n_heads: int, mask: str = "concat", scores_hook: bool = Tru
     return model
 
 
-def finite_differences(model, task, eps: float = 1e-6) -> torch.Tensor:
-    """Central differences of the read-out lens in each support label -> [B, L + 1, m, n]."""
-    columns = []
-    for i in range(task.n_support):
-        shift = torch.zeros(task.n_support, dtype=torch.float64)
-        shift[i] = eps
-        up = probes.layer_predictions(model, dataclasses.replace(task, y_support=task.y_support + shift))
-        down = probes.layer_predictions(model, dataclasses.replace(task, y_support=task.y_support - shift))
-        columns.append((up - down) / (2 * eps))
-    return torch.stack(columns, -1)
-
-
 # ---------------------------------------------------------------- probes on the custom model
 
 
@@ -200,7 +189,7 @@ def test_own_model_lens_attention_and_sensitivities_equal_a_numpy_forward(mask, 
     else:
         np.testing.assert_array_equal(kernels.support_allowed.numpy(), expected_support_mask)
         assert kernels.query_allowed.all()
-    torch.testing.assert_close(attached.label_sensitivities(task), finite_differences(model, task), rtol=1e-6, atol=1e-8)
+    torch.testing.assert_close(attached.label_sensitivities(task), lens_finite_differences(model, task), rtol=1e-6, atol=1e-8)
 
 
 @pytest.mark.parametrize("mask", ["concat", "causal", "none"])

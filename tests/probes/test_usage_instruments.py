@@ -8,7 +8,6 @@ The bugs the review found are fixed; their tests check the correct behaviour."""
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import matplotlib
@@ -24,6 +23,7 @@ from mi_krr import solvers  # noqa: E402
 from mi_krr.construct import gd_transformer  # noqa: E402
 from mi_krr.kernels import kernel_matrix  # noqa: E402
 from mi_krr.models import ICLTransformer, ICLTransformerConfig  # noqa: E402
+from brute_force import lens_finite_differences  # noqa: E402
 from probes.diagnose import STAGES  # noqa: E402
 from prompts import random_task  # noqa: E402
 
@@ -208,13 +208,6 @@ def test_float32_task_on_float64_model_gets_float64_accurate_sensitivities():
     model = tiny_model()
     task32 = random_task(3, 4, 2, 2, seed=1).to(dtype=torch.float32)
     task64 = task32.to(dtype=torch.float64)
-    eps, columns = 1e-6, []
-    for i in range(task64.n_support):
-        shift = torch.zeros(task64.n_support, dtype=torch.float64)
-        shift[i] = eps
-        up = probes.layer_predictions(model, dataclasses.replace(task64, y_support=task64.y_support + shift))
-        down = probes.layer_predictions(model, dataclasses.replace(task64, y_support=task64.y_support - shift))
-        columns.append((up - down) / (2 * eps))
-    reference = torch.stack(columns, dim=-1).numpy()
+    reference = lens_finite_differences(model, task64).numpy()
     np.testing.assert_allclose(probes.label_sensitivities(model, task64).numpy(), reference, rtol=0, atol=1.5e-9)  # float64 task: fine
     np.testing.assert_allclose(probes.label_sensitivities(model, task32).numpy(), reference, rtol=0, atol=1.5e-9)

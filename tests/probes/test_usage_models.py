@@ -25,6 +25,7 @@ from mi_krr.kernels import kernel_matrix
 from mi_krr.models import BridgeICLModel, ICLTransformer, ICLTransformerConfig, load_garg_checkpoint
 from mi_krr.models.masks import allowed_attention
 from mi_krr.tasks import ICLTask
+from brute_force import lens_finite_differences
 from prompts import random_task
 
 SIZES = [(1, 1, 1), (3, 2, 2)]  # (batch, n_support, n_query): the smallest task, and a small odd one
@@ -35,18 +36,6 @@ def icl_model(cls: type = ICLTransformer, **overrides):
     settings.update(overrides)
     torch.manual_seed(0)
     return cls(ICLTransformerConfig(**settings)).eval()
-
-
-def finite_difference_sensitivities(model, task: ICLTask, eps: float = 1e-6, layers=None) -> torch.Tensor:
-    """Central differences of the read-out lens in each support label -> [B, L', m, n]."""
-    columns = []
-    for i in range(task.n_support):
-        shift = torch.zeros(task.n_support, dtype=task.y_support.dtype)
-        shift[i] = eps
-        up = probes.layer_predictions(model, dataclasses.replace(task, y_support=task.y_support + shift), layers=layers)
-        down = probes.layer_predictions(model, dataclasses.replace(task, y_support=task.y_support - shift), layers=layers)
-        columns.append((up - down) / (2 * eps))
-    return torch.stack(columns, dim=-1)
 
 
 def numpy_attention_patterns(model: ICLTransformer, task: ICLTask) -> tuple[list[np.ndarray], object]:
@@ -132,7 +121,7 @@ def test_icl_transformer_label_sensitivities_equal_finite_differences_at_odd_siz
         task = random_task(batch, n, m, 2, seed=1)
         sensitivities = probes.attach(model).label_sensitivities(task)
         assert sensitivities.shape == (batch, 3, m, n)
-        torch.testing.assert_close(sensitivities, finite_difference_sensitivities(model, task), rtol=1e-6, atol=1e-8)
+        torch.testing.assert_close(sensitivities, lens_finite_differences(model, task), rtol=1e-6, atol=1e-8)
 
 
 def bridge_attention_from_weights(model: BridgeICLModel, task: ICLTask, layer: int) -> tuple[torch.Tensor, object]:
@@ -174,7 +163,7 @@ def test_bridge_label_sensitivities_and_readout_lens_at_one_support_point(layout
         task = random_task(batch, n, m, 2, seed=1)
         lens = probes.layer_predictions(model, task)
         torch.testing.assert_close(lens[:, -1], model.predict(task).detach(), rtol=0, atol=1e-14)
-        torch.testing.assert_close(probes.label_sensitivities(model, task), finite_difference_sensitivities(model, task),
+        torch.testing.assert_close(probes.label_sensitivities(model, task), lens_finite_differences(model, task),
                                    rtol=1e-6, atol=1e-8)
 
 
@@ -259,7 +248,7 @@ def test_garg_model_in_float64_gives_sensitivities_equal_to_finite_differences(g
         sensitivities = probes.label_sensitivities(model64, task)
         assert probes.layer_predictions(model64, task).dtype == torch.float64
         assert sensitivities.shape == (batch, GARG["n_layer"] + 1, m, n)
-        finite = finite_difference_sensitivities(model64, task)
+        finite = lens_finite_differences(model64, task)
         torch.testing.assert_close(sensitivities, finite, rtol=1e-6, atol=1e-8)
         assert finite[:, -1].abs().max() > 1e-5  # not vacuous
 
@@ -312,7 +301,7 @@ def test_cg_construction_sensitivities_past_convergence_equal_finite_differences
     last = [4 * n_steps]
     K, K_query = task.x_support @ task.x_support.mT, task.x_query @ task.x_support.mT
     krr_map = K_query @ torch.linalg.inv(K + 0.5 * torch.eye(n_support, dtype=K.dtype))
-    finite = finite_difference_sensitivities(model, task, eps=1e-4, layers=last)[:, 0]
+    finite = lens_finite_differences(model, task, eps=1e-4, layers=last)[:, 0]
     torch.testing.assert_close(finite, krr_map, rtol=1e-8, atol=1e-10)  # the reference is right
     torch.testing.assert_close(probes.label_sensitivities(model, task, layers=last)[:, 0], krr_map, rtol=1e-6, atol=1e-8)
 
@@ -420,7 +409,7 @@ def test_label_sensitivities_under_inference_mode_equal_finite_differences():
     autograd there as under no_grad, on a task sampled inside inference mode too, and matches
     central finite differences (it used to blame the model's encode() for detaching the labels)."""
     model, task = icl_model(), random_task(2, 3, 2, 2, seed=0)
-    expected = finite_difference_sensitivities(model, task)
+    expected = lens_finite_differences(model, task)
     with torch.inference_mode():
         inference_task = dataclasses.replace(task, **{name: getattr(task, name).clone() for name in ("x_support", "y_support", "x_query", "y_query")})
         assert inference_task.y_support.is_inference()
