@@ -28,7 +28,7 @@ import torch
 from tqdm import tqdm
 
 from mi_krr._repr import compact_repr
-from mi_krr._validation import check_choice, check_count, check_finite, check_non_negative, check_positive
+from mi_krr._validation import check_choice, check_count, check_finite, check_non_negative, check_positive, check_seed
 from mi_krr.kernels import KERNEL_NAMES, condition_number, kernel_defaults, kernel_matrix, kernel_parameters
 from mi_krr.solvers import ALGORITHMS
 from mi_krr.solvers.direct import krr
@@ -298,7 +298,7 @@ def diagnose(
     if lam is not None:
         lam = check_positive("lam", lam)
     bootstrap = check_count("bootstrap", bootstrap, 0)
-    seed = check_count("seed", seed, 0)
+    seed = check_seed("seed", seed)
     n_kappa_bins = check_count("n_kappa_bins", n_kappa_bins, 1)
     min_score = _check_r2_threshold("min_score", min_score)
     min_gap = check_non_negative("min_gap", min_gap)

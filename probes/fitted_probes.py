@@ -146,6 +146,7 @@ def fit_layer_probes(
     prompt = encode_for_probe(model, train_task)
     batch = train_task.batch_size
     check_count("train_task batch size", batch, minimum=2)
+    seed = check_seed("seed", seed)
     if not 0.0 < float(val_fraction) < 1.0:
         raise ValueError(f"val_fraction must lie strictly between 0 and 1, got {val_fraction!r}")
     lam_grid = as_float64("lam_grid", lam_grid, min_dim=1)
@@ -164,7 +165,7 @@ def fit_layer_probes(
     target = target.detach().to("cpu", torch.float64)
 
     features = query_residuals(model, prompt, layers).detach().to("cpu", torch.float64)  # [B, L', m, d]
-    generator = torch.Generator().manual_seed(check_seed("seed", seed))
+    generator = torch.Generator().manual_seed(seed)
     order = torch.randperm(batch, generator=generator)
     n_val = min(max(1, round(batch * float(val_fraction))), batch - 1)
     val, train = order[:n_val], order[n_val:]

@@ -86,7 +86,8 @@ def cg_rate(
     from mi_krr.construct.studies import cg_rate_study
 
     tolerance = check_positive("tolerance", tolerance)
-    study = cg_rate_study(kappas=as_tuple("kappas", kappas, "(10.0, 100.0)"), n_support=n_support, n_steps=n_steps, lam=lam, batch_size=batch_size, seed=seed)
+    kappas = as_tuple("kappas", kappas, "(10.0, 100.0)")
+    study = cg_rate_study(kappas=kappas, n_support=n_support, n_steps=n_steps, lam=lam, batch_size=batch_size, seed=seed)
     within, worst, gap, reached, bound_reached = {}, {}, {}, {}, {}
     for kappa in study.kappas:
         key = str(kappa)

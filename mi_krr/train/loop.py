@@ -13,7 +13,6 @@ import torch
 from tqdm.auto import tqdm
 
 from mi_krr._repr import compact_repr
-from mi_krr._validation import check_count
 from mi_krr.tasks import ICLTask
 from mi_krr.train.checkpoint import (
     CONFIG_FILE,
@@ -192,13 +191,10 @@ def _check_inputs(model: Any, sampler: Any, cfg: TrainConfig, until_step: int | 
         raise ValueError(f"active_dim_start must be <= the sampler's dim={sampler.dim}, got {cfg.active_dim_start}")
     if until_step is None:
         return cfg.steps
-    try:
-        stop = check_count("until_step", until_step, 1)  # Python or NumPy integers
-    except ValueError:
-        stop = 0
-    if not 1 <= stop <= cfg.steps:
+    whole = isinstance(until_step, (int, np.integer)) and not isinstance(until_step, bool)  # Python or NumPy integers
+    if not whole or not 1 <= until_step <= cfg.steps:
         raise ValueError(f"until_step must be an integer in [1, steps={cfg.steps}] or None, got {until_step!r}")
-    return stop
+    return int(until_step)
 
 
 def training_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, sampler: Any, cfg: TrainConfig, step: int) -> float:
