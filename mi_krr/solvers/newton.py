@@ -24,7 +24,7 @@ def newton_schulz(K: Any, y: Any, lam: float, n_steps: int, K_query: Any = None)
     Args: as in `cg`.
 
     Returns:
-        Trajectory (method "newton"), params {"scale": c `[...]`};
+        Trajectory (method "newton", preconditioner "none"), params {"scale": c `[...]`};
         residual_norm = ||y - A alpha_t||.
     """
     system = krr_system(K, y, lam, K_query)
@@ -43,6 +43,7 @@ def newton_schulz(K: Any, y: Any, lam: float, n_steps: int, K_query: Any = None)
         alpha,
         system.residual_norms(alpha),
         "newton",
+        preconditioner="none",
         params={"scale": system.recorded(None, scale)},
     )
 

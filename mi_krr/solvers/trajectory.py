@@ -24,7 +24,8 @@ class Trajectory:
         lam: the ridge parameter.
         step: the step size used (a float, a per-prompt tensor `[...]`, or None for methods
             without one, e.g. CG).
-        preconditioner: "none", "jacobi", "rowsum", or None.
+        preconditioner: "none", "jacobi" or "rowsum" (every registry solver records one; None:
+            not recorded).
         params: any further parameters (momentum, eigenvalue bounds, ...).
     """
 

@@ -132,7 +132,7 @@ EXPECTED_FIELDS = {  # method, preconditioner, params keys recorded by each regi
     "richardson_rowsum": ("richardson", "rowsum", set()),
     "chebyshev": ("chebyshev", "none", {"eig_bounds"}),
     "heavy_ball": ("heavy_ball", "none", {"momentum"}),
-    "newton": ("newton", None, {"scale"}),
+    "newton": ("newton", "none", {"scale"}),
 }
 
 
