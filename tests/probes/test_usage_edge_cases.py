@@ -1,0 +1,226 @@
+"""Usage review: edge cases and numerical robustness across the public API, as a researcher hits
+them in a notebook (one support point, one query, batch of 1, duplicate support points, tiny or
+huge ridge, n_steps much larger than n, constant or zero labels, NaN written into a task, a
+reference kernel that cannot tell the keys apart), checked against independent references:
+NumPy solves and closed forms, a NumPy Newton-Schulz loop, finite differences, and the
+definitions in the docstrings.
+
+Tests marked xfail(strict=True) state the correct behaviour of a bug this review found."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import probes
+from mi_krr.models import ICLTransformer, ICLTransformerConfig
+from mi_krr.solvers import ALGORITHMS, newton_schulz
+from mi_krr.tasks import ICLTask
+from probes.scoring import score_algorithms
+from probes.step_sizes import path_score, path_scores
+from prompts import random_task
+
+
+def tiny_model() -> ICLTransformer:
+    torch.manual_seed(0)
+    cfg = ICLTransformerConfig(n_dims=2, d_model=8, n_layers=2, n_heads=2, max_seq_len=32, dtype="float64")
+    return ICLTransformer(cfg).eval()
+
+
+def numpy_gaussian(x: np.ndarray, z: np.ndarray, bandwidth: float = 1.0) -> np.ndarray:
+    sq = ((x[:, None, :] - z[None, :, :]) ** 2).sum(-1)
+    return np.exp(-sq / (2 * bandwidth**2))
+
+
+# ---------------------------------------------------------------- solvers at the boundaries
+
+
+@pytest.mark.parametrize("name", sorted(ALGORITHMS))
+def test_every_registry_solver_is_exact_after_one_step_on_one_support_point(name):
+    """n = 1: K + lam I is the scalar k + lam, so every registry solver with its spectrum-optimal
+    parameters reaches alpha = y / (k + lam) in one step and stays there; the query predictions
+    must equal the closed form k_q y / (k + lam) at every step t >= 1."""
+    rng = np.random.default_rng(3)
+    x, xq = rng.normal(size=(1, 2)), rng.normal(size=(3, 2))
+    K, Kq, y, lam = numpy_gaussian(x, x), numpy_gaussian(xq, x), np.array([0.7]), 0.1
+    expected = Kq[:, 0] * 0.7 / (K[0, 0] + lam)
+    trajectory = ALGORITHMS[name](K, y, lam, 4, K_query=Kq)
+    pred = trajectory.pred.numpy()
+    assert pred.shape == (5, 3)
+    np.testing.assert_allclose(pred[0], 0.0, atol=0)
+    np.testing.assert_allclose(pred[1:], np.broadcast_to(expected, (4, 3)), rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("name", sorted(ALGORITHMS))
+def test_every_registry_solver_matches_numpy_solve_at_a_huge_ridge(name):
+    """lam = 1e12 on a Gaussian kernel with two duplicated support points: every solver must
+    still converge (kappa ~ 1) to NumPy's solve of (K + lam I) alpha = y, ~ y / lam."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(6, 2))
+    x[3] = x[4] = x[0]
+    xq = rng.normal(size=(3, 2))
+    K, Kq, y, lam = numpy_gaussian(x, x), numpy_gaussian(xq, x), rng.normal(size=6), 1e12
+    expected = Kq @ np.linalg.solve(K + lam * np.eye(6), y)
+    pred = ALGORITHMS[name](K, y, lam, 40, K_query=Kq).pred[-1].numpy()
+    np.testing.assert_allclose(pred, expected, rtol=1e-8)
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: newton_schulz overflows to inf/NaN (silently) once cond(K + lam I)^2 > 1/eps")
+def test_newton_schulz_stays_finite_on_an_ill_conditioned_but_valid_system():
+    """Duplicate support points (singular K) and lam = 1e-8: K + lam I is positive definite with
+    kappa ~ 1e9. A plain NumPy Newton-Schulz loop with the same start M_0 = c A stays finite and
+    reaches the solve; the library's trajectory turns inf/NaN after ~60 steps (its scale
+    c = 2 / (mu_max^2 + mu_min^2) puts I - c A^2 at -1 to rounding, and any overshoot doubles
+    every step). It must stay finite (or refuse the system in one line)."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(8, 2))
+    x[3] = x[0]
+    K, y, lam = numpy_gaussian(x, x), rng.normal(size=8), 1e-8
+    expected = np.linalg.solve(K + lam * np.eye(8), y)
+    alpha = newton_schulz(K, y, lam, 80).alpha.numpy()
+    assert np.isfinite(alpha).all()
+    np.testing.assert_allclose(alpha[-1], expected, rtol=1e-3, atol=1e-3 * np.abs(expected).max())
+
+
+# ---------------------------------------------------------------- diagnose and its scores
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: diagnose(n_steps >> n, step_sizes='fitted') crashes with an internal 'cost contains NaN' error")
+def test_diagnose_with_many_more_steps_than_support_points_fits_a_finite_step():
+    """n_steps = 400 on prompts of 5 support points (a researcher asking for long trajectories):
+    a diverging candidate step's predictions stay finite but their squares overflow, and the
+    cross-fit's 0 x inf gives NaN, so `monotone_alignment` raises an error about a cost the user
+    never passed. diagnose must return, with a finite positive fitted gd step per half."""
+    task = random_task(6, 5, 2, 2, seed=1)
+    diagnosis = probes.diagnose(
+        tiny_model(), task, kernel="gaussian", lam=0.1, n_steps=400, algorithms=("gd",), kernels=(), bootstrap=0, progress=False
+    )
+    step = np.asarray(diagnosis["tasks"].fitted_steps["gd"].step)
+    assert np.isfinite(step).all() and (step > 0).all()
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: path_scores gives NaN (then raises) for a finite candidate whose squared error overflows")
+def test_path_scores_treat_an_overflowing_candidate_as_diverged():
+    """Two candidates scored on two folds: a sane one, and one whose predictions are finite but
+    ~1e200 (a diverging step after many iterations). The overflowing one must score -inf, as the
+    docstring says of a diverging step, and the sane one its own `path_score` on each fold."""
+    rng = np.random.default_rng(0)
+    layer_pred = rng.normal(size=(4, 3, 2))
+    sane = np.cumsum(rng.normal(size=(4, 6, 2)), axis=1)
+    sane[:, 0] = 0.0
+    huge = sane * 1e200
+    folds = np.array([0, 1, 0, 1])
+    scored = np.array([1, 2])
+    scores = path_scores(layer_pred, torch.as_tensor(np.stack([sane, huge], axis=1)), scored, folds=folds)
+    assert np.isneginf(scores[:, 1]).all()
+    for fold in (0, 1):
+        rows = folds == fold
+        assert scores[fold, 0] == pytest.approx(path_score(layer_pred[rows], sane[rows], scored), rel=1e-12)
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: log-error distance is set by the 1e-300 floor when an algorithm converges exactly")
+def test_profile_distance_does_not_depend_on_exact_zero_versus_rounding_error():
+    """Two algorithms whose trajectories agree to 1e-16 relative (one reaches the KRR predictions
+    exactly, the other up to rounding; what n = 1 or zero labels give) must get nearly the same
+    log-error distance to a model whose layers miss KRR by ~0.1. Today `log_error_profile` floors
+    the MSE at 1e-300, so the exact one gets ~300 log10 units and the rounded one ~30."""
+    rng = np.random.default_rng(0)
+    krr = rng.normal(size=(8, 2))
+    exact = np.concatenate([np.zeros((8, 1, 2)), np.repeat(krr[:, None], 5, axis=1)], axis=1)
+    rounded = exact * (1 + 1e-16 * rng.choice([-1.0, 1.0], size=exact.shape))
+    layers = krr[:, None] + 0.1 * rng.normal(size=(8, 3, 2))
+    scores = score_algorithms(layers, {"exact": exact, "rounded": rounded}, krr, bootstrap=0)
+    assert abs(scores["exact"].profile_distance - scores["rounded"].profile_distance) < 1.0
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: diagnose on all-zero labels reports 'best: cg' and fitted steps instead of refusing")
+def test_diagnose_refuses_labels_that_make_every_trajectory_zero():
+    """y_support = 0 on every prompt: every solver predicts exactly 0 at every step, so every R2
+    is undefined (no variance), any step size fits, and the verdict's reason ('the layers'
+    predictions are closer to 0 than to any solver iterate') is wrong. diagnose must refuse the
+    task set in one line naming the labels."""
+    task = random_task(6, 5, 2, 2, seed=2)
+    zero = ICLTask(task.x_support, torch.zeros_like(task.y_support), task.x_query, task.y_query, {})
+    with pytest.raises(ValueError, match="(?i)label|y_support"):
+        probes.diagnose(tiny_model(), zero, kernel="gaussian", lam=0.1, kernels=(), bootstrap=0, progress=False)
+
+
+def test_diagnose_on_one_prompt_needs_optimal_steps_and_then_scores_it():
+    """Batch of 1: the fitted steps need two halves, so the default is refused in one line naming
+    step_sizes; with step_sizes='optimal' the diagnosis runs, and its KRR predictions equal a
+    NumPy solve on the prompt's Gaussian kernel."""
+    model, task = tiny_model(), random_task(1, 4, 1, 2, seed=5)
+    with pytest.raises(ValueError, match="step_sizes='optimal'"):
+        probes.diagnose(model, task, kernel="gaussian", lam=0.1, kernels=(), bootstrap=0, progress=False)
+    result = probes.diagnose(model, task, kernel="gaussian", lam=0.1, kernels=(), bootstrap=0, progress=False, step_sizes="optimal")["tasks"]
+    x, xq, y = (v[0].numpy() for v in (task.x_support, task.x_query, task.y_support))
+    expected = numpy_gaussian(xq, x) @ np.linalg.solve(numpy_gaussian(x, x) + 0.1 * np.eye(4), y)
+    np.testing.assert_allclose(result.krr_predictions[0], expected, rtol=1e-12)
+    assert result.layer_predictions.shape == (1, 3, 1)
+
+
+# ---------------------------------------------------------------- instruments
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: alignment_metrics returns CKA of 0 / +1 / -1 from rounding where it is undefined")
+def test_cka_is_nan_for_single_row_blocks():
+    """One query (or one prompt of one query row) gives a [1, n] block; double centring removes it
+    entirely, so CKA is 0/0, undefined. `alignment_metrics` returns rounding residue instead
+    (about 1 draw in 10 here: 0, 1 or -1), which kernel_alignment then averages as if real."""
+    generator = torch.Generator().manual_seed(0)
+    attn = torch.softmax(3 * torch.randn(200, 1, 7, generator=generator, dtype=torch.float64), -1)
+    ref = torch.softmax(torch.randn(200, 1, 7, generator=generator, dtype=torch.float64), -1)
+    assert torch.isnan(probes.alignment_metrics(attn, ref)["cka"]).all()
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: fit_layer_probes reports val_r2 = 1 (perfect) for constant targets, where R2 is undefined")
+def test_ridge_probe_r2_on_constant_targets_is_undefined():
+    """targets = a constant (e.g. a solver's step-0 predictions, all 0): the target has no variance,
+    so R2 = 1 - SSE / SST is undefined; today `_r2` clamps SST at 1e-300 and reports a perfect
+    probe (and a perfect shuffled control). It must be NaN, or the targets refused."""
+    model, task = tiny_model(), random_task(12, 4, 2, 2, seed=6)
+    try:
+        fitted = probes.fit_layer_probes(model, task, targets=torch.zeros(12, 2, dtype=torch.float64))
+    except ValueError as error:
+        assert "target" in str(error)
+        return
+    assert torch.isnan(fitted.fit.val_r2).all() and torch.isnan(fitted.control.val_r2).all()
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: kernel_alignment reports an arbitrary end of its search range as the fitted scale of a uniform reference")
+def test_alignment_scale_is_inf_when_the_reference_cannot_tell_the_keys_apart():
+    """Every support point of a prompt identical: the row-normalised Gaussian / exp reference over
+    the support keys is uniform for every scale, which the docstring says is reported as inf.
+    Today some heads get an end of the search range instead (here an exp temperature of ~1e-15;
+    on the shipped softmax_gp, bandwidths of 2^-15 and temperatures of 2^-30)."""
+    task = random_task(2, 5, 2, 2, seed=5)
+    x = task.x_support.clone()
+    x[:] = x[:, :1]
+    same = ICLTask(x, task.y_support, task.x_query, task.y_query, {})
+    alignment = probes.kernel_alignment(tiny_model(), same, block="support")
+    for kernel in ("exp", "gaussian"):
+        assert torch.isinf(alignment.scale[kernel]).all(), alignment.scale[kernel]
+
+
+def test_label_sensitivities_on_one_prompt_one_point_one_query_match_finite_differences():
+    """Batch 1, n = 1, m = 1, float64 model fed a float32 task: the autograd sensitivities of
+    every layer equal central finite differences of `layer_predictions` in float64."""
+    model, task = tiny_model(), random_task(1, 1, 1, 2, seed=9, dtype=torch.float32)
+    sens = probes.label_sensitivities(model, task)
+    assert sens.shape == (1, 3, 1, 1) and sens.dtype == torch.float64
+    task64, eps = task.to(dtype=torch.float64), 1e-6
+    shifted = [ICLTask(task64.x_support, task64.y_support + s, task64.x_query, task64.y_query, {}) for s in (eps, -eps)]
+    fd = (probes.layer_predictions(model, shifted[0]) - probes.layer_predictions(model, shifted[1])) / (2 * eps)
+    np.testing.assert_allclose(sens[0, :, 0, 0].numpy(), fd[0, :, 0].numpy(), rtol=1e-6, atol=1e-9)
+
+
+def test_nan_written_into_a_task_after_construction_is_refused_by_the_probes():
+    """ICLTask checks finiteness when built; a NaN written into its tensors afterwards must still be
+    refused by the probes in one line naming the field, never propagated into predictions."""
+    task = random_task(2, 4, 2, 2, seed=4)
+    task.y_support[0, 1] = float("nan")
+    with pytest.raises(ValueError, match="y_support contains NaN or inf"):
+        probes.layer_predictions(tiny_model(), task)
+    with pytest.raises(ValueError, match="y_support contains NaN or inf"):
+        probes.diagnose(tiny_model(), task, kernel="gaussian", lam=0.1, kernels=(), bootstrap=0, progress=False, step_sizes="optimal")
