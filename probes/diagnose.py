@@ -39,7 +39,7 @@ from probes.compare import format_html, summary_rows
 from probes.identifiability import Verdict, identifiability_verdict
 from probes.kernel_alignment import REFERENCE_KERNELS, KernelAlignment, kernel_alignment, reference_kernel_names
 from probes.layer_predictions import METHODS, check_train_task, layer_predictions
-from probes.scoring import AlgorithmScore, score_algorithms
+from probes.scoring import AlgorithmScore, overflow_limit, score_algorithms
 from probes.sensitivity import label_sensitivities, solver_sensitivities
 from probes.step_sizes import FITTED_STEP_ALGORITHMS, STEP_SIZES, FittedStep, fit_global_steps
 from probes.streaming import encode_for_probe, model_device_dtype, probe_model, resolve_layers, stream_probes
@@ -406,13 +406,14 @@ def _diagnose_task_set(model, set_name, task, prompt, bar, *, algorithms, kernel
         unfit = {name: unfit_by_registry[entry] for name, entry in registry.items() if entry in unfit_by_registry}
     solvers: dict[str, Callable[..., Any]] = {}
     step_preds = {}
+    limit = overflow_limit(layer_pred.size + len(algorithms) * K_query.shape[0] * (n_steps + 1) * K_query.shape[1])  # as the scores will
     for name, solver in algorithms.items():
         try:
             if name in unfit:
                 raise unfit[name]
             if name in fitted:
                 solver = fitted[name].solver()
-            step_preds[name] = _checked_step_predictions(name, solver(K, y, lam, n_steps, K_query=K_query), K_query.shape, n_steps)
+            step_preds[name] = _checked_step_predictions(name, solver(K, y, lam, n_steps, K_query=K_query), K_query.shape, n_steps, limit)
             solvers[name] = solver
         except ValueError as error:  # e.g. the row-sum preconditioner on a kernel with negative rows
             fitted.pop(name, None)
@@ -547,10 +548,10 @@ def _check_r2_threshold(name: str, value: Any) -> float:
     return number
 
 
-def _checked_step_predictions(name: str, trajectory: Any, query_shape: torch.Size, n_steps: int) -> Any:
+def _checked_step_predictions(name: str, trajectory: Any, query_shape: torch.Size, n_steps: int, limit: float) -> Any:
     """The query predictions `[B, T+1, m]` (a tensor or an array) of the trajectory candidate
     `name` returned, after checking them (a custom solver's mistakes are named here, not deep
-    inside the scores)."""
+    inside the scores): finite and within +-`limit` (`probes.scoring.overflow_limit`)."""
     pred = getattr(trajectory, "pred", None)
     expected = (query_shape[0], n_steps + 1, query_shape[1])
     if pred is None or tuple(np.shape(pred)) != expected:
@@ -558,8 +559,12 @@ def _checked_step_predictions(name: str, trajectory: Any, query_shape: torch.Siz
         raise ValueError(
             f"algorithm {name!r} returned {got}: a solver must return a Trajectory whose pred is [batch, n_steps + 1, m] = {expected}"
         )
-    if not np.isfinite(_numpy(pred)).all():
-        raise ValueError(f"algorithm {name!r} returned non-finite predictions (it diverges on this task set): check its step sizes")
+    if not (np.abs(_numpy(pred)) <= limit).all():
+        raise ValueError(
+            f"algorithm {name!r} returned non-finite predictions or predictions beyond +-{limit:.3g} (it diverges on this "
+            "task set: a step size too large, or an iteration that floating point cannot carry this far on so "
+            "ill-conditioned a system)"
+        )
     return pred
 
 

@@ -119,6 +119,14 @@ def step_sum_count(steps: np.ndarray) -> int:
     return int(np.prod(steps.shape[2:], dtype=np.int64))
 
 
+def overflow_limit(n_values: int) -> float:
+    """The largest magnitude that `n_values` numbers (every prompt's, step's and value's of one
+    scoring) may have for their squared differences and centred squares to sum below float64's
+    maximum: sqrt(max) / (2 n_values), so that n_values squares of differences up to twice it sum
+    to at most max / n_values. Larger values are a diverging trajectory, not a prediction."""
+    return float(np.sqrt(np.finfo(np.float64).max) / (2 * max(n_values, 1)))
+
+
 def _weights(sums: PairedSums, weights) -> np.ndarray:
     """Prompt weights as `[R, B]` (ones when None)."""
     if weights is None:
@@ -464,6 +472,13 @@ def _score_side_by_side(
     for name, values in {"krr_pred": krr, **{f"step_preds[{name!r}]": values for name, values in step_values.items()}}.items():
         if values.shape[0] != n_prompts:
             raise ValueError(f"{name} covers {values.shape[0]} prompts but layer_pred {n_prompts}: pass both for the same prompts")
+    limit = overflow_limit(layer_values.size + sum(values.size for values in step_values.values()))
+    for name, values in step_values.items():
+        if values.size and np.abs(values).max() > limit:
+            raise ValueError(
+                f"step_preds[{name!r}] holds values beyond +-{limit:.3g}, whose squares overflow float64 (a diverging "
+                "trajectory): leave it out, or check its step sizes"
+            )
     weighting = _PromptWeighting.build(n_prompts, resamples, kappa, n_kappa_bins)
     model_profile = log_error_profile(layer_values, krr)
     groups: dict[tuple[int, ...], list[str]] = {}

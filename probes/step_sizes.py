@@ -50,7 +50,9 @@ from mi_krr._validation import check_choice
 from mi_krr.solvers import heavy_ball, richardson
 from mi_krr.solvers.spectrum import polyak_parameters, preconditioner_diagonal, richardson_optimal_step
 from mi_krr.solvers.system import check_steps, krr_system
-from probes.scoring import PairedSums, centred_step_sums, monotone_alignment, pairwise_sse, path_r2, weighted_sse_sst
+from probes.scoring import (
+    PairedSums, centred_step_sums, monotone_alignment, overflow_limit, pairwise_sse, path_r2, weighted_sse_sst,
+)
 from probes.sensitivity import RICHARDSON_PRECONDITIONERS
 
 STEP_SIZES = ("fitted", "optimal")
@@ -290,13 +292,14 @@ def cross_fit_folds(n_prompts: int, seed: int) -> np.ndarray:
 def path_score(layer_pred: np.ndarray, step_pred: np.ndarray, scored: np.ndarray) -> float:
     """Path R2 of `step_pred` `[B, T+1, m]` against `layer_pred` `[B, L', m]` over rows `scored`,
     at the monotone alignment (as `probes.scoring.score_algorithm` computes its score); -inf for
-    non-finite trajectories (a diverging step)."""
+    a diverging trajectory (non-finite, or beyond `probes.scoring.overflow_limit`)."""
     return float(path_scores(layer_pred, torch.as_tensor(np.asarray(step_pred, dtype=np.float64))[:, None], scored)[0])
 
 
 def path_scores(layer_pred: np.ndarray, candidate_pred: torch.Tensor, scored: np.ndarray, folds: np.ndarray | None = None) -> np.ndarray:
     """`path_score` of G candidate trajectories at once: candidate_pred `[B, G, T+1, m]` -> `[G]`
-    (-inf for a non-finite candidate or an undefined R2). With `folds` (a fold index per prompt
+    (-inf for a diverging candidate, one with values beyond `overflow_limit`, or an undefined
+    R2). With `folds` (a fold index per prompt
     `[B]`, every fold 0..F-1 non-empty): each fold's score on its own prompts `[F, G]`, as if
     the folds were scored one at a time (a prompt's trajectory may differ between folds).
 
@@ -307,7 +310,8 @@ def path_scores(layer_pred: np.ndarray, candidate_pred: torch.Tensor, scored: np
     fold = np.zeros(batch, dtype=np.int64) if folds is None else np.asarray(folds, dtype=np.int64)
     indicator = (fold[None, :] == np.arange(fold.max() + 1)[:, None]).astype(np.float64)  # [F, B]
     pred = candidate_pred.detach().cpu().numpy()
-    finite = np.isfinite(pred).reshape(batch, n_candidates, -1).all(axis=2)  # [B, G]
+    limit = overflow_limit(pred.size + np.size(layer_pred))  # beyond it (NaN and inf included), the sums would overflow
+    finite = (np.abs(pred) <= limit).reshape(batch, n_candidates, -1).all(axis=2)  # [B, G]: False for a diverging step
     values = (pred if finite.all() else np.where(finite[:, :, None, None], pred, 0.0)).reshape(batch, -1, n_query)
     sums = PairedSums(pairwise_sse(np.asarray(layer_pred, dtype=np.float64), values), *centred_step_sums(values), n_query)
     sse, sst, count = weighted_sse_sst(sums, indicator)  # [F, L', G (T+1)], [F, G (T+1)], [F]

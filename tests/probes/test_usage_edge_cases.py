@@ -17,7 +17,7 @@ import probes
 from mi_krr.models import ICLTransformer, ICLTransformerConfig
 from mi_krr.solvers import ALGORITHMS, newton_schulz
 from mi_krr.tasks import ICLTask
-from probes.scoring import score_algorithms
+from probes.scoring import overflow_limit, score_algorithms
 from probes.step_sizes import path_score, path_scores
 from prompts import random_task
 
@@ -86,7 +86,6 @@ def test_newton_schulz_stays_finite_on_an_ill_conditioned_but_valid_system():
 # ---------------------------------------------------------------- diagnose and its scores
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: diagnose(n_steps >> n, step_sizes='fitted') crashes with an internal 'cost contains NaN' error")
 def test_diagnose_with_many_more_steps_than_support_points_fits_a_finite_step():
     """n_steps = 400 on prompts of 5 support points (a researcher asking for long trajectories):
     a diverging candidate step's predictions stay finite but their squares overflow, and the
@@ -100,7 +99,6 @@ def test_diagnose_with_many_more_steps_than_support_points_fits_a_finite_step():
     assert np.isfinite(step).all() and (step > 0).all()
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: path_scores gives NaN (then raises) for a finite candidate whose squared error overflows")
 def test_path_scores_treat_an_overflowing_candidate_as_diverged():
     """Two candidates scored on two folds: a sane one, and one whose predictions are finite but
     ~1e200 (a diverging step after many iterations). The overflowing one must score -inf, as the
@@ -117,6 +115,46 @@ def test_path_scores_treat_an_overflowing_candidate_as_diverged():
     for fold in (0, 1):
         rows = folds == fold
         assert scores[fold, 0] == pytest.approx(path_score(layer_pred[rows], sane[rows], scored), rel=1e-12)
+
+
+def test_overflow_limit_is_where_the_scoring_sums_stop_overflowing():
+    """sqrt(float64 max) / (2 n), from NumPy's finfo: n squared differences of two values of that
+    size sum to float64's max / n (finite), while the square of the total of n values 4x that size
+    (what SST's total^2 term would hold) overflows."""
+    for n in (1, 7, 10_000):
+        limit = overflow_limit(n)
+        assert limit == pytest.approx(np.sqrt(np.finfo(np.float64).max) / (2 * n), rel=1e-15)
+        differences = np.full(n, 2 * limit)
+        with np.errstate(over="ignore"):
+            assert np.isfinite(np.sum(differences**2))
+            assert not np.isfinite(np.square(np.float64(4 * limit * n)))
+
+
+def test_score_algorithms_refuses_a_finite_trajectory_whose_squares_overflow():
+    """A step trajectory of ~1e200 (finite: a diverging iteration caught before inf) must be
+    refused in one line naming it, not scored as NaN."""
+    rng = np.random.default_rng(1)
+    layers, krr = rng.normal(size=(6, 3, 2)), rng.normal(size=(6, 2))
+    sane = np.concatenate([np.zeros((6, 1, 2)), np.repeat(krr[:, None], 4, axis=1)], axis=1)
+    with pytest.raises(ValueError, match=r"step_preds\['huge'\] holds values beyond .*diverging"):
+        score_algorithms(layers, {"sane": sane, "huge": sane * 1e200}, krr, bootstrap=0)
+
+
+def test_diagnose_leaves_out_a_solver_whose_finite_predictions_overflow_the_scores():
+    """A custom solver returning finite predictions of ~1e200 is left out with a note that names
+    it and says it diverges; the registry's CG beside it is scored."""
+
+    def exploding(K, y, lam, n_steps, K_query=None):
+        trajectory = ALGORITHMS["cg"](K, y, lam, n_steps, K_query=K_query)
+        trajectory.pred = trajectory.pred * 1e200
+        return trajectory
+
+    diagnosis = probes.diagnose(
+        tiny_model(), random_task(8, 5, 2, 2, seed=2), kernel="gaussian", lam=0.1, n_steps=3,
+        algorithms={"exploding": exploding, "cg": ALGORITHMS["cg"]}, kernels=(), bootstrap=0, progress=False,
+    )["tasks"]
+    assert list(diagnosis.scores) == ["cg"]
+    assert any("exploding" in note and "diverges" in note for note in diagnosis.notes)
 
 
 @pytest.mark.xfail(strict=True, reason="BUG: log-error distance is set by the 1e-300 floor when an algorithm converges exactly")
