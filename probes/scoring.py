@@ -230,13 +230,21 @@ def aligned_r2(sse: np.ndarray, sst: np.ndarray, steps: np.ndarray) -> np.ndarra
         return np.where(variance > 0, 1.0 - error / variance, np.nan)
 
 
+PROFILE_FLOOR = np.finfo(np.float64).eps ** 2
+"""`log_error_profile` floors each MSE at this fraction of the reference's mean square: an error
+below float64's rounding of the reference is noise, so a trajectory that reaches the KRR
+prediction exactly and one that reaches it up to rounding get the same profile."""
+
+
 def log_error_profile(values, reference) -> np.ndarray:
     """log10 of the MSE of each row against a reference: values `[B, K, m]`, reference `[B, m]`
-    -> `[K]` (the per-layer or per-step error to the exact KRR prediction; floored at 1e-300)."""
+    -> `[K]` (the per-layer or per-step error to the exact KRR prediction; floored at
+    `PROFILE_FLOOR` times the reference's mean square, or at 1e-300 for an all-zero reference)."""
     values = _as_array("values", values, 3)
     reference = _as_array("reference", reference, 2)
     mse = ((values - reference[:, None]) ** 2).mean(axis=(0, 2))
-    return np.log10(np.maximum(mse, 1e-300))
+    floor = max(PROFILE_FLOOR * float(np.mean(reference**2)), 1e-300)
+    return np.log10(np.maximum(mse, floor))
 
 
 def profile_distance(model_profile, algorithm_profile, steps) -> float:

@@ -17,7 +17,7 @@ import probes
 from mi_krr.models import ICLTransformer, ICLTransformerConfig
 from mi_krr.solvers import ALGORITHMS, newton_schulz
 from mi_krr.tasks import ICLTask
-from probes.scoring import overflow_limit, score_algorithms
+from probes.scoring import log_error_profile, overflow_limit, score_algorithms
 from probes.step_sizes import path_score, path_scores
 from prompts import random_task
 
@@ -157,7 +157,17 @@ def test_diagnose_leaves_out_a_solver_whose_finite_predictions_overflow_the_scor
     assert any("exploding" in note and "diverges" in note for note in diagnosis.notes)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: log-error distance is set by the 1e-300 floor when an algorithm converges exactly")
+def test_log_error_profile_floor_is_float64_rounding_of_the_reference():
+    """An exact match floors at log10(eps^2 x mean(reference^2)) (NumPy's eps); an error above the
+    floor is the plain log10 MSE; an all-zero reference floors at 1e-300."""
+    rng = np.random.default_rng(4)
+    reference = 3.0 * rng.normal(size=(5, 2))
+    values = np.stack([reference, reference + 0.01], axis=1)  # [5, 2, 2]: exact, off by 0.01
+    eps = np.finfo(np.float64).eps
+    np.testing.assert_allclose(log_error_profile(values, reference), [np.log10(eps**2 * np.mean(reference**2)), -4.0], rtol=1e-12)
+    assert log_error_profile(np.zeros((3, 1, 2)), np.zeros((3, 2))).tolist() == [-300.0]
+
+
 def test_profile_distance_does_not_depend_on_exact_zero_versus_rounding_error():
     """Two algorithms whose trajectories agree to 1e-16 relative (one reaches the KRR predictions
     exactly, the other up to rounding; what n = 1 or zero labels give) must get nearly the same
