@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING, Mapping
 
 import numpy as np
 
+from probes.report import interval_text
+
 if TYPE_CHECKING:
     from probes.diagnose import Diagnosis, TaskSetDiagnosis
 
@@ -159,12 +161,13 @@ TABLE_HEADER = ("model", "task set", "best algorithm", "path R2 [95% CI]", "iden
 
 
 def table_cells(row: SummaryRow) -> tuple[str, ...]:
-    """One row's cells as text, in `TABLE_HEADER` order (distances "-" where not computed)."""
+    """One row's cells as text, in `TABLE_HEADER` order (interval and distances "-" where not
+    computed)."""
     return (
         row.model,
         row.task_set,
         row.best,
-        f"{row.score:.4f} [{row.score_ci[0]:.3f}, {row.score_ci[1]:.3f}]",
+        f"{row.score:.4f} {interval_text(row.score_ci, 3)}",
         "yes" if row.identified else "no",
         *("-" if math.isnan(distance) else f"{distance:.3f}" for distance in (row.exp_distance, row.gaussian_distance)),
         row.step_map,

@@ -3,6 +3,7 @@ JSON statistics, NumPy arrays)."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -17,6 +18,13 @@ def _kernel_text(result: "TaskSetDiagnosis") -> str:
     return f"{result.kernel}({params})"
 
 
+def interval_text(interval: tuple[float, float], digits: int) -> str:
+    """A bootstrap interval as "[low, high]" with `digits` decimals, or "-" when it has none (both
+    ends NaN: bootstrap=0)."""
+    low, high = interval
+    return "-" if math.isnan(low) and math.isnan(high) else f"[{low:.{digits}f}, {high:.{digits}f}]"
+
+
 def task_set_summary(result: "TaskSetDiagnosis") -> str:
     """One task set: header, per-algorithm scores ranked, the best algorithm's aligned step per
     layer with its R2, the fitted steps, the kernel alignment's best head per block, the verdict,
@@ -29,12 +37,10 @@ def task_set_summary(result: "TaskSetDiagnosis") -> str:
     lines = [header, f"{'algorithm':<18} {'path R2':>9} {'95% interval':>20} {'kappa-wtd R2':>13} {'log-err dist':>13} {'sens R2':>9}"]
     ranking = sorted(result.scores.values(), key=lambda s: -(s.score if np.isfinite(s.score) else -np.inf))
     for score in ranking:
-        low, high = score.score_ci
         weighted = "" if score.weighted_r2 is None else f"{score.weighted_r2:.4f}"
         sens = "" if score.sensitivity_score is None else f"{score.sensitivity_score:.4f}"
-        interval = "-" if np.isnan([low, high]).all() else f"[{low:.4f}, {high:.4f}]"  # "-": no interval (bootstrap=0)
         lines.append(
-            f"{score.algorithm:<18} {score.score:>9.4f} {interval:>20} {weighted:>13} "
+            f"{score.algorithm:<18} {score.score:>9.4f} {interval_text(score.score_ci, 4):>20} {weighted:>13} "
             f"{score.profile_distance:>13.3f} {sens:>9}"
         )
     best = result.scores[result.verdict.best]

@@ -114,8 +114,6 @@ def _bootstrap_free_diagnosis():
     return probes.diagnose(model, task, lam=0.05, bootstrap=0, kernels=(), progress=False)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: overview table (compare().summary(), notebook HTML, CLI table) still prints "
-                                       "'[nan, nan]' at bootstrap=0, which the README says was fixed")
 def test_tables_show_no_nan_interval_without_bootstrap():
     """README: "CIs printed as `[nan, nan]` at `bootstrap=0`" is listed as fixed. `Diagnosis.summary()`
     prints '-', but the overview table every other view uses (probes.compare's summary and HTML, a
