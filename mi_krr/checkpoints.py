@@ -37,7 +37,8 @@ class LoadedCheckpoint:
         path: where it was loaded from.
         label_scale: prompts' labels are multiplied by this (Garg's weights are N(0, I_d), ours
             N(0, I_d / d): sqrt(d) matches the label scale the model was trained on).
-        lam: the KRR ridge to compare with (None: the sampler's noise variance).
+        lam: the KRR ridge to compare with (None: the sampler's Bayes-optimal ridge,
+            `probes.diagnose.resolve_lam`).
         notes: how the task family was chosen.
     """
 

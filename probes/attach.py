@@ -32,7 +32,8 @@ class ProbedModel:
         return layer_predictions(self.model, task, method=method, **kwargs)
 
     def label_sensitivities(self, task: ICLTask, layers: Sequence[int] | None = None, **kwargs: Any) -> torch.Tensor:
-        """`probes.label_sensitivities(model, task, layers)` -> `[batch, L + 1, n_query, n_support]`."""
+        """`probes.label_sensitivities(model, task, layers)` -> `[batch, L + 1, n_query, n_support]`
+        (`[batch, len(layers), ...]` with `layers`)."""
         return label_sensitivities(self.model, task, layers=layers, **kwargs)
 
     def attention_kernels(self, task: ICLTask, source: str = "pattern") -> AttentionKernels:

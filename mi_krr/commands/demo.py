@@ -62,7 +62,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> tuple[argparse.Argumen
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--quick", action="store_true",
-                        help="smaller batches, one shift, shorter constructions (the same code path; for tests)")
+                        help="smaller batches, two shifts, shorter constructions (the same code path; for tests)")
     parser.add_argument("--checkpoints", default=None,
                         help="folder holding the shipped runs linear_lr/ and softmax_gp/ (default: checkpoints/ in the working directory or a parent of it, else the repository's)")
     parser.add_argument("--sensitivities", action="store_true",

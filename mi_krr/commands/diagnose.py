@@ -33,7 +33,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> tuple[argparse.Argumen
     parser.add_argument("--n-support", type=int, default=None, help="support points per prompt (default: the training value)")
     parser.add_argument("--n-query", type=int, default=None, help="queries per prompt (default: the training value, Garg: 8)")
     parser.add_argument("--batch", type=int, default=64, help="prompts per task set (default: 64)")
-    parser.add_argument("--lam", type=float, default=None, help="KRR ridge (default: the label-noise variance; 0.01 for noiseless tasks)")
+    parser.add_argument("--lam", type=float, default=None, help="KRR ridge (default: the Bayes-optimal ridge of the task: noise variance for GP regression, "
+                        "noise variance x d for linear regression; 0.01 for noiseless tasks)")
     parser.add_argument("--method", choices=("readout", "ridge"), default="readout",
                         help="layer predictions: the model's read-out lens, or ridge probes fitted on separate prompts")
     parser.add_argument("--bootstrap", type=int, default=1000, help="prompt resamples for intervals and the verdict (default: 1000)")

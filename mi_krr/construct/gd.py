@@ -40,7 +40,8 @@ def gd_transformer(
 ) -> ConstructedTransformer:
     """`n_steps` linear self-attention blocks running GD with learning rate `lr` and ridge
     `lam >= 0` on tasks of dimension <= `dim` (module docstring). Its MLPs are linear, so the
-    model is exact in either arithmetic."""
+    model is exact in either arithmetic. At lam > 0 it runs `mi_krr.solvers.feature_gd`'s
+    iteration; the default lam = 0 is plain least-squares GD, which that ridge solver refuses."""
     n_steps = check_count("n_steps", n_steps, minimum=1)
     lr = check_positive("lr", lr)
     lam = check_non_negative("lam", lam)
