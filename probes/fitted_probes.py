@@ -23,6 +23,7 @@ from mi_krr._repr import compact_repr
 from mi_krr._validation import as_float64, check_count, check_seed
 from mi_krr.models.adapter import ICLModel
 from mi_krr.tasks import ICLTask
+from probes.scoring import SST_ROUNDING
 from probes.streaming import encode_for_probe, probe_model, query_residuals, resolve_layers
 
 DEFAULT_LAM_GRID: tuple[float, ...] = tuple(float(v) for v in np.logspace(-8, 2, 21))
@@ -37,7 +38,8 @@ class RidgeFit:
         bias: `[layer]` float64.
         lam: chosen penalty per layer `[layer]` (absolute, on the mean-squared-error scale:
             minimises mean (x.w + b - t)^2 + lam |w|^2).
-        val_r2: validation R^2 at the chosen penalty `[layer]`.
+        val_r2: validation R^2 at the chosen penalty `[layer]` (NaN where the validation
+            targets are one constant: R^2 is undefined).
     """
 
     __repr__ = compact_repr
@@ -202,15 +204,15 @@ def _fit_ridge(
         x_val, t_val = x[val].reshape(-1, x.shape[-1]), t[val].reshape(-1)
         penalties = lam_grid * _mean_eigenvalue(x_train)
         path_weights, path_biases = _ridge_path(x_train, t_train, penalties)  # [n_lam, d], [n_lam]
-        scores = _r2(x_val @ path_weights.T + path_biases, t_val[:, None])  # [n_lam]
-        best = int(torch.argmax(scores))
+        val_pred = x_val @ path_weights.T + path_biases  # [N_val, n_lam]
+        best = int(torch.argmin((val_pred - t_val[:, None]).square().sum(dim=0)))  # = argmax R2, defined for constant targets too
         x_all, t_all = torch.cat([x_train, x_val]), torch.cat([t_train, t_val])
         lam = float(lam_grid[best]) * _mean_eigenvalue(x_all)
         weight, bias = (value[0] for value in _ridge_path(x_all, t_all, torch.tensor([lam], dtype=torch.float64)))
         weights.append(weight)
         biases.append(bias)
         lams.append(lam)
-        r2s.append(scores[best])
+        r2s.append(_r2(val_pred[:, best], t_val))
     return RidgeFit(
         weight=torch.stack(weights),
         bias=torch.stack(biases),
@@ -241,7 +243,9 @@ def _ridge_path(x: torch.Tensor, t: torch.Tensor, lams: torch.Tensor) -> tuple[t
 
 def _r2(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Coefficient of determination 1 - SSE / SST along dim 0 (SST about the target's own mean);
-    pred `[N, ...]`, target broadcastable -> `[...]`."""
+    pred `[N, ...]`, target broadcastable -> `[...]`; NaN where the target has no variance (SST at
+    most `SST_ROUNDING` of its squares: a constant up to the rounding of its mean)."""
     target = target.expand_as(pred)
-    total = (target - target.mean(dim=0)).square().sum(dim=0).clamp_min(1e-300)
-    return 1.0 - (pred - target).square().sum(dim=0) / total
+    total = (target - target.mean(dim=0)).square().sum(dim=0)
+    defined = total > SST_ROUNDING * target.square().sum(dim=0)
+    return torch.where(defined, 1.0 - (pred - target).square().sum(dim=0) / total, torch.nan)
