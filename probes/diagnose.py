@@ -384,6 +384,12 @@ def _diagnose_task_set(model, set_name, task, prompt, bar, *, algorithms, kernel
     K_query = kernel_matrix(kernel_name, x_query, x_support, **params)
     kappa = condition_number(K, lam)
     krr_pred = torch.einsum("bmn,bn->bm", K_query, krr(K, y, lam))
+    if not bool(krr_pred.any()):
+        raise ValueError(
+            f"task set {set_name!r}: KRR predicts 0 for every query (all-zero labels y_support, or a kernel so narrow "
+            "that no query sees a support point), so every solver predicts 0 at every step and no algorithm can be "
+            "scored: use labels that vary, or a wider kernel"
+        )
     stage_done("KRR system")
 
     read_layers = layers if method == "readout" else []  # the read-out lens rides on the one pass

@@ -182,7 +182,6 @@ def test_profile_distance_does_not_depend_on_exact_zero_versus_rounding_error():
     assert abs(scores["exact"].profile_distance - scores["rounded"].profile_distance) < 1.0
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: diagnose on all-zero labels reports 'best: cg' and fitted steps instead of refusing")
 def test_diagnose_refuses_labels_that_make_every_trajectory_zero():
     """y_support = 0 on every prompt: every solver predicts exactly 0 at every step, so every R2
     is undefined (no variance), any step size fits, and the verdict's reason ('the layers'
@@ -192,6 +191,17 @@ def test_diagnose_refuses_labels_that_make_every_trajectory_zero():
     zero = ICLTask(task.x_support, torch.zeros_like(task.y_support), task.x_query, task.y_query, {})
     with pytest.raises(ValueError, match="(?i)label|y_support"):
         probes.diagnose(tiny_model(), zero, kernel="gaussian", lam=0.1, kernels=(), bootstrap=0, progress=False)
+
+
+def test_diagnose_refuses_a_kernel_so_narrow_that_no_query_sees_a_support_point():
+    """A Gaussian bandwidth of 1e-3 on inputs ~1 apart: exp(-|x - x'|^2 / 2e-6) underflows to 0
+    for every query-support pair (NumPy gives exactly 0), so KRR and every solver predict 0;
+    diagnose must say so in one line naming the kernel."""
+    task = random_task(6, 5, 2, 2, seed=3)
+    gap = ((task.x_query.double()[:, :, None] - task.x_support.double()[:, None]) ** 2).sum(-1).numpy()
+    assert not np.exp(-gap / 2e-6).any()  # the premise, by NumPy
+    with pytest.raises(ValueError, match="KRR predicts 0 for every query.*wider kernel"):
+        probes.diagnose(tiny_model(), task, kernel="gaussian", kernel_params={"bandwidth": 1e-3}, lam=0.1, kernels=(), bootstrap=0, progress=False)
 
 
 def test_diagnose_on_one_prompt_needs_optimal_steps_and_then_scores_it():
