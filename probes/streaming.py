@@ -259,14 +259,18 @@ def _attention_reductions(
 ) -> Callable[[list[Any]], tuple[torch.Tensor | None, torch.Tensor | None]]:
     """Append to `reductions` the hooks that cut every layer's attention down to `blocks`; return
     the function that turns their results (in order) into (support, query) `[batch, layer, ...]`.
-    Scores rebuilt from q and k get -inf where `allowed` (`_allowed_blocks`) blocks them."""
+    Scores, the model's own or rebuilt from q and k, get -inf where `allowed` (`_allowed_blocks`)
+    blocks them (a model may fill blocked scores with a large finite negative, e.g. HF GPT-2's
+    float minimum, which averaging over a prompt's groups can overflow)."""
     keys, rows = prompt.support_positions, _block_rows(prompt, blocks)
 
     def blocks_of(pattern: torch.Tensor) -> dict[str, torch.Tensor]:  # [seqs, head, pos, pos]
-        return {
-            block: _fold_block(block, _take(_take(pattern, 2, positions), 3, keys), prompt)
-            for block, positions in rows.items()
-        }
+        folded = {}
+        for block, positions in rows.items():
+            folded[block] = _fold_block(block, _take(_take(pattern, 2, positions), 3, keys), prompt)
+            if source == "scores":
+                folded[block] = _blocked_to_minus_inf(folded[block], allowed.get(block))
+        return folded
 
     rebuilt: list[bool] = []
     for hooks in model.attention_hook_names():
@@ -301,8 +305,13 @@ def _rebuilt_scores(
     where `allowed` (the block's structural mask, `_allowed_blocks`) is False, as a model's own
     score hook carries them (None: no mask known, every entry finite)."""
     scores = einops.einsum(q, k, "seqs row head e, seqs key head e -> seqs head row key") / q.shape[-1] ** 0.5
-    folded = _fold_block(block, scores, prompt)
-    return folded if allowed is None else folded.masked_fill(~allowed, float("-inf"))
+    return _blocked_to_minus_inf(_fold_block(block, scores, prompt), allowed)
+
+
+def _blocked_to_minus_inf(scores: torch.Tensor, allowed: torch.Tensor | None) -> torch.Tensor:
+    """Folded scores `[batch, head, rows, n]` with -inf where `allowed` `[rows, n]` is False (in
+    place: the block owns its storage); unchanged when no mask is known."""
+    return scores if allowed is None else scores.masked_fill_(~allowed, float("-inf"))
 
 
 def _block_rows(prompt: EncodedPrompt, blocks: tuple[str, ...]) -> dict[str, torch.Tensor]:

@@ -333,7 +333,6 @@ def test_garg_visible_scores_equal_q_dot_k_from_hf_weights_and_blocked_ones_are_
     assert np.isneginf(scores[..., upper]).all()
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: Garg scores' blocked entries are finfo.min with one query, -inf (overflowed group mean) with more")
 def test_garg_blocked_scores_are_minus_inf_with_one_query(garg):
     """The same with ONE query per prompt: blocked entries hold HF's -3.4e38 instead of -inf (with
     several queries the group mean overflows to -inf), so what a masked score is depends on
