@@ -35,6 +35,14 @@ BLOCKS = ("query", "support")
 FITS = ("distance", "log_lstsq")
 METRICS = ("operator_distance", "cka", "spearman", "row_spearman")
 
+CENTRED_RESIDUE = 1e-12
+"""Centring removed everything when what is left has a norm of at most this fraction of the
+uncentred norm: the rest is rounding residue, which grows with the entries a mean runs over
+(measured: ~1e-16 for a [1, n] block, ~2e-14 for 1000 identical rows), while a real spread
+(e.g. float32 attention that is not exactly uniform, ~1e-7) lies far above. Used for the
+double-centred matrices CKA compares (`alignment_metrics`) and for the row-centred similarity a
+scale is fitted to (`fit_inverse_scale`)."""
+
 
 @dataclass
 class KernelAlignment:
@@ -43,10 +51,13 @@ class KernelAlignment:
     Attributes:
         block: "query" (query x support rows) or "support" (support x support).
         scale: per kernel, the fitted parameter `[layer, head]`: temperature tau for "exp",
-            bandwidth sigma for "gaussian" (inf: the best reference is uniform over the keys;
-            NaN: fit="log_lstsq" found the head anti-aligned with the kernel, beta < 0).
+            bandwidth sigma for "gaussian" (inf: the best reference is uniform over the keys,
+            always so where the similarity is constant over each row's keys, e.g. identical
+            support points or, for "exp", queries at 0; NaN: fit="log_lstsq" found the head
+            anti-aligned with the kernel, beta < 0).
         metrics: per kernel, per metric (`METRICS`), the mean over prompts `[layer, head]`
-            (NaN-ignoring: row Spearman is undefined on rows that see one key).
+            (NaN-ignoring: row Spearman is undefined on rows that see one key, CKA on prompts
+            whose block double centring removes: one row, identical rows, a uniform reference).
         per_prompt: the same per prompt `[batch, layer, head]`.
     """
 
@@ -234,15 +245,15 @@ def _representation(task: ICLTask, representation: Any) -> tuple[torch.Tensor, t
 
 def log_similarity(kernel: str, rows: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
     """log k(row, key) at unit scale: x . x' for "exp" (so exp kernel = exp(S / tau)), and
-    -|x - x'|^2 / 2 for "gaussian" (so Gaussian kernel = exp(S / sigma^2)).
+    -|x - x'|^2 / 2 for "gaussian" (so Gaussian kernel = exp(S / sigma^2)), the distances from
+    the differences (0 for identical points: the expansion |x|^2 + |x'|^2 - 2 x . x' would leave
+    rounding residue there, which a fitted scale would read as spread).
 
     rows `[..., r, p]`, keys `[..., n, p]` -> `[..., r, n]`."""
     check_choice("kernel", kernel, REFERENCE_KERNELS)
-    dots = rows @ keys.mT
     if kernel == "exp":
-        return dots
-    sq_dist = rows.square().sum(-1, keepdim=True) + keys.square().sum(-1).unsqueeze(-2) - 2.0 * dots
-    return -0.5 * sq_dist.clamp_min(0.0)
+        return rows @ keys.mT
+    return -0.5 * torch.cdist(rows, keys, compute_mode="donot_use_mm_for_euclid_dist").square()
 
 
 def row_normalised_kernel(logits: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
@@ -299,27 +310,31 @@ def fit_inverse_scale(attn: torch.Tensor, similarity: torch.Tensor, keys: torch.
     """Fit beta per layer and head so row-normalised exp(beta * similarity) matches `attn`.
 
     attn `[B, L, H, r, n]` (rows sum to one over `keys`), similarity broadcastable to it, keys
-    bool like attn -> beta `[L, H]` (pooled over prompts and rows). "log_lstsq": least squares of
-    row-centred log attn on row-centred similarity (through the origin). "distance": the mean
-    squared Frobenius distance minimised over log beta within `LOG_SCALE_HALF_WIDTH` of the
-    log_lstsq value (of 1 / the RMS of the centred similarity where that value is <= 0), from
-    the best point of a grid by safeguarded Newton steps with the exact first and second
-    derivatives; then beta = 0 (uniform over the keys) if that is at least as close.
-    The log_lstsq beta may be < 0 (attention anti-aligned with the kernel); "distance" gives
-    beta >= 0.
+    bool like attn -> beta `[L, H]` (pooled over prompts and rows). A head whose similarity is
+    constant over each row's keys (its row-centred similarity, pooled, at most `CENTRED_RESIDUE`
+    of the similarity's norm) has a reference that is uniform over the keys at every beta: beta = 0.
+    Otherwise, "log_lstsq": least squares of row-centred log attn on row-centred similarity
+    (through the origin). "distance": the mean squared Frobenius distance minimised over log
+    beta within `LOG_SCALE_HALF_WIDTH` of the log_lstsq value (of 1 / the RMS of the centred
+    similarity where that value is <= 0), from the best point of a grid by safeguarded Newton
+    steps with the exact first and second derivatives; then beta = 0 (uniform over the keys) if
+    that is at least as close. The log_lstsq beta may be < 0 (attention anti-aligned with the
+    kernel); "distance" gives beta >= 0.
     """
     similarity, keys = _head_invariant(similarity.expand_as(attn)), _head_invariant(keys)
-    numerator, sim_square, n_keys = _summed_over_prompts(_log_lstsq_terms, (attn, similarity, keys))
-    beta = numerator / sim_square.clamp_min(1e-300)
-    if fit == "log_lstsq":
+    numerator, sim_square, size_square, n_keys = _summed_over_prompts(_log_lstsq_terms, (attn, similarity, keys))
+    discriminates = (sim_square > CENTRED_RESIDUE**2 * size_square).expand_as(numerator)  # [L, H]; sim_square > 0 there
+    beta = torch.where(discriminates, numerator / sim_square, 0.0)
+    if fit == "log_lstsq" or not bool(discriminates.any()):
         return beta
-    spread = sim_square.div(n_keys.clamp_min(1.0)).sqrt().clamp_min(1e-12)
-    centre = torch.where(beta > 0, beta.clamp_min(1e-300).log(), -spread.log())  # [L, H]
+    spread = sim_square.div(n_keys).sqrt()
+    centre = torch.where(beta > 0, beta.log(), -spread.log())  # [L, H]
+    centre = torch.where(discriminates, centre, centre[discriminates].min())  # the rest: beta = 0 whatever the search finds
     low, high = centre - LOG_SCALE_HALF_WIDTH, centre + LOG_SCALE_HALF_WIDTH
     start = _grid_minimum(attn, similarity, keys, low, high)
     log_beta, loss = _newton_minimum(_distance_in_log_scale(attn, similarity, keys), start, low, high)
     uniform_loss = _summed_over_prompts(_uniform_distance, (attn, keys))[0] / attn.shape[0]
-    return torch.where(uniform_loss <= loss, 0.0, log_beta.exp())
+    return torch.where(discriminates & (loss < uniform_loss), log_beta.exp(), 0.0)
 
 
 LOG_SCALE_HALF_WIDTH = 7.0
@@ -347,14 +362,16 @@ def _head_invariant(value: torch.Tensor) -> torch.Tensor:
 
 def _log_lstsq_terms(attn: torch.Tensor, similarity: torch.Tensor, keys: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """Sums over prompts and rows for the log_lstsq fit: (log attn . centred similarity,
-    |centred similarity|^2, number of keys), each `[L, H]` (or `[1, 1]` where head-invariant).
-    The similarity is centred over each row's keys, so centring log attn too would add nothing."""
+    |centred similarity|^2, |similarity|^2, number of keys), each `[L, H]` (or `[1, 1]` where
+    head-invariant), over the keys. The similarity is centred over each row's keys, so centring
+    log attn too would add nothing."""
     weight = keys.to(attn.dtype)
     count = weight.sum(-1, keepdim=True).clamp_min(1.0)
-    centred = (similarity - (similarity * weight).sum(-1, keepdim=True) / count) * weight
+    visible = similarity * weight
+    centred = (similarity - visible.sum(-1, keepdim=True) / count) * weight
     log_attn = torch.where(keys, attn.clamp_min(1e-300).log(), 0.0)
     pooled = (0, 3, 4)
-    return (log_attn * centred).sum(pooled), centred.square().sum(pooled), weight.sum(pooled)
+    return (log_attn * centred).sum(pooled), centred.square().sum(pooled), visible.square().sum(pooled), weight.sum(pooled)
 
 
 def _uniform_distance(attn: torch.Tensor, keys: torch.Tensor) -> tuple[torch.Tensor]:
@@ -486,7 +503,9 @@ def alignment_metrics(K_attn: Any, K_ref: Any, mask: Any = None) -> dict[str, to
 
     - operator_distance: ||K_attn - K_ref||_2 / ||K_ref||_2 (spectral norm);
     - cka: <H_r K_attn H_c, H_r K_ref H_c>_F / (||H_r K_attn H_c||_F ||H_r K_ref H_c||_F), H the
-      centring matrices (for square Gram matrices, the usual kernel CKA);
+      centring matrices (for square Gram matrices, the usual kernel CKA); NaN where centring
+      removes either matrix (0/0: one row or column, identical rows or columns, M_ij = a_i + b_j),
+      i.e. leaves at most `CENTRED_RESIDUE` of its Frobenius norm, rounding residue;
     - spearman: Spearman rank correlation of all entries (ties get average ranks);
     - row_spearman: mean over rows of the per-row Spearman correlation (rows with fewer than two
       entries, or constant ones, are skipped; NaN if none is left).
@@ -510,8 +529,9 @@ def alignment_metrics(K_attn: Any, K_ref: Any, mask: Any = None) -> dict[str, to
 @dataclass
 class _ComparisonTerms:
     """What `alignment_metrics` needs of one side: the matrices `[..., r, c]`, their double-centred
-    form and its Frobenius norm `[...]`, and their ranks over the mask centred on their mean
-    (0 off the mask), over all entries `[..., r * c]` and per row `[..., r, c]`."""
+    form and its Frobenius norm `[...]` (NaN where centring removed them, `_centred_norm`), and
+    their ranks over the mask centred on their mean (0 off the mask), over all entries
+    `[..., r * c]` and per row `[..., r, c]`."""
 
     matrices: torch.Tensor
     centred: torch.Tensor
@@ -526,7 +546,7 @@ class _ComparisonTerms:
         return cls(
             matrices=matrices,
             centred=centred,
-            centred_norm=torch.linalg.matrix_norm(centred),
+            centred_norm=_centred_norm(matrices, centred),
             ranks=_centred_ranks(matrices.flatten(-2), mask.flatten(-2)),
             row_ranks=_centred_ranks(matrices, mask, row_order),
         )
@@ -549,6 +569,13 @@ def _spectral_norm(matrices: torch.Tensor) -> torch.Tensor:
     eigenvalue of the Gram matrix on the smaller side (several times cheaper than an SVD)."""
     gram = matrices @ matrices.mT if matrices.shape[-2] <= matrices.shape[-1] else matrices.mT @ matrices
     return torch.linalg.eigvalsh(gram)[..., -1].clamp_min(0.0).sqrt()
+
+
+def _centred_norm(matrices: torch.Tensor, centred: torch.Tensor) -> torch.Tensor:
+    """Frobenius norm of the double-centred matrices `[..., r, c]` -> `[...]`, NaN where it is at
+    most `CENTRED_RESIDUE` of the matrices' own norm (centring removed them; so CKA is NaN)."""
+    norm = torch.linalg.matrix_norm(centred)
+    return torch.where(norm > CENTRED_RESIDUE * torch.linalg.matrix_norm(matrices), norm, torch.nan)
 
 
 def _double_centre(matrix: torch.Tensor) -> torch.Tensor:

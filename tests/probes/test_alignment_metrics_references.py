@@ -78,6 +78,32 @@ def test_alignment_metrics_reject_a_mask_of_another_shape_and_inputs_below_two_d
         alignment_metrics(torch.arange(4.0), torch.arange(4.0).flip(0))
 
 
+@pytest.mark.parametrize("scale", [1e-8, 1.0, 1e8])
+def test_cka_is_nan_where_centring_removes_either_matrix_and_numpys_value_beside_it(scale):
+    """M_ij = a_i + b_j (one row, one column, identical rows, or a sum of a row and a column
+    profile) is removed exactly by double centring, H M H = 0, so CKA is 0/0: NaN against any
+    other matrix, on either side and at any scale, not the rounding residue's 0 or +-1. A matrix
+    whose centred part is small but real (uniform rows plus 1e-7 of noise, as float32 attention
+    that is not exactly uniform) keeps NumPy's CKA."""
+    rng = np.random.default_rng(8)
+    r, c = 30, 40
+    removed = {
+        "one row": rng.random((1, c)),
+        "one column": rng.random((r, 1)),
+        "identical rows": np.tile(rng.random((1, c)), (r, 1)),
+        "row plus column profile": rng.random((r, 1)) + rng.random((1, c)),
+    }
+    for name, matrix in removed.items():
+        other = rng.random(matrix.shape)
+        for pair in ((matrix, other), (other, matrix)):
+            cka = alignment_metrics(scale * torch.as_tensor(pair[0]), scale * torch.as_tensor(pair[1]))["cka"]
+            assert torch.isnan(cka), (name, float(cka))
+    near_uniform = np.full((r, c), 1.0 / c) + 1e-7 * rng.standard_normal((r, c))
+    other = rng.random((r, c))
+    cka = alignment_metrics(scale * torch.as_tensor(near_uniform), scale * torch.as_tensor(other))["cka"]
+    assert float(cka) == pytest.approx(numpy_cka(near_uniform, other), rel=1e-6)
+
+
 def test_metrics_are_nan_ignoring_means_over_prompts_of_numpy_and_scipy_per_prompt_metrics():
     """Query block of 4 prompts, 1 layer x 2 heads of noisy row-normalised exp kernels; in prompt 0
     every row sees a single key, so its rank correlations are undefined (NaN) while its distance and

@@ -402,3 +402,54 @@ def test_a_similarity_constant_over_each_rows_keys_fits_beta_zero():
     for kernel in ("exp", "gaussian"):
         similarity = log_similarity(kernel, rows, x)[:, None, None]
         assert (fit_inverse_scale(attn, similarity, keys) == 0.0).all()
+
+
+@pytest.mark.parametrize("fit", ["distance", "log_lstsq"])
+@pytest.mark.parametrize("case", ["identical support points", "queries at 0"])
+def test_a_reference_uniform_at_every_scale_fits_beta_zero_whatever_the_attention(case, fit):
+    """256 features, 40 keys: identical support points (the support block, causal keys) or queries
+    at the origin (exp kernel, x . x' = 0) make exp(beta * S) uniform over each row's keys for
+    every beta (S constant over them), so no beta beats beta = 0 against any attention, here
+    random rows: beta = 0 for every head (tau = sigma = inf), not an end of the search range. The
+    Gaussian's squared distances between identical points are exactly 0 (NumPy's (x - x')^2
+    summed), where the expansion |x|^2 + |x'|^2 - 2 x . x' leaves residue of ~1e-13 that differs
+    between pairs at this size (read as spread, it made log_lstsq's beta ~ -1e13)."""
+    g = torch.Generator().manual_seed(11)
+    batch, n, width = 4, 40, 256
+    point = torch.randn(batch, 1, width, generator=g, dtype=torch.float64)
+    if case == "identical support points":
+        rows = support = point.expand(batch, n, width)
+        kernels = ("exp", "gaussian")
+        keys = torch.tril(torch.ones(n, n, dtype=torch.bool)).expand(batch, 2, 2, n, n)
+    else:
+        rows = torch.zeros(batch, 3, width, dtype=torch.float64)
+        support = point + torch.randn(batch, n, width, generator=g, dtype=torch.float64)
+        kernels = ("exp",)
+        keys = torch.ones(batch, 2, 2, 3, n, dtype=torch.bool)
+    attn = row_normalised_kernel(torch.randn(keys.shape, generator=g, dtype=torch.float64), keys)
+    for kernel in kernels:
+        similarity = log_similarity(kernel, rows, support)
+        if kernel == "gaussian":
+            squared_distances = ((rows.numpy()[:, :, None] - support.numpy()[:, None]) ** 2).sum(-1)
+            np.testing.assert_array_equal(-2 * similarity.numpy(), squared_distances)
+        beta = fit_inverse_scale(attn, similarity[:, None, None], keys, fit=fit)
+        assert (beta == 0.0).all(), (kernel, beta)
+
+
+@pytest.mark.parametrize("fit", ["distance", "log_lstsq"])
+def test_a_head_whose_similarity_is_constant_fits_zero_beside_heads_that_recover_their_kernels(fit):
+    """Per-head similarities: head (0, 0) sees identical points (a constant similarity, uniform
+    reference at every beta), the others an exact row-normalised Gaussian kernel at their beta
+    under causal keys: the fit gives 0 for the first and each known beta for the others."""
+    g = torch.Generator().manual_seed(12)
+    batch, n = 5, 6
+    x = torch.randn(batch, n, 3, generator=g, dtype=torch.float64)
+    similarity = log_similarity("gaussian", x, x)[:, None, None].repeat(1, 2, 2, 1, 1)
+    similarity[:, 0, 0] = log_similarity("gaussian", x[:, :1].expand(batch, n, 3), x[:, :1].expand(batch, n, 3))
+    keys = torch.tril(torch.ones(n, n, dtype=torch.bool)).expand(batch, 2, 2, n, n)
+    betas = torch.tensor([[0.3, 0.8], [2.0, 5.0]], dtype=torch.float64)
+    attn = row_normalised_kernel(betas[:, :, None, None] * log_similarity("gaussian", x, x)[:, None, None], keys)
+    attn[:, 0, 0] = row_normalised_kernel(torch.randn(batch, n, n, generator=g, dtype=torch.float64), keys[:, 0, 0])
+    fitted = fit_inverse_scale(attn, similarity, keys, fit=fit)
+    assert float(fitted[0, 0]) == 0.0
+    torch.testing.assert_close(fitted.flatten()[1:], betas.flatten()[1:], rtol=1e-6, atol=0)

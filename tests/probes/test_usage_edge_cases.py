@@ -221,11 +221,10 @@ def test_diagnose_on_one_prompt_needs_optimal_steps_and_then_scores_it():
 # ---------------------------------------------------------------- instruments
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: alignment_metrics returns CKA of 0 / +1 / -1 from rounding where it is undefined")
 def test_cka_is_nan_for_single_row_blocks():
     """One query (or one prompt of one query row) gives a [1, n] block; double centring removes it
-    entirely, so CKA is 0/0, undefined. `alignment_metrics` returns rounding residue instead
-    (about 1 draw in 10 here: 0, 1 or -1), which kernel_alignment then averages as if real."""
+    entirely, so CKA is 0/0, undefined. `alignment_metrics` used to return rounding residue
+    (about 1 draw in 10 here: 0, 1 or -1), which kernel_alignment then averaged as if real."""
     generator = torch.Generator().manual_seed(0)
     attn = torch.softmax(3 * torch.randn(200, 1, 7, generator=generator, dtype=torch.float64), -1)
     ref = torch.softmax(torch.randn(200, 1, 7, generator=generator, dtype=torch.float64), -1)
@@ -245,11 +244,10 @@ def test_ridge_probe_r2_on_constant_targets_is_undefined():
     assert torch.isnan(fitted.fit.val_r2).all() and torch.isnan(fitted.control.val_r2).all()
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: kernel_alignment reports an arbitrary end of its search range as the fitted scale of a uniform reference")
 def test_alignment_scale_is_inf_when_the_reference_cannot_tell_the_keys_apart():
     """Every support point of a prompt identical: the row-normalised Gaussian / exp reference over
     the support keys is uniform for every scale, which the docstring says is reported as inf.
-    Today some heads get an end of the search range instead (here an exp temperature of ~1e-15;
+    Some heads used to get an end of the search range instead (here an exp temperature of ~1e-15;
     on the shipped softmax_gp, bandwidths of 2^-15 and temperatures of 2^-30)."""
     task = random_task(2, 5, 2, 2, seed=5)
     x = task.x_support.clone()
