@@ -153,7 +153,8 @@ def _load_garg_weights(config: GargConfig, state_dict: dict[str, torch.Tensor], 
 
 
 def read_garg_config(path: str | Path) -> GargConfig:
-    """The `model` section of a Garg run's config.yaml, validated (family gpt2, integer sizes)."""
+    """The `model` section of a Garg run's config.yaml, validated (family gpt2, positive integer
+    sizes, n_embd divisible by n_head)."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"no config.yaml at {path}: a Garg run folder needs the config.yaml its training wrote")
@@ -174,34 +175,58 @@ def read_garg_config(path: str | Path) -> GargConfig:
         value = model[key]
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{path}: model.{key} must be a positive integer, got {value!r}")
+    if model["n_embd"] % model["n_head"]:
+        raise ValueError(
+            f"{path}: model.n_embd={model['n_embd']} is not divisible by model.n_head={model['n_head']} "
+            "(GPT-2 splits n_embd evenly across heads): set model.n_head to the head count the run was trained with"
+        )
     return GargConfig(**{key: model[key] for key in GARG_MODEL_KEYS})
 
 
+def _saved_steps(folder: Path) -> dict[int, Path]:
+    """step -> `model_{step}.pt` for every such file in `folder`, in increasing step order."""
+    found = ((int(match.group(1)), file) for file in folder.iterdir() if (match := _STEP_FILE.fullmatch(file.name)))
+    return dict(sorted(found))
+
+
 def _weights_file(path: Path, step: int | None) -> Path:
+    """The weights file `load_garg_checkpoint` reads for `path` (a run folder or a .pt file in one)
+    and `step` (see its docstring)."""
     if path.is_file():
+        if step is not None and path.name != f"model_{step}.pt":
+            raise ValueError(
+                f"step={step} and the weights file {path.name} name different weights: pass the run folder {path.parent} "
+                f"with step={step}, or the file without step"
+            )
         return path
     if step is not None:
         chosen = path / f"model_{step}.pt"
         if not chosen.is_file():
-            raise ValueError(f"no model_{step}.pt in {path}: pick a step whose file exists")
+            saved = ", ".join(str(saved_step) for saved_step in _saved_steps(path))
+            fix = f"pick a step whose file exists ({saved})" if saved else "it holds no model_<step>.pt at all; omit step to load state.pt"
+            raise ValueError(f"no model_{step}.pt in {path}: {fix}")
         return chosen
     if (path / "state.pt").is_file():
         return path / "state.pt"
-    steps = sorted((int(m.group(1)), p) for p in path.iterdir() if (m := _STEP_FILE.fullmatch(p.name)))
-    if not steps:
+    saved = _saved_steps(path)
+    if not saved:
         raise ValueError(f"no weights in {path}: expected state.pt or model_<step>.pt")
-    return steps[-1][1]
+    return saved[max(saved)]
 
 
 def load_garg_checkpoint(path: str | Path, step: int | None = None, device: torch.device | str | None = None) -> GargICLModel:
     """Load a Garg et al. run folder (or one of its .pt files) as a hooked `GargICLModel`.
 
     Weights: an explicit file; else `model_{step}.pt` when `step` is given; else `state.pt`;
-    else the newest `model_{step}.pt`. config.yaml is read from the folder (a file's parent).
+    else the newest `model_{step}.pt`. `step` picks a file in a folder: with an explicit file it
+    must be that file's own step (`model_{step}.pt`), else the two name different weights and it
+    is a ValueError. config.yaml is read from the folder (a file's parent).
     Files are read with `torch.load(weights_only=True)`; nothing is fetched from the hub.
 
-    Raises ValueError (one line) for a missing folder/file/config key, a config that does not
-    match the weights' shapes, or a truncated/corrupt weights file.
+    Raises ValueError (one line) for a missing folder/file/config key, a `step` with no
+    `model_{step}.pt` (naming the saved steps) or that contradicts an explicit file, a config whose
+    n_embd is not divisible by n_head or that does not match the weights' shapes, or a
+    truncated/corrupt weights file.
     """
     path = Path(path)
     if not path.exists():

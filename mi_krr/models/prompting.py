@@ -47,7 +47,17 @@ def encoded_length(layout: str, n_support: int, n_query: int) -> int:
 
 def check_task_fits(model: object, task: ICLTask) -> None:
     """Raise one clear ValueError if `task`'s dimension is not the model's `n_dims` or its encoded
-    prompt is longer than the model's `max_seq_len` (None: no limit)."""
+    query prompt (`encoded_length`) is longer than the model's `max_seq_len` (None: no limit)."""
+    _check_task_dimension(model, task)
+    _check_sequence_length(
+        model,
+        encoded_length(model.layout, task.n_support, task.n_query),
+        f"the {model.layout} prompt for n_support={task.n_support}, n_query={task.n_query}",
+    )
+
+
+def _check_task_dimension(model: object, task: ICLTask) -> None:
+    """Raise one clear ValueError if `task` is not an `ICLTask` of the model's `n_dims`."""
     if not isinstance(task, ICLTask):
         raise ValueError(f"task must be an mi_krr.tasks.ICLTask, got {type(task).__name__}")
     n_dims = model.n_dims
@@ -56,12 +66,15 @@ def check_task_fits(model: object, task: ICLTask) -> None:
             f"task dimension d={task.dim} does not fit this model (n_dims={n_dims}): "
             f"sample tasks with d={n_dims} (zero-pad lower-dimensional inputs)"
         )
+
+
+def _check_sequence_length(model: object, length: int, sequence: str) -> None:
+    """Raise one clear ValueError if `length` tokens (of the `sequence` it describes) exceed the
+    model's `max_seq_len` (None: no limit)."""
     max_len = model.max_seq_len
-    length = encoded_length(model.layout, task.n_support, task.n_query)
     if max_len is not None and length > max_len:
         raise ValueError(
-            f"the {model.layout} prompt for n_support={task.n_support}, n_query={task.n_query} has {length} tokens, "
-            f"more than this model's max_seq_len={max_len}: use fewer support points"
+            f"{sequence} has {length} tokens, more than this model's max_seq_len={max_len}: use fewer support points"
         )
 
 
@@ -133,16 +146,22 @@ class PromptedModelMixin:
 
     def prefix_predictions(self, task: ICLTask) -> torch.Tensor:
         """Interleaved layout only: predictions at every support x position `[batch, n_support]`;
-        entry i predicts y_i from pairs 0..i-1 (Garg et al.'s `prediction[:, ::2]`)."""
+        entry i predicts y_i from pairs 0..i-1 (Garg et al.'s `prediction[:, ::2]`).
+
+        The model runs the 2 n_support tokens x_1, y_1, ..., x_n, y_n (no query token), so
+        n_support may fill the positional table: 2 n_support <= max_seq_len (a Garg checkpoint's
+        training length n_positions), one support point more than a query prompt takes."""
         if self.layout != "interleaved":
             raise ValueError(
                 "prefix_predictions needs the causal interleaved layout; a concat model scores its "
                 "queries: use predict(task) or training_predictions(task)"
             )
-        check_task_fits(self, task)
+        _check_task_dimension(self, task)
         reference = self._param_like()
         task = task.to(device=reference.device, dtype=reference.dtype)
-        return self(interleave_pairs(task.x_support, task.y_support))[:, 0::2]
+        pairs = interleave_pairs(task.x_support, task.y_support)  # [batch, 2 n_support, d]
+        _check_sequence_length(self, pairs.shape[1], f"the interleaved support sequence x_1, y_1, ..., x_n, y_n for n_support={task.n_support}")
+        return self(pairs)[:, 0::2]
 
     def training_predictions(self, task: ICLTask) -> TrainingPredictions:
         """Predictions and targets a trainer scores: every prefix of the support sequence against

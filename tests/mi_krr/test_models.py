@@ -120,6 +120,24 @@ def test_interleaved_prefix_prediction_i_equals_query_prediction_from_first_i_pa
     torch.testing.assert_close(scored.mse(), ((prefix - task.y_support) ** 2).mean())
 
 
+def test_interleaved_prefix_predictions_fill_the_positions_and_one_more_pair_is_refused():
+    """prefix_predictions feeds 2n tokens (no query token): with max_seq_len=12, n=6 pairs fit, and
+    entry i still equals the query prediction from the first i pairs; n=7 is refused with one line
+    counting the 14 tokens it would feed."""
+    model = make_model(layout="interleaved", max_seq_len=12)
+    task = make_task(n=6)
+    prefix = model.prefix_predictions(task)
+    assert prefix.shape == (2, 6)
+    for i in range(1, 6):
+        truncated = ICLTask(task.x_support[:, :i], task.y_support[:, :i], task.x_support[:, i : i + 1], task.y_support[:, i : i + 1])
+        torch.testing.assert_close(prefix[:, i], model.predict(truncated)[:, 0], rtol=1e-12, atol=1e-12)
+    assert torch.equal(model.training_predictions(task).pred, prefix)
+    message = r"^the interleaved support sequence x_1, y_1, \.\.\., x_n, y_n for n_support=7 has 14 tokens, more than this model's max_seq_len=12"
+    for method in (model.prefix_predictions, model.training_predictions):
+        with pytest.raises(ValueError, match=message):
+            method(make_task(n=7))
+
+
 @pytest.mark.parametrize("attention", ["softmax", "linear", "relu"])
 def test_full_attention_concat_model_is_permutation_invariant_over_support(attention):
     model = make_model(attention=attention, layout="concat", causal=False)

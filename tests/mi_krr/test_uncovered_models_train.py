@@ -291,9 +291,9 @@ def test_garg_config_yaml_problems_are_refused(tmp_path, config_text, message):
 
 
 def test_garg_step_without_its_file_is_refused(tmp_path):
-    """step=7 where only model_5.pt exists names the missing file and asks for an existing step."""
+    """step=7 where only model_5.pt exists names the missing file and the step that exists."""
     folder = garg_run(tmp_path / "run", VALID_YAML, garg_state_dict(), weights_name="model_5.pt")
-    with pytest.raises(ValueError, match=r"no model_7.pt in .*: pick a step whose file exists"):
+    with pytest.raises(ValueError, match=r"no model_7.pt in .*: pick a step whose file exists \(5\)"):
         load_garg_checkpoint(folder, step=7)
 
 

@@ -239,15 +239,19 @@ def test_garg_boundary_length_prompt_matches_hf_and_one_more_pair_is_refused(gar
         probes.layer_predictions(model, too_long)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: prefix_predictions checks 2n+1 tokens (a query prompt) but runs 2n, so it refuses Garg's full training length")
 def test_garg_prefix_predictions_at_the_training_length_match_hf(garg):
     """Garg trains on n_positions pairs (2 n_positions tokens, exactly the positional table):
-    `prefix_predictions` on such prompts should equal Garg's `prediction[:, ::2]` from plain HF;
-    it raises 'has 13 tokens, more than max_seq_len=12' although it feeds only 12."""
+    `prefix_predictions` and `training_predictions` on such prompts equal Garg's
+    `prediction[:, ::2]` from plain HF (they once counted a query token they do not feed and
+    refused them). One more pair is refused with one line counting the 14 tokens it would feed."""
     model, reference = garg
     task = random_task(2, GARG["n_positions"], 1, GARG["n_dims"], seed=4, dtype=torch.float32)
     expected = reference.run(interleave_pairs(task.x_support, task.y_support))[0][:, ::2]
     torch.testing.assert_close(model.prefix_predictions(task), expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(model.training_predictions(task).pred, expected, rtol=1e-5, atol=1e-6)
+    too_long = random_task(2, GARG["n_positions"] + 1, 1, GARG["n_dims"], seed=4, dtype=torch.float32)
+    with pytest.raises(ValueError, match=r"support sequence .* for n_support=7 has 14 tokens, more than this model's max_seq_len=12"):
+        model.training_predictions(too_long)
 
 
 def test_garg_step_argument_and_weight_files_pick_the_right_weights(garg_run):
@@ -262,27 +266,41 @@ def test_garg_step_argument_and_weight_files_pick_the_right_weights(garg_run):
         assert loaded.source["train_step"] == step
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: load_garg_checkpoint(file, step=K) silently ignores step and loads the file")
 def test_garg_step_with_a_weights_file_is_not_silently_ignored(garg_run):
-    """`load_garg_checkpoint(run / 'state.pt', step=100)` names two different weights; it should
-    refuse (one-line ValueError) or load model_100.pt, not quietly return state.pt's model."""
-    try:
-        loaded = load_garg_checkpoint(garg_run / "state.pt", step=100)
-    except ValueError:
-        return
-    assert loaded.source["file"].endswith("model_100.pt")
+    """`load_garg_checkpoint(run / 'state.pt', step=100)` names two different weights: refused in
+    one line (it once returned state.pt's model quietly). A file with its own step agrees and
+    loads it."""
+    with pytest.raises(ValueError, match=r"^step=100 and the weights file state\.pt name different weights: pass the run folder .* with step=100"):
+        load_garg_checkpoint(garg_run / "state.pt", step=100)
+    assert load_garg_checkpoint(garg_run / "model_100.pt", step=100).source == {"file": str(garg_run / "model_100.pt"), "train_step": 100}
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: n_embd not divisible by n_head in config.yaml gives HF's raw error, not one naming config.yaml")
+def test_garg_step_without_its_file_lists_the_saved_steps(garg_run, tmp_path):
+    """step=7 where model_100.pt and model_20.pt exist names the steps to pick from, in order; in a
+    folder with state.pt only it says to omit step."""
+    folder = tmp_path / "run"
+    folder.mkdir()
+    for name in ("config.yaml", "state.pt", "model_100.pt"):
+        (folder / name).write_bytes((garg_run / name).read_bytes())
+    (folder / "model_20.pt").write_bytes((garg_run / "model_100.pt").read_bytes())
+    with pytest.raises(ValueError, match=r"no model_7\.pt in .*: pick a step whose file exists \(20, 100\)$"):
+        load_garg_checkpoint(folder, step=7)
+    for name in ("model_20.pt", "model_100.pt"):
+        (folder / name).unlink()
+    with pytest.raises(ValueError, match=r"no model_7\.pt in .*: it holds no model_<step>\.pt at all; omit step to load state\.pt$"):
+        load_garg_checkpoint(folder, step=7)
+
+
 def test_garg_config_with_indivisible_heads_names_config_yaml(garg_run, tmp_path):
-    """config.yaml with n_head=5 for n_embd=12: the error should be one line naming config.yaml's
-    model.n_head (HF says '`embed_dim` must be divisible by num_heads' instead)."""
+    """config.yaml with n_head=5 for n_embd=12: one line naming config.yaml, both values and the
+    fix (HF's own error, '`embed_dim` must be divisible by num_heads', names neither)."""
     folder = tmp_path / "run"
     folder.mkdir()
     (folder / "config.yaml").write_text(yaml.safe_dump({"model": {"family": "gpt2", **GARG, "n_head": 5}}))
     (folder / "state.pt").write_bytes((garg_run / "state.pt").read_bytes())
-    with pytest.raises(ValueError, match=r"config\.yaml.*n_head"):
+    with pytest.raises(ValueError, match=r"config\.yaml: model\.n_embd=12 is not divisible by model\.n_head=5 .*: set model\.n_head") as error:
         load_garg_checkpoint(folder)
+    assert "\n" not in str(error.value)
 
 
 def test_garg_lens_and_attention_blocks_equal_hf_hidden_states_and_attentions(garg):
