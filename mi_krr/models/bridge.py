@@ -14,6 +14,7 @@ from mi_krr.models.config import ICLTransformerConfig, check_config
 from mi_krr.models.hook_names import attention_hook_names, residual_hook_names
 from mi_krr.models.masks import allowed_attention
 from mi_krr.models.prompting import PromptedModelMixin
+from mi_krr.models.registry import describe_model
 
 
 class BridgeBackedMixin:
@@ -154,5 +155,6 @@ class BridgeICLModel(BridgeBackedMixin, PromptedModelMixin, nn.Module):
         return attention_hook_names(self.n_layers, with_scores=False)
 
     def config_dict(self) -> dict[str, Any]:
-        """JSON-able description `model_from_config` rebuilds this architecture from."""
-        return {"model_type": type(self).__name__, **self.cfg.to_dict()}
+        """JSON-able description `model_from_config` rebuilds this architecture from, with the
+        weights' current dtype (see `describe_model`)."""
+        return describe_model(self)

@@ -44,7 +44,9 @@ class ICLTransformerConfig:
         max_seq_len: longest sequence the model accepts (size of the positional embedding in the
             interleaved layout; the concat layout of ICLTransformer has no limit, a bridge model
             has one).
-        dtype: "float32" or "float64".
+        dtype: "float32" or "float64", the dtype the model is built in. A model's
+            `config_dict()` records the dtype its weights hold when called, so a model moved with
+            `.to(torch.float64)` saves and reloads as float64.
     """
 
     n_dims: int

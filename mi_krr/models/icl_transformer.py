@@ -16,6 +16,7 @@ from mi_krr.models.config import ICLTransformerConfig, check_config
 from mi_krr.models.hook_names import attention_hook_names, residual_hook_names
 from mi_krr.models.masks import allowed_attention
 from mi_krr.models.prompting import PromptedModelMixin
+from mi_krr.models.registry import describe_model
 
 
 class ICLTransformer(PromptedModelMixin, HookedRootModule):
@@ -90,5 +91,6 @@ class ICLTransformer(PromptedModelMixin, HookedRootModule):
         return attention_hook_names(self.n_layers, with_scores=True)
 
     def config_dict(self) -> dict[str, Any]:
-        """JSON-able description `model_from_config` rebuilds this architecture from."""
-        return {"model_type": type(self).__name__, **self.cfg.to_dict()}
+        """JSON-able description `model_from_config` rebuilds this architecture from, with the
+        weights' current dtype (see `describe_model`)."""
+        return describe_model(self)

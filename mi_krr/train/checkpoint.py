@@ -366,7 +366,8 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> torch.nn
 
 
 def load_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor], source: str | Path) -> None:
-    """`model.load_state_dict(weights, strict=True)` with a one-line CheckpointError on mismatch."""
+    """`model.load_state_dict(weights, strict=True)` with a one-line CheckpointError on mismatched
+    names, shapes or dtypes (never a silent cast)."""
     expected = model.state_dict()
     missing = sorted(set(expected) - set(weights))
     unexpected = sorted(set(weights) - set(expected))
@@ -380,6 +381,11 @@ def load_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor], sourc
             raise CheckpointError(
                 f"{source}: weight {name!r} has shape {tuple(value.shape)} but the model config needs "
                 f"{tuple(expected[name].shape)}; load it with the config it was saved with"
+            )
+        if value.dtype != expected[name].dtype:  # load_state_dict would cast silently
+            raise CheckpointError(
+                f"{source}: weight {name!r} is {value.dtype} but the model config builds {expected[name].dtype}; "
+                "set the config's dtype to the weights' (older mi-krr saved the dtype a model was built in, not the one it held)"
             )
     model.load_state_dict(weights, strict=True)
 

@@ -1,4 +1,5 @@
-"""Checkpoint files: atomic writes survive crashes, round trips are bit-exact, nothing is unpickled."""
+"""Checkpoint files: atomic writes survive crashes, round trips are bit-exact (model files in the
+dtype their weights hold), nothing is unpickled."""
 
 from __future__ import annotations
 
@@ -13,15 +14,19 @@ import safetensors.torch
 import torch
 
 from optimizer_steps import assert_same_next_step
+from mi_krr.models import BridgeICLModel, ICLTransformer, ICLTransformerConfig
+from mi_krr.tasks import LinearRegressionSampler
 from mi_krr.train.checkpoint import (
     CheckpointError,
     RNGState,
     TrainingState,
     atomic_write_bytes,
     latest_checkpoint,
+    load_model,
     load_training_state,
     optimizer_state_from_flat,
     optimizer_state_to_flat,
+    save_model,
     save_training_state,
     state_path,
 )
@@ -185,3 +190,83 @@ def test_non_json_header_is_reported_as_corrupt(tmp_path):
     path.write_bytes(struct.pack("<Q", len(header)) + header)
     with pytest.raises(CheckpointError, match="truncated or corrupt"):
         load_training_state(path)
+
+
+# --------------------------------------------------------------------------------------------
+# Model files keep the dtype the weights hold
+
+
+MODEL_CLASSES = [ICLTransformer, BridgeICLModel]
+
+
+def _model(model_class: type, dtype: str, seed: int = 0):
+    """A small model built in `dtype` whose trainable weights are moved off their initial values."""
+    torch.manual_seed(seed)
+    cfg = ICLTransformerConfig(n_dims=2, d_model=8, n_layers=2, n_heads=2, max_seq_len=32, dtype=dtype)
+    model = model_class(cfg).eval()
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.requires_grad:
+                parameter.add_(0.3 * torch.randn_like(parameter))
+    return model
+
+
+@pytest.mark.parametrize("model_class", MODEL_CLASSES)
+@pytest.mark.parametrize("built, held_name", [("float32", "float64"), ("float64", "float64"), ("float64", "float32"), ("float32", "float32")])
+def test_model_file_round_trip_keeps_the_weights_dtype_and_values_bit_exactly(tmp_path, model_class, built, held_name):
+    """Built in one dtype and held in another (`.to(held)`): the reloaded model holds the
+    original weights bit for bit, in `held`, and predicts bit-identically."""
+    held = getattr(torch, held_name)
+    model = _model(model_class, built).to(held)
+    if held == torch.float64:
+        with torch.no_grad():
+            for parameter in model.parameters():
+                if parameter.requires_grad:
+                    parameter.add_(1e-10 * torch.randn_like(parameter))  # below float32 resolution
+        assert any(not torch.equal(p, p.float().double()) for p in model.parameters())  # a float32 trip would show
+    save_model(tmp_path / "model.safetensors", model)
+    reloaded = load_model(tmp_path / "model.safetensors")
+    original, restored = model.state_dict(), reloaded.state_dict()
+    assert list(restored) == list(original)
+    for name, value in original.items():
+        assert restored[name].dtype == held and torch.equal(restored[name], value), name
+    task = LinearRegressionSampler(2).sample(3, 5, 4, seed=1)
+    with torch.no_grad():
+        expected = model.predict(task)
+        assert expected.dtype == held
+        assert torch.equal(reloaded.predict(task), expected)
+
+
+@pytest.mark.parametrize("model_class", MODEL_CLASSES)
+def test_config_dict_reads_the_weights_dtype_and_leaves_a_shared_config_alone(model_class):
+    cfg = ICLTransformerConfig(n_dims=2, d_model=8, n_layers=1, n_heads=2, max_seq_len=16)
+    moved, sibling = model_class(cfg).to(torch.float64), model_class(cfg)
+    assert moved.config_dict()["dtype"] == "float64"
+    assert sibling.config_dict()["dtype"] == "float32" and cfg.dtype == "float32"
+
+
+@pytest.mark.parametrize("model_class", MODEL_CLASSES)
+def test_saving_a_model_of_mixed_dtypes_is_refused_in_one_line(tmp_path, model_class):
+    model = _model(model_class, "float32")
+    model.read_in.to(torch.float64)
+    with pytest.raises(ValueError, match=r"^model weights mix dtypes \['torch.float32', 'torch.float64'\], .*model.to\(torch.float64\)") as error:
+        save_model(tmp_path / "model.safetensors", model)
+    assert "\n" not in str(error.value)
+    assert not (tmp_path / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("model_class", MODEL_CLASSES)
+def test_saving_a_model_in_a_dtype_no_config_records_is_refused(tmp_path, model_class):
+    model = _model(model_class, "float32").to(torch.bfloat16)
+    with pytest.raises(ValueError, match=r"^model weights are torch.bfloat16, which a config cannot record: .*model.to\(torch.float32\)"):
+        save_model(tmp_path / "model.safetensors", model)
+
+
+def test_weights_whose_dtype_the_stored_config_contradicts_are_refused_not_cast(tmp_path):
+    """A `.pt` state dict of float64 weights beside a config that says float32 (what save_model
+    wrote for a model moved with `.to(torch.float64)` before it read the weights' dtype)."""
+    model = _model(ICLTransformer, "float32")
+    (tmp_path / "config.json").write_text(json.dumps({"model": model.config_dict()}))
+    torch.save(model.to(torch.float64).state_dict(), tmp_path / "weights.pt")
+    with pytest.raises(CheckpointError, match=r"weight 'read_in.weight' is torch.float64 but the model config builds torch.float32; set the config's dtype"):
+        load_model(tmp_path / "weights.pt")

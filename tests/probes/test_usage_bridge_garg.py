@@ -142,11 +142,10 @@ def test_bridge_moved_to_float64_gives_sensitivities_equal_to_finite_differences
         assert finite[:, -1].abs().max() > 1e-2  # not vacuous
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: config_dict() records cfg.dtype, so a model moved with .to(float64) saves and reloads as float32")
 def test_bridge_moved_to_float64_round_trips_through_save_model_as_float64(tmp_path):
     """save_model / load_model of a bridge moved to float64 (weights perturbed below float32
-    resolution): the reloaded model should be float64 with bit-equal predictions; it comes back
-    float32 (predictions off by ~1e-7) because the stored config still says dtype='float32'."""
+    resolution): the reloaded model is float64 with bit-equal predictions (it came back float32,
+    predictions off by ~1e-7, while the stored config recorded cfg.dtype='float32')."""
     from mi_krr.train.checkpoint import load_model, save_model
 
     model = bridge_model(dtype="float32").to(torch.float64)
