@@ -191,6 +191,82 @@ def test_reproduce_loads_checkpoint_reproductions_on_the_requested_device(monkey
     assert code == 0 and seen == ["cpu:0"]
 
 
+@pytest.mark.parametrize("name", ["cg-rate", "width", "softmax-ood", "richardson-profile"])
+def test_reproduce_hands_device_and_seed_to_every_reproduction(name, monkeypatch, tmp_path):
+    """--device and --seed reach each reproduction function (a recorder stands in for it)."""
+    import mi_krr.reproductions as reproductions
+
+    class Result:
+        def plot(self):
+            import matplotlib.pyplot as plt
+
+            return plt.figure()
+
+        def key_numbers(self):
+            return {}
+
+        def to_dict(self):
+            return {}
+
+        def summary(self):
+            return ""
+
+    seen = {}
+
+    def recorder(**kwargs):
+        seen.update(kwargs)
+        return Result()
+
+    monkeypatch.setattr(reproductions, "reproduction", lambda _: (recorder, {}))
+    code, _ = run_main("reproduce", name, "--device", "cpu:0", "--seed", "3", "--no-progress", "--out", str(tmp_path))
+    assert code == 0 and seen["device"] == "cpu:0" and seen["seed"] == 3
+
+
+@pytest.fixture(scope="module")
+def softmax_linear_checkpoint(tmp_path_factory):
+    """checkpoints/softmax_gp's softmax model, its run config naming linear regression prompts
+    (a task without a kernel, so without the bandwidth shift of softmax-ood's QUICK)."""
+    source = shipped_checkpoint("softmax_gp")
+    folder = tmp_path_factory.mktemp("ckpt") / "softmax_linear"
+    folder.mkdir()
+    config = json.loads((source / "config.json").read_text())
+    config["sampler"] = LinearRegressionSampler(config["sampler"]["dim"], noise_std=0.2).to_config()
+    (folder / "config.json").write_text(json.dumps(config))
+    shutil.copy(source / "model.safetensors", folder / "model.safetensors")
+    return folder
+
+
+def test_reproduce_softmax_ood_quick_on_another_checkpoint_measures_the_shifts_its_task_has(softmax_linear_checkpoint, tmp_path):
+    """--quick's shifts are chosen for softmax_gp (one is a bandwidth shift); on a checkpoint
+    whose task has no bandwidth, the quick run measures those that apply to its task instead of
+    failing on an option the user never passed."""
+    from mi_krr.reproductions.softmax_ood import QUICK
+
+    seed, out = 2, tmp_path / "ood"
+    code, _ = run_main("reproduce", "softmax-ood", "--quick", "--seed", str(seed), "--checkpoint", str(softmax_linear_checkpoint),
+                       "--no-progress", "--out", str(out))
+    assert code == 0
+    result = json.loads((out / "softmax-ood.json").read_text())["result"]
+    sampler = sampler_from_config(read_run_config(softmax_linear_checkpoint)["sampler"])
+    assert QUICK["shifts"] == ("input_scale_x2", "bandwidth_x2") and not shift_applies(sampler, "bandwidth_x2")
+    assert result["task_sets"] == ["in_distribution", "input_scale_x2"]
+    train = read_run_config(softmax_linear_checkpoint)["train"]
+    n, m, batch, model = train["n_support"], train["n_query"], QUICK["batch_size"], load_model(softmax_linear_checkpoint)
+    tasks = {"in_distribution": sampler.sample(batch, n, m, seed=seed, dtype=torch.float32),
+             "input_scale_x2": apply_shift(sampler, "input_scale_x2").sample(batch, n, m, seed=shifted_seed(sampler, "input_scale_x2", seed),
+                                                                             dtype=torch.float32)}
+    for name, task in tasks.items():
+        np.testing.assert_allclose(result["best_distance"][name], exp_alignment_by_layer(model, task), rtol=1e-9)
+
+
+def test_reproduce_softmax_ood_quick_on_a_linear_attention_checkpoint_names_the_attention_not_the_quick_shifts(capsys):
+    assert main(["reproduce", "softmax-ood", "--quick", "--checkpoint", str(shipped_checkpoint("linear_lr")), "--no-progress",
+                 "--out", "unused"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "attention pattern has negative entries (not softmax-normalised)" in lines[0]
+    assert "shifts" not in lines[0]
+
+
 # ---- cli ----------------------------------------------------------------------------------------
 
 

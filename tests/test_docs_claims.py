@@ -139,7 +139,6 @@ class _StubResult:
         return ""
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: `mi-krr reproduce cg-rate` (and width) accept --device and silently ignore it")
 def test_reproduce_cg_rate_hands_its_device_option_to_the_reproduction(tmp_path, monkeypatch):
     """README: "Every command takes --device". `mi-krr reproduce` forwards --device only to
     softmax-ood and richardson-profile (mi_krr/commands/reproduce.py), and `cg_rate` / `width` take

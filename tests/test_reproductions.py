@@ -138,3 +138,40 @@ def test_reproduce_command_writes_figure_and_json_and_prints_key_numbers(tmp_pat
     assert (tmp_path / "cg-rate.png").read_bytes().startswith(b"\x89PNG")
     document = json.loads((tmp_path / "cg-rate.json").read_text())
     assert document["quick"] is True and document["result"]["within_bound"]["10.0"] is True
+
+
+@pytest.mark.parametrize("name, study", [("cg-rate", "cg_rate_study"), ("width", "width_study")])
+def test_cg_rate_and_width_run_their_study_on_the_given_device(name, study, monkeypatch):
+    """The device reaches the study ("cpu:0": a valid name distinct from the default "cpu"; the
+    study's placement of every tensor is checked in tests/mi_krr/test_construct_studies.py)."""
+    import mi_krr.construct.studies as studies
+
+    seen, original = [], getattr(studies, study)
+
+    def spy(**kwargs):
+        seen.append(kwargs.get("device"))
+        return original(**kwargs)
+
+    monkeypatch.setattr(studies, study, spy)
+    function, quick = reproduction(name)
+    function(**quick, device="cpu:0")
+    assert seen == ["cpu:0"]
+    with pytest.raises(ValueError, match="device must be a torch device such as 'cpu' or 'cuda', got 'nonsense'"):
+        function(**quick, device="nonsense")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a second device (CUDA)")
+@pytest.mark.parametrize("name", ["cg-rate", "width"])
+def test_cg_rate_and_width_on_cuda_give_the_cpu_numbers(name):
+    """On a GPU the quick run computes there (same prompts and heads, drawn on the CPU) and gives
+    the CPU's numbers up to rounding."""
+    function, quick = reproduction(name)
+    on_cpu, on_cuda = (_study_numbers(function(**quick, device=device).study) for device in ("cpu", "cuda"))
+    np.testing.assert_allclose(on_cuda, on_cpu, rtol=1e-6, atol=1e-9)
+
+
+def _study_numbers(study) -> np.ndarray:
+    """The model's per-step A-norm ratios (cg-rate) or per-width errors of every curve (width)."""
+    if hasattr(study, "curves"):
+        return np.array([curve.error for curve in study.curves])
+    return np.array([study.a_norm_ratio[key] for key in study.a_norm_ratio])

@@ -9,7 +9,9 @@ numbers, and write NAME.png and NAME.json to --out (default reports/reproduce/NA
     mi-krr reproduce all --out reports/reproduce
 
 The same functions are in `mi_krr.reproductions` for notebooks. --quick runs each in a small
-configuration (seconds).
+configuration (seconds); with --checkpoint, softmax-ood's quick run measures the quick shifts
+that apply to that checkpoint's task (a linear-regression task has no bandwidth to shift).
+--device and --seed reach every reproduction.
 """
 
 from __future__ import annotations
@@ -45,14 +47,17 @@ def run(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
     from mi_krr.reproductions import reproduction
+    from mi_krr.reproductions.softmax_ood import applicable_quick_shifts
 
     names = NAMES if args.name == "all" else (args.name,)
     for name in tqdm(names, desc="reproduce", disable=args.no_progress or len(names) == 1):
         function, quick = reproduction(name)
         kwargs = dict(quick) if args.quick else {}
-        kwargs["seed"] = args.seed
+        kwargs.update(seed=args.seed, device=args.device)
         if name in CHECKPOINT_REPRODUCTIONS:
-            kwargs.update(checkpoint=args.checkpoint, device=args.device, progress=not args.no_progress)
+            kwargs.update(checkpoint=args.checkpoint, progress=not args.no_progress)
+        if args.quick and name == "softmax-ood" and args.checkpoint is not None:
+            kwargs["shifts"] = applicable_quick_shifts(args.checkpoint)
         start = time.perf_counter()
         result = function(**kwargs)
         seconds = time.perf_counter() - start

@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from mi_krr._validation import check_choice, check_count, check_positive
+from mi_krr._validation import check_choice, check_count, check_device, check_positive
 from mi_krr.construct.cg import cg_transformer, kernel_feature_map
 from mi_krr.construct.richardson import richardson_transformer
 from mi_krr.feature_maps import FeatureMap, ProjectedKernelFeatures, PromptFeatureMap
@@ -31,7 +31,8 @@ from mi_krr.tasks import GPRegressionSampler, ICLTask, LinearRegressionSampler, 
 
 
 def conditioned_linear_task(
-    batch_size: int, n_support: int, kappa: float, lam: float, n_query: int = 8, seed: int = 0
+    batch_size: int, n_support: int, kappa: float, lam: float, n_query: int = 8, seed: int = 0,
+    device: torch.device | str = "cpu",
 ) -> ICLTask:
     """Linear-kernel prompts whose K + lam I has condition number exactly `kappa` (d = n).
 
@@ -41,9 +42,11 @@ def conditioned_linear_task(
     eigen-direction excited: the regime the CG bound describes), queries x_* ~ N(0, I / n).
     y_query is 0 (no ground truth: compare with oracle KRR instead).
 
-    Requires lam < 1 / (kappa - 1) (else no kappa_0 exists).
+    Requires lam < 1 / (kappa - 1) (else no kappa_0 exists). Drawn in float64 on the CPU from
+    `seed` (the same prompts on every device), then moved to `device`.
     """
     check_count("n_support", n_support, minimum=2)
+    device = check_device("device", device)
     kappa = check_positive("kappa", kappa)
     lam = check_positive("lam", lam)
     inverse_kappa0 = (1.0 + lam) / kappa - lam
@@ -59,7 +62,7 @@ def conditioned_linear_task(
         x_query=x_query,
         y_query=torch.zeros(batch_size, n_query, dtype=torch.float64),
         info={"sampler": "conditioned_linear", "kappa": kappa, "lam": lam, "seed": seed, "y_query": "zeros"},
-    )
+    ).to(device=device)
 
 
 def _relative_error(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -280,6 +283,7 @@ def width_study(
     lams: tuple[float, ...] = (),
     temperature: float = 1.0,
     n_seeds: int = 2,
+    device: torch.device | str = "cpu",
 ) -> WidthStudy:
     """The CG transformer with an m-wide head against oracle KRR on the true kernel, per m.
 
@@ -293,6 +297,8 @@ def width_study(
     heads also at each ridge in `lams`. `batch_size` prompts are drawn from `seed` (d_eff is
     their mean); random heads from seeds seed, ..., seed + n_seeds - 1 (the Gaussian sketch
     independently per prompt); errors are averaged over draws, then over prompts (`WidthCurve`).
+    Prompts, kernels, models and errors live on `device` (prompts and head weights are drawn on
+    the CPU, so a seed gives the same study on every device); the curves are Python floats.
     """
     widths = tuple(check_count("widths", w, minimum=1) for w in widths)
     for kernel in kernels:
@@ -306,6 +312,7 @@ def width_study(
     temperature = check_positive("temperature", temperature)
     n_seeds = check_count("n_seeds", n_seeds, minimum=1)
     batch_size = check_count("batch_size", batch_size, minimum=2)  # error bars need two prompts
+    device = check_device("device", device)
     samplers = {
         "linear": LinearRegressionSampler(dim, condition_number=100.0, noise_std=0.1),
         "exp": GPRegressionSampler(dim, kernel="exp", temperature=temperature),
@@ -314,7 +321,7 @@ def width_study(
                        n_seeds, batch_size)
     for kernel in kernels:
         params = {"temperature": temperature} if kernel == "exp" else {}
-        task = samplers[kernel].sample(batch_size, n_support, n_query, seed=seed, dtype=torch.float64)
+        task = samplers[kernel].sample(batch_size, n_support, n_query, seed=seed, dtype=torch.float64, device=device)
         K = kernel_matrix(kernel, task.x_support, **params)
         K_query = kernel_matrix(kernel, task.x_query, task.x_support, **params)
         for ridge in ridges:
@@ -324,12 +331,12 @@ def width_study(
                 if head == "random_features" and ridge != lam:
                     continue
                 draws = 1 if head == "top_eigen" else n_seeds
-                model_errors = torch.zeros(len(widths), draws, batch_size, dtype=torch.float64)
+                model_errors = torch.zeros(len(widths), draws, batch_size, dtype=torch.float64, device=device)
                 floor_errors = torch.zeros_like(model_errors)
                 for w, width in enumerate(widths):
                     for s in range(draws):
                         feature_map = width_head(head, kernel, dim, width, temperature, seed + s)
-                        model = cg_transformer(n_steps, ridge, kernel=kernel, dim=dim, feature_map=feature_map)
+                        model = cg_transformer(n_steps, ridge, kernel=kernel, dim=dim, feature_map=feature_map, device=device)
                         with torch.no_grad():
                             pred = model.predict(task)
                         K_head, K_head_query = _head_grams(feature_map, task)
@@ -403,19 +410,22 @@ def cg_rate_study(
     lam: float = 1e-4,
     batch_size: int = 16,
     seed: int = 0,
+    device: torch.device | str = "cpu",
 ) -> CGRateStudy:
-    """Tasks from `conditioned_linear_task` (cond(K + lam I) = kappa exactly, y ~ N(0, I))."""
+    """Tasks from `conditioned_linear_task` (cond(K + lam I) = kappa exactly, y ~ N(0, I)).
+    Prompts, kernels, the model and the solver run on `device`; the ratios are Python floats."""
+    device = check_device("device", device)
     steps = list(range(n_steps + 1))
     result = CGRateStudy(list(kappas), steps, {}, {}, {}, {}, n_support, lam)
     for kappa in kappas:
-        task = conditioned_linear_task(batch_size, n_support, kappa, lam, n_query=16, seed=seed)
+        task = conditioned_linear_task(batch_size, n_support, kappa, lam, n_query=16, seed=seed, device=device)
         K = task.x_support @ task.x_support.mT
         K_query = task.x_query @ task.x_support.mT
         alpha_star = krr(K, task.y_support, lam)
         oracle = _krr_predictions(K, task.y_support, lam, K_query)
-        states = cg_transformer(n_steps, lam, dim=task.dim).step_states(task)
+        states = cg_transformer(n_steps, lam, dim=task.dim, device=device).step_states(task)
         solver = cg(K, task.y_support, lam, n_steps)
-        A = K + lam * torch.eye(n_support, dtype=K.dtype)
+        A = K + lam * torch.eye(n_support, dtype=K.dtype, device=K.device)
 
         def a_norm_ratio(alpha: torch.Tensor) -> list[float]:
             error = alpha - alpha_star[:, None]

@@ -10,10 +10,11 @@
 
 The modules import only NumPy at import time (the heavy imports happen inside the functions).
 Each function returns a result dataclass with `.to_dict()` (JSON-able), `.plot()` (a matplotlib
-Figure), `.key_numbers()` (the headline numbers) and `.summary()` (them as text). Each module's
-`QUICK` holds the keyword arguments of a small, fast configuration: `reproduction(name)` gives
-(function, QUICK); the package's attributes `cg_rate`, ... are the functions, so read a module's
-constants with `from mi_krr.reproductions.cg_rate import QUICK`.
+Figure), `.key_numbers()` (the headline numbers) and `.summary()` (them as text); each takes
+`seed=` and `device=` (default "cpu": where every tensor and model of the run lives). Each
+module's `QUICK` holds the keyword arguments of a small, fast configuration: `reproduction(name)`
+gives (function, QUICK); the package's attributes `cg_rate`, ... are the functions, so read a
+module's constants with `from mi_krr.reproductions.cg_rate import QUICK`.
 """
 
 from __future__ import annotations

@@ -159,6 +159,17 @@ def softmax_ood(
     )
 
 
+def applicable_quick_shifts(checkpoint: str | Path) -> tuple[str, ...]:
+    """The shifts of QUICK that apply to `checkpoint`'s task: QUICK is chosen for the shipped
+    softmax_gp, and another checkpoint's task may lack some (a linear-regression task has no
+    bandwidth to shift), which a quick run on it leaves out rather than refuses."""
+    from mi_krr.checkpoints import load_checkpoint
+    from mi_krr.tasks import shift_applies
+
+    sampler = load_checkpoint(checkpoint).sampler
+    return tuple(name for name in QUICK["shifts"] if shift_applies(sampler, name))
+
+
 def _at_heads(values: Any, head: np.ndarray) -> list[float]:
     """values `[layer, head]` at each layer's `head` `[layer]` (NaN where head is -1)."""
     values = np.asarray(values.cpu(), dtype=np.float64)

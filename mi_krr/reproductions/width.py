@@ -76,10 +76,11 @@ def width(
     tolerance: float = 0.1,
     heads: tuple[str, ...] | None = None,
     n_seeds: int = 1,
+    device: str = "cpu",
 ) -> WidthResult:
-    """Run the width study (module docstring) and summarise it. Widths stop at 128 (> n + m
+    """Run the width study (module docstring) on `device` and summarise it. Widths stop at 128 (> n + m
     points, where the top-m head is exact): the construction's cost grows with m (d_model =
-    23 + d + 2 m). `heads` (default: every head of `WIDTH_HEADS`) and `n_seeds` go to
+    23 + d + 2 m). `heads` (default: every head of `WIDTH_HEADS`), `n_seeds` and `device` go to
     `width_study`; `scripts/construction_figures.py` runs the larger study behind
     docs/figures/construct_width.png."""
     from mi_krr._validation import as_tuple, check_positive
@@ -88,7 +89,7 @@ def width(
     tolerance = check_positive("tolerance", tolerance)
     extra = {} if heads is None else {"heads": as_tuple("heads", heads, "('random_features',)")}
     study = width_study(widths=as_tuple("widths", widths, "(8, 32)"), kernels=as_tuple("kernels", kernels, "('linear', 'exp')"), dim=dim, n_support=n_support, n_query=n_query, lam=lam,
-                        n_steps=n_steps, batch_size=batch_size, seed=seed, n_seeds=n_seeds, **extra)
+                        n_steps=n_steps, batch_size=batch_size, seed=seed, n_seeds=n_seeds, device=device, **extra)
     first, gap = {}, {}
     for kernel in study.kernels:
         model = np.asarray(study.model_error[kernel])

@@ -8,10 +8,12 @@ import numpy as np
 import pytest
 import torch
 
+import mi_krr.construct.studies as studies
 from mi_krr.construct import cg_transformer
 from mi_krr.construct.studies import conditioned_linear_task, cg_rate_study, relu_width_study, width_study
 from mi_krr.feature_maps import ProjectedKernelFeatures
 from mi_krr.tasks import GPRegressionSampler
+from device_placement import REQUESTED, PlacementRecorder, emulate_a_second_device
 
 
 @pytest.fixture(autouse=True)
@@ -116,6 +118,70 @@ def test_width_study_random_features_error_is_the_feature_krr_error_and_falls_wi
     assert model[0] > model[1] > model[2]
     assert 0 < study.d_eff["linear"] <= 8
     json.dumps(study.to_dict())
+
+
+def _record_what_the_study_computes_with(monkeypatch, recorder: PlacementRecorder) -> list[str]:
+    """Spy on the solvers, kernels and constructions the studies call: each call whose tensors
+    (arguments, and the built model's parameters and buffers) are not all placed is named in the
+    returned list; `<name> called` is appended at each call."""
+    calls = []
+
+    def spied(name, function):
+        def spy(*args, **kwargs):
+            result = function(*args, **kwargs)
+            tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
+            if isinstance(result, torch.nn.Module):
+                tensors += [*result.parameters(), *result.buffers()]
+            calls.append(f"{name} called")
+            if not all(recorder.placed(tensor) for tensor in tensors):
+                calls.append(f"{name} got an unplaced tensor")
+            return result
+        return spy
+
+    for name in ("krr", "cg", "kernel_matrix", "effective_dimension", "cg_transformer"):
+        monkeypatch.setattr(studies, name, spied(name, getattr(studies, name)))
+    return calls
+
+
+def test_cg_rate_study_places_its_prompts_kernels_model_and_solver_on_the_requested_device(monkeypatch):
+    """Asked for "cpu:0" under `PlacementRecorder` (tests/device_placement.py: placement followed
+    as on a second device), the study hands placed prompts and kernels to the solvers, builds a
+    placed model, and mixes no placed tensor with an unplaced one (the ridge matrix included); its
+    ratios are those of a run on "cpu"."""
+    emulate_a_second_device(monkeypatch)
+    expected = cg_rate_study(kappas=(10.0,), n_support=8, n_steps=3, batch_size=2)
+    recorder = PlacementRecorder()
+    calls = _record_what_the_study_computes_with(monkeypatch, recorder)
+    with recorder:
+        study = cg_rate_study(kappas=(10.0,), n_support=8, n_steps=3, batch_size=2, device=REQUESTED)
+    assert set(calls) == {"krr called", "cg called", "cg_transformer called"}, calls
+    assert recorder.mixed == []
+    assert study.to_dict() == expected.to_dict()
+
+
+def test_width_study_places_its_prompts_kernels_heads_and_models_on_the_requested_device(monkeypatch):
+    """As for cg_rate_study, with both kernels and every head (random features, sketches, top-m)."""
+    emulate_a_second_device(monkeypatch)
+    settings = dict(widths=(2, 4), kernels=("linear", "exp"), dim=3, n_support=6, n_query=2, n_steps=2, batch_size=2, n_seeds=1)
+    expected = width_study(**settings)
+    recorder = PlacementRecorder()
+    calls = _record_what_the_study_computes_with(monkeypatch, recorder)
+    with recorder:
+        study = width_study(**settings, device=REQUESTED)
+    assert set(calls) == {"krr called", "kernel_matrix called", "effective_dimension called", "cg_transformer called"}, calls
+    assert recorder.mixed == []
+    assert study.to_dict() == expected.to_dict()
+
+
+def test_conditioned_linear_task_draws_the_same_prompts_whatever_the_device():
+    task = conditioned_linear_task(batch_size=2, n_support=6, kappa=20.0, lam=1e-3, seed=3)
+    recorder = PlacementRecorder()
+    with recorder:
+        placed = conditioned_linear_task(batch_size=2, n_support=6, kappa=20.0, lam=1e-3, seed=3, device="cpu:0")
+    for name in ("x_support", "y_support", "x_query", "y_query"):
+        assert recorder.placed(getattr(placed, name)) and torch.equal(getattr(placed, name), getattr(task, name))
+    with pytest.raises(ValueError, match="device must be a torch device"):
+        conditioned_linear_task(batch_size=2, n_support=6, kappa=20.0, lam=1e-3, device="nonsense")
 
 
 def test_relu_width_study_error_falls_with_width():
