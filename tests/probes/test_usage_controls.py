@@ -240,8 +240,6 @@ def test_ridge_probes_on_the_gd_construction_fit_a_least_squares_rescaling_of_ea
     assert weights[0] > 1.5 and 1.05 < weights[1] < weights[0]
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: heavy_ball's momentum grid starts at 0.1 ('gd is already a candidate'); with gd left "
-                   "out a pure GD model is identified as heavy_ball at momentum 0.1-0.3")
 def test_gd_construction_with_gd_left_out_is_not_identified_as_heavy_ball_with_momentum():
     """GD left out of the candidates: heavy ball contains GD only at momentum 0. Correct behaviour:
     nothing identified, or heavy ball identified with a fitted momentum of ~0 in both halves."""
