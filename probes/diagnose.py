@@ -403,6 +403,8 @@ def _diagnose_task_set(model, set_name, task, prompt, bar, *, algorithms, kernel
 
     scored = np.flatnonzero(np.asarray(layers) > 0)
     layer_pred = _numpy(layer_pred)  # float64 NumPy from here on: the fits and the scores read it
+    limit = overflow_limit(layer_pred.size + len(algorithms) * K_query.shape[0] * (n_steps + 1) * K_query.shape[1])  # as the scores will
+    _check_layer_predictions(set_name, layer_pred, layers, limit)
     fitted, unfit = {}, {}
     registry = {name: registry_name(solver) for name, solver in algorithms.items()}  # label -> registry name or None
     if step_sizes == "fitted":
@@ -412,7 +414,6 @@ def _diagnose_task_set(model, set_name, task, prompt, bar, *, algorithms, kernel
         unfit = {name: unfit_by_registry[entry] for name, entry in registry.items() if entry in unfit_by_registry}
     solvers: dict[str, Callable[..., Any]] = {}
     step_preds = {}
-    limit = overflow_limit(layer_pred.size + len(algorithms) * K_query.shape[0] * (n_steps + 1) * K_query.shape[1])  # as the scores will
     for name, solver in algorithms.items():
         try:
             if name in unfit:
@@ -552,6 +553,18 @@ def _check_r2_threshold(name: str, value: Any) -> float:
     if number > 1:
         raise ValueError(f"{name} must be <= 1 (a threshold on R2, which never exceeds 1), got {number}")
     return number
+
+
+def _check_layer_predictions(set_name: str, layer_pred: np.ndarray, layers: list[int], limit: float) -> None:
+    """Refuse layer predictions `[B, L', m]` that are non-finite or beyond +-`limit`
+    (`probes.scoring.overflow_limit`), naming the layers (a model whose activations overflow)."""
+    bad = [layer for layer, values in zip(layers, np.moveaxis(layer_pred, 1, 0)) if not (np.abs(values) <= limit).all()]
+    if bad:
+        kept = [layer for layer in layers if layer not in bad]
+        raise ValueError(
+            f"task set {set_name!r}: the model's predictions at layers {bad} are not finite (or beyond +-{limit:.3g}): its "
+            f"activations overflow there; diagnose the other layers with layers={kept}, or run the model in float64"
+        )
 
 
 def _checked_step_predictions(name: str, trajectory: Any, query_shape: torch.Size, n_steps: int, limit: float) -> Any:
