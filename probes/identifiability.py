@@ -257,4 +257,16 @@ def _message(best, top, runner_up, gap, gap_ci, equivalent, agreement_row, names
         lines.append(
             f"Verdict: not identified: {best} does not beat {runner_up} beyond the interval by at least {min_gap}."
         )
+    piled = _layers_on_last_step(top)
+    if not identified and piled >= 2:
+        lines.append(
+            f"{best}'s {piled} deepest scored layers all align with its last step (T = {top.r2.shape[-1] - 1}): the model "
+            "may run more steps than that; diagnose with a larger n_steps."
+        )
     return " ".join(lines)
+
+
+def _layers_on_last_step(score) -> int:
+    """How many of `score`'s scored layers align with its last step T (0 when T = 0)."""
+    last = score.r2.shape[-1] - 1
+    return int(np.count_nonzero(score.aligned_steps[score.scored] == last)) if last > 0 else 0

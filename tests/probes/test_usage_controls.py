@@ -266,8 +266,6 @@ def test_a_model_whose_last_layer_overflows_gets_an_error_naming_the_layer(step_
     assert re.search(r"layer", message) and re.search(r"\b6\b", message), message
 
 
-@pytest.mark.xfail(strict=True, reason="UX: with n_steps below the model's steps the last layers all align with step T and the "
-                   "verdict says 'the model may run none of these candidates' instead of suggesting a larger n_steps")
 def test_too_few_solver_steps_for_the_model_are_named_in_the_verdict():
     """A 6-step CG construction diagnosed with n_steps=3: its last layers are CG steps 4-6, beyond
     every trajectory; the verdict should point at n_steps, not suggest the model runs no candidate."""
