@@ -36,7 +36,7 @@ from mi_krr.tasks import ICLTask
 from mi_krr.tasks.optimal import bayes_optimal_ridge
 from probes.attention_kernels import AttentionKernels
 from probes.compare import format_html, summary_rows
-from probes.identifiability import Verdict, identifiability_verdict
+from probes.identifiability import RIDGE_LENS_BIAS, Verdict, identifiability_verdict
 from probes.kernel_alignment import REFERENCE_KERNELS, KernelAlignment, kernel_alignment, reference_kernel_names
 from probes.layer_predictions import METHODS, check_train_task, layer_predictions
 from probes.scoring import AlgorithmScore, overflow_limit, score_algorithms
@@ -249,7 +249,8 @@ def diagnose(
             (`resolve_lam`: noise_std^2 for GP regression, noise_std^2 * d for linear regression).
         n_steps: solver steps T; default `default_n_steps(model.n_layers)` = max(2 L, 20).
         method: layer predictions, "readout" (the model's own read-out on every layer) or
-            "ridge" (probes fitted on `train_task`).
+            "ridge" (probes fitted on `train_task`; scored and ranked, but the verdict is withheld:
+            `probes.identifiability.RIDGE_LENS_BIAS`).
         layers: residual indices to probe, increasing (default all 0..L); layer 0 is never scored.
         train_task: prompts to fit ridge probes on (method="ridge" only).
         sensitivities: also compare label sensitivities d yhat / d y (opt-in: one backward pass
@@ -468,7 +469,7 @@ def _diagnose_task_set(model, set_name, task, prompt, bar, *, algorithms, kernel
         kappa=kappa,
         n_kappa_bins=n_kappa_bins,
     )
-    verdict = identifiability_verdict(scores, step_preds, **verdict_thresholds)
+    verdict = identifiability_verdict(scores, step_preds, withheld=RIDGE_LENS_BIAS if method == "ridge" else None, **verdict_thresholds)
     stage_done("scores")
     return TaskSetDiagnosis(
         name=set_name,

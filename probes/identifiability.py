@@ -142,9 +142,12 @@ def identifiability_verdict(
     min_gap: float = 0.01,
     agreement_threshold: float = 0.99,
     level: float = 0.95,
+    withheld: str | None = None,
 ) -> Verdict:
     """The verdict from per-algorithm scores (sharing bootstrap resamples: `score_algorithms`)
-    and the algorithms' step predictions name -> `[B, T+1, m]` (for separability)."""
+    and the algorithms' step predictions name -> `[B, T+1, m]` (for separability). `withheld`:
+    why these layer predictions cannot support a verdict (e.g. `RIDGE_LENS_BIAS`); then nothing
+    is identified and the message says why, the ranking and gaps are reported as usual."""
     if not scores:
         raise ValueError("scores must hold at least one algorithm's AlgorithmScore")
     missing = [name for name in scores if name not in step_preds]
@@ -181,11 +184,11 @@ def identifiability_verdict(
     good_enough = enough and top.score_ci[0] >= min_score
     rivals = len(names) > 1  # with no other candidate scored, nothing was ruled out
     beats_runner_up = rivals and (runner_up is None or (has_intervals and gap_ci[0] > 0 and gap >= min_gap))
-    identified = bool(good_enough and beats_runner_up)
+    identified = bool(good_enough and beats_runner_up and withheld is None)
 
     message = _message(
         best, top, runner_up, gap, gap_ci, equivalent, agreement[row], names, identified, has_intervals, min_score, min_gap,
-        enough, n_prompts,
+        enough, n_prompts, withheld,
     )
     return Verdict(
         best=best,
@@ -213,9 +216,9 @@ def _finite(value: float) -> float:
 
 
 def _message(best, top, runner_up, gap, gap_ci, equivalent, agreement_row, names, identified, has_intervals, min_score, min_gap,
-             enough, n_prompts) -> str:
+             enough, n_prompts, withheld) -> str:
     """The verdict as a few sentences (enough: whether the n_prompts prompts and the resamples
-    are enough for a verdict)."""
+    are enough for a verdict; withheld: why no verdict may be drawn, or None)."""
     ci = f"[{top.score_ci[0]:.4f}, {top.score_ci[1]:.4f}]" if has_intervals else "(no bootstrap interval)"
     lines = [f"Best: {best}, path R2 {top.score:.4f} {ci}."]
     if runner_up is not None:
@@ -228,7 +231,9 @@ def _message(best, top, runner_up, gap, gap_ci, equivalent, agreement_row, names
             f"Inseparable from {best} on this task set: {pairs}. Their trajectories agree along the aligned steps, "
             "so no probe of predictions can tell them apart here; choose prompts where they differ."
         )
-    if identified:
+    if withheld is not None:
+        lines.append(f"Verdict: withheld: {withheld}")
+    elif identified:
         lines.append(f"Verdict: identified as {best}" + (f" (or its equivalents {', '.join(equivalent)})." if equivalent else "."))
     elif len(names) == 1:
         lines.append(
@@ -264,6 +269,16 @@ def _message(best, top, runner_up, gap, gap_ci, equivalent, agreement_row, names
             "may run more steps than that; diagnose with a larger n_steps."
         )
     return " ".join(lines)
+
+
+RIDGE_LENS_BIAS = (
+    "ridge probes (method='ridge') read out each layer's best linear estimate of y_query, which rescales an "
+    "iterate that falls short of the target (a GD network's early layers by up to ~1.7x), so fixed-step methods "
+    "look accelerated and heavy ball or Chebyshev can outscore the algorithm a network runs; identify with the "
+    "read-out lens (method='readout')."
+)
+"""Why `diagnose(method="ridge")` withholds its verdict (found on the GD construction, whose ridge
+lens scored heavy ball above GD beyond the interval)."""
 
 
 def _layers_on_last_step(score) -> int:

@@ -210,8 +210,6 @@ def test_relu_richardson_construction_tracks_rowsum_richardson_with_its_default_
     assert error < 1e-2 * np.abs(reference).max()
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: method='ridge' probes fit y_query, inflating early layers (x1.7 .. x1.16 on the GD "
-                   "construction) so a pure GD model is 'identified as heavy_ball'")
 def test_ridge_lens_does_not_identify_the_gd_construction_as_another_algorithm():
     """Ridge probes on the GD construction: its query residual holds s_* = -x_*^T w_t exactly, so a
     faithful lens gives GD's iterates. Correct behaviour: identified as gd, or nothing identified,
