@@ -143,6 +143,12 @@ def test_chebyshev_matches_the_chebyshev_error_polynomial(bounds):
     np.testing.assert_allclose(trajectory.alpha.numpy(), expected, rtol=1e-8, atol=1e-10)
 
 
+def documented_newton_scale(eigenvalues: np.ndarray) -> float:
+    """c = 2 / ((1 + delta) mu_max^2 + mu_min^2), delta = 4 n eps, from ascending eigenvalues."""
+    delta = 4 * len(eigenvalues) * np.finfo(np.float64).eps
+    return 2 / ((1 + delta) * eigenvalues[-1] ** 2 + eigenvalues[0] ** 2)
+
+
 def test_newton_schulz_matches_the_eigendecomposition_closed_form():
     lam, n_steps = 0.3, 7
     K = np.stack([spd_matrix(RNG, 8, 0.1, 10.0) for _ in range(2)])
@@ -152,7 +158,7 @@ def test_newton_schulz_matches_the_eigendecomposition_closed_form():
     for b in range(2):
         A = K[b] + lam * np.eye(8)
         eigenvalues = np.linalg.eigvalsh(A)
-        scale = 2 / (eigenvalues[0] ** 2 + eigenvalues[-1] ** 2)
+        scale = documented_newton_scale(eigenvalues)
         # I - M_s A = (I - c A^2)^(2^s); alpha[t] = M_{t-1} y, alpha[0] = 0
         expected = spectral_iterates(
             A, y[b], lambda t, mu: np.ones_like(mu) if t == 0 else (1 - scale * mu**2) ** (2 ** (t - 1)), n_steps
@@ -169,12 +175,47 @@ def test_newton_schulz_matches_a_brute_force_matrix_loop():
     y = RNG.standard_normal(6)
     A = K + lam * np.eye(6)
     eigenvalues = np.linalg.eigvalsh(A)
-    M = 2 / (eigenvalues[0] ** 2 + eigenvalues[-1] ** 2) * A
+    M = documented_newton_scale(eigenvalues) * A
     expected = [np.zeros(6)]
     for _ in range(n_steps):
         expected.append(M @ y)
         M = 2 * M - M @ A @ M
     np.testing.assert_allclose(newton_schulz(K, y, lam, n_steps).alpha.numpy(), np.stack(expected), rtol=1e-9, atol=1e-11)
+
+
+def newton_gain(x: np.ndarray, t: int) -> np.ndarray:
+    """1 - (1 - x)^(2^(t-1)) for x = c mu^2 in (0, 2) and t >= 1, through log1p / expm1 so that a
+    tiny x (an ill-conditioned system's small modes, where 1 - x rounds to 1) keeps its digits."""
+    if t == 1:
+        return x
+    with np.errstate(divide="ignore"):  # x == 1 exactly: log 0 = -inf, gain 1
+        log_abs = np.where(x < 0.5, np.log1p(-np.minimum(x, 0.5)), np.log(np.abs(1 - np.maximum(x, 0.5))))
+    return -np.expm1(2.0 ** (t - 1) * log_abs)
+
+
+def test_newton_schulz_follows_its_closed_form_when_kappa_squared_exceeds_one_over_eps():
+    """kappa = 1e9, where the margin-free scale 2 / (mu_max^2 + mu_min^2) put I - c A^2 at -1 to
+    rounding and overflowed: every iterate must be the eigendecomposition closed form
+    alpha_t = A^-1 (I - (I - c A^2)^(2^(t-1))) y with the documented c, to the accuracy of a direct
+    solve (n eps kappa relative), and after log2(kappa^2) + 8 steps NumPy's solve."""
+    n, lam = 12, 1e-10
+    vectors, _ = np.linalg.qr(RNG.standard_normal((n, n)))
+    A = (vectors * np.geomspace(1e-9, 1.0, n)) @ vectors.T
+    A = (A + A.T) / 2
+    eigenvalues, eigenvectors = np.linalg.eigh(A)
+    kappa = eigenvalues[-1] / eigenvalues[0]
+    scale = documented_newton_scale(eigenvalues)
+    n_steps = int(np.ceil(np.log2(kappa**2))) + 8
+    y = RNG.standard_normal((2, n))
+    trajectory = newton_schulz(np.stack([A, A]) - lam * np.eye(n), y, lam, n_steps)
+    solution = np.linalg.solve(A, y.T).T
+    for b in range(2):
+        coefficients = eigenvectors.T @ y[b]
+        gains = [np.zeros(n)] + [newton_gain(scale * eigenvalues**2, t) for t in range(1, n_steps + 1)]
+        expected = np.stack([eigenvectors @ (gain / eigenvalues * coefficients) for gain in gains])
+        tolerance = n * np.finfo(np.float64).eps * kappa * np.abs(solution[b]).max()
+        np.testing.assert_allclose(trajectory.alpha[b].numpy(), expected, rtol=0, atol=tolerance)
+        np.testing.assert_allclose(trajectory.alpha[b, -1].numpy(), solution[b], rtol=0, atol=tolerance)
 
 
 @pytest.mark.parametrize(

@@ -84,9 +84,9 @@ def chebyshev_loop(A, b, n_steps, low, high):
 
 
 def newton_schulz_loop(A, b, n_steps):
-    """alpha_t = M_{t-1} b with M_0 = c A, c = 2 / (mu_max^2 + mu_min^2), M <- 2M - M A M."""
+    """alpha_t = M_{t-1} b with M_0 = c A, c = 2 / ((1 + 4 n eps) mu_max^2 + mu_min^2), M <- 2M - M A M."""
     mu = np.linalg.eigvalsh(A)
-    M = 2 / (mu[0] ** 2 + mu[-1] ** 2) * A
+    M = 2 / ((1 + 4 * len(b) * np.finfo(np.float64).eps) * mu[-1] ** 2 + mu[0] ** 2) * A
     out = [np.zeros_like(b)]
     for _ in range(n_steps):
         out.append(M @ b)
