@@ -112,6 +112,8 @@ class Verdict:
         min_score, min_gap, agreement_threshold: the thresholds used.
         scores: every candidate's path R2.
         message: the verdict in words.
+        withheld: why no verdict was drawn from these layer predictions (then `identified` is
+            False whatever the scores), or None.
     """
 
     __repr__ = compact_repr
@@ -132,6 +134,7 @@ class Verdict:
     agreement_threshold: float
     message: str
     scores: dict[str, float] = field(default_factory=dict)
+    withheld: str | None = None
 
 
 def identifiability_verdict(
@@ -207,6 +210,7 @@ def identifiability_verdict(
         agreement_threshold=agreement_threshold,
         message=message,
         scores={name: scores[name].score for name in names},
+        withheld=withheld,
     )
 
 

@@ -38,7 +38,8 @@ class LensResult:
         aligned_steps: algorithm -> monotone-aligned step per probed layer (1..L).
         model_profile: per-layer log10 MSE to exact KRR (layers 1..L).
         algorithm_profiles: algorithm -> per-step log10 MSE to exact KRR.
-        best, identified, runner_up, gap, gap_ci, equivalent, message: the verdict.
+        best, identified, runner_up, gap, gap_ci, equivalent, message, withheld: the verdict
+            (withheld: why none was drawn, as for the ridge lens; else None).
         probe_val_r2: ridge lens only: the probes' validation R2 per layer (None for readout).
     """
 
@@ -55,6 +56,7 @@ class LensResult:
     gap_ci: tuple[float, float] | None
     equivalent: list[str]
     message: str
+    withheld: str | None = None
 
     def ranking(self) -> list[str]:
         return sorted(self.scores, key=lambda name: -self.scores[name] if np.isfinite(self.scores[name]) else np.inf)
@@ -103,7 +105,8 @@ class RichardsonProfileResult:
             numbers[f"{lens}: closest error profile (Yan et al.'s comparison)"] = ", ".join(
                 f"{name} {result.profile_distance[name]:.3f}" for name in result.profile_ranking()[:3]
             )
-            numbers[f"{lens}: verdict"] = (f"{'identified' if result.identified else 'not identified'}; best {result.best}"
+            state = "withheld" if result.withheld else "identified" if result.identified else "not identified"
+            numbers[f"{lens}: verdict"] = (f"{state}; best {result.best}"
                                            + (f", runner-up {result.runner_up} gap {result.gap:+.4f} "
                                               f"[{result.gap_ci[0]:+.4f}, {result.gap_ci[1]:+.4f}]" if result.runner_up else "")
                                            + (f"; inseparable: {', '.join(result.equivalent)}" if result.equivalent else ""))
@@ -213,4 +216,5 @@ def _lens_result(result: Any) -> LensResult:
         gap_ci=None if verdict.gap_ci is None else (float(verdict.gap_ci[0]), float(verdict.gap_ci[1])),
         equivalent=list(verdict.equivalent),
         message=verdict.message,
+        withheld=verdict.withheld,
     )

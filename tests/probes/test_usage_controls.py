@@ -18,6 +18,7 @@ from mi_krr.construct import cg_transformer, gd_transformer, richardson_transfor
 from mi_krr.models import BridgeICLModel, ICLTransformer, ICLTransformerConfig
 from mi_krr.tasks.samplers import GPRegressionSampler, LinearRegressionSampler
 from probes.diagnose import DEFAULT_ALGORITHMS, diagnose
+from probes.identifiability import RIDGE_LENS_BIAS, identifiability_verdict
 
 LAM = 0.1
 
@@ -219,6 +220,24 @@ def test_ridge_lens_does_not_identify_the_gd_construction_as_another_algorithm()
     model = gd_transformer(n_steps=6, lr=stable_lr(task), lam=LAM, dim=4)
     verdict = run(model, task, lam=LAM, n_steps=12, method="ridge", train_task=train).verdict
     assert not (verdict.identified and verdict.best != "gd"), verdict.message
+
+
+def test_the_ridge_lens_is_scored_but_its_verdict_is_withheld():
+    """The CG construction read out by ridge probes: every candidate is scored and ranked, and the
+    verdict keeps its best / runner-up / gap, but nothing is identified and RIDGE_LENS_BIAS is the
+    stated reason (on these prompts the ridge lens even ranks heavy ball above CG, which the
+    read-out lens identifies with path R2 1)."""
+    sampler = LinearRegressionSampler(dim=4, condition_number=10.0, noise_std=0.1)
+    task, train = sampler.sample(24, 12, 4, seed=0), sampler.sample(256, 12, 4, seed=5)
+    result = run(cg_transformer(n_steps=3, lam=LAM, dim=4), task, lam=LAM, n_steps=6, method="ridge", train_task=train)
+    verdict = result.verdict
+    assert verdict.withheld == RIDGE_LENS_BIAS and not verdict.identified
+    assert f"Verdict: withheld: {RIDGE_LENS_BIAS}" in verdict.message
+    scored = set(DEFAULT_ALGORITHMS) - {"richardson_rowsum"}  # row sums of a linear kernel can be <= 0: left out
+    assert set(result.scores) == scored and all(np.isfinite(score.score) for score in result.scores.values())
+    plain = identifiability_verdict(result.scores, result.step_predictions)
+    assert (verdict.best, verdict.runner_up, verdict.gap) == (plain.best, plain.runner_up, plain.gap)
+    assert plain.withheld is None
 
 
 def test_ridge_probes_on_the_gd_construction_fit_a_least_squares_rescaling_of_each_iterate():
