@@ -235,6 +235,7 @@ def test_the_ridge_lens_is_scored_but_its_verdict_is_withheld():
     assert f"Verdict: withheld: {RIDGE_LENS_BIAS}" in verdict.message
     scored = set(DEFAULT_ALGORITHMS) - {"richardson_rowsum"}  # row sums of a linear kernel can be <= 0: left out
     assert set(result.scores) == scored and all(np.isfinite(score.score) for score in result.scores.values())
+    assert result.scores["heavy_ball"].score > result.scores["cg"].score  # the bias the withholding guards against
     plain = identifiability_verdict(result.scores, result.step_predictions)
     assert (verdict.best, verdict.runner_up, verdict.gap) == (plain.best, plain.runner_up, plain.gap)
     assert plain.withheld is None
