@@ -51,11 +51,10 @@ def symmetry_rtol(value: Any) -> float:
 
 
 def check_positive(name: str, value: float) -> float:
-    """Return `value` as a float after checking it is finite and > 0."""
-    try:
-        number = float(value)
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"{name} must be a positive number, got {value!r}") from exc
+    """Return `value` as a float after checking it is finite and > 0 (not a bool)."""
+    number = _number_or_none(value)
+    if number is None:
+        raise ValueError(f"{name} must be a positive number, got {value!r}")
     if not math.isfinite(number) or number <= 0:
         raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
     return number
@@ -120,30 +119,30 @@ def check_choice(name: str, value: str, choices: tuple[str, ...]) -> str:
 
 
 def check_non_negative(name: str, value: Any) -> float:
-    """`value` as a float after checking it is finite and >= 0."""
-    number = _number_or_nan(value)
-    if not math.isfinite(number) or number < 0:
+    """`value` as a float after checking it is finite and >= 0 (not a bool)."""
+    number = _number_or_none(value)
+    if number is None or not math.isfinite(number) or number < 0:
         raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
     return number
 
 
 def check_finite(name: str, value: Any) -> float:
-    """`value` as a finite float."""
-    number = _number_or_nan(value)
-    if not math.isfinite(number):
+    """`value` as a finite float (not a bool)."""
+    number = _number_or_none(value)
+    if number is None or not math.isfinite(number):
         raise ValueError(f"{name} must be a finite number, got {value!r}")
     return number
 
 
-def _number_or_nan(value: Any) -> float:
-    """`value` as a float; NaN for booleans and anything float() rejects (so callers' finiteness
-    checks turn them into their own error)."""
-    if isinstance(value, bool):
-        return math.nan
+def _number_or_none(value: Any) -> float | None:
+    """`value` as a float; None for booleans (a typo for a number, though float() takes them) and
+    anything float() rejects, so each caller raises its own error."""
+    if isinstance(value, (bool, np.bool_)):
+        return None
     try:
         return float(value)
     except (TypeError, ValueError):
-        return math.nan
+        return None
 
 
 def check_condition_number(name: str, value: Any) -> float:

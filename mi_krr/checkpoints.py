@@ -204,16 +204,17 @@ def task_sets(
     import torch
 
     from mi_krr.models import check_task_fits
-    from mi_krr.tasks import DEFAULT_SHIFTS, apply_shift, shift_applies
+    from mi_krr.tasks import DEFAULT_SHIFTS, apply_shift, why_shift_does_not_apply
 
     samplers = {"in_distribution": sampler}
     notes = []
     if shifts:
         for name, shift in DEFAULT_SHIFTS.items():
-            if shift_applies(sampler, shift):
+            reason = why_shift_does_not_apply(sampler, shift)
+            if reason is None:
                 samplers[name] = apply_shift(sampler, shift)
             else:
-                notes.append(f"shift {name} left out: it does not apply to {sampler.name}")
+                notes.append(f"shift {name} left out: {reason}")
     sets = {}
     for index, (name, shifted) in enumerate(samplers.items()):
         task = scaled_labels(shifted.sample(batch_size, n_support, n_query, seed=seed + index, dtype=torch.float32), label_scale)

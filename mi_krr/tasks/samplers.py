@@ -37,6 +37,8 @@ __all__ = ["LinearRegressionSampler", "GPRegressionSampler", "Sampler", "SAMPLER
 def _resolve_generator(seed: int | None, generator: torch.Generator | None) -> tuple[torch.Generator, int | None]:
     """The CPU generator to draw from, and the seed to record (None when the caller's generator is used)."""
     if generator is not None:
+        if not isinstance(generator, torch.Generator):
+            raise ValueError(f"generator must be a torch.Generator, got {type(generator).__name__}: pass an int seed as seed=")
         if seed is not None:
             raise ValueError("pass seed or generator, not both")
         if generator.device.type != "cpu":
@@ -265,7 +267,7 @@ class GPRegressionSampler(_PromptSampler):
 
     def covariance(self, x: torch.Tensor) -> torch.Tensor:
         """The prior covariance of f at `x [..., N, d]`: kernel matrix + jitter, `[..., N, N]` float64."""
-        gram = kernel_matrix(self.kernel, torch.as_tensor(x).to(torch.float64), **self.kernel_params())
+        gram = kernel_matrix(self.kernel, self._checked_inputs(x).to(torch.float64), **self.kernel_params())
         scale = torch.diagonal(gram, dim1=-2, dim2=-1).mean(-1)
         eye = torch.eye(gram.shape[-1], dtype=torch.float64, device=gram.device)
         return gram + (self.jitter * scale)[..., None, None] * eye
@@ -278,10 +280,14 @@ class GPRegressionSampler(_PromptSampler):
         f = L g with L the Cholesky factor of `covariance(x)` and g ~ N(0, I) from the generator.
         """
         generator, _ = _resolve_generator(seed, generator)
+        return self._function_values(self._checked_inputs(x), generator)
+
+    def _checked_inputs(self, x: Any) -> torch.Tensor:
+        """`x` as a tensor, after checking it is `[..., N, d]` with this sampler's d."""
         x = torch.as_tensor(x)
         if x.dim() < 2 or x.shape[-1] != self.dim:
             raise ValueError(f"x must be [..., N, d={self.dim}] (this sampler's dim), got shape {tuple(x.shape)}")
-        return self._function_values(x, generator)
+        return x
 
     def _function_values(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         covariance = self.covariance(x)

@@ -28,7 +28,9 @@ from mi_krr._validation import check_choice, check_count, check_positive
 from mi_krr._validation import check_condition_number, check_finite, check_non_negative
 from mi_krr.tasks.samplers import GPRegressionSampler, Sampler
 
-__all__ = ["SHIFT_KINDS", "Shift", "apply_shift", "shift_applies", "applicable_shifts", "DEFAULT_SHIFTS"]
+__all__ = [
+    "SHIFT_KINDS", "Shift", "apply_shift", "shift_applies", "why_shift_does_not_apply", "applicable_shifts", "DEFAULT_SHIFTS",
+]
 
 # kind -> (its one parameter, the check that parameter gets)
 _SHIFT_PARAMS: dict[str, tuple[str, Callable[[str, Any], Any]]] = {
@@ -58,6 +60,15 @@ class Shift:
             raise ValueError(f"Shift {self.kind!r} takes params {{{expected!r}: ...}}, got {self.params!r}")
         object.__setattr__(self, "params", MappingProxyType({expected: check(expected, self.params[expected])}))
 
+    def __hash__(self) -> int:
+        """Equal shifts (same kind and value) hash alike; the `params` view itself has no hash."""
+        return hash((self.kind, self.value))
+
+    def __reduce__(self) -> tuple[type["Shift"], tuple[str, dict[str, Any]]]:
+        """Pickle and deep-copy through the constructor: the read-only `params` view cannot be
+        pickled itself."""
+        return type(self), (self.kind, dict(self.params))
+
     @property
     def value(self) -> Any:
         """The shift's one parameter."""
@@ -75,7 +86,21 @@ class Shift:
         return cls(kind=config["kind"], params=config["params"])
 
 
-def _inapplicable_reason(sampler: Sampler, shift: Shift) -> str | None:
+def _check_sampler(sampler: Any) -> None:
+    """ValueError naming `sampler` unless it is a sampler instance (not its config dict, nor its class)."""
+    if not isinstance(sampler, Sampler):
+        given = f"the class {sampler.__name__}" if isinstance(sampler, type) else type(sampler).__name__
+        raise ValueError(
+            f"sampler must be a LinearRegressionSampler or GPRegressionSampler instance, got {given}: "
+            "rebuild one from its config dict with sampler_from_config(config)"
+        )
+
+
+def why_shift_does_not_apply(sampler: Sampler, shift: Shift | str) -> str | None:
+    """Why `apply_shift(sampler, shift)` would raise (e.g. "the bandwidth shift needs a GP
+    sampler ..."), or None when the shift applies."""
+    _check_sampler(sampler)
+    shift = _as_shift(shift)
     if shift.kind == "anisotropy" and sampler.dim == 1 and shift.value != 1.0:
         return "the anisotropy shift needs inputs of dim >= 2 (one coordinate has no covariance spectrum to stretch)"
     if shift.kind == "bandwidth" and not isinstance(sampler, GPRegressionSampler):
@@ -90,14 +115,14 @@ def _inapplicable_reason(sampler: Sampler, shift: Shift) -> str | None:
 
 def shift_applies(sampler: Sampler, shift: Shift | str) -> bool:
     """Whether `apply_shift(sampler, shift)` is defined (e.g. bandwidth needs a GP sampler)."""
-    return _inapplicable_reason(sampler, _as_shift(shift)) is None
+    return why_shift_does_not_apply(sampler, shift) is None
 
 
 def apply_shift(sampler: Sampler, shift: Shift | str) -> Sampler:
     """A new sampler of the same class drawing the shifted distribution (see module docstring).
     `shift`: a `Shift`, or the label of one of `DEFAULT_SHIFTS` (e.g. "input_scale_x2")."""
     shift = _as_shift(shift)
-    reason = _inapplicable_reason(sampler, shift)
+    reason = why_shift_does_not_apply(sampler, shift)
     if reason is not None:
         raise ValueError(reason)
     value = shift.value
@@ -148,5 +173,8 @@ def _as_shift(shift: Any) -> Shift:
 
 
 def applicable_shifts(sampler: Sampler, shifts: Mapping[str, Shift] = DEFAULT_SHIFTS) -> dict[str, Shift]:
-    """The entries of `shifts` that apply to `sampler` (the rest would raise in `apply_shift`)."""
+    """The entries of `shifts` (label -> Shift) that apply to `sampler` (the rest would raise in
+    `apply_shift`)."""
+    if not isinstance(shifts, Mapping):
+        raise ValueError(f"shifts must be a mapping of label -> Shift such as DEFAULT_SHIFTS, got {type(shifts).__name__}")
     return {label: shift for label, shift in shifts.items() if shift_applies(sampler, shift)}

@@ -92,10 +92,12 @@ class ICLTask:
         )
 
     def select(self, index: torch.Tensor | slice | Sequence[int] | int) -> "ICLTask":
-        """The prompts at `index` along the batch dimension (an int keeps the batch dimension:
-        select(3) is select([3]), batch 1). As in torch indexing, a slice gives views of this
-        task's tensors (writing into them writes into this task) and a sequence or tensor index
-        gives copies."""
+        """The prompts at `index` along the batch dimension (an int, or a 0-d integer tensor or
+        array such as `errors.argmax()`, keeps the batch dimension: select(3) is select([3]),
+        batch 1). As in torch indexing, a slice gives views of this task's tensors (writing into
+        them writes into this task) and a sequence or tensor index gives copies."""
+        if isinstance(index, (torch.Tensor, np.ndarray)) and index.ndim == 0:
+            index = index.item()  # a Python int (or a float / bool, refused below)
         if isinstance(index, numbers.Integral) and not isinstance(index, bool):
             index = [int(index)]
         elif isinstance(index, (tuple, range, np.ndarray)):

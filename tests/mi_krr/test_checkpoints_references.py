@@ -110,7 +110,10 @@ def test_task_sets_leave_out_shifts_that_do_not_apply_naming_each_one():
     left_out = {"bandwidth_x0.5", "bandwidth_x2", "covariance_rotation"}
     assert set(sets) == ({"in_distribution"} | set(DEFAULT_SHIFTS)) - left_out
     assert sorted(note.split()[1] for note in notes) == sorted(left_out)
-    assert all(note.startswith("shift ") and "does not apply to linear_regression" in note for note in notes)
+    reasons = {note.split()[1]: note for note in notes}
+    assert all(note.startswith("shift ") for note in notes)
+    assert "needs a GP sampler" in reasons["bandwidth_x0.5"] and "needs a GP sampler" in reasons["bandwidth_x2"]
+    assert "needs anisotropic inputs" in reasons["covariance_rotation"]
 
 
 def test_task_sets_leave_out_prompts_longer_than_the_models_positions():

@@ -1,7 +1,8 @@
 """Usage review of the task distributions (`mi_krr.tasks`: samplers, shifts, task sets, the
 Bayes-optimal ridge) as a researcher calls them from a notebook: the prompt laws checked
 statistically against the documented definitions (NumPy / SciPy references written here, Monte
-Carlo error bars), and the problems that review found, as strict xfails until fixed."""
+Carlo error bars), and the problems that review found, kept as regression tests now that they
+are fixed."""
 
 from __future__ import annotations
 
@@ -249,16 +250,18 @@ def test_bayes_ridge_from_a_task_info_equals_the_samplers_and_ignores_label_scal
 # ----- problems found ----------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: ICLTask.select(0-d tensor), e.g. select(err.argmax()), raises a misleading x_support shape error")
 @pytest.mark.parametrize("index", [torch.tensor(2), np.array(2)], ids=["tensor", "ndarray"])
 def test_select_with_a_zero_dimensional_index_is_select_of_that_int(index):
     """select's docstring: an int keeps the batch dimension; a 0-d tensor (what argmax returns)
-    is an int index and must give the same prompt as select([2])."""
+    is an int index and must give the same prompt as select([2]); a 0-d float or bool is no
+    prompt index and is refused naming `index`."""
     task = LinearRegressionSampler(2).sample(4, 3, 2, seed=0)
     assert torch.equal(task.select(index).x_support, task.x_support[[2]])
+    for wrong in (torch.tensor(2.0), np.array(True)):
+        with pytest.raises(ValueError, match="index must be"):
+            task.select(wrong)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: Shift (MappingProxyType params) cannot be pickled, deep-copied or hashed")
 def test_a_shift_pickles_deep_copies_and_hashes():
     """A frozen-dataclass Shift should survive pickle (multiprocessing over shifts) and
     copy.deepcopy (configs holding shifts) and be usable as a dict key, like the samplers."""
@@ -268,18 +271,24 @@ def test_a_shift_pickles_deep_copies_and_hashes():
     assert {shift: 1}[Shift("input_scale", {"factor": 2.0})] == 1
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: bayes_optimal_ridge on a linear config without 'dim' raises a raw KeyError")
 def test_bayes_ridge_of_a_linear_config_without_dim_names_dim():
     """A hand-written linear-regression config lacking dim: one-line ValueError naming 'dim'."""
     with pytest.raises(ValueError, match="dim"):
         bayes_optimal_ridge({"sampler": "linear_regression", "noise_std": 0.1})
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: bayes_optimal_ridge returns noise_std^2 for any registered sampler, not only GP regression")
+@pytest.mark.parametrize("noise_std", [-0.5, "abc", True])
+def test_bayes_ridge_of_a_config_with_a_bad_noise_std_names_noise_std(noise_std):
+    """A hand-written config whose noise_std no sampler would take (negative, not a number, a
+    bool): ValueError naming noise_std, not noise_std^2 = 0.25 for -0.5."""
+    with pytest.raises(ValueError, match=r"info_or_sampler\['noise_std'\] must be a finite number >= 0"):
+        bayes_optimal_ridge({"sampler": "gp_regression", "noise_std": noise_std})
+
+
 def test_bayes_ridge_refuses_a_registered_sampler_without_a_known_posterior(monkeypatch):
     """Docstring: "Raises ValueError for a sampler without a known posterior". A user sampler
     registered in the public SAMPLERS (so configs and checkpoints round-trip) whose labels are
-    sign(x.w) has no KRR posterior mean; it currently gets noise_std^2 silently."""
+    sign(x.w) has no KRR posterior mean; it used to get noise_std^2 silently."""
 
     @dataclass(frozen=True)
     class SignRegressionSampler(LinearRegressionSampler):
@@ -289,50 +298,59 @@ def test_bayes_ridge_refuses_a_registered_sampler_without_a_known_posterior(monk
             return torch.sign(super()._function_values(x, generator))
 
     monkeypatch.setitem(SAMPLERS, "sign_regression", SignRegressionSampler)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="known posterior.*got 'sign_regression'"):
         bayes_optimal_ridge(SignRegressionSampler(3, noise_std=0.3))
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: apply_shift/shift_applies on a config dict: AttributeError, or a silent False")
 def test_shifting_a_config_dict_is_refused_naming_the_sampler():
     """bayes_optimal_ridge takes a sampler or its config; apply_shift and shift_applies take only a
-    sampler, but on a config dict they raise AttributeError ('dict' has no 'input_mean') or say
-    False (bandwidth on a GP config). Both should be a ValueError naming `sampler`."""
+    sampler, but on a config dict they used to raise AttributeError ('dict' has no 'input_mean') or
+    say False (bandwidth on a GP config). Each is a ValueError naming `sampler` and pointing to
+    sampler_from_config; the sampler class, or a list for `shifts`, likewise."""
     config = GPRegressionSampler(2).to_config()
-    with pytest.raises(ValueError, match="sampler"):
+    with pytest.raises(ValueError, match=r"^sampler must be .* got dict: .*sampler_from_config"):
         apply_shift(config, "input_scale_x2")
-    with pytest.raises(ValueError, match="sampler"):
+    with pytest.raises(ValueError, match=r"^sampler must be .* got dict"):
         shift_applies(config, "bandwidth_x2")
+    with pytest.raises(ValueError, match=r"^sampler must be .* got the class GPRegressionSampler"):
+        apply_shift(GPRegressionSampler, "input_scale_x2")
+    with pytest.raises(ValueError, match=r"^shifts must be a mapping"):
+        applicable_shifts(GPRegressionSampler(2), ["input_scale_x2"])
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: task_sets says covariance_rotation 'does not apply to gp_regression'; the reason is isotropy")
 def test_task_sets_notes_give_the_real_reason_a_shift_was_left_out():
     """An isotropic GP sampler: covariance_rotation is left out because the inputs are isotropic
     (apply_shift's own error says "needs anisotropic inputs"), not because of the sampler family."""
     _, notes = task_sets(GPRegressionSampler(2), 2, 4, 1, seed=0)
     (note,) = [n for n in notes if "covariance_rotation" in n]
     assert "anisotropic" in note
+    # d = 1: anisotropy is left out because one coordinate has no spectrum, not because of the family
+    _, notes = task_sets(GPRegressionSampler(1), 2, 4, 1, seed=0)
+    (note,) = [n for n in notes if "anisotropy_kappa10" in n]
+    assert "dim >= 2" in note and "gp_regression" not in note
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: GPRegressionSampler.covariance silently accepts inputs of another dimension")
 def test_gp_covariance_refuses_inputs_of_another_dimension():
     """sample_functions refuses x whose last dim is not the sampler's; covariance(x) (same
-    docstring shape [..., N, d]) computes a kernel on 5-D points for a d = 2 sampler."""
-    with pytest.raises(ValueError, match="x"):
+    docstring shape [..., N, d]) used to compute a kernel on 5-D points for a d = 2 sampler."""
+    with pytest.raises(ValueError, match=r"x must be \[\.\.\., N, d=2\]"):
         GPRegressionSampler(2).covariance(np.zeros((3, 5)))
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: check_positive accepts booleans (bandwidth=True, factor=True) where check_non_negative refuses them")
 def test_a_boolean_positive_parameter_is_refused_by_name():
-    """bandwidth=True / Shift factor=True become 1.0 silently; noise_std=True is refused. A bool
-    is a typo for a number everywhere: one ValueError naming the argument."""
-    with pytest.raises(ValueError, match="bandwidth"):
+    """bandwidth=True / Shift factor=True used to become 1.0 silently while noise_std=True was
+    refused. A bool (Python or NumPy) is a typo for a number everywhere: one ValueError naming
+    the argument."""
+    with pytest.raises(ValueError, match="bandwidth must be a positive number, got True"):
         GPRegressionSampler(2, bandwidth=True)
+    with pytest.raises(ValueError, match="input_std must be a positive number, got True"):
+        LinearRegressionSampler(2, input_std=True)
     with pytest.raises(ValueError, match="factor"):
         Shift("input_scale", {"factor": True})
+    with pytest.raises(ValueError, match="noise_std must be a finite number >= 0"):
+        GPRegressionSampler(2, noise_std=np.True_)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: sample(generator=<not a Generator>) raises a raw AttributeError")
 def test_a_generator_that_is_not_a_torch_generator_is_refused_by_name():
     """sample(generator=42) (a seed passed to the wrong keyword): ValueError naming `generator`."""
     with pytest.raises(ValueError, match="generator"):
