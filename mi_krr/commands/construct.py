@@ -10,9 +10,11 @@ against exact KRR.
 cg: linear attention, CG on (K + lam I) alpha = y (linear kernel exactly; exp / gaussian through
 a --head-width feature map phi, the solver then runs on Phi Phi^T); richardson: softmax attention,
 row-sum preconditioned Richardson with a fixed step on a Gaussian kernel (default step: the
-optimal one for the median prompt); gd: one linear self-attention layer per GD step on linear
-regression (default rate 1 / (mu_max(X^T X) + lam)). Prompts: linear regression (N(0, I) inputs)
-for the linear kernel, GP regression with the chosen kernel otherwise, label noise 0.1.
+optimal one for the median prompt; with --mlp relu its ReLU products are sized for prompts of
+--n-support points, `richardson_transformer(max_support=n_support)`); gd: one linear
+self-attention layer per GD step on linear regression (default rate 1 / (mu_max(X^T X) + lam)).
+Prompts: linear regression (N(0, I) inputs) for the linear kernel, GP regression with the chosen
+kernel otherwise, label noise 0.1.
 
 An option the chosen construction does not read is refused rather than ignored: --head-width is
 cg's, --step richardson's and gd's, --mlp cg's and richardson's (--mlp-width with --mlp relu),
@@ -163,7 +165,8 @@ def check_construction(
         solver = cg(phi @ phi.mT, y, lam, n_steps, K_query=phi_query @ phi.mT).pred
     elif construction == "richardson":
         step = rowsum_optimal_step(K, lam) if step is None else check_positive("step", step)
-        model = richardson_transformer(n_steps, lam, bandwidth=bandwidth, step=step, dim=dim, mlp=mlp, mlp_width=mlp_width, device=device)
+        model = richardson_transformer(n_steps, lam, bandwidth=bandwidth, step=step, dim=dim, mlp=mlp, mlp_width=mlp_width,
+                                       max_support=n_support, device=device)
         solver = richardson(K, y, lam, n_steps, step=step, precond="rowsum", K_query=K_query).pred
     else:
         gram = x.mT @ x

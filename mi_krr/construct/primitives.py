@@ -21,7 +21,13 @@ list into a module with a TransformerLens-style `hook_pre` / `hook_post`:
   [-bound, bound]); a reciprocal is the piecewise-linear interpolant of 1/s on `width` units
   (geometric knots on [low, high]). Both interpolants are constant outside their range. The
   interpolation error is at most (2 bound / (width - 1))^2 / 4 for s^2 and about
-  (ln(high / low) / (width - 1))^2 / 4 relative for 1/s, so it falls as width^-2.
+  (ln(high / low) / (width - 1))^2 / 4 relative for 1/s, so it falls as width^-2; on [low, high]
+  the interpolant of 1/s lies between 1/s and (r + 1)^2 / (4 r) times it, r = (high / low)^(1 /
+  (width - 1)) the knot ratio (`ReluArithmetic.reciprocal_overshoot`).
+  Outside [-bound, bound] the square is off by O(s^2), so a product's value there is wrong by
+  O(1) and more: the forward pass raises a ValueError naming mlp_bound when a product's input
+  u + v or u - v leaves [-bound, bound]. Reciprocals are not checked: CG's squared norms fall
+  below `low` once it has converged, and each construction documents its reciprocal range.
 
 `Reciprocal(..., off=o)` computes 1/u on the tokens where the readout o is 0 and exactly 0 where
 o is 1 (o is a sum of token-type flags, so it is exactly 0 or 1; u must be 0 where o is 1): the
@@ -153,6 +159,12 @@ class ReluArithmetic:
     def reciprocal_knots(self) -> torch.Tensor:
         return torch.logspace(math.log10(self.low), math.log10(self.high), self.width, dtype=torch.float64)
 
+    def reciprocal_overshoot(self) -> float:
+        """The largest ratio of the interpolant of 1/s to 1/s on [low, high]: (r + 1)^2 / (4 r), r the
+        ratio of neighbouring knots (on [a, r a] the chord times s peaks at s = (r + 1) a / 2)."""
+        ratio = (self.high / self.low) ** (1.0 / (self.width - 1))
+        return (ratio + 1.0) ** 2 / (4.0 * ratio)
+
 
 @dataclass
 class _Units:
@@ -260,13 +272,24 @@ def _interpolate(knots: torch.Tensor, values: torch.Tensor, s: float) -> float:
 
 
 class ReluMLP(nn.Module):
-    """One-hidden-layer ReLU MLP approximating the ops (see the module docstring).
+    """One-hidden-layer ReLU MLP approximating the ops (see the module docstring). Its forward pass
+    raises a ValueError when a product's input leaves [-bound, bound] (`check_product_inputs`).
 
     Hooks: `hook_pre` the pre-activations `[batch, pos, hidden]`, `hook_post` after the ReLU.
     """
 
     def __init__(self, ops: list[Op], d_model: int, arithmetic: ReluArithmetic):
         super().__init__()
+        self.bound = arithmetic.bound
+        product_inputs = _Units()
+        for op in ops:
+            if isinstance(op, Product):
+                product_inputs.add(op.u + op.v, [])
+                product_inputs.add(op.u - op.v, [])
+        w_product, b_product, _, _, _ = product_inputs.matrices(d_model)
+        # buffers, not in the state dict: a saved model holds the ReLU network's weights only
+        self.register_buffer("W_product", w_product, persistent=False)
+        self.register_buffer("b_product", b_product, persistent=False)
         units = _Units()
         bias = torch.zeros(d_model, dtype=torch.float64)
         square_knots = arithmetic.square_knots()
@@ -293,8 +316,22 @@ class ReluMLP(nn.Module):
         self.hook_pre = HookPoint()
         self.hook_post = HookPoint()
 
+    def check_product_inputs(self, h: torch.Tensor) -> None:
+        """ValueError naming mlp_bound if some product's input u + v or u - v (on any token of h
+        `[batch, pos, d_model]`) lies outside [-bound, bound], where its square is not interpolated."""
+        if self.W_product.shape[1] == 0:
+            return
+        largest = float((h.detach() @ self.W_product + self.b_product).abs().amax())
+        if largest > self.bound:
+            raise ValueError(
+                f"mlp='relu': a product's input |u +- v| reached {largest:.4g}, beyond mlp_bound={self.bound:.4g} where its "
+                f"ReLU interpolant of s^2 ends (the product would be wrong): rebuild the model with mlp_bound >= {largest:.4g} "
+                "(richardson_transformer: or with max_support >= the prompts' n_support)"
+            )
+
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         """h `[batch, pos, d_model]` -> update `[batch, pos, d_model]`."""
+        self.check_product_inputs(h)
         hidden = self.hook_post(torch.relu(self.hook_pre(h @ self.W_in + self.b_in)))
         return hidden @ self.W_out + self.b_out
 

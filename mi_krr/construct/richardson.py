@@ -36,9 +36,24 @@ After step t's blocks, alpha = alpha_t and pred = k_*^T alpha_t.
 Arithmetic: mlp="exact" uses idealised product and reciprocal units; mlp="relu" uses ReLU
 interpolants (products accurate while |u +- v| <= mlp_bound, reciprocals on recip_range; the
 reciprocal arguments here lie in [1/2, 1] and [1 / (1 + n), 1]).
+
+The ReLU product bound follows from the row sums. The Gaussian kernel is at most 1, so a prompt
+of n <= max_support support points has 1 + D_* <= 1 + max_support, and izq, the interpolant of
+1 / z_q, is at most (1 + max_support) times the interpolant's overshoot c
+(`ReluArithmetic.reciprocal_overshoot`; 1.0002 at width 256). The product pred = o * izq reads
+|o +- izq| <= |o| + izq with |o| = |pred_t| / (1 + D_*), which over row sums in
+[1, 1 + max_support] peaks at an end; so the default mlp_bound = 2 + c (1 + max_support) covers
+every prompt of at most max_support points whose |pred_t| and |y_i - lam alpha_i| stay within
+max_support + 2 (the other product, dinv * (y - lam alpha), has 0 < dinv <= 2 c - 1).
+recip_range must contain [1 / mlp_bound, 1]: then a row sum beyond the reciprocal's range gives
+izq = 1 / low >= mlp_bound, so |o +- izq| > mlp_bound (unless o = 0, where pred = 0 is right).
+Whatever the prompts, the forward pass raises (naming mlp_bound) as soon as a product's input
+leaves [-mlp_bound, mlp_bound], so relu mode is never silently wrong there.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 
@@ -48,11 +63,32 @@ from mi_krr.construct.transformer import BlockSpec, ConstructedTransformer, Feat
 
 RICHARDSON_SUPPORT_STATES = ("alpha", "dinv", "y")
 RICHARDSON_QUERY_STATES = ("pred", "izq")
+PREDICTION_ROOM = 2.0
+"""What the default mlp_bound adds to the largest row sum: room for |o| = |pred_t| / (1 + D_*)."""
 
 
 def squared_norm(x: torch.Tensor) -> torch.Tensor:
     """|x|^2 `[..., 1]` for `x [..., d]`."""
     return (x * x).sum(-1, keepdim=True)
+
+
+def relu_arithmetic(
+    width: int, bound: float | None, max_support: int, recip_range: tuple[float, float]
+) -> ReluArithmetic:
+    """The ReLU arithmetic of the relu-mode construction: `bound` None gives the default
+    2 + c (1 + max_support), c the reciprocal's overshoot (module docstring). ValueError if
+    recip_range does not contain [1 / bound, 1]."""
+    max_support = check_count("max_support", max_support, minimum=1)
+    arithmetic = ReluArithmetic(width=width, low=recip_range[0], high=recip_range[1])
+    if bound is None:
+        bound = PREDICTION_ROOM + arithmetic.reciprocal_overshoot() * (1 + max_support)
+    arithmetic = dataclasses.replace(arithmetic, bound=bound)
+    if arithmetic.low * arithmetic.bound > 1.0 or arithmetic.high < 1.0:
+        raise ValueError(
+            f"recip_range={tuple(recip_range)} must contain [1 / mlp_bound, 1] = [{1.0 / arithmetic.bound:.4g}, 1] (the sink "
+            "weights 1 / (1 + D) and 1 - z_s it inverts): widen recip_range or lower mlp_bound"
+        )
+    return arithmetic
 
 
 def richardson_transformer(
@@ -63,7 +99,8 @@ def richardson_transformer(
     dim: int = 8,
     mlp: str = "exact",
     mlp_width: int = 256,
-    mlp_bound: float = 10.0,
+    mlp_bound: float | None = None,
+    max_support: int = 32,
     recip_range: tuple[float, float] = (1e-3, 2.0),
     dtype: torch.dtype = torch.float64,
     device: torch.device | str | None = None,
@@ -78,6 +115,9 @@ def richardson_transformer(
         step: w > 0 (converges for w < 2 / mu_max(D^-1 (K + lam I))).
         dim: largest task dimension accepted (smaller tasks are zero-padded).
         mlp: "exact" or "relu"; mlp_width, mlp_bound, recip_range: the ReLU approximation.
+        max_support: with mlp="relu" and mlp_bound None, the most support points a prompt may
+            have: mlp_bound is then derived from it (module docstring). Prompts that need a larger
+            bound raise a ValueError in the forward pass.
         dtype, device: of the weights.
     """
     n_steps = check_count("n_steps", n_steps, minimum=1)
@@ -152,9 +192,7 @@ def richardson_transformer(
             **{name: "query" for name in RICHARDSON_QUERY_STATES},
         },
         arithmetic=mlp,
-        relu=ReluArithmetic(width=mlp_width, bound=mlp_bound, low=recip_range[0], high=recip_range[1])
-        if mlp == "relu"
-        else None,
+        relu=relu_arithmetic(mlp_width, mlp_bound, max_support, recip_range) if mlp == "relu" else None,
         params={"lam": lam, "bandwidth": sigma, "step": step, "kernel": "gaussian", "preconditioner": "rowsum"},
         dtype=dtype,
         device=device,

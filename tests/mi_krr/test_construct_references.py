@@ -65,14 +65,35 @@ def _residual(u, v, off) -> torch.Tensor:
 
 
 def test_relu_product_is_the_numpy_interpolant_of_the_two_squares():
-    """ReLU u v equals (I(u+v) - I(u-v)) / 4 with I NumPy's clamped interpolant of s^2 on linspace(-b, b, width)."""
+    """ReLU u v equals (I(u+v) - I(u-v)) / 4 with I NumPy's interpolant of s^2 on linspace(-b, b, width)."""
     relu = ReluArithmetic(width=9, bound=3.0)
-    grid = np.linspace(-2.5, 2.5, 21)  # |u +- v| up to 5 > bound: the clamped region is covered too
+    grid = np.linspace(-1.5, 1.5, 21)  # |u +- v| up to 3 = bound: the last knots are covered too
     u, v = (a.ravel() for a in np.meshgrid(grid, grid, indexing="ij"))
     got = compile_mlp([Product(OUT, coord(U), coord(V))], 4, "relu", relu)(_residual(u, v, np.ones_like(u))[None])[0, :, OUT]
     knots = np.linspace(-3.0, 3.0, 9)
     expected = (np.interp(u + v, knots, knots**2) - np.interp(u - v, knots, knots**2)) / 4
     np.testing.assert_allclose(got.numpy(), expected, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("u, v", [(2.0, 1.5), (-2.0, 1.5), (0.0, -3.5)])
+def test_relu_product_refuses_inputs_beyond_its_bound_naming_mlp_bound(u, v):
+    """|u + v| or |u - v| = 3.5 > bound 3: the square's interpolant is clamped there (the product
+    would be off by O(1)), so the forward pass raises, naming mlp_bound and the value reached."""
+    mlp = compile_mlp([Product(OUT, coord(U), coord(V))], 4, "relu", ReluArithmetic(width=9, bound=3.0))
+    with pytest.raises(ValueError, match=r"reached 3\.5, beyond mlp_bound=3 .*rebuild the model with mlp_bound >= 3\.5"):
+        mlp(_residual([0.0, u], [0.0, v], [1.0, 1.0])[None])
+
+
+def test_relu_reciprocal_overshoot_is_the_largest_ratio_of_the_interpolant_to_one_over_s():
+    """(r + 1)^2 / (4 r), r the knot ratio, against the maximum of s I(s) over a fine grid, I NumPy's
+    interpolant of 1/s on geomspace(low, high, width)."""
+    for width, low, high in ((8, 1e-3, 2.0), (12, 0.01, 100.0), (256, 1e-3, 2.0)):
+        knots = np.geomspace(low, high, width)
+        s = np.geomspace(low, high, 200_001)
+        largest = (s * np.interp(s, knots, 1 / knots)).max()
+        got = ReluArithmetic(width=width, low=low, high=high).reciprocal_overshoot()
+        np.testing.assert_allclose(got, largest, rtol=1e-8)
+        assert got > 1.0
 
 
 def test_relu_reciprocal_is_the_numpy_interpolant_on_geometric_knots():

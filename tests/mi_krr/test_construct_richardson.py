@@ -10,7 +10,7 @@ import torch
 from mi_krr.construct import richardson_transformer
 from mi_krr.kernels import gaussian_kernel
 from mi_krr.solvers import richardson
-from mi_krr.tasks import GPRegressionSampler
+from mi_krr.tasks import GPRegressionSampler, ICLTask
 
 LAM, BANDWIDTH, STEP = 0.1, 0.6, 1.0
 
@@ -83,6 +83,51 @@ def test_richardson_relu_error_shrinks_with_mlp_width(gp_task, exact_run):
     assert errors[0] > 4 * errors[1] > 16 * errors[2] > 0
 
 
+def coincident_task(n: int, m: int, seed: int = 0) -> ICLTask:
+    """One prompt whose support and query points all sit at one point: every row sum 1 + D is
+    1 + n, the largest a Gaussian kernel (at most 1) allows. Labels N(1, 1), so predictions are O(1)."""
+    g = torch.Generator().manual_seed(seed)
+    return ICLTask(
+        x_support=torch.full((1, n, 2), 0.3, dtype=torch.float64),
+        y_support=1.0 + torch.randn(1, n, generator=g, dtype=torch.float64),
+        x_query=torch.full((1, m, 2), 0.3, dtype=torch.float64),
+        y_query=torch.zeros(1, m, dtype=torch.float64),
+    )
+
+
+def test_relu_richardson_default_bound_covers_the_largest_row_sums_of_max_support_points():
+    """mlp_bound left to its default with max_support = n: on prompts whose row sums are all
+    1 + n (K = the all-ones matrix), the relu construction follows NumPy row-sum Richardson
+    (alpha <- alpha + w D^-1 (y - (K + lam I) alpha), D = n) to 1e-3 of the prediction scale."""
+    n, steps = 20, 4
+    task = coincident_task(n, 3)
+    y = task.y_support[0].numpy()
+    K = np.ones((n, n))
+    alpha, reference = np.zeros(n), [np.zeros(3)]
+    for _ in range(steps):
+        alpha = alpha + STEP * (y - K @ alpha - LAM * alpha) / n
+        reference.append(np.full(3, alpha.sum()))
+    model = richardson_transformer(steps, LAM, BANDWIDTH, STEP, dim=2, mlp="relu", mlp_width=1024, max_support=n)
+    pred = model.step_states(task).pred[0].numpy()
+    np.testing.assert_allclose(pred, np.stack(reference), rtol=0, atol=1e-3 * np.abs(reference).max())
+
+
+def test_relu_richardson_refuses_row_sums_beyond_its_product_bound_naming_mlp_bound():
+    """Built for max_support = 5 (mlp_bound = 2 + 6 c ~ 8), run on 20 coincident points (row sums
+    21): the product o * (1 + D_*) would leave its interpolant's range, so the forward pass raises."""
+    model = richardson_transformer(2, LAM, BANDWIDTH, STEP, dim=2, mlp="relu", max_support=5)
+    with pytest.raises(ValueError, match=r"beyond mlp_bound=8\.0.*rebuild the model with mlp_bound >= .*max_support"):
+        model.step_states(coincident_task(20, 3))
+
+
+@pytest.mark.parametrize("recip_range", [(0.1, 2.0), (1e-3, 0.9)])
+def test_relu_richardson_refuses_a_reciprocal_range_short_of_its_row_sums(recip_range):
+    """recip_range must contain [1 / mlp_bound, 1] (default mlp_bound ~ 35 for max_support = 32):
+    (0.1, 2) misses 1 / 35, (1e-3, 0.9) misses 1."""
+    with pytest.raises(ValueError, match=r"recip_range=.* must contain \[1 / mlp_bound, 1\]"):
+        richardson_transformer(2, LAM, BANDWIDTH, STEP, dim=2, mlp="relu", recip_range=recip_range)
+
+
 @pytest.mark.parametrize(
     "kwargs, argument",
     [
@@ -91,6 +136,7 @@ def test_richardson_relu_error_shrinks_with_mlp_width(gp_task, exact_run):
         ({"bandwidth": -1.0}, "bandwidth"),
         ({"step": 0.0}, "step"),
         ({"mlp": "tanh"}, "mlp"),
+        ({"mlp": "relu", "max_support": 0}, "max_support"),
     ],
 )
 def test_richardson_transformer_rejects_bad_arguments_naming_them(kwargs, argument):

@@ -182,14 +182,18 @@ def test_construct_cg_relu_mlp_is_numpy_cg_with_the_interpolated_reciprocal(widt
 def test_construct_richardson_relu_mlp_width_is_numpy_richardson_with_interpolated_arithmetic(capsys):
     """richardson --mlp relu --mlp-width 12: the printed columns are those of NumPy row-sum
     Richardson whose products u v are (S(u + v) - S(u - v)) / 4 with S the 12-knot interpolant
-    of s^2 on [-10, 10], and whose reciprocals are the 12-knot interpolant of 1/s on [1e-3, 2]
-    (dinv = 1 / (1 - z) - 1 with z = 1 / (1 + D), pred = o * (1 / z_*) with o = k_*^T alpha z_*)."""
+    of s^2 on [-b, b], b = 2 + c (1 + n) (n = --n-support, c = (r + 1)^2 / (4 r) the reciprocal's
+    overshoot, r = 2000^(1/11) its knot ratio), and whose reciprocals are the 12-knot interpolant
+    of 1/s on [1e-3, 2] (dinv = 1 / (1 - z) - 1 with z = 1 / (1 + D), pred = o * (1 / z_*) with
+    o = k_*^T alpha z_*)."""
     steps, lam, step, bandwidth, dim, n, m, batch, seed, width = 3, 0.1, 0.5, 0.8, 2, 6, 3, 2, 2, 12
     assert main(["construct", "richardson", "--mlp", "relu", "--mlp-width", str(width), "--steps", str(steps), "--lam", str(lam),
                  "--step", str(step), "--bandwidth", str(bandwidth), "--dim", str(dim), "--n-support", str(n), "--n-query", str(m),
                  "--batch", str(batch), "--seed", str(seed)]) == 0
     table = parse_construct_table(capsys.readouterr().out)
-    reciprocal, square = recip_interpolant(1e-3, 2.0, width), square_interpolant(10.0, width)
+    ratio = (2.0 / 1e-3) ** (1 / (width - 1))
+    bound = 2 + (ratio + 1) ** 2 / (4 * ratio) * (1 + n)
+    reciprocal, square = recip_interpolant(1e-3, 2.0, width), square_interpolant(bound, width)
 
     def product(u, v):
         return (square(u + v) - square(u - v)) / 4
@@ -216,6 +220,16 @@ def test_construct_richardson_relu_mlp_width_is_numpy_richardson_with_interpolat
     assert vs_solver[1:].min() > 1e-4
     np.testing.assert_allclose(table[:, 1], vs_solver, rtol=3e-3, atol=1e-12)
     np.testing.assert_allclose(table[:, 2], relative_errors_to_krr(relu, exact), rtol=3e-3)
+
+
+def test_construct_richardson_relu_at_its_defaults_follows_the_solver(capsys):
+    """`mi-krr construct richardson --mlp relu` with every other option at its default (d = 4,
+    n = 16, bandwidth 1, width 256): its products are sized for the prompts' row sums (up to
+    1 + n), so the printed |model - solver| stays below 1e-2 of max |KRR| at every step (it was
+    ~1.1 with a fixed bound of 10, under the largest row sums)."""
+    assert main(["construct", "richardson", "--mlp", "relu"]) == 0
+    table = parse_construct_table(capsys.readouterr().out)
+    assert table.shape[0] == 11 and table[:, 1].max() < 1e-2
 
 
 # ---- the CG construction's aggregator state ------------------------------------------------------

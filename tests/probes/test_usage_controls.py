@@ -193,12 +193,11 @@ def test_randomly_initialised_models_of_several_architectures_are_never_identifi
 # findings (xfail: they check the correct behaviour)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: richardson_transformer(mlp='relu') keeps mlp_bound=10 while its product o * (1 + D_*) "
-                   "needs 2 + max(1 + D_*) (up to n + 3): O(1) errors at any mlp_width on the shipped GP prompts")
 def test_relu_richardson_construction_tracks_rowsum_richardson_with_its_default_mlp_bound():
     """GP prompts of the shipped softmax_gp model (d = 2, bandwidth 0.5, n = 24): a query's row sum
-    1 + D_* exceeds 10 here. With mlp_width = 1024 the ReLU construction must follow NumPy row-sum
-    Richardson to ~1e-2 of the prediction scale (it does with mlp_bound = 2 + max(1 + D_*))."""
+    1 + D_* exceeds 10 here. With mlp_width = 1024 and mlp_bound left to its default (derived from
+    max_support = 32 >= n) the ReLU construction must follow NumPy row-sum Richardson to ~1e-2 of
+    the prediction scale (a fixed default of 10 gave O(1) errors at any width)."""
     bandwidth, lam = 0.5, 0.04
     task = GPRegressionSampler(2, kernel="gaussian", bandwidth=bandwidth, noise_std=0.2).sample(8, 24, 8, seed=0)
     x, xq, y = numpy_tensors(task)
