@@ -107,14 +107,19 @@ def test_causal_outputs_do_not_change_when_later_tokens_change(layout, causal):
         assert not torch.allclose(out[:, position], base[:, position])
 
 
+def assert_prefix_equals_queries_from_first_pairs(model, task, prefix):
+    """prefix[:, i] (i >= 1) equals the model's query prediction at x_i from the first i pairs."""
+    for i in range(1, task.n_support):
+        truncated = ICLTask(task.x_support[:, :i], task.y_support[:, :i], task.x_support[:, i : i + 1], task.y_support[:, i : i + 1])
+        torch.testing.assert_close(prefix[:, i], model.predict(truncated)[:, 0], rtol=1e-12, atol=1e-12)
+
+
 def test_interleaved_prefix_prediction_i_equals_query_prediction_from_first_i_pairs():
     model = make_model(layout="interleaved")
     task = make_task(n=5)
     prefix = model.prefix_predictions(task)
     assert prefix.shape == (2, 5)
-    for i in range(1, 5):
-        truncated = ICLTask(task.x_support[:, :i], task.y_support[:, :i], task.x_support[:, i : i + 1], task.y_support[:, i : i + 1])
-        torch.testing.assert_close(prefix[:, i], model.predict(truncated)[:, 0], rtol=1e-12, atol=1e-12)
+    assert_prefix_equals_queries_from_first_pairs(model, task, prefix)
     scored = model.training_predictions(task)
     assert torch.equal(scored.pred, prefix) and torch.equal(scored.target, task.y_support)
     torch.testing.assert_close(scored.mse(), ((prefix - task.y_support) ** 2).mean())
@@ -128,9 +133,7 @@ def test_interleaved_prefix_predictions_fill_the_positions_and_one_more_pair_is_
     task = make_task(n=6)
     prefix = model.prefix_predictions(task)
     assert prefix.shape == (2, 6)
-    for i in range(1, 6):
-        truncated = ICLTask(task.x_support[:, :i], task.y_support[:, :i], task.x_support[:, i : i + 1], task.y_support[:, i : i + 1])
-        torch.testing.assert_close(prefix[:, i], model.predict(truncated)[:, 0], rtol=1e-12, atol=1e-12)
+    assert_prefix_equals_queries_from_first_pairs(model, task, prefix)
     assert torch.equal(model.training_predictions(task).pred, prefix)
     message = r"^the interleaved support sequence x_1, y_1, \.\.\., x_n, y_n for n_support=7 has 14 tokens, more than this model's max_seq_len=12"
     for method in (model.prefix_predictions, model.training_predictions):
