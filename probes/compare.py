@@ -162,11 +162,11 @@ TABLE_HEADER = ("model", "task set", "best algorithm", "path R2 [95% CI]", "iden
 
 def table_cells(row: SummaryRow) -> tuple[str, ...]:
     """One row's cells as text, in `TABLE_HEADER` order (interval and distances "-" where not
-    computed)."""
+    computed; the best algorithm "-" where every candidate's path R2 is -inf)."""
     return (
         row.model,
         row.task_set,
-        row.best,
+        row.best if row.score > -math.inf else "-",  # every candidate -inf (or NaN): none is best
         f"{row.score:.4f} {interval_text(row.score_ci, 3)}",
         "yes" if row.identified else "no",
         *("-" if math.isnan(distance) else f"{distance:.3f}" for distance in (row.exp_distance, row.gaussian_distance)),

@@ -224,7 +224,10 @@ def _message(best, top, runner_up, gap, gap_ci, equivalent, agreement_row, names
     """The verdict as a few sentences (enough: whether the n_prompts prompts and the resamples
     are enough for a verdict; withheld: why no verdict may be drawn, or None)."""
     ci = f"[{top.score_ci[0]:.4f}, {top.score_ci[1]:.4f}]" if has_intervals else "(no bootstrap interval)"
-    lines = [f"Best: {best}, path R2 {top.score:.4f} {ci}."]
+    if not top.score > -np.inf:  # every candidate -inf or NaN: "best" is only the first listed
+        lines = [f"Best: none: every candidate's path R2 is -inf or undefined ({best} is listed first)."]
+    else:
+        lines = [f"Best: {best}, path R2 {top.score:.4f} {ci}."]
     if runner_up is not None:
         interval = f" [{gap_ci[0]:+.4f}, {gap_ci[1]:+.4f}] (paired bootstrap)" if has_intervals else ""
         gap_text = "undefined (both path R2 -inf)" if np.isnan(gap) else f"{gap:+.4f}"

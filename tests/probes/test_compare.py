@@ -76,7 +76,7 @@ def test_dataframe_and_table_carry_every_row(comparison):
     assert lines[0].split()[:3] == ["model", "task", "set"] and set(lines[1]) <= {"-", " "}
     for line, row in zip(lines[2:], result.rows, strict=True):
         fields = line.split()
-        assert fields[:3] == [row.model, row.task_set, row.best]
+        assert fields[:3] == [row.model, row.task_set, row.best if row.score > -math.inf else "-"]  # -inf: no best
         assert float(fields[3]) == pytest.approx(row.score, abs=5e-5)
         assert fields[6] == ("yes" if row.identified else "no")
         for field, distance in zip(fields[7:9], (row.exp_distance, row.gaussian_distance)):
@@ -119,7 +119,7 @@ def expected_cells(task_set):
     best = max(task_set.scores.values(), key=lambda score: score.score)
     distances = ["-" if math.isnan(value) else f"{value:.3f}" for value in (expected_kernel_distance(task_set, k) for k in ("exp", "gaussian"))]
     steps = " ".join(f"{layer}:{step}" for layer, step in zip(best.layers, best.aligned_steps) if layer > 0)
-    return [task_set.name, best.algorithm, f"{best.score:.4f} [{best.score_ci[0]:.3f}, {best.score_ci[1]:.3f}]",
+    return [task_set.name, best.algorithm if best.score > -math.inf else "-", f"{best.score:.4f} [{best.score_ci[0]:.3f}, {best.score_ci[1]:.3f}]",
             "yes" if task_set.verdict.identified else "no", *distances, steps]
 
 
