@@ -29,7 +29,7 @@ def as_float64(name: str, value: Any, min_dim: int = 0) -> torch.Tensor:
     if tensor.dim() < min_dim:
         raise ValueError(f"{name} must have at least {min_dim} dimensions, got shape {tuple(tensor.shape)}")
     if not _all_finite(tensor.detach()):
-        raise ValueError(f"{name} contains NaN or inf: clean or mask those entries before calling")
+        raise ValueError(f"{name} contains NaN or inf: replace those entries with finite values before calling (every entry is read)")
     return tensor
 
 

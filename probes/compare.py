@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Mapping
 
 import numpy as np
 
-from probes.report import interval_text
+from probes.report import UNIFORM_MARK, distance_text, interval_text
 
 if TYPE_CHECKING:
     from probes.diagnose import Diagnosis, TaskSetDiagnosis
@@ -44,6 +44,9 @@ class SummaryRow:
             best head per layer, mean over layers (NaN when the alignment was skipped, e.g. for
             linear attention, whose pattern is not a row-normalised kernel).
         gaussian_distance: the same for the fitted Gaussian kernel.
+        exp_uniform, gaussian_uniform: whether some layer's best head for that kernel is fitted
+            as uniform attention (scale inf), so the mean includes a distance to mean pooling;
+            the tables mark such distances with `UNIFORM_MARK`.
     """
 
     model: str
@@ -55,6 +58,8 @@ class SummaryRow:
     identified: bool
     exp_distance: float
     gaussian_distance: float
+    exp_uniform: bool = False
+    gaussian_uniform: bool = False
 
 
 @dataclass
@@ -133,6 +138,13 @@ def kernel_distance(result: "TaskSetDiagnosis", kernel: str = "exp") -> float:
     return float(best.mean()) if best.size else math.nan
 
 
+def has_uniform_best_head(result: "TaskSetDiagnosis", kernel: str = "exp") -> bool:
+    """Whether some layer's best head for `kernel` is fitted as uniform attention (scale inf;
+    False without an alignment for that kernel)."""
+    alignment = result.kernel_alignment
+    return alignment is not None and kernel in alignment.metrics and bool(alignment.uniform_best_heads(kernel).any())
+
+
 def summary_rows(model_name: str, diagnosis: "Diagnosis") -> list[SummaryRow]:
     """One `SummaryRow` per task set of `diagnosis`."""
     rows = []
@@ -150,6 +162,8 @@ def summary_rows(model_name: str, diagnosis: "Diagnosis") -> list[SummaryRow]:
                 identified=bool(result.verdict.identified),
                 exp_distance=kernel_distance(result),
                 gaussian_distance=kernel_distance(result, "gaussian"),
+                exp_uniform=has_uniform_best_head(result),
+                gaussian_uniform=has_uniform_best_head(result, "gaussian"),
             )
         )
     return rows
@@ -159,23 +173,30 @@ TABLE_HEADER = ("model", "task set", "best algorithm", "path R2 [95% CI]", "iden
                 "best-step map (layer:step)")
 """Column titles of `format_table` and `format_html`, in `table_cells` order."""
 
+UNIFORM_NOTE = (f"{UNIFORM_MARK}: some layer's best head is fitted as uniform attention (scale inf): the mean includes a distance to "
+                "mean pooling, not to a kernel that ranks the keys")
+"""The footnote `format_table` and `format_html` add when a distance carries `UNIFORM_MARK`."""
+
 
 def table_cells(row: SummaryRow) -> tuple[str, ...]:
     """One row's cells as text, in `TABLE_HEADER` order (interval and distances "-" where not
-    computed; the best algorithm "-" where every candidate's path R2 is -inf)."""
+    computed, distances marked `UNIFORM_MARK` where a best head is uniform; the best algorithm "-"
+    where every candidate's path R2 is -inf)."""
     return (
         row.model,
         row.task_set,
         row.best if row.score > -math.inf else "-",  # every candidate -inf (or NaN): none is best
         f"{row.score:.4f} {interval_text(row.score_ci, 3)}",
         "yes" if row.identified else "no",
-        *("-" if math.isnan(distance) else f"{distance:.3f}" for distance in (row.exp_distance, row.gaussian_distance)),
+        distance_text(row.exp_distance, row.exp_uniform),
+        distance_text(row.gaussian_distance, row.gaussian_uniform),
         row.step_map,
     )
 
 
 def format_table(rows: list[SummaryRow]) -> str:
-    """The rows as a fixed-width text table (also valid inside a Markdown code block)."""
+    """The rows as a fixed-width text table (also valid inside a Markdown code block), then
+    `UNIFORM_NOTE` if a distance is marked uniform."""
     cells = [table_cells(row) for row in rows]
     widths = [max(len(line[i]) for line in [TABLE_HEADER, *cells]) for i in range(len(TABLE_HEADER) - 1)]
     lines = []
@@ -183,18 +204,27 @@ def format_table(rows: list[SummaryRow]) -> str:
         lines.append("  ".join(value.ljust(width) for value, width in zip(line, widths)) + "  " + line[-1])
         if line is TABLE_HEADER:
             lines.append("  ".join("-" * width for width in widths) + "  " + "-" * len(TABLE_HEADER[-1]))
+    if _any_uniform(rows):
+        lines.append(UNIFORM_NOTE)
     return "\n".join(lines)
 
 
+def _any_uniform(rows: list[SummaryRow]) -> bool:
+    """Whether some row's distance is marked `UNIFORM_MARK`."""
+    return any(row.exp_uniform or row.gaussian_uniform for row in rows)
+
+
 def format_html(rows: list[SummaryRow], with_model: bool = True) -> str:
-    """The rows as an HTML table (what a notebook shows for a `Comparison` or a `Diagnosis`);
-    `with_model=False` leaves out the model column (one model's task sets)."""
+    """The rows as an HTML table (what a notebook shows for a `Comparison` or a `Diagnosis`), then
+    `UNIFORM_NOTE` if a distance is marked uniform; `with_model=False` leaves out the model
+    column (one model's task sets)."""
     first = 0 if with_model else 1
     header = "".join(f"<th>{html.escape(title)}</th>" for title in TABLE_HEADER[first:])
     body = "".join(
         "<tr>" + "".join(f"<td>{html.escape(cell)}</td>" for cell in table_cells(row)[first:]) + "</tr>" for row in rows
     )
-    return f"<table><thead><tr>{header}</tr></thead><tbody>{body}</tbody></table>"
+    note = f"<p>{html.escape(UNIFORM_NOTE)}</p>" if _any_uniform(rows) else ""
+    return f"<table><thead><tr>{header}</tr></thead><tbody>{body}</tbody></table>{note}"
 
 
 def plot_overview(rows: list[SummaryRow]):

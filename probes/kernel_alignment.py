@@ -4,8 +4,9 @@ Softmax attention applies the row-normalised kernel D^-1 K of K = exp(q . k / sq
 head is compared with a reference kernel only after the same normalisation: both matrices are
 restricted to the support keys each row may see under the model's structural mask (where the
 model has none, e.g. the constructions' per-head masks, the head's nonzero pattern entries) and
-each row is scaled to sum to one. References: the exponential kernel
-exp(x . x' / tau) and the Gaussian kernel exp(-|x - x'|^2 / (2 sigma^2)) (`mi_krr.kernels`
+each row is scaled to sum to one. A row with no weight on any support key (all of it on its own
+token, a y token or a sink) has no pattern over them and is left out of the fit and the metrics.
+References: the exponential kernel exp(x . x' / tau) and the Gaussian kernel exp(-|x - x'|^2 / (2 sigma^2)) (`mi_krr.kernels`
 conventions), on the raw inputs or a given representation, with tau / sigma fitted per layer and
 head (one value pooled over prompts).
 
@@ -19,7 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -40,8 +41,9 @@ CENTRED_RESIDUE = 1e-12
 uncentred norm: the rest is rounding residue, which grows with the entries a mean runs over
 (measured: ~1e-16 for a [1, n] block, ~2e-14 for 1000 identical rows), while a real spread
 (e.g. float32 attention that is not exactly uniform, ~1e-7) lies far above. Used for the
-double-centred matrices CKA compares (`alignment_metrics`) and for the row-centred similarity a
-scale is fitted to (`fit_inverse_scale`)."""
+double-centred matrices CKA compares (`alignment_metrics`), for the row-centred similarity a
+scale is fitted to (`fit_inverse_scale`), and for the product of row-centred log attention and
+similarity that log_lstsq's slope divides (uniform attention: residue, so beta = 0)."""
 
 
 @dataclass
@@ -51,13 +53,20 @@ class KernelAlignment:
     Attributes:
         block: "query" (query x support rows) or "support" (support x support).
         scale: per kernel, the fitted parameter `[layer, head]`: temperature tau for "exp",
-            bandwidth sigma for "gaussian" (inf: the best reference is uniform over the keys,
-            always so where the similarity is constant over each row's keys, e.g. identical
-            support points or, for "exp", queries at 0; NaN: fit="log_lstsq" found the head
-            anti-aligned with the kernel, beta < 0).
+            bandwidth sigma for "gaussian". inf: the best reference is uniform over the keys
+            (the head attends uniformly, or at least no kernel is closer), always so where the
+            similarity is constant over each row's keys, e.g. identical support points or, for
+            "exp", queries at 0. NaN: the head puts no weight on this block's support keys from
+            any row (no row to fit), or fit="log_lstsq" found it anti-aligned with the kernel
+            (beta < 0) or had no two keys of distinct similarity with a weight in any row
+            (one-hot attention: no logs to regress).
         metrics: per kernel, per metric (`METRICS`), the mean over prompts `[layer, head]`
             (NaN-ignoring: row Spearman is undefined on rows that see one key, CKA on prompts
             whose block double centring removes: one row, identical rows, a uniform reference).
+            Each compares the attention with the reference at the fitted scale, or at tau =
+            sigma = inf (uniform) for an anti-aligned head: no exp(beta * S) with beta < 0 is a
+            kernel of this family. NaN for a head whose scale is NaN for want of rows or logs
+            to fit; per prompt, also NaN where no row of that prompt has weight on the keys.
         per_prompt: the same per prompt `[batch, layer, head]`.
     """
 
@@ -90,6 +99,14 @@ class KernelAlignment:
         best = finite[np.arange(len(head)), head]
         missing = ~np.isfinite(best)
         return np.where(missing, -1, head), np.where(missing, np.nan, best)
+
+    def uniform_best_heads(self, kernel: str) -> np.ndarray:
+        """Per layer, whether the head `best_heads(kernel)` picks has a fitted scale of inf, bool
+        `[layer]` (False for a layer without a best head): its closest reference is uniform over
+        the keys, so its distance is one to mean pooling, not to a kernel that ranks the keys."""
+        head, _ = self.best_heads(kernel)
+        scale = np.asarray(self.scale[kernel].cpu(), dtype=np.float64)  # [layer, head]
+        return (head >= 0) & np.isinf(scale[np.arange(len(head)), np.maximum(head, 0)])
 
     def plot(self, title: str = "attention"):
         """Heatmaps of every metric per block and head (`probes.plots.plot_alignment`)."""
@@ -126,8 +143,9 @@ def kernel_alignment(
             query features `[batch, n_query, p]`) to evaluate the reference kernels on.
         block: "query" compares query x support rows, "support" support x support rows.
         fit: "distance" (1-d bounded minimisation of the squared Frobenius distance, in log
-            scale) or "log_lstsq" (least squares on row-centred log-similarities; exact when the
-            attention is exactly a row-normalised kernel).
+            scale) or "log_lstsq" (least squares on row-centred log-similarities over the weights
+            that are normal numbers in the attention's dtype; exact when the attention is exactly
+            a row-normalised kernel).
         attention: the model's `attention_kernels(model, task)` (source "pattern") when already
             read, e.g. by `diagnose`'s single streaming pass; None reads it here (one forward).
             Only the block compared is needed (the other may be None).
@@ -152,6 +170,7 @@ def kernel_alignment(
             f"attention's {block} block is [batch, L, H, rows, keys] = {tuple(pattern.shape)}, but this task needs "
             f"batch, rows, keys = {expected}: pass the attention_kernels of this task (or attention=None)"
         )
+    smallest_normal = _smallest_normal(pattern)
     pattern = as_float64("attention pattern", pattern)
     if (pattern < 0).any():
         raise ValueError(
@@ -160,12 +179,14 @@ def kernel_alignment(
         )
     support_x, query_x = _representation(task, representation)
     rows_x = query_x if block == "query" else support_x
-    keys = _visible_keys(pattern, allowed)  # [B, L, H, r, n]
-    attn = pattern / pattern.sum(dim=-1, keepdim=True).clamp_min(1e-300)
+    support_share = pattern.sum(dim=-1, keepdim=True)  # [B, L, H, r, 1]
+    keys = _visible_keys(pattern, allowed, support_share)  # [B, L, H, r, n]
+    attn = pattern / support_share.clamp_min(1e-300)
+    min_weight = smallest_normal / support_share  # attn below it: the model's weight was subnormal or 0
     similarities = {
         kernel: log_similarity(kernel, rows_x.to(attn.device), support_x.to(attn.device))[:, None, None] for kernel in kernels
     }
-    betas = {kernel: fit_inverse_scale(attn, similarity, keys, fit) for kernel, similarity in similarities.items()}  # [L, H]
+    betas = {kernel: fit_inverse_scale(attn, similarity, keys, fit, min_weight) for kernel, similarity in similarities.items()}
     per_prompt = _alignment_per_prompt(attn, keys, similarities, betas)
     metrics = {kernel: {name: torch.nanmean(value, dim=0) for name, value in values.items()} for kernel, values in per_prompt.items()}
     scale = {}
@@ -175,10 +196,13 @@ def kernel_alignment(
     return KernelAlignment(block=block, scale=scale, metrics=metrics, per_prompt=per_prompt)
 
 
-def _visible_keys(pattern: torch.Tensor, allowed: torch.Tensor | None) -> torch.Tensor:
+def _visible_keys(pattern: torch.Tensor, allowed: torch.Tensor | None, support_share: torch.Tensor) -> torch.Tensor:
     """The support keys each row may see, bool like pattern `[B, L, H, r, n]`: the model's
-    structural mask `allowed` `[r, n]` broadcast (no copy), or, where the model has none, the
-    pattern's nonzero entries (then a softmax weight that underflowed to 0 counts as masked).
+    structural mask `allowed` `[r, n]` broadcast (no copy where every row has weight on some key)
+    less the rows whose `support_share` (pattern summed over the keys `[B, L, H, r, 1]`) is 0
+    (nothing to compare: their weight lies on non-support tokens), or, where the model has none,
+    the pattern's nonzero entries (then a softmax weight that underflowed to 0 counts as masked,
+    and such rows have no keys either).
     A pattern with weight on a key `allowed` blocks is refused (the mask misstates the model's)."""
     if allowed is None:
         return pattern > 0
@@ -193,7 +217,15 @@ def _visible_keys(pattern: torch.Tensor, allowed: torch.Tensor | None) -> torch.
             "attention puts weight on support keys that the model's allowed_attention(prompt) blocks: the model's "
             "allowed_attention must return the mask its attention applies (True where a token may attend)"
         )
-    return keys
+    silent = support_share == 0  # [B, L, H, r, 1]
+    return keys & ~silent if bool(silent.any()) else keys
+
+
+def _smallest_normal(pattern: Any) -> float:
+    """The smallest normal number of the pattern's floating dtype (float64's for other input):
+    a weight below it has lost its relative precision (subnormal) or underflowed to 0."""
+    dtype = getattr(pattern, "dtype", None)
+    return torch.finfo(dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else torch.float64).tiny
 
 
 def reference_kernel_names(kernels: Any) -> tuple[str, ...]:
@@ -211,19 +243,25 @@ def reference_kernel_names(kernels: Any) -> tuple[str, ...]:
 
 def _alignment_per_prompt(attn, keys, similarities, betas) -> dict[str, dict[str, torch.Tensor]]:
     """`alignment_metrics` of attn `[B, L, H, r, n]` against each kernel's reference at its fitted
-    beta, built and compared a chunk of prompts at a time (the attention's side prepared once per
-    chunk for every kernel) -> kernel -> metric -> `[B, L, H]`. A reference row orders its keys
-    as the similarity does (exp(beta * S) increases with S), so the similarity's order, found
-    once for all heads, is tried first for its row ranks (`_sorted` checks it)."""
+    beta `[L, H]` clamped to >= 0 (beta < 0, an anti-aligned head, is no kernel of the family:
+    its closest member is uniform, beta = 0), built and compared a chunk of prompts at a time (the
+    attention's side prepared once per chunk for every kernel) -> kernel -> metric -> `[B, L, H]`,
+    NaN where beta is. A reference row orders its keys as the similarity does (exp(beta * S)
+    increases with S), so the similarity's order, found once for all heads, is tried first for
+    its row ranks (`_sorted` checks it)."""
     visible = _head_invariant(keys)
     row_orders = {kernel: _sorted(torch.where(visible, similarity, math.inf))[0] for kernel, similarity in similarities.items()}
+    admissible = {kernel: beta.clamp_min(0.0).nan_to_num(0.0)[:, :, None, None] for kernel, beta in betas.items()}
     parts = {kernel: [] for kernel in similarities}
     for chunk in _prompt_chunks(attn):
         attn_side = _ComparisonTerms.of(attn[chunk], keys[chunk])
         for kernel, similarity in similarities.items():
-            reference = row_normalised_kernel(betas[kernel][:, :, None, None] * similarity[chunk], keys[chunk])
+            reference = row_normalised_kernel(admissible[kernel] * similarity[chunk], keys[chunk])
             parts[kernel].append(_compare(attn_side, _ComparisonTerms.of(reference, keys[chunk], row_orders[kernel][chunk])))
-    return {kernel: {name: torch.cat([part[name] for part in chunks]) for name in METRICS} for kernel, chunks in parts.items()}
+    return {
+        kernel: {name: torch.cat([part[name] for part in chunks]).masked_fill(betas[kernel].isnan(), torch.nan) for name in METRICS}
+        for kernel, chunks in parts.items()
+    }
 
 
 def _representation(task: ICLTask, representation: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -306,33 +344,55 @@ def _summed_over_prompts(
     return totals
 
 
-def fit_inverse_scale(attn: torch.Tensor, similarity: torch.Tensor, keys: torch.Tensor, fit: str = "distance") -> torch.Tensor:
+def fit_inverse_scale(
+    attn: torch.Tensor,
+    similarity: torch.Tensor,
+    keys: torch.Tensor,
+    fit: str = "distance",
+    min_weight: float | torch.Tensor = torch.finfo(torch.float64).tiny,
+) -> torch.Tensor:
     """Fit beta per layer and head so row-normalised exp(beta * similarity) matches `attn`.
 
     attn `[B, L, H, r, n]` (rows sum to one over `keys`), similarity broadcastable to it, keys
-    bool like attn -> beta `[L, H]` (pooled over prompts and rows). A head whose similarity is
-    constant over each row's keys (its row-centred similarity, pooled, at most `CENTRED_RESIDUE`
-    of the similarity's norm) has a reference that is uniform over the keys at every beta: beta = 0.
-    Otherwise, "log_lstsq": least squares of row-centred log attn on row-centred similarity
-    (through the origin). "distance": the mean squared Frobenius distance minimised over log
-    beta within `LOG_SCALE_HALF_WIDTH` of the log_lstsq value (of 1 / the RMS of the centred
-    similarity where that value is <= 0), from the best point of a grid by safeguarded Newton
-    steps with the exact first and second derivatives; then beta = 0 (uniform over the keys) if
-    that is at least as close. The log_lstsq beta may be < 0 (attention anti-aligned with the
-    kernel); "distance" gives beta >= 0.
+    bool like attn -> beta `[L, H]` (pooled over prompts and rows; NaN for a head with no key in
+    any row). min_weight: a float, or a tensor broadcastable to attn (e.g. per row
+    `[B, L, H, r, 1]`). A head whose similarity is constant over each row's keys
+    (`_discriminates`) has a reference that is uniform over the keys at every beta: beta = 0.
+    Otherwise, "log_lstsq":
+    least squares of row-centred log attn on row-centred similarity (through the origin) over the
+    weights of at least `min_weight` (an underflowed or subnormal weight's log says nothing of the
+    similarity), both centred over those keys (`_log_lstsq_beta`). "distance": the mean squared
+    Frobenius distance minimised over log beta within `LOG_SCALE_HALF_WIDTH` of the log_lstsq value
+    (of 1 / the RMS of the centred similarity where that value is not > 0), from the best point
+    of a grid by safeguarded Newton steps with the exact first and second derivatives; then beta
+    = 0 (uniform over the keys) if that is at least as close. The log_lstsq beta may be < 0
+    (attention anti-aligned with the kernel) or NaN (no logs to regress); "distance" gives beta >= 0.
     """
     similarity, keys = _head_invariant(similarity.expand_as(attn)), _head_invariant(keys)
-    numerator, sim_square, size_square, n_keys = _summed_over_prompts(_log_lstsq_terms, (attn, similarity, keys))
-    discriminates = (sim_square > CENTRED_RESIDUE**2 * size_square).expand_as(numerator)  # [L, H]; sim_square > 0 there
-    beta = torch.where(discriminates, numerator / sim_square, 0.0)
-    if fit == "log_lstsq" or not bool(discriminates.any()):
-        return beta
-    spread = sim_square.div(n_keys).sqrt()
-    centre = torch.where(beta > 0, beta.log(), -spread.log())  # [L, H]
+    kept = keys & (attn >= min_weight)  # [B, L, H, r, n]
+    sums = _LogFitSums(*_summed_over_prompts(_log_fit_sums, (attn, similarity, keys, kept)))
+    discriminates = _discriminates(sums.centred_similarity_square, sums.similarity_square).expand_as(sums.cross)  # [L, H]
+    beta = torch.where(discriminates, _log_lstsq_beta(sums), 0.0)
+    if fit == "distance" and bool(discriminates.any()):
+        beta = _distance_fit(attn, similarity, keys, beta, sums, discriminates)
+    return torch.where(sums.key_count > 0, beta, torch.nan)
+
+
+def _distance_fit(attn, similarity, keys, log_lstsq_beta, sums: _LogFitSums, discriminates: torch.Tensor) -> torch.Tensor:
+    """`fit_inverse_scale`'s "distance" beta `[L, H]` (0 where the similarity does not
+    discriminate), searched around the log_lstsq beta `[L, H]`. The Newton steps start from the
+    grid's best point or, where the exact distance is smaller there, the search's centre: the
+    grid's expanded form cannot rank points whose distance lies below its rounding (a sharp head
+    that is exactly a kernel), and Newton steps crawl across a distance that falls doubly
+    exponentially in log beta (~1 / (beta * similarity gap) per step)."""
+    spread = sums.centred_similarity_square.div(sums.key_count).sqrt()
+    centre = torch.where(log_lstsq_beta > 0, log_lstsq_beta.log(), -spread.log())  # [L, H]
     centre = torch.where(discriminates, centre, centre[discriminates].min())  # the rest: beta = 0 whatever the search finds
     low, high = centre - LOG_SCALE_HALF_WIDTH, centre + LOG_SCALE_HALF_WIDTH
+    distance = _distance_in_log_scale(attn, similarity, keys)
     start = _grid_minimum(attn, similarity, keys, low, high)
-    log_beta, loss = _newton_minimum(_distance_in_log_scale(attn, similarity, keys), start, low, high)
+    start = torch.where(distance(centre)[0] < distance(start)[0], centre, start)  # [L, H]
+    log_beta, loss = _newton_minimum(distance, start, low, high)
     uniform_loss = _summed_over_prompts(_uniform_distance, (attn, keys))[0] / attn.shape[0]
     return torch.where(discriminates & (loss < uniform_loss), log_beta.exp(), 0.0)
 
@@ -360,18 +420,62 @@ def _head_invariant(value: torch.Tensor) -> torch.Tensor:
     return first if broadcast or torch.equal(value, first.expand_as(value)) else value
 
 
-def _log_lstsq_terms(attn: torch.Tensor, similarity: torch.Tensor, keys: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """Sums over prompts and rows for the log_lstsq fit: (log attn . centred similarity,
-    |centred similarity|^2, |similarity|^2, number of keys), each `[L, H]` (or `[1, 1]` where
-    head-invariant), over the keys. The similarity is centred over each row's keys, so centring
-    log attn too would add nothing."""
+class _LogFitSums(NamedTuple):
+    """Sums over prompts and rows that both fits start from, each `[L, H]` (or `[1, 1]` where
+    head-invariant). Over each row's keys: their number, |similarity|^2 and |row-centred
+    similarity|^2. Over its kept keys (weight >= min_weight), both centred over them: row-centred
+    log attn . similarity (`cross`), |similarity|^2 and |uncentred log attn|^2."""
+
+    key_count: torch.Tensor
+    similarity_square: torch.Tensor
+    centred_similarity_square: torch.Tensor
+    cross: torch.Tensor
+    kept_similarity_square: torch.Tensor
+    log_square: torch.Tensor
+
+
+def _log_fit_sums(attn: torch.Tensor, similarity: torch.Tensor, keys: torch.Tensor, kept: torch.Tensor) -> _LogFitSums:
+    """`_LogFitSums` of attn `[b, L, H, r, n]`, similarity, keys and kept (the keys whose weight
+    log_lstsq reads) broadcastable to it, pooled over prompts and rows. Centring the log attn as
+    well as the similarity (which alone would do in exact arithmetic) removes the rounding residue
+    that a row's mean log weight times the similarity's centred sum would leave."""
     weight = keys.to(attn.dtype)
-    count = weight.sum(-1, keepdim=True).clamp_min(1.0)
-    visible = similarity * weight
-    centred = (similarity - visible.sum(-1, keepdim=True) / count) * weight
-    log_attn = torch.where(keys, attn.clamp_min(1e-300).log(), 0.0)
+    kept_weight = kept.to(attn.dtype)
+    log_attn = torch.where(kept, attn.log(), 0.0)
+    kept_similarity = _row_centred(similarity, kept_weight)
     pooled = (0, 3, 4)
-    return (log_attn * centred).sum(pooled), centred.square().sum(pooled), visible.square().sum(pooled), weight.sum(pooled)
+    return _LogFitSums(
+        key_count=weight.sum(pooled),
+        similarity_square=(similarity * weight).square().sum(pooled),
+        centred_similarity_square=_row_centred(similarity, weight).square().sum(pooled),
+        cross=(_row_centred(log_attn, kept_weight) * kept_similarity).sum(pooled),
+        kept_similarity_square=kept_similarity.square().sum(pooled),
+        log_square=log_attn.square().sum(pooled),
+    )
+
+
+def _row_centred(values: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """values `[..., n]` minus their mean over each row's keys (weight 1, else 0), 0 off the keys."""
+    count = weight.sum(-1, keepdim=True).clamp_min(1.0)
+    return (values - (values * weight).sum(-1, keepdim=True) / count) * weight
+
+
+def _discriminates(centred_square: torch.Tensor, square: torch.Tensor) -> torch.Tensor:
+    """Whether row-centred values (squared norm `centred_square`) keep more than `CENTRED_RESIDUE`
+    of the values' norm (`square`): less is rounding residue, the values constant over each row."""
+    return centred_square > CENTRED_RESIDUE**2 * square
+
+
+def _log_lstsq_beta(sums: _LogFitSums) -> torch.Tensor:
+    """The least-squares slope of row-centred log attn on row-centred similarity over the kept
+    keys `[L, H]`: 0 where their product is rounding residue (at most `CENTRED_RESIDUE` of
+    |log attn| |centred similarity|: attention uniform over the keys to rounding); NaN where the
+    similarity is constant over each row's kept keys (no two keys of distinct similarity keep a
+    weight, e.g. one-hot attention: nothing to regress)."""
+    kept_similarity_square = sums.kept_similarity_square.expand_as(sums.cross)
+    related = sums.cross.abs() > CENTRED_RESIDUE * (sums.log_square * kept_similarity_square).sqrt()
+    beta = torch.where(related, sums.cross / kept_similarity_square, 0.0)
+    return torch.where(_discriminates(kept_similarity_square, sums.similarity_square), beta, torch.nan)
 
 
 def _uniform_distance(attn: torch.Tensor, keys: torch.Tensor) -> tuple[torch.Tensor]:

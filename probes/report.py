@@ -60,19 +60,35 @@ def task_set_summary(result: "TaskSetDiagnosis") -> str:
     return "\n".join(lines)
 
 
+UNIFORM_MARK = "u"
+"""Follows a kernel distance whose best head has a fitted scale of inf (uniform attention)."""
+
+
+def distance_text(distance: float, uniform: bool) -> str:
+    """A kernel distance at 3 decimals, `UNIFORM_MARK` after it where `uniform`, "-" for NaN."""
+    return "-" if math.isnan(distance) else f"{distance:.3f}" + (UNIFORM_MARK if uniform else "")
+
+
 def _alignment_lines(result: "TaskSetDiagnosis") -> list[str]:
     """Per reference kernel, the smallest relative operator distance over each block's heads (the
-    TransformerLens block index, as in the alignment figure; "-" where no head has one); none
-    without a kernel alignment."""
+    TransformerLens block index, as in the alignment figure; "-" where no head has one), marked
+    `UNIFORM_MARK` where that head's fitted scale is inf (a footnote then says so); none without a
+    kernel alignment."""
     alignment = result.kernel_alignment
     if alignment is None:
         return []
-    best = {kernel: alignment.best_heads(kernel)[1] for kernel in alignment.metrics}  # each [block]
+    best = {kernel: (alignment.best_heads(kernel)[1], alignment.uniform_best_heads(kernel)) for kernel in alignment.metrics}
     width = max(len("block"), *map(len, best))
+    n_blocks = len(next(iter(best.values()))[0])
     lines = [f"kernel alignment ({alignment.block} rows vs support keys; best head's relative operator distance per block, 0 = identical):",
-             f"  {'block':<{width}} " + " ".join(f"{block:>7d}" for block in range(len(next(iter(best.values())))))]
-    for kernel, distances in best.items():
-        lines.append(f"  {kernel:<{width}} " + " ".join(f"{value:>7.3f}" if np.isfinite(value) else f"{'-':>7}" for value in distances))
+             f"  {'block':<{width}} " + " ".join(f"{block:>7d}" for block in range(n_blocks))]
+    for kernel, (distances, uniform) in best.items():
+        marks = [UNIFORM_MARK if flag else " " for flag in uniform]  # each takes the space after its cell
+        cells = "".join(f"{distance_text(value, False):>7}{mark}" for value, mark in zip(distances, marks))
+        lines.append(f"  {kernel:<{width}} " + cells.rstrip())
+    if any(flags.any() for _, flags in best.values()):
+        lines.append(f"  {UNIFORM_MARK}: that block's best head is fitted as uniform attention (scale inf): its distance is "
+                     "one to mean pooling, not to a kernel that ranks the keys")
     return lines
 
 

@@ -69,3 +69,14 @@ def lens_finite_differences(model, task, layers=None, eps: float = 1e-6) -> torc
         down = layer_predictions(model, dataclasses.replace(task, y_support=task.y_support - shift), layers=layers)
         columns.append((up - down) / (2 * eps))
     return torch.stack(columns, dim=-1)
+
+
+def uniform_best_head(alignment, kernel: str) -> bool:
+    """Whether some layer's best head for `kernel` (the argmin of its finite operator distances) has
+    a fitted scale of inf (uniform attention); False without an alignment for that kernel."""
+    if alignment is None or kernel not in alignment.metrics:
+        return False
+    distance = alignment.metrics[kernel]["operator_distance"].double().numpy()  # [layer, head]
+    scale = alignment.scale[kernel].double().numpy()
+    return any(np.isinf(scales[np.argmin(np.where(np.isfinite(row), row, np.inf))])
+               for row, scales in zip(distance, scale) if np.isfinite(row).any())

@@ -2,6 +2,7 @@
 diagnoses' own statistics recomputed by hand (best = argmax of the scores, the exp-kernel
 distance as a NumPy min over heads and mean over layers, the step map from the aligned steps)."""
 
+import html
 import math
 from html.parser import HTMLParser
 
@@ -13,9 +14,11 @@ import torch
 matplotlib.use("Agg")
 
 import probes
+from brute_force import uniform_best_head
 from mi_krr.construct import cg_transformer
 from mi_krr.models import ICLTransformer, ICLTransformerConfig
 from mi_krr.tasks.samplers import GPRegressionSampler
+from probes.compare import UNIFORM_NOTE
 
 TEMPERATURE, NOISE = 2.0, 0.2
 SETS = ("label_noise_0.5", "zz_custom", "in_distribution", "input_scale_x2", "a_custom")
@@ -62,7 +65,7 @@ def test_rows_are_each_models_best_algorithm_interval_verdict_step_map_and_kerne
 
 
 def test_dataframe_and_table_carry_every_row(comparison):
-    _, result = comparison
+    diagnoses, result = comparison
     frame = result.to_dataframe()
     assert list(frame.columns) == ["model", "task_set", "best", "score", "ci_low", "ci_high", "identified", "exp_distance",
                                    "gaussian_distance", "step_map"]
@@ -74,13 +77,17 @@ def test_dataframe_and_table_carry_every_row(comparison):
         np.testing.assert_array_equal([record["exp_distance"], record["gaussian_distance"]], [row.exp_distance, row.gaussian_distance])
     lines = result.summary().splitlines()
     assert lines[0].split()[:3] == ["model", "task", "set"] and set(lines[1]) <= {"-", " "}
-    for line, row in zip(lines[2:], result.rows, strict=True):
+    marked = [[uniform_best_head(diagnoses[row.model][row.task_set].kernel_alignment, kernel) for kernel in ("exp", "gaussian")]
+              for row in result.rows]
+    assert any(map(any, marked))  # random heads: some best head is fitted as uniform attention
+    assert lines[-1] == UNIFORM_NOTE
+    for line, row, marks in zip(lines[2:-1], result.rows, marked, strict=True):
         fields = line.split()
         assert fields[:3] == [row.model, row.task_set, row.best if row.score > -math.inf else "-"]  # -inf: no best
         assert float(fields[3]) == pytest.approx(row.score, abs=5e-5)
         assert fields[6] == ("yes" if row.identified else "no")
-        for field, distance in zip(fields[7:9], (row.exp_distance, row.gaussian_distance)):
-            assert field == ("-" if math.isnan(distance) else f"{distance:.3f}")
+        for field, distance, mark in zip(fields[7:9], (row.exp_distance, row.gaussian_distance), marks):
+            assert field == ("-" if math.isnan(distance) else f"{distance:.3f}" + "u" * mark)
         assert " ".join(fields[9:]) == row.step_map
     assert repr(result).splitlines()[0] == "Comparison(2 models, 10 rows)"
 
@@ -117,7 +124,10 @@ def html_cells(text):
 def expected_cells(task_set):
     """One task set's row, written from its own scores and verdict by hand."""
     best = max(task_set.scores.values(), key=lambda score: score.score)
-    distances = ["-" if math.isnan(value) else f"{value:.3f}" for value in (expected_kernel_distance(task_set, k) for k in ("exp", "gaussian"))]
+    distances = []
+    for kernel in ("exp", "gaussian"):  # marked "u" where some layer's best head is fitted as uniform attention
+        distance = expected_kernel_distance(task_set, kernel)
+        distances.append("-" if math.isnan(distance) else f"{distance:.3f}" + "u" * uniform_best_head(task_set.kernel_alignment, kernel))
     steps = " ".join(f"{layer}:{step}" for layer, step in zip(best.layers, best.aligned_steps) if layer > 0)
     return [task_set.name, best.algorithm if best.score > -math.inf else "-", f"{best.score:.4f} [{best.score_ci[0]:.3f}, {best.score_ci[1]:.3f}]",
             "yes" if task_set.verdict.identified else "no", *distances, steps]
@@ -125,7 +135,8 @@ def expected_cells(task_set):
 
 def test_notebooks_show_comparison_and_diagnosis_as_html_tables_of_the_same_cells(comparison):
     """`_repr_html_` (what Jupyter renders): the header, then one row per model and task set, each
-    cell as written by hand from the diagnosis; a markup character in a name is escaped."""
+    cell as written by hand from the diagnosis, then the footnote on uniform best heads (these
+    random heads have some); a markup character in a name is escaped."""
     diagnoses, result = comparison
     rows = html_cells(result._repr_html_())
     assert rows[0] == ["model", "task set", "best algorithm", "path R2 [95% CI]", "identified", "exp-kernel dist",
@@ -133,6 +144,7 @@ def test_notebooks_show_comparison_and_diagnosis_as_html_tables_of_the_same_cell
     assert rows[1:] == [[model, *expected_cells(diagnoses[model][name])] for model in diagnoses for name in SETS]
     one_model = html_cells(diagnoses["softmax"]._repr_html_())
     assert one_model[0] == rows[0][1:] and one_model[1:] == [expected_cells(diagnoses["softmax"][name]) for name in SETS]
+    assert result._repr_html_().endswith(f"</table><p>{html.escape(UNIFORM_NOTE)}</p>")
     assert "<td>a&lt;b</td>" in probes.compare({"a<b": diagnoses["cg"]})._repr_html_()
 
 

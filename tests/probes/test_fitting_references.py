@@ -392,6 +392,41 @@ def test_uniform_attention_over_causal_keys_reports_infinite_temperature_and_ban
     assert torch.isinf(result.tau).all() and torch.isinf(result.bandwidth).all()
 
 
+@pytest.mark.parametrize("offset", [0.0, 1e6])
+def test_log_lstsq_fits_beta_zero_to_rows_uniform_over_their_causal_keys_whatever_the_similarity_offset(offset):
+    """Rows exactly uniform over their 1..n causal keys: every row-centred log weight is 0 up to
+    rounding, so log_lstsq reports beta = 0 (tau = sigma = inf), not a slope fitted to rounding
+    residue (it used to give |beta| ~ 1e-16, of either sign). Support points 1e6 from the origin
+    make the exp similarity ~1e12 with a spread ~1e6: the residue a row's mean log weight would
+    leave against it is what centring the logs removes."""
+    x = torch.randn(3, 6, 3, generator=torch.Generator().manual_seed(5), dtype=torch.float64) + offset
+    causal = torch.tril(torch.ones(6, 6, dtype=torch.float64))
+    attn = (causal / causal.sum(-1, keepdim=True)).expand(3, 1, 2, 6, 6)
+    keys = attn > 0
+    for kernel in ("exp", "gaussian"):
+        beta = fit_inverse_scale(attn, log_similarity(kernel, x, x)[:, None, None], keys, fit="log_lstsq")
+        assert (beta == 0.0).all(), (kernel, beta)
+
+
+def test_one_hot_rows_leave_log_lstsq_nothing_to_regress_but_the_distance_fit_reads_their_zeros():
+    """Every query row one-hot on its most similar key (the other weights exactly 0): no row keeps
+    two weights, so log_lstsq has no logs to regress (beta NaN, and kernel_alignment's scale and
+    metrics NaN where the model's mask shows every key), while the distance fit, which reads the zeros, fits a beta > 0 at which a NumPy
+    row softmax is one-hot to 1e-6 on every row."""
+    task = random_task(4, 7, 3, 3, seed=8)
+    similarity = log_similarity("exp", task.x_query.double(), task.x_support.double())  # [B, m, n]
+    attn = torch.nn.functional.one_hot(similarity.argmax(-1), 7).double()[:, None, None]
+    keys = torch.ones_like(attn, dtype=torch.bool)
+    assert math.isnan(float(fit_inverse_scale(attn, similarity[:, None, None], keys, fit="log_lstsq")[0, 0]))
+    beta = float(fit_inverse_scale(attn, similarity[:, None, None], keys)[0, 0])
+    assert 0 < beta < math.inf
+    s = similarity.numpy()
+    np.testing.assert_allclose(numpy_row_softmax(beta * s, np.ones_like(s, dtype=bool)), attn[:, 0, 0].numpy(), atol=1e-6)
+    attention = AttentionKernels(support=None, query=attn, source="pattern", query_allowed=torch.ones(3, 7, dtype=torch.bool))
+    result = kernel_alignment(None, task, kernels="exp", fit="log_lstsq", attention=attention)  # every key visible, as masked
+    assert math.isnan(float(result.tau)) and all(math.isnan(float(value)) for value in result.metrics["exp"].values())
+
+
 def test_a_similarity_constant_over_each_rows_keys_fits_beta_zero():
     """Identical support points: every beta gives the uniform rows, exactly as close as beta = 0,
     which the fit then returns (beta = 0 "if that is at least as close")."""

@@ -21,12 +21,13 @@ import torch
 from matplotlib.colors import to_rgba
 
 import probes
+from brute_force import uniform_best_head
 from mi_krr.commands.overview import ModelEntry, write_overview_report
 from mi_krr.construct import cg_transformer
 from mi_krr.models import ICLTransformer, ICLTransformerConfig
 from mi_krr.reproductions.softmax_ood import SoftmaxOODResult
 from mi_krr.tasks.samplers import GPRegressionSampler
-from probes.compare import SummaryRow, format_table, kernel_distance, plot_overview
+from probes.compare import UNIFORM_NOTE, SummaryRow, format_table, kernel_distance, plot_overview
 from probes.kernel_alignment import KernelAlignment
 from probes.report import _file_stems, task_set_summary
 
@@ -296,7 +297,10 @@ def test_overview_index_lists_every_row_then_per_model_description_in_distributi
     folder, lines = overview
     assert lines[0] == "# a tiny overview" and lines[2] == "```"
     end = lines.index("```", 3)
-    table = [re.split(r"\s{2,}", line.strip()) for line in lines[5:end]]
+    marked = any(uniform_best_head(result.kernel_alignment, kernel) for diagnosis in diagnoses.values()
+                 for result in diagnosis.task_sets.values() for kernel in ("exp", "gaussian"))
+    assert (lines[end - 1] == UNIFORM_NOTE) == marked  # the footnote on uniform best heads, where there are some
+    table = [re.split(r"\s{2,}", line.strip()) for line in lines[5 : end - marked]]
     assert [cells[:2] for cells in table] == [[model, name] for model, diagnosis in diagnoses.items() for name in diagnosis.task_sets]
     assert "Settings: batch=6, seed=3" in lines
     assert (folder / "overview.png").read_bytes().startswith(PNG_SIGNATURE) and "![overview](overview.png)" in lines

@@ -8,10 +8,12 @@ sigma^2 = tau). Negative controls are random, anti-aligned and uniform heads. Re
 independent: the known scales, a NumPy row softmax, a dense NumPy scan of the distance the fit
 minimises, SciPy Spearman correlations, and brute-force argmins.
 
-Tests marked xfail(strict=True) are findings of the review: they check the correct behaviour."""
+The tests under "findings" were the review's findings (strict xfails until fixed): they check the
+correct behaviour."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 
@@ -228,7 +230,8 @@ def test_diagnosis_summary_and_comparison_report_the_brute_force_best_head_per_b
                                 bootstrap=10, algorithms=("cg", "gd"), step_sizes="optimal")
     alignment = diagnosis["tasks"].kernel_alignment
     summary = diagnosis.summary()
-    row = probes.compare({"random": diagnosis}).to_dataframe().iloc[0]
+    comparison = probes.compare({"random": diagnosis})
+    row = comparison.to_dataframe().iloc[0]
     for kernel, column in (("exp", "exp_distance"), ("gaussian", "gaussian_distance")):
         distances = alignment.metrics[kernel]["operator_distance"].numpy()
         assert np.isfinite(distances).all() and len(set(distances.argmin(1))) > 1  # the best head moves between blocks
@@ -236,23 +239,25 @@ def test_diagnosis_summary_and_comparison_report_the_brute_force_best_head_per_b
         np.testing.assert_array_equal(head, distances.argmin(1))
         np.testing.assert_allclose(best, distances.min(1), rtol=0)
         line = re.search(rf"^\s+{kernel}\s+(.*)$", summary, flags=re.M).group(1).split()
-        np.testing.assert_allclose([float(v) for v in line], distances.min(1), atol=5e-4)
+        np.testing.assert_allclose([float(v.removesuffix("u")) for v in line], distances.min(1), atol=5e-4)
+        uniform = np.isinf(alignment.scale[kernel].numpy()[np.arange(len(line)), distances.argmin(1)])  # brute-force best head's scale
+        assert [v.endswith("u") for v in line] == uniform.tolist()
         assert row[column] == pytest.approx(distances.min(1).mean(), rel=1e-12)
+        assert getattr(comparison.rows[0], f"{kernel}_uniform") == uniform.any()
 
 
 # ---------------------------------------------------------------- findings
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: query rows whose support weight underflows to exactly 0 are compared and fitted as all-zero rows")
 @pytest.mark.parametrize("dtype, c", [("float64", 30.0), ("float32", 8.0)])
 def test_rows_with_no_weight_on_support_keys_do_not_spoil_an_exact_kernel_head(dtype, c):
     """A sharp but exact exp head in the concat layout: a query token's score with itself can
     exceed every support score by more than the softmax's range, so its weight on the support
     keys is exactly 0. Such a row has no similarity over the support keys (0 / 0 after
-    renormalisation) and should be left out, as it is for the same attention without a structural
-    mask; instead it is compared and fitted as an all-zero row: operator distance 0.60 / 0.52 and
-    tau 132x / 4x the truth (float64 / float32) for a head that is exactly the kernel on every
-    other row."""
+    renormalisation) and is left out, as it is for the same attention without a structural mask;
+    it used to be compared and fitted as an all-zero row: operator distance 0.60 / 0.52 and tau
+    132x / 4x the truth (float64 / float32) for a head that is exactly the kernel on every other
+    row."""
     model, task = kernel_model([[c]], dtype=dtype), random_task(6, 8, 4, D, seed=7)
     attention = probes.attention_kernels(model, task)
     assert (attention.query.sum(-1) == 0).any()  # the premise: some rows put no weight on support keys
@@ -261,83 +266,117 @@ def test_rows_with_no_weight_on_support_keys_do_not_spoil_an_exact_kernel_head(d
     assert float(result.metrics["exp"]["operator_distance"]) < 1e-5
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: log_lstsq reads underflowed weights on visible keys as log(1e-300), biasing tau ~5x on an exact head")
-def test_log_lstsq_recovers_the_temperature_of_a_sharp_exact_head_with_underflowed_weights():
-    """A sharp exact exp head (support block, every row keeps its own key): some visible keys'
-    weights underflow to 0 in float64. The log regression clamps them to 1e-300 (log -690.8,
-    where the true log weight is far lower), so the fitted tau is 4.9x the truth while
-    fit="distance" recovers it to 1e-10. Leaving zero (and subnormal) weights out of the log
-    regression keeps it exact on the rest."""
+def test_a_prompt_whose_rows_all_miss_the_support_keys_gets_nan_metrics_and_the_mask_changes_nothing():
+    """The float64 head above: in one prompt every query row puts its weight on its own token
+    alone. That prompt has nothing left to compare, so its per-prompt metrics are NaN; every other
+    prompt is the kernel (distance < 1e-12). For the exp kernel, the model's structural mask and
+    none (visible keys = the nonzero weights: the underflowed ones drop out, where the exact
+    kernel's reference underflows too) give the same temperature and per-prompt distances."""
     c = 30.0
-    model, task = kernel_model([[c]]), random_task(4, 7, 3, D, seed=2)
+    model, task = kernel_model([[c]]), random_task(6, 8, 4, D, seed=7)
+    attention = probes.attention_kernels(model, task)
+    empty = (attention.query[:, 0, 0].sum(-1) == 0).all(-1)  # [batch]: prompts whose every row misses the keys
+    assert empty.any() and not empty.all()
+    masked = probes.kernel_alignment(model, task, attention=attention)
+    unmasked = probes.kernel_alignment(model, task, attention=dataclasses.replace(attention, query_allowed=None))
+    for kernel in ("exp", "gaussian"):
+        for name, values in masked.per_prompt[kernel].items():
+            assert torch.isnan(values[empty]).all(), (kernel, name)
+    distance = masked.per_prompt["exp"]["operator_distance"][:, 0, 0]
+    assert float(distance[~empty].max()) < 1e-12
+    torch.testing.assert_close(distance, unmasked.per_prompt["exp"]["operator_distance"][:, 0, 0], rtol=0, atol=1e-15, equal_nan=True)
+    torch.testing.assert_close(masked.tau, unmasked.tau, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("dtype, c, distance_rtol", [("float64", 30.0, 1e-8), ("float32", 8.0, 1e-5)])
+def test_log_lstsq_recovers_the_temperature_of_a_sharp_exact_head_with_underflowed_weights(dtype, c, distance_rtol):
+    """A sharp exact exp head (support block, every row keeps its own key): some visible keys'
+    weights underflow to 0 (float32: or to subnormals, with few significant bits). The log
+    regression used to clamp them to 1e-300 (log -690.8, where the true log weight is far lower),
+    so the fitted tau was 4.9x the truth (float32: 70% off) while fit="distance" recovers it.
+    Leaving zero and subnormal weights out of the log regression keeps it exact on the rest."""
+    model, task = kernel_model([[c]], dtype=dtype), random_task(4, 7, 3, D, seed=2)
     assert (probes.attention_kernels(model, task).support == 0).any()
-    assert float(probes.kernel_alignment(model, task, kernels="exp", block="support").tau) == pytest.approx(tau_of(c), rel=1e-8)
+    distance_fit = probes.kernel_alignment(model, task, kernels="exp", block="support")
+    assert float(distance_fit.tau) == pytest.approx(tau_of(c), rel=distance_rtol)
     result = probes.kernel_alignment(model, task, kernels="exp", block="support", fit="log_lstsq")
     assert float(result.tau) == pytest.approx(tau_of(c), rel=1e-6)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: fit='log_lstsq' scores an anti-aligned head (beta < 0) as a perfect kernel match, distance 0")
 def test_log_lstsq_does_not_score_an_anti_aligned_head_as_a_perfect_kernel():
     """W_K = -W_Q: attention exp(-x . x' / tau). log_lstsq fits beta < 0 and reports tau = NaN
-    ("anti-aligned") but builds the reference at that negative beta, which reproduces the
-    attention: operator distance 0, CKA 1, Spearman 1, and `best_heads` picks this head as the
-    layer's closest to the exp kernel. A negative beta is no exp kernel; the metrics should be those
-    of the admissible reference (beta = 0, uniform: distance 0.65, as fit="distance" reports) or NaN."""
-    model = kernel_model([[1.0, 0.5]])
+    ("anti-aligned"), but used to build the reference at that negative beta, which reproduces the
+    attention: operator distance 0, CKA 1, Spearman 1, and `best_heads` picked this head as the
+    layer's closest to the exp kernel. A negative beta is no exp kernel: the metrics are those of
+    the admissible reference beta = 0, uniform rows (NumPy: distance 0.65, as fit="distance"
+    reports)."""
+    model, task = kernel_model([[1.0, 0.5]]), random_task(6, 8, 4, D, seed=3)
     with torch.no_grad():
         model.blocks[0].attn.W_K[0].mul_(-1)  # head 0 anti-aligned, head 1 an exact exp kernel
-    result = probes.kernel_alignment(model, random_task(6, 8, 4, D, seed=3), fit="log_lstsq")
+    result = probes.kernel_alignment(model, task, fit="log_lstsq")
     assert math.isnan(float(result.tau[0, 0]))
     assert not float(result.metrics["exp"]["operator_distance"][0, 0]) < 0.1
     assert result.best_heads("exp")[0][0] == 1
+    pattern = probes.attention_kernels(model, task).query[:, 0, 0].numpy()
+    attn = pattern / pattern.sum(-1, keepdims=True)
+    uniform = np.full_like(attn[0], 1 / attn.shape[-1])
+    expected = np.mean([np.linalg.norm(a - uniform, 2) / np.linalg.norm(uniform, 2) for a in attn])
+    assert float(result.metrics["exp"]["operator_distance"][0, 0]) == pytest.approx(expected, rel=1e-9)
+    distance_fit = probes.kernel_alignment(model, task)
+    assert float(distance_fit.tau[0, 0]) == math.inf
+    assert float(distance_fit.metrics["exp"]["operator_distance"][0, 0]) == pytest.approx(expected, rel=1e-9)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: fit='log_lstsq' on uniform attention gives tau ~1e16 and sigma NaN ('anti-aligned') from rounding, not inf")
 @pytest.mark.parametrize("block", ["query", "support"])
 def test_log_lstsq_on_uniform_attention_gives_infinite_scales(block):
     """Uniform rows have row-centred log weights that are 0 up to rounding; the regression's
-    numerator is then rounding residue of either sign, giving tau = 1.8e16 and sigma = NaN (which
-    the docstring reserves for anti-aligned heads) or 4e8. Like fit="distance", it should report
-    beta = 0: tau = sigma = inf."""
+    numerator was then rounding residue of either sign, giving tau = 1.8e16 and sigma = NaN (which
+    the docstring reserves for anti-aligned heads) or 4e8. Like fit="distance", it reports beta =
+    0: tau = sigma = inf."""
     result = probes.kernel_alignment(kernel_model([[0.0]]), random_task(4, 7, 3, D, seed=2), block=block, fit="log_lstsq")
     assert float(result.tau) == math.inf and float(result.bandwidth) == math.inf
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: heads that never attend from a block's rows get scale inf, documented as 'uniform attention'")
 def test_heads_without_attention_on_the_block_get_nan_scales_like_their_metrics():
     """Richardson construction, query block: the heads that serve only support rows put no weight
-    on any support key from a query row. Their metrics are NaN (no visible keys) but their tau and
-    sigma are inf, which `KernelAlignment.scale` documents as "the best reference is uniform over
-    the keys": a claim about attention these heads do not have. Their scales should be NaN."""
+    on any support key from a query row. Their metrics are NaN (no visible keys); their tau and
+    sigma used to be inf, which `KernelAlignment.scale` documents as "the best reference is uniform
+    over the keys": a claim about attention these heads do not have. Their scales are NaN, for both
+    fits."""
     model = richardson_transformer(n_steps=1, lam=0.1, bandwidth=0.9, step=0.5, dim=D)
-    result = probes.kernel_alignment(model, random_task(3, 8, 4, D, seed=0), block="query")
-    silent = torch.isnan(result.metrics["gaussian"]["operator_distance"])
-    assert silent.any()
-    assert torch.isnan(result.bandwidth[silent]).all() and torch.isnan(result.tau[silent]).all()
+    task = random_task(3, 8, 4, D, seed=0)
+    silent = (probes.attention_kernels(model, task).query == 0).all(-1).all(-1).all(0)  # [layer, head]
+    assert silent.any() and not silent.all()
+    for fit in ("distance", "log_lstsq"):
+        result = probes.kernel_alignment(model, task, block="query", fit=fit)
+        assert torch.isnan(result.metrics["gaussian"]["operator_distance"][silent]).all()
+        assert torch.isnan(result.bandwidth[silent]).all() and torch.isnan(result.tau[silent]).all()
+        assert torch.isfinite(result.bandwidth[~silent]).all()
 
 
-@pytest.mark.xfail(strict=True, reason="UX: a model whose heads all attend uniformly reports kernel distance 0.000 / 0.000, like a perfect kernel")
 def test_summary_flags_a_best_head_that_is_uniform_attention():
     """Negative control: every head attends uniformly (mean pooling, no similarity at all). The
-    fitted scales are inf, but the summary's kernel lines and the comparison table show only
+    fitted scales are inf, but the summary's kernel lines and the comparison table used to show only
     distances, 0.000 for both kernels on every block, exactly what the Richardson construction's
-    Gaussian heads show. The summary should say the best head is uniform (scale inf)."""
+    Gaussian heads show. Both now mark such distances "u" and say why in a footnote."""
     diagnosis = probes.diagnose(kernel_model([[0.0], [0.0]]), random_task(20, 6, 3, D, seed=5), kernel="gaussian",
                                 kernel_params={"bandwidth": 1.0}, lam=0.1, progress=False, bootstrap=10, algorithms=("cg",),
                                 step_sizes="optimal")
     kernel_lines = diagnosis.summary().split("kernel alignment", 1)[1].split("Best:", 1)[0]
     assert "uniform" in kernel_lines or "inf" in kernel_lines
+    for kernel in ("exp", "gaussian"):
+        assert re.search(rf"^\s+{kernel}\s+(.*)$", kernel_lines, flags=re.M).group(1).split() == ["0.000u", "0.000u"]
+    table = probes.compare({"uniform": diagnosis}).summary().splitlines()
+    assert table[2].split()[7:9] == ["0.000u", "0.000u"] and "uniform attention" in table[3]
 
 
-@pytest.mark.xfail(strict=True, reason="UX: the NaN error of alignment_metrics advises masking, but mask= cannot hide a NaN")
 def test_alignment_metrics_nan_error_does_not_advise_a_mask_that_cannot_help():
-    """A NaN in K_attn is refused with "clean or mask those entries", but passing mask= with that
-    entry masked off is refused the same way (the norms see every entry). The message should not
-    suggest masking (or masked-off NaN should be accepted)."""
+    """A NaN in K_attn was refused with "clean or mask those entries", but passing mask= with that
+    entry masked off is refused the same way (the norms see every entry). The message no longer
+    suggests masking."""
     a = np.random.default_rng(0).random((4, 5))
     bad, mask = a.copy(), np.ones((4, 5), dtype=bool)
     bad[0, 0], mask[0, 0] = np.nan, False
-    try:
+    with pytest.raises(ValueError, match="K_attn contains NaN or inf: replace those entries") as error:
         probes.alignment_metrics(bad, a, mask=mask)
-    except ValueError as error:
-        assert "mask" not in str(error)
+    assert "mask" not in str(error.value)
