@@ -26,6 +26,7 @@ from probes.kernel_alignment import kernel_alignment
 from probes.layer_predictions import layer_predictions
 from construct_references import gaussian_kernel as gaussian
 from construct_references import numpy_cg_predictions, numpy_rowsum_richardson_errors, parse_construct_table, relative_errors_to_krr
+from reproduction_recorder import record_reproduction_calls
 
 
 def run_main(*args: str) -> tuple[int, str]:
@@ -194,30 +195,7 @@ def test_reproduce_loads_checkpoint_reproductions_on_the_requested_device(monkey
 @pytest.mark.parametrize("name", ["cg-rate", "width", "softmax-ood", "richardson-profile"])
 def test_reproduce_hands_device_and_seed_to_every_reproduction(name, monkeypatch, tmp_path):
     """--device and --seed reach each reproduction function (a recorder stands in for it)."""
-    import mi_krr.reproductions as reproductions
-
-    class Result:
-        def plot(self):
-            import matplotlib.pyplot as plt
-
-            return plt.figure()
-
-        def key_numbers(self):
-            return {}
-
-        def to_dict(self):
-            return {}
-
-        def summary(self):
-            return ""
-
-    seen = {}
-
-    def recorder(**kwargs):
-        seen.update(kwargs)
-        return Result()
-
-    monkeypatch.setattr(reproductions, "reproduction", lambda _: (recorder, {}))
+    seen = record_reproduction_calls(monkeypatch)
     code, _ = run_main("reproduce", name, "--device", "cpu:0", "--seed", "3", "--no-progress", "--out", str(tmp_path))
     assert code == 0 and seen["device"] == "cpu:0" and seen["seed"] == 3
 

@@ -26,6 +26,7 @@ from mi_krr.models.registry import weights_dtype
 from mi_krr.solvers.newton import newton_schulz_scale
 from mi_krr.tasks import GPRegressionSampler, bayes_optimal_ridge
 from prompts import random_task
+from reproduction_recorder import record_reproduction_calls
 
 EPS = np.finfo(np.float64).eps
 
@@ -148,32 +149,10 @@ def test_cg_rate_study_checks_its_device_before_any_kappa():
 def test_reproduce_softmax_ood_without_quick_passes_no_quick_shifts(monkeypatch, tmp_path):
     """Only --quick narrows softmax-ood's shifts to those the checkpoint's task has: a full run with
     --checkpoint hands the reproduction no `shifts` (a recorder stands in for it)."""
-    import mi_krr.reproductions as reproductions
     from mi_krr.checkpoints import shipped_checkpoint
     from mi_krr.cli import main
 
-    class Result:
-        def plot(self):
-            import matplotlib.pyplot as plt
-
-            return plt.figure()
-
-        def key_numbers(self):
-            return {}
-
-        def to_dict(self):
-            return {}
-
-        def summary(self):
-            return ""
-
-    seen: dict = {}
-
-    def recorder(**kwargs):
-        seen.update(kwargs)
-        return Result()
-
-    monkeypatch.setattr(reproductions, "reproduction", lambda _: (recorder, {}))
+    seen = record_reproduction_calls(monkeypatch)
     checkpoint = str(shipped_checkpoint("softmax_gp"))
     with contextlib.redirect_stdout(io.StringIO()):
         code = main(["reproduce", "softmax-ood", "--checkpoint", checkpoint, "--no-progress", "--out", str(tmp_path)])
