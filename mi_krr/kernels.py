@@ -61,7 +61,7 @@ def _as_points(name: str, value: Any, min_dim: int = 2) -> torch.Tensor:
     if value.dim() < min_dim:
         raise ValueError(f"{name} must have at least {min_dim} dimensions [..., d], got shape {tuple(value.shape)}")
     if not torch.isfinite(value.detach()).all():
-        raise ValueError(f"{name} contains NaN or inf: clean or mask those points before computing a kernel")
+        raise ValueError(f"{name} contains NaN or inf: drop those points or replace them with finite values before computing a kernel (every point is read)")
     return value
 
 
