@@ -13,6 +13,7 @@ differs from the exp kernel by the key norms.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -59,9 +60,11 @@ class SoftmaxOODResult:
         return asdict(self)
 
     def overall(self, task_set: str, kernel: str = "exp") -> float:
-        """Best-head distance to `kernel` ("exp" or "gaussian") averaged over layers."""
-        distances = {"exp": self.best_distance, "gaussian": self.best_gaussian_distance}[kernel]
-        return float(np.mean(distances[task_set]))
+        """Best-head distance to `kernel` ("exp" or "gaussian") averaged over the layers that have
+        one (a layer with no finite distance is skipped, as `probes.compare` does; NaN if none)."""
+        distances = np.asarray({"exp": self.best_distance, "gaussian": self.best_gaussian_distance}[kernel][task_set], dtype=np.float64)
+        finite = distances[np.isfinite(distances)]
+        return float(finite.mean()) if finite.size else math.nan
 
     def key_numbers(self) -> dict[str, Any]:
         base = self.overall("in_distribution")

@@ -339,6 +339,15 @@ def ood_result():
     )
 
 
+def test_softmax_ood_overall_skips_layers_without_a_finite_distance(ood_result):
+    """A layer whose best head has no finite distance (NaN) is left out of the mean over layers,
+    as probes.compare's kernel columns do: (0.1 + 0.6) / 2; all NaN gives NaN."""
+    ood_result.best_distance["in_distribution"] = [0.1, math.nan, 0.6]
+    ood_result.best_gaussian_distance["bandwidth_x2"] = [math.nan] * 3
+    assert ood_result.overall("in_distribution") == pytest.approx(0.35, rel=1e-12)
+    assert math.isnan(ood_result.overall("bandwidth_x2", "gaussian"))
+
+
 def test_softmax_ood_key_numbers_are_layer_means_and_ratios_written_out_by_hand(ood_result):
     """Mean over layers (0.3, 0.5, 0.1 for exp), the per-layer line with block numbers 1..3, one ratio line per shift only,
     and the Gaussian means (0.35, 0.9, 0.3)."""
