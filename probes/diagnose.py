@@ -403,7 +403,7 @@ def _diagnose_task_set(model, set_name, task, prompt, bar, *, algorithms, kernel
     stage_done("model pass")
 
     scored = np.flatnonzero(np.asarray(layers) > 0)
-    layer_pred = _numpy(layer_pred)  # float64 NumPy from here on: the fits and the scores read it
+    layer_pred = _numpy(layer_pred)  # float64 NumPy from here on (the step predictions too): the fits and the scores read it
     limit = overflow_limit(layer_pred.size + len(algorithms) * K_query.shape[0] * (n_steps + 1) * K_query.shape[1])  # as the scores will
     _check_layer_predictions(set_name, layer_pred, layers, limit)
     fitted, unfit = {}, {}
@@ -454,7 +454,6 @@ def _diagnose_task_set(model, set_name, task, prompt, bar, *, algorithms, kernel
             notes.append(f"kernel alignment skipped: {error}")
     stage_done("kernel alignment")
 
-    step_preds = {name: _numpy(pred) for name, pred in step_preds.items()}
     krr_pred, kappa = _numpy(krr_pred), _numpy(kappa)
     layer_sens = None if layer_sens is None else _numpy(layer_sens)
     scores = score_algorithms(
@@ -568,9 +567,9 @@ def _check_layer_predictions(set_name: str, layer_pred: np.ndarray, layers: list
         )
 
 
-def _checked_step_predictions(name: str, trajectory: Any, query_shape: torch.Size, n_steps: int, limit: float) -> Any:
-    """The query predictions `[B, T+1, m]` (a tensor or an array) of the trajectory candidate
-    `name` returned, after checking them (a custom solver's mistakes are named here, not deep
+def _checked_step_predictions(name: str, trajectory: Any, query_shape: torch.Size, n_steps: int, limit: float) -> np.ndarray:
+    """The query predictions `[B, T+1, m]` of the trajectory candidate `name` returned, as a
+    float64 NumPy array, after checking them (a custom solver's mistakes are named here, not deep
     inside the scores): finite and within +-`limit` (`probes.scoring.overflow_limit`)."""
     pred = getattr(trajectory, "pred", None)
     expected = (query_shape[0], n_steps + 1, query_shape[1])
@@ -579,7 +578,8 @@ def _checked_step_predictions(name: str, trajectory: Any, query_shape: torch.Siz
         raise ValueError(
             f"algorithm {name!r} returned {got}: a solver must return a Trajectory whose pred is [batch, n_steps + 1, m] = {expected}"
         )
-    if not (np.abs(_numpy(pred)) <= limit).all():
+    pred = _numpy(pred)
+    if not (np.abs(pred) <= limit).all():
         raise ValueError(
             f"algorithm {name!r} returned non-finite predictions or predictions beyond +-{limit:.3g} (it diverges on this "
             "task set: a step size too large, or an iteration that floating point cannot carry this far on so "
