@@ -389,10 +389,8 @@ def _distance_fit(attn, similarity, keys, log_lstsq_beta, sums: _LogFitSums, dis
     centre = torch.where(log_lstsq_beta > 0, log_lstsq_beta.log(), -spread.log())  # [L, H]
     centre = torch.where(discriminates, centre, centre[discriminates].min())  # the rest: beta = 0 whatever the search finds
     low, high = centre - LOG_SCALE_HALF_WIDTH, centre + LOG_SCALE_HALF_WIDTH
-    distance = _distance_in_log_scale(attn, similarity, keys)
     start = _grid_minimum(attn, similarity, keys, low, high)
-    start = torch.where(distance(centre)[0] < distance(start)[0], centre, start)  # [L, H]
-    log_beta, loss = _newton_minimum(distance, start, low, high)
+    log_beta, loss = _newton_minimum(_distance_in_log_scale(attn, similarity, keys), start, low, high, alternative=centre)
     uniform_loss = _summed_over_prompts(_uniform_distance, (attn, keys))[0] / attn.shape[0]
     return torch.where(discriminates & (loss < uniform_loss), log_beta.exp(), 0.0)
 
@@ -574,9 +572,12 @@ def _distance_terms(beta: torch.Tensor, attn: torch.Tensor, shifted: torch.Tenso
     return tuple(term.sum((0, 3)) for term in summed)
 
 
-def _newton_minimum(distance, start: torch.Tensor, low: torch.Tensor, high: torch.Tensor, max_steps: int = 200):
+def _newton_minimum(
+    distance, start: torch.Tensor, low: torch.Tensor, high: torch.Tensor, alternative: torch.Tensor | None = None, max_steps: int = 200
+):
     """Minimise distance (log beta `[L, H]` -> (value, first, second derivative)) per head within
-    [low, high] from `start`, down to the local minimum there: Newton steps of at most one grid
+    [low, high] from `start` (or, per head, from `alternative` where the distance is smaller
+    there), down to the local minimum there: Newton steps of at most one grid
     spacing (downhill ones where the curvature is not positive), kept inside a bracket that each
     derivative's sign shrinks (a step leaving it goes to its end if that is still unevaluated,
     else to its midpoint), until every step is below `NEWTON_XTOL` -> (log beta, value at the
@@ -584,9 +585,14 @@ def _newton_minimum(distance, start: torch.Tensor, low: torch.Tensor, high: torc
     below the rounding of the grid's expanded form (attention that is exactly a kernel), they
     walk to the minimum from wherever the grid pointed."""
     point = start
+    value, slope, curve = distance(point)
+    if alternative is not None:
+        other = distance(alternative)
+        closer = other[0] < value
+        point = torch.where(closer, alternative, point)
+        value, slope, curve = (torch.where(closer, new, old) for new, old in zip(other, (value, slope, curve)))
     low_fresh, high_fresh = torch.ones_like(start, dtype=torch.bool), torch.ones_like(start, dtype=torch.bool)
     for _ in range(max_steps):
-        value, slope, curve = distance(point)
         step = torch.where(curve > 0, -slope / curve, -slope.sign() * math.inf)  # no positive curvature: downhill
         step = step.nan_to_num(0.0).clamp(-GRID_SPACING, GRID_SPACING)  # NaN: slope 0, stay
         low, low_fresh = torch.where(slope <= 0, point, low), low_fresh & (slope > 0)
@@ -598,6 +604,7 @@ def _newton_minimum(distance, start: torch.Tensor, low: torch.Tensor, high: torc
         if bool(((target - point).abs() <= NEWTON_XTOL).all()):
             return target, value
         point = target
+        value, slope, curve = distance(point)
     return point, value
 
 
