@@ -300,9 +300,9 @@ def path_score(layer_pred: np.ndarray, step_pred: np.ndarray, scored: np.ndarray
 def path_scores(layer_pred: np.ndarray, candidate_pred: torch.Tensor, scored: np.ndarray, folds: np.ndarray | None = None) -> np.ndarray:
     """`path_score` of G candidate trajectories at once: candidate_pred `[B, G, T+1, m]` -> `[G]`
     (-inf for a diverging candidate, one with values beyond `overflow_limit`, or an undefined
-    R2). With `folds` (a fold index per prompt
-    `[B]`, every fold 0..F-1 non-empty): each fold's score on its own prompts `[F, G]`, as if
-    the folds were scored one at a time (a prompt's trajectory may differ between folds).
+    R2). With `folds` (a fold index per prompt `[B]`, every fold 0..F-1 non-empty): each fold's
+    score on its own prompts `[F, G]`, as if the folds were scored one at a time (a prompt's
+    trajectory may differ between folds).
 
     The sums are `probes.scoring`'s (`pairwise_sse`, `centred_step_sums`, `weighted_sse_sst` with
     one 0/1 weight row per fold: exact differences, no cancellation), as are the alignment and
@@ -312,11 +312,11 @@ def path_scores(layer_pred: np.ndarray, candidate_pred: torch.Tensor, scored: np
     indicator = (fold[None, :] == np.arange(fold.max() + 1)[:, None]).astype(np.float64)  # [F, B]
     pred = candidate_pred.detach().cpu().numpy()
     limit = overflow_limit(pred.size + np.size(layer_pred))  # beyond it (NaN and inf included), the sums would overflow
-    finite = (np.abs(pred) <= limit).reshape(batch, n_candidates, -1).all(axis=2)  # [B, G]: False for a diverging step
-    values = (pred if finite.all() else np.where(finite[:, :, None, None], pred, 0.0)).reshape(batch, -1, n_query)
+    bounded = (np.abs(pred) <= limit).reshape(batch, n_candidates, -1).all(axis=2)  # [B, G]: False for a diverging step
+    values = (pred if bounded.all() else np.where(bounded[:, :, None, None], pred, 0.0)).reshape(batch, -1, n_query)
     sums = PairedSums(pairwise_sse(np.asarray(layer_pred, dtype=np.float64), values), *centred_step_sums(values), n_query)
     sse, sst, count = weighted_sse_sst(sums, indicator)  # [F, L', G (T+1)], [F, G (T+1)], [F]
-    diverged = indicator @ ~finite > 0  # [F, G]
+    diverged = indicator @ ~bounded > 0  # [F, G]
     sse = einops.rearrange(sse, "fold layer (g t) -> (fold g) layer t", g=n_candidates)
     sst = einops.rearrange(sst, "fold (g t) -> (fold g) t", g=n_candidates)
     steps, _ = monotone_alignment(sse / count.repeat(n_candidates)[:, None, None])

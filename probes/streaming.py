@@ -189,11 +189,11 @@ def stream_probes(
     time the pass holds one layer's activations plus these reductions.
 
     source "pattern": the weights applied (`AttentionHooks.pattern`). "scores": pre-normalisation
-    scores from `AttentionHooks.scores` where the model has them (blocked entries carry the
-    model's mask value, e.g. -inf), else rebuilt as q . k / sqrt(d_head) from `hook_q`/`hook_k`
-    (exact for plain softmax dot-product attention; a model that transforms q and k after those
-    hooks, e.g. rotary, must expose `scores`), with -inf where `model.allowed_attention(prompt)`
-    blocks the entry (finite everywhere for a model without that mask).
+    scores from `AttentionHooks.scores` where the model has them, else rebuilt as
+    q . k / sqrt(d_head) from `hook_q`/`hook_k` (exact for plain softmax dot-product attention; a
+    model that transforms q and k after those hooks, e.g. rotary, must expose `scores`); either
+    way -inf where `model.allowed_attention(prompt)` blocks the entry (a model without that mask:
+    its own scores as given, rebuilt ones finite everywhere).
 
     Raises ValueError for an unknown block or source, or when nothing is requested.
     """
@@ -302,8 +302,8 @@ def _rebuilt_scores(
 ) -> torch.Tensor:
     """Softmax scores q . k / sqrt(d_head) of one block from q at its rows `[seqs, rows, head, e]`
     and k at the support keys `[seqs, n, head, e]`, folded per prompt (`_fold_block`), with -inf
-    where `allowed` (the block's structural mask, `_allowed_blocks`) is False, as a model's own
-    score hook carries them (None: no mask known, every entry finite)."""
+    where `allowed` (the block's structural mask, `_allowed_blocks`) is False (None: no mask
+    known, every entry finite)."""
     scores = einops.einsum(q, k, "seqs row head e, seqs key head e -> seqs head row key") / q.shape[-1] ** 0.5
     return _blocked_to_minus_inf(_fold_block(block, scores, prompt), allowed)
 
