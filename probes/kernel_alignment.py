@@ -358,8 +358,8 @@ def fit_inverse_scale(
     any row). min_weight: a float, or a tensor broadcastable to attn (e.g. per row
     `[B, L, H, r, 1]`). A head whose similarity is constant over each row's keys
     (`_discriminates`) has a reference that is uniform over the keys at every beta: beta = 0.
-    Otherwise, "log_lstsq":
-    least squares of row-centred log attn on row-centred similarity (through the origin) over the
+    Otherwise, "log_lstsq": least squares of row-centred log attn on row-centred similarity
+    (through the origin) over the
     weights of at least `min_weight` (an underflowed or subnormal weight's log says nothing of the
     similarity), both centred over those keys (`_log_lstsq_beta`). "distance": the mean squared
     Frobenius distance minimised over log beta within `LOG_SCALE_HALF_WIDTH` of the log_lstsq value
