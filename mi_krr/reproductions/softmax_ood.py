@@ -3,9 +3,9 @@ out of it?
 
 For the shipped softmax model trained on Gaussian-kernel GP regression (checkpoints/softmax_gp),
 every head's query x support attention is compared with the row-normalised exp kernel
-exp(x . x' / tau) on the raw inputs (`probes.kernel_alignment`, tau fitted per layer and head),
+exp(x . x' / tau) on the raw inputs (`probes.kernel_alignment`, tau fitted per block and head),
 on in-distribution prompts and under every shift of `DEFAULT_SHIFTS` that applies to its sampler.
-Per layer the best head (smallest relative operator-norm distance) is reported, with its Spearman
+Per block the best head (smallest relative operator-norm distance) is reported, with its Spearman
 row correlation and tau, and the mean over heads; beside it the best head's distance to the
 row-normalised Gaussian kernel exp(-|x - x'|^2 / 2 sigma^2) (sigma fitted per head), which
 differs from the exp kernel by the key norms.
@@ -27,25 +27,26 @@ QUICK: dict[str, Any] = {"batch_size": 8, "shifts": ("input_scale_x2", "bandwidt
 
 @dataclass
 class SoftmaxOODResult:
-    """Attention vs the exp kernel per task set and layer (block 1..L).
+    """Attention vs the exp kernel per task set and block (TransformerLens block index 0..L-1, as in
+    `probes.diagnose`'s kernel-alignment table).
 
     Attributes:
         checkpoint: the model's path.
         task_sets: "in_distribution" then the shifts.
-        layers: block indices 1..L.
-        best_distance: set -> per layer, min over heads of the relative operator distance.
-        mean_distance: set -> per layer, mean over heads.
-        best_row_spearman: set -> per layer, Spearman row correlation of the best head.
-        best_tau: set -> per layer, fitted temperature of the best head.
-        best_gaussian_distance: set -> per layer, min over heads of the distance to the Gaussian
+        blocks: block indices 0..L-1.
+        best_distance: set -> per block, min over heads of the relative operator distance.
+        mean_distance: set -> per block, mean over heads.
+        best_row_spearman: set -> per block, Spearman row correlation of the best head.
+        best_tau: set -> per block, fitted temperature of the best head.
+        best_gaussian_distance: set -> per block, min over heads of the distance to the Gaussian
             kernel (its own best head).
-        best_bandwidth: set -> per layer, fitted sigma of that head.
+        best_bandwidth: set -> per block, fitted sigma of that head.
         batch_size, n_support, n_query: the prompts.
     """
 
     checkpoint: str
     task_sets: list[str]
-    layers: list[int]
+    blocks: list[int]
     best_distance: dict[str, list[float]]
     mean_distance: dict[str, list[float]]
     best_row_spearman: dict[str, list[float]]
@@ -69,8 +70,8 @@ class SoftmaxOODResult:
     def key_numbers(self) -> dict[str, Any]:
         base = self.overall("in_distribution")
         numbers: dict[str, Any] = {"in_distribution: exp-kernel distance (best head, mean over layers)": base}
-        per_layer = zip(self.layers, self.best_distance["in_distribution"])
-        numbers["in_distribution: per layer"] = ", ".join(f"L{layer}: {value:.3f}" for layer, value in per_layer)
+        per_block = zip(self.blocks, self.best_distance["in_distribution"])
+        numbers["in_distribution: per block"] = ", ".join(f"block {block}: {value:.3f}" for block, value in per_block)
         for name in self.task_sets[1:]:
             value = self.overall(name)
             numbers[f"{name}: distance (ratio to in-distribution)"] = f"{value:.4f} ({value / base:.3f}x)"
@@ -88,11 +89,11 @@ class SoftmaxOODResult:
         figure, (left, right) = plt.subplots(1, 2, figsize=(10.5, 3.6), dpi=90)
         for index, name in enumerate(self.task_sets):
             style = dict(lw=2.2, color="k") if name == "in_distribution" else dict(lw=1, color=f"C{index}")
-            left.plot(self.layers, self.best_distance[name], "o-", ms=3, label=name, **style)
-        left.set_xlabel("layer (block)")
+            left.plot(self.blocks, self.best_distance[name], "o-", ms=3, label=name, **style)
+        left.set_xlabel("block")
         left.set_ylabel("rel. operator distance to exp kernel")
-        left.set_title("exp(x.x'/tau): best head per layer", fontsize=9)
-        left.set_xticks(self.layers)
+        left.set_title("exp(x.x'/tau): best head per block", fontsize=9)
+        left.set_xticks(self.blocks)
         left.legend(fontsize=7)
         positions = np.arange(len(self.task_sets))
         colours = ["k"] + [f"C{i}" for i in range(1, len(self.task_sets))]
@@ -149,7 +150,7 @@ def softmax_ood(
     return SoftmaxOODResult(
         checkpoint=str(path),
         task_sets=list(sets),
-        layers=list(range(1, loaded.model.n_layers + 1)),
+        blocks=list(range(loaded.model.n_layers)),
         best_distance=best,
         mean_distance=mean,
         best_row_spearman=spearman,

@@ -328,7 +328,7 @@ def test_overview_index_lists_every_row_then_per_model_description_in_distributi
 def ood_result():
     """Three layers, three task sets, hand-picked distances (mean != median over layers, exp != Gaussian)."""
     return SoftmaxOODResult(
-        checkpoint="/somewhere/softmax_gp", task_sets=["in_distribution", "input_scale_x2", "bandwidth_x2"], layers=[1, 2, 3],
+        checkpoint="/somewhere/softmax_gp", task_sets=["in_distribution", "input_scale_x2", "bandwidth_x2"], blocks=[0, 1, 2],
         best_distance={"in_distribution": [0.1, 0.2, 0.6], "input_scale_x2": [0.3, 0.3, 0.9], "bandwidth_x2": [0.05, 0.1, 0.15]},
         mean_distance={"in_distribution": [0.2, 0.3, 0.7], "input_scale_x2": [0.4, 0.5, 1.0], "bandwidth_x2": [0.1, 0.2, 0.3]},
         best_row_spearman={name: [0.9, 0.8, 0.7] for name in ("in_distribution", "input_scale_x2", "bandwidth_x2")},
@@ -349,18 +349,18 @@ def test_softmax_ood_overall_skips_layers_without_a_finite_distance(ood_result):
 
 
 def test_softmax_ood_key_numbers_are_layer_means_and_ratios_written_out_by_hand(ood_result):
-    """Mean over layers (0.3, 0.5, 0.1 for exp), the per-layer line with block numbers 1..3, one ratio line per shift only,
+    """Mean over layers (0.3, 0.5, 0.1 for exp), the per-block line with block numbers 0..2, one ratio line per shift only,
     and the Gaussian means (0.35, 0.9, 0.3)."""
     assert ood_result.overall("in_distribution") == pytest.approx(0.3, rel=1e-12)
     assert ood_result.overall("input_scale_x2", "gaussian") == pytest.approx(0.9, rel=1e-12)
     numbers = ood_result.key_numbers()
     assert list(numbers) == [
-        "in_distribution: exp-kernel distance (best head, mean over layers)", "in_distribution: per layer",
+        "in_distribution: exp-kernel distance (best head, mean over layers)", "in_distribution: per block",
         "input_scale_x2: distance (ratio to in-distribution)", "bandwidth_x2: distance (ratio to in-distribution)",
         "gaussian-kernel distance (best head, mean over layers)",
     ]
     assert numbers["in_distribution: exp-kernel distance (best head, mean over layers)"] == pytest.approx(0.3, rel=1e-12)
-    assert numbers["in_distribution: per layer"] == "L1: 0.100, L2: 0.200, L3: 0.600"
+    assert numbers["in_distribution: per block"] == "block 0: 0.100, block 1: 0.200, block 2: 0.600"
     assert numbers["input_scale_x2: distance (ratio to in-distribution)"] == "0.5000 (1.667x)"
     assert numbers["bandwidth_x2: distance (ratio to in-distribution)"] == "0.1000 (0.333x)"
     assert numbers["gaussian-kernel distance (best head, mean over layers)"] == (
@@ -374,7 +374,7 @@ def test_softmax_ood_figure_draws_best_head_distances_per_layer_and_plain_exp_be
     left, right = figure.axes
     assert [line.get_label() for line in left.lines] == ood_result.task_sets
     for line, values in zip(left.lines, ([0.1, 0.2, 0.6], [0.3, 0.3, 0.9], [0.05, 0.1, 0.15])):
-        np.testing.assert_array_equal(line.get_xdata(), [1, 2, 3])
+        np.testing.assert_array_equal(line.get_xdata(), [0, 1, 2])
         np.testing.assert_array_equal(line.get_ydata(), values)
     assert left.lines[0].get_color() == "k" and left.lines[0].get_linewidth() == 2.2
     bars = right.patches
@@ -388,8 +388,9 @@ def test_softmax_ood_figure_draws_best_head_distances_per_layer_and_plain_exp_be
     plt.close(figure)
 
 
-def test_softmax_ood_numbers_the_layers_as_blocks_1_to_l_and_always_keeps_the_in_distribution_set():
-    """The shipped softmax_gp checkpoint (its config.json says how many blocks) with no shift: layers 1..L, one distance per block."""
+def test_softmax_ood_numbers_the_blocks_0_to_l_minus_1_as_diagnose_does_and_always_keeps_the_in_distribution_set():
+    """The shipped softmax_gp checkpoint (its config.json says how many blocks) with no shift: blocks 0..L-1 (TransformerLens indices,
+    as diagnose's kernel table), one distance per block."""
     from mi_krr.checkpoints import shipped_checkpoint
     from mi_krr.reproductions import softmax_ood
 
@@ -397,7 +398,7 @@ def test_softmax_ood_numbers_the_layers_as_blocks_1_to_l_and_always_keeps_the_in
     n_layers = json.loads((checkpoint / "config.json").read_text())["model"]["n_layers"]
     result = softmax_ood(checkpoint, batch_size=2, shifts=())
     assert result.task_sets == ["in_distribution"]
-    assert result.layers == list(range(1, n_layers + 1))
+    assert result.blocks == list(range(n_layers))
     assert len(result.best_distance["in_distribution"]) == len(result.best_gaussian_distance["in_distribution"]) == n_layers
-    assert result.key_numbers()["in_distribution: per layer"].startswith("L1: ")
+    assert result.key_numbers()["in_distribution: per block"].startswith("block 0: ")
     plt.close(result.plot())
