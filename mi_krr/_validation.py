@@ -136,7 +136,8 @@ def check_finite(name: str, value: Any) -> float:
 
 def _number_or_none(value: Any) -> float | None:
     """`value` as a float; None for booleans (a typo for a number, though float() takes them) and
-    anything float() rejects, so each caller raises its own error."""
+    anything float() rejects, so each caller raises its own error. Numeric strings are taken on
+    purpose: PyYAML reads `lr: 1e-3` in a run config as the string '1e-3'."""
     if isinstance(value, (bool, np.bool_)):
         return None
     try:

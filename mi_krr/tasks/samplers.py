@@ -100,7 +100,7 @@ class _PromptSampler(ABC):
     def _checked_mean(self, mean: Any) -> float | tuple[float, ...]:
         if getattr(mean, "ndim", None) == 0:  # a 0-d tensor or array, e.g. x.mean()
             mean = mean.item()
-        if isinstance(mean, numbers.Real) and not isinstance(mean, bool):
+        if isinstance(mean, str) or (isinstance(mean, numbers.Real) and not isinstance(mean, bool)):  # '1e-1': PyYAML's 1e-1
             return check_finite("input_mean", mean)
         try:
             values = tuple(float(v) for v in mean)

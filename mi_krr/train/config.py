@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import math
-import numbers
 from dataclasses import dataclass
 from typing import Any
 
@@ -63,9 +61,9 @@ class TrainConfig:
         store_count(self, "steps", minimum=1)
         store_count(self, "batch_size", minimum=1)
         self.lr = check_positive("lr", self.lr)  # numbers stored as Python floats: NumPy scalars would break config.json
-        if not isinstance(self.min_lr, numbers.Real) or not math.isfinite(self.min_lr) or not 0 <= self.min_lr <= self.lr:
+        self.min_lr = check_non_negative("min_lr", self.min_lr)
+        if self.min_lr > self.lr:
             raise ValueError(f"min_lr must be a number in [0, lr={self.lr}], got {self.min_lr!r}")
-        self.min_lr = float(self.min_lr)
         self.weight_decay = check_non_negative("weight_decay", self.weight_decay)
         store_count(self, "warmup_steps")
         if self.warmup_steps > self.steps:

@@ -62,6 +62,8 @@ def test_config_round_trips_through_dict():
         (dict(steps=0), "steps must be an integer >= 1"),
         (dict(lr=-1.0), "lr must be a finite number > 0"),
         (dict(min_lr=1.0, lr=1e-3), r"min_lr must be a number in \[0, lr"),
+        (dict(min_lr=-1e-5), "min_lr must be a finite number >= 0"),
+        (dict(min_lr=True), "min_lr must be a finite number >= 0"),
         (dict(steps=10, warmup_steps=11), "warmup_steps must be <= steps"),
         (dict(grad_clip=0.0), "grad_clip must be a finite number > 0"),
         (dict(n_support=8, n_support_start=9), "n_support_start must be <= n_support"),
@@ -79,3 +81,18 @@ def test_bad_config_values_raise_one_line_errors(kwargs, message):
 def test_unknown_config_key_is_named():
     with pytest.raises(ValueError, match=r"unknown TrainConfig keys \['learning_rate'\]"):
         TrainConfig.from_dict({"learning_rate": 1e-3})
+
+
+def test_yaml_run_config_numbers_in_exponent_notation_build_as_floats(tmp_path):
+    """PyYAML reads `lr: 1e-3` (no decimal point) as the string '1e-3'; every number of a run
+    config written that way must still build, as the floats written (min_lr used to be refused)."""
+    from mi_krr.train import build_run, read_run_config
+
+    path = tmp_path / "run.yaml"
+    path.write_text("model: {model_type: ICLTransformer, n_dims: 2, d_model: 16, n_layers: 1, n_heads: 2}\n"
+                    "sampler: {sampler: gp_regression, dim: 2, bandwidth: 5e-1, noise_std: 2e-1, input_mean: 1e-1}\n"
+                    "train: {steps: 4, warmup_steps: 1, curriculum_steps: 0, batch_size: 2, lr: 1e-3, min_lr: 1e-5, weight_decay: 1e-2, grad_clip: 1e0}\n")
+    run = build_run(read_run_config(path))
+    assert (run.cfg.lr, run.cfg.min_lr, run.cfg.weight_decay, run.cfg.grad_clip) == (1e-3, 1e-5, 1e-2, 1.0)
+    assert all(type(value) is float for value in (run.cfg.lr, run.cfg.min_lr, run.cfg.weight_decay, run.cfg.grad_clip))
+    assert (run.sampler.bandwidth, run.sampler.noise_std, run.sampler.input_mean) == (0.5, 0.2, 0.1)
