@@ -100,12 +100,18 @@ class _PromptSampler(ABC):
     def _checked_mean(self, mean: Any) -> float | tuple[float, ...]:
         if getattr(mean, "ndim", None) == 0:  # a 0-d tensor or array, e.g. x.mean()
             mean = mean.item()
-        if isinstance(mean, str) or (isinstance(mean, numbers.Real) and not isinstance(mean, bool)):  # '1e-1': PyYAML's 1e-1
+        wrong_type = f"input_mean must be a float or a sequence of dim={self.dim} floats, got {mean!r}"
+        if isinstance(mean, str):  # '1e-1': PyYAML reads 1e-1 as a string
+            try:
+                mean = float(mean)
+            except ValueError:
+                raise ValueError(wrong_type) from None
+        if isinstance(mean, numbers.Real) and not isinstance(mean, bool):
             return check_finite("input_mean", mean)
         try:
             values = tuple(float(v) for v in mean)
         except (TypeError, ValueError) as exc:
-            raise ValueError(f"input_mean must be a float or a sequence of dim={self.dim} floats, got {mean!r}") from exc
+            raise ValueError(wrong_type) from exc
         if len(values) != self.dim or not all(math.isfinite(v) for v in values):
             raise ValueError(f"input_mean must hold dim={self.dim} finite floats, got {len(values)} values")
         return values
