@@ -42,7 +42,7 @@ def main() -> None:
         "construct_width": lambda: width_study(widths=(2, 4, 8, 16, 32, 64, 128), n_support=64, n_query=16, lam=1.0,
                                                lams=(0.1, 10.0), n_steps=48, batch_size=10, n_seeds=2),
         "construct_cg_rate": lambda: cg_rate_study(kappas=(10.0, 100.0, 1000.0), n_support=64, n_steps=40, batch_size=16),
-        "construct_relu_width": lambda: relu_width_study(widths=(16, 32, 64, 128, 256, 512, 1024, 2048)),
+        "construct_relu_width": relu_width_study,
     }
     for name, run in studies.items():
         if args.only is not None and name not in args.only:

@@ -24,6 +24,8 @@ head get weight 0. `hook_pattern` carries the weights actually applied. Values a
 
 from __future__ import annotations
 
+import math
+import warnings
 from dataclasses import dataclass
 from typing import Callable
 
@@ -237,6 +239,10 @@ class ConstructedTransformer(HookedRootModule):
         dim: largest task dimension accepted (smaller ones are zero-padded).
         layout: the `ResidualLayout`; `state_coordinates` its scalar coordinates by name.
         params: the construction's parameters (lam, step, kernel, head width, arithmetic, ...).
+        relu_arithmetic: the `ReluArithmetic` of an `mlp="relu"` construction (None for "exact").
+
+    A forward whose read-out overflows to inf/NaN (a ReLU arithmetic too coarse for the number of
+    steps, typically) raises a RuntimeWarning that says why.
     """
 
     def __init__(
@@ -269,6 +275,7 @@ class ConstructedTransformer(HookedRootModule):
         self.dim = dim
         self.n_aux = n_aux
         self.params = dict(params, mlp=arithmetic)
+        self.relu_arithmetic = relu
         self._state_tokens = dict(state_tokens)
         self._readout_coordinate = readout_coordinate
         self._readout_sign = readout_sign
@@ -341,7 +348,24 @@ class ConstructedTransformer(HookedRootModule):
         flags = tokens[..., self.dim + 1 : self.dim + 4]
         for block in self.blocks:
             resid = block(resid, flags)
-        return self.readout(resid)
+        out = self.readout(resid)
+        if not torch.isfinite(out).all():
+            warnings.warn(self._overflow_message(), RuntimeWarning, stacklevel=2)
+        return out
+
+    def _overflow_message(self) -> str:
+        """Why a read-out overflowed, and what to change."""
+        message = f"{self.construction} construction ({self.n_steps} steps): the read-out holds inf/NaN"
+        relu = self.relu_arithmetic
+        if relu is None:
+            return message + ": check the task for huge or non-finite values, or lam for a near-singular system"
+        knot_ratio = 1.1 + math.sqrt(0.21)  # (r + 1)^2 / (4 r) = 1.05
+        width = 1 + math.ceil(math.log(relu.high / relu.low) / math.log(knot_ratio))
+        return message + (
+            f"; its ReLU reciprocals (mlp_width={relu.width}) overshoot 1/s by up to {relu.reciprocal_overshoot():.2f}x on "
+            f"recip_range=({relu.low:g}, {relu.high:g}) and each step amplifies that error: use mlp_width >= {width} "
+            "(overshoot <= 1.05x), a narrower recip_range, or fewer steps"
+        )
 
     def readout(self, resid: torch.Tensor) -> torch.Tensor:
         """The prediction coordinate: `[..., d_model]` -> `[...]` (no norm)."""

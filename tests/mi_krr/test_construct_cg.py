@@ -3,6 +3,8 @@ mi_krr.solvers.cg, an independent NumPy CG, and SciPy's direct solve."""
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import scipy.linalg
@@ -161,6 +163,23 @@ def test_cg_transformer_relu_error_shrinks_with_mlp_width(well_conditioned):
         for width in (16, 64, 256)
     ]
     assert errors[0] > 4 * errors[1] > 16 * errors[2] > 0
+
+
+def test_cg_transformer_relu_overflow_warns_with_the_width_that_fixes_it(well_conditioned):
+    """At 8 ReLU units over 10 decades the reciprocal overshoots 1/s by (r + 1)^2 / (4 r), r the
+    knot ratio, and 10 CG steps overflow: the forward warns, naming the width whose overshoot is
+    at most 1.05x (computed here from the knot ratio), which then runs without a warning."""
+    task, lam, *_ = well_conditioned
+    ratio = 1e10 ** (1 / 7)
+    overshoot = (ratio + 1) ** 2 / (4 * ratio)
+    needed = next(w for w in range(2, 200) if (lambda r: (r + 1) ** 2 / (4 * r))(1e10 ** (1 / (w - 1))) <= 1.05)
+    coarse = cg_transformer(n_steps=10, lam=lam, dim=task.dim, mlp="relu", mlp_width=8)
+    with pytest.warns(RuntimeWarning, match=rf"overshoot 1/s by up to {overshoot:.2f}x.*mlp_width >= {needed} ") as record:
+        prediction = coarse.predict(task)
+    assert not torch.isfinite(prediction).all() and len(record) == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert torch.isfinite(cg_transformer(n_steps=10, lam=lam, dim=task.dim, mlp="relu", mlp_width=needed).predict(task)).all()
 
 
 @pytest.mark.parametrize(
