@@ -33,6 +33,7 @@ from mi_krr.kernels import KERNEL_NAMES, condition_number, kernel_defaults, kern
 from mi_krr.solvers import ALGORITHMS
 from mi_krr.solvers.direct import krr
 from mi_krr.tasks import ICLTask
+from mi_krr.tasks.task import check_task
 from mi_krr.tasks.optimal import bayes_optimal_ridge
 from probes.attention_kernels import AttentionKernels
 from probes.compare import format_html, summary_rows
@@ -539,8 +540,7 @@ def _check_tasks(tasks: Any) -> dict[str, ICLTask]:
     if not isinstance(tasks, dict) or not tasks:
         raise ValueError("tasks must be an ICLTask or a non-empty dict name -> ICLTask")
     for name, task in tasks.items():
-        if not isinstance(task, ICLTask):
-            raise ValueError(f"tasks[{name!r}] must be an mi_krr.tasks.ICLTask, got {type(task).__name__}")
+        check_task(f"tasks[{name!r}]", task)
     named = {str(name): task for name, task in tasks.items()}
     if len(named) < len(tasks):
         raise ValueError(f"tasks' names must stay distinct as strings (results are keyed by str(name)), got {list(tasks)}: rename them")

@@ -23,8 +23,9 @@ from mi_krr._repr import compact_repr
 from mi_krr._validation import as_float64, check_count, check_seed
 from mi_krr.models.adapter import ICLModel
 from mi_krr.tasks import ICLTask
+from mi_krr.tasks.task import check_task
 from probes.scoring import SST_ROUNDING
-from probes.streaming import encode_for_probe, probe_model, query_residuals, resolve_layers
+from probes.streaming import encode_for_probe, model_device_dtype, probe_model, query_residuals, resolve_layers
 
 DEFAULT_LAM_GRID: tuple[float, ...] = tuple(float(v) for v in np.logspace(-8, 2, 21))
 
@@ -66,7 +67,8 @@ class LayerProbes:
         control: the same probes trained on targets shuffled across prompts (every prompt gets
             another prompt's targets).
         targets: what was predicted ("y_query", or "custom" for a given tensor).
-        train_prompts: fingerprints of the training prompts' support inputs.
+        train_prompts: fingerprints of the training prompts' support inputs as the model saw them
+            (`prompt_fingerprints` at the model's dtype).
     """
 
     __repr__ = compact_repr
@@ -99,13 +101,14 @@ class LayerProbes:
 
     def _features(self, model: ICLModel, task: ICLTask) -> torch.Tensor:
         model = probe_model(model)
-        shared = self.train_prompts & set(prompt_fingerprints(task))
+        layers = resolve_layers(model, self.layers)  # a shallower model: "layers entry ... out of range"
+        shared = self.train_prompts & set(prompt_fingerprints(check_task("task", task), model_device_dtype(model)[1]))
         if shared:
             raise ValueError(
                 f"task shares {len(shared)} prompt(s) with the probes' training prompts: evaluate probes on "
                 "prompts they were not fitted on (sample a fresh task)"
             )
-        features = query_residuals(model, encode_for_probe(model, task), self.layers)
+        features = query_residuals(model, encode_for_probe(model, task), layers)
         if features.shape[-1] != self.fit.weight.shape[-1]:
             raise ValueError(
                 f"model residual width {features.shape[-1]} does not match the probes' d_model={self.fit.weight.shape[-1]}"
@@ -113,10 +116,11 @@ class LayerProbes:
         return features
 
 
-def prompt_fingerprints(task: ICLTask) -> list[str]:
-    """One fingerprint per prompt of its support inputs (float64 bytes): identical x_support,
-    identical fingerprint."""
-    x = task.x_support.detach().to("cpu", torch.float64).numpy()
+def prompt_fingerprints(task: ICLTask, dtype: torch.dtype = torch.float64) -> list[str]:
+    """One fingerprint per prompt of its support inputs as a model of `dtype` sees them (rounded
+    to `dtype`, then float64 bytes): identical inputs to the model, identical fingerprint, so a
+    float64 task and its float32 copy are the same prompts to a float32 model."""
+    x = task.x_support.detach().to("cpu", dtype).to(torch.float64).numpy()
     return [hashlib.blake2b(np.ascontiguousarray(prompt).tobytes(), digest_size=16).hexdigest() for prompt in x]
 
 
@@ -177,7 +181,7 @@ def fit_layer_probes(
         fit=_fit_ridge(features, target, train, val, lam_grid),
         control=_fit_ridge(features, shuffled, train, val, lam_grid),
         targets=target_name,
-        train_prompts=frozenset(prompt_fingerprints(train_task)),
+        train_prompts=frozenset(prompt_fingerprints(train_task, model_device_dtype(model)[1])),
     )
 
 

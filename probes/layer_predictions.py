@@ -10,6 +10,7 @@ import torch
 from mi_krr._validation import check_choice
 from mi_krr.models.adapter import ICLModel
 from mi_krr.tasks import ICLTask
+from mi_krr.tasks.task import check_task
 from probes.fitted_probes import DEFAULT_LAM_GRID, fit_layer_probes
 from probes.streaming import encode_for_probe, probe_model, query_readouts, resolve_layers
 
@@ -56,5 +57,5 @@ def check_train_task(method: str, train_task: ICLTask | None) -> None:
         raise ValueError("method='ridge' needs train_task: prompts (disjoint from the probed ones) to fit the probes on")
     if method == "readout" and train_task is not None:
         raise ValueError("train_task is only read by method='ridge' (fitted probes): pass method='ridge' or drop train_task")
-    if train_task is not None and not isinstance(train_task, ICLTask):
-        raise ValueError(f"train_task must be an mi_krr.tasks.ICLTask, got {type(train_task).__name__}")
+    if train_task is not None:
+        check_task("train_task", train_task)

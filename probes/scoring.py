@@ -411,11 +411,18 @@ def score_algorithm(
         layers=layers,
         resamples=resamples,
         layer_sensitivity=layer_sensitivity,
-        step_sensitivities=None if step_sensitivity is None else {algorithm: step_sensitivity},
+        step_sensitivities=None if step_sensitivity is None else {algorithm: _one_array("step_sensitivity", step_sensitivity)},
         kappa=kappa,
         n_kappa_bins=n_kappa_bins,
         level=level,
     )[algorithm]
+
+
+def _one_array(name: str, value):
+    """`value`, refused when it is a dict (the other scoring function's argument)."""
+    if isinstance(value, Mapping):
+        raise ValueError(f"{name} must be one array (score_algorithms takes a dict name -> array), got a {type(value).__name__}")
+    return value
 
 
 def score_algorithms(
@@ -469,6 +476,22 @@ def _score_side_by_side(
     layers = np.arange(n_rows) if layers is None else _layer_indices(layers)
     if layers.shape != (n_rows,):
         raise ValueError(f"layers must list one layer index per row of layer_pred ({n_rows}), got {layers.tolist()}")
+    if np.any(np.diff(layers) < 0):
+        raise ValueError(
+            f"layers must be in depth order (the alignment maps deeper rows to later steps), got {layers.tolist()}: "
+            "sort the layers and the rows of layer_pred together"
+        )
+    check_count("n_kappa_bins", n_kappa_bins, 1)
+    if step_sensitivities is not None and not isinstance(step_sensitivities, Mapping):
+        raise ValueError(
+            "step_sensitivities must map algorithm names to sensitivities [B, T+1, m, n] (score_algorithm takes one "
+            f"array as step_sensitivity), got {type(step_sensitivities).__name__}"
+        )
+    if (layer_sensitivity is None) != (not step_sensitivities):
+        raise ValueError(
+            "layer_sensitivity and step_sensitivities go together: pass both (the model's [B, L', m, n] and at least "
+            "one algorithm's [B, T+1, m, n]) or neither"
+        )
     unknown = sorted(set(step_sensitivities or {}) - set(step_preds))
     if unknown:
         raise ValueError(f"step_sensitivities names {unknown}, which step_preds lacks: use the algorithm names of step_preds {list(step_preds)}")
@@ -480,6 +503,8 @@ def _score_side_by_side(
     for name, values in {"krr_pred": krr, **{f"step_preds[{name!r}]": values for name, values in step_values.items()}}.items():
         if values.shape[0] != n_prompts:
             raise ValueError(f"{name} covers {values.shape[0]} prompts but layer_pred {n_prompts}: pass both for the same prompts")
+    if layer_sensitivity is not None:
+        layer_sensitivity, step_sensitivities = _checked_sensitivities(layer_sensitivity, step_sensitivities, layer_values, step_values)
     limit = overflow_limit(layer_values.size + sum(values.size for values in step_values.values()))
     for name, values in step_values.items():
         if values.size and np.abs(values).max() > limit:
@@ -553,6 +578,27 @@ def _fold_leading(statistic, sse: np.ndarray, sst: np.ndarray, steps: np.ndarray
     lead = sse.shape[:2]
     value = statistic(sse.reshape(-1, *sse.shape[2:]), sst.reshape(-1, sst.shape[-1]), steps.reshape(-1, steps.shape[-1]), *rows)
     return value.reshape(*lead, *value.shape[1:])
+
+
+def _checked_sensitivities(layer_sensitivity, step_sensitivities: Mapping, layer_values: np.ndarray, step_values: dict) -> tuple[np.ndarray, dict]:
+    """The sensitivities as arrays, checked against the predictions they go with: layer
+    `[B, L', m, n]` for layer_values `[B, L', m]`, each algorithm's `[B, T+1, m, n]` for its
+    step values `[B, T+1, m]`, one n throughout."""
+    layer = _as_array("layer_sensitivity", layer_sensitivity, 3)
+    if layer.shape[:-1] != layer_values.shape:
+        raise ValueError(
+            f"layer_sensitivity {layer.shape} must be [B, L', m, n] for the rows of layer_pred {layer_values.shape}: "
+            "take both for the same prompts, layers and queries"
+        )
+    steps = {}
+    for name, sensitivity in step_sensitivities.items():
+        steps[name] = _as_array(f"step_sensitivities[{name!r}]", sensitivity, 3)
+        if steps[name].shape[:-1] != step_values[name].shape or steps[name].shape[-1] != layer.shape[-1]:
+            raise ValueError(
+                f"step_sensitivities[{name!r}] {steps[name].shape} must be [B, T+1, m, n] for step_preds[{name!r}] "
+                f"{step_values[name].shape} with layer_sensitivity's n={layer.shape[-1]}: take both from the same run (n_steps)"
+            )
+    return layer, steps
 
 
 def _add_sensitivity_scores(result: AlgorithmScore, sums: PairedSums, scored: np.ndarray) -> None:

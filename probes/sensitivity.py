@@ -22,6 +22,7 @@ import torch
 from mi_krr._validation import as_float64, check_choice, check_count, check_positive
 from mi_krr.models.adapter import ICLModel
 from mi_krr.tasks import ICLTask
+from mi_krr.tasks.task import check_task
 from probes.streaming import encode_for_probe, model_device_dtype, probe_model, query_readouts, resolve_layers
 
 LINEAR_IN_Y: frozenset[str] = frozenset(
@@ -56,9 +57,8 @@ def label_sensitivities(
     model = probe_model(model)
     layers = resolve_layers(model, layers)
     check_count("chunk_size", chunk_size, minimum=1)
-    if isinstance(task, ICLTask):  # differentiate in the model's precision, not the task's (encode_for_probe checks the type)
-        device, dtype = model_device_dtype(model)
-        task = task.to(device=device, dtype=dtype)
+    device, dtype = model_device_dtype(model)
+    task = check_task("task", task).to(device=device, dtype=dtype)  # differentiate in the model's precision, not the task's
     with torch.inference_mode(False), torch.enable_grad():  # also under a caller's no_grad() or inference_mode()
         labels = task.y_support.detach().clone().requires_grad_(True)
         prompt = encode_for_probe(model, dataclasses.replace(task, y_support=labels))

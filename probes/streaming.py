@@ -26,6 +26,7 @@ from mi_krr._validation import check_choice, check_count
 from mi_krr.models.adapter import ICLModel, adapter_for
 from mi_krr.models.encoding import EncodedPrompt
 from mi_krr.tasks import ICLTask
+from mi_krr.tasks.task import check_task
 
 Reduction = Callable[[torch.Tensor], Any]
 ATTENTION_BLOCKS = ("support", "query")
@@ -43,8 +44,7 @@ def encode_for_probe(model: ICLModel, task: ICLTask) -> EncodedPrompt:
     """`model.encode(task)` after checking `task` is an `ICLTask` with at least one query (probes
     read the model at its queries); every mi-krr model's `encode` checks the task's dimension and
     length against the model (`check_task_fits`)."""
-    if not isinstance(task, ICLTask):
-        raise ValueError(f"task must be an mi_krr.tasks.ICLTask, got {type(task).__name__}")
+    check_task("task", task)
     if task.n_query < 1:
         raise ValueError("task has no query points (n_query=0): probes read the model at its queries; sample with n_query >= 1")
     prompt = model.encode(task)

@@ -41,6 +41,7 @@ from mi_krr.models.adapter import AttentionHooks
 from mi_krr.models.encoding import EncodedPrompt
 from mi_krr.models.hook_names import attention_hook_names, residual_hook_names
 from mi_krr.tasks import ICLTask
+from mi_krr.tasks.task import check_task
 
 TOKEN_TYPES = ("support", "query", "aux")
 ATTENTION_KINDS = ("linear", "softmax")
@@ -390,8 +391,7 @@ class ConstructedTransformer(HookedRootModule):
 
     def encode(self, task: ICLTask) -> EncodedPrompt:
         """Tokens `[batch, n + m + n_aux, dim + 4]` for `task` (see the module docstring)."""
-        if not isinstance(task, ICLTask):
-            raise ValueError(f"task must be an mi_krr.tasks.ICLTask, got {type(task).__name__}")
+        check_task("task", task)
         if task.dim > self.dim:
             raise ValueError(
                 f"task dimension d={task.dim} is larger than this construction supports (dim={self.dim}): build it with dim>={task.dim}"

@@ -14,6 +14,7 @@ from mi_krr._repr import compact_repr
 from mi_krr.models.encoding import EncodedPrompt, encode, interleave_pairs
 from mi_krr.models.masks import allowed_attention
 from mi_krr.tasks import ICLTask
+from mi_krr.tasks.task import check_task
 
 _N_SUPPORT_ATTRIBUTE = "mi_krr_n_support"
 """The attribute `encode` sets on its token tensor: the prompt's n_support, which the concat
@@ -58,8 +59,7 @@ def check_task_fits(model: object, task: ICLTask) -> None:
 
 def _check_task_dimension(model: object, task: ICLTask) -> None:
     """Raise one clear ValueError if `task` is not an `ICLTask` of the model's `n_dims`."""
-    if not isinstance(task, ICLTask):
-        raise ValueError(f"task must be an mi_krr.tasks.ICLTask, got {type(task).__name__}")
+    check_task("task", task)
     n_dims = model.n_dims
     if task.dim != n_dims:
         raise ValueError(

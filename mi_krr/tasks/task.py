@@ -113,3 +113,10 @@ class ICLTask:
     @staticmethod
     def _tensor_fields() -> tuple[str, ...]:
         return ("x_support", "y_support", "x_query", "y_query")
+
+
+def check_task(name: str, value: Any) -> ICLTask:
+    """`value` if it is an `ICLTask`, else one ValueError naming the argument `name`."""
+    if not isinstance(value, ICLTask):
+        raise ValueError(f"{name} must be an mi_krr.tasks.ICLTask, got {type(value).__name__}")
+    return value
