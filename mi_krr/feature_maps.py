@@ -37,6 +37,7 @@ __all__ = [
 ]
 
 
+@runtime_checkable
 class FeatureMap(Protocol):
     """Anything mapping `[..., in_dim]` to `[..., out_dim]`, with the kernel its features give."""
 

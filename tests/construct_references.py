@@ -15,18 +15,20 @@ def parse_construct_table(text: str) -> np.ndarray:
 
 
 def numpy_cg_predictions(K, y, lam, K_query, n_steps):
-    """Plain CG on (K + lam I) alpha = y from alpha = 0: predictions K_query alpha_t, t = 0..T."""
+    """Plain CG on (K + lam I) alpha = y from alpha = 0: predictions K_query alpha_t, t = 0..T
+    `[T + 1, m]` (a step with r = 0 leaves alpha as it is: CG has terminated)."""
     A = K + lam * np.eye(len(y))
     alpha, r = np.zeros_like(y), y.copy()
     p = r.copy()
     preds = [K_query @ alpha]
     for _ in range(n_steps):
-        Ap = A @ p
-        step = (r @ r) / (p @ Ap)
-        alpha = alpha + step * p
-        r_new = r - step * Ap
-        p = r_new + (r_new @ r_new) / (r @ r) * p
-        r = r_new
+        if r @ r > 0:
+            Ap = A @ p
+            step = (r @ r) / (p @ Ap)
+            alpha = alpha + step * p
+            r_new = r - step * Ap
+            p = r_new + (r_new @ r_new) / (r @ r) * p
+            r = r_new
         preds.append(K_query @ alpha)
     return np.array(preds)
 

@@ -159,8 +159,8 @@ def check_construction(
     K, K_query = kernel_matrix(kernel, x, **params), kernel_matrix(kernel, xq, x, **params)
 
     if construction == "cg":
-        model = cg_transformer(n_steps, lam, kernel=kernel, dim=dim, head_width=head_width, temperature=temperature,
-                               bandwidth=bandwidth, mlp=mlp, mlp_width=mlp_width, seed=seed, device=device)
+        model = cg_transformer(n_steps, lam, kernel=kernel, dim=dim, head_width=head_width, **params, mlp=mlp, mlp_width=mlp_width,
+                               seed=seed, device=device)
         phi, phi_query = model.feature_map(x), model.feature_map(xq)
         solver = cg(phi @ phi.mT, y, lam, n_steps, K_query=phi_query @ phi.mT).pred
     elif construction == "richardson":

@@ -57,7 +57,7 @@ from typing import Callable
 import torch
 
 from mi_krr._validation import check_choice, check_count, check_positive
-from mi_krr.construct.primitives import Linear, Reciprocal, ReluArithmetic, const, coord
+from mi_krr.construct.primitives import Linear, Reciprocal, ReluArithmetic, const, coord, reciprocal_range
 from mi_krr.construct.transformer import BlockSpec, ConstructedTransformer, FeatureSlot, HeadSpec, ResidualLayout
 from mi_krr.feature_maps import FeatureMap, LinearFeatures, PositiveRandomFeatures, PromptFeatureMap, RandomProjection
 from mi_krr.kernels import KERNEL_NAMES
@@ -83,11 +83,21 @@ def kernel_feature_map(
             return LinearFeatures(dim)
         return RandomProjection(dim, check_count("head_width", head_width, minimum=1), seed=seed)
     if head_width is None:
-        raise ValueError(f"head_width is required for kernel {kernel!r} (no finite exact feature map): pass e.g. head_width=256")
+        raise ValueError(f"head_width is required for kernel {kernel!r} (no finite exact feature map): pass e.g. head_width=256 (mi-krr construct: --head-width 256)")
     head_width = check_count("head_width", head_width, minimum=1)
     if kernel == "exp":
         return PositiveRandomFeatures(dim, head_width, kind="exp", temperature=check_positive("temperature", temperature), seed=seed)
     return PositiveRandomFeatures(dim, head_width, kind="gaussian", bandwidth=check_positive("bandwidth", bandwidth), seed=seed)
+
+
+def _kernel_parameters(kernel: str, temperature: float | None, bandwidth: float | None) -> dict[str, float]:
+    """The parameter `kernel` reads ({} for linear, temperature for exp, bandwidth for gaussian;
+    None: 1.0); ValueError naming a parameter given for a kernel that does not read it."""
+    readers = {"temperature": ("exp", temperature), "bandwidth": ("gaussian", bandwidth)}
+    for name, (reader, value) in readers.items():
+        if value is not None and kernel != reader:
+            raise ValueError(f"{name} is the {reader} kernel's parameter; kernel {kernel!r} does not read it: drop {name}")
+    return {name: check_positive(name, 1.0 if value is None else value) for name, (reader, value) in readers.items() if kernel == reader}
 
 
 def _embedding_features(feature_map: FeatureMap | PromptFeatureMap, n_aux: int) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -114,8 +124,8 @@ def cg_transformer(
     dim: int = 8,
     feature_map: FeatureMap | PromptFeatureMap | None = None,
     head_width: int | None = None,
-    temperature: float = 1.0,
-    bandwidth: float = 1.0,
+    temperature: float | None = None,
+    bandwidth: float | None = None,
     mlp: str = "exact",
     mlp_width: int = 256,
     recip_range: tuple[float, float] = (1e-6, 1e4),
@@ -134,15 +144,21 @@ def cg_transformer(
             `PromptFeatureMap` (e.g. `ProjectedKernelFeatures`) is applied jointly to each
             prompt's support and query points.
         head_width: m, the width of phi (None: exact linear features, m = dim).
-        temperature, bandwidth: kernel parameters for "exp" / "gaussian".
+        temperature, bandwidth: the "exp" kernel's temperature, the "gaussian" kernel's bandwidth
+            (None: 1.0); refused for a kernel that does not read them, or with a feature_map.
         mlp: "exact" (idealised reciprocal units) or "relu".
         mlp_width, recip_range: ReLU units per reciprocal and the range it is accurate on. The
             interpolant overshoots 1/s by up to `ReluArithmetic.reciprocal_overshoot()` (1.03x at
-            64 units on the default 10 decades, 1.71x at 16) and CG compounds it step by step: at
-            16 units a d=4 linear-regression task with lam=0.1 overflowed within 10 steps (the
-            forward then warns, naming the width that avoids it).
+            64 units on the default 10 decades, 1.71x at 16) and CG compounds it step by step until
+            a reciprocal's input leaves recip_range: the forward then raises a `ReluRangeError`
+            naming recip_range and mlp_width (at 16 units a d=4 linear-regression task with
+            lam=0.1 did within 10 steps).
         dtype, device: of the weights; float64 for exactness.
         seed: seed of the random feature map.
+
+    `model.params` records what the model was built from: lam, the kernel and the parameter it
+    reads (or the class of an explicit feature_map), the head width, the random features' seed
+    where phi is random, and mlp_width / recip_range in relu mode.
 
     The model's `feature_map` attribute is the phi used: compare with
     `mi_krr.solvers.cg(feature_map.kernel(x), ...)`, or for a `PromptFeatureMap` with the support
@@ -153,10 +169,25 @@ def cg_transformer(
     dim = check_count("dim", dim, minimum=1)
     check_choice("kernel", kernel, KERNEL_NAMES)
     check_choice("mlp", mlp, ("exact", "relu"))
+    if mlp == "relu":
+        low, high = reciprocal_range(recip_range)
     if feature_map is None:
-        feature_map = kernel_feature_map(kernel, dim, head_width, temperature, bandwidth, seed)
-    elif feature_map.in_dim != dim:
-        raise ValueError(f"feature_map must have in_dim == dim ({dim}), got {feature_map.in_dim}")
+        kernel_params = _kernel_parameters(kernel, temperature, bandwidth)
+        feature_map = kernel_feature_map(kernel, dim, head_width, kernel_params.get("temperature", 1.0), kernel_params.get("bandwidth", 1.0), seed)
+        params = {"kernel": kernel, **kernel_params}
+        if kernel != "linear" or head_width is not None:
+            params["seed"] = seed
+    else:
+        if not isinstance(feature_map, (FeatureMap, PromptFeatureMap)):
+            raise ValueError(
+                "feature_map must be an mi_krr.feature_maps.FeatureMap or PromptFeatureMap (e.g. PositiveRandomFeatures), got "
+                f"{type(feature_map).__name__}: for a kernel by name pass kernel= and head_width="
+            )
+        if (temperature, bandwidth) != (None, None):
+            raise ValueError("temperature / bandwidth are the feature_map's own with an explicit feature_map: drop them here")
+        if feature_map.in_dim != dim:
+            raise ValueError(f"feature_map must have in_dim == dim ({dim}), got {feature_map.in_dim}")
+        params = {"feature_map": type(feature_map).__name__}
     width = feature_map.out_dim
     layout = ResidualLayout(
         [("x", dim), ("y", 1), ("feat_support", width), ("feat_query", width)]
@@ -242,8 +273,8 @@ def cg_transformer(
             **{name: "aux" for name in CG_AGGREGATOR_STATES},
         },
         arithmetic=mlp,
-        relu=ReluArithmetic(width=mlp_width, low=recip_range[0], high=recip_range[1]) if mlp == "relu" else None,
-        params={"lam": lam, "kernel": kernel, "head_width": width, "temperature": temperature, "bandwidth": bandwidth, "seed": seed},
+        relu=ReluArithmetic(mlp_width, low=low, high=high) if mlp == "relu" else None,
+        params={"lam": lam, **params, "head_width": width, **({"mlp_width": mlp_width, "recip_range": (low, high)} if mlp == "relu" else {})},
         dtype=dtype,
         device=device,
     )

@@ -26,8 +26,10 @@ list into a module with a TransformerLens-style `hook_pre` / `hook_post`:
   (width - 1)) the knot ratio (`ReluArithmetic.reciprocal_overshoot`).
   Outside [-bound, bound] the square is off by O(s^2), so a product's value there is wrong by
   O(1) and more: the forward pass raises a ValueError naming mlp_bound when a product's input
-  u + v or u - v leaves [-bound, bound]. Reciprocals are not checked: CG's squared norms fall
-  below `low` once it has converged, and each construction documents its reciprocal range.
+  u + v or u - v leaves [-bound, bound]. Likewise above `high` the interpolant of 1/s stays at
+  1/high, too large by s / high: the forward pass raises a ValueError naming recip_range when a
+  reciprocal's input exceeds `high`. Below `low` it is not checked: CG's squared norms fall
+  below `low` once it has converged, where the capped reciprocal multiplies a vanishing residual.
 
 `Reciprocal(..., off=o)` computes 1/u on the tokens where the readout o is 0 and exactly 0 where
 o is 1 (o is a sum of token-type flags, so it is exactly 0 or 1; u must be 0 where o is 1): the
@@ -40,6 +42,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -131,6 +134,10 @@ class Reciprocal:
 Op = Linear | Product | Reciprocal
 
 
+class ReluRangeError(ValueError):
+    """A relu-mode MLP's input left the range its interpolants cover (`ReluMLP.check_inputs`)."""
+
+
 @dataclass(frozen=True)
 class ReluArithmetic:
     """Ranges and width of the ReLU approximations (see the module docstring).
@@ -164,6 +171,16 @@ class ReluArithmetic:
         ratio of neighbouring knots (on [a, r a] the chord times s peaks at s = (r + 1) a / 2)."""
         ratio = (self.high / self.low) ** (1.0 / (self.width - 1))
         return (ratio + 1.0) ** 2 / (4.0 * ratio)
+
+
+def reciprocal_range(recip_range: Any) -> tuple[float, float]:
+    """`recip_range` as a (low, high) pair of floats (`ReluArithmetic` checks 0 < low < high), or
+    one ValueError naming it."""
+    try:
+        low, high = (float(value) for value in recip_range)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"recip_range must be a pair (low, high) with 0 < low < high, e.g. (1e-6, 1e4), got {recip_range!r}") from error
+    return low, high
 
 
 @dataclass
@@ -273,23 +290,27 @@ def _interpolate(knots: torch.Tensor, values: torch.Tensor, s: float) -> float:
 
 class ReluMLP(nn.Module):
     """One-hidden-layer ReLU MLP approximating the ops (see the module docstring). Its forward pass
-    raises a ValueError when a product's input leaves [-bound, bound] (`check_product_inputs`).
+    raises a ValueError when a product's input leaves [-bound, bound] or a reciprocal's exceeds
+    `high` (`check_inputs`).
 
     Hooks: `hook_pre` the pre-activations `[batch, pos, hidden]`, `hook_post` after the ReLU.
     """
 
     def __init__(self, ops: list[Op], d_model: int, arithmetic: ReluArithmetic):
         super().__init__()
-        self.bound = arithmetic.bound
-        product_inputs = _Units()
+        self.arithmetic = arithmetic
+        product_inputs, reciprocal_inputs = _Units(), _Units()
         for op in ops:
             if isinstance(op, Product):
                 product_inputs.add(op.u + op.v, [])
                 product_inputs.add(op.u - op.v, [])
-        w_product, b_product, _, _, _ = product_inputs.matrices(d_model)
+            elif isinstance(op, Reciprocal):
+                reciprocal_inputs.add(op.u + op.off, [])
         # buffers, not in the state dict: a saved model holds the ReLU network's weights only
-        self.register_buffer("W_product", w_product, persistent=False)
-        self.register_buffer("b_product", b_product, persistent=False)
+        for name, inputs in (("product", product_inputs), ("reciprocal", reciprocal_inputs)):
+            weight, bias, _, _, _ = inputs.matrices(d_model)
+            self.register_buffer(f"W_{name}", weight, persistent=False)
+            self.register_buffer(f"b_{name}", bias, persistent=False)
         units = _Units()
         bias = torch.zeros(d_model, dtype=torch.float64)
         square_knots = arithmetic.square_knots()
@@ -316,22 +337,39 @@ class ReluMLP(nn.Module):
         self.hook_pre = HookPoint()
         self.hook_post = HookPoint()
 
-    def check_product_inputs(self, h: torch.Tensor) -> None:
-        """ValueError naming mlp_bound if some product's input u + v or u - v (on any token of h
-        `[batch, pos, d_model]`) lies outside [-bound, bound], where its square is not interpolated."""
-        if self.W_product.shape[1] == 0:
-            return
-        largest = float((h.detach() @ self.W_product + self.b_product).abs().amax())
-        if largest > self.bound:
-            raise ValueError(
-                f"mlp='relu': a product's input |u +- v| reached {largest:.4g}, beyond mlp_bound={self.bound:.4g} where its "
-                f"ReLU interpolant of s^2 ends (the product would be wrong): rebuild the model with mlp_bound >= {largest:.4g} "
-                "(richardson_transformer: or with max_support >= the prompts' n_support)"
-            )
+    @property
+    def bound(self) -> float:
+        """Products are accurate while their inputs stay within [-bound, bound]."""
+        return self.arithmetic.bound
+
+    def check_inputs(self, h: torch.Tensor) -> None:
+        """`ReluRangeError` (a ValueError) if, on any token of h `[batch, pos, d_model]`, a product's
+        input u + v or u - v lies outside [-bound, bound] (naming mlp_bound) or a reciprocal's input
+        above `high` (naming recip_range): there the interpolants end and the result would be wrong."""
+        h = h.detach()
+        relu = self.arithmetic
+        if self.W_product.shape[1]:
+            largest = float((h @ self.W_product + self.b_product).abs().amax())
+            if largest > relu.bound:
+                raise ReluRangeError(
+                    f"mlp='relu': a product's input |u +- v| reached {largest:.4g}, beyond mlp_bound={relu.bound:.4g} where its "
+                    f"ReLU interpolant of s^2 ends (the product would be wrong): rebuild the model with mlp_bound >= {largest:.4g} "
+                    "(richardson_transformer: or with max_support >= the prompts' n_support)"
+                )
+        if self.W_reciprocal.shape[1]:
+            largest = float((h @ self.W_reciprocal + self.b_reciprocal).amax())
+            if largest > relu.high:
+                raise ReluRangeError(
+                    f"mlp='relu': a reciprocal's input reached {largest:.4g}, beyond recip_range's high end {relu.high:.4g} where "
+                    f"its ReLU interpolant of 1/s ends (1/s would be {largest / relu.high:.3g}x too large): rebuild the model with "
+                    f"recip_range=({relu.low:g}, >= {largest:.4g}) and mlp_width large enough for the wider range, or, if the "
+                    f"inputs grew step by step, with a larger mlp_width (now {relu.width}: 1/s overshot by up to "
+                    f"{relu.reciprocal_overshoot():.4g}x)"
+                )
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         """h `[batch, pos, d_model]` -> update `[batch, pos, d_model]`."""
-        self.check_product_inputs(h)
+        self.check_inputs(h)
         hidden = self.hook_post(torch.relu(self.hook_pre(h @ self.W_in + self.b_in)))
         return hidden @ self.W_out + self.b_out
 

@@ -18,7 +18,7 @@ x_*, the head over support keys and the sink with values alpha gives
 o_* = k_*^T alpha / (1 + D_*) and the sink weight z_* = 1 / (1 + D_*), so k_*^T alpha = o_* / z_*.
 
 Tokens: n support tokens, m queries, one sink token (flag is_aux). Residual coordinates
-(`model.state_coordinates`; fixed order, d_model = 12 + dim):
+(`model.state_coordinates`; fixed order, d_model = 13 + dim):
     0 is_support, 1 is_query, 2 is_aux (the sink)
     x [dim], y, sqnorm = |x|^2 (computed by the embedding, a nonlinear read-in)
     support: alpha, u = (D^-1 K alpha)_i, z_s = 1 / (1 + D_i), dinv = 1 / D_i
@@ -58,7 +58,7 @@ import dataclasses
 import torch
 
 from mi_krr._validation import check_choice, check_count, check_positive
-from mi_krr.construct.primitives import Linear, Product, Reciprocal, ReluArithmetic, const, coord
+from mi_krr.construct.primitives import Linear, Product, Reciprocal, ReluArithmetic, const, coord, reciprocal_range
 from mi_krr.construct.transformer import BlockSpec, ConstructedTransformer, FeatureSlot, HeadSpec, ResidualLayout
 
 RICHARDSON_SUPPORT_STATES = ("alpha", "dinv", "y")
@@ -79,14 +79,22 @@ def relu_arithmetic(
     2 + c (1 + max_support), c the reciprocal's overshoot (module docstring). ValueError if
     recip_range does not contain [1 / bound, 1]."""
     max_support = check_count("max_support", max_support, minimum=1)
-    arithmetic = ReluArithmetic(width=width, low=recip_range[0], high=recip_range[1])
-    if bound is None:
+    low, high = reciprocal_range(recip_range)
+    arithmetic = ReluArithmetic(width, low=low, high=high)
+    derived = bound is None
+    if derived:
         bound = PREDICTION_ROOM + arithmetic.reciprocal_overshoot() * (1 + max_support)
     arithmetic = dataclasses.replace(arithmetic, bound=bound)
     if arithmetic.low * arithmetic.bound > 1.0 or arithmetic.high < 1.0:
+        fix = (
+            f"the default mlp_bound {bound:.4g} = {PREDICTION_ROOM:g} + (1 + max_support={max_support}) x "
+            f"{arithmetic.reciprocal_overshoot():.4g} (the reciprocal's overshoot at mlp_width={width}) is too large: raise "
+            "mlp_width (mi-krr construct: --mlp-width)"
+            if derived else "widen recip_range or lower mlp_bound"
+        )
         raise ValueError(
-            f"recip_range={tuple(recip_range)} must contain [1 / mlp_bound, 1] = [{1.0 / arithmetic.bound:.4g}, 1] (the sink "
-            "weights 1 / (1 + D) and 1 - z_s it inverts): widen recip_range or lower mlp_bound"
+            f"recip_range={(low, high)} must contain [1 / mlp_bound, 1] = [{1.0 / arithmetic.bound:.4g}, 1] (the sink "
+            f"weights 1 / (1 + D) and 1 - z_s it inverts): {fix}"
         )
     return arithmetic
 

@@ -22,8 +22,9 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from mi_krr._validation import check_choice, check_count, check_device, check_positive
+from mi_krr._validation import as_tuple, check_choice, check_count, check_device, check_positive
 from mi_krr.construct.cg import cg_transformer, kernel_feature_map
+from mi_krr.construct.primitives import ReluRangeError
 from mi_krr.construct.richardson import richardson_transformer
 from mi_krr.feature_maps import FeatureMap, ProjectedKernelFeatures, PromptFeatureMap
 from mi_krr.kernels import effective_dimension, kernel_matrix
@@ -301,11 +302,10 @@ def width_study(
     Prompts, kernels, models and errors live on `device` (prompts and head weights are drawn on
     the CPU, so a seed gives the same study on every device); the curves are Python floats.
     """
-    widths = tuple(check_count("widths", w, minimum=1) for w in widths)
-    for kernel in kernels:
-        check_choice("kernels", kernel, WIDTH_STUDY_KERNELS)
-    for head in heads:
-        check_choice("heads", head, WIDTH_HEADS)
+    widths = tuple(check_count("widths", w, minimum=1) for w in as_tuple("widths", widths, "(8, 16, 32)"))
+    kernels = tuple(check_choice("kernels", kernel, WIDTH_STUDY_KERNELS) for kernel in as_tuple("kernels", kernels, "('linear', 'exp')"))
+    heads = tuple(check_choice("heads", head, WIDTH_HEADS) for head in as_tuple("heads", heads, "('top_eigen',)"))
+    check_count("n_query", n_query, minimum=1)  # the errors are read at the queries
     if not widths or not kernels or not heads:
         raise ValueError("widths, kernels and heads must each name at least one value")
     lam = check_positive("lam", lam)
@@ -416,6 +416,7 @@ def cg_rate_study(
     """Tasks from `conditioned_linear_task` (cond(K + lam I) = kappa exactly, y ~ N(0, I)).
     Prompts, kernels, the model and the solver run on `device`; the ratios are Python floats."""
     device = check_device("device", device)
+    kappas = as_tuple("kappas", kappas, "(10.0, 100.0)")
     steps = list(range(n_steps + 1))
     result = CGRateStudy(list(kappas), steps, {}, {}, {}, {}, n_support, lam)
     for kappa in kappas:
@@ -450,7 +451,7 @@ class ReluWidthStudy:
         widths: ReLU units per scalar nonlinearity.
         error: construction ("cg", "richardson") -> max over prompts, steps and queries of
             |pred_relu - pred_exact| / max |pred_exact|; inf where the relu construction
-            overflowed (too few units for the steps: see `cg_transformer`'s mlp_width).
+            failed (too few units for the steps: see `cg_transformer`'s mlp_width).
         n_steps, n_support: the setting.
     """
 
@@ -467,8 +468,8 @@ class ReluWidthStudy:
         widths = np.asarray(self.widths, dtype=float)
         for index, (name, errors) in enumerate(self.error.items()):
             finite = np.isfinite(errors)
-            overflowed = "" if finite.all() else f" (overflowed at width {', '.join(str(w) for w in widths[~finite].astype(int))})"
-            ax.loglog(widths[finite], np.asarray(errors)[finite], "o-", color=f"C{index}", label=f"{name} transformer{overflowed}")
+            failed = "" if finite.all() else f" (failed at width {', '.join(str(w) for w in widths[~finite].astype(int))})"
+            ax.loglog(widths[finite], np.asarray(errors)[finite], "o-", color=f"C{index}", label=f"{name} transformer{failed}")
         anchor = next(((w, e) for errors in self.error.values() for w, e in zip(widths, errors) if np.isfinite(e)), (widths[0], 1.0))
         reference = anchor[1] * (anchor[0] / widths) ** 2
         ax.loglog(widths, reference, "k--", lw=1, label="$\\propto$ width$^{-2}$")
@@ -490,9 +491,10 @@ def relu_width_study(
 ) -> ReluWidthStudy:
     """CG: `conditioned_linear_task` (kappa = 50, lam = 1e-2), reciprocals on [1e-4, 1e4].
     Richardson: Gaussian-kernel GP prompts in d = 2 (bandwidth 0.5, lam = 0.1, step 1),
-    products bounded by 2 + max(1 + D_*) over the batch, reciprocals on [1e-3, 2]. A width whose
-    relu construction overflows (CG at 8 units, 10 steps) gets error inf, without the forward's
-    warning: the study's point is how the error depends on the width."""
+    products bounded by 2 + max(1 + D_*) over the batch, reciprocals on [1e-3, 2]. A width at which
+    the relu construction fails gets error inf, without the forward's error or warning (the study's
+    point is how the error depends on the width): its arithmetic, too coarse, drives an MLP input
+    out of its interpolant's range (`ReluRangeError`; CG at 16 units, 10 steps) or overflows."""
     cg_task = conditioned_linear_task(batch_size, n_support, 50.0, 1e-2, n_query=8, seed=seed)
     gp_task = GPRegressionSampler(2, kernel="gaussian", bandwidth=0.5).sample(batch_size, n_support, 8, seed=seed, dtype=torch.float64)
     row_sums = kernel_matrix("gaussian", gp_task.x_query, gp_task.x_support, bandwidth=0.5).sum(-1)
@@ -510,7 +512,10 @@ def relu_width_study(
         for width in widths:
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", ".*the read-out holds inf/NaN", RuntimeWarning)
-                relu = build(mlp="relu", mlp_width=width).step_states(task).pred
-            error = (relu - exact).abs().max() / exact.abs().max()
-            result.error[name].append(float(error) if torch.isfinite(relu).all() else math.inf)
+                try:
+                    relu = build(mlp="relu", mlp_width=width).step_states(task).pred
+                except ReluRangeError:
+                    relu = None
+            failed = relu is None or not torch.isfinite(relu).all()
+            result.error[name].append(math.inf if failed else float((relu - exact).abs().max() / exact.abs().max()))
     return result

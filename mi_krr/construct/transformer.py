@@ -24,7 +24,6 @@ head get weight 0. `hook_pattern` carries the weights actually applied. Values a
 
 from __future__ import annotations
 
-import math
 import warnings
 from dataclasses import dataclass
 from typing import Callable
@@ -35,7 +34,7 @@ from transformer_lens import HookedRootModule
 from transformer_lens.hook_points import HookPoint
 
 from mi_krr._repr import compact_repr
-from mi_krr._validation import check_choice
+from mi_krr._validation import check_choice, check_device
 from mi_krr.construct.primitives import Op, Readout, ReluArithmetic, compile_mlp, coord
 from mi_krr.models.adapter import AttentionHooks
 from mi_krr.models.encoding import EncodedPrompt
@@ -240,10 +239,10 @@ class ConstructedTransformer(HookedRootModule):
         dim: largest task dimension accepted (smaller ones are zero-padded).
         layout: the `ResidualLayout`; `state_coordinates` its scalar coordinates by name.
         params: the construction's parameters (lam, step, kernel, head width, arithmetic, ...).
-        relu_arithmetic: the `ReluArithmetic` of an `mlp="relu"` construction (None for "exact").
 
-    A forward whose read-out overflows to inf/NaN (a ReLU arithmetic too coarse for the number of
-    steps, typically) raises a RuntimeWarning that says why.
+    A forward whose read-out overflows to inf/NaN (a diverging iteration) raises a RuntimeWarning
+    that says so; a relu-mode MLP whose inputs leave its interpolants' range raises a
+    `ReluRangeError` (`ReluMLP.check_inputs`).
     """
 
     def __init__(
@@ -276,7 +275,6 @@ class ConstructedTransformer(HookedRootModule):
         self.dim = dim
         self.n_aux = n_aux
         self.params = dict(params, mlp=arithmetic)
-        self.relu_arithmetic = relu
         self._state_tokens = dict(state_tokens)
         self._readout_coordinate = readout_coordinate
         self._readout_sign = readout_sign
@@ -303,7 +301,7 @@ class ConstructedTransformer(HookedRootModule):
             for _ in range(n_steps)
             for block in step_blocks
         )
-        self.to(device=device, dtype=dtype)
+        self.to(device=check_device("device", device), dtype=dtype)
         self.setup()
 
     @property
@@ -351,22 +349,14 @@ class ConstructedTransformer(HookedRootModule):
             resid = block(resid, flags)
         out = self.readout(resid)
         if not torch.isfinite(out).all():
-            warnings.warn(self._overflow_message(), RuntimeWarning, stacklevel=2)
+            warnings.warn(
+                f"{self.construction} construction ({self.n_steps} steps): the read-out holds inf/NaN: the iteration diverged "
+                "(a step size beyond its stable range, e.g. richardson's step or gd's lr above 2 / the largest eigenvalue of "
+                "the system) or the task holds huge values",
+                RuntimeWarning,
+                stacklevel=2,
+            )
         return out
-
-    def _overflow_message(self) -> str:
-        """Why a read-out overflowed, and what to change."""
-        message = f"{self.construction} construction ({self.n_steps} steps): the read-out holds inf/NaN"
-        relu = self.relu_arithmetic
-        if relu is None:
-            return message + ": check the task for huge or non-finite values, or lam for a near-singular system"
-        knot_ratio = 1.1 + math.sqrt(0.21)  # (r + 1)^2 / (4 r) = 1.05
-        width = 1 + math.ceil(math.log(relu.high / relu.low) / math.log(knot_ratio))
-        return message + (
-            f"; its ReLU reciprocals (mlp_width={relu.width}) overshoot 1/s by up to {relu.reciprocal_overshoot():.2f}x on "
-            f"recip_range=({relu.low:g}, {relu.high:g}) and each step amplifies that error: use mlp_width >= {width} "
-            "(overshoot <= 1.05x), a narrower recip_range, or fewer steps"
-        )
 
     def readout(self, resid: torch.Tensor) -> torch.Tensor:
         """The prediction coordinate: `[..., d_model]` -> `[...]` (no norm)."""

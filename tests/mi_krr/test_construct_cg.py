@@ -10,7 +10,8 @@ import pytest
 import scipy.linalg
 import torch
 
-from mi_krr.construct import cg_transformer
+from mi_krr.construct import cg_transformer, gd_transformer
+from mi_krr.construct.primitives import ReluRangeError
 from mi_krr.construct.studies import conditioned_linear_task
 from mi_krr.feature_maps import PositiveRandomFeatures
 from mi_krr.models.adapter import adapter_for
@@ -165,21 +166,32 @@ def test_cg_transformer_relu_error_shrinks_with_mlp_width(well_conditioned):
     assert errors[0] > 4 * errors[1] > 16 * errors[2] > 0
 
 
-def test_cg_transformer_relu_overflow_warns_with_the_width_that_fixes_it(well_conditioned):
+def test_cg_transformer_relu_too_coarse_for_its_steps_is_refused_naming_recip_range_and_mlp_width(well_conditioned):
     """At 8 ReLU units over 10 decades the reciprocal overshoots 1/s by (r + 1)^2 / (4 r), r the
-    knot ratio, and 10 CG steps overflow: the forward warns, naming the width whose overshoot is
-    at most 1.05x (computed here from the knot ratio), which then runs without a warning."""
+    knot ratio (computed here), CG's squared norms grow step by step past recip_range's high end
+    1e4, and the forward refuses (a ValueError) naming both knobs and that overshoot, instead of
+    returning the NaN it would reach."""
     task, lam, *_ = well_conditioned
     ratio = 1e10 ** (1 / 7)
     overshoot = (ratio + 1) ** 2 / (4 * ratio)
-    needed = next(w for w in range(2, 200) if (lambda r: (r + 1) ** 2 / (4 * r))(1e10 ** (1 / (w - 1))) <= 1.05)
     coarse = cg_transformer(n_steps=10, lam=lam, dim=task.dim, mlp="relu", mlp_width=8)
-    with pytest.warns(RuntimeWarning, match=rf"overshoot 1/s by up to {overshoot:.2f}x.*mlp_width >= {needed} ") as record:
-        prediction = coarse.predict(task)
-    assert not torch.isfinite(prediction).all() and len(record) == 1
+    with pytest.raises(ReluRangeError, match=rf"beyond recip_range's high end 1e\+04 .*mlp_width \(now 8: 1/s overshot by up to {overshoot:.4g}x\)"):
+        coarse.predict(task)
+
+
+def test_a_diverging_construction_warns_that_its_read_out_overflowed():
+    """GD with lr = 50 on a linear task: |1 - lr (s + lam)| > 1, so the iterates grow
+    geometrically and overflow within 200 steps; the forward returns them (inf/NaN) with a
+    RuntimeWarning naming the likely cause. A stable lr gives no warning."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 6, 2, generator=g, dtype=torch.float64)
+    task = ICLTask(x_support=x, y_support=x.sum(-1), x_query=x[:, :2], y_query=x[:, :2].sum(-1))
+    with pytest.warns(RuntimeWarning, match=r"gd construction \(200 steps\): the read-out holds inf/NaN: the iteration diverged"):
+        prediction = gd_transformer(200, lr=50.0, lam=0.1, dim=2).predict(task)
+    assert not torch.isfinite(prediction).all()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert torch.isfinite(cg_transformer(n_steps=10, lam=lam, dim=task.dim, mlp="relu", mlp_width=needed).predict(task)).all()
+        assert torch.isfinite(gd_transformer(200, lr=0.01, lam=0.1, dim=2).predict(task)).all()
 
 
 @pytest.mark.parametrize(

@@ -11,7 +11,7 @@ import scipy.linalg
 import torch
 
 from mi_krr.construct import cg_transformer, richardson_transformer
-from mi_krr.construct.primitives import Product, Reciprocal, ReluArithmetic, coord, compile_mlp
+from mi_krr.construct.primitives import Product, Reciprocal, ReluArithmetic, ReluRangeError, coord, compile_mlp
 from mi_krr.construct.studies import cg_rate_study, conditioned_linear_task, relu_width_study, width_study
 from mi_krr.feature_maps import ProjectedKernelFeatures
 from mi_krr.tasks import GPRegressionSampler
@@ -97,15 +97,19 @@ def test_relu_reciprocal_overshoot_is_the_largest_ratio_of_the_interpolant_to_on
 
 
 def test_relu_reciprocal_is_the_numpy_interpolant_on_geometric_knots():
-    """ReLU 2/s equals 2 I(s), I NumPy's clamped interpolant of 1/s on geomspace(low, high, width); 0 where off."""
+    """ReLU 2/s equals 2 I(s), I NumPy's interpolant of 1/s on geomspace(low, high, width), clamped
+    below low; 0 where off; an input above high is refused naming recip_range (1/s would be
+    1/high there, s / high times too large)."""
     relu = ReluArithmetic(width=8, low=0.01, high=100.0)  # 1 is not a knot: the off-correction g(1) is inexact
-    s = np.logspace(-3, 3, 61)
+    s = np.logspace(-3, 2, 51)
     mlp = compile_mlp([Reciprocal(OUT, coord(U), off=coord(FLAG), coef=2.0)], 4, "relu", relu)
     got = mlp(_residual(s, np.zeros_like(s), np.zeros_like(s))[None])[0, :, OUT].numpy()
     knots = np.geomspace(0.01, 100.0, 8)
     np.testing.assert_allclose(got, 2 * np.interp(s, knots, 1 / knots), rtol=1e-10)
     off = mlp(_residual(np.zeros(2), np.zeros(2), np.ones(2))[None])[0, :, OUT]
     assert off.abs().max() < 1e-12
+    with pytest.raises(ReluRangeError, match=r"reached 250, beyond recip_range's high end 100 .* 2\.5x too large"):
+        mlp(_residual(np.array([1.0, 250.0]), np.zeros(2), np.zeros(2))[None])
 
 
 def test_relu_arithmetic_rejects_a_non_positive_product_bound():

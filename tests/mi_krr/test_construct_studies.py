@@ -193,18 +193,18 @@ def test_relu_width_study_error_falls_with_width():
     assert len(study.plot().axes) == 1
 
 
-def test_relu_width_study_records_an_overflowed_width_as_inf_and_anchors_the_reference_at_a_finite_one():
-    """CG at 8 ReLU units overflows in 10 steps (reciprocal overshoot (r+1)^2/(4r) ~ 4x over 8
-    decades): the study records inf for it without the forward's warning, and the figure's
-    width^-2 guide passes through the first curve's first finite error (cg at 16 units) and is 4x
-    that at half the width."""
+def test_relu_width_study_records_a_failed_width_as_inf_and_anchors_the_reference_at_a_finite_one():
+    """CG at 8 ReLU units fails in 10 steps (reciprocal overshoot (r+1)^2/(4r) ~ 4x over 8
+    decades): the study records inf for it without the forward's error or warning, and the
+    figure's width^-2 guide passes through the first curve's first finite error (cg at 16 units)
+    and is 4x that at half the width."""
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         study = relu_width_study(widths=(8, 16), n_support=16, batch_size=2)
     assert study.error["cg"][0] == math.inf and 0 < study.error["cg"][1] < math.inf
     assert all(0 < e < math.inf for e in study.error["richardson"])
     lines = {line.get_label(): line for line in study.plot().axes[0].get_lines()}
-    assert "cg transformer (overflowed at width 8)" in lines
+    assert "cg transformer (failed at width 8)" in lines
     guide = lines["$\\propto$ width$^{-2}$"]
     at_16 = study.error["cg"][1]
     np.testing.assert_allclose(guide.get_ydata(), [4 * at_16, at_16], rtol=1e-12)
