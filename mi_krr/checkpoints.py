@@ -59,7 +59,8 @@ def shipped_checkpoint(name: str, folder: str | Path | None = None) -> Path:
     """The shipped run `name` ("softmax_gp", "linear_lr"): in `folder`, else in ./checkpoints
     (returned relative), else in the checkpoints/ folder of the nearest parent of the working
     directory that has it (a notebook opened in examples/ finds the repository's), else beside
-    the package (an editable install). FileNotFoundError naming the fix when absent."""
+    the package (an editable install). ValueError for a name that is not a shipped run;
+    FileNotFoundError naming the fix when a shipped run is absent."""
     if folder is not None:
         candidates = [Path(folder)]
     else:
@@ -68,6 +69,10 @@ def shipped_checkpoint(name: str, folder: str | Path | None = None) -> Path:
     for candidate in candidates:
         if (candidate / name).is_dir():
             return candidate / name
+    from mi_krr.train.runs import PRESETS
+
+    if name not in PRESETS:
+        raise ValueError(f"name must be a shipped run, one of {', '.join(map(repr, PRESETS))}, got {name!r}")
     missing = candidates[0] / name
     raise FileNotFoundError(
         f"shipped checkpoint {missing} not found: run inside the repository (its checkpoints/ is looked for in the working "

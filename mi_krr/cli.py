@@ -37,23 +37,25 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 def _add_common_options(parser: argparse.ArgumentParser, default_out: str, from_config: bool = False) -> None:
-    """--device, --seed, --out, --debug. With `from_config`, --device and --seed default to None:
-    the run's own configuration keeps its values unless they are given."""
+    """--device, --seed, --out, --debug. With `from_config`, all three default to None: the run's
+    own configuration keeps its values unless they are given (`default_out` where it names no
+    folder)."""
     if from_config:
         parser.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda (default: the config's)")
         parser.add_argument("--seed", type=int, default=None, help="random seed (default: the config's)")
+        parser.add_argument("--out", default=None, help=f"output folder (default: the config's train.out_dir, else {default_out})")
     else:
         parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")
         parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
-    parser.add_argument("--out", default=default_out, help=f"output folder (default: {default_out})")
+        parser.add_argument("--out", default=default_out, help=f"output folder (default: {default_out})")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
 
 
 def _register_train(subparsers: argparse._SubParsersAction) -> CommandRunner:
-    from mi_krr.train.cli import add_train_parser, run_train
+    from mi_krr.train.cli import DEFAULT_OUT, add_train_parser, run_train
 
     parser = add_train_parser(subparsers)
-    _add_common_options(parser, default_out="runs/train", from_config=True)
+    _add_common_options(parser, default_out=DEFAULT_OUT, from_config=True)
     return run_train
 
 
@@ -151,9 +153,23 @@ def _check_out(out: str | None) -> None:
         raise UsageError(f"--out {out!r} cannot be a folder: {str(blocker)!r} is a file; pass a folder path")
 
 
+def _options_before_command(argv: list[str]) -> str | None:
+    """The one-line error for options written before the command (`mi-krr --seed 3 construct
+    cg`), showing the command line reordered; None when argv does not start that way."""
+    command_at = next((index for index, word in enumerate(argv) if word in COMMANDS), None)
+    if not command_at or not argv[0].startswith("-") or argv[0] in ("-h", "--help"):
+        return None
+    reordered = [argv[command_at], *argv[:command_at], *argv[command_at + 1 :]]
+    return f"mi-krr: error: options go after the command: mi-krr {' '.join(reordered)}"
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("MPLBACKEND", "Agg")  # the CLI only writes figures to files; a user's setting wins
     argv = sys.argv[1:] if argv is None else list(argv)
+    misplaced = _options_before_command(argv)
+    if misplaced:
+        print(misplaced, file=sys.stderr)
+        return 2
     parser, runners = build_parser(only=_requested_command(argv))
     args, extras = parser.parse_known_args(argv)
     if extras:  # reported by the subcommand's parser, so the message points at its --help
@@ -164,6 +180,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         _check_device(getattr(args, "device", None))
         _check_out(getattr(args, "out", None))
+        if getattr(args, "seed", None) is not None:
+            from mi_krr._validation import check_seed
+
+            check_seed("--seed", args.seed)
         return runners[args.command](args)
     except (UsageError, ValueError, FileNotFoundError) as error:
         if args.debug:

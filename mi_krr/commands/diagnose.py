@@ -107,7 +107,7 @@ def run(args: argparse.Namespace) -> int:
     diagnosis = diagnose_task_sets(loaded.model, sets, lam=loaded.lam, bootstrap=args.bootstrap, seed=args.seed, method=args.method,
                                    train_task=train_task, sensitivities=not args.no_sensitivities, progress=not args.no_progress,
                                    shift_step_sizes=args.shift_step_sizes)
-    path = Path(loaded.path)
+    path = Path(loaded.path).resolve()  # "." and "./model.safetensors" name the folder they are in
     name = path.name if path.is_dir() else f"{path.parent.name}/{path.name}"
     description = (f"{loaded.format} checkpoint `{loaded.path}` ({loaded.model.n_layers} layers); prompts: {loaded.sampler.name}, "
                    f"n_support={loaded.n_support}, n_query={loaded.n_query}, {args.batch} per task set; method={args.method}.")

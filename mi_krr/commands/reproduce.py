@@ -48,8 +48,11 @@ def run(args: argparse.Namespace) -> int:
 
     from mi_krr.reproductions import reproduction
     from mi_krr.reproductions.softmax_ood import applicable_quick_shifts
+    from probes.diagnose import strict_json
 
     names = NAMES if args.name == "all" else (args.name,)
+    if args.checkpoint is not None and not set(names) & set(CHECKPOINT_REPRODUCTIONS):
+        raise ValueError(f"reproduce {args.name} reads no checkpoint (only {', '.join(CHECKPOINT_REPRODUCTIONS)} do): drop --checkpoint")
     for name in tqdm(names, desc="reproduce", disable=args.no_progress or len(names) == 1):
         function, quick = reproduction(name)
         kwargs = dict(quick) if args.quick else {}
@@ -70,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
         figure.savefig(folder / f"{name}.png", dpi=90, bbox_inches="tight")
         plt.close(figure)
         document = {"name": name, "quick": args.quick, "seconds": seconds, "key_numbers": result.key_numbers(), "result": result.to_dict()}
-        (folder / f"{name}.json").write_text(json.dumps(document, indent=1, default=str))
+        (folder / f"{name}.json").write_text(json.dumps(strict_json(document), indent=1, default=str, allow_nan=False))  # NaN / inf: null
         print(f"== {name} ({seconds:.1f} s)")
         print(result.summary())
         print(f"wrote {folder / (name + '.png')}, {folder / (name + '.json')}")

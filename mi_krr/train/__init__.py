@@ -17,7 +17,17 @@ from mi_krr.train.checkpoint import (
 )
 from mi_krr.train.config import TrainConfig
 from mi_krr.train.evaluation import EvalReference, bayes_optimal_predictions, evaluate, held_out_reference, optimal_ridge
-from mi_krr.train.loop import RunFolderInUseError, TrainResult, make_optimizer, train, training_batch, training_step
+from mi_krr.train.loop import (
+    NothingToResumeError,
+    RunFolderInUseError,
+    StopBeforeCheckpointError,
+    TrainingDivergedError,
+    TrainResult,
+    make_optimizer,
+    train,
+    training_batch,
+    training_step,
+)
 from mi_krr.train.runs import PRESETS, Run, build_run, preset_config, read_run_config
 from mi_krr.train.schedule import curriculum_value, learning_rate
 
@@ -26,6 +36,9 @@ __all__ = [
     "PRESETS",
     "Run",
     "RunFolderInUseError",
+    "NothingToResumeError",
+    "StopBeforeCheckpointError",
+    "TrainingDivergedError",
     "EvalReference",
     "TrainConfig",
     "TrainResult",

@@ -6,14 +6,19 @@
     mi-krr train --preset linear_lr --steps 20 --warmup-steps 2 --curriculum-steps 0 --out runs/short
 
 `--out`, `--seed` and `--device` are the command line's common options (mi_krr.cli adds them);
-with --resume the run's own config.json is used and only --device may change.
+--out defaults to the config's train.out_dir, else runs/train. With --resume the run's own
+config.json is used (from --config RUN, else --out, else runs/train) and only --device may change.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 from typing import Any
+
+DEFAULT_OUT = "runs/train"
+"""The run folder when neither --out nor the config's train.out_dir names one."""
 
 # TrainConfig fields a flag may override, with their types.
 _OVERRIDES: dict[str, type] = {
@@ -53,7 +58,9 @@ def run_description(args: argparse.Namespace) -> dict[str, Any]:
     """The run description `args` select, with flag overrides applied.
 
     Fresh run: --preset or --config, then the override flags, --seed, --device and --out.
-    --resume: the config.json of the run in --out (or --config), with only --device applied.
+    --resume: the config of --config (a run folder, or a config file), else of the run in --out,
+    else in runs/train; the run continues in --out, else in the --config run folder, else in the
+    config's train.out_dir, else in runs/train. Only --device is applied.
     """
     from mi_krr.train.runs import preset_config, read_run_config
 
@@ -64,12 +71,10 @@ def run_description(args: argparse.Namespace) -> dict[str, Any]:
         overridden = [name for name in (*_OVERRIDES, "seed") if getattr(args, name, None) is not None]
         if overridden:
             raise ValueError(f"--resume keeps the run's own settings: drop --{overridden[0].replace('_', '-')}")
-        source = args.config if args.config else out
-        if source is None:
-            raise ValueError("--resume needs the run folder: pass --out DIR")
+        source = Path(args.config or out or DEFAULT_OUT)
         description = read_run_config(source)
-        if out is not None:
-            description["train"]["out_dir"] = out
+        if out is not None or source.is_dir():  # else: the config file's own train.out_dir
+            description["train"]["out_dir"] = out if out is not None else str(source)
     else:
         if not (args.preset or args.config):
             raise ValueError("say what to train: pass --preset softmax_gp|linear_lr or --config FILE")
@@ -87,7 +92,7 @@ def run_description(args: argparse.Namespace) -> dict[str, Any]:
     if device is not None:
         description["train"]["device"] = device
     if description["train"].get("out_dir") is None:
-        raise ValueError("a run folder is needed: pass --out DIR (or set train.out_dir in the config)")
+        description["train"]["out_dir"] = DEFAULT_OUT
     return description
 
 
@@ -97,6 +102,8 @@ def _check_phases_fit(train: dict[str, Any]) -> None:
     from mi_krr.train.config import TrainConfig
 
     steps = train.get("steps", TrainConfig.steps)
+    if isinstance(steps, int) and steps < 1:
+        raise ValueError(f"train.steps must be >= 1, got {steps}: pass --steps N with N >= 1")
     for phase in ("warmup_steps", "curriculum_steps"):
         length = train.get(phase, getattr(TrainConfig, phase))
         if isinstance(length, int) and isinstance(steps, int) and length > steps:  # other types: TrainConfig names them
@@ -106,14 +113,26 @@ def _check_phases_fit(train: dict[str, Any]) -> None:
 
 def run_train(args: argparse.Namespace) -> int:
     """Train the run `args` describe; print the final metrics as one JSON line. Returns 0."""
-    from mi_krr.train.loop import RunFolderInUseError, train
+    from mi_krr.train.loop import NothingToResumeError, RunFolderInUseError, StopBeforeCheckpointError, TrainingDivergedError, train
     from mi_krr.train.runs import build_run
 
     run = build_run(run_description(args))
     try:
         result = train(run.model, run.sampler, run.cfg, resume=args.resume, progress=not args.no_progress, until_step=args.until_step)
-    except RunFolderInUseError as error:  # worded for the command line's flags
+    except RunFolderInUseError as error:  # this and the rest: worded for the command line's flags
         raise RunFolderInUseError(error.out_dir, resume_option="--resume", out_option="--out", finished=error.finished) from error
+    except NothingToResumeError as error:
+        raise ValueError(
+            f"--resume, but {error.out_dir} holds no training states (state/step_*.safetensors; a finished or copied run keeps "
+            "none): train without --resume, into a new --out folder"
+        ) from error
+    except StopBeforeCheckpointError as error:
+        raise ValueError(
+            f"--until-step {error.until_step} is before the run's saved step {error.checkpoint_step}: pass a later --until-step, or none"
+        ) from error
+    except TrainingDivergedError as error:
+        clipped = f"; gradients are already clipped at {run.cfg.grad_clip:g}" if run.cfg.grad_clip is not None else ""
+        raise ValueError(f"training loss became {error.value} at step {error.step}: lower --lr (now {run.cfg.lr:g}){clipped}") from error
     summary = {key: result.final_metrics[key] for key in ("step", "model_mse", "optimal_mse", "ratio", "zero_mse")}
     summary["run_dir"] = run.cfg.out_dir
     print(json.dumps(summary))

@@ -72,15 +72,15 @@ class TrainConfig:
             self.grad_clip = check_positive("grad_clip", self.grad_clip)
         store_count(self, "n_support", minimum=1)
         store_count(self, "n_query", minimum=1)
-        if self.n_support_start is not None:
-            store_count(self, "n_support_start", minimum=1)
-            if self.n_support_start > self.n_support:
-                raise ValueError(f"n_support_start must be <= n_support={self.n_support}, got {self.n_support_start}")
-        if self.active_dim_start is not None:
-            store_count(self, "active_dim_start", minimum=1)
         store_count(self, "curriculum_steps")
         if self.curriculum_steps > self.steps:
             raise ValueError(f"curriculum_steps must be <= steps={self.steps}, got {self.curriculum_steps}")
+        if self.n_support_start is not None:
+            store_count(self, "n_support_start", minimum=1)
+            if self.curriculum_steps and self.n_support_start > self.n_support:  # without a curriculum the start is unused
+                raise ValueError(f"n_support_start must be <= n_support={self.n_support}, got {self.n_support_start}")
+        if self.active_dim_start is not None:
+            store_count(self, "active_dim_start", minimum=1)
         store_count(self, "eval_every", minimum=1)
         store_count(self, "eval_prompts", minimum=1)
         store_count(self, "eval_seed")

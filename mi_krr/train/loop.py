@@ -50,6 +50,31 @@ class RunFolderInUseError(ValueError):
         super().__init__(message)
 
 
+class TrainingDivergedError(FloatingPointError):
+    """The training loss became NaN or inf at optimizer step `step` (0-based)."""
+
+    def __init__(self, step: int, value: float, grad_clip: float | None) -> None:
+        self.step, self.value = step, value
+        fix = "lower lr or set grad_clip" if grad_clip is None else f"lower lr (gradients are already clipped at grad_clip={grad_clip:g})"
+        super().__init__(f"training loss became {value} at step {step}: {fix}")
+
+
+class NothingToResumeError(FileNotFoundError):
+    """resume=True, but `out_dir` holds no training states."""
+
+    def __init__(self, out_dir: Path) -> None:
+        self.out_dir = out_dir
+        super().__init__(f"resume=True but {out_dir} holds no state/step_*.safetensors: start with resume=False")
+
+
+class StopBeforeCheckpointError(ValueError):
+    """A resumed run's `until_step` lies before the step its checkpoint reached."""
+
+    def __init__(self, until_step: int, checkpoint_step: int) -> None:
+        self.until_step, self.checkpoint_step = until_step, checkpoint_step
+        super().__init__(f"until_step={until_step} is before the checkpoint's step {checkpoint_step}: pass a later until_step or None")
+
+
 @dataclass
 class TrainResult:
     """What a run produced.
@@ -139,7 +164,7 @@ def train(
     if resume:
         checkpoint_path, start, history, losses = _resume(model, optimizer, config, cfg, out_dir)
         if stop < start:
-            raise ValueError(f"until_step={stop} is before the checkpoint's step {start}: pass a later until_step or None")
+            raise StopBeforeCheckpointError(stop, start)
     elif out_dir is not None and latest_checkpoint(out_dir) is not None:
         raise RunFolderInUseError(out_dir)
     elif out_dir is not None and (out_dir / MODEL_FILE).exists():  # e.g. a shipped run, which keeps no training states
@@ -212,7 +237,7 @@ def training_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, samp
     optimizer.step()
     value = float(loss.detach())
     if not np.isfinite(value):
-        raise FloatingPointError(f"training loss became {value} at step {step}: lower lr or set grad_clip")
+        raise TrainingDivergedError(step, value, cfg.grad_clip)
     return value
 
 
@@ -265,7 +290,7 @@ def _resume(
         raise ValueError("resume=True needs cfg.out_dir: set it to the folder of the run to continue")
     path = latest_checkpoint(out_dir)
     if path is None:
-        raise FileNotFoundError(f"resume=True but {out_dir} holds no state/step_*.safetensors: start with resume=False")
+        raise NothingToResumeError(out_dir)
     state = load_training_state(path)
     _check_same_run(state.run_config, config, path)
     if state.step > cfg.steps:

@@ -76,11 +76,12 @@ def test_shipped_checkpoint_in_a_given_folder_only(tmp_path):
     assert "mi-krr train --preset softmax_gp" in str(error.value)
 
 
-def test_shipped_checkpoint_absent_everywhere_names_the_fix(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
+def test_shipped_checkpoint_absent_names_the_fix_and_an_unknown_name_lists_the_shipped_runs(tmp_path):
     with pytest.raises(FileNotFoundError, match="run inside the repository") as error:
+        shipped_checkpoint("linear_lr", folder=tmp_path)
+    assert f"mi-krr train --preset linear_lr --out {tmp_path / 'linear_lr'}" in str(error.value)
+    with pytest.raises(ValueError, match="name must be a shipped run, one of 'softmax_gp', 'linear_lr', got 'no_such_run'"):
         shipped_checkpoint("no_such_run")
-    assert "mi-krr train --preset no_such_run --out checkpoints/no_such_run" in str(error.value)
 
 
 def test_task_sets_without_shifts_is_one_in_distribution_set_of_the_requested_shapes():

@@ -66,7 +66,7 @@ def test_config_round_trips_through_dict():
         (dict(min_lr=True), "min_lr must be a finite number >= 0"),
         (dict(steps=10, warmup_steps=11), "warmup_steps must be <= steps"),
         (dict(grad_clip=0.0), "grad_clip must be a finite number > 0"),
-        (dict(n_support=8, n_support_start=9), "n_support_start must be <= n_support"),
+        (dict(steps=10, warmup_steps=0, curriculum_steps=5, n_support=8, n_support_start=9), "n_support_start must be <= n_support"),
         (dict(batch_size=2.5), "batch_size must be an integer"),
         (dict(weight_decay=float("nan")), "weight_decay must be a finite number >= 0"),
         (dict(steps=10, warmup_steps=0, curriculum_steps=20), "curriculum_steps must be <= steps"),

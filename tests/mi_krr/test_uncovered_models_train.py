@@ -617,19 +617,15 @@ def test_train_resume_refuses_a_seed_it_would_ignore(cli_run, tmp_path, capsys):
     assert "drop --seed" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize(
-    "argv, message",
-    [
-        (["train", "--resume"], r"--resume needs the run folder: pass --out DIR"),
-        (["train", "--preset", "linear_lr"], r"a run folder is needed: pass --out DIR \(or set train.out_dir in the config\)"),
-    ],
-)
-def test_train_parser_embedded_without_out_option_asks_for_a_run_folder(argv, message):
-    """add_train_parser on a user's own parser (no --out): run_description names what is missing."""
+def test_train_parser_embedded_without_out_option_runs_in_runs_train(tmp_path, monkeypatch):
+    """add_train_parser on a user's own parser (no --out): a fresh run goes to runs/train, and
+    --resume reads the run there (none in an empty working directory: FileNotFoundError naming it)."""
     parser = argparse.ArgumentParser()
     add_train_parser(parser.add_subparsers(dest="command"))
-    with pytest.raises(ValueError, match=message):
-        run_description(parser.parse_args(argv))
+    assert run_description(parser.parse_args(["train", "--preset", "linear_lr"]))["train"]["out_dir"] == "runs/train"
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match="no run config at runs/train"):
+        run_description(parser.parse_args(["train", "--resume"]))
 
 
 # ---- mi-krr (top level), construct, reproduce ---------------------------------------------------
