@@ -251,7 +251,8 @@ def run(args: argparse.Namespace) -> int:
 
         folder = Path(args.out)
         folder.mkdir(parents=True, exist_ok=True)
-        weights = {name: value.detach().cpu().contiguous() for name, value in result.model.state_dict().items()}
+        # each step's blocks share the first step's tensors; safetensors stores each name's own copy
+        weights = {name: value.detach().cpu().clone() for name, value in result.model.state_dict().items()}
         safetensors.torch.save_file(weights, str(folder / "model.safetensors"))
         recipe = {"command": "mi-krr construct", "arguments": {key: value for key, value in vars(args).items() if key != "debug"},
                   **result.to_dict()}

@@ -24,6 +24,7 @@ head get weight 0. `hook_pattern` carries the weights actually applied. Values a
 
 from __future__ import annotations
 
+import copy
 import warnings
 from dataclasses import dataclass
 from typing import Callable
@@ -240,6 +241,12 @@ class ConstructedTransformer(HookedRootModule):
         layout: the `ResidualLayout`; `state_coordinates` its scalar coordinates by name.
         params: the construction's parameters (lam, step, kernel, head width, arithmetic, ...).
 
+    Every step runs the same weights, so the blocks of steps 2..T share step 1's weight tensors
+    (frozen, `requires_grad=False`): memory holds one step's weights whatever `n_steps` (at
+    head_width 512 one CG step is ~200 MB). Editing a block's weights in place edits that block
+    in every step; to change one step alone, give its block new tensors
+    (`block.attn.W_Q = nn.Parameter(block.attn.W_Q.clone(), requires_grad=False)`).
+
     A forward whose read-out overflows to inf/NaN (a diverging iteration) raises a RuntimeWarning
     that says so; a relu-mode MLP whose inputs leave its interpolants' range raises a
     `ReluRangeError` (`ReluMLP.check_inputs`).
@@ -293,14 +300,17 @@ class ConstructedTransformer(HookedRootModule):
         self.n_heads = max(1, max(len(block.heads) for block in step_blocks))
         d_head = max([1] + [len(head.query) for block in step_blocks for head in block.heads])
         self.d_head = d_head
-        self.blocks = nn.ModuleList(
+        first_step = [
             ConstructedBlock(
                 ConstructedAttention(block.heads, self.n_heads, d_head, d_model, attention),
                 compile_mlp(list(block.mlp), d_model, arithmetic, relu),
             )
-            for _ in range(n_steps)
             for block in step_blocks
-        )
+        ]
+        # later steps: modules and hook points of their own around the first step's weight tensors
+        weights = {id(tensor): tensor for block in first_step for tensor in (*block.parameters(), *block.buffers())}
+        later_steps = [copy.deepcopy(block, memo=dict(weights)) for _ in range(1, n_steps) for block in first_step]
+        self.blocks = nn.ModuleList(first_step + later_steps)
         self.to(device=check_device("device", device), dtype=dtype)
         self.setup()
 

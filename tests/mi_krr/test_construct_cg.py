@@ -13,6 +13,7 @@ import torch
 from mi_krr.construct import cg_transformer, gd_transformer
 from mi_krr.construct.primitives import ReluRangeError
 from mi_krr.construct.studies import conditioned_linear_task
+from construct_references import numpy_cg_predictions
 from mi_krr.feature_maps import PositiveRandomFeatures
 from mi_krr.models.adapter import adapter_for
 from mi_krr.solvers import cg
@@ -215,3 +216,30 @@ def test_encode_rejects_a_task_dimension_larger_than_the_construction(well_condi
     task, lam, *_ = well_conditioned
     with pytest.raises(ValueError, match="task dimension"):
         cg_transformer(n_steps=1, lam=lam, dim=task.dim - 1).encode(task)
+
+
+def test_later_steps_share_the_first_steps_weights_with_hook_points_of_their_own(well_conditioned):
+    """Blocks of steps 2..T hold step 1's weight tensors (so memory holds one step's weights),
+    also after a dtype move, while each block keeps its own hook points: a hook on step 2's
+    first block fires once per forward, and a state-dict round trip still matches NumPy CG."""
+    task, lam, *_ = well_conditioned
+    model = cg_transformer(n_steps=3, lam=lam, dim=task.dim)
+    per_step = model.layers_per_step
+    moved = cg_transformer(n_steps=3, lam=lam, dim=task.dim).to(torch.float32)
+    assert moved.blocks[2 * per_step].attn.W_Q is moved.blocks[0].attn.W_Q and moved.blocks[0].attn.W_Q.dtype == torch.float32
+    for t in (1, 2):
+        for b in range(per_step):
+            for name, tensor in model.blocks[b].named_parameters():
+                assert model.blocks[t * per_step + b].get_parameter(name) is tensor
+    unique = {tensor.data_ptr() for tensor in model.parameters()}
+    assert len(unique) == len({p.data_ptr() for block in model.blocks[:per_step] for p in block.parameters()}) + 1  # + W_E
+    calls = []
+    model.run_with_hooks(model.encode(task).tokens, fwd_hooks=[(f"blocks.{per_step}.hook_resid_post", lambda act, hook: calls.append(hook.name))])
+    assert calls == [f"blocks.{per_step}.hook_resid_post"]
+    rebuilt = cg_transformer(n_steps=3, lam=lam, dim=task.dim)
+    rebuilt.load_state_dict({name: value.clone() for name, value in model.state_dict().items()})
+    x, xq, y = (t.numpy() for t in (task.x_support, task.x_query, task.y_support))
+    got = rebuilt.predict(task).numpy()
+    for b in range(task.batch_size):
+        expected = numpy_cg_predictions(x[b] @ x[b].T, y[b], lam, xq[b] @ x[b].T, 3)[-1]
+        np.testing.assert_allclose(got[b], expected, rtol=1e-9, atol=1e-12)
