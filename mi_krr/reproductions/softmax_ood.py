@@ -70,8 +70,18 @@ class SoftmaxOODResult:
     def key_numbers(self) -> dict[str, Any]:
         base = self.overall("in_distribution")
         numbers: dict[str, Any] = {"in_distribution: exp-kernel distance (best head, mean over layers)": base}
-        per_block = zip(self.blocks, self.best_distance["in_distribution"])
-        numbers["in_distribution: per block"] = ", ".join(f"block {block}: {value:.3f}" for block, value in per_block)
+        from probes.report import UNIFORM_MARK
+
+        uniform = [math.isinf(tau) for tau in self.best_tau["in_distribution"]]  # NaN: a block without a best head
+        per_block = zip(self.blocks, self.best_distance["in_distribution"], uniform)
+        numbers["in_distribution: per block"] = ", ".join(
+            f"block {block}: {value:.3f}{UNIFORM_MARK if flat else ''}" for block, value, flat in per_block
+        )
+        if any(uniform):
+            numbers[UNIFORM_MARK] = (
+                "the block's best head is fitted as uniform attention (tau = inf): its distance is to mean pooling, "
+                "not to a kernel that ranks the keys"
+            )
         for name in self.task_sets[1:]:
             value = self.overall(name)
             numbers[f"{name}: distance (ratio to in-distribution)"] = f"{value:.4f} ({value / base:.3f}x)"

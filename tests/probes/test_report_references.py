@@ -367,6 +367,15 @@ def test_softmax_ood_key_numbers_are_layer_means_and_ratios_written_out_by_hand(
         "in_distribution 0.350, input_scale_x2 0.900, bandwidth_x2 0.300")
 
 
+def test_softmax_ood_key_numbers_mark_a_block_whose_best_head_is_uniform(ood_result):
+    """tau = inf (uniform attention) on block 1 marks its distance with "u" and adds the note, as
+    diagnose's tables do; tau = NaN (a block without a best head) is not marked."""
+    ood_result.best_tau["in_distribution"] = [1.0, math.inf, math.nan]
+    numbers = ood_result.key_numbers()
+    assert numbers["in_distribution: per block"] == "block 0: 0.100, block 1: 0.200u, block 2: 0.600"
+    assert numbers["u"].startswith("the block's best head is fitted as uniform attention (tau = inf)")
+
+
 def test_softmax_ood_figure_draws_best_head_distances_per_layer_and_plain_exp_beside_hatched_gaussian_bars(ood_result):
     """Left: one line per set through (layer, best distance), in_distribution thick black. Right: exp bars at position - 0.2
     (unhatched) and Gaussian bars at + 0.2 (hatched), heights the means over layers, in_distribution black."""
