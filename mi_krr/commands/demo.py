@@ -1,7 +1,7 @@
 """`mi-krr demo`: the whole instrument on four models, on a laptop CPU, offline.
 
-    mi-krr demo                    # full demo (about 1-2 minutes on 2 cores), report in reports/demo
-    mi-krr demo --quick            # the same on smaller batches (seconds; what the test runs)
+    mi-krr demo                    # full demo, report in reports/demo (11 s wall on an idle 2-core machine, ~1 min under load)
+    mi-krr demo --quick            # the same on smaller batches (9 s wall idle, mostly start-up; what the test runs)
 
 Diagnoses (`probes.diagnose`) four models and writes one report:
   - cg_construction: a hand-built linear-attention transformer running conjugate gradient
