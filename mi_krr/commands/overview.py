@@ -24,7 +24,7 @@ from probes.compare import IN_DISTRIBUTION, format_table, plot_overview, summary
 REPORT_JSON = "report.json"
 INDEX = "index.md"
 OVERVIEW_FIGURE = "overview.png"
-MODEL_FIGURES = ("error_profiles", "step_map", "kernel_alignment")
+MODEL_FIGURES = ("error_profiles", "step_map", "kernel_alignment", "sensitivities")
 
 
 @dataclass
@@ -41,7 +41,7 @@ def write_overview_report(entries: list[ModelEntry], folder: str | Path, title: 
     """Write the report folder (module docstring) for `entries`; returns the index path."""
     import matplotlib.pyplot as plt
 
-    from probes.plots import plot_error_profiles, plot_kernel_alignment, plot_step_map
+    from probes.plots import plot_error_profiles, plot_kernel_alignment, plot_sensitivities, plot_step_map
     from probes.diagnose import strict_json
     from probes.report import _safe, prediction_arrays
 
@@ -59,13 +59,18 @@ def write_overview_report(entries: list[ModelEntry], folder: str | Path, title: 
              "(best head per layer, mean over layers; `-` where attention is not a normalised kernel).", "",
              f"![overview]({OVERVIEW_FIGURE})", "",
              "Settings: " + ", ".join(f"{key}={value}" for key, value in settings.items()), ""]
-    drawers = {"error_profiles": plot_error_profiles, "step_map": plot_step_map, "kernel_alignment": plot_kernel_alignment}
+    drawers = {"error_profiles": plot_error_profiles, "step_map": plot_step_map, "kernel_alignment": plot_kernel_alignment,
+               "sensitivities": plot_sensitivities}
     document: dict[str, Any] = {"title": title, "settings": settings, "table": [asdict(row) for row in rows], "models": {}}
     for entry in entries:
         safe = _safe(entry.name)
         lines += [f"## {entry.name}", "", entry.description, ""]
         result = entry.diagnosis.task_sets.get(IN_DISTRIBUTION) or next(iter(entry.diagnosis.task_sets.values()))
         lines += ["```", result.verdict.message, "```", ""]
+        sensitivity = {name: score.sensitivity_score for name, score in result.scores.items() if score.sensitivity_score is not None}
+        if sensitivity:
+            lines += ["Label sensitivities d yhat / d y_i (" + result.name + "): path R2 of the layers' against each algorithm's, "
+                      "along the prediction alignment: " + ", ".join(f"{name} {value:.3f}" for name, value in sensitivity.items()), ""]
         for name in MODEL_FIGURES:
             drawn = drawers[name](result)
             if drawn is None:

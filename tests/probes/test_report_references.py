@@ -23,10 +23,10 @@ from matplotlib.colors import to_rgba
 import probes
 from brute_force import uniform_best_head
 from mi_krr.commands.overview import ModelEntry, write_overview_report
-from mi_krr.construct import cg_transformer
+from mi_krr.construct import cg_transformer, gd_transformer
 from mi_krr.models import ICLTransformer, ICLTransformerConfig
 from mi_krr.reproductions.softmax_ood import SoftmaxOODResult
-from mi_krr.tasks.samplers import GPRegressionSampler
+from mi_krr.tasks.samplers import GPRegressionSampler, LinearRegressionSampler
 from probes.compare import UNIFORM_NOTE, SummaryRow, format_table, kernel_distance, plot_overview
 from probes.kernel_alignment import KernelAlignment
 from probes.report import _file_stems, task_set_summary
@@ -319,6 +319,24 @@ def test_overview_index_lists_every_row_then_per_model_description_in_distributi
         assert [line for line in section if line.startswith("- note: ")] == notes[model]
         with np.load(folder / f"{stem}.npz") as arrays:
             assert_arrays_of(arrays, diagnoses[model])
+
+
+def test_overview_index_reports_label_sensitivity_scores_and_their_figure_where_computed(tmp_path):
+    """The GD construction (one fixed lr, stable on every prompt) diagnosed with sensitivities: its
+    label sensitivities are exactly GD's at the fitted lr (both linear in y with the same matrix), so
+    the index's sensitivity line gives gd 1.000, and the sensitivities figure is written and linked."""
+    task = LinearRegressionSampler(dim=4, condition_number=10.0, noise_std=0.1).sample(24, 12, 4, seed=0)
+    K = task.x_support.double() @ task.x_support.double().mT
+    lr = float(1.0 / (torch.linalg.eigvalsh(K)[:, -1].max() + 0.1))
+    diagnosis = probes.diagnose(gd_transformer(n_steps=3, lr=lr, lam=0.1, dim=4), {"in_distribution": task}, lam=0.1, n_steps=6,
+                                kernels=(), sensitivities=True, bootstrap=0, algorithms=("gd", "cg"), progress=False)
+    index = write_overview_report([ModelEntry("gd", "the GD construction", diagnosis)], tmp_path, title="t", settings={})
+    plt.close("all")
+    lines = index.read_text().splitlines()
+    line = next(line for line in lines if line.startswith("Label sensitivities"))
+    assert re.search(r"along the prediction alignment: gd 1\.000, cg -?\d\.\d{3}$", line), line
+    assert "![gd: sensitivities (in_distribution)](gd_sensitivities.png)" in lines
+    assert (tmp_path / "gd_sensitivities.png").read_bytes().startswith(PNG_SIGNATURE)
 
 
 # ---- softmax-ood --------------------------------------------------------------------------------
