@@ -22,6 +22,7 @@ from mi_krr.checkpoints import shipped_checkpoint
 from mi_krr.cli import main
 from mi_krr.tasks import sampler_from_config
 from mi_krr.train import load_model, read_run_config
+from construct_references import numpy_cg_predictions
 from reproduction_recorder import record_reproduction_calls
 
 # A model and task small enough that `mi-krr train` takes well under a second.
@@ -55,20 +56,6 @@ def write_config(folder, **train_changes) -> str:
     path = folder / "tiny.yaml"
     path.write_text(yaml.safe_dump(config))
     return str(path)
-
-
-def numpy_cg_predictions(K: np.ndarray, y: np.ndarray, lam: float, K_query: np.ndarray, steps: int) -> np.ndarray:
-    """Textbook CG on (K + lam I) alpha = y from alpha_0 = 0: query predictions K_query alpha_t, t = 0..steps."""
-    A = K + lam * np.eye(len(y))
-    alpha, r = np.zeros_like(y), y.copy()
-    p, out = r.copy(), [K_query @ alpha]
-    for _ in range(steps):
-        Ap = A @ p
-        step = (r @ r) / (p @ Ap)
-        alpha, r_new = alpha + step * p, r - step * Ap
-        p, r = r_new + (r_new @ r_new) / (r @ r) * p, r_new
-        out.append(K_query @ alpha)
-    return np.stack(out)
 
 
 # ---- diagnose: the arrays it writes, against NumPy ----------------------------------------------
