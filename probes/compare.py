@@ -36,10 +36,13 @@ class SummaryRow:
 
     Attributes:
         model, task_set: names.
-        best: the top-scoring algorithm; `score` its path R2 and `score_ci` the interval.
+        best: the top-scoring algorithm (None where every candidate's path R2 is -inf or
+            undefined: none is best); `score` its path R2 and `score_ci` the interval.
         step_map: the best algorithm's monotone-aligned step per probed block output,
             "layer:step" pairs.
         identified: the verdict.
+        withheld: whether the verdict was withheld (`Verdict.withheld`, e.g. ridge probes):
+            the tables print "withheld" rather than "no".
         exp_distance: relative operator-norm distance of attention to the fitted exp kernel,
             best head per layer, mean over layers (NaN when the alignment was skipped, e.g. for
             linear attention, whose pattern is not a row-normalised kernel).
@@ -51,7 +54,7 @@ class SummaryRow:
 
     model: str
     task_set: str
-    best: str
+    best: str | None
     score: float
     score_ci: tuple[float, float]
     step_map: str
@@ -60,6 +63,7 @@ class SummaryRow:
     gaussian_distance: float
     exp_uniform: bool = False
     gaussian_uniform: bool = False
+    withheld: bool = False
 
 
 @dataclass
@@ -76,15 +80,17 @@ class Comparison:
     rows: list[SummaryRow]
 
     def to_dataframe(self):
-        """pandas DataFrame, one row per (model, task_set): best, score, ci_low, ci_high,
-        identified, exp_distance, gaussian_distance, step_map."""
+        """pandas DataFrame, one row per (model, task_set): best (None where no candidate has a
+        defined path R2), score, ci_low, ci_high, identified, withheld, exp_distance, exp_uniform,
+        gaussian_distance, gaussian_uniform, step_map (see `SummaryRow`)."""
         import pandas as pd
 
         return pd.DataFrame(
             [
                 {"model": row.model, "task_set": row.task_set, "best": row.best, "score": row.score, "ci_low": row.score_ci[0],
-                 "ci_high": row.score_ci[1], "identified": row.identified, "exp_distance": row.exp_distance,
-                 "gaussian_distance": row.gaussian_distance, "step_map": row.step_map}
+                 "ci_high": row.score_ci[1], "identified": row.identified, "withheld": row.withheld,
+                 "exp_distance": row.exp_distance, "exp_uniform": row.exp_uniform, "gaussian_distance": row.gaussian_distance,
+                 "gaussian_uniform": row.gaussian_uniform, "step_map": row.step_map}
                 for row in self.rows
             ]
         )
@@ -120,8 +126,11 @@ def compare(diagnoses: Mapping[str, "Diagnosis"]) -> Comparison:
     if not isinstance(diagnoses, Mapping) or not diagnoses:
         raise ValueError("diagnoses must be a non-empty dict {model name: probes.diagnose(...)}")
     for name, diagnosis in diagnoses.items():
-        if not isinstance(name, str):
-            raise ValueError(f"diagnoses keys must be model names (str), got {name!r}: name each model, e.g. {{'softmax': diagnosis}}")
+        if not isinstance(name, str) or not name.strip() or not name.isprintable():
+            raise ValueError(
+                f"diagnoses keys must be model names (non-empty, printable str: one table cell each), got {name!r}: "
+                "name each model, e.g. {'softmax': diagnosis}"
+            )
         if not isinstance(diagnosis, Diagnosis):
             raise ValueError(f"diagnoses[{name!r}] must be the Diagnosis that probes.diagnose returns, got {type(diagnosis).__name__}")
     return Comparison(diagnoses=dict(diagnoses), rows=[row for name, diagnosis in diagnoses.items() for row in summary_rows(name, diagnosis)])
@@ -155,11 +164,12 @@ def summary_rows(model_name: str, diagnosis: "Diagnosis") -> list[SummaryRow]:
             SummaryRow(
                 model=model_name,
                 task_set=set_name,
-                best=best.algorithm,
+                best=result.verdict.best_algorithm,
                 score=float(best.score),
                 score_ci=(float(best.score_ci[0]), float(best.score_ci[1])),
                 step_map=" ".join(pairs),
                 identified=bool(result.verdict.identified),
+                withheld=result.verdict.withheld is not None,
                 exp_distance=kernel_distance(result),
                 gaussian_distance=kernel_distance(result, "gaussian"),
                 exp_uniform=has_uniform_best_head(result),
@@ -181,13 +191,13 @@ UNIFORM_NOTE = (f"{UNIFORM_MARK}: some layer's best head is fitted as uniform at
 def table_cells(row: SummaryRow) -> tuple[str, ...]:
     """One row's cells as text, in `TABLE_HEADER` order (interval and distances "-" where not
     computed, distances marked `UNIFORM_MARK` where a best head is uniform; the best algorithm "-"
-    where every candidate's path R2 is -inf)."""
+    where none is best)."""
     return (
         row.model,
         row.task_set,
-        row.best if row.score > -math.inf else "-",  # every candidate -inf (or NaN): none is best
+        row.best if row.score > -math.inf else "-",  # None: every candidate -inf or NaN
         f"{row.score:.4f} {interval_text(row.score_ci, 3)}",
-        "yes" if row.identified else "no",
+        "withheld" if row.withheld else "yes" if row.identified else "no",
         distance_text(row.exp_distance, row.exp_uniform),
         distance_text(row.gaussian_distance, row.gaussian_uniform),
         row.step_map,
@@ -237,26 +247,38 @@ def plot_overview(rows: list[SummaryRow]):
     sets = sorted(dict.fromkeys(row.task_set for row in rows), key=_set_order)
     position = {name: index for index, name in enumerate(sets)}
     figure, (left, right) = plt.subplots(1, 2, figsize=(11, 3.8), dpi=80)
+    # legends from explicit handles: matplotlib would drop a model named "_..." from automatic ones
+    legends = {left: ([], []), right: ([], [])}  # axis -> (lines, labels)
+    every_set = np.arange(len(sets))
     for index, model in enumerate(models):
-        mine = sorted((row for row in rows if row.model == model), key=lambda row: position[row.task_set])
-        x = [position[row.task_set] for row in mine]
-        left.plot(x, [max(row.score, SCORE_FLOOR) for row in mine], "-", color=f"C{index}", lw=1, label=model)
-        for row, xi in zip(mine, x):
-            left.plot(xi, max(row.score, SCORE_FLOOR), "o", color=f"C{index}", mfc=f"C{index}" if row.identified else "white")
+        mine = {row.task_set: row for row in rows if row.model == model}
+
+        def across_sets(value) -> list[float]:
+            """`value(row)` at every task set's position, NaN (a gap in the line) where the model has none."""
+            return [value(mine[name]) if name in mine else math.nan for name in sets]
+
+        (line,) = left.plot(every_set, across_sets(lambda row: max(row.score, SCORE_FLOOR)), "-", color=f"C{index}", lw=1, label=model)
+        legends[left][0].append(line)
+        legends[left][1].append(model)
+        for name, row in sorted(mine.items(), key=lambda item: position[item[0]]):
+            left.plot(position[name], max(row.score, SCORE_FLOOR), "o", color=f"C{index}", mfc=f"C{index}" if row.identified else "white")
         for kernel, style in (("exp_distance", "o-"), ("gaussian_distance", "s--")):
-            distances = [getattr(row, kernel) for row in mine]
+            distances = across_sets(lambda row: getattr(row, kernel))
             if any(math.isfinite(value) for value in distances):
-                right.plot(x, distances, style, color=f"C{index}", label=f"{model} ({KERNEL_LABELS[kernel]})")
+                label = f"{model} ({KERNEL_LABELS[kernel]})"
+                (line,) = right.plot(every_set, distances, style, color=f"C{index}", label=label)
+                legends[right][0].append(line)
+                legends[right][1].append(label)
     for ax in (left, right):
         ax.set_xticks(range(len(sets)), sets, rotation=40, ha="right", fontsize=7)
         ax.grid(alpha=0.3)
     left.set_ylabel(f"best algorithm's path R2 (clipped at {SCORE_FLOOR})")
     left.set_title("Which algorithm explains the layers (filled: identified)", fontsize=9)
-    left.legend(fontsize=7)
+    left.legend(*legends[left], fontsize=7)
     right.set_ylabel("attention vs kernel (rel. op. distance)")
     right.set_title("Attention as a kernel: best head per layer, mean", fontsize=9)
     if right.lines:
-        right.legend(fontsize=7)
+        right.legend(*legends[right], fontsize=7)
     figure.tight_layout()
     return figure
 

@@ -153,7 +153,7 @@ class Diagnosis:
                                 "aligned": bool(score.aligned_steps[row] == step),
                                 "argmin": bool(score.argmin_steps[row] == step),
                                 "score": score.score,
-                                "best": algorithm == result.verdict.best,
+                                "best": algorithm == result.verdict.best_algorithm,
                             }
                         )
         return pd.DataFrame(rows)
@@ -181,7 +181,7 @@ class Diagnosis:
 
     def __repr__(self) -> str:
         verdicts = "; ".join(
-            f"{row.task_set}: best {row.best} (path R2 {row.score:.3f}), {'identified' if row.identified else 'not identified'}"
+            f"{row.task_set}: best {row.best or 'none'} (path R2 {row.score:.3f}), {'identified' if row.identified else 'not identified'}"
             for row in summary_rows("", self)
         )
         return f"Diagnosis({verdicts})"

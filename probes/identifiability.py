@@ -27,6 +27,7 @@ was ruled out.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import einops
@@ -135,6 +136,11 @@ class Verdict:
     message: str
     scores: dict[str, float] = field(default_factory=dict)
     withheld: str | None = None
+
+    @property
+    def best_algorithm(self) -> str | None:
+        """`best`, or None where every candidate's path R2 is -inf or undefined (none is best)."""
+        return self.best if self.score > -math.inf else None
 
 
 def identifiability_verdict(

@@ -36,6 +36,10 @@ BLOCKS = ("query", "support")
 FITS = ("distance", "log_lstsq")
 METRICS = ("operator_distance", "cka", "spearman", "row_spearman")
 
+ROW_SUM_SLACK = 1e-4
+"""How far above 1 an attention row's weight on the support keys may sum before the pattern is
+refused as not softmax-normalised (float32 softmax rows sum to 1 within ~1e-6)."""
+
 CENTRED_RESIDUE = 1e-12
 """Centring removed everything when what is left has a norm of at most this fraction of the
 uncentred norm: the rest is rounding residue, which grows with the entries a mean runs over
@@ -180,6 +184,12 @@ def kernel_alignment(
     support_x, query_x = _representation(task, representation)
     rows_x = query_x if block == "query" else support_x
     support_share = pattern.sum(dim=-1, keepdim=True)  # [B, L, H, r, 1]
+    if (support_share > 1.0 + ROW_SUM_SLACK).any():  # a softmax row sums to 1 over all its keys, so to <= 1 over the support
+        raise ValueError(
+            f"this model's attention rows sum to up to {float(support_share.max()):.3g} over the support keys (not "
+            "softmax-normalised, e.g. ReLU attention): compare attention_kernels(model, task) with a kernel through "
+            "alignment_metrics instead"
+        )
     keys = _visible_keys(pattern, allowed, support_share)  # [B, L, H, r, n]
     attn = pattern / support_share.clamp_min(1e-300)
     min_weight = smallest_normal / support_share  # attn below it: the model's weight was subnormal or 0

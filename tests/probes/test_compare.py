@@ -52,7 +52,8 @@ def test_rows_are_each_models_best_algorithm_interval_verdict_step_map_and_kerne
     for row in result.rows:
         task_set = diagnoses[row.model][row.task_set]
         best = max(task_set.scores.values(), key=lambda score: score.score)
-        assert row.best == best.algorithm and row.score == best.score and row.score_ci == tuple(best.score_ci)
+        assert row.best == (best.algorithm if best.score > -math.inf else None)  # every path R2 -inf / NaN: none is best
+        assert row.score == best.score and row.score_ci == tuple(best.score_ci)
         assert row.identified == task_set.verdict.identified
         assert row.step_map == " ".join(f"{layer}:{step}" for layer, step in zip(best.layers, best.aligned_steps) if layer > 0)
         for kernel, distance in (("exp", row.exp_distance), ("gaussian", row.gaussian_distance)):
@@ -67,11 +68,12 @@ def test_rows_are_each_models_best_algorithm_interval_verdict_step_map_and_kerne
 def test_dataframe_and_table_carry_every_row(comparison):
     diagnoses, result = comparison
     frame = result.to_dataframe()
-    assert list(frame.columns) == ["model", "task_set", "best", "score", "ci_low", "ci_high", "identified", "exp_distance",
-                                   "gaussian_distance", "step_map"]
+    assert list(frame.columns) == ["model", "task_set", "best", "score", "ci_low", "ci_high", "identified", "withheld", "exp_distance",
+                                   "exp_uniform", "gaussian_distance", "gaussian_uniform", "step_map"]
     assert len(frame) == len(result.rows) == 2 * len(SETS)
     for record, row in zip(frame.to_dict("records"), result.rows):
-        assert (record["model"], record["task_set"], record["best"], record["identified"], record["step_map"]) == (
+        best = record["best"] if isinstance(record["best"], str) else None  # pandas shows a None best as NaN
+        assert (record["model"], record["task_set"], best, record["identified"], record["step_map"]) == (
             row.model, row.task_set, row.best, row.identified, row.step_map)
         assert (record["score"], record["ci_low"], record["ci_high"]) == (row.score, *row.score_ci)
         np.testing.assert_array_equal([record["exp_distance"], record["gaussian_distance"]], [row.exp_distance, row.gaussian_distance])
