@@ -24,6 +24,7 @@ from mi_krr.tasks import sampler_from_config
 from mi_krr.train import load_model, read_run_config
 from construct_references import numpy_cg_predictions
 from reproduction_recorder import record_reproduction_calls
+from run_configs import write_run_config
 
 # A model and task small enough that `mi-krr train` takes well under a second.
 TINY_CONFIG = {
@@ -47,15 +48,6 @@ def one_error_line(capsys) -> str:
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1, lines
     return lines[0]
-
-
-def write_config(folder, **train_changes) -> str:
-    """TINY_CONFIG (train section updated) as a YAML file in `folder`; returns its path."""
-    config = json.loads(json.dumps(TINY_CONFIG))
-    config["train"].update(train_changes)
-    path = folder / "tiny.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return str(path)
 
 
 # ---- diagnose: the arrays it writes, against NumPy ----------------------------------------------
@@ -115,7 +107,7 @@ def test_train_cli_prints_numpy_ridge_as_the_optimal_mse_and_the_saved_models_ow
     from mi_krr.train.evaluation import held_out_task
 
     run_dir = tmp_path / "run"
-    code, printed = run_main("train", "--config", write_config(tmp_path), "--out", str(run_dir), "--no-progress")
+    code, printed = run_main("train", "--config", write_run_config(tmp_path, TINY_CONFIG), "--out", str(run_dir), "--no-progress")
     assert code == 0
     metrics = json.loads(printed.strip().splitlines()[-1])
     run = build_run(read_run_config(run_dir))
@@ -137,7 +129,7 @@ def test_train_with_a_config_and_no_out_writes_the_run_to_the_configs_out_dir(tm
     error says 'pass --out DIR (or set train.out_dir in the config)'. With train.out_dir set and no
     --out, the run must land there, not in ./runs/train."""
     target = tmp_path / "from_config"
-    config = write_config(tmp_path, out_dir=str(target))
+    config = write_run_config(tmp_path, TINY_CONFIG, out_dir=str(target))
     (tmp_path / "cwd").mkdir()
     monkeypatch.chdir(tmp_path / "cwd")
     code, _ = run_main("train", "--config", config, "--no-progress")
@@ -149,7 +141,7 @@ def test_train_resume_with_config_continues_that_run(tmp_path, monkeypatch):
     """The train docstring: '--resume: the config.json of the run in --out (or --config)'. A run
     stopped at --until-step 1 of 2, resumed with --config RUN and no --out, must finish in RUN."""
     run_dir = tmp_path / "run"
-    assert run_main("train", "--config", write_config(tmp_path), "--until-step", "1", "--out", str(run_dir), "--no-progress")[0] == 0
+    assert run_main("train", "--config", write_run_config(tmp_path, TINY_CONFIG), "--until-step", "1", "--out", str(run_dir), "--no-progress")[0] == 0
     (tmp_path / "cwd").mkdir()
     monkeypatch.chdir(tmp_path / "cwd")
     code, printed = run_main("train", "--resume", "--config", str(run_dir), "--no-progress")
@@ -168,7 +160,7 @@ def test_train_nonpositive_steps_names_steps_not_the_warmup(steps, tmp_path, cap
 def test_train_divergence_is_one_line_naming_lr(tmp_path, capsys):
     """--lr 1e9: the loss becomes NaN at step 1. A user error (the learning rate) must exit 2 with
     one line naming --lr, not a traceback (the config already clips gradients at 1.0)."""
-    code = main(["train", "--config", write_config(tmp_path, lr=1e9), "--out", str(tmp_path / "run"), "--no-progress"])
+    code = main(["train", "--config", write_run_config(tmp_path, TINY_CONFIG, lr=1e9), "--out", str(tmp_path / "run"), "--no-progress"])
     assert code == 2
     assert "--lr" in one_error_line(capsys)
 
@@ -178,7 +170,7 @@ def test_out_of_range_seed_is_one_line_naming_seed(command, tmp_path, capsys):
     """`reproduce` and `construct` answer --seed 2**64 with 'seed must be an integer in [0, 2**64)';
     diagnose and train must too."""
     args = {"diagnose": ["diagnose", str(shipped_checkpoint("linear_lr")), "--no-shifts", "--batch", "2", "--no-progress"],
-            "train": ["train", "--config", write_config(tmp_path), "--no-progress"]}[command]
+            "train": ["train", "--config", write_run_config(tmp_path, TINY_CONFIG), "--no-progress"]}[command]
     assert main([*args, "--seed", str(2**64), "--out", str(tmp_path / "out")]) == 2
     assert "seed must be" in one_error_line(capsys)
 

@@ -305,7 +305,7 @@ class ReluMLP(nn.Module):
                 product_inputs.add(op.u + op.v, [])
                 product_inputs.add(op.u - op.v, [])
             elif isinstance(op, Reciprocal):
-                reciprocal_inputs.add(op.u + op.off, [])
+                reciprocal_inputs.add(op.u, [])  # u + off on the tokens it applies to (off = 0); 0 elsewhere, where the output is 0
         # buffers, not in the state dict: a saved model holds the ReLU network's weights only
         for name, inputs in (("product", product_inputs), ("reciprocal", reciprocal_inputs)):
             weight, bias, _, _, _ = inputs.matrices(d_model)

@@ -19,7 +19,7 @@ from mi_krr.tasks import ICLTask
 from probes import fit_layer_probes, label_sensitivities, solver_sensitivities
 from probes.scoring import score_algorithm, score_algorithms
 from brute_force import lens_finite_differences
-from prompts import random_task
+from prompts import copied_steps_case, random_task
 
 LAM = 0.1
 
@@ -206,21 +206,10 @@ def test_a_bad_n_kappa_bins_in_score_algorithms_is_named_as_passed():
 # ---------------------------------------------------------------- sensitivities in score_algorithms
 
 
-def scoring_case():
-    """Step values [B, T+1, m] (step 0 = 0) and sensitivities [B, T+1, m, n]; layers 1, 2, 3 copy
-    steps 1, 3, 4 (so the alignment is [1, 3, 4] and the sensitivity path R2 is exactly 1)."""
-    rng = np.random.default_rng(0)
-    step = rng.normal(size=(6, 5, 2))
-    step[:, 0] = 0
-    sens = rng.normal(size=(6, 5, 2, 3))
-    sens[:, 0] = 0
-    return step, sens, step[:, [1, 3, 4]], sens[:, [1, 3, 4]], step[:, -1]
-
-
 def test_scored_sensitivities_are_read_at_the_prediction_alignment_and_pool_queries_and_labels():
     """Layers copying steps 1, 3, 4: alignment [1, 3, 4], sensitivity path R2 1; against a
     perturbed copy the sensitivity path R2 is the NumPy pooled 1 - SSE / SST along that path."""
-    step, sens, layer, layer_sens, krr = scoring_case()
+    step, sens, layer, layer_sens, krr = copied_steps_case()
     exact = score_algorithms(layer, {"a": step}, krr, layers=[1, 2, 3], bootstrap=0, layer_sensitivity=layer_sens, step_sensitivities={"a": sens})["a"]
     assert exact.aligned_steps.tolist() == [1, 3, 4] and exact.sensitivity_score == pytest.approx(1.0, abs=1e-12)
     noisy = layer_sens + 0.3 * np.random.default_rng(1).normal(size=layer_sens.shape)
@@ -233,7 +222,7 @@ def test_scored_sensitivities_are_read_at_the_prediction_alignment_and_pool_quer
 def test_layer_sensitivities_for_other_layers_than_the_predictions_are_a_one_line_value_error():
     """label_sensitivities(model, task) (all L + 1 layers) scored against layer_predictions(...,
     layers=[1, 2, 3]): one line naming layer_sensitivity, not a NumPy broadcasting error."""
-    step, sens, layer, _, krr = scoring_case()
+    step, sens, layer, _, krr = copied_steps_case()
     every_layer = sens[:, [0, 1, 2, 3, 4]]
     with pytest.raises(ValueError, match="layer_sensitivity"):
         score_algorithms(layer, {"a": step}, krr, layers=[1, 2, 3], bootstrap=0, layer_sensitivity=every_layer, step_sensitivities={"a": sens})
@@ -242,7 +231,7 @@ def test_layer_sensitivities_for_other_layers_than_the_predictions_are_a_one_lin
 def test_step_sensitivities_of_another_trajectory_length_are_refused():
     """Sensitivities from a run with fewer steps (n_steps=2 vs 4) or more steps than the
     predictions are a mismatch: each should raise a ValueError naming step_sensitivities."""
-    step, sens, layer, layer_sens, krr = scoring_case()
+    step, sens, layer, layer_sens, krr = copied_steps_case()
     for other in (sens[:, :3], np.concatenate([sens, sens[:, -1:]], axis=1)):
         with pytest.raises(ValueError, match="step_sensitivities"):
             score_algorithms(layer, {"a": step}, krr, layers=[1, 2, 3], bootstrap=0, layer_sensitivity=layer_sens, step_sensitivities={"a": other})
@@ -251,19 +240,19 @@ def test_step_sensitivities_of_another_trajectory_length_are_refused():
 def test_step_sensitivities_as_a_bare_array_is_a_one_line_value_error():
     """score_algorithm takes step_sensitivity (an array), score_algorithms step_sensitivities (a
     dict): passing the array to the latter should be named, with the fix."""
-    step, sens, layer, layer_sens, krr = scoring_case()
+    step, sens, layer, layer_sens, krr = copied_steps_case()
     with pytest.raises(ValueError, match="step_sensitivities"):
         score_algorithms(layer, {"a": step}, krr, layers=[1, 2, 3], bootstrap=0, layer_sensitivity=layer_sens, step_sensitivities=sens)
 
 
 def test_score_algorithm_given_a_dict_of_step_sensitivities_names_the_one_array_it_takes():
-    step, sens, layer, layer_sens, krr = scoring_case()
+    step, sens, layer, layer_sens, krr = copied_steps_case()
     with pytest.raises(ValueError, match="step_sensitivity must be one array"):
         score_algorithm("a", layer, step, krr, layers=[1, 2, 3], layer_sensitivity=layer_sens, step_sensitivity={"a": sens})
 
 
 def test_passing_only_one_side_of_the_sensitivities_is_not_silently_ignored():
-    step, sens, layer, layer_sens, krr = scoring_case()
+    step, sens, layer, layer_sens, krr = copied_steps_case()
     with pytest.raises(ValueError, match="sensitivit"):
         score_algorithms(layer, {"a": step}, krr, layers=[1, 2, 3], bootstrap=0, step_sensitivities={"a": sens})
     with pytest.raises(ValueError, match="sensitivit"):
@@ -273,7 +262,7 @@ def test_passing_only_one_side_of_the_sensitivities_is_not_silently_ignored():
 def test_rows_given_deepest_first_are_refused():
     """Layers 1, 2, 3 copying steps 1, 3, 4 score 1; the same rows given as layers [3, 2, 1] are
     refused as diagnose refuses them, not realigned in the order given."""
-    step, _, layer, _, krr = scoring_case()
+    step, _, layer, _, krr = copied_steps_case()
     assert score_algorithms(layer, {"a": step}, krr, layers=[1, 2, 3], bootstrap=0)["a"].score == pytest.approx(1.0, abs=1e-12)
     with pytest.raises(ValueError, match=r"layers must be in depth order.*\[3, 2, 1\]"):
         score_algorithms(layer[:, ::-1], {"a": step}, krr, layers=[3, 2, 1], bootstrap=0)
