@@ -195,7 +195,7 @@ def table_cells(row: SummaryRow) -> tuple[str, ...]:
     return (
         row.model,
         row.task_set,
-        row.best if row.score > -math.inf else "-",  # None: every candidate -inf or NaN
+        row.best or "-",
         f"{row.score:.4f} {interval_text(row.score_ci, 3)}",
         "withheld" if row.withheld else "yes" if row.identified else "no",
         distance_text(row.exp_distance, row.exp_uniform),

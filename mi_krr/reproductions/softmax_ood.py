@@ -68,10 +68,10 @@ class SoftmaxOODResult:
         return float(finite.mean()) if finite.size else math.nan
 
     def key_numbers(self) -> dict[str, Any]:
-        base = self.overall("in_distribution")
-        numbers: dict[str, Any] = {"in_distribution: exp-kernel distance (best head, mean over layers)": base}
         from probes.report import UNIFORM_MARK
 
+        base = self.overall("in_distribution")
+        numbers: dict[str, Any] = {"in_distribution: exp-kernel distance (best head, mean over layers)": base}
         uniform = [math.isinf(tau) for tau in self.best_tau["in_distribution"]]  # NaN: a block without a best head
         per_block = zip(self.blocks, self.best_distance["in_distribution"], uniform)
         numbers["in_distribution: per block"] = ", ".join(

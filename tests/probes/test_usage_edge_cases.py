@@ -286,14 +286,16 @@ def test_nan_written_into_a_task_after_construction_is_refused_by_the_probes():
 def test_a_diagnosis_where_every_candidate_scores_minus_inf_names_no_best_algorithm():
     """Layers that predict ~1e-3 noise align with step 0 (alpha = 0) for every solver, whose
     variance is 0 there (path R2 -inf, the documented rule): the verdict must not present the
-    first-listed algorithm as the best, and the overview table's best cell is "-"."""
+    first-listed algorithm as the best (`best_algorithm` None), and the overview table's best
+    cell is "-"."""
     rng = np.random.default_rng(5)
     krr = rng.normal(size=(24, 3))
     steps = {name: np.concatenate([np.zeros((24, 1, 3)), np.repeat(krr[:, None] * scale, 4, axis=1)], axis=1)
              for name, scale in (("cg", 1.0), ("gd", 0.5))}
     scores = score_algorithms(1e-3 * rng.normal(size=(24, 3, 3)), steps, krr, bootstrap=100)
     assert all(score.score == -np.inf for score in scores.values())
-    message = identifiability_verdict(scores, steps).message
-    assert message.startswith("Best: none: every candidate's path R2 is -inf or undefined (cg is listed first).")
-    row = SummaryRow("m", "t", "cg", -math.inf, (-math.inf, -math.inf), "", False, math.nan, math.nan)
+    verdict = identifiability_verdict(scores, steps)
+    assert verdict.message.startswith("Best: none: every candidate's path R2 is -inf or undefined (cg is listed first).")
+    assert verdict.best == "cg" and verdict.best_algorithm is None
+    row = SummaryRow("m", "t", verdict.best_algorithm, -math.inf, (-math.inf, -math.inf), "", False, math.nan, math.nan)
     assert table_cells(row)[2] == "-"
