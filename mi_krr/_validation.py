@@ -72,12 +72,24 @@ def check_count(name: str, value: int, minimum: int = 0) -> int:
     return int(value)
 
 
+SEED_LIMIT = 2**32
+"""Seeds are in [0, SEED_LIMIT): torch's CPU generator keeps a seed's low 32 bits, so seeds that
+differ by 2**32 would draw the same numbers."""
+
+
 def check_seed(name: str, value: int) -> int:
-    """Return `value` after checking it is an integer seed torch can take, 0 <= value < 2**64."""
+    """Return `value` after checking it is an integer seed in [0, SEED_LIMIT) = [0, 2**32)."""
     value = check_count(name, value)
-    if value >= 2**64:
-        raise ValueError(f"{name} must be an integer in [0, 2**64) (torch's seed range), got {value}")
+    if value >= SEED_LIMIT:
+        raise ValueError(f"{name} must be an integer in [0, 2**32) (torch's CPU generator keeps 32 bits of a seed, "
+                         f"so larger seeds repeat smaller ones), got {value}")
     return value
+
+
+def offset_seed(seed: int, offset: int) -> int:
+    """The seed `offset` places after `seed`, wrapping within [0, SEED_LIMIT) (the seeds of the
+    further prompt sets drawn from one user seed)."""
+    return (seed + offset) % SEED_LIMIT
 
 
 def check_device(name: str, value: Any) -> torch.device | None:

@@ -200,7 +200,7 @@ def task_sets(
     model: Any = None,
 ) -> tuple[dict[str, Any], list[str]]:
     """In-distribution prompts ("in_distribution", drawn with `seed`) and, with `shifts`, one set
-    per shift of `DEFAULT_SHIFTS` that applies to `sampler` (seeds seed + 1, seed + 2, ...).
+    per shift of `DEFAULT_SHIFTS` that applies to `sampler` (seeds seed + 1, seed + 2, ..., modulo 2**32).
 
     With `model`, shifted sets whose prompts the model cannot take (too long for its positions)
     are left out, and in-distribution prompts it cannot take are a ValueError saying why.
@@ -208,6 +208,7 @@ def task_sets(
     """
     import torch
 
+    from mi_krr._validation import offset_seed
     from mi_krr.models import check_task_fits
     from mi_krr.tasks import DEFAULT_SHIFTS, apply_shift, why_shift_does_not_apply
 
@@ -222,7 +223,7 @@ def task_sets(
                 notes.append(f"shift {name} left out: {reason}")
     sets = {}
     for index, (name, shifted) in enumerate(samplers.items()):
-        task = scaled_labels(shifted.sample(batch_size, n_support, n_query, seed=seed + index, dtype=torch.float32), label_scale)
+        task = scaled_labels(shifted.sample(batch_size, n_support, n_query, seed=offset_seed(seed, index), dtype=torch.float32), label_scale)
         if model is not None and hasattr(model, "max_seq_len"):
             try:
                 check_task_fits(model, task)

@@ -167,7 +167,7 @@ def test_train_divergence_is_one_line_naming_lr(tmp_path, capsys):
 
 @pytest.mark.parametrize("command", ["diagnose", "train"])
 def test_out_of_range_seed_is_one_line_naming_seed(command, tmp_path, capsys):
-    """`reproduce` and `construct` answer --seed 2**64 with 'seed must be an integer in [0, 2**64)';
+    """`reproduce` and `construct` answer --seed 2**64 with 'seed must be an integer in [0, 2**32)';
     diagnose and train must too."""
     args = {"diagnose": ["diagnose", str(shipped_checkpoint("linear_lr")), "--no-shifts", "--batch", "2", "--no-progress"],
             "train": ["train", "--config", write_run_config(tmp_path, TINY_CONFIG), "--no-progress"]}[command]

@@ -88,6 +88,7 @@ def run(args: argparse.Namespace) -> int:
 
     import torch
 
+    from mi_krr._validation import offset_seed
     from mi_krr.checkpoints import load_checkpoint, task_sets
     from mi_krr.commands.overview import ModelEntry, write_overview_report
     from probes.compare import format_table, summary_rows
@@ -101,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
                             shifts=not args.no_shifts, label_scale=loaded.label_scale, model=loaded.model)
     train_task = None
     if args.method == "ridge":
-        train_task, _ = task_sets(loaded.sampler, 4 * args.batch, loaded.n_support, loaded.n_query, seed=args.seed + 10_000,
+        train_task, _ = task_sets(loaded.sampler, 4 * args.batch, loaded.n_support, loaded.n_query, seed=offset_seed(args.seed, 10_000),
                                   shifts=False, label_scale=loaded.label_scale)
         train_task = train_task["in_distribution"]
     diagnosis = diagnose_task_sets(loaded.model, sets, lam=loaded.lam, bootstrap=args.bootstrap, seed=args.seed, method=args.method,

@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from mi_krr._validation import as_tuple, check_choice, check_count, check_device, check_positive
+from mi_krr._validation import as_tuple, check_choice, check_count, check_device, check_positive, offset_seed
 from mi_krr.construct.cg import cg_transformer, kernel_feature_map
 from mi_krr.construct.primitives import ReluRangeError
 from mi_krr.construct.richardson import richardson_transformer
@@ -56,7 +56,7 @@ def conditioned_linear_task(
         raise ValueError(f"kappa must be > 1 and lam < 1 / (kappa - 1) = {1 / max(kappa - 1, 1e-300):.3g}, got kappa={kappa}, lam={lam}")
     system = sample_spd_system(batch_size, n_support, 1.0 / inverse_kappa0, seed=seed)
     x_support = torch.linalg.cholesky(system.matrix)
-    generator = torch.Generator().manual_seed(seed + 1)
+    generator = torch.Generator().manual_seed(offset_seed(seed, 1))
     x_query = torch.randn(batch_size, n_query, n_support, generator=generator, dtype=torch.float64) / math.sqrt(n_support)
     return ICLTask(
         x_support=x_support,
@@ -336,7 +336,7 @@ def width_study(
                 floor_errors = torch.zeros_like(model_errors)
                 for w, width in enumerate(widths):
                     for s in range(draws):
-                        feature_map = width_head(head, kernel, dim, width, temperature, seed + s)
+                        feature_map = width_head(head, kernel, dim, width, temperature, offset_seed(seed, s))
                         model = cg_transformer(n_steps, ridge, kernel=kernel, dim=dim, feature_map=feature_map, device=device)
                         with torch.no_grad():
                             pred = model.predict(task)

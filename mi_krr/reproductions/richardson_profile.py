@@ -168,13 +168,14 @@ def richardson_profile(
     the shipped checkpoints/softmax_gp; the ridge probes train on `train_batch_size` other prompts.
     `n_steps` solver steps (64: room for the slow stationary solvers, which need many steps on
     these kappa ~ 100-200 systems, to reach what a layer does)."""
+    from mi_krr._validation import offset_seed
     from mi_krr.checkpoints import load_checkpoint, shipped_checkpoint, task_sets
     from probes.diagnose import diagnose
 
     path = Path(checkpoint) if checkpoint is not None else shipped_checkpoint("softmax_gp")
     loaded = load_checkpoint(path, device=device)
     sets, _ = task_sets(loaded.sampler, batch_size, loaded.n_support, loaded.n_query, seed=seed, shifts=False, label_scale=loaded.label_scale)
-    train, _ = task_sets(loaded.sampler, train_batch_size, loaded.n_support, loaded.n_query, seed=seed + 10_000, shifts=False,
+    train, _ = task_sets(loaded.sampler, train_batch_size, loaded.n_support, loaded.n_query, seed=offset_seed(seed, 10_000), shifts=False,
                          label_scale=loaded.label_scale)
     layers = list(range(1, loaded.model.n_layers + 1))
     lenses, result, settings = {}, None, {}

@@ -24,7 +24,7 @@ from typing import Any, ClassVar
 import torch
 
 from mi_krr._validation import (
-    check_choice, check_condition_number, check_count, check_device, check_finite, check_non_negative, check_positive, check_seed, store_count,
+    SEED_LIMIT, check_choice, check_condition_number, check_count, check_device, check_finite, check_non_negative, check_positive, check_seed, store_count,
 )
 from mi_krr.feature_maps import random_orthogonal
 from mi_krr.kernels import kernel_matrix
@@ -45,7 +45,7 @@ def _resolve_generator(seed: int | None, generator: torch.Generator | None) -> t
             raise ValueError(f"generator must be a CPU torch.Generator (draws happen on the CPU), got {generator.device}")
         return generator, None
     if seed is None:
-        seed = int(torch.randint(0, 2**62, (1,)).item())  # from the global RNG, recorded so the draw can be replayed
+        seed = int(torch.randint(0, SEED_LIMIT, (1,)).item())  # from the global RNG, recorded so the draw can be replayed
     seed = check_seed("seed", seed)
     return torch.Generator().manual_seed(seed), seed
 

@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from mi_krr._validation import check_device, check_non_negative, check_positive, dataclass_from_dict, store_count
+from mi_krr._validation import check_device, check_non_negative, check_positive, check_seed, dataclass_from_dict, store_count
 
 # Settings that change nothing about the sequence of weights a run produces: a resumed run may
 # change these; any other difference from the checkpointed run is refused.
@@ -83,10 +83,10 @@ class TrainConfig:
             store_count(self, "active_dim_start", minimum=1)
         store_count(self, "eval_every", minimum=1)
         store_count(self, "eval_prompts", minimum=1)
-        store_count(self, "eval_seed")
+        store_count(self, "eval_seed", check=check_seed)
         store_count(self, "checkpoint_every", minimum=1)
         store_count(self, "keep_checkpoints", minimum=1)
-        store_count(self, "seed")
+        store_count(self, "seed", check=check_seed)
         if self.out_dir is not None and not isinstance(self.out_dir, str):
             self.out_dir = str(self.out_dir)
         self.device = str(check_device("device", self.device))

@@ -11,9 +11,12 @@ EVAL_STREAM = 1
 
 
 def derived_seed(seed: int, stream: int, step: int) -> int:
-    """A 63-bit seed that depends only on (seed, stream, step) (NumPy's SeedSequence hash)."""
+    """A seed in [0, 2**32) that depends only on (seed, stream, step) (NumPy's SeedSequence hash).
+
+    torch's CPU generator keeps a seed's low 32 bits: these are the low 32 bits of the 63-bit
+    seed (state[0] << 31) ^ state[1] that runs were trained with, so their batches are unchanged."""
     state = np.random.SeedSequence([seed, stream, step]).generate_state(2, dtype=np.uint32)
-    return (int(state[0]) << 31) ^ int(state[1])
+    return ((int(state[0]) & 1) << 31) ^ int(state[1])
 
 
 def derived_generator(seed: int, stream: int, step: int) -> torch.Generator:

@@ -14,6 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mi_krr.checkpoints import task_sets
+from mi_krr.train.config import TrainConfig
 from mi_krr.kernels import condition_number, effective_dimension, kernel_matrix
 from mi_krr.solvers import ALGORITHMS, cg, jacobi_cg, richardson, solve
 from mi_krr.tasks import (
@@ -336,14 +337,32 @@ def test_cg_torch_schedule_refuses_an_indefinite_system_too(solver):
 
 
 def test_seeds_beyond_torchs_range_are_refused_by_name():
-    """torch seeds are < 2**64: 2**64 - 1 samples, 2**64 is a ValueError naming seed (it used to be
-    'Overflow when unpacking long long')."""
+    """torch's CPU generator keeps 32 bits of a seed (seeds 1 and 1 + 2**32 draw the same
+    numbers, checked here on torch itself): 2**32 - 1 samples, 2**32 is a ValueError naming seed
+    and the range (it used to be accepted up to 2**64 and repeat smaller seeds)."""
+    draw = lambda seed: torch.rand(4, generator=torch.Generator().manual_seed(seed))
+    assert torch.equal(draw(1), draw(1 + 2**32))
     sampler = LinearRegressionSampler(2)
-    assert sampler.sample(1, 2, 1, seed=2**64 - 1).x_support.shape == (1, 2, 2)
-    with pytest.raises(ValueError, match=r"seed must be an integer in \[0, 2\*\*64\)"):
-        sampler.sample(1, 2, 1, seed=2**64)
+    assert sampler.sample(1, 2, 1, seed=2**32 - 1).x_support.shape == (1, 2, 2)
+    for seed in (2**32, 1 + 2**32, 2**64):
+        with pytest.raises(ValueError, match=r"seed must be an integer in \[0, 2\*\*32\)"):
+            sampler.sample(1, 2, 1, seed=seed)
     with pytest.raises(ValueError, match="seed must be an integer"):
-        sample_spd_system(1, 3, 2.0, seed=2**64)
+        sample_spd_system(1, 3, 2.0, seed=2**32)
+    with pytest.raises(ValueError, match="seed must be an integer"):
+        TrainConfig(seed=2**32)
+
+
+def test_task_sets_from_the_last_seed_wrap_to_seed_zero():
+    """task_sets draws its shifted sets with seeds seed + 1, seed + 2, ...: from the largest seed,
+    2**32 - 1, the first shift wraps to seed 0 (checked against the shifted sampler drawn directly
+    with seed 0) instead of raising about a seed the user never passed."""
+    sampler = LinearRegressionSampler(2)
+    sets, _ = task_sets(sampler, 2, 4, 1, seed=2**32 - 1)
+    first_shift = list(sets)[1]
+    direct = apply_shift(sampler, DEFAULT_SHIFTS[first_shift]).sample(2, 4, 1, seed=0, dtype=torch.float32)
+    assert torch.equal(sets[first_shift].x_support, direct.x_support)
+    assert torch.equal(sets["in_distribution"].x_support, sampler.sample(2, 4, 1, seed=2**32 - 1, dtype=torch.float32).x_support)
 
 
 def test_sampler_config_without_a_required_field_names_it():
