@@ -262,3 +262,12 @@ def test_shipped_checkpoint_with_a_mistyped_name_lists_the_shipped_runs():
         shipped_checkpoint("softmax")
     message = str(info.value)
     assert "softmax_gp" in message and "linear_lr" in message and "--preset softmax " not in message
+
+
+def test_construct_gd_at_lam_zero_says_why_and_where_plain_gd_lives(capsys):
+    """gd_transformer's Python default is lam = 0 (plain least-squares GD), but `construct` checks
+    the model against KRR at lam, which needs lam > 0: the one line must say so and point to
+    gd_transformer, not only 'lam must be > 0'."""
+    assert main(["construct", "gd", "--lam", "0"]) == 2
+    line = one_error_line(capsys)
+    assert "lam must be > 0" in line and "gd_transformer" in line

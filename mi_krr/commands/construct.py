@@ -145,6 +145,9 @@ def check_construction(
     mlp = DEFAULT_OPTIONS["mlp"] if mlp is None else mlp
     mlp_width = DEFAULT_OPTIONS["mlp_width"] if mlp_width is None else mlp_width
     n_steps = check_count("steps", DEFAULT_STEPS[construction] if n_steps is None else n_steps, minimum=1)
+    if construction == "gd" and lam == 0:
+        raise ValueError("lam must be > 0 here: the check compares with kernel ridge regression at lam; plain least-squares GD "
+                         "(lam = 0) is mi_krr.construct.gd_transformer(n_steps, lr) in Python")
     lam = check_positive("lam", lam)
     for name, value in (("dim", dim), ("n_support", n_support), ("n_query", n_query), ("batch", batch)):
         check_count(name, value, minimum=1)
