@@ -52,6 +52,7 @@ interpolant on [recip_range] (CG's only approximated operation), whose error fal
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -100,21 +101,26 @@ def _kernel_parameters(kernel: str, temperature: float | None, bandwidth: float 
     return {name: check_positive(name, 1.0 if value is None else value) for name, (reader, value) in readers.items() if kernel == reader}
 
 
+@dataclass(frozen=True)
+class JointOverPrompt:
+    """A `PromptFeatureMap` as the per-token function the embedding applies, x `[batch, seq, dim]`
+    -> `[batch, seq, m]`: applied jointly to each prompt's points, every token but the trailing
+    `n_aux` auxiliary ones (tokens are support, query, then auxiliary; see
+    `ConstructedTransformer.encode`); auxiliary tokens get 0. A class, not a closure, so that a
+    model holding it pickles (torch.save)."""
+
+    feature_map: PromptFeatureMap
+    n_aux: int
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        features = self.feature_map.prompt_features(x[..., : x.shape[-2] - self.n_aux, :])
+        return torch.nn.functional.pad(features, (0, 0, 0, self.n_aux))
+
+
 def _embedding_features(feature_map: FeatureMap | PromptFeatureMap, n_aux: int) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The per-token function the embedding applies to x `[batch, seq, dim]` -> `[batch, seq, m]`.
-
-    A pointwise `FeatureMap` is that function. A `PromptFeatureMap` is applied jointly to each
-    prompt's points: every token but the trailing `n_aux` auxiliary ones (tokens are support,
-    query, then auxiliary; see `ConstructedTransformer.encode`); auxiliary tokens get 0.
-    """
-    if not isinstance(feature_map, PromptFeatureMap):
-        return feature_map
-
-    def joint_over_prompt(x: torch.Tensor) -> torch.Tensor:
-        features = feature_map.prompt_features(x[..., : x.shape[-2] - n_aux, :])
-        return torch.nn.functional.pad(features, (0, 0, 0, n_aux))
-
-    return joint_over_prompt
+    """The per-token function the embedding applies: a pointwise `FeatureMap` itself, a
+    `PromptFeatureMap` through `JointOverPrompt`."""
+    return JointOverPrompt(feature_map, n_aux) if isinstance(feature_map, PromptFeatureMap) else feature_map
 
 
 def cg_transformer(

@@ -341,3 +341,26 @@ def test_cg_transformer_refuses_a_kernel_parameter_its_kernel_does_not_read():
     PositiveRandomFeatures: "temperature applies to kind='exp' only")."""
     with pytest.raises(ValueError, match="temperature"):
         cg_transformer(1, 0.1, dim=2, kernel="gaussian", head_width=8, temperature=0.2)
+
+
+def test_cg_with_a_prompt_feature_map_survives_torch_save():
+    """A CG construction on a top-eigen ProjectedKernelFeatures head (m = 8 >= N = 7, so the head
+    is the exact exp kernel) pickles whole (torch.save; it used to fail on a local closure) and the
+    reloaded model predicts NumPy CG on the exp kernel exp(x x'^T) built here."""
+    import io
+
+    from mi_krr.feature_maps import ProjectedKernelFeatures
+
+    feature_map = ProjectedKernelFeatures("exp", 2, 8, projection="top", temperature=1.0)
+    model = cg_transformer(3, 0.5, kernel="exp", dim=2, feature_map=feature_map)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    reloaded = torch.load(buffer, weights_only=False)
+    task = LinearRegressionSampler(2).sample(2, 5, 2, seed=3, dtype=torch.float64)
+    points = np.concatenate([task.x_support.numpy(), task.x_query.numpy()], axis=1)
+    K_all = np.exp(np.einsum("bnd,bmd->bnm", points, points))
+    expected = [numpy_cg_predictions(K[:5, :5], y, 0.5, K[5:, :5], 3)[-1] for K, y in zip(K_all, task.y_support.numpy())]
+    with torch.no_grad():
+        got = reloaded.predict(task).numpy()
+    np.testing.assert_allclose(got, np.stack(expected), rtol=1e-6, atol=1e-8)
