@@ -196,7 +196,7 @@ def identifiability_verdict(
     identified = bool(good_enough and beats_runner_up and withheld is None)
 
     message = _message(
-        best, top, runner_up, gap, gap_ci, equivalent, agreement[row], names, identified, has_intervals, min_score, min_gap,
+        best, top, runner_up, scores[runner_up].score if runner_up is not None else None, gap, gap_ci, equivalent, agreement[row], names, identified, has_intervals, min_score, min_gap,
         enough, n_prompts, withheld,
     )
     return Verdict(
@@ -225,8 +225,13 @@ def _finite(value: float) -> float:
     return -np.inf if np.isnan(value) else value
 
 
-def _message(best, top, runner_up, gap, gap_ci, equivalent, agreement_row, names, identified, has_intervals, min_score, min_gap,
-             enough, n_prompts, withheld) -> str:
+def _score_text(score: float) -> str:
+    """A path R2 for the verdict's text: 4 decimals, "-inf", or "undefined" for NaN."""
+    return "undefined" if np.isnan(score) else f"{score:.4f}"
+
+
+def _message(best, top, runner_up, runner_up_score, gap, gap_ci, equivalent, agreement_row, names, identified, has_intervals,
+             min_score, min_gap, enough, n_prompts, withheld) -> str:
     """The verdict as a few sentences (enough: whether the n_prompts prompts and the resamples
     are enough for a verdict; withheld: why no verdict may be drawn, or None)."""
     ci = f"[{top.score_ci[0]:.4f}, {top.score_ci[1]:.4f}]" if has_intervals else "(no bootstrap interval)"
@@ -235,8 +240,13 @@ def _message(best, top, runner_up, gap, gap_ci, equivalent, agreement_row, names
     else:
         lines = [f"Best: {best}, path R2 {top.score:.4f} {ci}."]
     if runner_up is not None:
-        interval = f" [{gap_ci[0]:+.4f}, {gap_ci[1]:+.4f}] (paired bootstrap)" if has_intervals else ""
-        gap_text = "undefined (both path R2 -inf)" if np.isnan(gap) else f"{gap:+.4f}"
+        interval = f" [{gap_ci[0]:+.4f}, {gap_ci[1]:+.4f}] (paired bootstrap)" if has_intervals and not np.isnan(gap_ci).all() else ""
+        if np.isneginf(top.score) and np.isneginf(runner_up_score):
+            gap_text = "undefined (both path R2 -inf)"
+        elif np.isnan(gap):
+            gap_text = f"undefined (path R2 {_score_text(top.score)} for {best}, {_score_text(runner_up_score)} for {runner_up})"
+        else:
+            gap_text = f"{gap:+.4f}"
         lines.append(f"Runner-up: {runner_up}, gap {gap_text}{interval}.")
     if equivalent:
         pairs = ", ".join(f"{name} (agreement {agreement_row[names.index(name)]:.4f})" for name in equivalent)

@@ -270,6 +270,17 @@ def test_verdict_states_an_infinite_gap_when_only_the_runner_up_is_minus_inf():
     assert "undefined" not in verdict.message
 
 
+def test_verdict_names_an_undefined_runner_up_score_instead_of_calling_both_minus_inf():
+    """Best finite (0.9), runner-up path R2 NaN (undefined) on the estimate and every resample: the
+    gap is NaN; the sentence gives both scores ('0.9000 for a, undefined for b'), prints no
+    '[+nan, +nan]' interval and does not claim both scores are -inf."""
+    scores, preds = hand_scored(math.nan, np.full(R, math.nan))
+    verdict = identifiability_verdict(scores, preds)
+    assert verdict.runner_up == "b" and math.isnan(verdict.gap)
+    assert "Runner-up: b, gap undefined (path R2 0.9000 for a, undefined for b)." in verdict.message
+    assert "nan" not in verdict.message and "-inf" not in verdict.message
+
+
 def test_percentile_interval_takes_the_documented_order_statistics_at_the_default_resample_count():
     """The docstring: order statistics at ceil(q R) for q = 0.025 and 0.975. R = 1000 samples 1..1000:
     ranks ceil(25) = 25 and ceil(975) = 975, so the interval is (25, 975)."""
