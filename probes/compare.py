@@ -7,13 +7,15 @@ Gaussian kernel.
     comparison.to_dataframe(); print(comparison.summary()); comparison.plot()
 
 `mi-krr demo` and `mi-krr diagnose` print `summary()` and draw `plot()` in their reports.
+Where the diagnoses were made differently (candidates, layer-prediction method, step sizes, or the
+KRR system of a shared task set), `Comparison.notes` says so and `summary()` prints it.
 """
 
 from __future__ import annotations
 
 import html
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Mapping
 
 import numpy as np
@@ -74,10 +76,13 @@ class Comparison:
         diagnoses: model name -> its `Diagnosis`, in the order given.
         rows: one `SummaryRow` per model and task set (models in order, each model's task sets
             in its diagnosis's order).
+        notes: how the diagnoses were made differently, where that changes what a row means
+            (`protocol_differences`); `summary()` and the notebook table print them below the rows.
     """
 
     diagnoses: dict[str, "Diagnosis"]
     rows: list[SummaryRow]
+    notes: list[str] = field(default_factory=list)
 
     def to_dataframe(self):
         """pandas DataFrame, one row per (model, task_set): best (None where no candidate has a
@@ -96,8 +101,8 @@ class Comparison:
         )
 
     def summary(self) -> str:
-        """The rows as a fixed-width text table (`format_table`)."""
-        return format_table(self.rows)
+        """The rows as a fixed-width text table (`format_table`), then the `notes`."""
+        return "\n".join([format_table(self.rows), *(f"Note: {note}" for note in self.notes)])
 
     def plot(self):
         """The overview figure (`plot_overview`)."""
@@ -105,7 +110,7 @@ class Comparison:
 
     def _repr_html_(self) -> str:
         """The summary as an HTML table, shown when a notebook cell ends with the comparison."""
-        return format_html(self.rows)
+        return format_html(self.rows) + "".join(f"<p>Note: {html.escape(note)}</p>" for note in self.notes)
 
     def __repr__(self) -> str:
         return f"Comparison({len(self.diagnoses)} models, {len(self.rows)} rows)\n{self.summary()}"
@@ -133,7 +138,47 @@ def compare(diagnoses: Mapping[str, "Diagnosis"]) -> Comparison:
             )
         if not isinstance(diagnosis, Diagnosis):
             raise ValueError(f"diagnoses[{name!r}] must be the Diagnosis that probes.diagnose returns, got {type(diagnosis).__name__}")
-    return Comparison(diagnoses=dict(diagnoses), rows=[row for name, diagnosis in diagnoses.items() for row in summary_rows(name, diagnosis)])
+    rows = [row for name, diagnosis in diagnoses.items() for row in summary_rows(name, diagnosis)]
+    return Comparison(diagnoses=dict(diagnoses), rows=rows, notes=protocol_differences(diagnoses))
+
+
+PROTOCOL_SETTINGS = {
+    "algorithms": "candidate algorithms (each row's best is chosen among its own model's)",
+    "method": "layer-prediction method",
+    "step_sizes": "step sizes",
+}
+"""`Diagnosis.settings` entries that change what a row's best algorithm and score mean, and how
+`protocol_differences` names them."""
+
+
+def protocol_differences(diagnoses: Mapping[str, "Diagnosis"]) -> list[str]:
+    """One sentence per way the diagnoses differ that changes what their rows mean side by side:
+    a `PROTOCOL_SETTINGS` entry that is not the same for every model, or, for a task set that
+    several models were diagnosed on with the same sampler configuration (`TaskSetDiagnosis.info`),
+    a different KRR system (kernel, its parameters, lam). Differences in depth, layers or n_steps
+    are what comparing architectures is for and are not listed."""
+    notes = []
+    for key, meaning in PROTOCOL_SETTINGS.items():
+        values = {name: diagnosis.settings.get(key) for name, diagnosis in diagnoses.items()}
+        if len({repr(value) for value in values.values()}) > 1:
+            notes.append(f"the models were diagnosed with different {meaning}: "
+                         + "; ".join(f"{name}: {_setting_text(value)}" for name, value in values.items()) + ".")
+    for set_name in dict.fromkeys(name for diagnosis in diagnoses.values() for name in diagnosis.task_sets):
+        results = {name: diagnosis.task_sets[set_name] for name, diagnosis in diagnoses.items() if set_name in diagnosis.task_sets}
+        same_prompts = len({repr(result.info) for result in results.values()}) == 1
+        systems = {name: (result.kernel, result.kernel_params, result.lam) for name, result in results.items()}
+        if same_prompts and len({repr(system) for system in systems.values()}) > 1:
+            notes.append(f"task set {set_name!r} (one sampler) was solved as different KRR systems: "
+                         + "; ".join(f"{name}: {kernel} {params} lam={lam:g}" for name, (kernel, params, lam) in systems.items()) + ".")
+    return notes
+
+
+def _setting_text(value) -> str:
+    """A settings entry as a note shows it: candidates by name (with how a non-registry solver is
+    recorded), else as is."""
+    if isinstance(value, dict):
+        return ", ".join(name if how == "registry" else f"{name} ({how})" for name, how in value.items())
+    return str(value)
 
 
 def kernel_distance(result: "TaskSetDiagnosis", kernel: str = "exp") -> float:

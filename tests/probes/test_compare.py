@@ -190,3 +190,25 @@ def test_overview_plots_clipped_scores_in_task_set_order_and_both_distances_only
 def test_bad_input_is_refused_with_the_fix(diagnoses, message):
     with pytest.raises(ValueError, match=message):
         probes.compare(diagnoses)
+
+
+def test_notes_name_candidate_lists_and_krr_systems_that_differ_between_models(comparison):
+    """The fixture's models share candidates, method, step sizes and prompts (no note). A copy
+    of the softmax diagnosis with one candidate fewer and one task set solved at lam 0.5 must get
+    one note naming both candidate lists and one naming the set and both lams; the summary and
+    the notebook table print them."""
+    import dataclasses
+
+    diagnoses, result = comparison
+    assert result.notes == []
+    softmax = diagnoses["softmax"]
+    settings = {**softmax.settings, "algorithms": {"gd": "registry", "cg": "registry"}}
+    changed = dataclasses.replace(softmax["input_scale_x2"], lam=0.5)
+    altered = dataclasses.replace(softmax, settings=settings, task_sets={**softmax.task_sets, "input_scale_x2": changed})
+    notes = probes.compare({"cg": diagnoses["cg"], "softmax": altered}).notes
+    assert len(notes) == 2
+    assert "candidate algorithms" in notes[0] and "cg: gd, cg, richardson_jacobi; softmax: gd, cg." in notes[0]
+    assert "'input_scale_x2'" in notes[1] and f"lam={NOISE**2:g}" in notes[1] and "lam=0.5" in notes[1]
+    shown = probes.compare({"cg": diagnoses["cg"], "softmax": altered})
+    assert all(f"Note: {note}" in shown.summary() for note in notes)
+    assert all(html.escape(note) in shown._repr_html_() for note in notes)
