@@ -253,6 +253,8 @@ def diagnose(
             "ridge" (probes fitted on `train_task`; scored and ranked, but the verdict is withheld:
             `probes.identifiability.RIDGE_LENS_BIAS`).
         layers: residual indices to probe, increasing (default all 0..L); layer 0 is never scored.
+            They select the layer predictions, scores and sensitivities; the kernel alignment
+            covers every attention block whatever `layers` holds (`kernels=()` skips it).
         train_task: prompts to fit ridge probes on (method="ridge" only).
         sensitivities: also compare label sensitivities d yhat / d y (opt-in: one backward pass
             per layer and query, tens of times the cost of everything else; `mi-krr diagnose`
