@@ -231,7 +231,8 @@ def diagnose(
 
     Args:
         model: an mi-krr ICL model (`mi_krr.models.adapter.ICLModel`).
-        tasks: an `ICLTask`, or a dict name -> `ICLTask` (e.g. in-distribution and shifts).
+        tasks: an `ICLTask`, or a dict name -> `ICLTask` (e.g. in-distribution and shifts); a
+            lone `ICLTask` is the task set named "tasks" (`diagnosis["tasks"]`).
         algorithms: candidate solvers: names in `mi_krr.solvers.ALGORITHMS` (step sizes as
             `step_sizes` says; every other parameter spectrum-optimal per prompt), or a dict
             name -> solver callable with the registry signature
