@@ -25,8 +25,11 @@ head get weight 0. `hook_pattern` carries the weights actually applied. Values a
 from __future__ import annotations
 
 import copy
+import os
+import sys
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -34,6 +37,7 @@ from torch import nn
 from transformer_lens import HookedRootModule
 from transformer_lens.hook_points import HookPoint
 
+import mi_krr
 from mi_krr._repr import compact_repr
 from mi_krr._validation import check_choice, check_device
 from mi_krr.construct.primitives import Op, Readout, ReluArithmetic, compile_mlp, coord
@@ -229,6 +233,17 @@ class StepStates:
     hook_names: list[str]
 
 
+def _first_caller_outside(*packages) -> int:
+    """The `warnings.warn` stacklevel of the nearest frame outside `packages` (modules), counted
+    from the function that calls this helper (stacklevel 1): a warning raised inside a forward
+    pass names the user's line, not torch's `Module.__call__`."""
+    roots = tuple(str(Path(package.__file__).parent) + os.sep for package in packages)
+    frame, level = sys._getframe(1), 1
+    while frame.f_back is not None and frame.f_code.co_filename.startswith(roots):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
 class ConstructedTransformer(HookedRootModule):
     """A hand-built transformer running `n_steps` iterations of a solver, `layers_per_step`
     blocks per iteration. Build one with `cg_transformer`, `richardson_transformer` or
@@ -364,7 +379,7 @@ class ConstructedTransformer(HookedRootModule):
                 "(a step size beyond its stable range, e.g. richardson's step or gd's lr above 2 / the largest eigenvalue of "
                 "the system) or the task holds huge values",
                 RuntimeWarning,
-                stacklevel=2,
+                stacklevel=_first_caller_outside(torch, mi_krr),
             )
         return out
 

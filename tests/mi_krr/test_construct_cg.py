@@ -187,9 +187,10 @@ def test_a_diverging_construction_warns_that_its_read_out_overflowed():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 6, 2, generator=g, dtype=torch.float64)
     task = ICLTask(x_support=x, y_support=x.sum(-1), x_query=x[:, :2], y_query=x[:, :2].sum(-1))
-    with pytest.warns(RuntimeWarning, match=r"gd construction \(200 steps\): the read-out holds inf/NaN: the iteration diverged"):
+    with pytest.warns(RuntimeWarning, match=r"gd construction \(200 steps\): the read-out holds inf/NaN: the iteration diverged") as caught:
         prediction = gd_transformer(200, lr=50.0, lam=0.1, dim=2).predict(task)
     assert not torch.isfinite(prediction).all()
+    assert [record.filename for record in caught] == [__file__]  # the warning names the caller's line, not torch's
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert torch.isfinite(gd_transformer(200, lr=0.01, lam=0.1, dim=2).predict(task)).all()
