@@ -79,8 +79,8 @@ def run(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
     from mi_krr.checkpoints import shipped_checkpoint
-    from mi_krr.commands.overview import write_overview_report
-    from probes.compare import format_table, summary_rows
+    from mi_krr.commands.overview import overview_rows, write_overview_report
+    from probes.compare import format_table
 
     start = time.perf_counter()
     settings = QUICK if args.quick else FULL
@@ -98,8 +98,7 @@ def run(args: argparse.Namespace) -> int:
         for name, build in bar:
             bar.set_postfix_str(name)
             entries.append(build())
-    rows = [row for entry in entries for row in summary_rows(entry.name, entry.diagnosis)]
-    print(format_table(rows))
+    print(format_table(overview_rows(entries)))
     report_settings = {"mode": "quick" if args.quick else "full", "seed": args.seed, "device": args.device,
                        "sensitivities": "trained models, in distribution" if args.sensitivities else "off",
                        "batch": settings.batch, "construction_batch": settings.construction_batch,

@@ -90,8 +90,8 @@ def run(args: argparse.Namespace) -> int:
 
     from mi_krr._validation import offset_seed
     from mi_krr.checkpoints import load_checkpoint, task_sets
-    from mi_krr.commands.overview import ModelEntry, write_overview_report
-    from probes.compare import format_table, summary_rows
+    from mi_krr.commands.overview import ModelEntry, overview_rows, write_overview_report
+    from probes.compare import format_table
 
     if args.batch < 2:
         raise ValueError(f"--batch must be >= 2, got {args.batch}: the fitted step sizes are cross-fitted on two halves of the prompts (and a verdict needs 20)")
@@ -114,11 +114,10 @@ def run(args: argparse.Namespace) -> int:
                    f"n_support={loaded.n_support}, n_query={loaded.n_query}, {args.batch} per task set; method={args.method}.")
     for note in loaded.notes + notes:
         print(f"note: {note}")
-    rows = summary_rows(name, diagnosis)
-    print(format_table(rows))
+    entry = ModelEntry(name, description, diagnosis)
+    print(format_table(overview_rows([entry])))
     settings = {"path": loaded.path, "format": loaded.format, "batch": args.batch, "seed": args.seed, "device": args.device,
                 "method": args.method, "bootstrap": args.bootstrap, "notes": loaded.notes + notes}
-    index = write_overview_report([ModelEntry(name, description, diagnosis)], args.out, title=f"mi-krr diagnose {loaded.path}",
-                                  settings=settings)
+    index = write_overview_report([entry], args.out, title=f"mi-krr diagnose {loaded.path}", settings=settings)
     print(f"report: {index} ({time.perf_counter() - start:.0f} s)")
     return 0

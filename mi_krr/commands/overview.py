@@ -37,6 +37,11 @@ class ModelEntry:
     extra: dict[str, Any] | None = None
 
 
+def overview_rows(entries: list[ModelEntry]) -> list:
+    """The summary table's rows (`probes.compare.SummaryRow`): each entry's task sets in order."""
+    return [row for entry in entries for row in summary_rows(entry.name, entry.diagnosis)]
+
+
 def write_overview_report(entries: list[ModelEntry], folder: str | Path, title: str, settings: dict[str, Any]) -> Path:
     """Write the report folder (module docstring) for `entries`; returns the index path."""
     import matplotlib.pyplot as plt
@@ -47,7 +52,7 @@ def write_overview_report(entries: list[ModelEntry], folder: str | Path, title: 
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    rows = [row for entry in entries for row in summary_rows(entry.name, entry.diagnosis)]
+    rows = overview_rows(entries)
     figure = plot_overview(rows)
     figure.savefig(folder / OVERVIEW_FIGURE, dpi=80, bbox_inches="tight")
     plt.close(figure)
