@@ -282,10 +282,16 @@ def format_html(rows: list[SummaryRow], with_model: bool = True) -> str:
     return f"<table><thead><tr>{header}</tr></thead><tbody>{body}</tbody></table>{note}"
 
 
+MODEL_OFFSET = 0.06
+"""Horizontal offset between models' points in `plot_overview` (task-set units), so that models
+with equal scores stay visible side by side."""
+
+
 def plot_overview(rows: list[SummaryRow]):
-    """Left: best path R2 per task set, one line per model (filled markers: identified).
+    """Left: best path R2 per task set with its 95% interval, one line per model (filled markers:
+    identified; triangles: below the floor, drawn at it; no point where no algorithm is best).
     Right: exp-kernel (solid) and Gaussian-kernel (dashed) distance per task set for models whose
-    attention was aligned (softmax attention)."""
+    attention was aligned (softmax attention), "u" beside a distance whose best head is uniform."""
     import matplotlib.pyplot as plt
 
     models = list(dict.fromkeys(row.model for row in rows))
@@ -294,34 +300,48 @@ def plot_overview(rows: list[SummaryRow]):
     figure, (left, right) = plt.subplots(1, 2, figsize=(11, 3.8), dpi=80)
     # legends from explicit handles: matplotlib would drop a model named "_..." from automatic ones
     legends = {left: ([], []), right: ([], [])}  # axis -> (lines, labels)
-    every_set = np.arange(len(sets))
     for index, model in enumerate(models):
         mine = {row.task_set: row for row in rows if row.model == model}
+        x = np.arange(len(sets)) + (index - (len(models) - 1) / 2) * MODEL_OFFSET
+        colour = f"C{index}"
 
-        def across_sets(value) -> list[float]:
+        def across_sets(value) -> np.ndarray:
             """`value(row)` at every task set's position, NaN (a gap in the line) where the model has none."""
-            return [value(mine[name]) if name in mine else math.nan for name in sets]
+            return np.array([value(mine[name]) if name in mine else math.nan for name in sets], dtype=float)
 
-        (line,) = left.plot(every_set, across_sets(lambda row: max(row.score, SCORE_FLOOR)), "-", color=f"C{index}", lw=1, label=model)
+        scores = across_sets(lambda row: max(row.score, SCORE_FLOOR) if row.best is not None else math.nan)
+        (line,) = left.plot(x, scores, "-", color=colour, lw=1, label=model)
         legends[left][0].append(line)
         legends[left][1].append(model)
+        low, high = (np.clip(across_sets(lambda row, end=end: row.score_ci[end]), SCORE_FLOOR, None) for end in (0, 1))
+        with_interval = np.isfinite(scores) & np.isfinite(low) & np.isfinite(high)
+        if with_interval.any():
+            left.errorbar(x[with_interval], scores[with_interval], fmt="none", ecolor=colour, elinewidth=1, capsize=2,
+                          yerr=np.vstack([scores - low, high - scores])[:, with_interval])
         for name, row in sorted(mine.items(), key=lambda item: position[item[0]]):
-            left.plot(position[name], max(row.score, SCORE_FLOOR), "o", color=f"C{index}", mfc=f"C{index}" if row.identified else "white")
+            if row.best is not None:
+                marker = "v" if row.score < SCORE_FLOOR else "o"
+                left.plot(x[position[name]], scores[position[name]], marker, color=colour, mfc=colour if row.identified else "white")
         for kernel, style in (("exp_distance", "o-"), ("gaussian_distance", "s--")):
             distances = across_sets(lambda row: getattr(row, kernel))
-            if any(math.isfinite(value) for value in distances):
+            if np.isfinite(distances).any():
                 label = f"{model} ({KERNEL_LABELS[kernel]})"
-                (line,) = right.plot(every_set, distances, style, color=f"C{index}", label=label)
+                (line,) = right.plot(x, distances, style, color=colour, label=label)
                 legends[right][0].append(line)
                 legends[right][1].append(label)
+                uniform = kernel.replace("distance", "uniform")
+                for name, row in mine.items():
+                    if getattr(row, uniform) and math.isfinite(getattr(row, kernel)):
+                        right.annotate(UNIFORM_MARK, (x[position[name]], getattr(row, kernel)), textcoords="offset points",
+                                       xytext=(4, 2), fontsize=8, color=colour)
     for ax in (left, right):
         ax.set_xticks(range(len(sets)), sets, rotation=40, ha="right", fontsize=7)
         ax.grid(alpha=0.3)
-    left.set_ylabel(f"best algorithm's path R2 (clipped at {SCORE_FLOOR})")
+    left.set_ylabel(f"best algorithm's path R2, 95% CI (floor {SCORE_FLOOR})")
     left.set_title("Which algorithm explains the layers (filled: identified)", fontsize=9)
     left.legend(*legends[left], fontsize=7)
     right.set_ylabel("attention vs kernel (rel. op. distance)")
-    right.set_title("Attention as a kernel: best head per layer, mean", fontsize=9)
+    right.set_title(f"Attention as a kernel: best head per layer, mean ({UNIFORM_MARK}: uniform head)", fontsize=9)
     if right.lines:
         right.legend(*legends[right], fontsize=7)
     figure.tight_layout()

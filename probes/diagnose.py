@@ -191,11 +191,12 @@ class Diagnosis:
         map as an HTML table, shown when a notebook cell ends with the diagnosis."""
         return format_html(summary_rows("", self), with_model=False)
 
-    def plot(self, task_set: str | None = None) -> dict[str, Any]:
-        """matplotlib figures by name (see `probes.plots.diagnosis_figures`)."""
+    def plot(self, task_set: str | None = None, model: str | None = None) -> dict[str, Any]:
+        """matplotlib figures by name, titled with `model` when given (see
+        `probes.plots.diagnosis_figures`)."""
         from probes.plots import diagnosis_figures
 
-        return diagnosis_figures(self, task_set)
+        return diagnosis_figures(self, task_set, model)
 
     def save(self, folder: str | Path) -> Path:
         """Write the report (Markdown index, PNG figures, JSON, arrays) to `folder`; returns the

@@ -25,6 +25,8 @@ from mi_krr.reproductions._format import key_numbers_text
 QUICK: dict[str, Any] = {"batch_size": 16, "train_batch_size": 64, "bootstrap": 100, "n_steps": 20}
 LENSES = ("readout", "ridge")
 RICHARDSON = ("richardson_rowsum", "richardson_jacobi")
+PROFILE_CURVES = ("richardson_rowsum", "richardson_jacobi", "gd", "cg")
+"""The solvers whose error profiles the figure always draws; each lens's best is drawn too."""
 
 
 @dataclass
@@ -135,7 +137,8 @@ class RichardsonProfileResult:
         bars.legend(fontsize=7)
         bars.grid(alpha=0.3, axis="y")
         reference = self.lenses[next(iter(self.lenses))]
-        for index, name in enumerate(n for n in ("richardson_rowsum", "richardson_jacobi", "gd", "cg") if n in reference.algorithm_profiles):
+        curves = dict.fromkeys([*PROFILE_CURVES, *(result.best for result in self.lenses.values())])  # and what the layers sit on
+        for index, name in enumerate(n for n in curves if n in reference.algorithm_profiles):
             profile = reference.algorithm_profiles[name]
             profiles.plot(np.arange(len(profile)), profile, "-", color=f"C{index + 2}", lw=1.2, label=name)
         for index, (lens, result) in enumerate(self.lenses.items()):

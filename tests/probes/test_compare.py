@@ -18,7 +18,7 @@ from brute_force import uniform_best_head
 from mi_krr.construct import cg_transformer
 from mi_krr.models import ICLTransformer, ICLTransformerConfig
 from mi_krr.tasks.samplers import GPRegressionSampler
-from probes.compare import UNIFORM_NOTE
+from probes.compare import MODEL_OFFSET, UNIFORM_NOTE
 
 TEMPERATURE, NOISE = 2.0, 0.2
 SETS = ("label_noise_0.5", "zz_custom", "in_distribution", "input_scale_x2", "a_custom")
@@ -168,10 +168,13 @@ def test_overview_plots_clipped_scores_in_task_set_order_and_both_distances_only
     for model_index, model in enumerate(("cg", "softmax")):
         by_set = {row.task_set: row for row in result.rows if row.model == model}
         line = next(line for line in left.lines if line.get_label() == model)
-        np.testing.assert_array_equal(line.get_xdata(), np.arange(len(ORDERED)))
-        np.testing.assert_array_equal(line.get_ydata(), [max(by_set[name].score, -0.5) for name in ORDERED])
-        markers = [marker for marker in left.lines if marker.get_color() == f"C{model_index}" and marker.get_marker() == "o"]
-        assert [marker.get_markerfacecolor() != "white" for marker in markers] == [by_set[name].identified for name in ORDERED]
+        np.testing.assert_allclose(line.get_xdata(), np.arange(len(ORDERED)) + (model_index - 0.5) * MODEL_OFFSET)  # side by side
+        expected = [max(by_set[name].score, -0.5) if by_set[name].best is not None else np.nan for name in ORDERED]  # no best: a gap
+        np.testing.assert_array_equal(line.get_ydata(), expected)
+        markers = [marker for marker in left.lines if marker.get_color() == f"C{model_index}" and marker.get_marker() in ("o", "v")]
+        drawn = [name for name in ORDERED if by_set[name].best is not None]
+        assert [marker.get_marker() == "v" for marker in markers] == [by_set[name].score < -0.5 for name in drawn]  # below the floor
+        assert [marker.get_markerfacecolor() != "white" for marker in markers] == [by_set[name].identified for name in drawn]
     assert [line.get_label() for line in right.lines] == ["softmax (exp)", "softmax (Gaussian)"]
     for line, kernel in zip(right.lines, ("exp_distance", "gaussian_distance")):
         by_set = {row.task_set: getattr(row, kernel) for row in result.rows if row.model == "softmax"}

@@ -109,18 +109,21 @@ def test_error_profiles_draw_each_algorithm_by_step_and_the_layers_at_their_alig
 
 
 def test_step_map_shows_the_clipped_r2_of_the_best_algorithm_with_its_alignment_and_argmin():
-    """Left: the best algorithm's R2 with NaN drawn as 0 and values clipped into [0, 1] (hand-written),
+    """Left: the best algorithm's R2 clipped into [0, 1] with NaN (undefined) cells masked, drawn grey (hand-written),
     origin lower, colour range [0, 1]; the white path is the alignment and the crosses the argmin, at
     rows 0..L'-1 labelled with the layer indices. Right: every algorithm's aligned step per layer,
     labelled with its path R2 to 3 decimals, one x tick per layer. R2 inside (0, 1) keeps the range [0, 1]."""
     figure = plot_step_map(profile_result())
     left, right = figure.axes[0], figure.axes[1]
     image = left.images[0]
-    expected = np.array([[0.2, 0.0, 0.0, 0.1, 0.0, 0.3],
-                         [1.0, 0.75, 0.5, 0.0, 0.0, 0.25],
+    expected = np.array([[0.2, 0.0, np.nan, 0.1, 0.0, 0.3],
+                         [1.0, 0.75, 0.5, np.nan, 0.0, 0.25],
                          [0.9, 0.95, 1.0, 0.6, 0.4, 0.1],
                          [0.05, 0.15, 0.35, 0.55, 0.8, 1.0]])
-    np.testing.assert_array_equal(np.asarray(image.get_array()), expected)
+    drawn = image.get_array()
+    np.testing.assert_array_equal(np.ma.getmaskarray(drawn), np.isnan(expected))
+    np.testing.assert_array_equal(drawn.filled(np.nan), expected)
+    assert matplotlib.colors.to_rgba(image.cmap.get_bad()) == matplotlib.colors.to_rgba("0.5")
     assert image.origin == "lower" and image.get_clim() == (0.0, 1.0)
     path, crosses = left.get_lines()
     np.testing.assert_array_equal(path.get_xdata(), [0, 1, 3, 4])
@@ -129,7 +132,7 @@ def test_step_map_shows_the_clipped_r2_of_the_best_algorithm_with_its_alignment_
         np.testing.assert_array_equal(line.get_ydata(), [0, 1, 2, 3])
     assert list(left.get_yticks()) == [0, 1, 2, 3]
     assert [label.get_text() for label in left.get_yticklabels()] == ["0", "2", "4", "6"]
-    assert left.get_xlabel() == "cg step" and "(cg, clipped to [0, 1])" in left.get_title()
+    assert left.get_xlabel() == "cg step" and "(cg, clipped to [0, 1]; grey: undefined)" in left.get_title()
     drawn = {line.get_label(): line for line in right.get_lines()}
     assert set(drawn) == {"gd (R2 0.543)", "cg (R2 0.877)"}
     for label, spec in [("gd (R2 0.543)", GD), ("cg (R2 0.877)", CG)]:
@@ -174,11 +177,11 @@ def test_alignment_panels_show_each_kernel_and_metric_with_its_colour_range_and_
     figure = plot_alignment(make_alignment(), title="mine")
     panels = [ax for ax in figure.axes if ax.get_images()]  # not the colour bars
     assert len(panels) == 6
-    assert figure.texts[0].get_text() == "mine: attention pattern (support rows) vs reference kernels, brighter = closer"
+    assert figure.texts[0].get_text() == "mine: attention pattern (support rows) vs reference kernels, brighter = closer, grey = undefined"
     expected_titles = ["exp (τ 0.5-3; ∞ in 1): rel. op. distance", "exp: row Spearman", "exp: CKA",
                        "gaussian (σ 0.7): rel. op. distance", "gaussian: row Spearman", "gaussian: CKA"]
     assert [ax.get_title() for ax in panels] == expected_titles
-    limits = {("exp", "operator_distance"): (0.0, 1.7), ("gaussian", "operator_distance"): (0.0, 1.0)}
+    limits = {("exp", "operator_distance"): (0.0, 1.7), ("gaussian", "operator_distance"): (0.0, 1.7)}  # one range for both kernels
     for index, ax in enumerate(panels):
         kernel = ("exp", "gaussian")[index // 3]
         metric, _, cmap = PANELS[index % 3]
@@ -198,9 +201,11 @@ def test_alignment_panels_show_each_kernel_and_metric_with_its_colour_range_and_
                 if np.isfinite(value):
                     bright = np.mean(colours(Normalize(vmin, vmax)(value))[:3]) > 0.5
                     expected[(head, block)] = (f"{value:.2f}", "black" if bright else "white")
+                else:
+                    expected[(head, block)] = ("n/a", "white")
         drawn = {tuple(text.get_position()): (text.get_text(), text.get_color()) for text in ax.texts}
         assert drawn == expected
-    spearman = panels[1]  # magma: -1 is near black (white text), +1 near white (black text); the NaN cell is blank
+    spearman = panels[1]  # magma: -1 is near black (white text), +1 near white (black text); the NaN cell reads n/a
     colours = {text.get_text(): text.get_color() for text in spearman.texts}
     assert colours["-1.00"] == "white" and colours["1.00"] == "black" and "nan" not in colours
     distance = panels[0]  # magma_r: distance 0 is bright (black text), the largest distance dark (white text)
@@ -226,7 +231,7 @@ def test_plot_kernel_alignment_titles_by_task_set_and_is_none_without_an_alignme
     assert plot_kernel_alignment(result) is None
     result.kernel_alignment = make_alignment(block="query")
     title = plot_kernel_alignment(result).texts[0].get_text()
-    assert title == "shifted: attention pattern (query rows) vs reference kernels, brighter = closer"
+    assert title == "shifted: attention pattern (query rows) vs reference kernels, brighter = closer, grey = undefined"
 
 
 @pytest.mark.parametrize("values, text", [
@@ -265,23 +270,25 @@ def test_sensitivity_figure_draws_evenly_spaced_scored_layers_above_their_aligne
     """Default 5 columns out of the 6 scored rows 1..6: positions round(linspace(0, 5, 5)) = 0, 1, 2, 4, 5, i.e.
     rows 1, 2, 3, 5, 6. Top: that row's d yhat / d y of the chosen prompt, titled with its layer; bottom:
     the best algorithm's at the row's aligned step. One symmetric colour range for all: the largest
-    |value| among the drawn rows of that prompt (2.5, not the undrawn row's 9), map RdBu_r."""
+    |value| among the drawn matrices of that prompt, model's and algorithm's (not the undrawn row's 9),
+    map RdBu_r, with one colour bar."""
     result = sensitivity_result()
     figure = plot_sensitivities(result, prompt=1)
-    top, bottom = figure.axes[:5], figure.axes[5:]
-    assert len(figure.axes) == 10
+    top, bottom = figure.axes[:5], figure.axes[5:10]
+    assert len(figure.axes) == 11 and figure.axes[10].get_ylabel() == "d yhat / d y"  # 10 panels and the colour bar
     rows, aligned = [1, 2, 3, 5, 6], [2, 3, 3, 6, 8]
+    drawn_max = max(2.5, np.abs(result.step_sensitivities["cg"][1, aligned]).max())  # 2.5: the model's largest drawn |value|
     assert [ax.get_title() for ax in top] == [f"layer {2 * row}" for row in rows]
     assert [ax.get_title() for ax in bottom] == [f"cg step {step}" for step in aligned]
     for upper, lower, row, step in zip(top, bottom, rows, aligned):
         np.testing.assert_array_equal(np.asarray(upper.images[0].get_array()), result.layer_sensitivities[1, row])
         np.testing.assert_array_equal(np.asarray(lower.images[0].get_array()), result.step_sensitivities["cg"][1, step])
         for image in (upper.images[0], lower.images[0]):
-            assert image.get_clim() == (-2.5, 2.5) and image.cmap.name == "RdBu_r"
+            assert image.get_clim() == (-drawn_max, drawn_max) and image.cmap.name == "RdBu_r"
     assert "(prompt 1;" in figure.texts[0].get_text() and figure.texts[0].get_text().startswith("shifted: ")
     three = plot_sensitivities(result, prompt=0, max_columns=3)  # round(linspace(0, 5, 3)) = 0, 2, 5 (2.5 rounds to even)
     assert [ax.get_title() for ax in three.axes[:3]] == ["layer 2", "layer 6", "layer 12"]
-    scale = np.abs(result.layer_sensitivities[0, [1, 3, 6]]).max()
+    scale = max(np.abs(result.layer_sensitivities[0, [1, 3, 6]]).max(), np.abs(result.step_sensitivities["cg"][0, [2, 3, 8]]).max())
     assert three.axes[0].images[0].get_clim() == (-scale, scale)
 
 
