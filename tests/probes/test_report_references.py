@@ -27,7 +27,7 @@ from mi_krr.construct import cg_transformer, gd_transformer
 from mi_krr.models import ICLTransformer, ICLTransformerConfig
 from mi_krr.reproductions.softmax_ood import SoftmaxOODResult
 from mi_krr.tasks.samplers import GPRegressionSampler, LinearRegressionSampler
-from probes.compare import UNIFORM_NOTE, SummaryRow, format_table, kernel_distance, plot_overview
+from probes.compare import MODEL_OFFSET, UNIFORM_NOTE, SummaryRow, format_table, kernel_distance, plot_overview
 from probes.kernel_alignment import KernelAlignment
 from probes.report import _file_stems, task_set_summary
 
@@ -145,8 +145,9 @@ def test_table_pads_each_column_to_its_widest_cell_two_spaces_apart_left_aligned
 
 
 def test_overview_keeps_model_order_for_colours_draws_exp_solid_and_gaussian_dashed_even_with_a_missing_distance():
-    """Hand-built rows, models not in alphabetical order: colours C0, C1 by first appearance, scores clipped at -0.5, distance lines
-    (exp 'o-', Gaussian 's--') for a model with one NaN set, none for a model without any distance."""
+    """Hand-built rows, models not in alphabetical order: colours C0, C1 by first appearance, each model's points shifted by
+    -/+ MODEL_OFFSET / 2 from the task sets' positions, scores clipped at -0.5 (a triangle marker below the floor), distance
+    lines (exp 'o-', Gaussian 's--') for a model with one NaN set, none for a model without any distance."""
     nan = math.nan
     rows = [
         SummaryRow("zeta", "zz_custom", "cg", -3.0, (-4.0, -2.0), "", False, 0.4, 0.7),
@@ -161,12 +162,13 @@ def test_overview_keeps_model_order_for_colours_draws_exp_solid_and_gaussian_das
     assert "-0.5" in left.get_ylabel()
     zeta, alpha = (next(line for line in left.lines if line.get_label() == model) for model in ("zeta", "alpha"))
     assert (zeta.get_color(), alpha.get_color()) == ("C0", "C1")
-    np.testing.assert_array_equal(zeta.get_xdata(), [0, 1, 2])
+    np.testing.assert_allclose(zeta.get_xdata(), np.array([0, 1, 2]) - MODEL_OFFSET / 2)
     np.testing.assert_array_equal(zeta.get_ydata(), [0.9, 0.2, -0.5])
-    np.testing.assert_array_equal(alpha.get_xdata(), [0, 1, 2])
+    np.testing.assert_allclose(alpha.get_xdata(), np.array([0, 1, 2]) + MODEL_OFFSET / 2)
     np.testing.assert_array_equal(alpha.get_ydata(), [0.5, np.nan, -0.25])  # NaN: a gap where alpha has no bandwidth_x2
-    markers = [line for line in left.lines if line.get_marker() == "o" and line.get_color() == "C0"]
+    markers = [line for line in left.lines if line.get_marker() in ("o", "v") and line.get_color() == "C0"]
     assert [line.get_markerfacecolor() == "white" for line in markers] == [False, True, True]
+    assert [line.get_marker() for line in markers] == ["o", "o", "v"]  # zz_custom's -3.0 is below the floor
     assert [line.get_label() for line in right.lines] == ["zeta (exp)", "zeta (Gaussian)"]
     exp, gaussian = right.lines
     assert (exp.get_color(), exp.get_linestyle(), exp.get_marker()) == ("C0", "-", "o")
