@@ -255,7 +255,7 @@ class WidthStudy:
             ax.set_xlabel("m / $d_{eff}(\\lambda)$")
             ax.set_ylabel("rel. error vs oracle KRR on the true kernel")
             exact = " (exact for m $\\geq$ rank K: off the axis)" if head == "top_eigen" else ""
-            ax.set_title(f"{_HEAD_LABELS[head]}{exact}\nerror vs m / $d_{{eff}}(\\lambda)$ at {len(ordered_lams)} ridges", fontsize=9)
+            ax.set_title(f"{_HEAD_LABELS[head]}{exact}\nerror vs m / $d_{{eff}}(\\lambda)$ at {len(ordered_lams)} ridge{'s' if len(ordered_lams) > 1 else ''}", fontsize=9)
             ax.legend(fontsize=6.5, loc="lower left", framealpha=0.9)
         for ax in axes:
             ax.grid(True, which="major", alpha=0.3)
