@@ -92,15 +92,27 @@ def offset_seed(seed: int, offset: int) -> int:
     return (seed + offset) % SEED_LIMIT
 
 
-def check_device(name: str, value: Any) -> torch.device | None:
+def check_device(name: str, value: Any, available: bool = True) -> torch.device | None:
     """`value` (a device string or `torch.device`, None: the default) as a `torch.device`, after
-    checking torch knows the name."""
-    if value is None or isinstance(value, torch.device):
-        return value
-    try:
-        return torch.device(value)
-    except (RuntimeError, TypeError) as error:
-        raise ValueError(f"{name} must be a torch device such as 'cpu' or 'cuda', got {value!r}") from error
+    checking torch knows the name and that it holds values ('meta' does not); with `available`,
+    also that this machine can place a tensor there (a CUDA device without CUDA, or past the
+    last GPU, is refused here rather than by torch's assertion deep inside)."""
+    if value is None:
+        return None
+    if not isinstance(value, torch.device):
+        try:
+            value = torch.device(value)
+        except (RuntimeError, TypeError) as error:
+            raise ValueError(f"{name} {value!r} cannot be used here (not a torch device name, such as 'cpu' or 'cuda'): pass e.g. 'cpu'") from error
+    if value.type == "meta":
+        raise ValueError(f"{name} {str(value)!r} cannot be used here (meta tensors hold no values to compute with): pass e.g. 'cpu'")
+    if available:
+        try:
+            torch.empty(0, device=value)
+        except (RuntimeError, AssertionError) as error:  # a backend torch lacks (AssertionError for CUDA), a missing ordinal
+            reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+            raise ValueError(f"{name} {str(value)!r} cannot be used here ({reason}): pass e.g. 'cpu'") from error
+    return value
 
 
 def as_tuple(name: str, value: Any, example: str) -> tuple:

@@ -117,9 +117,10 @@ def load_checkpoint(
     `task` ("linear_regression" or "gp_regression") replaces the family by that sampler's defaults
     at the model's dimension; n_support, n_query, lam override the sizes and the ridge.
     """
-    from mi_krr._validation import check_choice, check_count, check_positive
+    from mi_krr._validation import check_choice, check_count, check_device, check_positive
     from mi_krr.tasks import SAMPLERS
 
+    device = check_device("device", device)
     if task is not None:
         check_choice("task", task, TASK_FAMILIES)
     if lam is not None:

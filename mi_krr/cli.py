@@ -127,19 +127,14 @@ def _command_parser(parser: argparse.ArgumentParser, command: str | None) -> arg
 
 
 def _check_device(device: str | None) -> None:
-    """UsageError, before any work starts, unless torch can put a tensor on `device` here (None:
-    the command's configured device)."""
-    if device is None:
-        return
-    import torch
+    """UsageError, before any work starts, unless torch can compute on `device` here (None: the
+    command's configured device); `check_device`'s reason, in the command line's words."""
+    from mi_krr._validation import check_device
 
     try:
-        placed = torch.empty(0, device=device)
-    except (RuntimeError, AssertionError) as error:  # unknown name; a backend torch lacks (AssertionError for CUDA)
-        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise UsageError(f"--device {device!r} cannot be used here ({reason}): pass e.g. --device cpu") from error
-    if placed.is_meta:
-        raise UsageError(f"--device {device!r} cannot be used here (meta tensors hold no values to compute with): pass e.g. --device cpu")
+        check_device("--device", device)
+    except ValueError as error:
+        raise UsageError(str(error).replace(": pass e.g. 'cpu'", ": pass e.g. --device cpu")) from error
 
 
 def _check_out(out: str | None) -> None:

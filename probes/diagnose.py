@@ -264,8 +264,9 @@ def diagnose(
         bootstrap: prompt resamples for the intervals (0: no intervals and no verdict; a verdict
             needs >= `MIN_VERDICT_RESAMPLES` = 100 resamples and >= `MIN_VERDICT_PROMPTS` = 20
             prompts, see `probes.identifiability`).
-        seed: seed of the bootstrap resamples and of the cross-fitting halves of the fitted steps
-            (so the fitted algorithms' point estimates, too, may move with it).
+        seed: seed of the bootstrap resamples, of the cross-fitting halves of the fitted steps
+            (so the fitted algorithms' point estimates, too, may move with it) and of the ridge
+            probes' validation split and control (method="ridge").
         n_kappa_bins: quantile bins of the condition number for stratified scores.
         min_score, min_gap, agreement_threshold: verdict thresholds (see
             `probes.identifiability`).
@@ -404,7 +405,7 @@ def _diagnose_task_set(model, set_name, task, prompt, bar, *, algorithms, kernel
     if method == "readout":
         layer_pred = streamed.readouts.to(torch.float64)
     else:
-        layer_pred = layer_predictions(model, task, method=method, layers=layers, train_task=train_task)
+        layer_pred = layer_predictions(model, task, method=method, layers=layers, train_task=train_task, seed=seed)
     stage_done("model pass")
 
     scored = np.flatnonzero(np.asarray(layers) > 0)

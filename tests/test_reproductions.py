@@ -156,7 +156,7 @@ def test_cg_rate_and_width_run_their_study_on_the_given_device(name, study, monk
     function, quick = reproduction(name)
     function(**quick, device="cpu:0")
     assert seen == ["cpu:0"]
-    with pytest.raises(ValueError, match="device must be a torch device such as 'cpu' or 'cuda', got 'nonsense'"):
+    with pytest.raises(ValueError, match=r"device 'nonsense' cannot be used here \(not a torch device name, such as 'cpu' or 'cuda'\): pass e.g. 'cpu'"):
         function(**quick, device="nonsense")
 
 

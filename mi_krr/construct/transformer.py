@@ -233,6 +233,20 @@ class StepStates:
     hook_names: list[str]
 
 
+FINGERPRINT_POINTS = 3
+"""Probe points per prompt of `_feature_fingerprint`."""
+
+
+def _feature_fingerprint(features: list[FeatureSlot], dim: int, n_aux: int) -> torch.Tensor:
+    """What the embedding's feature functions write for one fixed probe prompt of
+    `FINGERPRINT_POINTS` points (and `n_aux` auxiliary tokens), `[1, FINGERPRINT_POINTS + n_aux, dim]`
+    float64, concatenated and flattened: builds whose features differ (seed, width, kernel) differ
+    here, so a state dict records which features its weights were built around."""
+    n_tokens = FINGERPRINT_POINTS + n_aux
+    probe = torch.sin(torch.arange(1, n_tokens * dim + 1, dtype=torch.float64)).reshape(1, n_tokens, dim)
+    return torch.cat([slot.fn(probe).flatten() for slot in features] + [torch.zeros(0, dtype=torch.float64)])
+
+
 def _first_caller_outside(*packages) -> int:
     """The `warnings.warn` stacklevel of the nearest frame outside `packages` (modules), counted
     from the function that calls this helper (stacklevel 1): a warning raised inside a forward
@@ -311,6 +325,7 @@ class ConstructedTransformer(HookedRootModule):
         for token_type, resid_index, value in constants:
             W_E[dim + 1 + TOKEN_TYPES.index(token_type), resid_index] += value
         self.W_E = nn.Parameter(W_E, requires_grad=False)
+        self.register_buffer("feature_fingerprint", _feature_fingerprint(self._features, dim, n_aux))
         self.hook_embed = HookPoint()
         self.n_heads = max(1, max(len(block.heads) for block in step_blocks))
         d_head = max([1] + [len(head.query) for block in step_blocks for head in block.heads])
@@ -328,6 +343,19 @@ class ConstructedTransformer(HookedRootModule):
         self.blocks = nn.ModuleList(first_step + later_steps)
         self.to(device=check_device("device", device), dtype=dtype)
         self.setup()
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        """`nn.Module`'s load, refusing weights saved from a build whose embedding features differ
+        (a feature map is code and its random draws, not weights: another seed, width or kernel
+        would silently predict otherwise)."""
+        saved = state_dict.get(prefix + "feature_fingerprint")
+        own = self.feature_fingerprint
+        if saved is not None and (saved.shape != own.shape or not torch.allclose(saved.to(own), own, rtol=1e-5, atol=1e-8)):
+            raise ValueError(
+                "these weights were saved from a construction with other embedding features (feature map, seed, head_width or "
+                "kernel): rebuild it with the saved arguments (construction.json's), then load_state_dict"
+            )
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @property
     def n_layers(self) -> int:

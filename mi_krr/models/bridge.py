@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from mi_krr._validation import check_device
 from mi_krr.models.adapter import AttentionHooks
 from mi_krr.models.config import ICLTransformerConfig, check_config
 from mi_krr.models.hook_names import attention_hook_names, residual_hook_names
@@ -95,6 +96,7 @@ class BridgeICLModel(BridgeBackedMixin, PromptedModelMixin, nn.Module):
     def __init__(self, cfg: ICLTransformerConfig, device: torch.device | str | None = None):
         super().__init__()
         check_config(cfg)
+        device = check_device("device", device)
         if cfg.attention != "softmax":
             raise ValueError(
                 f"BridgeICLModel supports attention='softmax' only (TransformerBridge native blocks), got {cfg.attention!r}: "

@@ -19,6 +19,7 @@ import torch
 import yaml
 from torch import nn
 
+from mi_krr._validation import check_device
 from mi_krr.models.adapter import AttentionHooks
 from mi_krr.models.bridge import BridgeBackedMixin
 from mi_krr.models.hook_names import attention_hook_names, residual_hook_names
@@ -77,6 +78,7 @@ class GargICLModel(BridgeBackedMixin, PromptedModelMixin, nn.Module):
     def __init__(self, garg_config: GargConfig, state_dict: dict[str, torch.Tensor] | None = None,
                  device: torch.device | str | None = None, source: dict[str, Any] | None = None):
         super().__init__()
+        device = check_device("device", device)
         from transformers import GPT2LMHeadModel, GPT2Model
         from transformer_lens.model_bridge.sources._bridge_builder import build_bridge_from_module
 
@@ -229,6 +231,7 @@ def load_garg_checkpoint(path: str | Path, step: int | None = None, device: torc
     truncated/corrupt weights file.
     """
     path = Path(path)
+    device = check_device("device", device)
     if not path.exists():
         raise ValueError(f"no Garg checkpoint at {path}: pass a run folder (config.yaml + state.pt or model_<step>.pt) or a .pt file in one")
     folder = path.parent if path.is_file() else path
@@ -248,4 +251,5 @@ def load_garg_checkpoint(path: str | Path, step: int | None = None, device: torc
         loaded = loaded["model_state_dict"]
     elif (match := _STEP_FILE.fullmatch(weights.name)) is not None:
         source["train_step"] = int(match.group(1))
-    return GargICLModel(config, loaded, device=device, source=source)
+    with torch.random.fork_rng(devices=[]):  # the random init the weights replace leaves the global generator alone
+        return GargICLModel(config, loaded, device=device, source=source)

@@ -10,6 +10,7 @@ from torch import nn
 from transformer_lens import HookedRootModule
 from transformer_lens.hook_points import HookPoint
 
+from mi_krr._validation import check_device
 from mi_krr.models.adapter import AttentionHooks
 from mi_krr.models.blocks import TransformerBlock, make_norm
 from mi_krr.models.config import ICLTransformerConfig, check_config
@@ -36,6 +37,7 @@ class ICLTransformer(PromptedModelMixin, HookedRootModule):
     def __init__(self, cfg: ICLTransformerConfig, device: torch.device | str | None = None):
         super().__init__()
         check_config(cfg)
+        device = check_device("device", device)
         self.cfg = cfg
         self.read_in = nn.Linear(cfg.d_token, cfg.d_model)
         self.hook_embed = HookPoint()

@@ -30,6 +30,7 @@ import torch
 from safetensors import safe_open
 
 from mi_krr._repr import compact_repr
+from mi_krr._validation import check_device
 
 STATE_FORMAT = "mi-krr-training-state"
 MODEL_FORMAT = "mi-krr-model"
@@ -328,7 +329,13 @@ def prune_checkpoints(run_dir: str | Path, keep: int) -> None:
 
 
 def save_model(path: str | Path, model: torch.nn.Module, run_config: dict[str, Any] | None = None) -> Path:
-    """Write `model`'s weights (plain state-dict names) and its `config_dict()` atomically."""
+    """Write `model`'s weights (plain state-dict names) and its `config_dict()` atomically (an
+    `ICLTransformer` or `BridgeICLModel`: `load_model` rebuilds it from that description)."""
+    if not callable(getattr(model, "config_dict", None)):
+        raise ValueError(
+            f"model must describe itself with config_dict() (an ICLTransformer or BridgeICLModel) for load_model to rebuild it, "
+            f"got {type(model).__name__}: save its state_dict() with torch.save or safetensors instead"
+        )
     metadata = {"format": MODEL_FORMAT, "version": FORMAT_VERSION, "model_config": model.config_dict()}
     if run_config is not None:
         metadata["run_config"] = run_config
@@ -348,6 +355,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> torch.nn
     """
     from mi_krr.models import model_from_config  # models sit downstream of nothing here; imported lazily
 
+    device = check_device("device", device)
     file = _resolve_model_file(Path(path))
     if file.suffix == ".pt":
         model_config, weights = _read_pt_state_dict(file)
@@ -360,7 +368,8 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> torch.nn
             weights = {name[len("model/"):]: value for name, value in tensors.items() if name.startswith("model/")}
         else:
             raise CheckpointError(f"{file} has format {metadata.get('format')!r}: pass a file written by mi_krr.train")
-    model = model_from_config(model_config)
+    with torch.random.fork_rng(devices=[]):  # the random init the weights replace leaves the global generator alone
+        model = model_from_config(model_config)
     load_weights(model, weights, source=file)
     return model.to(device).eval()
 

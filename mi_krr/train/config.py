@@ -89,7 +89,7 @@ class TrainConfig:
         store_count(self, "seed", check=check_seed)
         if self.out_dir is not None and not isinstance(self.out_dir, str):
             self.out_dir = str(self.out_dir)
-        self.device = str(check_device("device", self.device))
+        self.device = str(check_device("device", self.device, available=False))  # a run config may name a GPU this machine lacks
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-serialisable dict of every field."""

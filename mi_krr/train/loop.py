@@ -13,6 +13,7 @@ import torch
 from tqdm.auto import tqdm
 
 from mi_krr._repr import compact_repr
+from mi_krr._validation import check_device
 from mi_krr.tasks import ICLTask
 from mi_krr.train.checkpoint import (
     CONFIG_FILE,
@@ -212,6 +213,7 @@ def _check_inputs(model: Any, sampler: Any, cfg: TrainConfig, until_step: int | 
     for method in ("sample", "to_config"):
         if not callable(getattr(sampler, method, None)):
             raise ValueError(f"sampler has no {method}(): pass an mi_krr.tasks sampler")
+    check_device("cfg.device", cfg.device)  # the config takes any device name; training needs one this machine has
     if cfg.active_dim_start is not None and cfg.active_dim_start > sampler.dim:
         raise ValueError(f"active_dim_start must be <= the sampler's dim={sampler.dim}, got {cfg.active_dim_start}")
     if until_step is None:

@@ -182,7 +182,7 @@ def test_conditioned_linear_task_draws_the_same_prompts_whatever_the_device():
         placed = conditioned_linear_task(batch_size=2, n_support=6, kappa=20.0, lam=1e-3, seed=3, device="cpu:0")
     for name in ("x_support", "y_support", "x_query", "y_query"):
         assert recorder.placed(getattr(placed, name)) and torch.equal(getattr(placed, name), getattr(task, name))
-    with pytest.raises(ValueError, match="device must be a torch device"):
+    with pytest.raises(ValueError, match="device 'nonsense' cannot be used here \\(not a torch device name"):
         conditioned_linear_task(batch_size=2, n_support=6, kappa=20.0, lam=1e-3, device="nonsense")
 
 

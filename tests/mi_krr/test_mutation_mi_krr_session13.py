@@ -141,7 +141,7 @@ def test_gp_covariance_and_function_draws_refuse_one_dimensional_inputs():
 # ----- construct/studies.py -----------------------------------------------------------------------
 def test_cg_rate_study_checks_its_device_before_any_kappa():
     """A device string torch cannot parse is refused by name up front, even with no kappa to run."""
-    with pytest.raises(ValueError, match=r"device must be a torch device"):
+    with pytest.raises(ValueError, match=r"device 'nonsense' cannot be used here \(not a torch device name"):
         cg_rate_study(kappas=(), device="nonsense")
 
 

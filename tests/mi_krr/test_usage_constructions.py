@@ -267,8 +267,8 @@ def test_cg_transformer_refuses_a_feature_map_without_the_interface_naming_it(fe
                                    lambda d: richardson_transformer(1, 0.1, 1.0, 0.5, dim=2, device=d),
                                    lambda d: gd_transformer(1, 0.1, dim=2, device=d)])
 def test_constructions_refuse_an_unknown_device_naming_it(build):
-    """The studies answer device="gpu" with "device must be a torch device such as 'cpu' or
-    'cuda'"; the constructions pass it to nn.Module.to, which raises "Expected one of cpu, cuda,
+    """The studies answer device="gpu" with "device 'gpu' cannot be used here (not a torch device
+    name, ...)"; the constructions pass it to nn.Module.to, which raises "Expected one of cpu, cuda,
     ipu, xpu, ... device type at start of device string: gpu"."""
     with pytest.raises(ValueError, match="device"):
         build("gpu")

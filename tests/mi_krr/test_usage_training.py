@@ -263,6 +263,6 @@ def test_width_with_one_kernel_name_as_a_string_runs_that_kernel():
 def test_a_device_name_torch_does_not_know_is_refused_when_the_config_is_made():
     """TrainConfig(device="gpu") is refused at once by name (it used to be accepted and fail at the first
     tensor move); a torch.device is stored as its name, which config.json can hold."""
-    with pytest.raises(ValueError, match="device must be a torch device"):
+    with pytest.raises(ValueError, match="device 'gpu' cannot be used here \\(not a torch device name"):
         TrainConfig(steps=2, warmup_steps=0, device="gpu")
     assert TrainConfig(steps=2, warmup_steps=0, device=torch.device("cpu")).device == "cpu"

@@ -417,7 +417,8 @@ def test_plots_draw_the_stored_statistics_and_only_the_figures_a_diagnosis_has(r
         values = alignment.metrics[kernel][metric].numpy()  # [block, head] = [2, 2]
         np.testing.assert_array_equal(ax.get_images()[0].get_array(), values)
         assert list(ax.get_xticks()) == [0, 1] and list(ax.get_yticks()) == [0, 1]
-        assert sorted(text.get_text() for text in ax.texts) == sorted(f"{value:.2f}" for value in values[np.isfinite(values)])  # NaN cells stay blank
+        expected = [f"{value:.2f}" for value in values[np.isfinite(values)]] + ["n/a"] * int(np.isnan(values).sum())  # NaN cells read n/a
+        assert sorted(text.get_text() for text in ax.texts) == sorted(expected)
     standalone = [ax for ax in alignment.plot("mine").axes if ax.get_images()]  # KernelAlignment.plot: the same panels
     assert [ax.get_title() for ax in standalone] == [ax.get_title() for ax in panels]
     assert standalone[0].figure.texts[0].get_text().startswith("mine: ")
