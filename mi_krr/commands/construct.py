@@ -235,14 +235,39 @@ def rowsum_optimal_step(K: Any, lam: float) -> float:
     return float((2.0 / (eigenvalues[..., 0] + eigenvalues[..., -1])).median())
 
 
+def check_arguments(arguments: dict[str, Any]) -> dict[str, Any]:
+    """`check_construction`'s keywords from the command's arguments (`vars(args)`, as
+    construction.json records them)."""
+    renamed = {"steps": "n_steps"}
+    keywords = ("construction", "steps", "lam", "kernel", "dim", "n_support", "n_query", "batch", "head_width", "bandwidth",
+                "temperature", "step", "mlp", "mlp_width", "seed", "device")
+    return {renamed.get(key, key): arguments[key] for key in keywords}
+
+
+def load_construction(folder: Any, device: str = "cpu"):
+    """The model `mi-krr construct ... --save --out FOLDER` wrote, on `device`: rebuilt from
+    construction.json's arguments (the same prompts, hence the same data-dependent defaults such as
+    richardson's step), then its model.safetensors weights loaded (strictly; a build with other
+    embedding features is refused)."""
+    from pathlib import Path
+
+    import safetensors.torch
+
+    folder = Path(folder)
+    files = [folder / "construction.json", folder / "model.safetensors"]
+    missing = [str(file) for file in files if not file.is_file()]
+    if missing:
+        raise FileNotFoundError(f"{missing[0]} does not exist: pass the --out folder of `mi-krr construct ... --save`")
+    recipe = json.loads(files[0].read_text())
+    model = check_construction(**{**check_arguments(recipe["arguments"]), "device": device}).model
+    model.load_state_dict(safetensors.torch.load_file(str(files[1]), device=str(device)))
+    return model
+
+
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    result = check_construction(
-        args.construction, n_steps=args.steps, lam=args.lam, kernel=args.kernel, dim=args.dim, n_support=args.n_support,
-        n_query=args.n_query, batch=args.batch, head_width=args.head_width, bandwidth=args.bandwidth,
-        temperature=args.temperature, step=args.step, mlp=args.mlp, mlp_width=args.mlp_width, seed=args.seed, device=args.device,
-    )
+    result = check_construction(**check_arguments(vars(args)))
     print(f"{result.construction} transformer: {result.n_layers} blocks ({result.layers_per_step} per step), kernel {result.kernel}, "
           f"lam={result.lam:g}; {args.batch} prompts, n_support={args.n_support}, n_query={args.n_query}, seed={args.seed}")
     print(result.table())
@@ -260,5 +285,6 @@ def run(args: argparse.Namespace) -> int:
         recipe = {"command": "mi-krr construct", "arguments": {key: value for key, value in vars(args).items() if key != "debug"},
                   **result.to_dict()}
         (folder / "construction.json").write_text(json.dumps(recipe, indent=1))
-        print(f"saved: {folder / 'model.safetensors'}, {folder / 'construction.json'} (rebuild with the same arguments)")
+        print(f"saved: {folder / 'model.safetensors'}, {folder / 'construction.json'} "
+              f"(reload: mi_krr.commands.construct.load_construction({str(folder)!r}))")
     return 0

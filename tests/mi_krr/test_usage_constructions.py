@@ -10,6 +10,7 @@ one-line errors, refusals of silent misuse, and what `params` and the docstrings
 
 from __future__ import annotations
 
+import json
 import re
 
 import numpy as np
@@ -364,3 +365,27 @@ def test_cg_with_a_prompt_feature_map_survives_torch_save():
     with torch.no_grad():
         got = reloaded.predict(task).numpy()
     np.testing.assert_allclose(got, np.stack(expected), rtol=1e-6, atol=1e-8)
+
+
+def test_a_saved_richardson_construction_reloads_and_runs_numpy_richardson(tmp_path):
+    """`mi-krr construct richardson --save` then `load_construction(out)`: the reloaded model (its
+    default step depends on the command's prompts, rebuilt from construction.json) runs row-sum
+    Richardson with the recorded step and bandwidth on new prompts (NumPy reference); a missing
+    folder names what to pass."""
+    from mi_krr.commands.construct import load_construction
+
+    out = tmp_path / "richardson"
+    assert main(["construct", "richardson", "--steps", "3", "--dim", "2", "--n-support", "6", "--batch", "2", "--save",
+                 "--out", str(out)]) == 0
+    recipe = json.loads((out / "construction.json").read_text())
+    step, bandwidth, lam = recipe["params"]["step"], recipe["params"]["bandwidth"], recipe["lam"]
+    model = load_construction(out)
+    task = GPRegressionSampler(2, kernel="gaussian", bandwidth=bandwidth, noise_std=0.1).sample(2, 6, 2, seed=7, dtype=torch.float64)
+    x, xq, y = arrays(task)
+    with torch.no_grad():
+        got = model.step_states(task).pred.numpy()
+    for b in range(2):
+        expected, _ = numpy_rowsum_richardson(gaussian(x[b], x[b], bandwidth), y[b], lam, gaussian(xq[b], x[b], bandwidth), step, 3)
+        np.testing.assert_allclose(got[b], expected, rtol=1e-9, atol=1e-12)
+    with pytest.raises(FileNotFoundError, match="construction.json does not exist: pass the --out folder"):
+        load_construction(tmp_path / "nowhere")
