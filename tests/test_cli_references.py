@@ -380,7 +380,8 @@ def test_diagnose_applies_every_applicable_shift_with_the_given_seed_and_lam(tmp
 
 
 def test_diagnose_ridge_method_fits_probes_on_separate_seed_plus_10000_prompts(tmp_path):
-    """diagnose --method ridge: layer predictions equal probes fitted here on 4 x batch prompts drawn with seed + 10000."""
+    """diagnose --method ridge: layer predictions equal probes fitted here on 4 x batch prompts drawn with seed + 10000,
+    their validation split drawn with --seed."""
     checkpoint, seed, batch, n_query, out = shipped_checkpoint("linear_lr"), 2, 6, 2, tmp_path / "ridge"
     code, _ = run_main("diagnose", str(checkpoint), "--method", "ridge", "--no-shifts", "--batch", str(batch), "--n-query", str(n_query),
                        "--bootstrap", "10", "--seed", str(seed), "--no-sensitivities", "--no-progress", "--out", str(out))
@@ -390,6 +391,6 @@ def test_diagnose_ridge_method_fits_probes_on_separate_seed_plus_10000_prompts(t
     n = config["train"]["n_support"]
     task = sampler.sample(batch, n, n_query, seed=seed, dtype=torch.float32)
     train = sampler.sample(4 * batch, n, n_query, seed=seed + 10_000, dtype=torch.float32)
-    expected = layer_predictions(load_model(checkpoint), task, method="ridge", train_task=train).numpy()
+    expected = layer_predictions(load_model(checkpoint), task, method="ridge", train_task=train, seed=seed).numpy()  # --seed splits too
     actual = np.load(out / f"{checkpoint.name}.npz")["in_distribution/layer_predictions"]
     np.testing.assert_allclose(actual, expected, rtol=1e-6, atol=1e-8)

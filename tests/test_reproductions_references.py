@@ -176,7 +176,7 @@ def test_richardson_profile_ridge_lens_is_probes_fitted_on_separate_prompts_and_
         krr.append(K_query @ np.linalg.solve(K + lam * np.eye(n), y[b]))
     krr = np.array(krr)
     layers = list(range(1, model.n_layers + 1))
-    for lens, kwargs in (("readout", {}), ("ridge", {"train_task": train})):
+    for lens, kwargs in (("readout", {}), ("ridge", {"train_task": train, "seed": seed})):  # the seed splits the probes' data too
         preds = layer_predictions(model, task, method=lens, layers=layers, **kwargs).numpy()  # [B, L, m]
         expected = np.log10(np.mean((preds - krr[:, None]) ** 2, axis=(0, 2)))
         np.testing.assert_allclose(result.lenses[lens].model_profile, expected, atol=1e-5)
