@@ -40,6 +40,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import einops
+import numba
 import numpy as np
 import torch
 
@@ -189,26 +190,54 @@ def monotone_alignment(cost) -> tuple[np.ndarray, np.ndarray]:
 
     cost `[..., L', T+1]` -> (steps `[..., L']` int, total cost `[...]`). Dynamic programming:
     best[l, t] = cost[l, t] + min over t' <= t of best[l-1, t'], then backtracking; ties go to the
-    earliest step. O(L' T) per matrix, batched over leading dimensions. A cost holding NaN is refused.
+    earliest step. O(L' T) per matrix, batched over leading dimensions (`_aligned_paths`, one
+    compiled loop). A cost holding NaN is refused.
     """
     cost = np.asarray(cost, dtype=np.float64)
     if cost.ndim < 2 or cost.shape[-1] < 1 or cost.shape[-2] < 1:
         raise ValueError(f"cost must be [..., n_layers, n_steps] with both sizes >= 1, got shape {cost.shape}")
-    n_rows, n_steps = cost.shape[-2:]
-    # layers and steps first, [L', T+1, batch]: every pass below runs over the batch in one
-    # contiguous inner loop (NumPy runs short last-axis scans one matrix at a time)
-    best = np.moveaxis(cost.reshape(-1, n_rows, n_steps), 0, -1).copy()  # C order
-    for row in range(1, n_rows):
-        best[row] += np.minimum.accumulate(best[row - 1], axis=0)
-    steps = np.empty((n_rows, best.shape[-1]), dtype=np.int64)
-    steps[-1] = np.argmin(best[-1], axis=0)
-    total = np.take_along_axis(best[-1], steps[-1][None], axis=0)[0]
-    if np.isnan(total).any():  # a NaN anywhere in a cost spreads to its last row, where argmin picks it
+    matrices = np.ascontiguousarray(cost.reshape(-1, *cost.shape[-2:]))
+    steps = np.empty(matrices.shape[:2], dtype=np.int64)
+    total = np.empty(matrices.shape[0])
+    if _aligned_paths(matrices, steps, total):
         raise ValueError("cost contains NaN (e.g. 1 - R2 at step 0, where R2 is undefined): align on the MSE, or replace NaN by inf")
-    later = np.arange(n_steps)[:, None]
-    for row in range(n_rows - 2, -1, -1):
-        steps[row] = np.argmin(np.where(later <= steps[row + 1], best[row], np.inf), axis=0)
-    return steps.T.reshape(cost.shape[:-1]), total.reshape(cost.shape[:-2])
+    return steps.reshape(cost.shape[:-1]), total.reshape(cost.shape[:-2])
+
+
+@numba.njit(nogil=True, cache=True)
+def _aligned_paths(cost: np.ndarray, steps: np.ndarray, total: np.ndarray) -> bool:
+    """`monotone_alignment` of each matrix of cost `[N, L', T+1]` into steps `[N, L']` and total
+    `[N]`: per matrix one forward pass that keeps, per row and step t, the earliest step <= t of
+    the previous row's least cumulative cost (ties: the earliest, as argmin), then backtracking
+    through them. The same additions in the same order as the NumPy recursion, so the same
+    totals bit for bit. Returns whether a cumulative cost was NaN (NumPy's running minimum
+    would carry it to the last row: the cost is refused)."""
+    n_rows, n_steps = cost.shape[1], cost.shape[2]
+    best = np.empty(n_steps)
+    earliest = np.empty((n_rows, n_steps), dtype=np.int64)  # row l: argmin of best[l - 1, :t + 1]
+    has_nan = False
+    for i in range(cost.shape[0]):
+        for t in range(n_steps):
+            best[t] = cost[i, 0, t]
+            has_nan |= np.isnan(best[t])
+        for row in range(1, n_rows):
+            running, at = best[0], 0
+            for t in range(n_steps):
+                if best[t] < running:
+                    running, at = best[t], t
+                earliest[row, t] = at
+                best[t] = cost[i, row, t] + running
+                has_nan |= np.isnan(best[t])
+        at = 0
+        for t in range(1, n_steps):
+            if best[t] < best[at]:
+                at = t
+        total[i] = best[at]
+        steps[i, n_rows - 1] = at
+        for row in range(n_rows - 1, 0, -1):
+            at = earliest[row, at]
+            steps[i, row - 1] = at
+    return has_nan
 
 
 def path_r2(sse: np.ndarray, sst: np.ndarray, steps: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:

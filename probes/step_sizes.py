@@ -312,7 +312,7 @@ def path_scores(layer_pred: np.ndarray, candidate_pred: torch.Tensor, scored: np
     indicator = (fold[None, :] == np.arange(fold.max() + 1)[:, None]).astype(np.float64)  # [F, B]
     pred = candidate_pred.detach().cpu().numpy()
     limit = overflow_limit(pred.size + np.size(layer_pred))  # beyond it (NaN and inf included), the sums would overflow
-    bounded = (np.abs(pred) <= limit).reshape(batch, n_candidates, -1).all(axis=2)  # [B, G]: False for a diverging step
+    bounded = _bounded_candidates(pred, limit)  # [B, G]: False for a diverging step
     values = (pred if bounded.all() else np.where(bounded[:, :, None, None], pred, 0.0)).reshape(batch, -1, n_query)
     sums = PairedSums(pairwise_sse(np.asarray(layer_pred, dtype=np.float64), values), *centred_step_sums(values), n_query)
     sse, sst, count = weighted_sse_sst(sums, indicator)  # [F, L', G (T+1)], [F, G (T+1)], [F]
@@ -323,6 +323,15 @@ def path_scores(layer_pred: np.ndarray, candidate_pred: torch.Tensor, scored: np
     score = path_r2(sse, sst, steps, scored).reshape(len(indicator), n_candidates)
     score = np.where(~diverged & ~np.isnan(score), score, -np.inf)
     return score[0] if folds is None else score
+
+
+def _bounded_candidates(pred: np.ndarray, limit: float) -> np.ndarray:
+    """Whether each prompt's trajectory of each candidate, pred `[B, G, T+1, m]`, stays within
+    +-limit (False for NaN) -> bool `[B, G]`; the common case, every value within, from the
+    extremes alone (no temporary as large as pred)."""
+    if pred.size and -limit <= pred.min() and pred.max() <= limit:  # NaN fails both comparisons
+        return np.ones(pred.shape[:2], dtype=bool)
+    return (np.abs(pred) <= limit).reshape(*pred.shape[:2], -1).all(axis=2)
 
 
 def bounded_brent(loss: Callable[[np.ndarray, np.ndarray], np.ndarray], low: np.ndarray, high: np.ndarray, xatol: float) -> tuple[np.ndarray, np.ndarray]:
