@@ -316,8 +316,9 @@ def plot_overview(rows: list[SummaryRow]):
         low, high = (np.clip(across_sets(lambda row, end=end: row.score_ci[end]), SCORE_FLOOR, None) for end in (0, 1))
         with_interval = np.isfinite(scores) & np.isfinite(low) & np.isfinite(high)
         if with_interval.any():
-            left.errorbar(x[with_interval], scores[with_interval], fmt="none", ecolor=colour, elinewidth=1, capsize=2,
-                          yerr=np.vstack([scores - low, high - scores])[:, with_interval])
+            # a percentile interval need not contain its point estimate; matplotlib refuses negative bar lengths
+            spread = np.clip(np.vstack([scores - low, high - scores])[:, with_interval], 0.0, None)
+            left.errorbar(x[with_interval], scores[with_interval], yerr=spread, fmt="none", ecolor=colour, elinewidth=1, capsize=2)
         for name, row in sorted(mine.items(), key=lambda item: position[item[0]]):
             if row.best is not None:
                 marker = "v" if row.score < SCORE_FLOOR else "o"

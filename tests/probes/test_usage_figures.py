@@ -327,3 +327,12 @@ def test_richardson_profile_draws_the_curve_the_model_is_aligned_to():
     figure = profile_result().plot()
     labels = [line.get_label() for line in figure.axes[1].get_lines()]
     assert "heavy_ball" in labels
+
+
+def test_overview_draws_an_interval_that_excludes_its_point_estimate():
+    """A percentile interval need not contain the estimate (here 0.8 with interval [0.82, 0.9]):
+    the overview draws it (the bar reaches the interval's far end from the point) rather than
+    raising matplotlib's 'yerr must not contain negative values'."""
+    figure = plot_overview([row("a", 0.8, ci=(0.82, 0.9))])
+    segments = [seg for collection in figure.axes[0].collections for seg in collection.get_segments()]
+    assert any(np.allclose(sorted(point[1] for point in seg), [0.8, 0.9]) for seg in segments)
