@@ -189,7 +189,7 @@ def plot_sensitivities(result: "TaskSetDiagnosis", prompt: int = 0, max_columns:
     if result.layer_sensitivities is None:
         return None
     n_prompts = result.layer_sensitivities.shape[0]
-    if isinstance(prompt, bool) or not isinstance(prompt, (int, np.integer)) or not -n_prompts <= prompt < n_prompts:
+    if isinstance(prompt, bool) or not isinstance(prompt, (int, np.integer)) or not 0 <= prompt < n_prompts:
         raise ValueError(f"prompt must be a prompt index in [0, {n_prompts}) (this task set's prompts), got {prompt!r}")
     max_columns = check_count("max_columns", max_columns, minimum=1)
     best = result.scores[result.verdict.best]
