@@ -235,7 +235,7 @@ def rowsum_optimal_step(K: Any, lam: float) -> float:
     return float((2.0 / (eigenvalues[..., 0] + eigenvalues[..., -1])).median())
 
 
-def check_arguments(arguments: dict[str, Any]) -> dict[str, Any]:
+def construction_keywords(arguments: dict[str, Any]) -> dict[str, Any]:
     """`check_construction`'s keywords from the command's arguments (`vars(args)`, as
     construction.json records them)."""
     renamed = {"steps": "n_steps"}
@@ -259,7 +259,7 @@ def load_construction(folder: Any, device: str = "cpu"):
     if missing:
         raise FileNotFoundError(f"{missing[0]} does not exist: pass the --out folder of `mi-krr construct ... --save`")
     recipe = json.loads(files[0].read_text())
-    model = check_construction(**{**check_arguments(recipe["arguments"]), "device": device}).model
+    model = check_construction(**{**construction_keywords(recipe["arguments"]), "device": device}).model
     model.load_state_dict(safetensors.torch.load_file(str(files[1]), device=str(device)))
     return model
 
@@ -267,7 +267,7 @@ def load_construction(folder: Any, device: str = "cpu"):
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    result = check_construction(**check_arguments(vars(args)))
+    result = check_construction(**construction_keywords(vars(args)))
     print(f"{result.construction} transformer: {result.n_layers} blocks ({result.layers_per_step} per step), kernel {result.kernel}, "
           f"lam={result.lam:g}; {args.batch} prompts, n_support={args.n_support}, n_query={args.n_query}, seed={args.seed}")
     print(result.table())
