@@ -161,8 +161,7 @@ def protocol_differences(diagnoses: Mapping[str, "Diagnosis"]) -> list[str]:
     for key, meaning in PROTOCOL_SETTINGS.items():
         values = {name: diagnosis.settings.get(key) for name, diagnosis in diagnoses.items()}
         if len({repr(value) for value in values.values()}) > 1:
-            notes.append(f"the models were diagnosed with different {meaning}: "
-                         + "; ".join(f"{name}: {_setting_text(value)}" for name, value in values.items()) + ".")
+            notes.append(f"the models were diagnosed with different {meaning}: {_difference_text(values)}.")
     for set_name in dict.fromkeys(name for diagnosis in diagnoses.values() for name in diagnosis.task_sets):
         results = {name: diagnosis.task_sets[set_name] for name, diagnosis in diagnoses.items() if set_name in diagnosis.task_sets}
         same_prompts = len({repr(result.info) for result in results.values()}) == 1
@@ -173,12 +172,24 @@ def protocol_differences(diagnoses: Mapping[str, "Diagnosis"]) -> list[str]:
     return notes
 
 
-def _setting_text(value) -> str:
-    """A settings entry as a note shows it: candidates by name (with how a non-registry solver is
-    recorded), else as is."""
-    if isinstance(value, dict):
-        return ", ".join(name if how == "registry" else f"{name} ({how})" for name, how in value.items())
-    return str(value)
+def _difference_text(values: dict[str, object]) -> str:
+    """How one settings entry differs across models (model name -> value). Candidate lists (dicts
+    name -> how the solver is recorded): the candidates every model shares, then each model's own
+    ("cg also: ..."), a non-registry solver with how it is recorded. Other values: the models
+    grouped by value ("a, b: fitted; c: optimal")."""
+    if all(isinstance(value, dict) for value in values.values()):
+        lists = list(values.values())
+        shared = [name for name in lists[0] if all(name in other for other in lists)]
+        parts = ["shared: " + (", ".join(shared) or "none")]
+        for model, value in values.items():
+            own = [name if how == "registry" else f"{name} ({how})" for name, how in value.items() if name not in shared]
+            if own:
+                parts.append(f"{model} also: {', '.join(own)}")
+        return "; ".join(parts)
+    groups: dict[str, list[str]] = {}
+    for model, value in values.items():
+        groups.setdefault(str(value), []).append(model)
+    return "; ".join(f"{', '.join(models)}: {value}" for value, models in groups.items())
 
 
 def kernel_distance(result: "TaskSetDiagnosis", kernel: str = "exp") -> float:

@@ -103,6 +103,21 @@ def test_every_model_and_task_set_has_finite_scores_and_a_table_row(demo):
     assert linear_row["exp_distance"] is None  # linear attention is not a normalised kernel (NaN, written as null)
 
 
+def test_table_notes_name_the_richardson_constructions_own_candidate_and_the_step_size_protocols(demo):
+    """The four models were diagnosed differently on purpose: the Richardson construction also
+    scores its fixed-step solver, and the shipped models' shifts use each prompt's optimal step
+    while the constructions fit one. The index (below the table) and report.json say so."""
+    out, report = demo
+    step = report["models"]["richardson_construction"]["diagnosis"]["settings"]["algorithms"]
+    fixed = next(name for name in step if name.startswith("richardson_rowsum(w="))
+    candidates, step_sizes = report["notes"]
+    assert f"; richardson_construction also: {fixed} (" in candidates and "shared: cg, jacobi_cg, gd," in candidates
+    assert step_sizes.endswith(": cg_construction, richardson_construction: fitted; "
+                               "linear_lr, softmax_gp: fitted on in_distribution, optimal on shifts.")
+    index = (out / "index.md").read_text()
+    assert f"Note: {candidates}" in index and f"Note: {step_sizes}" in index
+
+
 def test_full_demo_as_the_readme_runs_it_covers_every_shift_of_the_shipped_models(tmp_path):
     """`mi-krr demo` on its shipped defaults (what `make demo` runs, ~12 s): every task set of
     both shipped models, longer prompts included, gets a finite best score."""

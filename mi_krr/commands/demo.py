@@ -79,8 +79,7 @@ def run(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
     from mi_krr.checkpoints import shipped_checkpoint
-    from mi_krr.commands.overview import overview_rows, write_overview_report
-    from probes.compare import format_table
+    from mi_krr.commands.overview import overview_comparison, write_overview_report
 
     start = time.perf_counter()
     settings = QUICK if args.quick else FULL
@@ -98,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
         for name, build in bar:
             bar.set_postfix_str(name)
             entries.append(build())
-    print(format_table(overview_rows(entries)))
+    print(overview_comparison(entries).summary())
     report_settings = {"mode": "quick" if args.quick else "full", "seed": args.seed, "device": args.device,
                        "sensitivities": "trained models, in distribution" if args.sensitivities else "off",
                        "batch": settings.batch, "construction_batch": settings.construction_batch,

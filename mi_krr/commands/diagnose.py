@@ -90,8 +90,7 @@ def run(args: argparse.Namespace) -> int:
 
     from mi_krr._validation import offset_seed
     from mi_krr.checkpoints import load_checkpoint, task_sets
-    from mi_krr.commands.overview import ModelEntry, overview_rows, write_overview_report
-    from probes.compare import format_table
+    from mi_krr.commands.overview import ModelEntry, overview_comparison, write_overview_report
 
     if args.batch < 2:
         raise ValueError(f"--batch must be >= 2, got {args.batch}: the fitted step sizes are cross-fitted on two halves of the prompts (and a verdict needs 20)")
@@ -115,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
     for note in loaded.notes + notes:
         print(f"note: {note}")
     entry = ModelEntry(name, description, diagnosis)
-    print(format_table(overview_rows([entry])))
+    print(overview_comparison([entry]).summary())
     settings = {"path": loaded.path, "format": loaded.format, "batch": args.batch, "seed": args.seed, "device": args.device,
                 "method": args.method, "bootstrap": args.bootstrap, "notes": loaded.notes + notes}
     index = write_overview_report([entry], args.out, title=f"mi-krr diagnose {loaded.path}", settings=settings)

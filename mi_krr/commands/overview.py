@@ -3,8 +3,9 @@ page, with `probes.compare`'s table and overview figure.
 
 Report folder:
     index.md           the table, the settings, and the figures
-    report.json        every number (strict JSON: NaN / inf as null): per model its description, table
-                       rows and `Diagnosis.to_dict()`
+    report.json        every number (strict JSON: NaN / inf as null): the table rows, the comparison's
+                       notes (`probes.compare.protocol_differences`), per model its description and
+                       `Diagnosis.to_dict()`
     overview.png       best path R2 and kernel distance per task set, every model
     <model>_<figure>.png   in-distribution figures of each model (probes.plots)
     <model>.npz        per-layer, per-step and KRR predictions and kappa (`probes.report.prediction_arrays`)
@@ -19,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from probes.compare import IN_DISTRIBUTION, format_table, plot_overview, summary_rows
+from probes.compare import IN_DISTRIBUTION, Comparison, compare, plot_overview
 
 REPORT_JSON = "report.json"
 INDEX = "index.md"
@@ -37,9 +38,10 @@ class ModelEntry:
     extra: dict[str, Any] | None = None
 
 
-def overview_rows(entries: list[ModelEntry]) -> list:
-    """The summary table's rows (`probes.compare.SummaryRow`): each entry's task sets in order."""
-    return [row for entry in entries for row in summary_rows(entry.name, entry.diagnosis)]
+def overview_comparison(entries: list[ModelEntry]) -> Comparison:
+    """`probes.compare` of the entries' diagnoses, by entry name: its `summary()` is the table the
+    commands print, with the notes on how the diagnoses were made differently."""
+    return compare({entry.name: entry.diagnosis for entry in entries})
 
 
 def write_overview_report(entries: list[ModelEntry], folder: str | Path, title: str, settings: dict[str, Any]) -> Path:
@@ -52,12 +54,13 @@ def write_overview_report(entries: list[ModelEntry], folder: str | Path, title: 
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    rows = overview_rows(entries)
+    comparison = overview_comparison(entries)
+    rows = comparison.rows
     figure = plot_overview(rows)
     figure.savefig(folder / OVERVIEW_FIGURE, dpi=80, bbox_inches="tight")
     plt.close(figure)
 
-    lines = [f"# {title}", "", "```", format_table(rows), "```", "",
+    lines = [f"# {title}", "", "```", comparison.summary(), "```", "",
              "path R2: share of the best algorithm's trajectory variance (along the layer -> step alignment) the "
              "layers reproduce; identified: the verdict of `probes.identifiability`; exp- / gauss-kernel dist: relative "
              "operator-norm distance of attention to a row-normalised exp / Gaussian kernel, scale fitted per head "
@@ -66,7 +69,8 @@ def write_overview_report(entries: list[ModelEntry], folder: str | Path, title: 
              "Settings: " + ", ".join(f"{key}={value}" for key, value in settings.items()), ""]
     drawers = {"error_profiles": plot_error_profiles, "step_map": plot_step_map, "kernel_alignment": plot_kernel_alignment,
                "sensitivities": plot_sensitivities}
-    document: dict[str, Any] = {"title": title, "settings": settings, "table": [asdict(row) for row in rows], "models": {}}
+    document: dict[str, Any] = {"title": title, "settings": settings, "table": [asdict(row) for row in rows],
+                                "notes": comparison.notes, "models": {}}
     for entry in entries:
         safe = _safe(entry.name)
         lines += [f"## {entry.name}", "", entry.description, ""]

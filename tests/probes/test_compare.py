@@ -210,8 +210,29 @@ def test_notes_name_candidate_lists_and_krr_systems_that_differ_between_models(c
     altered = dataclasses.replace(softmax, settings=settings, task_sets={**softmax.task_sets, "input_scale_x2": changed})
     notes = probes.compare({"cg": diagnoses["cg"], "softmax": altered}).notes
     assert len(notes) == 2
-    assert "candidate algorithms" in notes[0] and "cg: gd, cg, richardson_jacobi; softmax: gd, cg." in notes[0]
+    assert "candidate algorithms" in notes[0] and notes[0].endswith(": shared: gd, cg; cg also: richardson_jacobi.")
     assert "'input_scale_x2'" in notes[1] and f"lam={NOISE**2:g}" in notes[1] and "lam=0.5" in notes[1]
     shown = probes.compare({"cg": diagnoses["cg"], "softmax": altered})
     assert all(f"Note: {note}" in shown.summary() for note in notes)
     assert all(html.escape(note) in shown._repr_html_() for note in notes)
+
+
+def test_notes_group_models_by_setting_and_name_each_models_own_candidates(comparison):
+    """Three models: step sizes "fitted" for two and "optimal" for one are grouped by value; with
+    candidate lists {gd, cg}, {cg, newton (a custom solver)} and {gd}, none is shared by all three,
+    and each model's own candidates are listed, the custom one with how it is recorded."""
+    import dataclasses
+
+    diagnoses, _ = comparison
+    softmax = diagnoses["softmax"]
+
+    def variant(algorithms, step_sizes):
+        return dataclasses.replace(softmax, settings={**softmax.settings, "algorithms": algorithms, "step_sizes": step_sizes})
+
+    notes = probes.compare({
+        "a": variant({"gd": "registry", "cg": "registry"}, "fitted"),
+        "b": variant({"cg": "registry", "newton": "my_solver(step=2)"}, "optimal"),
+        "c": variant({"gd": "registry"}, "fitted"),
+    }).notes
+    assert notes[0].endswith(": shared: none; a also: gd, cg; b also: cg, newton (my_solver(step=2)); c also: gd.")
+    assert notes[1] == "the models were diagnosed with different step sizes: a, c: fitted; b: optimal."
