@@ -120,7 +120,7 @@ class RichardsonProfileResult:
     def plot(self):
         import matplotlib.pyplot as plt
 
-        figure, (bars, profiles) = plt.subplots(1, 2, figsize=(11.5, 4.0), dpi=90)
+        figure, (bars, profiles) = plt.subplots(1, 2, figsize=(13.5, 4.0), dpi=90)
         names = self.lenses["readout"].ranking() if "readout" in self.lenses else next(iter(self.lenses.values())).ranking()
         width = 0.8 / len(self.lenses)
         for index, (lens, result) in enumerate(self.lenses.items()):
@@ -134,7 +134,9 @@ class RichardsonProfileResult:
         bars.set_xticks(np.arange(len(names)), names, rotation=40, ha="right", fontsize=7)
         bars.set_ylabel("path R2 (95% CI; clipped at -0.5)")
         bars.set_title("Which solver do the layers follow?", fontsize=9)
-        bars.legend(fontsize=7)
+        bars.set_ylim(top=1.2)  # path R2 <= 1: the band above the bars holds the legend
+        bars.set_yticks([tick for tick in bars.get_yticks() if bars.get_ylim()[0] <= tick <= 1.0])
+        bars.legend(fontsize=7, loc="upper center", ncol=len(self.lenses))
         bars.grid(alpha=0.3, axis="y")
         reference = self.lenses[next(iter(self.lenses))]
         curves = dict.fromkeys([*PROFILE_CURVES, *(result.best for result in self.lenses.values())])  # and what the layers sit on
@@ -150,7 +152,7 @@ class RichardsonProfileResult:
         profiles.set_xlabel("solver step (model: aligned step; numbers = layer)")
         profiles.set_ylabel("log10 MSE to exact KRR")
         profiles.set_title(f"Error profiles ({self.kernel} kernel, lam={self.lam:g})", fontsize=9)
-        profiles.legend(fontsize=7)
+        profiles.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the curves, never on them
         profiles.grid(alpha=0.3)
         figure.suptitle(f"Layer-wise error profile of {Path(self.checkpoint).name} vs KRR solvers", fontsize=10)
         figure.tight_layout()

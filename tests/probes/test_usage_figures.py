@@ -150,6 +150,21 @@ def test_richardson_profile_bars_are_the_scores_in_ranking_order_with_their_inte
                                [(v - 0.05, v + 0.03) for v in [0.86, 0.84, 0.81, 0.80, 0.70]], atol=1e-12)
 
 
+def test_richardson_profile_legends_cover_no_bar_and_no_curve():
+    """The bar legend sits in the band above path R2 = 1 (R2 cannot exceed 1), and the y ticks stop
+    at 1; the profile legend lies right of its axes. Checked on the drawn extents (display
+    coordinates) against the bars' tops and the axes' box."""
+    figure = profile_result().plot()
+    figure.canvas.draw()
+    bars, profiles = figure.axes[:2]
+    legend_box = bars.get_legend().get_window_extent()
+    tallest = max(patch.get_window_extent().y1 for patch in bars.patches)
+    error_top = max(line.get_window_extent().y1 for line in bars.collections)
+    assert legend_box.y0 > max(tallest, error_top)
+    assert max(bars.get_yticks()) == 1.0
+    assert profiles.get_legend().get_window_extent().x0 > profiles.get_window_extent().x1
+
+
 # ---------------------------------------------------------------- findings (fixed)
 
 
