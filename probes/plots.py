@@ -46,8 +46,7 @@ def plot_error_profiles(result: "TaskSetDiagnosis", title: str | None = None):
         ax.plot(np.arange(score.algorithm_profile.size), score.algorithm_profile, lw=1.8 if name == best.algorithm else 1.0,
                 label=name, alpha=1.0 if name == best.algorithm else 0.7)
     ax.plot(best.aligned_steps, best.model_profile, "ko-", ms=4, lw=2, label=f"model layers at {best.algorithm} steps")
-    for layer, step, value in zip(best.layers, best.aligned_steps, best.model_profile):
-        ax.annotate(str(layer), (step, value), textcoords="offset points", xytext=(3, 3), fontsize=7)
+    annotate_layers(ax, best.layers, best.aligned_steps, best.model_profile)
     ax.plot(best.layers, best.model_profile, "k--", lw=0.8, alpha=0.5, label="model against layer index")
     ax.set_xlabel("solver step (model: aligned step; numbers = layer)")
     ax.set_ylabel("log10 MSE to exact KRR")
@@ -58,6 +57,17 @@ def plot_error_profiles(result: "TaskSetDiagnosis", title: str | None = None):
     ax.grid(alpha=0.3)
     figure.tight_layout()
     return figure
+
+
+def annotate_layers(ax, layers, steps, values) -> None:
+    """Number the model's points of an error profile by layer: `layers`, `steps`, `values` are
+    `[n_layers]`. Layers aligned to one step (runs, as the alignment is monotone) share one label
+    "first-last" at the run's last point, so a stack of layers at one step stays legible."""
+    layers, steps = np.asarray(layers), np.asarray(steps)
+    starts = np.flatnonzero(np.r_[True, steps[1:] != steps[:-1]])
+    for start, stop in zip(starts, np.r_[starts[1:], steps.size]):
+        text = str(layers[start]) if stop - start == 1 else f"{layers[start]}-{layers[stop - 1]}"
+        ax.annotate(text, (steps[stop - 1], values[stop - 1]), textcoords="offset points", xytext=(3, 3), fontsize=7)
 
 
 def plot_step_map(result: "TaskSetDiagnosis", title: str | None = None):

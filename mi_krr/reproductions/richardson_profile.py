@@ -120,6 +120,8 @@ class RichardsonProfileResult:
     def plot(self):
         import matplotlib.pyplot as plt
 
+        from probes.plots import annotate_layers
+
         figure, (bars, profiles) = plt.subplots(1, 2, figsize=(13.5, 4.0), dpi=90)
         names = self.lenses["readout"].ranking() if "readout" in self.lenses else next(iter(self.lenses.values())).ranking()
         width = 0.8 / len(self.lenses)
@@ -147,8 +149,7 @@ class RichardsonProfileResult:
             steps = result.aligned_steps[result.best]
             profiles.plot(steps, result.model_profile, "o--", color=f"C{index}", ms=5,
                           label=f"model layers, {lens} lens (at {result.best} steps)")
-            for layer, step, value in zip(self.layers, steps, result.model_profile):
-                profiles.annotate(str(layer), (step, value), textcoords="offset points", xytext=(3, 3), fontsize=7)
+            annotate_layers(profiles, self.layers, steps, result.model_profile)
         profiles.set_xlabel("solver step (model: aligned step; numbers = layer)")
         profiles.set_ylabel("log10 MSE to exact KRR")
         profiles.set_title(f"Error profiles ({self.kernel} kernel, lam={self.lam:g})", fontsize=9)

@@ -165,6 +165,19 @@ def test_richardson_profile_legends_cover_no_bar_and_no_curve():
     assert profiles.get_legend().get_window_extent().x0 > profiles.get_window_extent().x1
 
 
+def test_layers_aligned_to_one_step_share_one_label_at_the_runs_last_point():
+    """A random model's layers all sit at step 0, and 13 labels stacked on one point were
+    unreadable: runs of layers at one step get one label "first-last" (hand-written runs)."""
+    import matplotlib.pyplot as plt
+
+    from probes.plots import annotate_layers
+
+    figure, ax = plt.subplots()
+    annotate_layers(ax, [0, 1, 2, 3, 4, 5], [0, 0, 2, 2, 2, 5], [0.0, -0.1, -0.2, -0.3, -0.4, -0.5])
+    assert [(text.get_text(), tuple(text.xy)) for text in ax.texts] == [("0-1", (0, -0.1)), ("2-4", (2, -0.4)), ("5", (5, -0.5))]
+    plt.close(figure)
+
+
 # ---------------------------------------------------------------- findings (fixed)
 
 
