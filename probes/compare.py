@@ -104,9 +104,9 @@ class Comparison:
         """The rows as a fixed-width text table (`format_table`), then the `notes`."""
         return "\n".join([format_table(self.rows), *(f"Note: {note}" for note in self.notes)])
 
-    def plot(self):
-        """The overview figure (`plot_overview`)."""
-        return plot_overview(self.rows)
+    def plot(self, title: str | None = None):
+        """The overview figure (`plot_overview`; `title` default: the models' names)."""
+        return plot_overview(self.rows, title=title)
 
     def _repr_html_(self) -> str:
         """The summary as an HTML table, shown when a notebook cell ends with the comparison."""
@@ -298,11 +298,12 @@ MODEL_OFFSET = 0.06
 with equal scores stay visible side by side."""
 
 
-def plot_overview(rows: list[SummaryRow]):
+def plot_overview(rows: list[SummaryRow], title: str | None = None):
     """Left: best path R2 per task set with its 95% interval, one line per model (filled markers:
     identified; triangles: below the floor, drawn at it; no point where no algorithm is best).
     Right: exp-kernel (solid) and Gaussian-kernel (dashed) distance per task set for models whose
-    attention was aligned (softmax attention), "u" beside a distance whose best head is uniform."""
+    attention was aligned (softmax attention), "u" beside a distance whose best head is uniform.
+    `title`: the figure's title (default: the models' names)."""
     import matplotlib.pyplot as plt
 
     models = list(dict.fromkeys(row.model for row in rows))
@@ -356,6 +357,7 @@ def plot_overview(rows: list[SummaryRow]):
     right.set_title(f"Attention as a kernel: best head per layer, mean ({UNIFORM_MARK}: uniform head)", fontsize=9)
     if right.lines:
         right.legend(*legends[right], fontsize=7)
+    figure.suptitle(title or "Overview: " + ", ".join(models), fontsize=10)
     figure.tight_layout()
     return figure
 

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from probes.compare import IN_DISTRIBUTION, Comparison, compare, plot_overview
+from probes.compare import IN_DISTRIBUTION, Comparison, compare
 
 REPORT_JSON = "report.json"
 INDEX = "index.md"
@@ -55,8 +55,7 @@ def write_overview_report(entries: list[ModelEntry], folder: str | Path, title: 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     comparison = overview_comparison(entries)
-    rows = comparison.rows
-    figure = plot_overview(rows)
+    figure = comparison.plot(title=title)
     figure.savefig(folder / OVERVIEW_FIGURE, dpi=80, bbox_inches="tight")
     plt.close(figure)
 
@@ -69,7 +68,7 @@ def write_overview_report(entries: list[ModelEntry], folder: str | Path, title: 
              "Settings: " + ", ".join(f"{key}={value}" for key, value in settings.items()), ""]
     drawers = {"error_profiles": plot_error_profiles, "step_map": plot_step_map, "kernel_alignment": plot_kernel_alignment,
                "sensitivities": plot_sensitivities}
-    document: dict[str, Any] = {"title": title, "settings": settings, "table": [asdict(row) for row in rows],
+    document: dict[str, Any] = {"title": title, "settings": settings, "table": [asdict(row) for row in comparison.rows],
                                 "notes": comparison.notes, "models": {}}
     for entry in entries:
         safe = _safe(entry.name)

@@ -179,6 +179,8 @@ def test_overview_plots_clipped_scores_in_task_set_order_and_both_distances_only
     for line, kernel in zip(right.lines, ("exp_distance", "gaussian_distance")):
         by_set = {row.task_set: getattr(row, kernel) for row in result.rows if row.model == "softmax"}
         np.testing.assert_array_equal(line.get_ydata(), [by_set[name] for name in ORDERED])
+    assert figure._suptitle.get_text() == "Overview: cg, softmax"  # default title: the models, in order
+    assert result.plot(title="two architectures")._suptitle.get_text() == "two architectures"
 
 
 @pytest.mark.parametrize(
