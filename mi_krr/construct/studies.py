@@ -263,11 +263,11 @@ class WidthStudy:
         return fig
 
 
-def _visible_floor(errors) -> float:
-    """A log-axis floor under every error above 1e-9 (exact heads' rounding-level errors fall
+def _visible_floor(errors, threshold: float = 1e-9) -> float:
+    """A log-axis floor under every error above `threshold` (smaller, rounding-level errors fall
     below it, off the axis)."""
-    visible = [e for curve in errors for e in curve if e > 1e-9]
-    return 0.3 * min(visible) if visible else 1e-9
+    visible = [e for curve in errors for e in curve if e > threshold]
+    return 0.3 * min(visible) if visible else threshold
 
 
 def width_study(
@@ -389,7 +389,8 @@ class CGRateStudy:
             right.semilogy(self.steps, self.pred_error[key], "-", color=color, label=f"$\\kappa$={kappa:g}")
         left.plot([], [], "ko", ms=3, mfc="none", label="solvers.cg")
         left.plot([], [], "k--", lw=1, label="CG bound")
-        left.set_ylim(bottom=1e-12, top=3)
+        ratios = [*self.a_norm_ratio.values(), *self.solver_a_norm_ratio.values(), *self.bound.values()]
+        left.set_ylim(bottom=_visible_floor(ratios, threshold=1e-13), top=3)  # float64 rounding below 1e-13
         left.set_xlabel("CG step t (= blocks / 4)")
         left.set_ylabel("$\\|\\alpha_t-\\alpha^*\\|_A / \\|\\alpha^*\\|_A$")
         left.set_title("A-norm error vs the CG bound")

@@ -208,3 +208,19 @@ def test_relu_width_study_records_a_failed_width_as_inf_and_anchors_the_referenc
     guide = lines["$\\propto$ width$^{-2}$"]
     at_16 = study.error["cg"][1]
     np.testing.assert_allclose(guide.get_ydata(), [4 * at_16, at_16], rtol=1e-12)
+
+
+def test_cg_rate_figure_floor_follows_the_smallest_error_above_float64_rounding():
+    """The A-norm panel's log axis starts 0.3x below the smallest drawn ratio above 1e-13 (a fixed
+    1e-12 floor left most of a short study's panel empty); a rounding-level 1e-17 after
+    convergence falls below it. Hand-written ratios."""
+    import matplotlib.pyplot as plt
+
+    from mi_krr.construct.studies import CGRateStudy
+
+    study = CGRateStudy(kappas=[10.0], steps=[0, 1, 2], a_norm_ratio={"10.0": [1.0, 1e-2, 1e-17]},
+                        solver_a_norm_ratio={"10.0": [1.0, 2e-2, 4e-4]}, pred_error={"10.0": [1.0, 0.1, 0.01]},
+                        bound={"10.0": [2.0, 0.5, 0.1]}, n_support=8, lam=1e-4)
+    figure = study.plot()
+    assert figure.axes[0].get_ylim() == pytest.approx((0.3 * 4e-4, 3.0))
+    plt.close(figure)
