@@ -36,7 +36,8 @@ PROFILE_MARGIN = 1.0
 
 def plot_error_profiles(result: "TaskSetDiagnosis", title: str | None = None):
     """log10 MSE to the KRR prediction: algorithms against step, the model's layers at their
-    aligned step of the best algorithm (and against layer index, dashed); the y range is the
+    aligned step of the best algorithm (and dashed, the k-th probed layer at step k: layer index
+    when every layer is probed, step boundaries of a construction at their step); the y range is the
     model's and the best algorithm's (other algorithms converging further leave the frame).
     `title` starts the title (default: the task set's name)."""
     figure, axes = _figure(1, 1, 8.5, 4.5)
@@ -47,7 +48,7 @@ def plot_error_profiles(result: "TaskSetDiagnosis", title: str | None = None):
                 label=name, alpha=1.0 if name == best.algorithm else 0.7)
     ax.plot(best.aligned_steps, best.model_profile, "ko-", ms=4, lw=2, label=f"model layers at {best.algorithm} steps")
     annotate_layers(ax, best.layers, best.aligned_steps, best.model_profile)
-    ax.plot(best.layers, best.model_profile, "k--", lw=0.8, alpha=0.5, label="model against layer index")
+    ax.plot(np.arange(best.layers.size), best.model_profile, "k--", lw=0.8, alpha=0.5, label="model, one step per probed layer")
     ax.set_xlabel("solver step (model: aligned step; numbers = layer)")
     ax.set_ylabel("log10 MSE to exact KRR")
     ax.set_title(f"{title or result.name}: error profiles")

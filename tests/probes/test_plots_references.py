@@ -84,12 +84,12 @@ def profile_result(name="gp shifted"):
 def test_error_profiles_draw_each_algorithm_by_step_and_the_layers_at_their_aligned_steps():
     """Every algorithm's line is its profile against step 0..T (the best one emphasised: width 1.8, opaque;
     others 1.0, alpha 0.7); the model's points sit at the best algorithm's alignment, labelled with their
-    layer; the dashed line puts them at their layer index; the y range is the model's and the best
+    layer; the dashed line puts the k-th probed layer at step k; the y range is the model's and the best
     algorithm's range widened by 1 (gd converging far below leaves the frame)."""
     figure = plot_error_profiles(profile_result())
     ax = figure.axes[0]
     lines = {line.get_label(): line for line in ax.get_lines()}
-    assert set(lines) == {"gd", "cg", "model layers at cg steps", "model against layer index"}
+    assert set(lines) == {"gd", "cg", "model layers at cg steps", "model, one step per probed layer"}
     for name, spec, width, alpha in [("cg", CG, 1.8, 1.0), ("gd", GD, 1.0, 0.7)]:
         np.testing.assert_array_equal(lines[name].get_xdata(), [0, 1, 2, 3, 4, 5])
         np.testing.assert_array_equal(lines[name].get_ydata(), spec["algorithm_profile"])
@@ -97,9 +97,9 @@ def test_error_profiles_draw_each_algorithm_by_step_and_the_layers_at_their_alig
     model = lines["model layers at cg steps"]
     np.testing.assert_array_equal(model.get_xdata(), [0, 1, 3, 4])
     np.testing.assert_array_equal(model.get_ydata(), [-0.5, -1.25, -2.0, -3.5])
-    dashed = lines["model against layer index"]
+    dashed = lines["model, one step per probed layer"]
     assert dashed.get_linestyle() == "--"
-    np.testing.assert_array_equal(dashed.get_xdata(), [0, 2, 4, 6])
+    np.testing.assert_array_equal(dashed.get_xdata(), [0, 1, 2, 3])  # layers 0, 2, 4, 6: the k-th probed one at step k
     np.testing.assert_array_equal(dashed.get_ydata(), [-0.5, -1.25, -2.0, -3.5])
     labels = [(text.get_text(), tuple(text.xy)) for text in ax.texts]
     assert labels == [("0", (0, -0.5)), ("2", (1, -1.25)), ("4", (3, -2.0)), ("6", (4, -3.5))]
