@@ -28,7 +28,7 @@ import torch
 from tqdm import tqdm
 
 from mi_krr._repr import compact_repr
-from mi_krr._validation import check_choice, check_count, check_finite, check_non_negative, check_positive, check_seed
+from mi_krr._validation import check_choice, check_count, check_positive, check_seed
 from mi_krr.kernels import KERNEL_NAMES, condition_number, kernel_defaults, kernel_matrix, kernel_parameters
 from mi_krr.solvers import ALGORITHMS
 from mi_krr.solvers.direct import krr
@@ -37,7 +37,7 @@ from mi_krr.tasks.task import check_task
 from mi_krr.tasks.optimal import bayes_optimal_ridge
 from probes.attention_kernels import AttentionKernels
 from probes.compare import format_html, summary_rows
-from probes.identifiability import RIDGE_LENS_BIAS, Verdict, identifiability_verdict
+from probes.identifiability import RIDGE_LENS_BIAS, Verdict, check_thresholds, identifiability_verdict
 from probes.kernel_alignment import REFERENCE_KERNELS, KernelAlignment, kernel_alignment, reference_kernel_names
 from probes.layer_predictions import METHODS, check_train_task, layer_predictions
 from probes.scoring import AlgorithmScore, overflow_limit, score_algorithms
@@ -131,7 +131,9 @@ class Diagnosis:
     def to_dataframe(self):
         """Long-format pandas DataFrame, one row per (task_set, algorithm, layer, step): r2, mse,
         sensitivity_r2, aligned (step is the layer's monotone-aligned step), argmin (step is the
-        layer's MSE argmin), score (the algorithm's path R2), best (the verdict's best)."""
+        layer's MSE argmin), score (the algorithm's path R2) with its interval score_ci_low /
+        score_ci_high and weighted_r2 (kappa-weighted; NaN without strata), best (the verdict's
+        best)."""
         try:
             import pandas as pd
         except ImportError as exc:  # pragma: no cover - pandas ships with the test extra
@@ -153,6 +155,9 @@ class Diagnosis:
                                 "aligned": bool(score.aligned_steps[row] == step),
                                 "argmin": bool(score.argmin_steps[row] == step),
                                 "score": score.score,
+                                "score_ci_low": score.score_ci[0],
+                                "score_ci_high": score.score_ci[1],
+                                "weighted_r2": np.nan if score.weighted_r2 is None else score.weighted_r2,
                                 "best": algorithm == result.verdict.best_algorithm,
                             }
                         )
@@ -307,9 +312,7 @@ def diagnose(
     bootstrap = check_count("bootstrap", bootstrap, 0)
     seed = check_seed("seed", seed)
     n_kappa_bins = check_count("n_kappa_bins", n_kappa_bins, 1)
-    min_score = _check_r2_threshold("min_score", min_score)
-    min_gap = check_non_negative("min_gap", min_gap)
-    agreement_threshold = _check_r2_threshold("agreement_threshold", agreement_threshold)
+    min_score, min_gap, agreement_threshold = check_thresholds(min_score, min_gap, agreement_threshold)
     for name, flag in (("sensitivities", sensitivities), ("progress", progress)):
         if not isinstance(flag, bool):
             raise ValueError(f"{name} must be True or False, got {flag!r}")
@@ -550,14 +553,6 @@ def _check_tasks(tasks: Any) -> dict[str, ICLTask]:
     if len(named) < len(tasks):
         raise ValueError(f"tasks' names must stay distinct as strings (results are keyed by str(name)), got {list(tasks)}: rename them")
     return named
-
-
-def _check_r2_threshold(name: str, value: Any) -> float:
-    """A path-R2 threshold as a float: finite and <= 1 (no R2 exceeds 1)."""
-    number = check_finite(name, value)
-    if number > 1:
-        raise ValueError(f"{name} must be <= 1 (a threshold on R2, which never exceeds 1), got {number}")
-    return number
 
 
 def _check_layer_predictions(set_name: str, layer_pred: np.ndarray, layers: list[int], limit: float) -> None:

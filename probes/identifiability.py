@@ -34,6 +34,7 @@ import einops
 import numpy as np
 
 from mi_krr._repr import compact_repr
+from mi_krr._validation import check_finite, check_non_negative
 from probes.scoring import (
     AlgorithmScore,
     PairedSums,
@@ -51,6 +52,21 @@ MIN_VERDICT_PROMPTS = 20
 for its intervals to mean anything."""
 MIN_VERDICT_RESAMPLES = 100
 """Fewest bootstrap resamples a verdict is given on: the 2.5% tail needs a few of them."""
+
+
+def check_thresholds(min_score, min_gap, agreement_threshold) -> tuple[float, float, float]:
+    """The verdict's thresholds as floats, or a ValueError naming the one at fault: `min_score`
+    and `agreement_threshold` are path-R2 thresholds (finite, <= 1: a percentage such as 90 would
+    never be met), `min_gap` a non-negative difference of path R2."""
+    return _r2_threshold("min_score", min_score), check_non_negative("min_gap", min_gap), _r2_threshold("agreement_threshold", agreement_threshold)
+
+
+def _r2_threshold(name: str, value) -> float:
+    """A path-R2 threshold as a float: finite and <= 1 (no R2 exceeds 1)."""
+    number = check_finite(name, value)
+    if number > 1:
+        raise ValueError(f"{name} must be <= 1 (a threshold on R2, which never exceeds 1), got {number}")
+    return number
 
 
 def algorithm_agreement(step_preds: dict, aligned_steps: dict) -> tuple[list[str], np.ndarray]:
@@ -71,10 +87,21 @@ def algorithm_agreement(step_preds: dict, aligned_steps: dict) -> tuple[list[str
     (`[B, A (T+1), m]`), then A alignments at once.
     """
     names = list(step_preds)
+    missing = [name for name in names if name not in aligned_steps]
+    if missing:
+        raise ValueError(f"aligned_steps lacks {missing}: give the aligned steps of every algorithm in step_preds")
     trajectories = [np.asarray(step_preds[name], dtype=np.float64) for name in names]
-    lengths = {trajectory.shape[1] for trajectory in trajectories}
-    if len(lengths) != 1:
-        raise ValueError(f"step_preds must all hold the same number of steps T+1, got {sorted(lengths)}")
+    shapes = {name: trajectory.shape for name, trajectory in zip(names, trajectories)}
+    if any(len(shape) != 3 for shape in shapes.values()) or len({shape[:2] for shape in shapes.values()}) != 1:
+        raise ValueError(
+            f"step_preds must all be [B, T+1, m] with the same prompts B and steps T+1, got shapes {shapes}: pass the "
+            "trajectories of one task set, run for the same number of steps"
+        )
+    n_steps = trajectories[0].shape[1] - 1
+    for name in names:
+        steps = np.asarray(aligned_steps[name])
+        if steps.size and (steps.min() < 0 or steps.max() > n_steps):
+            raise ValueError(f"aligned_steps[{name!r}] = {steps.tolist()} leaves steps 0..{n_steps} of step_preds: pass the steps the scores aligned to")
     every_step = einops.rearrange(np.stack(trajectories), "a b t m -> b (a t) m")
     step_sum, step_sq = centred_step_sums(every_step)
     agreement = np.eye(len(names))
@@ -101,7 +128,7 @@ class Verdict:
 
     Attributes:
         best: the top-scoring algorithm (path R2).
-        score, score_ci: its path R2 and interval.
+        score, score_ci: its path R2 and its interval at the verdict's level.
         runner_up: the best-scoring algorithm separable from `best` (None if every other
             candidate is inseparable from it).
         gap, gap_ci: score(best) - score(runner_up) and its paired-bootstrap interval.
@@ -154,14 +181,25 @@ def identifiability_verdict(
     withheld: str | None = None,
 ) -> Verdict:
     """The verdict from per-algorithm scores (sharing bootstrap resamples: `score_algorithms`)
-    and the algorithms' step predictions name -> `[B, T+1, m]` (for separability). `withheld`:
-    why these layer predictions cannot support a verdict (e.g. `RIDGE_LENS_BIAS`); then nothing
-    is identified and the message says why, the ranking and gaps are reported as usual."""
+    and the algorithms' step predictions name -> `[B, T+1, m]` (for separability; the prompts and
+    steps the scores were made on). The best score's lower bound and the gap's interval are both at
+    `level` (the score's own interval where it was made at that level, else the percentile interval
+    of its stored replicates). `withheld`: why these layer
+    predictions cannot support a verdict (e.g. `RIDGE_LENS_BIAS`); then nothing is identified and
+    the message says why, the ranking and gaps are reported as usual."""
     if not scores:
         raise ValueError("scores must hold at least one algorithm's AlgorithmScore")
+    min_score, min_gap, agreement_threshold = check_thresholds(min_score, min_gap, agreement_threshold)
     missing = [name for name in scores if name not in step_preds]
     if missing:
         raise ValueError(f"step_preds lacks the trajectories of {missing}: pass the step predictions every score was made from")
+    for name, score in scores.items():
+        shape, made_on = np.shape(step_preds[name]), (score.n_prompts, score.r2.shape[-1])
+        if len(shape) != 3 or shape[1] != made_on[1] or made_on[0] not in (None, shape[0]):
+            raise ValueError(
+                f"step_preds[{name!r}] has shape {shape}, but {name} was scored on {made_on[0] or 'B'} prompts and "
+                f"{made_on[1]} steps: pass the step predictions every score was made from"
+            )
     resample_counts = {name: score.score_samples.size for name, score in scores.items()}
     if len(set(resample_counts.values())) > 1:
         raise ValueError(
@@ -188,21 +226,22 @@ def identifiability_verdict(
         with np.errstate(invalid="ignore"):  # -inf - -inf: both at step 0 on that resample, dropped as NaN
             gap_ci = percentile_interval(top.score_samples - scores[runner_up].score_samples, level)
     has_intervals = top.score_samples.size > 0
+    score_ci = percentile_interval(top.score_samples, level) if has_intervals and level != top.level else top.score_ci
     n_prompts = len(next(iter(step_preds.values())))
     enough = n_prompts >= MIN_VERDICT_PROMPTS and top.score_samples.size >= MIN_VERDICT_RESAMPLES
-    good_enough = enough and top.score_ci[0] >= min_score
+    good_enough = enough and score_ci[0] >= min_score
     rivals = len(names) > 1  # with no other candidate scored, nothing was ruled out
     beats_runner_up = rivals and (runner_up is None or (has_intervals and gap_ci[0] > 0 and gap >= min_gap))
     identified = bool(good_enough and beats_runner_up and withheld is None)
 
     message = _message(
-        best, top, runner_up, scores[runner_up].score if runner_up is not None else None, gap, gap_ci, equivalent, agreement[row], names, identified, has_intervals, min_score, min_gap,
-        enough, n_prompts, withheld,
+        best, top, score_ci, runner_up, scores[runner_up].score if runner_up is not None else None, gap, gap_ci, equivalent, agreement[row], names, identified,
+        has_intervals, min_score, min_gap, enough, n_prompts, withheld,
     )
     return Verdict(
         best=best,
         score=top.score,
-        score_ci=top.score_ci,
+        score_ci=score_ci,
         runner_up=runner_up,
         gap=gap,
         gap_ci=gap_ci,
@@ -230,11 +269,12 @@ def _score_text(score: float) -> str:
     return "undefined" if np.isnan(score) else f"{score:.4f}"
 
 
-def _message(best, top, runner_up, runner_up_score, gap, gap_ci, equivalent, agreement_row, names, identified, has_intervals,
+def _message(best, top, score_ci, runner_up, runner_up_score, gap, gap_ci, equivalent, agreement_row, names, identified, has_intervals,
              min_score, min_gap, enough, n_prompts, withheld) -> str:
-    """The verdict as a few sentences (enough: whether the n_prompts prompts and the resamples
-    are enough for a verdict; withheld: why no verdict may be drawn, or None)."""
-    ci = f"[{top.score_ci[0]:.4f}, {top.score_ci[1]:.4f}]" if has_intervals else "(no bootstrap interval)"
+    """The verdict as a few sentences (score_ci: the best score's interval at the verdict's level;
+    enough: whether the n_prompts prompts and the resamples are enough for a verdict; withheld:
+    why no verdict may be drawn, or None)."""
+    ci = f"[{score_ci[0]:.4f}, {score_ci[1]:.4f}]" if has_intervals else "(no bootstrap interval)"
     if not top.score > -np.inf:  # every candidate -inf or NaN: "best" is only the first listed
         lines = [f"Best: none: every candidate's path R2 is -inf or undefined ({best} is listed first)."]
     else:
@@ -276,7 +316,7 @@ def _message(best, top, runner_up, runner_up_score, gap, gap_ci, equivalent, agr
             "Verdict: not identified: every scored layer aligns with step 0 (alpha = 0, prediction 0): the layers' "
             "predictions are closer to 0 than to any solver iterate."
         )
-    elif top.score_ci[0] < min_score:
+    elif score_ci[0] < min_score:
         lines.append(
             f"Verdict: not identified: no algorithm explains the layers well enough (needs path R2 >= {min_score} "
             "beyond its interval); the model may run none of these candidates."

@@ -276,12 +276,13 @@ def log_error_profile(values, reference) -> np.ndarray:
     return np.log10(np.maximum(mse, floor))
 
 
-def profile_distance(model_profile, algorithm_profile, steps) -> float:
+def profile_distance(model_profile, algorithm_profile, steps, rows=None) -> float:
     """Root-mean-square gap between the model's per-layer log-error profile `[L']` and the
-    algorithm's per-step one `[T+1]` read at the aligned steps `[L']` (log10 units)."""
+    algorithm's per-step one `[T+1]` read at the aligned steps `[L']` (log10 units), over the
+    row indices `rows` (default all; scores pass their scored rows, as for the path R2)."""
     model_profile = np.asarray(model_profile, dtype=np.float64)
     gap = model_profile - np.asarray(algorithm_profile, dtype=np.float64)[np.asarray(steps)]
-    return float(np.sqrt(np.mean(gap**2)))
+    return float(np.sqrt(np.mean((gap if rows is None else gap[rows]) ** 2)))
 
 
 def bootstrap_weights(n_prompts: int, n_resamples: int, seed: int) -> np.ndarray:
@@ -368,13 +369,16 @@ class AlgorithmScore:
             bootstrap replicates `score_samples` `[R]` (same resamples for every algorithm).
         model_profile: the model's per-layer log10 MSE to the exact KRR prediction `[L']`;
             `algorithm_profile` the algorithm's per-step one `[T+1]`.
-        profile_distance: RMS gap between the profiles at the aligned steps;
-            `profile_steps`, `profile_aligned_distance`: the monotone alignment of the profiles
-            themselves (Yan et al.'s comparison) and the gap under it.
+        profile_distance: RMS gap between the profiles at the aligned steps, over the scored
+            rows; `profile_steps`, `profile_aligned_distance`: the monotone alignment of the
+            profiles themselves (Yan et al.'s comparison) and the gap under it (scored rows).
         sensitivity_r2: R2 matrix of label sensitivities `[L', T+1]` or None;
             `sensitivity_aligned_r2` `[L']` and `sensitivity_score` (path R2) at the prediction
             alignment.
         strata: per-kappa-bin scores; `weighted_r2` their log10-kappa-weighted mean.
+        n_prompts: prompts the score was made on (None for a score built by hand); the verdict
+            counts them.
+        level: the confidence level of `score_ci` and `aligned_r2_ci`.
     """
 
     __repr__ = compact_repr
@@ -401,6 +405,8 @@ class AlgorithmScore:
     sensitivity_score: float | None = None
     strata: list[KappaStratum] = field(default_factory=list)
     weighted_r2: float | None = None
+    n_prompts: int | None = None
+    level: float = 0.95
 
 
 def score_algorithm(
@@ -581,9 +587,11 @@ def _score_side_by_side(
                 score_samples=samples[a],
                 model_profile=model_profile,
                 algorithm_profile=algorithm_profile,
-                profile_distance=profile_distance(model_profile, algorithm_profile, steps[a, 0]),
+                profile_distance=profile_distance(model_profile, algorithm_profile, steps[a, 0], scored),
                 profile_steps=profile_steps,
-                profile_aligned_distance=profile_distance(model_profile, algorithm_profile, profile_steps),
+                profile_aligned_distance=profile_distance(model_profile, algorithm_profile, profile_steps, scored),
+                n_prompts=n_prompts,
+                level=level,
             )
             step_sensitivity = (step_sensitivities or {}).get(name)
             if layer_sensitivity is not None and step_sensitivity is not None:

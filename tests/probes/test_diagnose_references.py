@@ -205,7 +205,7 @@ def test_summary_rows_print_aligned_r2_profile_distance_and_sensitivity_score_of
         cost = np.array([[np.sum((result.layer_predictions[:, l] - steps[:, t]) ** 2) for t in range(N_STEPS + 1)] for l in ROWS])
         alignment = list(monotone_path(cost))
         step_profile = np.log10(((steps - result.krr_predictions[:, None]) ** 2).mean(axis=(0, 2)))
-        distance = np.sqrt(np.mean((model_profile - step_profile[alignment]) ** 2))
+        distance = np.sqrt(np.mean((model_profile - step_profile[alignment])[SCORED] ** 2))  # the scored rows, as the path R2
         sse, sst, _ = pooled_sums(result.layer_sensitivities, result.step_sensitivities[algorithm])
         sensitivity_score = 1 - sum(sse[l, alignment[l]] for l in SCORED) / sum(sst[alignment[l]] for l in SCORED)
         score = result.scores[algorithm]

@@ -66,7 +66,7 @@ CASES = {
     "monotone_alignment cost": (lambda: monotone_alignment(np.ones(3)), "cost must be"),
     "agreement step counts": (
         lambda: algorithm_agreement({"a": STEPS, "b": STEPS[:, :2]}, {"a": [1], "b": [1]}),
-        "step_preds must all hold the same number of steps",
+        "step_preds must all be \\[B, T\\+1, m\\] with the same prompts B and steps T\\+1",
     ),
     "spectral_system K_query": (
         lambda: spectral_system("gd", torch.eye(3)[None], torch.ones(1, 3), 0.1, None),

@@ -366,10 +366,10 @@ def test_every_algorithm_score_field_against_a_numpy_recomputation():
     np.testing.assert_allclose(score.model_profile, model_profile, rtol=1e-12)
     np.testing.assert_allclose(score.algorithm_profile, algorithm_profile, rtol=1e-12)
     gaps = model_profile[:, None] - algorithm_profile[None, :]
-    assert score.profile_distance == pytest.approx(np.sqrt(np.mean(gaps[range(4), aligned] ** 2)), rel=1e-12)
+    assert score.profile_distance == pytest.approx(np.sqrt(np.mean(gaps[range(1, 4), aligned[1:]] ** 2)), rel=1e-12)  # scored rows
     profile_path = monotone_path(gaps**2)
     np.testing.assert_array_equal(score.profile_steps, profile_path)
-    assert score.profile_aligned_distance == pytest.approx(np.sqrt(np.mean(gaps[range(4), profile_path] ** 2)), rel=1e-12)
+    assert score.profile_aligned_distance == pytest.approx(np.sqrt(np.mean(gaps[range(1, 4), profile_path[1:]] ** 2)), rel=1e-12)
 
     sens_sse, sens_sst, _ = pooled_sums(layer_sens.reshape(20, 4, -1), step_sens.reshape(20, 5, -1))
     scored = [(row, aligned[row]) for row in (1, 2, 3)]
