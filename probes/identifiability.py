@@ -201,10 +201,12 @@ def identifiability_verdict(
                 f"{made_on[1]} steps: pass the step predictions every score was made from"
             )
     resample_counts = {name: score.score_samples.size for name, score in scores.items()}
-    if len(set(resample_counts.values())) > 1:
+    digests = {score.resamples_digest for score in scores.values()} - {None}
+    if len(set(resample_counts.values())) > 1 or len(digests) > 1:
         raise ValueError(
-            f"scores must share their bootstrap resamples to be paired, got resample counts {resample_counts}: "
-            "score the algorithms together with score_algorithms (or pass one resamples array to every score_algorithm)"
+            f"scores must share their bootstrap resamples to be paired, got resample counts {resample_counts}"
+            + (" drawn differently (e.g. other seeds)" if len(digests) > 1 else "")
+            + ": score the algorithms together with score_algorithms (or pass one resamples array to every score_algorithm)"
         )
     names = list(scores)
     aligned = {name: scores[name].aligned_steps[scores[name].scored] for name in names}

@@ -35,6 +35,7 @@ for a bootstrap replicate, an indicator for a kappa stratum).
 
 from __future__ import annotations
 
+import hashlib
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -379,6 +380,8 @@ class AlgorithmScore:
         n_prompts: prompts the score was made on (None for a score built by hand); the verdict
             counts them.
         level: the confidence level of `score_ci` and `aligned_r2_ci`.
+        resamples_digest: fingerprint of the bootstrap prompt weights (None without resamples or
+            for a score built by hand): the verdict pairs only scores made on the same resamples.
     """
 
     __repr__ = compact_repr
@@ -407,6 +410,7 @@ class AlgorithmScore:
     weighted_r2: float | None = None
     n_prompts: int | None = None
     level: float = 0.95
+    resamples_digest: str | None = None
 
 
 def score_algorithm(
@@ -548,6 +552,8 @@ def _score_side_by_side(
                 "trajectory): leave it out, or check its step sizes"
             )
     weighting = _PromptWeighting.build(n_prompts, resamples, kappa, n_kappa_bins)
+    boot = weighting.rows[weighting.resamples]
+    digest = hashlib.blake2b(np.ascontiguousarray(boot).tobytes(), digest_size=8).hexdigest() if boot.size else None
     model_profile = log_error_profile(layer_values, krr)
     groups: dict[tuple[int, ...], list[str]] = {}
     for name, values in step_values.items():
@@ -592,6 +598,7 @@ def _score_side_by_side(
                 profile_aligned_distance=profile_distance(model_profile, algorithm_profile, profile_steps, scored),
                 n_prompts=n_prompts,
                 level=level,
+                resamples_digest=digest,
             )
             step_sensitivity = (step_sensitivities or {}).get(name)
             if layer_sensitivity is not None and step_sensitivity is not None:

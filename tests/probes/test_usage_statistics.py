@@ -303,3 +303,18 @@ def test_verdict_thresholds_are_checked_as_in_diagnose(option):
     scores = score_algorithms(layers, steps, z, bootstrap=200)
     with pytest.raises(ValueError, match=next(iter(option))):
         identifiability_verdict(scores, steps, **option)
+
+
+def test_verdict_refuses_scores_bootstrapped_on_different_resamples_of_the_same_size():
+    """A paired bootstrap needs the same resampled prompts for every algorithm: two scores of
+    200 resamples drawn with seeds 0 and 1 are refused (same seed: a verdict is drawn)."""
+    layers, steps, z = _toy_trajectories(0.01)
+    fast = score_algorithms(layers, {"fast": steps["fast"]}, z, bootstrap=200, seed=0)
+    for seed, refused in ((1, True), (0, False)):
+        slow = score_algorithms(layers, {"slow": steps["slow"]}, z, bootstrap=200, seed=seed)
+        if refused:
+            with pytest.raises(ValueError, match="share their bootstrap resamples"):
+                identifiability_verdict({**fast, **slow}, steps)
+        else:
+            assert identifiability_verdict({**fast, **slow}, steps).best == "fast"
+
