@@ -48,16 +48,20 @@ def encode_for_probe(model: ICLModel, task: ICLTask) -> EncodedPrompt:
     if task.n_query < 1:
         raise ValueError("task has no query points (n_query=0): probes read the model at its queries; sample with n_query >= 1")
     prompt = model.encode(task)
-    problem = _prompt_mismatch(prompt, task)
+    problem = _prompt_mismatch(prompt, task, *model_device_dtype(model))
     if problem:
         raise ValueError(f"{type(model).__name__}.encode(task) returned a prompt that does not fit the task: {problem}")
     return prompt
 
 
-def _prompt_mismatch(prompt: EncodedPrompt, task: ICLTask) -> str | None:
-    """What makes `prompt` disagree with `task` (its `EncodedPrompt` contract), or None."""
+def _prompt_mismatch(prompt: EncodedPrompt, task: ICLTask, device: torch.device, dtype: torch.dtype) -> str | None:
+    """What makes `prompt` disagree with `task` (its `EncodedPrompt` contract) or with a model on
+    `device` in `dtype` (`_prompt_tensor_problem`), or None."""
     if not isinstance(prompt, EncodedPrompt):
         return f"expected an mi_krr.models.encoding.EncodedPrompt, got {type(prompt).__name__}"
+    tensor_problem = _prompt_tensor_problem(prompt, device, dtype)
+    if tensor_problem:
+        return tensor_problem
     counts = {"batch_size": (prompt.batch_size, task.batch_size), "n_support": (prompt.n_support, task.n_support),
               "n_query": (prompt.n_query, task.n_query)}
     for name, (given, expected) in counts.items():
@@ -69,6 +73,24 @@ def _prompt_mismatch(prompt: EncodedPrompt, task: ICLTask) -> str | None:
                 "queries (needs sequences = batch_size x groups and groups x query positions = n_query)")
     if prompt.support_positions.numel() != prompt.n_support or prompt.label_positions.numel() != prompt.n_support:
         return f"support_positions and label_positions must list n_support = {prompt.n_support} positions each"
+    return None
+
+
+def _prompt_tensor_problem(prompt: EncodedPrompt, device: torch.device, dtype: torch.dtype) -> str | None:
+    """What makes `prompt`'s tensors unusable by a model on `device` in `dtype`, or None: tokens
+    must be a `[sequences, seq, d_token]` tensor there; positions 1-D integer tensors in [0, seq)."""
+    tokens = prompt.tokens
+    if not isinstance(tokens, torch.Tensor) or tokens.ndim != 3:
+        return f"tokens must be a torch tensor [sequences, seq, d_token], got {type(tokens).__name__} {getattr(tokens, 'shape', '')}"
+    if tokens.dtype != dtype or tokens.device != device:
+        return f"tokens are {tokens.dtype} on {tokens.device}, the model's weights {dtype} on {device}: encode in the model's dtype and device"
+    seq_len = tokens.shape[1]
+    for name in ("query_positions", "support_positions", "label_positions"):
+        positions = getattr(prompt, name)
+        if not isinstance(positions, torch.Tensor) or positions.ndim != 1 or positions.dtype not in (torch.int32, torch.int64):
+            return f"{name} must be a 1-D integer (long) tensor of positions, got {type(positions).__name__} {getattr(positions, 'dtype', '')}"
+        if positions.numel() and not (0 <= int(positions.min()) and int(positions.max()) < seq_len):
+            return f"{name} {positions.tolist()} leave the sequence's positions 0..{seq_len - 1}"
     return None
 
 
@@ -102,34 +124,71 @@ def resolve_layers(model: ICLModel, layers: Sequence[int] | int | None) -> list[
     return [int(layer) for layer in layers]
 
 
+@dataclass(frozen=True)
+class ForwardOrder:
+    """Where a hook sits in the forward pass, by how the model lists it: `rank` 2 l for residual
+    index l (`residual_hook_names()[l]`), 2 b + 1 for block b's attention hooks (fired between
+    residual indices b and b + 1); `method` the `ICLModel` method that lists it."""
+
+    rank: int
+    method: str
+
+
+def residual_order(layer: int) -> ForwardOrder:
+    return ForwardOrder(2 * layer, "residual_hook_names")
+
+
+def attention_order(block: int) -> ForwardOrder:
+    return ForwardOrder(2 * block + 1, "attention_hook_names")
+
+
 def run_with_reductions(
     model: ICLModel,
     tokens: torch.Tensor,
     reductions: Sequence[tuple[str, Reduction]],
     grad: bool = False,
+    order: Sequence[ForwardOrder] | None = None,
 ) -> list[Any]:
     """One forward pass of `model` on `tokens` with `reduce(activation)` run inside the hook named
     beside it; returns what each reduction returned, in order.
 
     Only the reductions' outputs outlive the pass. `grad=False` runs under `torch.no_grad`.
-    Raises ValueError if a named hook never fired.
+    `order`: each reduction's `ForwardOrder`; the hooks must fire in that order (a model listing
+    its hooks out of forward order would silently give one layer's reading to another).
+    Raises ValueError if a named hook never fired, fired more than once (it would be read at its
+    last firing), or fired out of `order`.
     """
     results: list[Any] = [None] * len(reductions)
-    fired = [False] * len(reductions)
+    firings: list[list[int]] = [[] for _ in reductions]
+    clock = itertools.count()
 
     def make_hook(index: int, reduce: Reduction) -> Callable[..., None]:
         def hook(activation: torch.Tensor, hook: Any) -> None:
             results[index] = reduce(activation)
-            fired[index] = True
+            firings[index].append(next(clock))
 
         return hook
 
     fwd_hooks = [(name, make_hook(index, reduce)) for index, (name, reduce) in enumerate(reductions)]
     with torch.set_grad_enabled(grad), model.hooks(fwd_hooks=fwd_hooks):
         model(tokens)
-    silent = [name for (name, _), did in zip(reductions, fired) if not did]
-    if silent:
-        raise ValueError(f"hook {silent[0]!r} did not fire during the forward pass: the model does not use the hook it names")
+    for (name, _), fired in zip(reductions, firings):
+        if not fired:
+            raise ValueError(f"hook {name!r} did not fire during the forward pass: the model does not use the hook it names")
+        if len(fired) > 1:
+            raise ValueError(
+                f"hook {name!r} fired {len(fired)} times in one forward pass: probes read each hook once, so each listed hook "
+                "must fire once (give a reused module its own HookPoint per use)"
+            )
+    if order is not None:
+        by_time = sorted(range(len(reductions)), key=lambda index: firings[index][0])
+        for earlier, later in zip(by_time, by_time[1:]):
+            if order[later].rank < order[earlier].rank:
+                methods = " / ".join(dict.fromkeys(f"{type(model).__name__}.{order[i].method}()" for i in (later, earlier)))
+                raise ValueError(
+                    f"hook {reductions[later][0]!r} fired after {reductions[earlier][0]!r}, but {methods} list it earlier in the "
+                    "forward pass: list the hooks in the order the forward pass runs them (embeddings first, then block by block)"
+                )
     return results
 
 
@@ -147,7 +206,8 @@ def query_residuals(model: ICLModel, prompt: EncodedPrompt, layers: Sequence[int
     d_model]` (no gradients)."""
     names = model.residual_hook_names()
     reductions = [(names[layer], prompt.gather_queries) for layer in layers]
-    return torch.stack(run_with_reductions(model, prompt.tokens, reductions), dim=1)
+    order = [residual_order(layer) for layer in layers]
+    return torch.stack(run_with_reductions(model, prompt.tokens, reductions, order=order), dim=1)
 
 
 @dataclass
@@ -209,9 +269,10 @@ def stream_probes(
     reductions: list[tuple[str, Reduction]] = [
         (names[layer], lambda resid: model.readout(prompt.gather_queries(resid))) for layer in layers
     ]
+    order = [residual_order(layer) for layer in layers]
     allowed = _allowed_blocks(model, prompt, blocks) if blocks else {}
-    finish_attention = _attention_reductions(model, prompt, blocks, source, allowed, reductions) if blocks else None
-    results = run_with_reductions(model, prompt.tokens, reductions, grad=grad)
+    finish_attention = _attention_reductions(model, prompt, blocks, source, allowed, reductions, order) if blocks else None
+    results = run_with_reductions(model, prompt.tokens, reductions, grad=grad, order=order)
     readouts = torch.stack(results[: len(layers)], dim=1) if layers else None
     if readouts is not None and readouts.shape != (prompt.batch_size, len(layers), prompt.n_query):
         raise ValueError(
@@ -256,8 +317,10 @@ def _attention_reductions(
     source: str,
     allowed: dict[str, torch.Tensor],
     reductions: list[tuple[str, Reduction]],
+    order: list[ForwardOrder],
 ) -> Callable[[list[Any]], tuple[torch.Tensor | None, torch.Tensor | None]]:
-    """Append to `reductions` the hooks that cut every layer's attention down to `blocks`; return
+    """Append to `reductions` the hooks that cut every layer's attention down to `blocks` (and
+    their `ForwardOrder` to `order`); return
     the function that turns their results (in order) into (support, query) `[batch, layer, ...]`.
     Scores, the model's own or rebuilt from q and k, get -inf where `allowed` (`_allowed_blocks`)
     blocks them (a model may fill blocked scores with a large finite negative, e.g. HF GPT-2's
@@ -273,7 +336,7 @@ def _attention_reductions(
         return folded
 
     rebuilt: list[bool] = []
-    for hooks in model.attention_hook_names():
+    for block_index, hooks in enumerate(model.attention_hook_names()):
         if source == "pattern" or hooks.scores is not None:
             reductions.append((hooks.pattern if source == "pattern" else hooks.scores, blocks_of))
             rebuilt.append(False)
@@ -281,6 +344,7 @@ def _attention_reductions(
             reductions.append((hooks.q, lambda q: {block: _take(q, 1, positions).clone() for block, positions in rows.items()}))
             reductions.append((hooks.k, lambda k: _take(k, 1, keys).clone()))
             rebuilt.append(True)
+        order += [attention_order(block_index)] * (len(reductions) - len(order))
 
     def finish(results: list[Any]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         results = iter(results)

@@ -303,12 +303,13 @@ def test_demo_seed_draws_the_cg_constructions_and_shipped_models_prompts(demo_se
 
 
 def printed_rows(text: str) -> list[list[str]]:
-    """The data rows of the printed summary table, split into cells."""
+    """The data rows of the printed summary table, split into cells (the table ends at a blank
+    line, the comparison's notes or the report line)."""
     lines = text.splitlines()
     start = next(i for i, line in enumerate(lines) if line.startswith("model ")) + 2
     rows = []
     for line in lines[start:]:
-        if not line.strip() or line.startswith("report:"):
+        if not line.strip() or line.startswith(("report:", "Note: ")):
             break
         rows.append(re.split(r"\s{2,}", line.strip()))
     return rows

@@ -79,8 +79,8 @@ def adapter_for(model: object) -> ICLModel:
     for method in ("encode", "forward", "residual_hook_names", "attention_hook_names", "allowed_attention", "readout", "predict"):
         if not callable(getattr(model, method, None)):
             raise ValueError(
-                f"{type(model).__name__} has no method {method!r}: probes need an mi_krr ICL model "
-                "(ICLTransformer, BridgeICLModel, load_garg_checkpoint(...), or a mi_krr.construct model)"
+                f"{type(model).__name__} has no method {method!r}: implement the mi_krr.models.ICLModel protocol for your "
+                "own model, or use an mi-krr model (ICLTransformer, BridgeICLModel, load_garg_checkpoint(...), mi_krr.construct)"
             )
     hook_dict = getattr(model, "hook_dict", None)
     if hook_dict is None:
@@ -97,6 +97,11 @@ def adapter_for(model: object) -> ICLModel:
                 "(residual: embeddings + one per block; attention: one per block)"
             )
     for hooks in attention:
+        if not isinstance(hooks, AttentionHooks):
+            raise ValueError(
+                f"{type(model).__name__}.attention_hook_names() must give one mi_krr.models.AttentionHooks(pattern=, scores=, "
+                f"q=, k=) per block, got {type(hooks).__name__} {hooks!r}"
+            )
         names += [hooks.pattern, hooks.q, hooks.k] + ([hooks.scores] if hooks.scores else [])
     missing = [name for name in names if name not in hook_dict]
     if missing:

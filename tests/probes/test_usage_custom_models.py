@@ -361,7 +361,8 @@ def test_dataframe_has_the_documented_columns_and_r2_equal_to_the_scoring_formul
     tasks, models, diagnoses = custom_diagnoses
     diagnosis = diagnoses["causal x3"]
     frame = diagnosis.to_dataframe()
-    assert list(frame.columns) == ["task_set", "algorithm", "layer", "step", "r2", "mse", "sensitivity_r2", "aligned", "argmin", "score", "best"]
+    assert list(frame.columns) == ["task_set", "algorithm", "layer", "step", "r2", "mse", "sensitivity_r2", "aligned", "argmin", "score", "score_ci_low",
+                                   "score_ci_high", "weighted_r2", "best"]
     assert len(frame) == len(tasks) * 3 * 4 * 7
     for set_name, result in diagnosis.task_sets.items():
         for algorithm, steps in result.step_predictions.items():
