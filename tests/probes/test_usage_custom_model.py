@@ -8,10 +8,10 @@ references are independent of probes: a NumPy forward written from the weights (
 prompts and queries for the interleaved model), NumPy softmax of q.k, central differences of that
 NumPy forward, and a head built to be exactly a row-normalised exp kernel of known temperature.
 
-Then the typical implementation mistakes. The `xfail(strict=True)` tests state the behaviour the
-README promises ("a researcher's own model class gets one-line errors naming the method at
-fault") where the probes today return wrong numbers silently or fail with a raw torch / Python
-error."""
+Then the typical implementation mistakes, each a one-line error naming the method at fault (the
+README's promise). The two `xfail(strict=True)` tests are findings still open: a `readout` that
+disagrees with `forward` is not detected, and a model without attention hooks cannot use the
+probes that read none."""
 
 from __future__ import annotations
 
