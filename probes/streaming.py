@@ -135,10 +135,12 @@ class ForwardOrder:
 
 
 def residual_order(layer: int) -> ForwardOrder:
+    """The `ForwardOrder` of residual index `layer` (0 = embeddings)."""
     return ForwardOrder(2 * layer, "residual_hook_names")
 
 
 def attention_order(block: int) -> ForwardOrder:
+    """The `ForwardOrder` of block `block`'s attention hooks (0-based)."""
     return ForwardOrder(2 * block + 1, "attention_hook_names")
 
 

@@ -44,17 +44,20 @@ class ICLModel(Protocol):
     n_heads: int
 
     def encode(self, task: ICLTask) -> EncodedPrompt:
-        """Token sequences for `task` (see `EncodedPrompt`)."""
+        """Token sequences for `task` (see `EncodedPrompt`): tokens in the model's dtype and on
+        its device, positions as 1-D long tensors."""
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """Per-position scalar outputs `[batch', seq]` for tokens `[batch', seq, d_token]`."""
 
     def residual_hook_names(self) -> list[str]:
         """L + 1 hook names: index 0 holds the residual stream entering block 0 (embeddings),
-        index l the residual stream after block l. Each fires with `[batch', seq, d_model]`."""
+        index l the residual stream after block l. Each fires with `[batch', seq, d_model]`, once
+        per forward pass, in this order (probes refuse a hook that fires twice or out of order)."""
 
     def attention_hook_names(self) -> list[AttentionHooks]:
-        """One `AttentionHooks` per block (empty names are not allowed)."""
+        """One `AttentionHooks` per block, in forward order (empty names are not allowed); each
+        hook fires once per forward pass."""
 
     def allowed_attention(self, prompt: EncodedPrompt) -> torch.Tensor | None:
         """The structural mask the model applies to `prompt`'s token sequences: bool
