@@ -12,12 +12,11 @@ medians over interleaved repeats. Run: .venv/bin/python benchmarks/bench_alignme
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import numpy as np
 
 from probes.scoring import monotone_alignment
+from timing import median_ms
 
 
 def numpy_recursion(cost: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -35,17 +34,6 @@ def numpy_recursion(cost: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     for row in range(n_rows - 2, -1, -1):
         steps[row] = np.argmin(np.where(later <= steps[row + 1], best[row], np.inf), axis=0)
     return steps.T.reshape(cost.shape[:-1]), total.reshape(cost.shape[:-2])
-
-
-def median_ms(functions: dict, repeats: int) -> dict[str, float]:
-    """Median milliseconds of each zero-argument function, alternated within each repeat."""
-    times = {name: [] for name in functions}
-    for _ in range(repeats):
-        for name, function in functions.items():
-            start = time.perf_counter()
-            function()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) * 1e3 for name, values in times.items()}
 
 
 def main() -> None:

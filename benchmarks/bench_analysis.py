@@ -16,27 +16,13 @@ Variants alternate within each repeat; medians. Run: .venv/bin/python benchmarks
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 
 import numpy as np
 import torch
 
 from bench_probes import MODELS, SCALED, load
-
-
-def median_ms(functions: dict, repeats: int) -> dict[str, float]:
-    """Median milliseconds of each zero-argument function, alternated within each repeat."""
-    for function in functions.values():
-        function()
-    times = {name: [] for name in functions}
-    for _ in range(repeats):
-        for name, function in functions.items():
-            start = time.perf_counter()
-            function()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) * 1e3 for name, values in times.items()}
+from timing import median_ms
 
 
 def kernel_alignment_chunks(model, task, repeats: int) -> dict[str, float]:
