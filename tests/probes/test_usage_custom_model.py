@@ -27,40 +27,17 @@ from transformer_lens.hook_points import HookPoint
 
 import probes
 from mi_krr.models import AttentionHooks, EncodedPrompt
+from own_attention import OwnAttention
 from prompts import random_task
 
 
 # ---------------------------------------------------------------- the researcher's models
 
 
-class Attention(nn.Module):
-    """Multi-head attention without biases. softmax: masked scores -inf, pattern = softmax.
-    linear: masked scores 0, pattern = scores / number of visible keys (no normalisation)."""
-
-    def __init__(self, d_model: int, n_heads: int, kind: str):
-        super().__init__()
-        self.e, self.kind = d_model // n_heads, kind
-        shape = (n_heads, d_model, self.e)
-        self.W_Q, self.W_K, self.W_V = (nn.Parameter(torch.randn(shape) / math.sqrt(d_model)) for _ in range(3))
-        self.W_O = nn.Parameter(torch.randn(n_heads, self.e, d_model) / math.sqrt(d_model))
-        self.hook_q, self.hook_k, self.hook_attn_scores, self.hook_pattern = HookPoint(), HookPoint(), HookPoint(), HookPoint()
-
-    def forward(self, x: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
-        q = self.hook_q(torch.einsum("bpd,hde->bphe", x, self.W_Q))
-        k = self.hook_k(torch.einsum("bpd,hde->bphe", x, self.W_K))
-        v = torch.einsum("bpd,hde->bphe", x, self.W_V)
-        scores = torch.einsum("bqhe,bkhe->bhqk", q, k) / math.sqrt(self.e)
-        if self.kind == "softmax":
-            pattern = self.hook_pattern(self.hook_attn_scores(scores.masked_fill(~allowed, -math.inf)).softmax(-1))
-        else:
-            pattern = self.hook_pattern(self.hook_attn_scores(scores.masked_fill(~allowed, 0.0)) / allowed.sum(-1, keepdim=True))
-        return torch.einsum("bqhe,hed->bqd", torch.einsum("bhqk,bkhe->bqhe", pattern, v), self.W_O)
-
-
 class Block(nn.Module):
     def __init__(self, d_model: int, n_heads: int, kind: str):
         super().__init__()
-        self.attn = Attention(d_model, n_heads, kind)
+        self.attn = OwnAttention(d_model, n_heads, kind)
         self.hook_resid_post = HookPoint()
 
 

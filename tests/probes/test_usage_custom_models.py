@@ -28,30 +28,11 @@ from mi_krr.models.adapter import AttentionHooks, ICLModel
 from mi_krr.models.encoding import EncodedPrompt
 from mi_krr.tasks import GPRegressionSampler
 from brute_force import lens_finite_differences
+from own_attention import OwnAttention
 from prompts import random_task
 
 
 # ---------------------------------------------------------------- the researcher's model
-
-
-class OwnAttention(nn.Module):
-    """Softmax attention, no biases: scores q.k / sqrt(e) masked with -inf, pattern = softmax."""
-
-    def __init__(self, d_model: int, n_heads: int):
-        super().__init__()
-        self.e = d_model // n_heads
-        shape = (n_heads, d_model, self.e)
-        self.W_Q, self.W_K, self.W_V = (nn.Parameter(torch.randn(shape) / math.sqrt(d_model)) for _ in range(3))
-        self.W_O = nn.Parameter(torch.randn(n_heads, self.e, d_model) / math.sqrt(d_model))
-        self.hook_q, self.hook_k, self.hook_scores, self.hook_pattern = HookPoint(), HookPoint(), HookPoint(), HookPoint()
-
-    def forward(self, x: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
-        q = self.hook_q(torch.einsum("bpd,hde->bphe", x, self.W_Q))
-        k = self.hook_k(torch.einsum("bpd,hde->bphe", x, self.W_K))
-        v = torch.einsum("bpd,hde->bphe", x, self.W_V)
-        scores = torch.einsum("bqhe,bkhe->bhqk", q, k) / math.sqrt(self.e)
-        pattern = self.hook_pattern(self.hook_scores(scores.masked_fill(~allowed, -math.inf)).softmax(-1))
-        return torch.einsum("bqhe,hed->bqd", torch.einsum("bhqk,bkhe->bqhe", pattern, v), self.W_O)
 
 
 class OwnModel(HookedRootModule):
@@ -100,7 +81,7 @@ class OwnModel(HookedRootModule):
         return [f"resid.{layer}" for layer in range(self.n_layers + 1)]
 
     def attention_hook_names(self) -> list[AttentionHooks]:
-        return [AttentionHooks(pattern=f"attn.{layer}.hook_pattern", scores=f"attn.{layer}.hook_scores" if self.scores_hook else None,
+        return [AttentionHooks(pattern=f"attn.{layer}.hook_pattern", scores=f"attn.{layer}.hook_attn_scores" if self.scores_hook else None,
                                q=f"attn.{layer}.hook_q", k=f"attn.{layer}.hook_k") for layer in range(self.n_layers)]
 
     def allowed_attention(self, prompt: EncodedPrompt) -> torch.Tensor | None:
