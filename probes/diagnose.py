@@ -403,7 +403,7 @@ def _diagnose_task_set(model, set_name, task, prompt, bar, *, algorithms, kernel
     stage_done("KRR system")
 
     read_layers = layers if method == "readout" else []  # the read-out lens rides on the one pass
-    blocks = (ALIGNMENT_BLOCK,) if kernels else ()
+    blocks = (ALIGNMENT_BLOCK,) if kernels and model.attention_hook_names() else ()  # no attention: the alignment notes why
     streamed = stream_probes(model, prompt, layers=read_layers, blocks=blocks) if read_layers or blocks else None
     if method == "readout":
         layer_pred = streamed.readouts.to(torch.float64)
@@ -456,7 +456,7 @@ def _diagnose_task_set(model, set_name, task, prompt, bar, *, algorithms, kernel
 
     alignment = None
     if kernels:
-        attention = AttentionKernels.from_stream(streamed)
+        attention = AttentionKernels.from_stream(streamed) if blocks else None
         try:
             alignment = kernel_alignment(model, task, kernels=kernels, block=ALIGNMENT_BLOCK, attention=attention)
         except ValueError as error:

@@ -150,9 +150,11 @@ def run_with_reductions(
     reductions: Sequence[tuple[str, Reduction]],
     grad: bool = False,
     order: Sequence[ForwardOrder] | None = None,
+    output: Reduction | None = None,
 ) -> list[Any]:
     """One forward pass of `model` on `tokens` with `reduce(activation)` run inside the hook named
-    beside it; returns what each reduction returned, in order.
+    beside it; returns what each reduction returned, in order, then `output(model(tokens))` if
+    `output` is given (the model's own outputs `[batch', seq]`, reduced).
 
     Only the reductions' outputs outlive the pass. `grad=False` runs under `torch.no_grad`.
     `order`: each reduction's `ForwardOrder`; the hooks must fire in that order (a model listing
@@ -173,7 +175,7 @@ def run_with_reductions(
 
     fwd_hooks = [(name, make_hook(index, reduce)) for index, (name, reduce) in enumerate(reductions)]
     with torch.set_grad_enabled(grad), model.hooks(fwd_hooks=fwd_hooks):
-        model(tokens)
+        model_output = model(tokens)
     for (name, _), fired in zip(reductions, firings):
         if not fired:
             raise ValueError(f"hook {name!r} did not fire during the forward pass: the model does not use the hook it names")
@@ -191,7 +193,7 @@ def run_with_reductions(
                     f"hook {reductions[later][0]!r} fired after {reductions[earlier][0]!r}, but {methods} list it earlier in the "
                     "forward pass: list the hooks in the order the forward pass runs them (embeddings first, then block by block)"
                 )
-    return results
+    return (results + [output(model_output)]) if output is not None else results
 
 
 def query_readouts(model: ICLModel, prompt: EncodedPrompt, layers: Sequence[int], grad: bool = False) -> torch.Tensor:
@@ -272,9 +274,17 @@ def stream_probes(
         (names[layer], lambda resid: model.readout(prompt.gather_queries(resid))) for layer in layers
     ]
     order = [residual_order(layer) for layer in layers]
+    if blocks and not model.attention_hook_names():
+        raise ValueError(
+            f"{type(model).__name__}.attention_hook_names() is empty: the model exposes no attention to read, so attention "
+            "probes (attention_kernels, kernel_alignment, diagnose's kernels=) cannot run on it; use diagnose(..., kernels=())"
+        )
     allowed = _allowed_blocks(model, prompt, blocks) if blocks else {}
     finish_attention = _attention_reductions(model, prompt, blocks, source, allowed, reductions, order) if blocks else None
-    results = run_with_reductions(model, prompt.tokens, reductions, grad=grad, order=order)
+    reads_last_layer = model.n_layers in layers
+    results = run_with_reductions(
+        model, prompt.tokens, reductions, grad=grad, order=order, output=prompt.gather_queries if reads_last_layer else None
+    )
     readouts = torch.stack(results[: len(layers)], dim=1) if layers else None
     if readouts is not None and readouts.shape != (prompt.batch_size, len(layers), prompt.n_query):
         raise ValueError(
@@ -282,10 +292,36 @@ def stream_probes(
             f"residuals [{prompt.batch_size}, {prompt.n_query}, d_model] gave {tuple(readouts.shape[:1] + readouts.shape[2:])}: "
             "e.g. squeeze a trailing dimension of size 1"
         )
+    if reads_last_layer:
+        _check_readout_is_forward(model, readouts[:, layers.index(model.n_layers)], results.pop())
     support, query = finish_attention(results[len(layers) :]) if blocks else (None, None)
     return StreamedProbes(
         readouts=readouts, support=support, query=query, support_allowed=allowed.get("support"), query_allowed=allowed.get("query")
     )
+
+
+def _check_readout_is_forward(model: ICLModel, last_readout: torch.Tensor, forward_queries: torch.Tensor) -> None:
+    """ValueError unless the read-out lens after the last block (`[batch, n_query]`) is the
+    model's own output at the query positions (`forward_queries`, from the same pass): the lens
+    promises that its last layer is what the model predicts."""
+    forward_queries = forward_queries.detach()
+    if forward_queries.shape != last_readout.shape:
+        raise ValueError(
+            f"{type(model).__name__}.forward must give one output per position [batch', seq], but its outputs at the query "
+            f"positions have shape {tuple(forward_queries.shape)}, not {tuple(last_readout.shape)}"
+        )
+    last_readout = last_readout.detach()
+    finite = forward_queries[forward_queries.isfinite()]
+    scale = 1.0 + (finite.abs().max().item() if finite.numel() else 0.0)
+    tolerance = torch.finfo(last_readout.dtype).eps ** 0.5 * scale
+    agrees = torch.isclose(last_readout, forward_queries.to(last_readout.dtype), rtol=0.0, atol=tolerance, equal_nan=True)
+    if not agrees.all():
+        gap = (last_readout - forward_queries)[~agrees].abs().max().item()
+        raise ValueError(
+            f"{type(model).__name__}.readout applied to the residual stream after the last block differs from the model's "
+            f"own output at the query positions by up to {gap:.3g}: readout must apply the final norm and read-out exactly "
+            "as forward does"
+        )
 
 
 def _allowed_blocks(model: ICLModel, prompt: EncodedPrompt, blocks: tuple[str, ...]) -> dict[str, torch.Tensor]:

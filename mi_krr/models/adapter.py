@@ -57,7 +57,8 @@ class ICLModel(Protocol):
 
     def attention_hook_names(self) -> list[AttentionHooks]:
         """One `AttentionHooks` per block, in forward order (empty names are not allowed); each
-        hook fires once per forward pass."""
+        hook fires once per forward pass. An empty list declares a model without attention to
+        read: the lens and sensitivities work, attention probes refuse it."""
 
     def allowed_attention(self, prompt: EncodedPrompt) -> torch.Tensor | None:
         """The structural mask the model applies to `prompt`'s token sequences: bool
@@ -66,7 +67,9 @@ class ICLModel(Protocol):
         take a head's nonzero attention weights as the keys it could see."""
 
     def readout(self, resid: torch.Tensor) -> torch.Tensor:
-        """The model's own final norm and read-out: `[..., d_model]` -> `[...]`."""
+        """The model's own final norm and read-out: `[..., d_model]` -> `[...]`. Applied to the
+        residual stream after the last block it must give `forward`'s outputs (probes check this
+        on every pass that reads that layer)."""
 
     def predict(self, task: ICLTask) -> torch.Tensor:
         """Query predictions `[batch, n_query]`."""
@@ -74,7 +77,7 @@ class ICLModel(Protocol):
 
 def adapter_for(model: object) -> ICLModel:
     """Return `model` after checking it implements `ICLModel`: its methods, L + 1 residual hook
-    names and L attention hook sets (L = `n_layers`), each name in its `hook_dict`. (Whether a
+    names and L attention hook sets, or none (L = `n_layers`), each name in its `hook_dict`. (Whether a
     hook fires is checked where probes run the model: a hook that never fires is named there.)
 
     Raises ValueError naming the missing method or hook, or the list of the wrong length.
@@ -93,11 +96,11 @@ def adapter_for(model: object) -> ICLModel:
         raise ValueError(f"{type(model).__name__}.n_layers must be its number of blocks (an int >= 1), got {n_layers!r}")
     names = list(model.residual_hook_names())
     attention = list(model.attention_hook_names())
-    for method, found, expected in (("residual_hook_names", names, n_layers + 1), ("attention_hook_names", attention, n_layers)):
-        if len(found) != expected:
+    for method, found, expected in (("residual_hook_names", names, (n_layers + 1,)), ("attention_hook_names", attention, (n_layers, 0))):
+        if len(found) not in expected:
             raise ValueError(
-                f"{type(model).__name__}.{method}() gives {len(found)} entries, but n_layers = {n_layers} needs {expected} "
-                "(residual: embeddings + one per block; attention: one per block)"
+                f"{type(model).__name__}.{method}() gives {len(found)} entries, but n_layers = {n_layers} needs {expected[0]} "
+                "(residual: embeddings + one per block; attention: one per block, or none for a model without attention)"
             )
     for hooks in attention:
         if not isinstance(hooks, AttentionHooks):

@@ -358,9 +358,9 @@ def test_diagnose_reads_the_model_in_one_forward_pass_with_the_same_numbers_as_t
     passes = []
     original = probes.streaming.run_with_reductions
 
-    def counting(model, tokens, reductions, grad=False, order=None):
+    def counting(model, tokens, reductions, **options):
         passes.append(len(reductions))
-        return original(model, tokens, reductions, grad=grad, order=order)
+        return original(model, tokens, reductions, **options)
 
     monkeypatch.setattr(probes.streaming, "run_with_reductions", counting)
     result = diagnose(model, task, algorithms=("cg", "gd"), n_steps=4, sensitivities=False, bootstrap=0, progress=False)["tasks"]

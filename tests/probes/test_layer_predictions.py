@@ -71,10 +71,11 @@ def test_readout_lens_returns_no_autograd_graph():
 
 def test_readout_hooks_retain_only_query_predictions(retained_reductions):
     """No hook keeps a [batch', seq, d_model] activation (nor a view of one): what outlives the
-    forward pass is [batch, n_query] per layer, in its own storage."""
+    forward pass is [batch, n_query] per layer, plus the model's own outputs at the queries (checked
+    against the last layer's read-out), each in its own storage."""
     model, task = make_model("interleaved"), make_task(batch=5)
     layer_predictions(model, task)
-    assert len(retained_reductions) == model.cfg.n_layers + 1
+    assert len(retained_reductions) == model.cfg.n_layers + 2
     for value in retained_reductions:
         assert value.shape == (5, M)
         assert value.untyped_storage().nbytes() == value.numel() * value.element_size()

@@ -9,9 +9,8 @@ prompts and queries for the interleaved model), NumPy softmax of q.k, central di
 NumPy forward, and a head built to be exactly a row-normalised exp kernel of known temperature.
 
 Then the typical implementation mistakes, each a one-line error naming the method at fault (the
-README's promise). The two `xfail(strict=True)` tests are findings still open: a `readout` that
-disagrees with `forward` is not detected, and a model without attention hooks cannot use the
-probes that read none."""
+README's promise), including a `readout` that disagrees with `forward` and a model without
+attention hooks (the probes that read none still work)."""
 
 from __future__ import annotations
 
@@ -398,11 +397,10 @@ def test_a_hook_that_fires_twice_is_refused():
         probes.layer_predictions(HookFiresTwice(), random_task(2, 3, 2, 2))
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a readout that disagrees with forward (no final norm) is accepted; last lens layer != predict")
 def test_readout_that_disagrees_with_the_forward_is_refused():
     """`layer_predictions` documents that its last index equals `model.predict(task)`; a readout
-    without the final LayerNorm breaks that (0.2 apart here) with no error. The forward the probes
-    already run returns the model's own outputs, so the check is free. Expected: a ValueError
+    without the final LayerNorm breaks that (0.2 apart here). The forward the probes already run
+    returns the model's own outputs, so the lens checks its last layer against them: a ValueError
     naming readout."""
     model, task = ReadoutWithoutFinalNorm(), random_task(3, 4, 2, 2, seed=1)
     np.testing.assert_allclose(model.predict(task).detach().numpy(), numpy_interleaved(model, *task_arrays(task))[0][:, -1], atol=1e-12)
@@ -459,20 +457,29 @@ def test_attention_hook_entries_of_the_wrong_type_are_named(entry):
         probes.attach(WrongEntries())
 
 
-@pytest.mark.xfail(strict=True, reason="UX: a model without attention hooks cannot use the lens or sensitivities, which read none")
 def test_model_without_attention_hooks_gets_the_lens_and_a_clear_error_only_for_attention_probes():
     """attention_hook_names() == [] (e.g. a model whose mixing is not attention): the read-out lens
-    still equals the NumPy forward; only the attention probes refuse, naming attention_hook_names.
-    Today attach itself refuses ('gives 0 entries, but n_layers = 2 needs 2'), even with kernels=()."""
+    and sensitivities still equal the NumPy forward and its central differences, and diagnose runs
+    (its kernel alignment skipped with a note); only the attention probes refuse, naming
+    attention_hook_names."""
 
     class NoAttentionHooks(InterleavedModel):
         def attention_hook_names(self):
             return []
 
     model, task = NoAttentionHooks(), random_task(2, 3, 2, 2)
-    np.testing.assert_allclose(probes.layer_predictions(model, task).numpy(), numpy_interleaved(model, *task_arrays(task))[0], atol=1e-12)
+    xs, ys, xq = task_arrays(task)
+    np.testing.assert_allclose(probes.layer_predictions(model, task).numpy(), numpy_interleaved(model, xs, ys, xq)[0], atol=1e-12)
+    step = 1e-6 * np.eye(task.n_support)[:, None, :]  # [label, 1, n]: shift one support label
+    central = [(numpy_interleaved(model, xs, ys + s, xq)[0] - numpy_interleaved(model, xs, ys - s, xq)[0]) / 2e-6 for s in step]
+    np.testing.assert_allclose(probes.label_sensitivities(model, task).numpy(), np.stack(central, -1), atol=1e-8)
     with pytest.raises(ValueError, match="attention_hook_names"):
         probes.attention_kernels(model, task)
+    result = probes.diagnose(model, task, kernel="gaussian", lam=0.1, algorithms=("cg", "gd"), n_steps=2, bootstrap=0, progress=False)
+    diagnosis = result["tasks"]
+    assert diagnosis.kernel_alignment is None
+    assert any("kernel alignment skipped" in note and "attention_hook_names" in note for note in diagnosis.notes)
+    np.testing.assert_allclose(diagnosis.layer_predictions, numpy_interleaved(model, *task_arrays(task))[0], atol=1e-12)
 
 
 def test_inverted_mask_is_returned_as_stated_by_attention_kernels_and_refused_by_kernel_alignment():
