@@ -87,15 +87,17 @@ class Comparison:
     def to_dataframe(self):
         """pandas DataFrame, one row per (model, task_set): best (None where no candidate has a
         defined path R2), score, ci_low, ci_high, identified, withheld, exp_distance, exp_uniform,
-        gaussian_distance, gaussian_uniform, step_map (see `SummaryRow`)."""
+        gaussian_distance, gaussian_uniform, step_map (see `SummaryRow`); the uniform flags are
+        None where the distance is NaN (no alignment measured, so nothing to flag)."""
         import pandas as pd
 
         return pd.DataFrame(
             [
                 {"model": row.model, "task_set": row.task_set, "best": row.best, "score": row.score, "ci_low": row.score_ci[0],
                  "ci_high": row.score_ci[1], "identified": row.identified, "withheld": row.withheld,
-                 "exp_distance": row.exp_distance, "exp_uniform": row.exp_uniform, "gaussian_distance": row.gaussian_distance,
-                 "gaussian_uniform": row.gaussian_uniform, "step_map": row.step_map}
+                 "exp_distance": row.exp_distance, "exp_uniform": _measured(row.exp_uniform, row.exp_distance),
+                 "gaussian_distance": row.gaussian_distance, "gaussian_uniform": _measured(row.gaussian_uniform, row.gaussian_distance),
+                 "step_map": row.step_map}
                 for row in self.rows
             ]
         )
@@ -114,6 +116,11 @@ class Comparison:
 
     def __repr__(self) -> str:
         return f"Comparison({len(self.diagnoses)} models, {len(self.rows)} rows)\n{self.summary()}"
+
+
+def _measured(flag: bool, distance: float) -> bool | None:
+    """A kernel-distance flag for a table: None where the distance was not measured (NaN)."""
+    return flag if math.isfinite(distance) else None
 
 
 def compare(diagnoses: Mapping[str, "Diagnosis"]) -> Comparison:

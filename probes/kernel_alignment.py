@@ -113,7 +113,9 @@ class KernelAlignment:
         return (head >= 0) & np.isinf(scale[np.arange(len(head)), np.maximum(head, 0)])
 
     def plot(self, title: str = "attention"):
-        """Heatmaps of every metric per block and head (`probes.plots.plot_alignment`)."""
+        """Heatmaps per block and head of the operator distance, row Spearman and CKA (the
+        entry-wise Spearman is in `metrics` only), one row of panels per kernel
+        (`probes.plots.plot_alignment`)."""
         from probes.plots import plot_alignment
 
         return plot_alignment(self, title)

@@ -286,12 +286,16 @@ def test_diagnosis_dataframe_and_repr_name_no_best_algorithm_when_every_candidat
 def test_comparison_dataframe_keeps_which_distances_are_to_uniform_attention(diagnoses, silent_model):
     """The random softmax model's best heads are fitted as uniform attention (the table marks
     its distances "u": a distance to mean pooling, not to a kernel); the dataframe, which the
-    notebooks show, should carry the same flags."""
+    notebooks show, should carry the same flags, and None (not False) where no distance was
+    measured (NaN, e.g. linear attention)."""
     comparison = probes.compare({"random": silent_model, **diagnoses})
     assert any(row.exp_uniform or row.gaussian_uniform for row in comparison.rows)
     frame = comparison.to_dataframe()
-    assert frame["exp_uniform"].tolist() == [row.exp_uniform for row in comparison.rows]
-    assert frame["gaussian_uniform"].tolist() == [row.gaussian_uniform for row in comparison.rows]
+    for kernel in ("exp", "gaussian"):
+        distances = [getattr(row, f"{kernel}_distance") for row in comparison.rows]
+        flags = [getattr(row, f"{kernel}_uniform") for row in comparison.rows]
+        assert any(np.isnan(distances)) and any(np.isfinite(distances))  # both cases are exercised
+        assert frame[f"{kernel}_uniform"].tolist() == [flag if np.isfinite(d) else None for flag, d in zip(flags, distances)]
 
 
 @pytest.mark.filterwarnings("ignore:No artists with labels")
