@@ -375,6 +375,31 @@ class ReadoutWithoutFinalNorm(InterleavedModel):
         return self.unembed(self.ln_final(self.blocks_forward(tokens)))[..., 0]
 
 
+def test_forward_with_a_trailing_output_dimension_is_named_and_layers_before_the_last_are_not_checked():
+    """forward returning `[batch', seq, 1]` (a Linear's output, unsqueezed) breaks the protocol's
+    `[batch', seq]`: the lens, whose last layer is compared with forward, names forward. Probing
+    only earlier layers compares nothing, so it still equals the NumPy forward there."""
+
+    class ForwardKeepsDim(InterleavedModel):
+        def forward(self, tokens):
+            return super().forward(tokens)[..., None]
+
+    model, task = ForwardKeepsDim(), random_task(2, 3, 2, 2)
+    with pytest.raises(ValueError, match=r"forward must give one output per position"):
+        probes.layer_predictions(model, task)
+    np.testing.assert_allclose(probes.layer_predictions(model, task, layers=[0, 1]).numpy(),
+                               numpy_interleaved(model, *task_arrays(task))[0][:, :2], atol=1e-12)
+
+
+def test_a_model_whose_outputs_are_nan_reads_nan_rather_than_a_readout_mismatch():
+    """NaN weights (a diverged training run): forward and readout both give NaN, which agree; the
+    lens returns the NaNs for the user to see instead of blaming readout."""
+    model, task = InterleavedModel(), random_task(2, 3, 2, 2)
+    with torch.no_grad():
+        model.unembed.weight.fill_(float("nan"))
+    assert torch.isnan(probes.layer_predictions(model, task)[:, -1]).all()
+
+
 def test_residual_hook_names_out_of_forward_order_are_refused():
     """Hooks fire in forward order; names listed in another order make layer l's lens another
     layer's (verified: today the result equals the NumPy lens reversed). Expected: a ValueError
