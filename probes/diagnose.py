@@ -284,7 +284,10 @@ def diagnose(
             prompts so every prompt is scored with a step fitted on the other half (see
             `probes.step_sizes`; reported in `TaskSetDiagnosis.fitted_steps`, the summary and
             the JSON). A network with fixed weights runs one learning rate, not each prompt's
-            optimal one. "optimal": the registry's spectrum-optimal step of each prompt.
+            optimal one. The bootstrap intervals resample prompts with the fitted steps held
+            fixed, so they leave out the fit's own uncertainty; the two halves' steps, reported
+            side by side, show how far it moves. "optimal": the registry's spectrum-optimal step
+            of each prompt.
 
     The model is read in ONE forward pass (`probes.streaming.stream_probes`: per-layer read-outs
     at the queries and the attention query block, reduced inside the hooks); label
