@@ -16,12 +16,16 @@ def as_float64(name: str, value: Any, min_dim: int = 0) -> torch.Tensor:
     """Return `value` as a finite float64 tensor (kept on its device, and in the autograd graph,
     if it already is a tensor).
 
-    Raises ValueError naming `name` for non-numeric input, NaN/inf entries, or fewer than
-    `min_dim` dimensions.
+    Raises ValueError naming `name` for non-numeric or complex input, NaN/inf entries, or fewer
+    than `min_dim` dimensions.
     """
     if isinstance(value, torch.Tensor):
+        if value.is_complex():
+            raise ValueError(f"{name} must be real, got {value.dtype}: pass {name}.real if the imaginary part is rounding")
         tensor = value.to(torch.float64)
     else:
+        if np.iscomplexobj(value):
+            raise ValueError(f"{name} must be real, got a complex array: pass its .real if the imaginary part is rounding")
         try:
             tensor = torch.as_tensor(np.asarray(value, dtype=np.float64))
         except (TypeError, ValueError) as exc:
@@ -38,16 +42,22 @@ SYMMETRY_RTOL = 1e-8
 matrix at its own scale); see `symmetry_rtol` for lower-precision inputs."""
 
 
+FLOAT32_EPS = float(np.finfo(np.float32).eps)
+
+
 def symmetry_rtol(value: Any) -> float:
     """The relative asymmetry a matrix given as `value` may carry and still count as symmetric:
-    `SYMMETRY_RTOL`, or 64 machine epsilons of its floating dtype where that is larger (a float32
-    kernel is symmetric only to float32 rounding, ~1e-7)."""
+    `SYMMETRY_RTOL`, or where that is larger, 64 machine epsilons of a float32 matrix (computed in
+    float32, its two triangles may differ by many roundings: ~1e-7 each) and 4 of a half-precision
+    one (float16, bfloat16: computed in float32 and rounded once, so its triangles differ by at
+    most an ulp of each entry; 64 bfloat16 epsilons would be 50%, letting an attention pattern
+    pass for a kernel)."""
     dtype = getattr(value, "dtype", None)
     if isinstance(dtype, torch.dtype):
         eps = torch.finfo(dtype).eps if dtype.is_floating_point else 0.0
     else:
         eps = float(np.finfo(dtype).eps) if dtype is not None and np.issubdtype(dtype, np.floating) else 0.0
-    return max(SYMMETRY_RTOL, 64 * eps)
+    return max(SYMMETRY_RTOL, (64 if eps <= FLOAT32_EPS else 4) * eps)
 
 
 def check_positive(name: str, value: float) -> float:

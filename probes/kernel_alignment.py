@@ -665,11 +665,12 @@ class _ComparisonTerms:
     @classmethod
     def of(cls, matrices: torch.Tensor, mask: torch.Tensor, row_order: torch.Tensor | None = None) -> "_ComparisonTerms":
         """row_order: a permutation likely to sort each row (int64, broadcastable to matrices)."""
-        centred = _double_centre(matrices)
+        unit = matrices / _largest_entry(matrices)  # CKA is scale-free: keep its squares finite
+        centred = _double_centre(unit)
         return cls(
             matrices=matrices,
             centred=centred,
-            centred_norm=_centred_norm(matrices, centred),
+            centred_norm=_centred_norm(unit, centred),
             ranks=_centred_ranks(matrices.flatten(-2), mask.flatten(-2)),
             row_ranks=_centred_ranks(matrices, mask, row_order),
         )
@@ -689,9 +690,19 @@ def _compare(attn: _ComparisonTerms, ref: _ComparisonTerms) -> dict[str, torch.T
 
 def _spectral_norm(matrices: torch.Tensor) -> torch.Tensor:
     """Largest singular value of matrices `[..., r, c]` -> `[...]`: the root of the largest
-    eigenvalue of the Gram matrix on the smaller side (several times cheaper than an SVD)."""
-    gram = matrices @ matrices.mT if matrices.shape[-2] <= matrices.shape[-1] else matrices.mT @ matrices
-    return torch.linalg.eigvalsh(gram)[..., -1].clamp_min(0.0).sqrt()
+    eigenvalue of the Gram matrix on the smaller side (several times cheaper than an SVD), formed
+    from the matrices divided by their largest |entry| so that it neither overflows nor
+    underflows (unnormalised exp kernels reach 1e160)."""
+    scale = _largest_entry(matrices)
+    unit = matrices / scale
+    gram = unit @ unit.mT if unit.shape[-2] <= unit.shape[-1] else unit.mT @ unit
+    return torch.linalg.eigvalsh(gram)[..., -1].clamp_min(0.0).sqrt() * scale[..., 0, 0]
+
+
+def _largest_entry(matrices: torch.Tensor) -> torch.Tensor:
+    """max |entry| of each matrix `[..., r, c]` -> `[..., 1, 1]` (1 for a zero matrix)."""
+    largest = matrices.abs().amax((-2, -1), keepdim=True)
+    return torch.where(largest > 0, largest, 1.0)
 
 
 def _centred_norm(matrices: torch.Tensor, centred: torch.Tensor) -> torch.Tensor:

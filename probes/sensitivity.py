@@ -133,7 +133,8 @@ def solver_sensitivities(
     For a registry name the spectrum-derived parameters (step, momentum, eigenvalue bounds) are
     computed once per prompt and passed explicitly, not recomputed per column. Otherwise (CG,
     Jacobi-CG, any solver whose steps depend on y) `y` `[..., n]` is required and the
-    sensitivity at that y is computed by autograd through the solver.
+    sensitivity at that y is computed by autograd through the solver; a prompt whose labels are
+    all 0 is refused (CG is not differentiable there).
     """
     from mi_krr.solvers import ALGORITHMS
 
@@ -172,6 +173,13 @@ def solver_sensitivities(
         fits = False
     if not fits:
         raise ValueError(f"y must be [..., n={n}] broadcasting to the prompts {tuple(batch_shape)}, got shape {tuple(y.shape)}")
+    zero_prompts = torch.nonzero((y.expand(*batch_shape, n).reshape(-1, n) == 0).all(-1)).flatten().tolist()
+    if zero_prompts:
+        name = algorithm if isinstance(algorithm, str) else "this solver"
+        raise ValueError(
+            f"y is all zero in {len(zero_prompts)} prompt(s) (flat indices {zero_prompts[:5]}): {name!r} is nonlinear in y "
+            "(CG's iterates are 1-homogeneous, not linear), so it has no derivative there: drop those prompts or give them labels"
+        )
     with torch.inference_mode(False), torch.enable_grad():  # also under a caller's no_grad() or inference_mode()
         labels = y.expand(*batch_shape, n).reshape(-1, n).clone().requires_grad_(True)
         K, K_query = (tensor.clone() if tensor.is_inference() else tensor for tensor in (K, K_query))  # autograd saves them

@@ -15,6 +15,7 @@ schedule in one batched product.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import numpy as np
@@ -65,8 +66,13 @@ def cg(
             inputs that need no gradients).
 
     Returns:
-        Trajectory with alpha `[..., T+1, n]`, residual_norm `[..., T+1]` (CG's recursively
-        updated residual, equal to ||y - (K + lam I) alpha_t|| up to rounding), pred, method "cg".
+        Trajectory with alpha `[..., T+1, n]`, residual_norm `[..., T+1]`, pred, method "cg".
+        residual_norm is CG's recursively updated residual (what SciPy's and most CG codes
+        track): equal to ||y - (K + lam I) alpha_t|| to rounding until that reaches float64's
+        attainable accuracy (~1e-16 ||K + lam I|| ||alpha_t||); past convergence it keeps
+        falling geometrically (to 1e-70 and below) while the true residual of alpha_t stalls
+        there. Computing the true one would cost a second mat-vec per step; where it is wanted:
+        `torch.linalg.vector_norm(y[..., None, :] - alpha @ (K + lam I), dim=-1)`.
     """
     system = krr_system(K, y, lam, K_query)
     return _conjugate_gradient(system, check_steps(n_steps), None, block_size, backend, "cg")
@@ -77,7 +83,7 @@ def jacobi_cg(
 ) -> Trajectory:
     """CG preconditioned with P = diag(K + lam I)^-1 (PCG), alpha_0 = 0; arguments as `cg`.
 
-    residual_norm is the unpreconditioned residual's norm (recursively updated, as in `cg`);
+    residual_norm is the unpreconditioned residual's norm (recursively updated: see `cg`);
     method "jacobi_cg", preconditioner "jacobi".
     """
     system = krr_system(K, y, lam, K_query)
@@ -94,15 +100,41 @@ def _conjugate_gradient(
     method: str,
 ) -> Trajectory:
     block = cg_block_size(system.n) if block_size is None else check_count("block_size", block_size, minimum=1)
-    if _use_fused(system, inverse_diagonal, check_choice("backend", backend, CG_BACKENDS)):
-        alpha, squared_norms, pred = fused_pcg(system.K, system.y, system.lam, n_steps, inverse_diagonal, system.K_query)
+    scale = label_scale(system.y)
+    rescaled = bool((scale != 1).any())
+    unit = dataclasses.replace(system, y=system.y / scale) if rescaled else system
+    if _use_fused(unit, inverse_diagonal, check_choice("backend", backend, CG_BACKENDS)):
+        alpha, squared_norms, pred = fused_pcg(unit.K, unit.y, unit.lam, n_steps, inverse_diagonal, unit.K_query)
         residual_norm = squared_norms.sqrt()
     else:
-        alpha, residual_norm = _torch_schedule(system, n_steps, inverse_diagonal, block)
-        pred = system.predictions(alpha)
+        alpha, residual_norm = _torch_schedule(unit, n_steps, inverse_diagonal, block)
+        pred = unit.predictions(alpha)
+    if rescaled:
+        alpha, residual_norm = alpha * scale, residual_norm * scale.squeeze(-1)
+        pred = None if pred is None else pred * scale
     return system.trajectory(
         alpha, residual_norm, method, preconditioner="none" if inverse_diagonal is None else "jacobi", pred=pred
     )
+
+
+LABEL_EXPONENT_RANGE = 200
+"""`cg` rescales a prompt's labels when their largest |value| lies outside
+[2^-LABEL_EXPONENT_RANGE, 2^LABEL_EXPONENT_RANGE] (~6e-61 to ~1.6e60; `label_scale`)."""
+
+
+def label_scale(y: torch.Tensor) -> torch.Tensor:
+    """Per prompt, the power of two to divide labels y `[batch, 1, n]` by before CG runs ->
+    `[batch, 1, 1]`, detached: 1 for labels of ordinary size (largest |y| within 2^+-200), else
+    about the largest |y|.
+
+    CG is 1-homogeneous in y (alpha_t(c y) = c alpha_t(y)), but its step lengths are ratios of
+    squared norms, which underflow for |y| below ~1e-154 (steps of 0: alpha stays 0) and overflow
+    above ~1e154 (NaN). `cg` runs such prompts on y / scale and multiplies back: a power of two
+    divides and multiplies exactly, and d alpha_t / d y, 0-homogeneous in y, is unchanged.
+    """
+    _, exponent = torch.frexp(y.detach().abs().amax(-1, keepdim=True))
+    exponent = torch.where(exponent.abs() > LABEL_EXPONENT_RANGE, exponent, 0)
+    return torch.ldexp(torch.ones_like(exponent, dtype=y.dtype), exponent)
 
 
 def _use_fused(system: KRRSystem, inverse_diagonal: torch.Tensor | None, backend: str) -> bool:

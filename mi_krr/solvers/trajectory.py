@@ -17,7 +17,9 @@ class Trajectory:
 
     Attributes:
         alpha: dual coefficients per step `[..., T+1, n]`; step 0 is the start (alpha = 0).
-        residual_norm: ||y - (K + lam I) alpha_t||_2 per step `[..., T+1]`.
+        residual_norm: ||y - (K + lam I) alpha_t||_2 per step `[..., T+1]`; for CG and
+            Jacobi-CG the recursively updated residual, equal to it until it reaches float64's
+            attainable accuracy, below which it keeps falling (see `mi_krr.solvers.cg`).
         pred: query predictions K_query @ alpha_t per step `[..., T+1, m]`, or None when no
             K_query was given.
         method: solver name, e.g. "cg", "richardson".
