@@ -5,6 +5,7 @@ and for query rows (the vector k_* a prediction reads)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 
@@ -71,11 +72,22 @@ class AttentionKernels:
         return block
 
 
-def attention_kernels(model: ICLModel, task: ICLTask, source: str = "pattern") -> AttentionKernels:
+def attention_kernels(
+    model: ICLModel, task: ICLTask, source: str = "pattern", blocks: Sequence[str] = ATTENTION_BLOCKS
+) -> AttentionKernels:
     """Every layer's and head's attention between support keys and support / query tokens,
     reduced to those blocks inside the hooks, with the model's structural mask on each block (see
-    `probes.streaming.stream_probes` for `source`)."""
+    `probes.streaming.stream_probes` for `source`).
+
+    blocks: which of "support" and "query" to keep (the other is None). Kept for every layer at
+    once, the support block `[batch, layer, head, n_support, n_support]` is the big one: at 12
+    layers, 8 heads, n_support = 512 it holds 25 M floats per prompt; blocks=("query",) reads
+    only `[batch, layer, head, n_query, n_support]`.
+    """
     model = probe_model(model)
     check_choice("source", source, SOURCES)
-    streamed = stream_probes(model, encode_for_probe(model, task), blocks=ATTENTION_BLOCKS, source=source)
+    blocks = tuple(blocks) if not isinstance(blocks, str) else (blocks,)
+    if not blocks:
+        raise ValueError(f"blocks must name at least one of {ATTENTION_BLOCKS}")
+    streamed = stream_probes(model, encode_for_probe(model, task), blocks=blocks, source=source)
     return AttentionKernels.from_stream(streamed, source)

@@ -382,11 +382,16 @@ def _diagnose_task_set(model, set_name, task, prompt, bar, *, algorithms, kernel
     clock = [time.perf_counter()]
 
     def stage_done(stage: str) -> None:
+        """Record `stage`'s time and name the next one on the bar while it runs."""
         now = time.perf_counter()
         seconds[stage] = now - clock[0]
         clock[0] = now
-        bar.set_postfix_str(f"{set_name}: {stage}")
         bar.update(1)
+        following = STAGES.index(stage) + 1
+        if following < len(STAGES):
+            bar.set_postfix_str(f"{set_name}: {STAGES[following]}")
+
+    bar.set_postfix_str(f"{set_name}: {STAGES[0]}")
 
     kernel_name, params = resolve_kernel(task, kernel, kernel_params)
     lam = resolve_lam(task, lam)

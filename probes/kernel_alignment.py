@@ -153,8 +153,8 @@ def kernel_alignment(
             that are normal numbers in the attention's dtype; exact when the attention is exactly
             a row-normalised kernel).
         attention: the model's `attention_kernels(model, task)` (source "pattern") when already
-            read, e.g. by `diagnose`'s single streaming pass; None reads it here (one forward).
-            Only the block compared is needed (the other may be None).
+            read, e.g. by `diagnose`'s single streaming pass; None reads it here (one forward,
+            keeping only the block compared). Only that block is needed (the other may be None).
     """
     kernels = reference_kernel_names(kernels)
     if not kernels:
@@ -162,7 +162,7 @@ def kernel_alignment(
     check_choice("block", block, BLOCKS)
     check_choice("fit", fit, FITS)
     if attention is None:
-        attention = attention_kernels(model, task, source="pattern")
+        attention = attention_kernels(model, task, source="pattern", blocks=(block,))
     elif not isinstance(attention, AttentionKernels) or attention.source != "pattern":
         raise ValueError("attention must be the AttentionKernels of attention_kernels(model, task, source='pattern'), or None")
     pattern = attention.query if block == "query" else attention.support

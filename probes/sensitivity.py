@@ -14,13 +14,17 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Any, Callable, Sequence
 
 import einops
 import torch
+from tqdm import tqdm
 
 from mi_krr._validation import as_float64, check_choice, check_count, check_positive
 from mi_krr.models.adapter import ICLModel
+from mi_krr.solvers.newton import newton_schulz_inverses
+from mi_krr.solvers.system import krr_system
 from mi_krr.tasks import ICLTask
 from mi_krr.tasks.task import check_task
 from probes.streaming import encode_for_probe, model_device_dtype, probe_model, query_readouts, resolve_layers
@@ -37,13 +41,23 @@ BACKWARD_CHUNK = 4
 CPU (2 threads, 256 prompts, the shipped softmax model's 40 rows; rows per pass -> seconds):
 4 -> 3.3-4.5, 8 -> 4.8-5.7, 16 -> 6.1-7.9, 32 -> 7.4-7.8."""
 
+SENSITIVITY_COLUMN_BYTES = 64 * 2**20
+"""`solver_sensitivities` runs a linear-in-y solver on the n identity label columns as one batch,
+and the solvers hold K once per column: columns are run in blocks whose copies of K take at most
+this many bytes (at least one column per block)."""
+
 SOLVER_BACKWARD_CHUNK = 8
 """The same for backward passes through a solver (CG's 168 rows at T = 20, same prompts):
 4 -> 1.19 s, 8 -> 0.72-0.87, 16 -> 0.74-0.88, 32 -> 2.3, 64 -> 2.3."""
 
 
 def label_sensitivities(
-    model: ICLModel, task: ICLTask, layers: Sequence[int] | None = None, chunk_size: int = BACKWARD_CHUNK
+    model: ICLModel,
+    task: ICLTask,
+    layers: Sequence[int] | None = None,
+    chunk_size: int = BACKWARD_CHUNK,
+    prompts_per_pass: int | None = None,
+    progress: bool = False,
 ) -> torch.Tensor:
     """d yhat_l(query j) / d y_i of the read-out lens, by autograd through the model.
 
@@ -53,12 +67,31 @@ def label_sensitivities(
     every mi-krr model does: no batch-coupled layers); the `len(layers) * n_query` rows are taken
     `chunk_size` at a time as vmapped backward passes. Use a float64 model for reference-grade
     numbers.
+
+    prompts_per_pass: differentiate this many prompts at a time (None: the whole batch in one
+        pass). The autograd graph of a pass holds every layer's activations for its prompts, so
+        memory grows with it (a 12-layer, width-256 model at n_support = 128: ~80 MB per prompt);
+        the result is the same.
+    progress: show a tqdm bar over the passes.
     """
     model = probe_model(model)
     layers = resolve_layers(model, layers)
     check_count("chunk_size", chunk_size, minimum=1)
     device, dtype = model_device_dtype(model)
     task = check_task("task", task).to(device=device, dtype=dtype)  # differentiate in the model's precision, not the task's
+    per_pass = max(task.batch_size, 1) if prompts_per_pass is None else check_count("prompts_per_pass", prompts_per_pass, minimum=1)
+    starts = range(0, max(task.batch_size, 1), per_pass)  # one (empty) pass for an empty batch
+    parts = [
+        _label_sensitivity_pass(model, task.select(slice(start, start + per_pass)), layers, chunk_size)
+        for start in tqdm(starts, desc="label sensitivities", unit="pass", disable=not progress, leave=False)
+    ]
+    jacobian = torch.cat(parts) if len(parts) > 1 else parts[0]
+    return einops.rearrange(jacobian, "batch (layer query) n -> batch layer query n", layer=len(layers)).to(torch.float64)
+
+
+def _label_sensitivity_pass(model: ICLModel, task: ICLTask, layers: list[int], chunk_size: int) -> torch.Tensor:
+    """One differentiable forward of `task`'s prompts and the Jacobian of their read-outs at
+    `layers` w.r.t. their labels -> `[batch, len(layers) * n_query, n_support]`."""
     with torch.inference_mode(False), torch.enable_grad():  # also under a caller's no_grad() or inference_mode()
         labels = task.y_support.detach().clone().requires_grad_(True)
         prompt = encode_for_probe(model, dataclasses.replace(task, y_support=labels))
@@ -68,8 +101,7 @@ def label_sensitivities(
                 "the model's predictions do not depend differentiably on task.y_support: its encode() must build "
                 "tokens from the labels with torch operations (no detach / numpy round trip)"
             )
-        jacobian = batch_jacobian(pred.flatten(1), labels, chunk_size)  # [B, L' * m, n]
-    return einops.rearrange(jacobian, "batch (layer query) n -> batch layer query n", layer=len(layers)).to(torch.float64)
+        return batch_jacobian(pred.flatten(1), labels, chunk_size)
 
 
 def _in_graph(leaf: torch.Tensor, output: torch.Tensor) -> bool:
@@ -156,13 +188,21 @@ def solver_sensitivities(
     check_count("chunk_size", chunk_size, minimum=1)
     batch_shape = torch.broadcast_shapes(K.shape[:-2], K_query.shape[:-2])
     K, K_query = K.expand(*batch_shape, n, n), K_query.expand(*batch_shape, m, n)
+    if linear and algorithm == "newton":
+        return _newton_sensitivities(K, K_query, lam, n_steps)
     if linear:
         if isinstance(algorithm, str):
             solve = solver_with_explicit_parameters(algorithm, K, lam)
-        columns = torch.eye(n, dtype=K.dtype, device=K.device).reshape(n, *(1,) * len(batch_shape), n).expand(n, *batch_shape, n)
-        per_column = (K.expand(n, *batch_shape, n, n), K_query.expand(n, *batch_shape, m, n))  # column first: per-prompt
-        pred = solve(per_column[0], columns, lam, n_steps, K_query=per_column[1]).pred  # parameters [...] broadcast
-        return einops.rearrange(pred, "column ... step query -> ... step query column")  # [column, ..., T+1, m]
+        identity = torch.eye(n, dtype=K.dtype, device=K.device).reshape(n, *(1,) * len(batch_shape), n)
+        per_run = max(1, SENSITIVITY_COLUMN_BYTES // (K.element_size() * max(math.prod(batch_shape), 1) * n * n))
+        parts = []
+        for start in range(0, n, per_run):  # the solvers copy K once per column: a bounded block of columns at a time
+            columns = identity[start : start + per_run].expand(-1, *batch_shape, n)
+            count = columns.shape[0]
+            per_column = (K.expand(count, *batch_shape, n, n), K_query.expand(count, *batch_shape, m, n))  # column first
+            parts.append(solve(per_column[0], columns, lam, n_steps, K_query=per_column[1]).pred)  # parameters [...] broadcast
+        pred = torch.cat(parts) if len(parts) > 1 else parts[0]  # [column, ..., T+1, m]
+        return einops.rearrange(pred, "column ... step query -> ... step query column")
     if y is None:
         name = algorithm if isinstance(algorithm, str) else "this solver"
         raise ValueError(f"algorithm {name!r} is nonlinear in y: pass the labels y [..., n] to take its sensitivity at")
@@ -186,6 +226,16 @@ def solver_sensitivities(
         pred = solve(K, labels.reshape(*batch_shape, n), lam, n_steps, K_query=K_query).pred  # [..., T+1, m]
         jacobian = batch_jacobian(pred.reshape(labels.shape[0], -1), labels, chunk_size)  # [B, (T+1) m, n]
     return jacobian.reshape(*batch_shape, n_steps + 1, m, n)
+
+
+def _newton_sensitivities(K: torch.Tensor, K_query: torch.Tensor, lam: float, n_steps: int) -> torch.Tensor:
+    """Newton-Schulz's step-t map is K_query M_{t-1} (alpha_t = M_{t-1} y; 0 at t = 0): one run
+    of the matrix iteration gives every step's sensitivity `[..., T+1, m, n]` (not one run per
+    label column)."""
+    system = krr_system(K, torch.zeros(K.shape[:-1], dtype=K.dtype, device=K.device), lam, K_query)
+    _, inverses = newton_schulz_inverses(system, n_steps)
+    maps = [torch.zeros_like(system.K_query)] + [torch.bmm(system.K_query, inverse) for inverse in inverses]
+    return system.unflatten(torch.stack(maps, dim=1))
 
 
 RICHARDSON_PRECONDITIONERS: dict[str, str] = {"gd": "none", "richardson_jacobi": "jacobi", "richardson_rowsum": "rowsum"}

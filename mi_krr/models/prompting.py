@@ -74,7 +74,8 @@ def _check_sequence_length(model: object, length: int, sequence: str) -> None:
     max_len = model.max_seq_len
     if max_len is not None and length > max_len:
         raise ValueError(
-            f"{sequence} has {length} tokens, more than this model's max_seq_len={max_len}: use fewer support points"
+            f"{sequence} has {length} tokens, more than this model's max_seq_len={max_len}: use fewer support points "
+            "(or, for a model you build, a larger max_seq_len in its config; a trained model has positions only up to it)"
         )
 
 

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
 from mi_krr.solvers.spectrum import preconditioned_eigenvalues
-from mi_krr.solvers.system import check_steps, krr_system
+from mi_krr.solvers.system import KRRSystem, check_steps, krr_system
 from mi_krr.solvers.trajectory import Trajectory
 
 SCALE_MARGIN_PER_DIMENSION = 4.0
@@ -55,16 +55,8 @@ def newton_schulz(K: Any, y: Any, lam: float, n_steps: int, K_query: Any = None)
         margin-shrunk c above}; residual_norm = ||y - A alpha_t||.
     """
     system = krr_system(K, y, lam, K_query)
-    n_steps = check_steps(n_steps)
-    scale = newton_schulz_scale(preconditioned_eigenvalues(system)).reshape(-1, 1, 1)
-    A = system.K + system.lam * torch.eye(system.n, dtype=system.K.dtype, device=system.K.device)
-    inverse = scale * A  # M_0, symmetric like every M_s (a polynomial in A)
-    iterates = [torch.zeros_like(system.y)]
-    for step in range(n_steps):
-        iterates.append(torch.bmm(system.y, inverse))
-        if step + 1 < n_steps:
-            inverse = torch.baddbmm(inverse, inverse, torch.bmm(A, inverse), beta=2.0, alpha=-1.0)
-    alpha = torch.cat(iterates, dim=-2)
+    scale, inverses = newton_schulz_inverses(system, check_steps(n_steps))
+    alpha = torch.cat([torch.zeros_like(system.y)] + [torch.bmm(system.y, inverse) for inverse in inverses], dim=-2)
     return system.trajectory(
         alpha,
         system.residual_norms(alpha),
@@ -72,6 +64,23 @@ def newton_schulz(K: Any, y: Any, lam: float, n_steps: int, K_query: Any = None)
         preconditioner="none",
         params={"scale": system.recorded(None, scale)},
     )
+
+
+def newton_schulz_inverses(system: KRRSystem, n_steps: int) -> tuple[torch.Tensor, Iterator[torch.Tensor]]:
+    """The start scale c `[batch, 1, 1]` and the approximate inverses M_0, ..., M_{T-1} of
+    A = K + lam I (each `[batch, n, n]`, symmetric), produced one at a time so that only two are
+    held at once (`newton_schulz`; also the label sensitivities K_query M_{t-1})."""
+    scale = newton_schulz_scale(preconditioned_eigenvalues(system)).reshape(-1, 1, 1)
+
+    def inverses() -> Iterator[torch.Tensor]:
+        A = system.K + system.lam * torch.eye(system.n, dtype=system.K.dtype, device=system.K.device)
+        inverse = scale * A  # M_0, symmetric like every M_s (a polynomial in A)
+        for step in range(n_steps):
+            yield inverse
+            if step + 1 < n_steps:
+                inverse = torch.baddbmm(inverse, inverse, torch.bmm(A, inverse), beta=2.0, alpha=-1.0)
+
+    return scale, inverses()
 
 
 iterative_newton = newton_schulz
