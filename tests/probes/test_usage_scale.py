@@ -33,12 +33,12 @@ import torch
 from scipy.special import erf
 from scipy.special import softmax as np_softmax
 from scipy.stats import spearmanr
-from torch.profiler import ProfilerActivity, profile
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import FlopCounterMode
 
 import probes
+from benchmarks.bench_probes import torch_peak_mb  # the profiler-based peak the benchmark reports
 from mi_krr.kernels import kernel_matrix
 from mi_krr.models import ICLTransformer, ICLTransformerConfig
 from mi_krr.tasks import GPRegressionSampler
@@ -89,19 +89,6 @@ def numpy_forward(model: ICLTransformer, task, b: int):
         stream.append(resid)
     readout = [(ln(r[n:], P["ln_final.weight"], P["ln_final.bias"]) @ P["read_out.weight"].T + P["read_out.bias"])[:, 0] for r in stream]
     return np.stack(readout), patterns
-
-
-def torch_peak_bytes(run) -> int:
-    """The most bytes torch held allocated at once during run(): the profiler's per-op net
-    allocations summed in time order (as benchmarks/bench_probes.py measures)."""
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        run()
-    events = sorted((e for e in prof.events() if e.self_cpu_memory_usage), key=lambda e: e.time_range.start)
-    live = peak = 0
-    for event in events:
-        live += event.self_cpu_memory_usage
-        peak = max(peak, live)
-    return peak
 
 
 class LargestTensor(TorchDispatchMode):
@@ -247,10 +234,10 @@ def test_streaming_lens_on_a_12_layer_model_peaks_at_the_bare_forward_while_run_
         with torch.no_grad():
             model.run_with_cache(model.encode(task).tokens)
 
-    bare = torch_peak_bytes(forward)
-    lens = torch_peak_bytes(lambda: probes.layer_predictions(model, task))
+    bare = torch_peak_mb(forward)
+    lens = torch_peak_mb(lambda: probes.layer_predictions(model, task))
     assert lens <= 1.1 * bare
-    assert torch_peak_bytes(cache) >= 4 * bare
+    assert torch_peak_mb(cache) >= 4 * bare
 
 
 def test_kernel_alignment_of_the_query_block_builds_no_support_block():
@@ -336,9 +323,9 @@ def test_label_sensitivities_in_passes_of_few_prompts_keep_peak_memory_flat_and_
     model = fresh_model(n_layers=12, d_model=32, n_heads=4, n_dims=2)
     sampler = GPRegressionSampler(dim=2, noise_std=0.2)
     small, large = sampler.sample(2, 48, 2, seed=1), sampler.sample(8, 48, 2, seed=1)
-    peak_small = torch_peak_bytes(lambda: probes.label_sensitivities(model, small, layers=[1, 12]))
-    peak_one_pass = torch_peak_bytes(lambda: probes.label_sensitivities(model, large, layers=[1, 12]))
-    peak_passes = torch_peak_bytes(lambda: probes.label_sensitivities(model, large, layers=[1, 12], prompts_per_pass=2))
+    peak_small = torch_peak_mb(lambda: probes.label_sensitivities(model, small, layers=[1, 12]))
+    peak_one_pass = torch_peak_mb(lambda: probes.label_sensitivities(model, large, layers=[1, 12]))
+    peak_passes = torch_peak_mb(lambda: probes.label_sensitivities(model, large, layers=[1, 12], prompts_per_pass=2))
     assert peak_passes <= 2 * peak_small < peak_one_pass
     one_pass = probes.label_sensitivities(model, large, layers=[1, 12])
     in_passes = probes.label_sensitivities(model, large, layers=[1, 12], prompts_per_pass=3, progress=True)
