@@ -15,7 +15,8 @@ min |y|; float32 given 4 eps and half precision 1 eps of symmetry tolerance; exp
 only when every entry overflows, and its message's exponent and limit; label_sensitivities
 dropping the last pass at prompts_per_pass=1 and inverting progress; the last one-column block
 of solver_sensitivities dropped; prompts with any zero label refused; blocks="query" split into
-characters; the first diagnose stage unnamed; one Newton-Schulz update too many.
+characters; the first diagnose stage unnamed (killed by
+tests/probes/test_usage_scale.py's progress-bar test, extended for it); one Newton-Schulz update too many.
 
 Each test below kills at least one surviving mutant and asserts against a reference independent
 of the library: SciPy's CG / preconditioned CG iterates at label scale 1 and the true residual
@@ -34,17 +35,15 @@ import numpy as np
 import pytest
 import scipy.sparse.linalg
 import torch
-from scipy.special import erf
-from scipy.special import softmax as np_softmax
 
 import probes
+from icl_numpy_forward import numpy_lens_and_patterns
 from mi_krr.kernels import exp_kernel, gaussian_kernel
 from mi_krr.models import ICLTransformer, ICLTransformerConfig
 from mi_krr.solvers import cg, jacobi_cg, krr
 from mi_krr.tasks import GPRegressionSampler
 
 sensitivity_module = importlib.import_module("probes.sensitivity")
-diagnose_module = importlib.import_module("probes.diagnose")
 
 
 def gaussian_np(x: np.ndarray, z: np.ndarray) -> np.ndarray:
@@ -149,38 +148,6 @@ def tiny_model() -> ICLTransformer:
     return ICLTransformer(ICLTransformerConfig(n_dims=2, d_model=16, n_layers=2, n_heads=2, dtype="float64")).eval()
 
 
-def numpy_forward(model: ICLTransformer, xs, ys, xq):
-    """Read-out lens `[L + 1, m]` and attention patterns `[H, S, S]` per layer of one prompt, from
-    the state dict (concat layout, non-causal support, LayerNorm, GELU MLP)."""
-    cfg = model.cfg
-    P = {k: v.detach().double().numpy() for k, v in model.state_dict().items()}
-    n, m = len(ys), len(xq)
-    S = n + m
-    tokens = np.concatenate([np.c_[xs, ys], np.c_[xq, np.zeros(m)]])
-    allowed = np.zeros((S, S), bool)
-    allowed[:, :n] = True
-    allowed[np.arange(n, S), np.arange(n, S)] = True
-
-    def ln(v, w, bias):
-        return (v - v.mean(-1, keepdims=True)) / np.sqrt(v.var(-1, keepdims=True) + 1e-5) * w + bias
-
-    resid = tokens @ P["read_in.weight"].T + P["read_in.bias"]
-    stream, patterns = [resid], []
-    for layer in range(cfg.n_layers):
-        p = f"blocks.{layer}."
-        h = ln(resid, P[p + "ln1.weight"], P[p + "ln1.bias"])
-        qq, kk, vv = (np.einsum("sd,hde->hse", h, P[p + f"attn.W_{c}"]) + P[p + f"attn.b_{c}"][:, None] for c in "QKV")
-        scores = np.where(allowed, np.einsum("hse,hte->hst", qq, kk) / np.sqrt(cfg.d_head), -np.inf)
-        pattern = np_softmax(scores, axis=-1)
-        patterns.append(pattern)
-        resid = resid + np.einsum("hse,hed->sd", np.einsum("hst,hte->hse", pattern, vv), P[p + "attn.W_O"]) + P[p + "attn.b_O"]
-        h = ln(resid, P[p + "ln2.weight"], P[p + "ln2.bias"]) @ P[p + "mlp.fc_in.weight"].T + P[p + "mlp.fc_in.bias"]
-        resid = resid + (0.5 * h * (1 + erf(h / np.sqrt(2)))) @ P[p + "mlp.fc_out.weight"].T + P[p + "mlp.fc_out.bias"]
-        stream.append(resid)
-    lens = [(ln(r[n:], P["ln_final.weight"], P["ln_final.bias"]) @ P["read_out.weight"].T + P["read_out.bias"])[:, 0] for r in stream]
-    return np.stack(lens), patterns
-
-
 def test_label_sensitivities_one_prompt_per_pass_match_numpy_finite_differences():
     """prompts_per_pass=1 on 3 prompts: every prompt (the last one included) gets the central
     finite differences (h = 1e-6) of a NumPy forward's read-out lens at layers 1 and 2."""
@@ -194,7 +161,7 @@ def test_label_sensitivities_one_prompt_per_pass_match_numpy_finite_differences(
         for i in range(5):
             e = np.zeros(5)
             e[i] = h
-            fd = (numpy_forward(model, xs, ys + e, xq)[0] - numpy_forward(model, xs, ys - e, xq)[0]) / (2 * h)
+            fd = (numpy_lens_and_patterns(model, xs, ys + e, xq)[0] - numpy_lens_and_patterns(model, xs, ys - e, xq)[0]) / (2 * h)
             np.testing.assert_allclose(sens[b, :, :, i], fd[1:], rtol=0, atol=1e-7)
 
 
@@ -257,43 +224,8 @@ def test_attention_kernels_accept_one_block_named_by_a_string():
     kernels = probes.attention_kernels(model, task, blocks="query")
     assert kernels.support is None and kernels.query.shape == (2, 2, 2, 3, 5)
     for b in range(2):
-        _, patterns = numpy_forward(model, *(t[b].numpy() for t in (task.x_support, task.y_support, task.x_query)))
+        _, patterns = numpy_lens_and_patterns(model, *(t[b].numpy() for t in (task.x_support, task.y_support, task.x_query)))
         np.testing.assert_allclose(kernels.query[b, 0].numpy(), patterns[0][:, 5:, :5], rtol=0, atol=1e-13)
-
-
-# ----- diagnose (mutant: the first stage not named before it runs) ---------------------------
-
-
-def test_diagnose_progress_bar_names_the_first_stage_while_it_runs(monkeypatch):
-    """The bar reads 'tasks: KRR system' while the first stage (which computes the kernel matrix)
-    runs, as it names every later stage."""
-    bars, seen = [], []
-
-    class RecordingBar(diagnose_module.tqdm):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            self.postfix_text = ""
-            bars.append(self)
-
-        def set_postfix_str(self, s="", refresh=True):
-            self.postfix_text = s
-            return super().set_postfix_str(s, refresh)
-
-    original = diagnose_module.kernel_matrix
-
-    def kernel_matrix(*args, **kwargs):
-        if bars:
-            seen.append(bars[-1].postfix_text)
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(diagnose_module, "tqdm", RecordingBar)
-    monkeypatch.setattr(diagnose_module, "kernel_matrix", kernel_matrix)
-    torch.manual_seed(0)
-    model = ICLTransformer(ICLTransformerConfig(n_dims=2, d_model=16, n_layers=2, n_heads=2)).eval()
-    task = GPRegressionSampler(dim=2, noise_std=0.2).sample(4, 8, 2, seed=0)
-    probes.diagnose(model, task, algorithms=("gd",), n_steps=3, kernels=(), sensitivities=False, bootstrap=0,
-                    step_sizes="optimal", progress=True)
-    assert seen and seen[0].endswith(": KRR system")
 
 
 # ----- newton_schulz_inverses (mutant: one more matrix update after the last M_{T-1}) ---------

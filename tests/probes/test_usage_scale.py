@@ -30,8 +30,6 @@ import importlib
 import numpy as np
 import pytest
 import torch
-from scipy.special import erf
-from scipy.special import softmax as np_softmax
 from scipy.stats import spearmanr
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
@@ -39,6 +37,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import probes
 from benchmarks.bench_probes import torch_peak_mb  # the profiler-based peak the benchmark reports
+from icl_numpy_forward import numpy_lens_and_patterns
 from mi_krr.kernels import kernel_matrix
 from mi_krr.models import ICLTransformer, ICLTransformerConfig
 from mi_krr.tasks import GPRegressionSampler
@@ -60,35 +59,8 @@ def gp_task(batch, n_support, n_query, dim=3, seed=2, dtype=torch.float32):
 
 def numpy_forward(model: ICLTransformer, task, b: int):
     """Per-layer read-out lens `[L + 1, m]` and every layer's attention pattern `[H, S, S]` of
-    prompt b, from the state dict (concat layout, non-causal support, LayerNorm, GELU)."""
-    cfg = model.cfg
-    P = {k: v.detach().double().numpy() for k, v in model.state_dict().items()}
-    xs, ys, xq = (t[b].double().numpy() for t in (task.x_support, task.y_support, task.x_query))
-    n, m = len(ys), len(xq)
-    S = n + m
-    tokens = np.concatenate([np.c_[xs, ys], np.c_[xq, np.zeros(m)]])
-    allowed = np.zeros((S, S), bool)
-    allowed[:, :n] = True
-    allowed[np.arange(n, S), np.arange(n, S)] = True
-
-    def ln(x, w, bias):
-        return (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + 1e-5) * w + bias
-
-    resid = tokens @ P["read_in.weight"].T + P["read_in.bias"]
-    stream, patterns = [resid], []
-    for layer in range(cfg.n_layers):
-        p = f"blocks.{layer}."
-        h = ln(resid, P[p + "ln1.weight"], P[p + "ln1.bias"])
-        q, k, v = (np.einsum("sd,hde->hse", h, P[p + f"attn.W_{c}"]) + P[p + f"attn.b_{c}"][:, None] for c in "QKV")
-        scores = np.where(allowed, np.einsum("hse,hte->hst", q, k) / np.sqrt(cfg.d_head), -np.inf)
-        pattern = np_softmax(scores, axis=-1)
-        patterns.append(pattern)
-        resid = resid + np.einsum("hse,hed->sd", np.einsum("hst,hte->hse", pattern, v), P[p + "attn.W_O"]) + P[p + "attn.b_O"]
-        h = ln(resid, P[p + "ln2.weight"], P[p + "ln2.bias"]) @ P[p + "mlp.fc_in.weight"].T + P[p + "mlp.fc_in.bias"]
-        resid = resid + (0.5 * h * (1 + erf(h / np.sqrt(2)))) @ P[p + "mlp.fc_out.weight"].T + P[p + "mlp.fc_out.bias"]
-        stream.append(resid)
-    readout = [(ln(r[n:], P["ln_final.weight"], P["ln_final.bias"]) @ P["read_out.weight"].T + P["read_out.bias"])[:, 0] for r in stream]
-    return np.stack(readout), patterns
+    prompt b, from the state dict (`icl_numpy_forward`)."""
+    return numpy_lens_and_patterns(model, *(t[b].double().numpy() for t in (task.x_support, task.y_support, task.x_query)))
 
 
 class LargestTensor(TorchDispatchMode):
@@ -363,12 +335,19 @@ def test_diagnose_progress_bar_names_the_stage_that_is_running(monkeypatch):
         seen["sensitivities"] = bars[-1].postfix_text
         return original_sensitivities(*args, **kwargs)
 
+    def kernel_matrix(*args, **kwargs):  # first called by the first stage, "KRR system"
+        seen.setdefault("KRR system", bars[-1].postfix_text if bars else "")
+        return original_kernel_matrix(*args, **kwargs)
+
+    original_kernel_matrix = diagnose_module.kernel_matrix
     monkeypatch.setattr(diagnose_module, "tqdm", RecordingBar)
     monkeypatch.setattr(diagnose_module, "kernel_alignment", alignment)
     monkeypatch.setattr(diagnose_module, "label_sensitivities", sensitivities)
+    monkeypatch.setattr(diagnose_module, "kernel_matrix", kernel_matrix)
     model = fresh_model(n_layers=2, d_model=16, n_heads=2, n_dims=2)
     task = GPRegressionSampler(dim=2, noise_std=0.2).sample(4, 8, 2, seed=0)
     probes.diagnose(model, task, algorithms=("gd", "cg"), n_steps=4, kernels=("gaussian",), sensitivities=True, bootstrap=0,
                     step_sizes="optimal", progress=True)
-    assert "sensitivities" in seen["sensitivities"]
-    assert "kernel alignment" in seen["kernel alignment"]
+    assert seen["KRR system"] == "tasks: KRR system"
+    assert seen["sensitivities"] == "tasks: sensitivities"
+    assert seen["kernel alignment"] == "tasks: kernel alignment"
