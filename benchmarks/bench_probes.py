@@ -157,7 +157,8 @@ def torch_peak_mb(run) -> float:
     return peak / 2**20
 
 
-def _status_kb(field: str) -> int:
+def status_kb(field: str) -> int:
+    """A field of /proc/self/status in kB (e.g. VmRSS, VmHWM); also used by bench_scale.py."""
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(field + ":"):
             return int(line.split()[1])
@@ -170,9 +171,9 @@ def measure_memory(name: str, variant: str, batch: int) -> None:
     model, task, _ = load(name, batch)
     run = variants(model, task)[variant]
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
-    before = _status_kb("VmRSS")
+    before = status_kb("VmRSS")
     run()
-    print(json.dumps({"growth_mb": (_status_kb("VmHWM") - before) / 1024}))
+    print(json.dumps({"growth_mb": (status_kb("VmHWM") - before) / 1024}))
 
 
 def memory_in_subprocess(name: str, variant: str, batch: int) -> float:

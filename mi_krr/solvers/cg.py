@@ -70,8 +70,8 @@ def cg(
         residual_norm is CG's recursively updated residual (what SciPy's and most CG codes
         track): equal to ||y - (K + lam I) alpha_t|| to rounding until that reaches float64's
         attainable accuracy (~1e-16 ||K + lam I|| ||alpha_t||); past convergence it keeps
-        falling geometrically (to 1e-70 and below) while the true residual of alpha_t stalls
-        there. Computing the true one would cost a second mat-vec per step; where it is wanted:
+        falling geometrically, many orders of magnitude lower, while the true residual of
+        alpha_t stalls there. Computing the true one would cost a second mat-vec per step; where it is wanted:
         `torch.linalg.vector_norm(y[..., None, :] - alpha @ (K + lam I), dim=-1)`.
     """
     system = krr_system(K, y, lam, K_query)

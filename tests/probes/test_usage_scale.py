@@ -215,8 +215,8 @@ def test_streaming_lens_on_a_12_layer_model_peaks_at_the_bare_forward_while_run_
 def test_kernel_alignment_of_the_query_block_builds_no_support_block():
     """kernel_alignment with attention=None used to read both of attention_kernels' blocks, so
     every layer's support x support block [B, L, H, n, n] was stacked and kept though the default
-    block="query" compares only [B, L, H, m, n] (measured at 12 layers, width 256, 8 heads, B = 8,
-    n = 512: 1.66 GB RSS growth and 11.3 s, against 0.27 GB and 3.9 s for the query block alone).
+    block="query" compares only [B, L, H, m, n] (`benchmarks/bench_scale.py` measures both
+    codes' peak memory at 256 support points).
     Now no tensor reaches half the support block's size (the largest left is the scale fit's grid,
     [grid points, B * m * n]); attention_kernels(blocks=("query",)) reads that block alone."""
     model = fresh_model(n_layers=8, d_model=32, n_heads=4, n_dims=2)
@@ -234,7 +234,7 @@ def test_kernel_alignment_of_the_query_block_builds_no_support_block():
 
 def test_solver_sensitivities_of_linear_solvers_copy_k_in_bounded_blocks_of_columns(monkeypatch):
     """The n identity columns run as a batch with K.expand(n, B, n, n), which the solvers turn into
-    n copies of K (1.3 GB at B = 8, n = 256, for a 6 MB result). They now run in blocks of
+    n copies of K (`benchmarks/bench_scale.py` measures both codes). They now run in blocks of
     columns whose copies fit SENSITIVITY_COLUMN_BYTES (64 MiB by default); with the budget set to
     four kernels' worth, no tensor exceeds eight kernels or results, and the sensitivities equal
     the one-block ones, which equal a NumPy GD loop run on each identity column."""
@@ -275,8 +275,8 @@ def test_newton_sensitivities_equal_k_query_times_the_newton_schulz_matrices():
 def test_newton_sensitivities_cost_no_more_than_a_few_newton_schulz_runs():
     """Newton-Schulz's step-t map is the matrix K_query M_{t-1} itself: one run of the iteration
     (2 n^3 multiply-adds per matrix product, two per step) gives every sensitivity. The identity
-    column trick used before ran the matrix iteration n times over (114 s, 5.3 GB at B = 8,
-    n = 256)."""
+    column trick used before ran the matrix iteration n times over (`benchmarks/bench_scale.py`
+    times both codes)."""
     B, n, T = 2, 48, 8
     K, K_query, y, lam = gaussian_system(B, n, 6)
     with FlopCounterMode(display=False) as counter:
@@ -287,8 +287,8 @@ def test_newton_sensitivities_cost_no_more_than_a_few_newton_schulz_runs():
 
 def test_label_sensitivities_in_passes_of_few_prompts_keep_peak_memory_flat_and_the_numbers():
     """Prompts are independent (the docstring says so), so the Jacobian can be taken a few prompts
-    at a time at the same total cost; in one pass a 12-layer model at B = 8, n = 128, m = 8 took
-    55 s and 643 MB (12x a bare forward's 52 MB), and B = 64 at n = 512 would need tens of GB.
+    at a time at the same total cost; in one pass the graph holds every prompt's activations
+    (`benchmarks/bench_scale.py` measures both ways on a 12-layer, width-256 model).
     Here: a 12-layer toy model; with prompts_per_pass=2 the peak at B = 8 stays within 2x the peak
     at B = 2 (one pass over all 8 prompts: ~4x), and the result equals the one-pass result (which
     the other tests check against finite differences) to float32 rounding."""
