@@ -2,7 +2,7 @@
 (`bench_probes.load`; `--scale` adds its freshly initialised 12-layer, width-256, 8-head model):
 
 - kernel alignment (`probes.kernel_alignment`, query block, exp and Gaussian kernels) with
-  `CHUNK_VALUES` = 2^16 .. 2^19 numbers per chunk of prompts (the shipped value is 2^18);
+  `probes.kernel_scale_fit.CHUNK_VALUES` = 2^16 .. 2^19 numbers per chunk of prompts (the shipped value is 2^18);
 - the cross-fitted step sizes of diagnose's four fitted algorithms, one algorithm at a time
   (`cross_fit_step` each) against all together (`cross_fit_steps`, the lockstep diagnose runs),
   with the fitted steps of both checked equal, and as diagnose fits them (`fit_global_steps`: the
@@ -16,7 +16,7 @@ Variants alternate within each repeat; medians. Run: .venv/bin/python benchmarks
 from __future__ import annotations
 
 import argparse
-import sys
+import importlib
 
 import numpy as np
 import torch
@@ -31,7 +31,7 @@ def kernel_alignment_chunks(model, task, repeats: int) -> dict[str, float]:
     from probes.kernel_alignment import kernel_alignment
     from probes.streaming import stream_probes
 
-    module = sys.modules["probes.kernel_alignment"]  # `probes.kernel_alignment` the name is the function
+    module = importlib.import_module("probes.kernel_scale_fit")  # its chunks serve the fit and the metrics
     shipped = module.CHUNK_VALUES
     streamed = stream_probes(model, model.encode(task), layers=[], blocks=(ALIGNMENT_BLOCK,))
     attention = AttentionKernels.from_stream(streamed)
@@ -91,7 +91,7 @@ def step_fits(model, task, repeats: int) -> dict[str, float]:
 
 def count_scored_candidates(fit) -> int:
     """(prompt, candidate) trajectories one call of `fit` scores (through `probes.step_sizes.path_scores`)."""
-    module = sys.modules["probes.step_sizes"]
+    module = importlib.import_module("probes.step_sizes")
     scored, original = [0], module.path_scores
 
     def counting(layer_pred, candidate_pred, *args, **kwargs):

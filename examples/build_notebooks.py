@@ -206,7 +206,7 @@ ATTACH_PROBES = [
     ),
     code(
         """
-        from probes.kernel_alignment import log_similarity, row_normalised_kernel
+        from probes.kernel_scale_fit import log_similarity, row_normalised_kernel
 
         small = task.select(slice(0, 64))
         spearman = alignment.metrics["gaussian"]["row_spearman"]
@@ -780,7 +780,7 @@ SOFTMAX_KERNEL_OOD = [
     ),
     code(
         """
-        from probes.kernel_alignment import log_similarity, row_normalised_kernel
+        from probes.kernel_scale_fit import log_similarity, row_normalised_kernel
 
         generator = torch.Generator().manual_seed(0)
         rows = []

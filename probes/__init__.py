@@ -9,7 +9,8 @@ Every probe talks to a model only through `mi_krr.models.adapter.ICLModel`; star
 from probes.attach import ProbedModel, attach
 from probes.attention_kernels import AttentionKernels, attention_kernels
 from probes.fitted_probes import LayerProbes, RidgeFit, fit_layer_probes
-from probes.kernel_alignment import KernelAlignment, alignment_metrics, kernel_alignment
+from probes.alignment_metrics import alignment_metrics
+from probes.kernel_alignment import KernelAlignment, kernel_alignment
 from probes.layer_predictions import layer_predictions
 from probes.sensitivity import label_sensitivities, solver_sensitivities
 

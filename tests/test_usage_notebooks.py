@@ -31,7 +31,8 @@ from mi_krr.models import model_from_config
 from mi_krr.solvers import ALGORITHMS
 from mi_krr.tasks import LinearRegressionSampler, apply_shift, applicable_shifts, sampler_from_config
 from mi_krr.train import bayes_optimal_predictions, load_model, optimal_ridge, preset_config, read_run_config
-from probes.kernel_alignment import METRICS, KernelAlignment, log_similarity, row_normalised_kernel
+from probes.kernel_alignment import METRICS, KernelAlignment
+from probes.kernel_scale_fit import log_similarity, row_normalised_kernel
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 

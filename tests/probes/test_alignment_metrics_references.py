@@ -17,7 +17,8 @@ from scipy import stats
 from kernel_references import numpy_row_softmax
 from probes import alignment_metrics, kernel_alignment
 from probes.attention_kernels import AttentionKernels
-from probes.kernel_alignment import KernelAlignment, log_similarity, row_normalised_kernel
+from probes.kernel_alignment import KernelAlignment
+from probes.kernel_scale_fit import log_similarity, row_normalised_kernel
 from prompts import random_task
 
 D, N, M = 3, 5, 4

@@ -14,7 +14,8 @@ from probes.attention_kernels import AttentionKernels
 from probes.diagnose import diagnose, resolve_lam
 from probes.fitted_probes import fit_layer_probes
 from probes.identifiability import algorithm_agreement
-from probes.kernel_alignment import alignment_metrics, kernel_alignment
+from probes.alignment_metrics import alignment_metrics
+from probes.kernel_alignment import kernel_alignment
 from probes.scoring import monotone_alignment, score_algorithm, score_algorithms
 from probes.sensitivity import solver_sensitivities
 from probes.step_sizes import spectral_system

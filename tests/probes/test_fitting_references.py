@@ -1,4 +1,4 @@
-"""The fitting machinery of `probes.step_sizes` and `probes.kernel_alignment` against independent
+"""The fitting machinery of `probes.step_sizes` and `probes.kernel_scale_fit` against independent
 references: the cross-fitted solvers against NumPy loops, the grid + bracketed Brent search
 against SciPy's bounded minimiser on a synthetic objective, chunked candidate scoring against
 brute-force path R2, bounded Brent on plateaus and kinks against SciPy, and the kernel-scale
@@ -18,13 +18,8 @@ from brute_force import path_r2
 from kernel_references import numpy_mean_distance, numpy_row_softmax
 from mi_krr.kernels import gaussian_kernel
 from probes.attention_kernels import AttentionKernels
-from probes.kernel_alignment import (
-    GRID_SPACING,
-    fit_inverse_scale,
-    kernel_alignment,
-    log_similarity,
-    row_normalised_kernel,
-)
+from probes.kernel_alignment import kernel_alignment
+from probes.kernel_scale_fit import GRID_SPACING, fit_inverse_scale, log_similarity, row_normalised_kernel
 from probes.step_sizes import (
     LOG_STEP_XTOL,
     MOMENTUM_GRID,
@@ -39,7 +34,7 @@ from probes.step_sizes import (
 from prompts import random_task
 
 step_sizes = importlib.import_module("probes.step_sizes")
-alignment = importlib.import_module("probes.kernel_alignment")  # `probes.kernel_alignment` also names a function
+scale_fit = importlib.import_module("probes.kernel_scale_fit")
 
 LAM = 0.05
 
@@ -212,7 +207,7 @@ def test_bounded_brent_takes_scipys_steps_on_plateaus_and_kinks(function, bounds
     assert seen == expected_seen and x[0] == expected.x and fun[0] == expected.fun
 
 
-# ---------------------------------------------------------------- probes.kernel_alignment
+# ---------------------------------------------------------------- probes.kernel_scale_fit
 
 
 def noisy_heads(seed: int, per_head_keys: bool, batch: int = 5, n: int = 6):
@@ -230,10 +225,10 @@ def noisy_heads(seed: int, per_head_keys: bool, batch: int = 5, n: int = 6):
 
 def test_grid_losses_across_prompt_chunks_equal_numpy_distances_at_every_grid_point(monkeypatch):
     """Ten grid points (three squaring generations past the first GRID_CHAINS), chunks of one prompt."""
-    from probes.kernel_alignment import _grid_losses
+    from probes.kernel_scale_fit import _grid_losses
 
     attn, similarity, keys = noisy_heads(7, per_head_keys=False)
-    monkeypatch.setattr(alignment, "CHUNK_VALUES", 1)
+    monkeypatch.setattr(scale_fit, "CHUNK_VALUES", 1)
     points = GRID_SPACING * torch.arange(-4, 6, dtype=torch.float64)
     losses = _grid_losses(attn.flatten(1, 2), similarity[:, 0, 0], keys[:, 0, 0], points)  # [4 heads, 10]
     a, s, k = attn.flatten(1, 2).numpy(), similarity[:, 0, 0].numpy(), keys[:, 0, 0].numpy()
@@ -246,10 +241,10 @@ def test_grid_start_is_the_parabola_vertex_at_the_best_grid_point_inside_each_he
     """Per head a different range [low, high]; the best in-range grid point (a multiple of
     GRID_SPACING) and the vertex of the parabola through it and its neighbours, from NumPy
     distances. Head (0, 0)'s range excludes its unconstrained best point."""
-    from probes.kernel_alignment import _grid_minimum
+    from probes.kernel_scale_fit import _grid_minimum
 
     attn, similarity, keys = noisy_heads(8, per_head_keys)
-    monkeypatch.setattr(alignment, "CHUNK_VALUES", 1)
+    monkeypatch.setattr(scale_fit, "CHUNK_VALUES", 1)
     a, s, k = attn.numpy(), similarity.expand_as(attn).numpy(), keys.numpy()
     grid = GRID_SPACING * np.arange(-40, 41)
     distances = np.array([[[numpy_mean_distance(u, a[:, i, j], s[:, i, j], k[:, i, j]) for u in grid] for j in range(2)] for i in range(2)])
@@ -271,11 +266,11 @@ def test_grid_start_is_the_parabola_vertex_at_the_best_grid_point_inside_each_he
 
 @pytest.mark.parametrize("per_head_keys", [False, True])
 def test_distance_derivatives_in_log_beta_match_central_differences_of_numpy_distance(monkeypatch, per_head_keys):
-    from probes.kernel_alignment import _distance_in_log_scale, _head_invariant
+    from probes.kernel_scale_fit import _distance_in_log_scale, head_invariant
 
     attn, similarity, keys = noisy_heads(9, per_head_keys)
-    monkeypatch.setattr(alignment, "CHUNK_VALUES", 1)  # one prompt per chunk: the sums pool every chunk
-    distance = _distance_in_log_scale(attn, _head_invariant(similarity.expand_as(attn)), _head_invariant(keys))
+    monkeypatch.setattr(scale_fit, "CHUNK_VALUES", 1)  # one prompt per chunk: the sums pool every chunk
+    distance = _distance_in_log_scale(attn, head_invariant(similarity.expand_as(attn)), head_invariant(keys))
     log_beta = torch.tensor([[-0.5, 0.3], [1.1, -1.4]], dtype=torch.float64)
     value, slope, curve = (term.numpy() for term in distance(log_beta))
     a, s, k = attn.numpy(), similarity.expand_as(attn).numpy(), keys.numpy()
@@ -294,7 +289,7 @@ def test_fits_pool_every_chunk_of_prompts(monkeypatch):
     prompts, and the distance fit is the minimiser of NumPy's distance over all prompts (dense scan
     plus a stationary point)."""
     attn, similarity, keys = noisy_heads(10, per_head_keys=True)
-    monkeypatch.setattr(alignment, "CHUNK_VALUES", 1)
+    monkeypatch.setattr(scale_fit, "CHUNK_VALUES", 1)
     a, s, k = attn.numpy(), similarity.expand_as(attn).numpy(), keys.numpy()
     log_lstsq = fit_inverse_scale(attn, similarity, keys, fit="log_lstsq").numpy()
     fitted = fit_inverse_scale(attn, similarity, keys).log().numpy()
@@ -346,7 +341,7 @@ def test_distance_fit_finds_the_minimum_where_log_lstsq_is_far_off(scale_exponen
 def test_newton_steps_bracketed_by_the_slopes_sign_converge_where_plain_newton_overshoots():
     """f' = atan(30 u): Newton from |30 u| > 1.39 overshoots further each step; the bracket that
     each slope's sign shrinks (midpoints once an end is evaluated) still reaches u = 0."""
-    from probes.kernel_alignment import _newton_minimum
+    from probes.kernel_scale_fit import _newton_minimum
 
     s = 30.0
 
@@ -364,7 +359,7 @@ def test_newton_steps_of_at_most_one_grid_spacing_stay_in_the_starts_basin():
     """-exp(-u^2 / 2) with a deeper narrow well 10 spacings left of the start, where the
     nearly flat curvature at u = 0.95 aims a Newton step (~-10): the fit descends to the start's
     local minimum u = 0 (SciPy's bounded minimiser on [-0.5, 0.5]), never jumping into the well."""
-    from probes.kernel_alignment import _newton_minimum
+    from probes.kernel_scale_fit import _newton_minimum
 
     start, width = 0.95, 0.15
     centre = start - 10 * GRID_SPACING

@@ -21,7 +21,7 @@ from mi_krr.models import ICLTransformer, ICLTransformerConfig
 from mi_krr.tasks import ICLTask
 from probes import alignment_metrics, kernel_alignment
 from probes.attention_kernels import AttentionKernels
-from probes.kernel_alignment import fit_inverse_scale, log_similarity, row_normalised_kernel
+from probes.kernel_scale_fit import fit_inverse_scale, log_similarity, row_normalised_kernel
 from prompts import random_task
 
 D, N, M = 3, 8, 5
@@ -308,8 +308,7 @@ def test_kernel_alignment_per_prompt_metrics_match_numpy_and_scipy_across_chunks
     """End to end, with chunks of one or two prompts: each prompt's metrics against the reference
     rebuilt in NumPy at the fitted scale. The attention: noisy row-normalised exp kernels with
     some keys unseen (the same for all heads, or not), giving 0.8 of each row to the support."""
-    module = importlib.import_module("probes.kernel_alignment")  # `probes.kernel_alignment` names the function
-    monkeypatch.setattr(module, "CHUNK_VALUES", 300)  # a prompt holds 2 x 2 heads x 5 x 8 entries
+    monkeypatch.setattr(importlib.import_module("probes.kernel_scale_fit"), "CHUNK_VALUES", 300)  # a prompt holds 2 x 2 heads x 5 x 8 entries
     task = make_task(batch=7, seed=3)
     g = torch.Generator().manual_seed(8)
     similarity = log_similarity("exp", task.x_query, task.x_support)[:, None, None]  # [B, 1, 1, M, N]

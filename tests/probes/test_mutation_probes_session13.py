@@ -17,7 +17,8 @@ from mi_krr.models import ICLTransformer, ICLTransformerConfig
 from probes.diagnose import _check_layer_predictions
 from probes.fitted_probes import _fit_ridge, _r2
 from probes.identifiability import MIN_VERDICT_PROMPTS, identifiability_verdict
-from probes.kernel_alignment import alignment_metrics, fit_inverse_scale
+from probes.alignment_metrics import alignment_metrics
+from probes.kernel_scale_fit import fit_inverse_scale
 from probes.report import interval_text
 from probes.scoring import overflow_limit, score_algorithms
 from probes.step_sizes import MOMENTUM_GRID, path_score
