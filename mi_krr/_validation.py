@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, TypeVar, overload
 
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
 
 Array = torch.Tensor | np.ndarray
 
@@ -102,6 +105,12 @@ def offset_seed(seed: int, offset: int) -> int:
     return (seed + offset) % SEED_LIMIT
 
 
+@overload
+def check_device(name: str, value: None, available: bool = True) -> None: ...
+@overload
+def check_device(name: str, value: str | torch.device, available: bool = True) -> torch.device: ...
+@overload
+def check_device(name: str, value: Any, available: bool = True) -> torch.device | None: ...
 def check_device(name: str, value: Any, available: bool = True) -> torch.device | None:
     """`value` (a device string or `torch.device`, None: the default) as a `torch.device`, after
     checking torch knows the name and that it holds values ('meta' does not); with `available`,
@@ -188,7 +197,7 @@ def check_condition_number(name: str, value: Any) -> float:
     return number
 
 
-ConfigT = TypeVar("ConfigT")
+ConfigT = TypeVar("ConfigT", bound="DataclassInstance")
 
 
 def dataclass_from_dict(cls: type[ConfigT], values: Any) -> ConfigT:

@@ -13,9 +13,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mi_krr._repr import compact_repr
+
+if TYPE_CHECKING:
+    import torch
 
 SUPPORTED = (
     "an mi-krr run folder (config.json + model.safetensors or state/step_*.safetensors) or one of its files, "
@@ -120,13 +123,13 @@ def load_checkpoint(
     from mi_krr._validation import check_choice, check_count, check_device, check_positive
     from mi_krr.tasks import SAMPLERS
 
-    device = check_device("device", device)
+    target = check_device("device", device)
     if task is not None:
         check_choice("task", task, TASK_FAMILIES)
     if lam is not None:
         lam = check_positive("lam", lam)
     kind = checkpoint_format(path)
-    loaded = _load_mi_krr(Path(path), device) if kind == "mi-krr" else _load_garg(Path(path), device)
+    loaded = _load_mi_krr(Path(path), target) if kind == "mi-krr" else _load_garg(Path(path), target)
     if task is not None and task != loaded.sampler.name:
         loaded.sampler = SAMPLERS[task](loaded.model.n_dims)
         loaded.label_scale = 1.0
@@ -143,7 +146,7 @@ def load_checkpoint(
     return loaded
 
 
-def _load_mi_krr(path: Path, device: str) -> LoadedCheckpoint:
+def _load_mi_krr(path: Path, device: torch.device | None) -> LoadedCheckpoint:
     from mi_krr.tasks import sampler_from_config
     from mi_krr.train import load_model, read_run_config
     from mi_krr.train.checkpoint import run_folder
@@ -162,7 +165,7 @@ def _load_mi_krr(path: Path, device: str) -> LoadedCheckpoint:
     )
 
 
-def _load_garg(path: Path, device: str) -> LoadedCheckpoint:
+def _load_garg(path: Path, device: torch.device | None) -> LoadedCheckpoint:
     from mi_krr.models import load_garg_checkpoint
     from mi_krr.tasks import LinearRegressionSampler
 

@@ -215,8 +215,10 @@ class PositiveRandomFeatures:
         """`x [..., d]` -> positive features `[..., m]`."""
         x = _check_map_input(x, self.d)
         if self.kind == "exp":
+            assert self.temperature is not None  # __post_init__ sets it for kind="exp"
             scaled, norm_weight = x / math.sqrt(self.temperature), 0.5
         else:
+            assert self.bandwidth is not None  # __post_init__ sets it for kind="gaussian"
             scaled, norm_weight = x / self.bandwidth, 1.0
         projections = scaled @ self.weights.to(device=x.device, dtype=x.dtype)
         log_features = projections - norm_weight * (scaled * scaled).sum(-1, keepdim=True)
@@ -230,7 +232,9 @@ class PositiveRandomFeatures:
     def target_kernel(self, x: torch.Tensor, z: torch.Tensor | None = None) -> torch.Tensor:
         """The exact kernel these features estimate, `[..., n, d]`, `[..., k, d]` -> `[..., n, k]`."""
         if self.kind == "exp":
+            assert self.temperature is not None  # __post_init__ sets it for kind="exp"
             return kernel_matrix("exp", x, z, temperature=self.temperature)
+        assert self.bandwidth is not None  # __post_init__ sets it for kind="gaussian"
         return kernel_matrix("gaussian", x, z, bandwidth=self.bandwidth)
 
 
@@ -335,7 +339,7 @@ class ProjectedKernelFeatures:
         points = _as_points("points", points)
         if points.shape[-1] != self.d:
             raise ValueError(f"points must have feature dimension in_dim={self.d}, got {points.shape[-1]}")
-        K = kernel_matrix(self.kernel, points.to(torch.float64), **self.kernel_params)
+        K = kernel_matrix(self.kernel, points.to(torch.float64), None, **self.kernel_params)
         eigenvalues, eigenvectors = torch.linalg.eigh((K + K.mT) / 2)  # ascending
         scaled = eigenvectors * eigenvalues.clamp_min(0.0).sqrt().unsqueeze(-2)  # U diag(mu)^(1/2)
         n_points = points.shape[-2]

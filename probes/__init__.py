@@ -22,3 +22,38 @@ from probes.report import write_report
 from probes.scoring import AlgorithmScore, monotone_alignment, mse_matrix, r2_matrix, score_algorithms
 from probes.step_sizes import FittedStep
 from probes.streaming import StreamedProbes, stream_probes
+
+__all__ = [
+    "DEFAULT_ALGORITHMS",
+    "AlgorithmScore",
+    "AttentionKernels",
+    "Comparison",
+    "Diagnosis",
+    "FittedStep",
+    "KernelAlignment",
+    "LayerProbes",
+    "ProbedModel",
+    "RidgeFit",
+    "StreamedProbes",
+    "TaskSetDiagnosis",
+    "Verdict",
+    "algorithm_agreement",
+    "alignment_metrics",
+    "attach",
+    "attention_kernels",
+    "compare",
+    "diagnose",
+    "diagnosis_figures",
+    "fit_layer_probes",
+    "identifiability_verdict",
+    "kernel_alignment",
+    "label_sensitivities",
+    "layer_predictions",
+    "monotone_alignment",
+    "mse_matrix",
+    "r2_matrix",
+    "score_algorithms",
+    "solver_sensitivities",
+    "stream_probes",
+    "write_report",
+]

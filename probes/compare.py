@@ -23,6 +23,9 @@ import numpy as np
 from probes.report import UNIFORM_MARK, distance_text, interval_text
 
 if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.lines import Line2D
+
     from probes.diagnose import Diagnosis, TaskSetDiagnosis
 
 IN_DISTRIBUTION = "in_distribution"
@@ -184,12 +187,13 @@ def _difference_text(values: dict[str, object]) -> str:
     name -> how the solver is recorded): the candidates every model shares, then each model's own
     ("cg also: ..."), a non-registry solver with how it is recorded. Other values: the models
     grouped by value ("a, b: fitted; c: optimal")."""
-    if all(isinstance(value, dict) for value in values.values()):
-        lists = list(values.values())
+    candidates = {model: value for model, value in values.items() if isinstance(value, dict)}
+    if len(candidates) == len(values):
+        lists = list(candidates.values())
         shared = [name for name in lists[0] if all(name in other for other in lists)]
         parts = ["shared: " + (", ".join(shared) or "none")]
-        for model, value in values.items():
-            own = [name if how == "registry" else f"{name} ({how})" for name, how in value.items() if name not in shared]
+        for model, candidate in candidates.items():
+            own = [name if how == "registry" else f"{name} ({how})" for name, how in candidate.items() if name not in shared]
             if own:
                 parts.append(f"{model} also: {', '.join(own)}")
         return "; ".join(parts)
@@ -318,7 +322,7 @@ def plot_overview(rows: list[SummaryRow], title: str | None = None):
     position = {name: index for index, name in enumerate(sets)}
     figure, (left, right) = plt.subplots(1, 2, figsize=(11, 3.8), dpi=80)
     # legends from explicit handles: matplotlib would drop a model named "_..." from automatic ones
-    legends = {left: ([], []), right: ([], [])}  # axis -> (lines, labels)
+    legends: dict[Axes, tuple[list[Line2D], list[str]]] = {left: ([], []), right: ([], [])}  # axis -> (lines, labels)
     for index, model in enumerate(models):
         mine = {row.task_set: row for row in rows if row.model == model}
         x = np.arange(len(sets)) + (index - (len(models) - 1) / 2) * MODEL_OFFSET

@@ -398,7 +398,7 @@ def _diagnose_task_set(model, set_name, task, prompt, bar, *, algorithms, kernel
     x_support = task.x_support.detach().to(torch.float64)
     x_query = task.x_query.detach().to(torch.float64)
     y = task.y_support.detach().to(torch.float64)
-    K = kernel_matrix(kernel_name, x_support, **params)
+    K = kernel_matrix(kernel_name, x_support, None, **params)
     K_query = kernel_matrix(kernel_name, x_query, x_support, **params)
     kappa = condition_number(K, lam)
     krr_pred = torch.einsum("bmn,bn->bm", K_query, krr(K, y, lam))
@@ -414,13 +414,14 @@ def _diagnose_task_set(model, set_name, task, prompt, bar, *, algorithms, kernel
     blocks = (ALIGNMENT_BLOCK,) if kernels and model.attention_hook_names() else ()  # no attention: the alignment notes why
     streamed = stream_probes(model, prompt, layers=read_layers, blocks=blocks) if read_layers or blocks else None
     if method == "readout":
-        layer_pred = streamed.readouts.to(torch.float64)
+        assert streamed is not None and streamed.readouts is not None  # read_layers = layers, never empty
+        read = streamed.readouts.to(torch.float64)
     else:
-        layer_pred = layer_predictions(model, task, method=method, layers=layers, train_task=train_task, seed=seed)
+        read = layer_predictions(model, task, method=method, layers=layers, train_task=train_task, seed=seed)
     stage_done("model pass")
 
     scored = np.flatnonzero(np.asarray(layers) > 0)
-    layer_pred = _numpy(layer_pred)  # float64 NumPy from here on (the step predictions too): the fits and the scores read it
+    layer_pred = _numpy(read)  # float64 NumPy from here on (the step predictions too): the fits and the scores read it
     limit = overflow_limit(layer_pred.size + len(algorithms) * K_query.shape[0] * (n_steps + 1) * K_query.shape[1])  # as the scores will
     _check_layer_predictions(set_name, layer_pred, layers, limit)
     fitted, unfit = {}, {}
@@ -454,8 +455,8 @@ def _diagnose_task_set(model, set_name, task, prompt, bar, *, algorithms, kernel
         for name, solver in solvers.items():
             if name in fitted:  # richardson / heavy ball with explicit steps: linear in y
                 step_sens[name] = _numpy(solver_sensitivities(solver, K, K_query, lam, n_steps, linear_in_y=True))
-            elif registry[name] is not None:
-                step_sens[name] = _numpy(solver_sensitivities(registry[name], K, K_query, lam, n_steps, y=y))
+            elif (entry := registry[name]) is not None:
+                step_sens[name] = _numpy(solver_sensitivities(entry, K, K_query, lam, n_steps, y=y))
             else:  # a custom callable: linear in y unknown, so differentiated at y
                 step_sens[name] = _numpy(solver_sensitivities(solver, K, K_query, lam, n_steps, y=y))
     elif sensitivities:
@@ -464,25 +465,25 @@ def _diagnose_task_set(model, set_name, task, prompt, bar, *, algorithms, kernel
 
     alignment = None
     if kernels:
-        attention = AttentionKernels.from_stream(streamed) if blocks else None
+        attention = AttentionKernels.from_stream(streamed) if streamed is not None and blocks else None
         try:
             alignment = kernel_alignment(model, task, kernels=kernels, block=ALIGNMENT_BLOCK, attention=attention)
         except ValueError as error:
             notes.append(f"kernel alignment skipped: {error}")
     stage_done("kernel alignment")
 
-    krr_pred, kappa = _numpy(krr_pred), _numpy(kappa)
-    layer_sens = None if layer_sens is None else _numpy(layer_sens)
+    krr_values, kappa_values = _numpy(krr_pred), _numpy(kappa)
+    layer_sens_values = None if layer_sens is None else _numpy(layer_sens)
     scores = score_algorithms(
         layer_pred,
         step_preds,
-        krr_pred,
+        krr_values,
         layers=layers,
         bootstrap=bootstrap,
         seed=seed,
-        layer_sensitivity=layer_sens,
+        layer_sensitivity=layer_sens_values,
         step_sensitivities=step_sens,
-        kappa=kappa,
+        kappa=kappa_values,
         n_kappa_bins=n_kappa_bins,
     )
     verdict = identifiability_verdict(scores, step_preds, withheld=RIDGE_LENS_BIAS if method == "ridge" else None, **verdict_thresholds)
@@ -496,13 +497,13 @@ def _diagnose_task_set(model, set_name, task, prompt, bar, *, algorithms, kernel
         n_steps=n_steps,
         n_support=task.n_support,
         layers=list(layers),
-        kappa=kappa,
+        kappa=kappa_values,
         layer_predictions=layer_pred,
-        krr_predictions=krr_pred,
+        krr_predictions=krr_values,
         step_predictions=step_preds,
         scores=scores,
         verdict=verdict,
-        layer_sensitivities=layer_sens,
+        layer_sensitivities=layer_sens_values,
         step_sensitivities=step_sens,
         kernel_alignment=alignment,
         fitted_steps=fitted,

@@ -155,8 +155,8 @@ def fit_layer_probes(
     seed = check_seed("seed", seed)
     if not 0.0 < float(val_fraction) < 1.0:
         raise ValueError(f"val_fraction must lie strictly between 0 and 1, got {val_fraction!r}")
-    lam_grid = as_float64("lam_grid", lam_grid, min_dim=1)
-    if lam_grid.numel() == 0 or (lam_grid <= 0).any():
+    penalties = as_float64("lam_grid", lam_grid, min_dim=1)
+    if penalties.numel() == 0 or (penalties <= 0).any():
         raise ValueError("lam_grid must be a non-empty list of positive penalties, e.g. numpy.logspace(-8, 2, 21)")
     if isinstance(targets, str):
         if targets != "y_query":
@@ -178,8 +178,8 @@ def fit_layer_probes(
     shuffled = target[random_derangement(batch, generator)]
     return LayerProbes(
         layers=layers,
-        fit=_fit_ridge(features, target, train, val, lam_grid),
-        control=_fit_ridge(features, shuffled, train, val, lam_grid),
+        fit=_fit_ridge(features, target, train, val, penalties),
+        control=_fit_ridge(features, shuffled, train, val, penalties),
         targets=target_name,
         train_prompts=frozenset(prompt_fingerprints(train_task, model_device_dtype(model)[1])),
     )

@@ -257,7 +257,7 @@ def _alignment_per_prompt(attn, keys, similarities, betas) -> dict[str, dict[str
     visible = head_invariant(keys)
     row_orders = {kernel: sort_with_hint(torch.where(visible, similarity, math.inf))[0] for kernel, similarity in similarities.items()}
     admissible = {kernel: beta.clamp_min(0.0).nan_to_num(0.0)[:, :, None, None] for kernel, beta in betas.items()}
-    parts = {kernel: [] for kernel in similarities}
+    parts: dict[str, list[dict[str, torch.Tensor]]] = {kernel: [] for kernel in similarities}
     for chunk in prompt_chunks(attn):
         attn_side = ComparisonTerms.of(attn[chunk], keys[chunk])
         for kernel, similarity in similarities.items():

@@ -78,10 +78,10 @@ def summed_over_prompts(
 ) -> tuple[torch.Tensor, ...]:
     """`terms(*chunk)` summed over chunks of the prompts of `tensors` (each `[B, ...]`; the first
     sets the chunk length)."""
-    totals = None
-    for chunk in prompt_chunks(tensors[0]):
-        values = terms(*(tensor[chunk] for tensor in tensors))
-        totals = values if totals is None else tuple(total + value for total, value in zip(totals, values))
+    first, *rest = prompt_chunks(tensors[0])
+    totals = terms(*(tensor[first] for tensor in tensors))
+    for chunk in rest:
+        totals = tuple(total + value for total, value in zip(totals, terms(*(tensor[chunk] for tensor in tensors))))
     return totals
 
 

@@ -46,6 +46,7 @@ def layer_predictions(
     check_train_task(method, train_task)
     if method == "readout":
         return query_readouts(model, encode_for_probe(model, task), layers).to(torch.float64)
+    assert train_task is not None  # check_train_task: method "ridge" needs one
     probes = fit_layer_probes(model, train_task, layers=layers, val_fraction=val_fraction, lam_grid=lam_grid, seed=seed)
     return probes.predict(model, task)
 

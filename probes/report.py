@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -108,7 +108,8 @@ def write_report(diagnosis: "Diagnosis", folder: str | Path) -> Path:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     diagnosis.to_json(folder / "diagnosis.json")
-    np.savez_compressed(folder / "arrays.npz", **prediction_arrays(diagnosis))
+    arrays: dict[str, Any] = prediction_arrays(diagnosis)  # its keys hold "/": none is savez's allow_pickle
+    np.savez_compressed(folder / "arrays.npz", **arrays)
 
     lines = ["# mi-krr diagnosis", "", "Settings: " + ", ".join(f"{k}={v}" for k, v in diagnosis.settings.items()), ""]
     stems = _file_stems(list(diagnosis.task_sets))

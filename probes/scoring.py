@@ -543,6 +543,7 @@ def _score_side_by_side(
         if values.shape[0] != n_prompts:
             raise ValueError(f"{name} covers {values.shape[0]} prompts but layer_pred {n_prompts}: pass both for the same prompts")
     if layer_sensitivity is not None:
+        assert step_sensitivities is not None  # they go together (checked above)
         layer_sensitivity, step_sensitivities = _checked_sensitivities(layer_sensitivity, step_sensitivities, layer_values, step_values)
     limit = overflow_limit(layer_values.size + sum(values.size for values in step_values.values()))
     for name, values in step_values.items():

@@ -201,7 +201,9 @@ def solver_sensitivities(
             columns = identity[start : start + per_run].expand(-1, *batch_shape, n)
             count = columns.shape[0]
             per_column = (K.expand(count, *batch_shape, n, n), K_query.expand(count, *batch_shape, m, n))  # column first
-            parts.append(solve(per_column[0], columns, lam, n_steps, K_query=per_column[1]).pred)  # parameters [...] broadcast
+            column_pred = solve(per_column[0], columns, lam, n_steps, K_query=per_column[1]).pred  # parameters [...] broadcast
+            assert column_pred is not None  # K_query was given
+            parts.append(column_pred)
         pred = torch.cat(parts) if len(parts) > 1 else parts[0]  # [column, ..., T+1, m]
         return einops.rearrange(pred, "column ... step query -> ... step query column")
     if y is None:
@@ -224,8 +226,9 @@ def solver_sensitivities(
     with torch.inference_mode(False), torch.enable_grad():  # also under a caller's no_grad() or inference_mode()
         labels = y.expand(*batch_shape, n).reshape(-1, n).clone().requires_grad_(True)
         K, K_query = (tensor.clone() if tensor.is_inference() else tensor for tensor in (K, K_query))  # autograd saves them
-        pred = solve(K, labels.reshape(*batch_shape, n), lam, n_steps, K_query=K_query).pred  # [..., T+1, m]
-        jacobian = batch_jacobian(pred.reshape(labels.shape[0], -1), labels, chunk_size)  # [B, (T+1) m, n]
+        step_pred = solve(K, labels.reshape(*batch_shape, n), lam, n_steps, K_query=K_query).pred  # [..., T+1, m]
+        assert step_pred is not None  # K_query was given
+        jacobian = batch_jacobian(step_pred.reshape(labels.shape[0], -1), labels, chunk_size)  # [B, (T+1) m, n]
     return jacobian.reshape(*batch_shape, n_steps + 1, m, n)
 
 
@@ -234,6 +237,7 @@ def _newton_sensitivities(K: torch.Tensor, K_query: torch.Tensor, lam: float, n_
     of the matrix iteration gives every step's sensitivity `[..., T+1, m, n]` (not one run per
     label column)."""
     system = krr_system(K, torch.zeros(K.shape[:-1], dtype=K.dtype, device=K.device), lam, K_query)
+    assert system.K_query is not None  # built with K_query
     _, inverses = newton_schulz_inverses(system, n_steps)
     maps = [torch.zeros_like(system.K_query)] + [torch.bmm(system.K_query, inverse) for inverse in inverses]
     return system.unflatten(torch.stack(maps, dim=1))

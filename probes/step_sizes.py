@@ -307,7 +307,7 @@ def path_scores(layer_pred: np.ndarray, candidate_pred: torch.Tensor, scored: np
     The sums are `probes.scoring`'s (`pairwise_sse`, `centred_step_sums`, `weighted_sse_sst` with
     one 0/1 weight row per fold: exact differences, no cancellation), as are the alignment and
     path R2."""
-    batch, n_candidates, n_times, n_query = candidate_pred.shape
+    batch, n_candidates, _, n_query = candidate_pred.shape
     fold = np.zeros(batch, dtype=np.int64) if folds is None else np.asarray(folds, dtype=np.int64)
     indicator = (fold[None, :] == np.arange(fold.max() + 1)[:, None]).astype(np.float64)  # [F, B]
     pred = candidate_pred.detach().cpu().numpy()
@@ -360,9 +360,9 @@ def bounded_brent(loss: Callable[[np.ndarray, np.ndarray], np.ndarray], low: np.
         if not len(live):
             break
         state = (a, b, xf, fx, nfc, fnfc, fulc, ffulc, rat, e)
-        x, rat[live], e[live] = _brent_point(*(value[live] for value in state), xm[live], tol1[live])
+        x, rat[live], e[live] = _brent_point(*(value[live] for value in (*state, xm, tol1)))
         fu = np.asarray(loss(live, x), dtype=np.float64)
-        updated = _brent_update(*(value[live] for value in state[:8]), x, fu)
+        updated = _brent_update(x, fu, *(value[live] for value in state[:8]))
         for value, new in zip(state[:8], updated):
             value[live] = new
     return xf, fx
@@ -388,7 +388,7 @@ def _brent_point(a, b, xf, fx, nfc, fnfc, fulc, ffulc, rat, e, xm, tol1):
     return x, rat, e
 
 
-def _brent_update(a, b, xf, fx, nfc, fnfc, fulc, ffulc, x, fu):
+def _brent_update(x, fu, a, b, xf, fx, nfc, fnfc, fulc, ffulc):
     """Bounded Brent's bookkeeping after evaluating fu = f(x) (arrays `[k]`, SciPy's names):
     the new (a, b, xf, fx, nfc, fnfc, fulc, ffulc)."""
     better = fu <= fx
@@ -630,10 +630,12 @@ def scalar_jacobi(K: Any, y: Any, lam: float) -> float | None:
     """p when the Jacobi preconditioner diag(K + lam I)^-1 (`preconditioner_diagonal`) is p I for
     every prompt of K `[B, n, n]` (labels y `[B, n]`), else None (also where it does not apply)."""
     try:
-        diagonal = preconditioner_diagonal(krr_system(K, y, lam), "jacobi").flatten()
+        diagonal = preconditioner_diagonal(krr_system(K, y, lam), "jacobi")
     except ValueError:
         return None
-    return float(diagonal[0]) if diagonal.numel() and bool((diagonal == diagonal[0]).all()) else None
+    assert diagonal is not None  # only precond "none" has no diagonal
+    values = diagonal.flatten()
+    return float(values[0]) if values.numel() and bool((values == values[0]).all()) else None
 
 
 def cross_fit_step(

@@ -15,8 +15,9 @@ structural attention mask, readout).
 from __future__ import annotations
 
 import itertools
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Protocol, Sequence, cast
 
 import einops
 import torch
@@ -29,6 +30,15 @@ from mi_krr.tasks import ICLTask
 from mi_krr.tasks.task import check_task
 
 Reduction = Callable[[torch.Tensor], Any]
+
+
+class _HookedModel(Protocol):
+    """What `run_with_reductions` calls beyond `ICLModel`: the TransformerLens hook context of a
+    HookedRootModule or bridge (`adapter_for` requires one) and the forward call."""
+
+    def hooks(self, fwd_hooks: list[tuple[str, Callable[..., None]]]) -> AbstractContextManager[Any]: ...
+
+    def __call__(self, tokens: torch.Tensor) -> torch.Tensor: ...
 ATTENTION_BLOCKS = ("support", "query")
 
 
@@ -174,8 +184,9 @@ def run_with_reductions(
         return hook
 
     fwd_hooks = [(name, make_hook(index, reduce)) for index, (name, reduce) in enumerate(reductions)]
-    with torch.set_grad_enabled(grad), model.hooks(fwd_hooks=fwd_hooks):
-        model_output = model(tokens)
+    hooked = cast(_HookedModel, model)  # a HookedRootModule or bridge (adapter_for)
+    with torch.set_grad_enabled(grad), hooked.hooks(fwd_hooks=fwd_hooks):
+        model_output = hooked(tokens)
     for (name, _), fired in zip(reductions, firings):
         if not fired:
             raise ValueError(f"hook {name!r} did not fire during the forward pass: the model does not use the hook it names")
@@ -202,7 +213,9 @@ def query_readouts(model: ICLModel, prompt: EncodedPrompt, layers: Sequence[int]
 
     Returns `[batch, len(layers), n_query]` (the model's dtype; in the autograd graph if `grad`).
     """
-    return stream_probes(model, prompt, layers=layers, grad=grad).readouts
+    readouts = stream_probes(model, prompt, layers=layers, grad=grad).readouts
+    assert readouts is not None  # stream_probes refuses empty layers when no blocks are asked for
+    return readouts
 
 
 def query_residuals(model: ICLModel, prompt: EncodedPrompt, layers: Sequence[int]) -> torch.Tensor:
@@ -293,8 +306,9 @@ def stream_probes(
             "e.g. squeeze a trailing dimension of size 1"
         )
     if reads_last_layer:
+        assert readouts is not None  # layers is not empty
         _check_readout_is_forward(model, readouts[:, layers.index(model.n_layers)], results.pop())
-    support, query = finish_attention(results[len(layers) :]) if blocks else (None, None)
+    support, query = finish_attention(results[len(layers) :]) if finish_attention is not None else (None, None)
     return StreamedProbes(
         readouts=readouts, support=support, query=query, support_allowed=allowed.get("support"), query_allowed=allowed.get("query")
     )
@@ -375,8 +389,9 @@ def _attention_reductions(
 
     rebuilt: list[bool] = []
     for block_index, hooks in enumerate(model.attention_hook_names()):
-        if source == "pattern" or hooks.scores is not None:
-            reductions.append((hooks.pattern if source == "pattern" else hooks.scores, blocks_of))
+        read = hooks.pattern if source == "pattern" else hooks.scores  # None: the model has no scores hook
+        if read is not None:
+            reductions.append((read, blocks_of))
             rebuilt.append(False)
         else:  # q fires before k is known: keep q's rows and k's support keys, combine after
             reductions.append((hooks.q, lambda q: {block: _take(q, 1, positions).clone() for block, positions in rows.items()}))
@@ -385,13 +400,13 @@ def _attention_reductions(
         order += [attention_order(block_index)] * (len(reductions) - len(order))
 
     def finish(results: list[Any]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        results = iter(results)
+        remaining = iter(results)
         per_layer = []
         for needs_qk in rebuilt:
             if not needs_qk:
-                per_layer.append(next(results))
+                per_layer.append(next(remaining))
                 continue
-            q_rows, k = next(results), next(results)  # {block: [seqs, rows, head, e]}, [seqs, n, head, e]
+            q_rows, k = next(remaining), next(remaining)  # {block: [seqs, rows, head, e]}, [seqs, n, head, e]
             per_layer.append({block: _rebuilt_scores(block, q, k, prompt, allowed.get(block)) for block, q in q_rows.items()})
         stacked = {block: torch.stack([layer[block] for layer in per_layer], dim=1) for block in blocks}
         return stacked.get("support"), stacked.get("query")

@@ -26,13 +26,22 @@ from __future__ import annotations
 import argparse
 import json
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, TypedDict
 
 DEFAULT_OUT = "runs/construct"
 CONSTRUCTIONS = ("cg", "richardson", "gd")
 DEFAULT_STEPS = {"cg": 8, "richardson": 10, "gd": 10}
+
+
+class _Options(TypedDict):
+    bandwidth: float
+    temperature: float
+    mlp: str
+    mlp_width: int
+
+
 # The values of the options only some constructions read, where they do and none is given.
-DEFAULT_OPTIONS = {"bandwidth": 1.0, "temperature": 1.0, "mlp": "exact", "mlp_width": 256}
+DEFAULT_OPTIONS: _Options = {"bandwidth": 1.0, "temperature": 1.0, "mlp": "exact", "mlp_width": 256}
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> tuple[argparse.ArgumentParser, str]:
@@ -128,9 +137,10 @@ def check_construction(
 
     from mi_krr._validation import check_choice, check_count, check_positive
     from mi_krr.construct import cg_transformer, gd_transformer, richardson_transformer
+    from mi_krr.feature_maps import FeatureMap
     from mi_krr.kernels import kernel_matrix
     from mi_krr.solvers import cg, feature_gd, krr, richardson
-    from mi_krr.tasks import GPRegressionSampler, LinearRegressionSampler
+    from mi_krr.tasks import GPRegressionSampler, LinearRegressionSampler, Sampler
 
     check_choice("construction", construction, CONSTRUCTIONS)
     kernel = kernel or ("gaussian" if construction == "richardson" else "linear")
@@ -151,6 +161,8 @@ def check_construction(
     lam = check_positive("lam", lam)
     for name, value in (("dim", dim), ("n_support", n_support), ("n_query", n_query), ("batch", batch)):
         check_count(name, value, minimum=1)
+    sampler: Sampler
+    params: dict[str, float]
     if kernel == "linear":
         sampler = LinearRegressionSampler(dim, noise_std=0.1)
         params = {}
@@ -159,12 +171,14 @@ def check_construction(
         params = sampler.kernel_params()
     task = sampler.sample(batch, n_support, n_query, seed=seed, dtype=torch.float64)
     x, xq, y = task.x_support, task.x_query, task.y_support
-    K, K_query = kernel_matrix(kernel, x, **params), kernel_matrix(kernel, xq, x, **params)
+    K, K_query = kernel_matrix(kernel, x, None, **params), kernel_matrix(kernel, xq, x, **params)
 
     if construction == "cg":
-        model = cg_transformer(n_steps, lam, kernel=kernel, dim=dim, head_width=head_width, **params, mlp=mlp, mlp_width=mlp_width,
-                               seed=seed, device=device)
-        phi, phi_query = model.feature_map(x), model.feature_map(xq)
+        model = cg_transformer(n_steps, lam, kernel=kernel, dim=dim, head_width=head_width, temperature=params.get("temperature"),
+                               bandwidth=params.get("bandwidth"), mlp=mlp, mlp_width=mlp_width, seed=seed, device=device)
+        feature_map = model.feature_map
+        assert isinstance(feature_map, FeatureMap)  # built from `kernel`: a pointwise map
+        phi, phi_query = feature_map(x), feature_map(xq)
         solver = cg(phi @ phi.mT, y, lam, n_steps, K_query=phi_query @ phi.mT).pred
     elif construction == "richardson":
         step = rowsum_optimal_step(K, lam) if step is None else check_positive("step", step)
@@ -176,6 +190,7 @@ def check_construction(
         step = float(1.0 / (torch.linalg.eigvalsh(gram)[..., -1].max() + lam)) if step is None else check_positive("step", step)
         model = gd_transformer(n_steps, lr=step, lam=lam, dim=dim, device=device)
         solver = feature_gd(x, y, lam, n_steps, step=step, X_query=xq).pred
+    assert solver is not None  # each solver was given the queries
     model_pred = model.step_states(task.to(device=device)).pred.detach().cpu().to(torch.float64)
     exact = torch.einsum("bmn,bn->bm", K_query, krr(K, y, lam))[:, None]
     scale = exact.abs().max()

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -66,8 +66,8 @@ def write_overview_report(entries: list[ModelEntry], folder: str | Path, title: 
              "(best head per layer, mean over layers; `-` where attention is not a normalised kernel).", "",
              f"![overview]({OVERVIEW_FIGURE})", "",
              "Settings: " + ", ".join(f"{key}={value}" for key, value in settings.items()), ""]
-    drawers = {"error_profiles": plot_error_profiles, "step_map": plot_step_map, "kernel_alignment": plot_kernel_alignment,
-               "sensitivities": plot_sensitivities}
+    drawers: dict[str, Callable[[Any], Any]] = {"error_profiles": plot_error_profiles, "step_map": plot_step_map,
+                                                "kernel_alignment": plot_kernel_alignment, "sensitivities": plot_sensitivities}
     document: dict[str, Any] = {"title": title, "settings": settings, "table": [asdict(row) for row in comparison.rows],
                                 "notes": comparison.notes, "models": {}}
     for entry in entries:
@@ -89,7 +89,8 @@ def write_overview_report(entries: list[ModelEntry], folder: str | Path, title: 
             lines += [f"![{entry.name}: {name} ({result.name})]({file_name})", ""]
         notes = sorted({note for result in entry.diagnosis.task_sets.values() for note in result.notes})
         lines += [f"- note: {note}" for note in notes] + ([""] if notes else [])
-        np.savez_compressed(folder / f"{safe}.npz", **prediction_arrays(entry.diagnosis))
+        arrays: dict[str, Any] = prediction_arrays(entry.diagnosis)  # its keys hold "/": none is savez's allow_pickle
+        np.savez_compressed(folder / f"{safe}.npz", **arrays)
         document["models"][entry.name] = {
             "description": entry.description,
             "diagnosis": entry.diagnosis.to_dict(),

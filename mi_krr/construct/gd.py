@@ -50,6 +50,7 @@ def gd_transformer(
     i = layout.scalars()
     xs = tuple(coord(j) for j in layout.span("x"))
     s, y = coord(i["s"]), coord(i["y"])
+    ridge: tuple[Linear, ...]
     if lam > 0:
         head_target = i["g"]
         ridge = (Linear(i["s"], coord(i["g"]) + lr * lam * (y - s)), Linear(i["g"], -coord(i["g"])))

@@ -296,6 +296,12 @@ class ReluMLP(nn.Module):
     Hooks: `hook_pre` the pre-activations `[batch, pos, hidden]`, `hook_post` after the ReLU.
     """
 
+    # buffers registered by name in __init__: the input maps of the product and reciprocal units
+    W_product: torch.Tensor
+    b_product: torch.Tensor
+    W_reciprocal: torch.Tensor
+    b_reciprocal: torch.Tensor
+
     def __init__(self, ops: list[Op], d_model: int, arithmetic: ReluArithmetic):
         super().__init__()
         self.arithmetic = arithmetic

@@ -82,7 +82,7 @@ def relu_arithmetic(
     low, high = reciprocal_range(recip_range)
     arithmetic = ReluArithmetic(width, low=low, high=high)
     derived = bound is None
-    if derived:
+    if bound is None:
         bound = PREDICTION_ROOM + arithmetic.reciprocal_overshoot() * (1 + max_support)
     arithmetic = dataclasses.replace(arithmetic, bound=bound)
     if arithmetic.low * arithmetic.bound > 1.0 or arithmetic.high < 1.0:

@@ -323,7 +323,7 @@ def width_study(
     for kernel in kernels:
         params = {"temperature": temperature} if kernel == "exp" else {}
         task = samplers[kernel].sample(batch_size, n_support, n_query, seed=seed, dtype=torch.float64, device=device)
-        K = kernel_matrix(kernel, task.x_support, **params)
+        K = kernel_matrix(kernel, task.x_support, None, **params)
         K_query = kernel_matrix(kernel, task.x_query, task.x_support, **params)
         for ridge in ridges:
             oracle = _krr_predictions(K, task.y_support, ridge, K_query)

@@ -30,7 +30,7 @@ import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 from torch import nn
@@ -46,6 +46,9 @@ from mi_krr.models.encoding import EncodedPrompt
 from mi_krr.models.hook_names import attention_hook_names, residual_hook_names
 from mi_krr.tasks import ICLTask
 from mi_krr.tasks.task import check_task
+
+if TYPE_CHECKING:
+    from mi_krr.feature_maps import FeatureMap, PromptFeatureMap
 
 TOKEN_TYPES = ("support", "query", "aux")
 ATTENTION_KINDS = ("linear", "softmax")
@@ -133,6 +136,10 @@ def _type_mask(types: tuple[str, ...]) -> torch.Tensor:
 
 class ConstructedAttention(nn.Module):
     """Multi-head attention with per-head type masks; TransformerLens weights and hooks."""
+
+    # buffers registered by name in __init__: the token types each head reads queries / keys from `[head, 3]`
+    query_types: torch.Tensor
+    key_types: torch.Tensor
 
     def __init__(self, heads: tuple[HeadSpec, ...], n_heads: int, d_head: int, d_model: int, kind: str):
         super().__init__()
@@ -280,6 +287,8 @@ class ConstructedTransformer(HookedRootModule):
     that says so; a relu-mode MLP whose inputs leave its interpolants' range raises a
     `ReluRangeError` (`ReluMLP.check_inputs`).
     """
+
+    feature_map: FeatureMap | PromptFeatureMap  # set by cg_transformer only: the phi its heads compute
 
     def __init__(
         self,
@@ -472,7 +481,7 @@ class ConstructedTransformer(HookedRootModule):
         _, cache = self.run_with_cache(prompt.tokens, names_filter=names)
         resid = torch.stack([cache[name] for name in names], dim=1)  # [batch, T+1, seq, d_model]
         n, m = prompt.n_support, prompt.n_query
-        positions = {"support": slice(0, n), "query": slice(n, n + m), "aux": n + m}
+        positions: dict[str, slice | int] = {"support": slice(0, n), "query": slice(n, n + m), "aux": n + m}
         grouped: dict[str, dict[str, torch.Tensor]] = {"support": {}, "query": {}, "aux": {}}
         for name, token_type in self._state_tokens.items():
             grouped[token_type][name] = resid[:, :, positions[token_type], self.state_coordinates[name]]

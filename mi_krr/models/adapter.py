@@ -11,7 +11,7 @@ model does, naming what is missing.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Protocol, cast, runtime_checkable
 
 import torch
 
@@ -94,8 +94,9 @@ def adapter_for(model: object) -> ICLModel:
     n_layers = getattr(model, "n_layers", None)
     if isinstance(n_layers, bool) or not isinstance(n_layers, int) or n_layers < 1:
         raise ValueError(f"{type(model).__name__}.n_layers must be its number of blocks (an int >= 1), got {n_layers!r}")
-    names = list(model.residual_hook_names())
-    attention = list(model.attention_hook_names())
+    adapter = cast(ICLModel, model)  # its methods and n_layers are checked above, its hooks below
+    names = list(adapter.residual_hook_names())
+    attention = list(adapter.attention_hook_names())
     for method, found, expected in (("residual_hook_names", names, (n_layers + 1,)), ("attention_hook_names", attention, (n_layers, 0))):
         if len(found) not in expected:
             raise ValueError(
@@ -112,4 +113,4 @@ def adapter_for(model: object) -> ICLModel:
     missing = [name for name in names if name not in hook_dict]
     if missing:
         raise ValueError(f"{type(model).__name__} lacks hook {missing[0]!r} that probes need (missing: {len(missing)} hooks)")
-    return model
+    return adapter

@@ -28,6 +28,7 @@ class Attention(nn.Module):
         super().__init__()
         self.cfg = cfg
         heads, d_model, d_head = cfg.n_heads, cfg.d_model, cfg.d_head
+        assert d_head is not None  # the config's __post_init__ resolves the default
         self.W_Q = nn.Parameter(torch.randn(heads, d_model, d_head) / math.sqrt(d_model))
         self.W_K = nn.Parameter(torch.randn(heads, d_model, d_head) / math.sqrt(d_model))
         self.W_V = nn.Parameter(torch.randn(heads, d_model, d_head) / math.sqrt(d_model))
@@ -53,6 +54,7 @@ class Attention(nn.Module):
         v = self.hook_v(self._project(x, self.W_V, self.b_V))
         scores = einops.einsum(q, k, "batch q_pos head d_head, batch k_pos head d_head -> batch head q_pos k_pos")
         if self.cfg.attention == "softmax":
+            assert self.cfg.d_head is not None  # the config's __post_init__ resolves the default
             scores = self.hook_attn_scores((scores / math.sqrt(self.cfg.d_head)).masked_fill(~allowed, float("-inf")))
             pattern = torch.softmax(scores, dim=-1)
         else:

@@ -26,6 +26,7 @@ class MLP(nn.Module):
 
     def __init__(self, cfg: ICLTransformerConfig):
         super().__init__()
+        assert cfg.d_mlp is not None  # the config's __post_init__ resolves the default
         self.fc_in = nn.Linear(cfg.d_model, cfg.d_mlp)
         self.act = _ACTIVATIONS[cfg.act_fn]()
         self.fc_out = nn.Linear(cfg.d_mlp, cfg.d_model)
@@ -43,6 +44,8 @@ class TransformerBlock(nn.Module):
     and with an MLP `hook_resid_mid`, `hook_mlp_out` (attention-only blocks have neither, as in
     TransformerLens).
     """
+
+    mlp: MLP | None
 
     def __init__(self, cfg: ICLTransformerConfig):
         super().__init__()

@@ -4,7 +4,7 @@ through `BridgeBackedMixin`, the Garg-format checkpoints in `mi_krr.models.garg`
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 from torch import nn
@@ -16,6 +16,10 @@ from mi_krr.models.hook_names import attention_hook_names, residual_hook_names
 from mi_krr.models.masks import allowed_attention
 from mi_krr.models.prompting import PromptedModelMixin
 from mi_krr.models.registry import describe_model
+
+if TYPE_CHECKING:
+    from transformer_lens.hook_points import HookPoint
+    from transformer_lens.model_bridge import TransformerBridge
 
 
 class BridgeBackedMixin:
@@ -29,7 +33,20 @@ class BridgeBackedMixin:
     """
 
     read_in: nn.Linear
-    bridge: nn.Module
+    bridge: TransformerBridge
+
+    if TYPE_CHECKING:  # supplied by PromptedModelMixin and the model class
+
+        layout: str
+
+        @property
+        def max_seq_len(self) -> int | None: ...
+
+        def _resolve_n_support(self, tokens: torch.Tensor, n_support: int | None) -> int | None: ...
+
+        def _bridge_mask(self, tokens: torch.Tensor, n_support: int | None) -> torch.Tensor | None: ...
+
+        def _outputs(self, bridge_output: torch.Tensor) -> torch.Tensor: ...
 
     def _embed(self, tokens: torch.Tensor, n_support: int | None) -> tuple[torch.Tensor, dict[str, Any]]:
         n_support = self._resolve_n_support(tokens, n_support)
@@ -56,13 +73,15 @@ class BridgeBackedMixin:
         """`(outputs [batch, seq], ActivationCache)`; other arguments go to the bridge's
         `run_with_cache` (names_filter, stop_at_layer, ...)."""
         embeds, mask_kwargs = self._embed(tokens, n_support)
-        output, cache = self.bridge.run_with_cache(embeds, *args, **mask_kwargs, **kwargs)
+        run: Callable[..., tuple[Any, Any]] = self.bridge.run_with_cache  # *args may fill any of its overloads' parameters
+        output, cache = run(embeds, *args, **mask_kwargs, **kwargs)
         return self._finish(output, kwargs), cache
 
     def run_with_hooks(self, tokens: torch.Tensor, *args: Any, n_support: int | None = None, **kwargs: Any):
         """Outputs `[batch, seq]` with the given `fwd_hooks`/`bwd_hooks` (bridge `run_with_hooks`)."""
         embeds, mask_kwargs = self._embed(tokens, n_support)
-        return self._finish(self.bridge.run_with_hooks(embeds, *args, **mask_kwargs, **kwargs), kwargs)
+        run: Callable[..., Any] = self.bridge.run_with_hooks  # *args may fill any of its parameters
+        return self._finish(run(embeds, *args, **mask_kwargs, **kwargs), kwargs)
 
     def hooks(self, *args: Any, **kwargs: Any):
         """The bridge's hook context manager (`with model.hooks(fwd_hooks=[...]): model(tokens)`)."""
@@ -72,7 +91,7 @@ class BridgeBackedMixin:
         self.bridge.reset_hooks(*args, **kwargs)
 
     @property
-    def hook_dict(self) -> dict[str, nn.Module]:
+    def hook_dict(self) -> dict[str, HookPoint]:
         return self.bridge.hook_dict
 
 
@@ -106,6 +125,7 @@ class BridgeICLModel(BridgeBackedMixin, PromptedModelMixin, nn.Module):
         from transformer_lens.model_bridge import TransformerBridge
 
         self.cfg = cfg
+        assert cfg.d_head is not None  # check_config: __post_init__ resolves the default
         bridge_cfg = TransformerBridgeConfig(
             d_model=cfg.d_model,
             n_layers=cfg.n_layers,
@@ -122,7 +142,7 @@ class BridgeICLModel(BridgeBackedMixin, PromptedModelMixin, nn.Module):
             attention_dir="causal" if cfg.layout == "interleaved" else "bidirectional",
         )
         self.read_in = nn.Linear(cfg.d_token, cfg.d_model, device=device, dtype=cfg.torch_dtype)
-        self.bridge = TransformerBridge.boot_native(bridge_cfg, device=device, dtype=cfg.torch_dtype)
+        self.bridge = TransformerBridge.boot_native(bridge_cfg, device=device, dtype=cfg.torch_dtype)  # type: ignore[attr-defined]  # attached with setattr by transformer_lens.model_bridge.sources.native
         self.read_out_bias = nn.Parameter(torch.zeros((), device=device, dtype=cfg.torch_dtype))
         if cfg.layout == "concat":
             positional = self.bridge.pos_embed.original_component.weight
@@ -140,6 +160,7 @@ class BridgeICLModel(BridgeBackedMixin, PromptedModelMixin, nn.Module):
     def _bridge_mask(self, tokens: torch.Tensor, n_support: int | None) -> torch.Tensor | None:
         if self.cfg.layout == "interleaved":
             return None  # the bridge's own causal mask
+        assert self.cfg.causal is not None  # the config's __post_init__ resolves the default
         allowed = allowed_attention("concat", tokens.shape[1], n_support, self.cfg.causal, device=tokens.device)
         return ~allowed[None, None]
 

@@ -95,7 +95,7 @@ class GargICLModel(BridgeBackedMixin, PromptedModelMixin, nn.Module):
         shell = GPT2LMHeadModel(hf_config)
         shell.transformer = backbone
         shell.lm_head = read_out
-        shell.to(device)
+        shell.to(device)  # type: ignore[arg-type]  # transformers' @wraps(nn.Module.to) types `to` as the unbound method
         self.read_in.to(device)
         self.bridge = build_bridge_from_module(shell, "GPT2LMHeadModel", hf_config=hf_config)
         self.eval()
@@ -204,8 +204,8 @@ def _weights_file(path: Path, step: int | None) -> Path:
     if step is not None:
         chosen = path / f"model_{step}.pt"
         if not chosen.is_file():
-            saved = ", ".join(str(saved_step) for saved_step in _saved_steps(path))
-            fix = f"pick a step whose file exists ({saved})" if saved else "it holds no model_<step>.pt at all; omit step to load state.pt"
+            listed = ", ".join(str(saved_step) for saved_step in _saved_steps(path))
+            fix = f"pick a step whose file exists ({listed})" if listed else "it holds no model_<step>.pt at all; omit step to load state.pt"
             raise ValueError(f"no model_{step}.pt in {path}: {fix}")
         return chosen
     if (path / "state.pt").is_file():

@@ -34,6 +34,8 @@ class ICLTransformer(PromptedModelMixin, HookedRootModule):
     `PromptedModelMixin` for when n_support is needed (concat layout) and how it is inferred.
     """
 
+    W_pos: nn.Parameter | None  # the learned positional embedding, interleaved layout only
+
     def __init__(self, cfg: ICLTransformerConfig, device: torch.device | str | None = None):
         super().__init__()
         check_config(cfg)
@@ -77,6 +79,7 @@ class ICLTransformer(PromptedModelMixin, HookedRootModule):
         resid = self.hook_embed(self.read_in(tokens))
         if self.W_pos is not None:
             resid = resid + self.hook_pos_embed(self.W_pos[:seq_len])
+        assert self.cfg.causal is not None  # the config's __post_init__ resolves the default
         allowed = allowed_attention(self.cfg.layout, seq_len, n_support, self.cfg.causal, device=tokens.device)
         for block in self.blocks:
             resid = block(resid, allowed)

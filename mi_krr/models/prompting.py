@@ -7,8 +7,10 @@ this mixin does the rest.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Iterator, Protocol
 
 import torch
+from torch import nn
 
 from mi_krr._repr import compact_repr
 from mi_krr.models.encoding import EncodedPrompt, encode, interleave_pairs
@@ -41,12 +43,26 @@ class TrainingPredictions:
         return (self.pred - self.target).square().mean()
 
 
+class SequenceModel(Protocol):
+    """What `check_task_fits` reads of a model: its token layout, input dimension and longest
+    sequence (None: no limit)."""
+
+    @property
+    def layout(self) -> str: ...
+
+    @property
+    def n_dims(self) -> int: ...
+
+    @property
+    def max_seq_len(self) -> int | None: ...
+
+
 def encoded_length(layout: str, n_support: int, n_query: int) -> int:
     """Sequence length of one encoded prompt: n + m (concat) or 2n + 1 (interleaved)."""
     return n_support + n_query if layout == "concat" else 2 * n_support + 1
 
 
-def check_task_fits(model: object, task: ICLTask) -> None:
+def check_task_fits(model: SequenceModel, task: ICLTask) -> None:
     """Raise one clear ValueError if `task`'s dimension is not the model's `n_dims` or its encoded
     query prompt (`encoded_length`) is longer than the model's `max_seq_len` (None: no limit)."""
     _check_task_dimension(model, task)
@@ -57,7 +73,7 @@ def check_task_fits(model: object, task: ICLTask) -> None:
     )
 
 
-def _check_task_dimension(model: object, task: ICLTask) -> None:
+def _check_task_dimension(model: SequenceModel, task: ICLTask) -> None:
     """Raise one clear ValueError if `task` is not an `ICLTask` of the model's `n_dims`."""
     check_task("task", task)
     n_dims = model.n_dims
@@ -68,7 +84,7 @@ def _check_task_dimension(model: object, task: ICLTask) -> None:
         )
 
 
-def _check_sequence_length(model: object, length: int, sequence: str) -> None:
+def _check_sequence_length(model: SequenceModel, length: int, sequence: str) -> None:
     """Raise one clear ValueError if `length` tokens (of the `sequence` it describes) exceed the
     model's `max_seq_len` (None: no limit)."""
     max_len = model.max_seq_len
@@ -95,8 +111,16 @@ class PromptedModelMixin:
     layout: str
     causal: bool
     n_dims: int
-    max_seq_len: int | None
     _encoded_splits: dict[int, set[int]] | None = None  # sequence length -> every n_support encoded at it
+
+    if TYPE_CHECKING:  # supplied by the model class (an attribute or a property) and its nn.Module
+
+        @property
+        def max_seq_len(self) -> int | None: ...
+
+        def parameters(self, recurse: bool = True) -> Iterator[nn.Parameter]: ...
+
+        def __call__(self, tokens: torch.Tensor, n_support: int | None = None) -> torch.Tensor: ...
 
     def _param_like(self) -> torch.Tensor:
         return next(self.parameters())

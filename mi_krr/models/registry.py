@@ -3,12 +3,16 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from mi_krr.models.config import DTYPES, ICLTransformerConfig
+
+if TYPE_CHECKING:
+    from mi_krr.models.bridge import BridgeICLModel
+    from mi_krr.models.icl_transformer import ICLTransformer
 
 
 def _model_classes() -> dict[str, type]:
@@ -37,7 +41,7 @@ def weights_dtype(model: nn.Module) -> str:
     return names[dtype]
 
 
-def describe_model(model: nn.Module) -> dict[str, Any]:
+def describe_model(model: ICLTransformer | BridgeICLModel) -> dict[str, Any]:
     """`{"model_type": class name, **model.cfg.to_dict()}` with `dtype` read from the weights
     (`weights_dtype`), so the description always fits the state dict saved beside it."""
     return {"model_type": type(model).__name__, **model.cfg.to_dict(), "dtype": weights_dtype(model)}

@@ -58,7 +58,7 @@ class CGRateResult:
         return self.study.plot()
 
     def key_numbers(self) -> dict[str, Any]:
-        numbers = {}
+        numbers: dict[str, Any] = {}
         for key in self.within_bound:
             numbers[f"kappa={float(key):g}: within bound"] = self.within_bound[key]
             numbers[f"kappa={float(key):g}: max error / bound"] = self.max_ratio_to_bound[key]

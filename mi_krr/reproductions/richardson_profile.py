@@ -67,6 +67,14 @@ class LensResult:
         return sorted(self.profile_distance, key=lambda name: self.profile_distance[name])
 
 
+def _runner_up_text(result: LensResult) -> str:
+    """", runner-up <name> gap <gap> [<gap_ci>]" for a verdict with a runner-up, else ""."""
+    if not result.runner_up:
+        return ""
+    assert result.gap is not None and result.gap_ci is not None  # a verdict with a runner-up has both
+    return f", runner-up {result.runner_up} gap {result.gap:+.4f} [{result.gap_ci[0]:+.4f}, {result.gap_ci[1]:+.4f}]"
+
+
 @dataclass
 class RichardsonProfileResult:
     """Both lenses on the same in-distribution prompts.
@@ -108,9 +116,7 @@ class RichardsonProfileResult:
                 f"{name} {result.profile_distance[name]:.3f}" for name in result.profile_ranking()[:3]
             )
             state = "withheld" if result.withheld else "identified" if result.identified else "not identified"
-            numbers[f"{lens}: verdict"] = (f"{state}; best {result.best}"
-                                           + (f", runner-up {result.runner_up} gap {result.gap:+.4f} "
-                                              f"[{result.gap_ci[0]:+.4f}, {result.gap_ci[1]:+.4f}]" if result.runner_up else "")
+            numbers[f"{lens}: verdict"] = (f"{state}; best {result.best}" + _runner_up_text(result)
                                            + (f"; inseparable: {', '.join(result.equivalent)}" if result.equivalent else ""))
         return numbers
 
@@ -191,6 +197,7 @@ def richardson_profile(
                              bootstrap=bootstrap, seed=seed, progress=progress)
         result, settings = diagnosis["in_distribution"], diagnosis.settings
         lenses[lens] = _lens_result(result)
+    assert result is not None  # LENSES is not empty
     return RichardsonProfileResult(
         checkpoint=str(path),
         lenses=lenses,

@@ -84,12 +84,12 @@ def width(
     `width_study`; `scripts/construction_figures.py` runs the larger study behind
     docs/figures/construct_width.png."""
     from mi_krr._validation import as_tuple, check_positive
-    from mi_krr.construct.studies import width_study
+    from mi_krr.construct.studies import WIDTH_HEADS, width_study
 
     tolerance = check_positive("tolerance", tolerance)
-    extra = {} if heads is None else {"heads": as_tuple("heads", heads, "('random_features',)")}
+    heads = WIDTH_HEADS if heads is None else as_tuple("heads", heads, "('random_features',)")
     study = width_study(widths=as_tuple("widths", widths, "(8, 32)"), kernels=as_tuple("kernels", kernels, "('linear', 'exp')"), dim=dim, n_support=n_support, n_query=n_query, lam=lam,
-                        n_steps=n_steps, batch_size=batch_size, seed=seed, n_seeds=n_seeds, device=device, **extra)
+                        n_steps=n_steps, batch_size=batch_size, seed=seed, n_seeds=n_seeds, device=device, heads=heads)
     first, gap = {}, {}
     for kernel in study.kernels:
         model = np.asarray(study.model_error[kernel])

@@ -227,8 +227,8 @@ def cg_error_bound(kappa: Any, t: Any) -> Any:
     kappa_a = np.asarray(kappa, dtype=np.float64)
     t_a = np.asarray(t, dtype=np.float64)
     _check_bound_arguments(kappa_a, t_a)
-    root = np.sqrt(kappa_a)
-    bound = 2.0 * ((root - 1.0) / (root + 1.0)) ** t_a
+    root_a = np.sqrt(kappa_a)
+    bound = 2.0 * ((root_a - 1.0) / (root_a + 1.0)) ** t_a
     return float(bound) if bound.ndim == 0 else bound
 
 

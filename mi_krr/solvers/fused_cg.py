@@ -61,7 +61,7 @@ def fused_pcg(
     squared_norms = np.empty((batch, n_steps + 1))
     pred = None if queries is None else np.empty((batch, n_steps + 1, queries.shape[1]))
     indefinite = np.zeros(batch, dtype=np.bool_)
-    chunks = min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS, batch)
+    chunks = min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS, batch)  # type: ignore[attr-defined]  # numba.config sets it at import time
     if chunks <= 1 or _FORKED[0]:
         _pcg_prompts(*arrays, float(lam), n_steps, alpha, squared_norms, pred, indefinite, 0, batch)
     else:

@@ -119,6 +119,7 @@ class _PromptSampler(ABC):
     # ----- input distribution -------------------------------------------------------------
     def input_spectrum(self) -> torch.Tensor:
         """Eigenvalues of Cov(x), descending, `[d]` float64: input_std^2 * kappa^(-i/(d-1))."""
+        assert self.input_std is not None  # __post_init__ replaces None by the sampler's default
         return self.input_std**2 * geometric_spectrum(self.dim, self.condition_number)
 
     def input_basis(self) -> torch.Tensor:
@@ -273,7 +274,7 @@ class GPRegressionSampler(_PromptSampler):
 
     def covariance(self, x: torch.Tensor) -> torch.Tensor:
         """The prior covariance of f at `x [..., N, d]`: kernel matrix + jitter, `[..., N, N]` float64."""
-        gram = kernel_matrix(self.kernel, self._checked_inputs(x).to(torch.float64), **self.kernel_params())
+        gram = kernel_matrix(self.kernel, self._checked_inputs(x).to(torch.float64), None, **self.kernel_params())
         scale = torch.diagonal(gram, dim1=-2, dim2=-1).mean(-1)
         eye = torch.eye(gram.shape[-1], dtype=torch.float64, device=gram.device)
         return gram + (self.jitter * scale)[..., None, None] * eye
@@ -310,7 +311,7 @@ class GPRegressionSampler(_PromptSampler):
 
 Sampler = LinearRegressionSampler | GPRegressionSampler
 
-SAMPLERS: dict[str, type[_PromptSampler]] = {
+SAMPLERS: dict[str, type[Sampler]] = {
     LinearRegressionSampler.name: LinearRegressionSampler,
     GPRegressionSampler.name: GPRegressionSampler,
 }

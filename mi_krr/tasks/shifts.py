@@ -141,6 +141,7 @@ def apply_shift(sampler: Sampler, shift: Shift | str) -> Sampler:
     if shift.kind == "longer_prompts":
         return replace(sampler, n_support_factor=value * sampler.n_support_factor)
     if shift.kind == "bandwidth":
+        assert isinstance(sampler, GPRegressionSampler)  # why_shift_does_not_apply refuses any other
         if sampler.kernel == "gaussian":
             return replace(sampler, bandwidth=value * sampler.bandwidth)
         return replace(sampler, temperature=value**2 * sampler.temperature)

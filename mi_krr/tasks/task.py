@@ -91,22 +91,23 @@ class ICLTask:
             info=dict(self.info),
         )
 
-    def select(self, index: torch.Tensor | slice | Sequence[int] | int) -> "ICLTask":
+    def select(self, index: torch.Tensor | np.ndarray | slice | Sequence[int] | int) -> "ICLTask":
         """The prompts at `index` along the batch dimension (an int, or a 0-d integer tensor or
         array such as `errors.argmax()`, keeps the batch dimension: select(3) is select([3]),
         batch 1). As in torch indexing, a slice gives views of this task's tensors (writing into
         them writes into this task) and a sequence or tensor index gives copies."""
+        key: object = index
         if isinstance(index, (torch.Tensor, np.ndarray)) and index.ndim == 0:
-            index = index.item()  # a Python int (or a float / bool, refused below)
-        if isinstance(index, numbers.Integral) and not isinstance(index, bool):
-            index = [int(index)]
-        elif isinstance(index, (tuple, range, np.ndarray)):
-            index = torch.as_tensor(list(index) if isinstance(index, range) else index)
-        elif not isinstance(index, (slice, list, torch.Tensor)):
-            raise ValueError(f"index must be an int, a slice, a sequence of ints or a tensor of prompt indices, got {type(index).__name__}")
+            key = index.item()  # a Python int (or a float / bool, refused below)
+        if isinstance(key, numbers.Integral) and not isinstance(key, bool):
+            key = [int(key)]
+        elif isinstance(key, (tuple, range, np.ndarray)):
+            key = torch.as_tensor(list(key) if isinstance(key, range) else key)
+        elif not isinstance(key, (slice, list, torch.Tensor)):
+            raise ValueError(f"index must be an int, a slice, a sequence of ints or a tensor of prompt indices, got {type(key).__name__}")
         return replace(
             self,
-            **{name: getattr(self, name)[index] for name in self._tensor_fields()},
+            **{name: getattr(self, name)[key] for name in self._tensor_fields()},
             info=dict(self.info),
         )
 

@@ -157,7 +157,10 @@ class RNGState:
     def capture(cls) -> "RNGState":
         """Snapshot the global torch/python/numpy/CUDA generators."""
         version, internal, gauss_next = random.getstate()
-        _, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
+        numpy_state = np.random.get_state(legacy=True)
+        if not isinstance(numpy_state, tuple):  # a dict only after np.random.set_bit_generator
+            raise ValueError(f"numpy's global generator must be MT19937 to be saved, got {numpy_state['bit_generator']}")
+        _, keys, pos, has_gauss, cached = numpy_state
         return cls(
             torch_cpu=torch.get_rng_state(),
             python=[version, list(internal), gauss_next],
@@ -331,18 +334,19 @@ def prune_checkpoints(run_dir: str | Path, keep: int) -> None:
 def save_model(path: str | Path, model: torch.nn.Module, run_config: dict[str, Any] | None = None) -> Path:
     """Write `model`'s weights (plain state-dict names) and its `config_dict()` atomically (an
     `ICLTransformer` or `BridgeICLModel`: `load_model` rebuilds it from that description)."""
-    if not callable(getattr(model, "config_dict", None)):
+    config_dict = getattr(model, "config_dict", None)
+    if not callable(config_dict):
         raise ValueError(
             f"model must describe itself with config_dict() (an ICLTransformer or BridgeICLModel) for load_model to rebuild it, "
             f"got {type(model).__name__}: save its state_dict() with torch.save or safetensors instead"
         )
-    metadata = {"format": MODEL_FORMAT, "version": FORMAT_VERSION, "model_config": model.config_dict()}
+    metadata = {"format": MODEL_FORMAT, "version": FORMAT_VERSION, "model_config": config_dict()}
     if run_config is not None:
         metadata["run_config"] = run_config
     return _write_safetensors(path, model.state_dict(), metadata)
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu") -> torch.nn.Module:
+def load_model(path: str | Path, device: str | torch.device | None = "cpu") -> torch.nn.Module:
     """Rebuild a trained model from a run folder or a checkpoint file, in eval mode.
 
     `path` may be a run folder (its `model.safetensors`, else its newest training state), a

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable, cast
 
 import torch
 
@@ -61,7 +61,7 @@ def bayes_optimal_predictions(sampler: Any, task: ICLTask) -> torch.Tensor:
     x_support = task.x_support.detach().to("cpu", torch.float64)
     x_query = task.x_query.detach().to("cpu", torch.float64)
     y_support = task.y_support.detach().to("cpu", torch.float64)
-    gram = kernel_matrix(kernel, x_support, **params)
+    gram = kernel_matrix(kernel, x_support, None, **params)
     if lam == 0.0:
         lam = NOISELESS_RELATIVE_LAM * float(torch.diagonal(gram, dim1=-2, dim2=-1).mean())
     alpha = krr(gram, y_support, lam)
@@ -94,7 +94,8 @@ def model_predictions(model: torch.nn.Module, task: ICLTask, chunk: int = 256) -
     was_training = model.training
     model.eval()
     try:
-        parts = [model.predict(task.select(slice(i, i + chunk))) for i in range(0, task.batch_size, chunk)]
+        predict = cast(Callable[[ICLTask], torch.Tensor], model.predict)  # torch's stub: Tensor | Module
+        parts = [predict(task.select(slice(i, i + chunk))) for i in range(0, task.batch_size, chunk)]
     finally:
         model.train(was_training)
     return torch.cat(parts).to("cpu", torch.float64)

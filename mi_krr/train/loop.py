@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Callable, cast
 
 import numpy as np
 import torch
@@ -35,6 +35,9 @@ from mi_krr.train.config import TrainConfig
 from mi_krr.train.evaluation import EvalReference, evaluate, held_out_reference
 from mi_krr.train.schedule import step_active_dim, step_learning_rate, step_prompt_length
 from mi_krr.train.seeding import TRAIN_STREAM, derived_generator
+
+if TYPE_CHECKING:
+    from mi_krr.models.prompting import TrainingPredictions
 
 
 class RunFolderInUseError(ValueError):
@@ -112,7 +115,8 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Adam
     """AdamW with weight decay on weight matrices and embeddings (ndim >= 2) only: biases (named
     `bias` or `b_*`, including TransformerLens's per-head b_Q / b_K / b_V `[n_heads, d_head]`)
     and norms are exempt."""
-    decay, no_decay = [], []
+    decay: list[torch.nn.Parameter] = []
+    no_decay: list[torch.nn.Parameter] = []
     for name, parameter in model.named_parameters():
         if parameter.requires_grad:
             (decay if parameter.dim() >= 2 and not _is_bias(name) else no_decay).append(parameter)
@@ -160,7 +164,9 @@ def train(
     model.to(cfg.device)
     optimizer = make_optimizer(model, cfg)
 
-    start, history, losses = 0, [], []  # losses: the batch losses since the last evaluation record
+    start = 0
+    history: list[dict[str, Any]] = []
+    losses: list[float] = []  # the batch losses since the last evaluation record
     checkpoint_path = None
     if resume:
         checkpoint_path, start, history, losses = _resume(model, optimizer, config, cfg, out_dir)
@@ -231,7 +237,8 @@ def training_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, samp
     for group in optimizer.param_groups:
         group["lr"] = lr
     task = training_batch(sampler, cfg, step)
-    loss = model.training_predictions(task).mse()
+    training_predictions = cast("Callable[[ICLTask], TrainingPredictions]", model.training_predictions)  # torch's stub: Tensor | Module
+    loss = training_predictions(task).mse()
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     if cfg.grad_clip is not None:
