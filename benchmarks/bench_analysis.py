@@ -52,7 +52,8 @@ def kernel_alignment_chunks(model, task, repeats: int) -> dict[str, float]:
 def step_fits(model, task, repeats: int) -> dict[str, float]:
     from mi_krr.kernels import kernel_matrix
     from probes.diagnose import DEFAULT_ALGORITHMS, default_n_steps, resolve_kernel, resolve_lam
-    from probes.step_sizes import FITTED_STEP_ALGORITHMS, cross_fit_step, cross_fit_steps, fit_global_steps, spectral_systems
+    from probes.spectral_trajectories import FITTED_STEP_ALGORITHMS, spectral_systems
+    from probes.step_sizes import cross_fit_step, cross_fit_steps, fit_global_steps
     from probes.streaming import resolve_layers, stream_probes
 
     kernel, params = resolve_kernel(task, "auto", None)

@@ -42,7 +42,8 @@ from probes.kernel_alignment import REFERENCE_KERNELS, KernelAlignment, kernel_a
 from probes.layer_predictions import METHODS, check_train_task, layer_predictions
 from probes.scoring import AlgorithmScore, overflow_limit, score_algorithms
 from probes.sensitivity import label_sensitivities, solver_sensitivities
-from probes.step_sizes import FITTED_STEP_ALGORITHMS, STEP_SIZES, FittedStep, fit_global_steps
+from probes.spectral_trajectories import FITTED_STEP_ALGORITHMS
+from probes.step_sizes import STEP_SIZES, FittedStep, fit_global_steps
 from probes.streaming import encode_for_probe, model_device_dtype, probe_model, resolve_layers, stream_probes
 
 DEFAULT_ALGORITHMS = ("cg", "jacobi_cg", "gd", "richardson_jacobi", "richardson_rowsum", "chebyshev", "heavy_ball", "newton")

@@ -11,25 +11,18 @@ section with parabolic steps) on log step inside the brackets of the best grid p
 fits its momentum, on the grid 0, 0.1, 0.3, ..., 0.9 (momentum 0 is GD: heavy ball contains
 it, so a GD network is not read as momentum when GD itself is not among the candidates).
 
-The searches run side by side: `bounded_brent` is SciPy's `minimize_scalar(method="bounded")`
+The searches run side by side: `probes.bounded_brent` is SciPy's `minimize_scalar(method="bounded")`
 step for step, vectorised over brackets, and each of its iterations scores the next candidate of
-every bracket of both cross-fitting halves in ONE closed-form batch (the grids of both halves are
-one batch too): the same searches as one at a time (scores equal to rounding, fitted steps to
-~1e-10), in ~30 batches per algorithm instead of ~125 single evaluations. `cross_fit_steps` runs
-every algorithm's searches in the same lockstep, their candidates' path R2 computed together
-(fitted steps bit-identical to fitting one algorithm at a time; `benchmarks/bench_analysis.py`
-times both: 248-257 -> 209-217 ms on softmax_gp, 168-180 -> 138-156 ms on linear_lr, 444-453 ->
-427-430 ms on a 12-layer, 8-head model).
-The typical optimal step comes from the same eigendecomposition (`optimal_steps`).
-
-Every candidate is evaluated in closed form (`SpectralSystem`), not by re-running the solver: with
-P the diagonal preconditioner and S = P^1/2 (K + lam I) P^1/2 = U diag(mu) U^T (ONE symmetric
-eigendecomposition per prompt), any iteration whose update is a polynomial in P A decouples into
-scalar recurrences per eigenmode. From alpha_0 = 0 (and alpha_-1 = 0), alpha_t = P^1/2 U diag(s_t)
-U^T P^1/2 y, where per mode s_{t+1} = s_t + w (1 - mu s_t) + beta (s_t - s_{t-1}), s_0 = s_-1 = 0
-(beta = 0: Richardson, s_t = (1 - (1 - w mu)^t) / mu). So pred_t = K_query P^1/2 U diag(c) s_t with
-c = U^T P^1/2 y: a [m, n] gain per prompt, times s_t for every candidate at once. The trajectories
-`diagnose` reports for the fitted steps are then run by the real solvers.
+every bracket of both cross-fitting halves in ONE batch (the grids of both halves are one batch
+too), each candidate's trajectory in closed form from one eigendecomposition per prompt
+(`probes.spectral_trajectories`), not by re-running the solver: the same searches as one at a
+time (scores equal to rounding, fitted steps to ~1e-10), in ~30 batches per algorithm instead of
+~125 single evaluations. `cross_fit_steps` runs every algorithm's searches in the same lockstep,
+their candidates' path R2 computed together (fitted steps bit-identical to fitting one algorithm
+at a time; `benchmarks/bench_analysis.py` times both: 248-257 -> 209-217 ms on softmax_gp,
+168-180 -> 138-156 ms on linear_lr, 444-453 -> 427-430 ms on a 12-layer, 8-head model).
+The typical optimal step comes from the same eigendecomposition (`optimal_steps`); the
+trajectories `diagnose` reports for the fitted steps are then run by the real solvers.
 
 Cross-fitting keeps the fitted parameter from inflating scores: the prompts are split in two
 halves (seeded); each half's parameters are fitted on that half, and every prompt is then scored
@@ -49,17 +42,18 @@ import torch
 from mi_krr._repr import compact_repr
 from mi_krr._validation import check_choice
 from mi_krr.solvers import heavy_ball, richardson
-from mi_krr.solvers.spectrum import polyak_parameters, preconditioner_diagonal, richardson_optimal_step
-from mi_krr.solvers.system import check_steps, krr_system
+from mi_krr.solvers.spectrum import preconditioner_diagonal
+from mi_krr.solvers.system import krr_system
+from probes.bounded_brent import bounded_brent
 from probes.scoring import (
     PairedSums, centred_step_sums, monotone_alignment, overflow_limit, pairwise_sse, path_r2, weighted_sse_sst,
 )
 from probes.sensitivity import RICHARDSON_PRECONDITIONERS
+from probes.spectral_trajectories import (
+    FITTED_STEP_ALGORITHMS, SpectralSystem, optimal_steps, spectral_system, spectral_systems,
+)
 
 STEP_SIZES = ("fitted", "optimal")
-FITTED_STEP_ALGORITHMS = (*RICHARDSON_PRECONDITIONERS, "heavy_ball")
-"""Registry names whose step `diagnose(step_sizes="fitted")` fits (the others keep their
-registry parameters)."""
 
 STEP_GRID = np.geomspace(1e-3, 2.0, 23)
 """Candidate steps relative to the median spectrum-optimal step of the fitted prompts (torch's
@@ -80,154 +74,7 @@ GRID_CHUNK_VALUES = 2**20
 small enough to stay in cache (large temporaries cost more in page faults than in arithmetic)."""
 
 _DIVERGED = 1e300
-_GOLDEN_MEAN = 0.5 * (3.0 - np.sqrt(5.0))
-_SQRT_EPS = np.sqrt(2.2e-16)
-_MAX_EVALUATIONS = 500
-"""SciPy's bounded-Brent constants (`scipy.optimize._optimize._minimize_scalar_bounded`)."""
-
-
-@dataclass(frozen=True)
-class SpectralSystem:
-    """The KRR systems of B prompts in the eigenbasis of S = P^1/2 (K + lam I) P^1/2, for
-    evaluating fixed-step Richardson / heavy-ball trajectories in closed form (module docstring).
-
-    Attributes:
-        eigenvalues: mu, the eigenvalues of S (= those of P (K + lam I)), ascending `[B, n]`.
-        gain: K_query P^1/2 U diag(U^T P^1/2 y) `[B, m, n]`: pred_t = gain @ s_t.
-    """
-
-    __repr__ = compact_repr
-
-    eigenvalues: torch.Tensor
-    gain: torch.Tensor
-
-    def select(self, index: torch.Tensor) -> SpectralSystem:
-        """The prompts `index` `[B']`."""
-        return SpectralSystem(eigenvalues=self.eigenvalues[index], gain=self.gain[index])
-
-    @functools.cached_property
-    def _arrays(self) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
-        """CPU copies for the candidate loops: mu `[B, n]`; gain^T `[B, n, m]`; and
-        [-(gain / mu)^T; pred_inf] `[B, n+1, m]` with pred_inf = (gain / mu) 1 (the limit
-        t -> inf), so that the row [(1 - w mu)^t, 1] times it is Richardson's pred_t."""
-        mu = self.eigenvalues.detach().cpu()
-        gain = self.gain.detach().cpu().numpy()
-        scaled = gain / mu.numpy()[:, None, :]
-        limit_form = np.concatenate([-scaled, scaled.sum(-1, keepdims=True)], axis=2).transpose(0, 2, 1)
-        return mu, np.ascontiguousarray(gain.transpose(0, 2, 1)), np.ascontiguousarray(limit_form)
-
-    def predictions(self, step: Any, n_steps: int, momentum: Any = None) -> torch.Tensor:
-        """Query predictions of alpha_{t+1} = alpha_t + w P (y - A alpha_t) + beta (alpha_t -
-        alpha_{t-1}) from alpha_0 = alpha_-1 = 0 for G candidate (w, beta) pairs at once.
-
-        Args:
-            step: w per candidate `[G]`, per prompt and candidate `[B, G]`, or a number.
-            n_steps: T >= 0.
-            momentum: beta, shaped like `step` (or a number); None for Richardson (beta = 0).
-
-        Returns:
-            pred `[B, G, T+1, m]` (float64, on the system's device); non-finite where a step
-            diverges past float range.
-        """
-        n_steps = check_steps(n_steps)
-        mu, gain_t, limit_form = self._arrays
-        w = _per_prompt(step, len(mu))
-        if momentum is None:
-            pred = _richardson_predictions(mu, limit_form, w, n_steps)
-        else:
-            pred = _heavy_ball_predictions(mu, gain_t, w, _per_prompt(momentum, len(mu)), n_steps)
-        return torch.from_numpy(pred).to(self.eigenvalues.device)
-
-
-def _per_prompt(value: Any, batch: int) -> torch.Tensor:
-    """A candidate parameter (number, `[G]` or `[B, G]`) as `[B, G, 1]`."""
-    value = torch.as_tensor(value, dtype=torch.float64, device="cpu")
-    return (value.reshape(1, -1) if value.ndim < 2 else value).expand(batch, -1)[:, :, None]
-
-
-def _richardson_predictions(mu: torch.Tensor, limit_form: np.ndarray, w: torch.Tensor, n_steps: int) -> np.ndarray:
-    """Richardson in closed form, pred_t = gain s_t = pred_inf - (gain / mu) (1 - w mu)^t, with
-    pred_0 = 0 exactly: mu `[B, n]`, limit_form = [-(gain / mu)^T; pred_inf] `[B, n+1, m]`, w
-    `[B, G, 1]` -> `[B, G, T+1, m]`: ONE matmul of the rows [(1 - w mu)^t, 1] (t >= 1; t = 0: 0)."""
-    batch, n = mu.shape
-    decay = 1.0 - w * mu[:, None, :]  # [B, G, n]
-    rows = torch.empty(batch, w.shape[1], n_steps + 1, n + 1, dtype=torch.float64)
-    rows[:, :, 0] = 0.0
-    rows[:, :, 1:, n] = 1.0
-    torch.cumprod(decay[:, :, None, :].expand(-1, -1, n_steps, -1), dim=2, out=rows[:, :, 1:, :n])
-    return np.matmul(rows.numpy().reshape(batch, -1, n + 1), limit_form).reshape(*rows.shape[:3], -1)
-
-
-def _heavy_ball_predictions(mu: torch.Tensor, gain_t: np.ndarray, w: torch.Tensor, beta: torch.Tensor, n_steps: int) -> np.ndarray:
-    """The per-mode recurrence s_{t+1} = s_t + w (1 - mu s_t) + beta (s_t - s_{t-1}) =
-    w + (1 + beta - w mu) s_t - beta s_{t-1} from s_0 = s_-1 = 0, pred_t = gain s_t: mu `[B, n]`,
-    gain_t = gain^T `[B, n, m]`, w and beta `[B, G, 1]` -> `[B, G, T+1, m]`."""
-    batch, n = mu.shape
-    w, beta = torch.broadcast_tensors(w, beta)
-    carry = (1.0 + beta) - w * mu[:, None, :]  # [B, G, n]
-    modes = torch.empty(batch, w.shape[1], n_steps + 1, n, dtype=torch.float64)
-    modes[:, :, 0] = 0.0
-    modes[:, :, 1:2] = w[:, :, None]  # s_1 = w (nothing when T = 0)
-    for t in range(1, n_steps):
-        torch.addcmul(w, carry, modes[:, :, t], out=modes[:, :, t + 1])
-        modes[:, :, t + 1].addcmul_(beta, modes[:, :, t - 1], value=-1.0)
-    return np.matmul(modes.numpy().reshape(batch, -1, n), gain_t).reshape(*modes.shape[:3], -1)
-
-
-def spectral_system(algorithm: str, K: Any, y: Any, lam: float, K_query: Any) -> SpectralSystem:
-    """The `SpectralSystem` of `algorithm`'s preconditioner (heavy ball: none) on K `[B, n, n]`, y
-    `[B, n]`, K_query `[B, m, n]`: one batched symmetric eigendecomposition."""
-    system = krr_system(K, y, lam, K_query)
-    if system.K_query is None:
-        raise ValueError("spectral_system needs K_query [..., m, n]: the fit compares query predictions")
-    diagonal = preconditioner_diagonal(system, fit_preconditioner(algorithm))  # [B, 1, n] or None
-    A = system.K + system.lam * torch.eye(system.n, dtype=system.K.dtype, device=system.K.device)
-    root = torch.ones_like(system.y) if diagonal is None else diagonal.sqrt()  # P^1/2 as rows [B, 1, n]
-    eigenvalues, U = torch.linalg.eigh(root.mT * A * root)
-    basis = root.mT * U  # P^1/2 U, [B, n, n]
-    coefficients = torch.bmm(system.y, basis)  # (U^T P^1/2 y)^T, [B, 1, n]
-    gain = torch.bmm(system.K_query, basis) * coefficients
-    return SpectralSystem(eigenvalues=eigenvalues, gain=gain)
-
-
-def spectral_systems(
-    algorithms: list[str], K: Any, y: Any, lam: float, K_query: Any
-) -> tuple[dict[str, SpectralSystem], dict[str, ValueError]]:
-    """`spectral_system` of each of `algorithms` (names in `FITTED_STEP_ALGORITHMS`), those with
-    the same `fit_preconditioner` sharing ONE eigendecomposition (gd and heavy ball).
-
-    Returns:
-        (systems, unfit): name -> its `SpectralSystem`, and name -> the ValueError of an algorithm
-        whose preconditioner does not apply to these prompts (e.g. row sums <= 0).
-    """
-    by_preconditioner: dict[str, SpectralSystem | ValueError] = {}
-    for name in algorithms:
-        preconditioner = fit_preconditioner(name)
-        if preconditioner not in by_preconditioner:
-            try:
-                by_preconditioner[preconditioner] = spectral_system(name, K, y, lam, K_query)
-            except ValueError as error:
-                by_preconditioner[preconditioner] = error
-    outcome = {name: by_preconditioner[fit_preconditioner(name)] for name in algorithms}
-    systems = {name: value for name, value in outcome.items() if isinstance(value, SpectralSystem)}
-    return systems, {name: value for name, value in outcome.items() if isinstance(value, ValueError)}
-
-
-def fit_preconditioner(algorithm: str) -> str:
-    """The preconditioner of `algorithm`'s `SpectralSystem` ("none" for gd and heavy ball, which
-    therefore share one)."""
-    check_choice("algorithm", algorithm, FITTED_STEP_ALGORITHMS)
-    return RICHARDSON_PRECONDITIONERS.get(algorithm, "none")
-
-
-def optimal_steps(algorithm: str, eigenvalues: torch.Tensor) -> torch.Tensor:
-    """The registry's default step of `algorithm` for each prompt `[B]`, from the ascending
-    spectrum mu `[B, n]` of its preconditioned system (`SpectralSystem.eigenvalues`):
-    2 / (mu_min + mu_max) for Richardson (`mi_krr.solvers.richardson`), Polyak's
-    4 / (sqrt(mu_max) + sqrt(mu_min))^2 for heavy ball (`mi_krr.solvers.heavy_ball`)."""
-    check_choice("algorithm", algorithm, FITTED_STEP_ALGORITHMS)
-    bounds = eigenvalues[:, 0], eigenvalues[:, -1]
-    return polyak_parameters(*bounds)[0] if algorithm == "heavy_ball" else richardson_optimal_step(*bounds)
+"""The loss Brent sees for a diverging candidate (its path R2 is -inf)."""
 
 
 @dataclass
@@ -332,76 +179,6 @@ def _bounded_candidates(pred: np.ndarray, limit: float) -> np.ndarray:
     if pred.size and -limit <= pred.min() and pred.max() <= limit:  # NaN fails both comparisons
         return np.ones(pred.shape[:2], dtype=bool)
     return (np.abs(pred) <= limit).reshape(*pred.shape[:2], -1).all(axis=2)
-
-
-def bounded_brent(loss: Callable[[np.ndarray, np.ndarray], np.ndarray], low: np.ndarray, high: np.ndarray, xatol: float) -> tuple[np.ndarray, np.ndarray]:
-    """SciPy's `minimize_scalar(loss_i, bounds=(low[i], high[i]), method="bounded",
-    options={"xatol": xatol})` for N functions at once, step for step (golden section with
-    parabolic steps; same points, same stopping rule).
-
-    Args:
-        loss: `loss(index, x)`: the values of functions `index` `[k]` at `x` `[k]` (one batch
-            per iteration holding the next point of every unconverged search).
-        low, high: the bounds `[N]`.
-        xatol: absolute tolerance on x.
-
-    Returns:
-        (x, loss) of each search's minimum, `[N]` each.
-    """
-    a, b = np.array(low, dtype=np.float64), np.array(high, dtype=np.float64)
-    xf = a + _GOLDEN_MEAN * (b - a)
-    fx = np.asarray(loss(np.arange(len(a)), xf), dtype=np.float64)
-    nfc, fulc, fnfc, ffulc = xf.copy(), xf.copy(), fx.copy(), fx.copy()
-    rat, e = np.zeros_like(a), np.zeros_like(a)
-    for _ in range(_MAX_EVALUATIONS - 1):
-        xm = 0.5 * (a + b)
-        tol1 = _SQRT_EPS * np.abs(xf) + xatol / 3.0
-        live = np.flatnonzero(np.abs(xf - xm) > 2.0 * tol1 - 0.5 * (b - a))
-        if not len(live):
-            break
-        state = (a, b, xf, fx, nfc, fnfc, fulc, ffulc, rat, e)
-        x, rat[live], e[live] = _brent_point(*(value[live] for value in (*state, xm, tol1)))
-        fu = np.asarray(loss(live, x), dtype=np.float64)
-        updated = _brent_update(x, fu, *(value[live] for value in state[:8]))
-        for value, new in zip(state[:8], updated):
-            value[live] = new
-    return xf, fx
-
-
-def _brent_point(a, b, xf, fx, nfc, fnfc, fulc, ffulc, rat, e, xm, tol1):
-    """The next point of bounded Brent searches (arrays `[k]`, SciPy's names): a parabolic step
-    through (xf, nfc, fulc) where acceptable, else golden section. Returns (x, rat, e)."""
-    tol2 = 2.0 * tol1
-    r = (xf - nfc) * (fx - ffulc)
-    q = (xf - fulc) * (fx - fnfc)
-    p = (xf - fulc) * q - (xf - nfc) * r
-    q = 2.0 * (q - r)
-    p = np.where(q > 0.0, -p, p)
-    q = np.abs(q)
-    parabolic = (np.abs(e) > tol1) & (np.abs(p) < np.abs(0.5 * q * e)) & (p > q * (a - xf)) & (p < q * (b - xf))
-    step = np.divide(p, q, out=np.zeros_like(p), where=parabolic)
-    near_bound = ((xf + step - a) < tol2) | ((b - (xf + step)) < tol2)
-    toward_middle = np.sign(xm - xf) + ((xm - xf) == 0)
-    e = np.where(parabolic, rat, np.where(xf >= xm, a - xf, b - xf))
-    rat = np.where(parabolic, np.where(near_bound, tol1 * toward_middle, step), _GOLDEN_MEAN * e)
-    x = xf + (np.sign(rat) + (rat == 0)) * np.maximum(np.abs(rat), tol1)
-    return x, rat, e
-
-
-def _brent_update(x, fu, a, b, xf, fx, nfc, fnfc, fulc, ffulc):
-    """Bounded Brent's bookkeeping after evaluating fu = f(x) (arrays `[k]`, SciPy's names):
-    the new (a, b, xf, fx, nfc, fnfc, fulc, ffulc)."""
-    better = fu <= fx
-    a_new = np.where(better, np.where(x >= xf, xf, a), np.where(x < xf, x, a))
-    b_new = np.where(better, np.where(x >= xf, b, xf), np.where(x < xf, b, x))
-    second = ~better & ((fu <= fnfc) | (nfc == xf))  # x becomes the second-best point
-    third = ~better & ~second & ((fu <= ffulc) | (fulc == xf) | (fulc == nfc))  # x becomes the third
-    shift = better | second
-    fulc_new = np.where(shift, nfc, np.where(third, x, fulc))
-    ffulc_new = np.where(shift, fnfc, np.where(third, fu, ffulc))
-    nfc_new = np.where(better, xf, np.where(second, x, nfc))
-    fnfc_new = np.where(better, fx, np.where(second, fu, fnfc))
-    return a_new, b_new, np.where(better, x, xf), np.where(better, fu, fx), nfc_new, fnfc_new, fulc_new, ffulc_new
 
 
 def fit_step(

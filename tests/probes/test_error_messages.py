@@ -18,7 +18,7 @@ from probes.alignment_metrics import alignment_metrics
 from probes.kernel_alignment import kernel_alignment
 from probes.scoring import monotone_alignment, score_algorithm, score_algorithms
 from probes.sensitivity import solver_sensitivities
-from probes.step_sizes import spectral_system
+from probes.spectral_trajectories import spectral_system
 
 MODEL = ICLTransformer(ICLTransformerConfig(n_dims=3, d_model=8, n_layers=2, n_heads=1))
 TASK = GPRegressionSampler(dim=3).sample(4, 5, 2, seed=0)

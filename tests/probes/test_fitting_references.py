@@ -20,17 +20,9 @@ from mi_krr.kernels import gaussian_kernel
 from probes.attention_kernels import AttentionKernels
 from probes.kernel_alignment import kernel_alignment
 from probes.kernel_scale_fit import GRID_SPACING, fit_inverse_scale, log_similarity, row_normalised_kernel
-from probes.step_sizes import (
-    LOG_STEP_XTOL,
-    MOMENTUM_GRID,
-    REFINED_BRACKETS,
-    STEP_GRID,
-    FittedStep,
-    bounded_brent,
-    cross_fit_folds,
-    cross_fit_steps,
-    spectral_system,
-)
+from probes.bounded_brent import bounded_brent
+from probes.spectral_trajectories import spectral_system
+from probes.step_sizes import LOG_STEP_XTOL, MOMENTUM_GRID, REFINED_BRACKETS, STEP_GRID, FittedStep, cross_fit_folds, cross_fit_steps
 from prompts import random_task
 
 step_sizes = importlib.import_module("probes.step_sizes")

@@ -15,21 +15,17 @@ from scipy import optimize
 from brute_force import path_r2
 from mi_krr.kernels import gaussian_kernel
 from mi_krr.solvers import ALGORITHMS, heavy_ball, richardson
+from probes.bounded_brent import bounded_brent
+from probes.spectral_trajectories import FITTED_STEP_ALGORITHMS, fit_preconditioner, optimal_steps, spectral_system, spectral_systems
 from probes.step_sizes import (
-    FITTED_STEP_ALGORITHMS,
-    bounded_brent,
     cross_fit_folds,
     cross_fit_step,
     cross_fit_steps,
     fit_global_steps,
-    fit_preconditioner,
     fit_step,
-    optimal_steps,
     path_score,
     path_scores,
     scalar_jacobi,
-    spectral_system,
-    spectral_systems,
 )
 
 B, N, M, LAM, T = 16, 8, 3, 0.05, 6
