@@ -478,7 +478,6 @@ COMPARE_ARCHITECTURES = [
     code(
         """
         import matplotlib.pyplot as plt
-        import numpy as np
         import torch
 
         import probes

@@ -15,7 +15,6 @@ import yaml
 from mi_krr.models import BridgeICLModel, ICLTransformer, ICLTransformerConfig, allowed_attention, load_garg_checkpoint
 from mi_krr.models.encoding import encode
 from mi_krr.models.garg import read_garg_config
-from mi_krr.tasks import ICLTask
 from icl_numpy_forward import EPS, brute_force_allowed, numpy_forward
 from prompts import random_task
 

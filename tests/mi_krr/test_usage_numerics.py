@@ -22,7 +22,7 @@ import torch
 
 import probes
 from mi_krr.kernels import effective_dimension, exp_kernel, gaussian_kernel
-from mi_krr.solvers import ALGORITHMS, cg, jacobi_cg, krr, richardson, solve
+from mi_krr.solvers import cg, jacobi_cg, krr, richardson, solve
 
 RNG = np.random.default_rng(20250101)
 

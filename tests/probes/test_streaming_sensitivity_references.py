@@ -17,7 +17,7 @@ from mi_krr.models.encoding import EncodedPrompt
 from mi_krr.models.masks import allowed_attention
 from mi_krr.solvers import ALGORITHMS, cg
 from mi_krr.tasks import ICLTask
-from probes import attention_kernels, label_sensitivities, layer_predictions, solver_sensitivities, stream_probes
+from probes import attention_kernels, label_sensitivities, solver_sensitivities, stream_probes
 from probes.sensitivity import LINEAR_IN_Y, batch_jacobian
 from probes.streaming import query_readouts, query_residuals, resolve_layers, run_with_reductions
 from brute_force import lens_finite_differences, solver_finite_differences

@@ -20,7 +20,6 @@ import torch
 
 from brute_force import path_r2
 
-import probes
 from mi_krr.checkpoints import shipped_checkpoint
 from mi_krr.cli import main
 from mi_krr.construct import gd_transformer
