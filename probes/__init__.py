@@ -6,16 +6,17 @@ Every probe talks to a model only through `mi_krr.models.adapter.ICLModel`; star
 `probes.attach(model)`.
 """
 
+from probes.alignment_metrics import alignment_metrics
 from probes.attach import ProbedModel, attach
 from probes.attention_kernels import AttentionKernels, attention_kernels
 from probes.fitted_probes import LayerProbes, RidgeFit, fit_layer_probes
-from probes.alignment_metrics import alignment_metrics
 from probes.kernel_alignment import KernelAlignment, kernel_alignment
 from probes.layer_predictions import layer_predictions
 from probes.sensitivity import label_sensitivities, solver_sensitivities
 
 from probes.compare import Comparison, compare
-from probes.diagnose import DEFAULT_ALGORITHMS, Diagnosis, TaskSetDiagnosis, diagnose
+from probes.diagnose import DEFAULT_ALGORITHMS, diagnose
+from probes.diagnosis import Diagnosis, TaskSetDiagnosis
 from probes.identifiability import Verdict, algorithm_agreement, identifiability_verdict
 from probes.plots import diagnosis_figures
 from probes.report import write_report

@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.lines import Line2D
 
-    from probes.diagnose import Diagnosis, TaskSetDiagnosis
+    from probes.diagnosis import Diagnosis, TaskSetDiagnosis
 
 IN_DISTRIBUTION = "in_distribution"
 KERNEL_LABELS = {"exp_distance": "exp", "gaussian_distance": "Gaussian"}
@@ -136,7 +136,7 @@ def compare(diagnoses: Mapping[str, "Diagnosis"]) -> Comparison:
     Returns:
         `Comparison` with `.rows`, `.to_dataframe()`, `.summary()` and `.plot()`.
     """
-    from probes.diagnose import Diagnosis
+    from probes.diagnosis import Diagnosis
 
     if not isinstance(diagnoses, Mapping) or not diagnoses:
         raise ValueError("diagnoses must be a non-empty dict {model name: probes.diagnose(...)}")

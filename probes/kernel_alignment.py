@@ -115,7 +115,7 @@ class KernelAlignment:
 
     def to_dict(self) -> dict[str, Any]:
         """Nested lists of floats (inf / NaN stay floats here: pass it through
-        `probes.diagnose.strict_json` before `json.dumps(..., allow_nan=False)`, as
+        `probes.diagnosis.strict_json` before `json.dumps(..., allow_nan=False)`, as
         `Diagnosis.to_json` does, to write them as null)."""
         return {
             "block": self.block,

@@ -20,7 +20,7 @@ import numpy as np
 from mi_krr._validation import check_count
 
 if TYPE_CHECKING:
-    from probes.diagnose import Diagnosis, TaskSetDiagnosis
+    from probes.diagnosis import Diagnosis, TaskSetDiagnosis
     from probes.kernel_alignment import KernelAlignment
 
 

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 if TYPE_CHECKING:
-    from probes.diagnose import Diagnosis, TaskSetDiagnosis
+    from probes.diagnosis import Diagnosis, TaskSetDiagnosis
 
 
 def _kernel_text(result: "TaskSetDiagnosis") -> str:

@@ -30,7 +30,8 @@ from mi_krr.tasks import (
     sample_spd_system,
     sampler_from_config,
 )
-from probes.diagnose import Diagnosis, diagnose
+from probes.diagnose import diagnose
+from probes.diagnosis import Diagnosis
 from probes.scoring import mse_matrix
 from probes.step_sizes import scalar_jacobi
 

@@ -148,7 +148,7 @@ def test_diagnose_with_one_seed_twice_writes_the_same_json_and_another_seed_othe
 def test_adding_a_task_set_to_diagnose_leaves_the_other_sets_results_unchanged():
     """Every task set is scored with the same seed, so set "b" diagnosed alone or after set "a"
     gives the same statistics (the CLI diagnoses its first set and its shifts in two calls)."""
-    from probes.diagnose import _task_set_dict
+    from probes.diagnosis import _task_set_dict
 
     model = load_model(shipped_checkpoint("softmax_gp"))
     t1, t2 = GP.sample(20, 10, 3, seed=1), GP.sample(20, 10, 3, seed=2)

@@ -67,7 +67,8 @@ def diagnose_task_sets(
     `shift_step_sizes` ("fitted": one cross-fitted global step per algorithm, as on the first set;
     "optimal": each prompt's spectrum-optimal step, much faster).
     Returns one `Diagnosis` holding every set."""
-    from probes.diagnose import Diagnosis, diagnose
+    from probes.diagnose import diagnose
+    from probes.diagnosis import Diagnosis
 
     common = dict(lam=lam, bootstrap=bootstrap, seed=seed, method=method, train_task=train_task, progress=progress, **kwargs)
     first, *rest = sets

@@ -49,7 +49,7 @@ def write_overview_report(entries: list[ModelEntry], folder: str | Path, title: 
     import matplotlib.pyplot as plt
 
     from probes.plots import plot_error_profiles, plot_kernel_alignment, plot_sensitivities, plot_step_map
-    from probes.diagnose import strict_json
+    from probes.diagnosis import strict_json
     from probes.report import _safe, prediction_arrays
 
     folder = Path(folder)

@@ -48,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
 
     from mi_krr.reproductions import reproduction
     from mi_krr.reproductions.softmax_ood import applicable_quick_shifts
-    from probes.diagnose import strict_json
+    from probes.diagnosis import strict_json
 
     names = NAMES if args.name == "all" else (args.name,)
     if args.checkpoint is not None and not set(names) & set(CHECKPOINT_REPRODUCTIONS):

@@ -20,7 +20,8 @@ from mi_krr.models import ICLTransformer, ICLTransformerConfig
 from mi_krr.solvers import ALGORITHMS, richardson
 from mi_krr.tasks.samplers import GPRegressionSampler, LinearRegressionSampler
 import probes
-from probes.diagnose import Diagnosis, default_n_steps, diagnose, resolve_lam
+from probes.diagnose import default_n_steps, diagnose, resolve_lam
+from probes.diagnosis import Diagnosis
 
 LAM = 0.1
 

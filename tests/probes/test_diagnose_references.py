@@ -19,7 +19,8 @@ from mi_krr.construct import cg_transformer, gd_transformer
 from mi_krr.models import ICLTransformer, ICLTransformerConfig
 from mi_krr.solvers import ALGORITHMS, richardson
 from mi_krr.tasks.samplers import GPRegressionSampler, LinearRegressionSampler
-from probes.diagnose import Diagnosis, diagnose, strict_json
+from probes.diagnose import diagnose
+from probes.diagnosis import Diagnosis, strict_json
 from probes.report import _file_stems
 
 TEMPERATURE, NOISE, SEED, N_STEPS = 2.0, 0.2, 3, 4

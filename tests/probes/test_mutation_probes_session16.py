@@ -24,7 +24,7 @@ from brute_force import monotone_path  # noqa: E402
 from mi_krr.models import ICLTransformer, ICLTransformerConfig  # noqa: E402
 from mi_krr.tasks.samplers import LinearRegressionSampler  # noqa: E402
 from probes.compare import MODEL_OFFSET, SummaryRow, plot_overview  # noqa: E402
-from probes.diagnose import Diagnosis, TaskSetDiagnosis  # noqa: E402
+from probes.diagnosis import Diagnosis, TaskSetDiagnosis  # noqa: E402
 from probes.identifiability import Verdict, identifiability_verdict  # noqa: E402
 from probes.kernel_alignment import KernelAlignment  # noqa: E402
 from probes.plots import GAP_GREY, diagnosis_figures, plot_alignment, plot_kernel_alignment, plot_sensitivities, plot_step_map  # noqa: E402

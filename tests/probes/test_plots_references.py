@@ -14,7 +14,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from matplotlib.colors import Normalize  # noqa: E402
 
-from probes.diagnose import Diagnosis, TaskSetDiagnosis  # noqa: E402
+from probes.diagnosis import Diagnosis, TaskSetDiagnosis  # noqa: E402
 from probes.identifiability import Verdict  # noqa: E402
 from probes.kernel_alignment import KernelAlignment  # noqa: E402
 from probes.scoring import AlgorithmScore  # noqa: E402

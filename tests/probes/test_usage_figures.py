@@ -24,7 +24,7 @@ from mi_krr.construct import gd_transformer  # noqa: E402
 from mi_krr.reproductions.richardson_profile import LensResult, RichardsonProfileResult  # noqa: E402
 from mi_krr.tasks.samplers import LinearRegressionSampler  # noqa: E402
 from probes.compare import SummaryRow, plot_overview  # noqa: E402
-from probes.diagnose import TaskSetDiagnosis  # noqa: E402
+from probes.diagnosis import TaskSetDiagnosis  # noqa: E402
 from probes.identifiability import Verdict  # noqa: E402
 from probes.kernel_alignment import KernelAlignment  # noqa: E402
 from probes.plots import plot_alignment, plot_error_profiles, plot_sensitivities, plot_step_map  # noqa: E402

@@ -26,7 +26,8 @@ from mi_krr.construct import gd_transformer
 from mi_krr.models import ICLTransformer, ICLTransformerConfig
 from mi_krr.solvers import ALGORITHMS, cg, richardson
 from mi_krr.tasks.samplers import GPRegressionSampler, LinearRegressionSampler
-from probes.diagnose import diagnose, strict_json
+from probes.diagnose import diagnose
+from probes.diagnosis import strict_json
 
 LAM = 0.1
 
