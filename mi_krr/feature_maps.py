@@ -280,8 +280,10 @@ class ProjectedKernelFeatures:
         per prompt of a batch (`sketch`), so E[gram] = K: an unbiased random rank-m head, whose
         error at m >= N is still the sketch's variance (R R^T / m != I).
     projection="top": U_m diag(mu_m)^(1/2) over the m largest eigenpairs (mu, U) of K, so gram is
-        K's best rank-m approximation (Eckart-Young): the optimal rank-m head. For m >= N it is
-        exact (columns beyond N are 0).
+        K's best rank-m approximation (Eckart-Young: its Frobenius error is the root of the sum
+        of the squared discarded eigenvalues). That is the closest rank-m kernel, not the rank-m
+        head with the smallest KRR prediction error (which can rise with m at a small ridge).
+        For m >= N it is exact (columns beyond N are 0).
 
     Attributes:
         kernel: "linear", "exp" or "gaussian" (`mi_krr.kernels.kernel_matrix`).

@@ -83,11 +83,10 @@ def cg_rate(
     device: str = "cpu",
 ) -> CGRateResult:
     """Run the CG-rate study (module docstring) on `device` and summarise it."""
-    from mi_krr._validation import as_tuple, check_positive
+    from mi_krr._validation import check_positive
     from mi_krr.construct.studies import cg_rate_study
 
     tolerance = check_positive("tolerance", tolerance)
-    kappas = as_tuple("kappas", kappas, "(10.0, 100.0)")
     study = cg_rate_study(kappas=kappas, n_support=n_support, n_steps=n_steps, lam=lam, batch_size=batch_size, seed=seed,
                           device=device)
     within, worst, gap, reached, bound_reached = {}, {}, {}, {}, {}

@@ -14,7 +14,7 @@ al.'s comparison), and the identifiability verdict is given. Whatever comes out 
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,13 @@ LENSES = ("readout", "ridge")
 RICHARDSON = ("richardson_rowsum", "richardson_jacobi")
 PROFILE_CURVES = ("richardson_rowsum", "richardson_jacobi", "gd", "cg")
 """The solvers whose error profiles the figure always draws; each lens's best is drawn too."""
+PROFILE_MARGIN = 1.5
+"""Decades of log10 MSE the error-profile panel shows below and above the model's layers: solver
+curves that leave that band (CG reaching float64 rounding, ~1e-30) leave the panel instead of
+squeezing the layers into a sliver of it."""
+LENS_STYLES = ("-", "--", ":", "-.")
+"""Line style of each lens's solver curves in the error-profile panel, in the order of
+`RichardsonProfileResult.lenses` (`LENSES`)."""
 
 
 @dataclass
@@ -39,10 +46,16 @@ class LensResult:
             monotone alignment (smaller = closer profile).
         aligned_steps: algorithm -> monotone-aligned step per probed layer (1..L).
         model_profile: per-layer log10 MSE to exact KRR (layers 1..L).
-        algorithm_profiles: algorithm -> per-step log10 MSE to exact KRR.
+        algorithm_profiles: algorithm -> per-step log10 MSE to exact KRR `[n_steps + 1]` (with
+            this lens's fitted steps: the step-size algorithms' curves differ between lenses).
         best, identified, runner_up, gap, gap_ci, equivalent, message, withheld: the verdict
             (withheld: why none was drawn, as for the ridge lens; else None).
-        probe_val_r2: ridge lens only: the probes' validation R2 per layer (None for readout).
+        fitted_steps: step-size algorithm (gd, Richardson, heavy ball) -> its cross-fitted
+            parameters (`probes.step_sizes.FittedStep.to_dict()` and the halves): "step" `[2]`,
+            the step fitted on each half of the prompts, "momentum" `[2]` (heavy ball; else
+            None), "fit_score" `[2]` (in-sample path R2 of each half), "fold_sizes" `[2]` and
+            "folds" `[batch_size]` (each prompt's half, 0 or 1: prompt b runs with
+            step[1 - folds[b]], fitted on the other half). Empty with step_sizes="optimal".
     """
 
     scores: dict[str, float]
@@ -59,6 +72,7 @@ class LensResult:
     equivalent: list[str]
     message: str
     withheld: str | None = None
+    fitted_steps: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def ranking(self) -> list[str]:
         return sorted(self.scores, key=lambda name: -self.scores[name] if np.isfinite(self.scores[name]) else np.inf)
@@ -85,7 +99,9 @@ class RichardsonProfileResult:
         layers: probed block outputs 1..L.
         n_steps, lam, kernel, batch_size, train_batch_size: the setting.
         step_sizes: how GD / Richardson / heavy ball steps were set (`probes.diagnose`'s
-            step_sizes: "fitted" = one cross-fitted global step per algorithm).
+            step_sizes: "fitted" = per algorithm and lens, one global step (and momentum for
+            heavy ball) fitted on each half of the prompts and used to score the other half;
+            the values are each lens's `LensResult.fitted_steps`).
     """
 
     checkpoint: str
@@ -123,10 +139,33 @@ class RichardsonProfileResult:
     def summary(self) -> str:
         return key_numbers_text(self.key_numbers())
 
+    def _plot_profiles(self, profiles) -> None:
+        """Each lens's model layers at their aligned steps of that lens's best solver, on that
+        lens's solver curves: `PROFILE_CURVES` and every lens's best, one line style per lens
+        (`LENS_STYLES`), a curve that is the same under every lens (no fitted step) drawn once,
+        solid. The y axis spans the model's layers +- `PROFILE_MARGIN` decades."""
+        from probes.plots import annotate_layers
+
+        wanted = dict.fromkeys([*PROFILE_CURVES, *(result.best for result in self.lenses.values())])  # and what the layers sit on
+        names = [name for name in wanted if any(name in result.algorithm_profiles for result in self.lenses.values())]
+        for index, name in enumerate(names):
+            drawn = [(lens, result.algorithm_profiles[name]) for lens, result in self.lenses.items() if name in result.algorithm_profiles]
+            shared = all(np.array_equal(profile, drawn[0][1], equal_nan=True) for _, profile in drawn)
+            for style, (lens, profile) in zip(LENS_STYLES, drawn[:1] if shared else drawn):
+                profiles.plot(np.arange(len(profile)), profile, "-" if shared else style, color=f"C{index + 2}", lw=1.2,
+                              label=name if shared else f"{name}, {lens} lens")
+        for index, (lens, result) in enumerate(self.lenses.items()):
+            steps = result.aligned_steps[result.best]
+            profiles.plot(steps, result.model_profile, "o:", color=f"C{index}", ms=5,
+                          label=f"model layers, {lens} lens (at its {result.best} steps)")
+            annotate_layers(profiles, self.layers, steps, result.model_profile)
+        model = np.concatenate([result.model_profile for result in self.lenses.values()])
+        finite = model[np.isfinite(model)]
+        if finite.size:
+            profiles.set_ylim(finite.min() - PROFILE_MARGIN, finite.max() + PROFILE_MARGIN)
+
     def plot(self):
         import matplotlib.pyplot as plt
-
-        from probes.plots import annotate_layers
 
         figure, (bars, profiles) = plt.subplots(1, 2, figsize=(13.5, 4.0), dpi=90)
         names = self.lenses["readout"].ranking() if "readout" in self.lenses else next(iter(self.lenses.values())).ranking()
@@ -146,16 +185,7 @@ class RichardsonProfileResult:
         bars.set_yticks([tick for tick in bars.get_yticks() if bars.get_ylim()[0] <= tick <= 1.0])
         bars.legend(fontsize=7, loc="upper center", ncol=len(self.lenses))
         bars.grid(alpha=0.3, axis="y")
-        reference = self.lenses[next(iter(self.lenses))]
-        curves = dict.fromkeys([*PROFILE_CURVES, *(result.best for result in self.lenses.values())])  # and what the layers sit on
-        for index, name in enumerate(n for n in curves if n in reference.algorithm_profiles):
-            profile = reference.algorithm_profiles[name]
-            profiles.plot(np.arange(len(profile)), profile, "-", color=f"C{index + 2}", lw=1.2, label=name)
-        for index, (lens, result) in enumerate(self.lenses.items()):
-            steps = result.aligned_steps[result.best]
-            profiles.plot(steps, result.model_profile, "o--", color=f"C{index}", ms=5,
-                          label=f"model layers, {lens} lens (at {result.best} steps)")
-            annotate_layers(profiles, self.layers, steps, result.model_profile)
+        self._plot_profiles(profiles)
         profiles.set_xlabel("solver step (model: aligned step; numbers = layer)")
         profiles.set_ylabel("log10 MSE to exact KRR")
         profiles.set_title(f"Error profiles ({self.kernel} kernel, lam={self.lam:g})", fontsize=9)
@@ -179,11 +209,15 @@ def richardson_profile(
     """Diagnose the softmax GP model with both lenses (module docstring). `checkpoint` defaults to
     the shipped checkpoints/softmax_gp; the ridge probes train on `train_batch_size` other prompts.
     `n_steps` solver steps (64: room for the slow stationary solvers, which need many steps on
-    these kappa ~ 100-200 systems, to reach what a layer does)."""
-    from mi_krr._validation import offset_seed
+    these kappa ~ 100-200 systems, to reach what a layer does). Both prompt counts must be >= 2:
+    the steps are cross-fitted on two halves of the `batch_size` prompts, and the ridge probes
+    hold some of the `train_batch_size` other prompts out to pick their penalty."""
+    from mi_krr._validation import check_count, offset_seed
     from mi_krr.checkpoints import load_checkpoint, shipped_checkpoint, task_sets
     from probes.diagnose import diagnose
 
+    batch_size = check_count("batch_size", batch_size, minimum=2)
+    train_batch_size = check_count("train_batch_size", train_batch_size, minimum=2)
     path = Path(checkpoint) if checkpoint is not None else shipped_checkpoint("softmax_gp")
     loaded = load_checkpoint(path, device=device)
     sets, _ = task_sets(loaded.sampler, batch_size, loaded.n_support, loaded.n_query, seed=seed, shifts=False, label_scale=loaded.label_scale)
@@ -231,4 +265,5 @@ def _lens_result(result: Any) -> LensResult:
         equivalent=list(verdict.equivalent),
         message=verdict.message,
         withheld=verdict.withheld,
+        fitted_steps={name: {**fit.to_dict(), "folds": fit.folds.tolist()} for name, fit in result.fitted_steps.items()},
     )

@@ -165,7 +165,7 @@ def _fake_diagnosis(withheld: str | None) -> SimpleNamespace:
                             model_profile=[-1.0, -2.0], algorithm_profile=[-1.0, -2.5])
     verdict = SimpleNamespace(best="cg", identified=False, runner_up=None, gap=None, gap_ci=None, equivalent=[],
                               message="m", withheld=withheld)
-    return SimpleNamespace(verdict=verdict, scores={"cg": score})
+    return SimpleNamespace(verdict=verdict, scores={"cg": score}, fitted_steps={})
 
 
 def test_richardson_profile_reports_a_withheld_verdict_as_withheld():
