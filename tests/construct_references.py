@@ -1,5 +1,5 @@
-"""What the CLI tests share: reading `mi-krr construct`'s table, and the NumPy CG and error
-references it is checked against."""
+"""What the CLI and construction tests share: reading `mi-krr construct`'s table, and the NumPy
+CG and error references they are checked against."""
 
 from __future__ import annotations
 
@@ -12,6 +12,20 @@ def parse_construct_table(text: str) -> np.ndarray:
     """Rows (step, |model - solver|, model vs KRR, solver vs KRR) of `construct`'s table."""
     rows = [line.split() for line in text.splitlines() if re.fullmatch(r"\s*\d+(\s+\S+){3}\s*", line)]
     return np.array(rows, dtype=np.float64)
+
+
+def numpy_cg_iterates(A: np.ndarray, y: np.ndarray, n_steps: int) -> np.ndarray:
+    """Textbook CG on A alpha = y from alpha_0 = 0: iterates alpha_0..alpha_T `[T+1, n]`."""
+    alpha, r = np.zeros_like(y), y.copy()
+    p, iterates = r.copy(), [alpha]
+    for _ in range(n_steps):
+        a = (r @ r) / (p @ A @ p)
+        alpha = alpha + a * p
+        r_next = r - a * (A @ p)
+        p = r_next + (r_next @ r_next) / (r @ r) * p
+        r = r_next
+        iterates.append(alpha)
+    return np.stack(iterates)
 
 
 def numpy_cg_predictions(K, y, lam, K_query, n_steps):

@@ -10,6 +10,7 @@ import pytest
 import scipy.linalg
 import torch
 
+from construct_references import numpy_cg_iterates
 from mi_krr.construct import cg_transformer, richardson_transformer
 from mi_krr.construct.primitives import Product, Reciprocal, ReluArithmetic, ReluRangeError, coord, compile_mlp
 from mi_krr.construct.studies import cg_rate_study, conditioned_linear_task, relu_width_study, width_study
@@ -29,20 +30,6 @@ def one_intra_op_thread():
 # ----- NumPy references ---------------------------------------------------------------------
 def numpy_gaussian(a: np.ndarray, b: np.ndarray, sigma: float) -> np.ndarray:
     return np.exp(-((a[:, None, :] - b[None, :, :]) ** 2).sum(-1) / (2 * sigma**2))
-
-
-def numpy_cg_iterates(A: np.ndarray, y: np.ndarray, n_steps: int) -> np.ndarray:
-    """Textbook CG on A alpha = y from alpha_0 = 0: iterates alpha_0..alpha_T `[T+1, n]`."""
-    alpha, r = np.zeros_like(y), y.copy()
-    p, iterates = r.copy(), [alpha]
-    for _ in range(n_steps):
-        a = (r @ r) / (p @ A @ p)
-        alpha = alpha + a * p
-        r_next = r - a * (A @ p)
-        p = r_next + (r_next @ r_next) / (r @ r) * p
-        r = r_next
-        iterates.append(alpha)
-    return np.stack(iterates)
 
 
 def numpy_rowsum_richardson(K: np.ndarray, y: np.ndarray, lam: float, step: float, n_steps: int) -> np.ndarray:

@@ -21,6 +21,7 @@ import torch
 from scipy.linalg import eigvalsh
 from scipy.optimize import minimize_scalar
 
+from construct_references import numpy_cg_iterates
 from mi_krr.checkpoints import shipped_checkpoint
 from mi_krr.construct.studies import conditioned_linear_task, width_head, width_study
 from mi_krr.reproductions import WidthResult, cg_rate, richardson_profile, softmax_ood, width
@@ -28,21 +29,6 @@ from mi_krr.tasks import GPRegressionSampler, LinearRegressionSampler, sampler_f
 from mi_krr.train import load_model, read_run_config
 
 # ---- independent references ----------------------------------------------------------------------
-
-
-def numpy_cg_iterates(A, y, n_steps):
-    """Plain CG on A alpha = y from alpha = 0: iterates `[T + 1, n]`."""
-    alpha, r = np.zeros_like(y), y.copy()
-    p, out = r.copy(), [alpha.copy()]
-    for _ in range(n_steps):
-        Ap = A @ p
-        step = (r @ r) / (p @ Ap)
-        alpha = alpha + step * p
-        r_new = r - step * Ap
-        p = r_new + (r_new @ r_new) / (r @ r) * p
-        r = r_new
-        out.append(alpha.copy())
-    return np.array(out)
 
 
 def a_norm_ratios(A, iterates, solution):
