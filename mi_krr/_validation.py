@@ -189,6 +189,14 @@ def _number_or_none(value: Any) -> float | None:
         return None
 
 
+def check_float_dtype(name: str, value: Any) -> torch.dtype:
+    """`value` after checking it is a floating torch.dtype (torch.float64, not the string
+    "float64", nor an integer dtype)."""
+    if not (isinstance(value, torch.dtype) and value.is_floating_point):
+        raise ValueError(f"{name} must be a floating torch.dtype such as torch.float64, got {value!r}")
+    return value
+
+
 def check_condition_number(name: str, value: Any) -> float:
     """`value` as a float after checking it is a finite ratio >= 1."""
     number = check_positive(name, value)

@@ -39,7 +39,8 @@ def alignment_metrics(K_attn: Any, K_ref: Any, mask: Any = None) -> dict[str, to
     - row_spearman: mean over rows of the per-row Spearman correlation (rows with fewer than two
       entries, or constant ones, are skipped; NaN if none is left).
 
-    `mask` (bool `[..., r, c]`, optional) restricts the rank correlations to its entries; the two
+    `mask` (bool, broadcastable to `[..., r, c]`, e.g. the `[r, c]` structural mask of
+    `AttentionKernels`; optional) restricts the rank correlations to its entries; the two
     matrices should agree (e.g. both zero) off the mask, which the norms see.
     """
     attn = as_float64("K_attn", K_attn, min_dim=2).detach()
@@ -50,8 +51,10 @@ def alignment_metrics(K_attn: Any, K_ref: Any, mask: Any = None) -> dict[str, to
         mask = torch.ones_like(attn, dtype=torch.bool)
     else:
         mask = torch.as_tensor(mask, device=attn.device)
-        if mask.dtype != torch.bool or mask.shape != attn.shape:
-            raise ValueError(f"mask must be a bool tensor of shape {tuple(attn.shape)}")
+        broadcasts = mask.dim() <= attn.dim() and all(size in (1, full) for size, full in zip(reversed(mask.shape), reversed(attn.shape)))
+        if mask.dtype != torch.bool or not broadcasts:
+            raise ValueError(f"mask must be a bool tensor of shape {tuple(attn.shape)} or one that broadcasts to it, got {mask.dtype} {tuple(mask.shape)}")
+        mask = mask.expand_as(attn)
     return compare_terms(ComparisonTerms.of(attn, mask), ComparisonTerms.of(ref, mask))
 
 

@@ -36,9 +36,9 @@ class ProbedModel:
         (`[batch, len(layers), ...]` with `layers`)."""
         return label_sensitivities(self.model, task, layers=layers, **kwargs)
 
-    def attention_kernels(self, task: ICLTask, source: str = "pattern") -> AttentionKernels:
-        """`probes.attention_kernels(model, task, source)`."""
-        return attention_kernels(self.model, task, source=source)
+    def attention_kernels(self, task: ICLTask, source: str = "pattern", **kwargs: Any) -> AttentionKernels:
+        """`probes.attention_kernels(model, task, source, ...)` (e.g. `blocks=("query",)`)."""
+        return attention_kernels(self.model, task, source=source, **kwargs)
 
     def kernel_alignment(
         self, task: ICLTask, kernels: Sequence[str] = REFERENCE_KERNELS, **kwargs: Any

@@ -542,6 +542,11 @@ def _score_side_by_side(
     for name, values in {"krr_pred": krr, **{f"step_preds[{name!r}]": values for name, values in step_values.items()}}.items():
         if values.shape[0] != n_prompts:
             raise ValueError(f"{name} covers {values.shape[0]} prompts but layer_pred {n_prompts}: pass both for the same prompts")
+    if krr.shape != (n_prompts, *layer_values.shape[2:]):
+        raise ValueError(
+            f"krr_pred must hold one value per prompt and query like each layer of layer_pred, shape "
+            f"{(n_prompts, *layer_values.shape[2:])}, got {krr.shape}"
+        )
     if layer_sensitivity is not None:
         assert step_sensitivities is not None  # they go together (checked above)
         layer_sensitivity, step_sensitivities = _checked_sensitivities(layer_sensitivity, step_sensitivities, layer_values, step_values)

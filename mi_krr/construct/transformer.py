@@ -39,7 +39,7 @@ from transformer_lens.hook_points import HookPoint
 
 import mi_krr
 from mi_krr._repr import compact_repr
-from mi_krr._validation import check_choice, check_device
+from mi_krr._validation import check_choice, check_device, check_float_dtype
 from mi_krr.construct.primitives import Op, Readout, ReluArithmetic, compile_mlp, coord
 from mi_krr.models.adapter import AttentionHooks
 from mi_krr.models.encoding import EncodedPrompt
@@ -313,6 +313,7 @@ class ConstructedTransformer(HookedRootModule):
         device: torch.device | str | None = None,
     ):
         super().__init__()
+        dtype = check_float_dtype("dtype", dtype)
         self.construction = construction
         self.layout = layout
         self.n_steps = n_steps

@@ -3,6 +3,7 @@ class (our own transformer and the TransformerBridge model) applies."""
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from mi_krr.models.encoding import LAYOUTS
@@ -28,9 +29,9 @@ def allowed_attention(
         return at_or_before
     if layout != "concat":
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
-    if n_support is None or not 1 <= n_support <= seq_len:
+    if isinstance(n_support, bool) or not isinstance(n_support, (int, np.integer)) or not 1 <= n_support <= seq_len:
         raise ValueError(
-            f"the concat layout needs n_support in [1, seq_len={seq_len}] to mask queries, got {n_support!r}: "
+            f"the concat layout needs n_support in [1, seq_len={seq_len}], a whole number, to mask queries, got {n_support!r}: "
             "pass n_support=prompt.n_support (or call the model on model.encode(task).tokens)"
         )
     key_is_support = positions[None, :] < n_support

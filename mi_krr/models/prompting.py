@@ -144,10 +144,13 @@ class PromptedModelMixin:
 
     def _resolve_n_support(self, tokens: torch.Tensor, n_support: int | None) -> int | None:
         """The n_support the attention mask of `tokens` `[batch', seq, d_token]` needs: the
-        argument, else the tokens' own (from `encode`), else the only one this model encoded at
-        this length."""
+        argument, else the tokens' own (from `encode`), else the only one this
+        model encoded at this length. Also checks the tokens' rank and dtype (the weights')."""
         if tokens.dim() != 3:
             raise ValueError(f"tokens must be [batch, seq, d_token], got shape {tuple(tokens.shape)}")
+        dtype = self._param_like().dtype
+        if tokens.dtype != dtype:
+            raise ValueError(f"tokens must be {dtype} like the model's weights, got {tokens.dtype}: build them with model.encode(task)")
         if self.layout == "interleaved":
             return None
         if n_support is not None:

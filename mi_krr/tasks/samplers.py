@@ -24,7 +24,7 @@ from typing import Any, ClassVar
 import torch
 
 from mi_krr._validation import (
-    SEED_LIMIT, check_choice, check_condition_number, check_count, check_device, check_finite, check_non_negative, check_positive, check_seed, store_count,
+    SEED_LIMIT, check_choice, check_condition_number, check_count, check_device, check_finite, check_float_dtype, check_non_negative, check_positive, check_seed, store_count,
 )
 from mi_krr.feature_maps import random_orthogonal
 from mi_krr.kernels import kernel_matrix
@@ -177,8 +177,7 @@ class _PromptSampler(ABC):
         n_support = check_count("n_support", n_support, minimum=1)
         n_query = check_count("n_query", n_query, minimum=0)
         device = check_device("device", device)
-        if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-            raise ValueError(f"dtype must be a floating torch.dtype, got {dtype!r}")
+        dtype = check_float_dtype("dtype", dtype)
         if active_dim is not None:
             active_dim = check_count("active_dim", active_dim, minimum=1)
             if active_dim > self.dim:

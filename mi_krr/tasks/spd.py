@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from mi_krr._repr import compact_repr
-from mi_krr._validation import check_condition_number, check_count, check_seed
+from mi_krr._validation import check_condition_number, check_count, check_device, check_float_dtype, check_seed
 from mi_krr.feature_maps import random_orthogonal
 
 __all__ = ["SPDSystem", "geometric_spectrum", "sample_spd_system"]
@@ -17,6 +17,8 @@ __all__ = ["SPDSystem", "geometric_spectrum", "sample_spd_system"]
 def geometric_spectrum(n: int, kappa: float) -> torch.Tensor:
     """`[n]` float64, descending: kappa^(-i/(n-1)) for i = 0..n-1, from 1 down to 1/kappa
     (just [1.0] when n == 1)."""
+    n = check_count("n", n, minimum=1)
+    kappa = check_condition_number("kappa", kappa)
     return kappa ** (-torch.arange(n, dtype=torch.float64) / max(n - 1, 1))
 
 
@@ -59,6 +61,8 @@ def sample_spd_system(
     if n == 1 and kappa != 1:
         raise ValueError("kappa must be 1 when n == 1: a 1x1 matrix has condition number 1")
     seed = check_seed("seed", seed)
+    dtype = check_float_dtype("dtype", dtype)
+    device = check_device("device", device)
     generator = torch.Generator().manual_seed(seed)
     eigenvalues = geometric_spectrum(n, kappa)
     bases = torch.stack([random_orthogonal(n, generator) for _ in range(batch_size)])
