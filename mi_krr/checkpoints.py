@@ -212,10 +212,12 @@ def task_sets(
     """
     import torch
 
-    from mi_krr._validation import offset_seed
+    from mi_krr._validation import check_positive, check_seed, offset_seed
     from mi_krr.models import check_task_fits
     from mi_krr.tasks import DEFAULT_SHIFTS, apply_shift, why_shift_does_not_apply
 
+    seed = check_seed("seed", seed)
+    label_scale = check_positive("label_scale", label_scale)
     samplers = {"in_distribution": sampler}
     notes = []
     if shifts:

@@ -10,7 +10,7 @@ from typing import Sequence
 import torch
 
 from mi_krr._repr import compact_repr
-from mi_krr._validation import check_choice
+from mi_krr._validation import as_tuple, check_choice
 from mi_krr.models.adapter import ICLModel
 from mi_krr.tasks import ICLTask
 from probes.streaming import ATTENTION_BLOCKS, StreamedProbes, encode_for_probe, probe_model, stream_probes
@@ -86,7 +86,7 @@ def attention_kernels(
     """
     model = probe_model(model)
     check_choice("source", source, SOURCES)
-    blocks = tuple(blocks) if not isinstance(blocks, str) else (blocks,)
+    blocks = as_tuple("blocks", blocks, "('query',)")
     if not blocks:
         raise ValueError(f"blocks must name at least one of {ATTENTION_BLOCKS}")
     streamed = stream_probes(model, encode_for_probe(model, task), blocks=blocks, source=source)

@@ -19,7 +19,7 @@ import functools
 import inspect
 import math
 import time
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -374,6 +374,9 @@ def resolve_kernel(task: ICLTask, kernel: str, kernel_params: dict[str, float] |
     defaults = kernel_defaults(kernel)  # every keyword is written out, so reports show the values used
     if kernel_params is None:  # the sampler's values, else the kernel's defaults
         return kernel, {name: float(task.info[name]) if task.info.get(name) is not None else defaults[name] for name in allowed}
+    if not isinstance(kernel_params, Mapping):
+        called = ": call it, sampler.kernel_params()" if callable(kernel_params) else ""
+        raise ValueError(f"kernel_params must be a dict of kernel keywords such as {{'bandwidth': 0.5}}, got {kernel_params!r}{called}")
     unknown = sorted(set(kernel_params) - set(allowed))
     if unknown:
         raise ValueError(f"kernel_params for {kernel!r} may only set {allowed or 'nothing'}, got {unknown}")

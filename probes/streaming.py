@@ -23,7 +23,7 @@ import einops
 import torch
 
 from mi_krr._repr import compact_repr
-from mi_krr._validation import check_choice, check_count
+from mi_krr._validation import as_tuple, check_choice, check_count
 from mi_krr.models.adapter import ICLModel, adapter_for
 from mi_krr.models.encoding import EncodedPrompt
 from mi_krr.tasks import ICLTask
@@ -275,11 +275,12 @@ def stream_probes(
     Raises ValueError for an unknown block or source, or when nothing is requested.
     """
     model = probe_model(model)
-    blocks = tuple(blocks)
+    blocks = as_tuple("blocks", blocks, "('query',)")
     for block in blocks:
         check_choice("blocks entry", block, ATTENTION_BLOCKS)
     check_choice("source", source, ("pattern", "scores"))
-    layers = list(layers)
+    requested = layers.tolist() if hasattr(layers, "tolist") else layers  # NumPy arrays and tensors
+    layers = [] if isinstance(requested, Sequence) and len(requested) == 0 else resolve_layers(model, requested)
     if not layers and not blocks:
         raise ValueError("stream_probes needs layers (read-out lens) or blocks (attention) to keep: both are empty")
     names = model.residual_hook_names()

@@ -378,7 +378,6 @@ def test_geometric_spectrum_refuses_kappa_below_one():
         tasks.geometric_spectrum(3, 0.1)
 
 
-@pytest.mark.xfail(strict=True, reason="ICLTask.to(device='foo') reaches torch's RuntimeError, not a ValueError naming device as samplers, models and loaders give")
 def test_icltask_to_refuses_an_unknown_device_naming_device(task):
     with pytest.raises(ValueError, match="device"):
         task.to(device="foo")
@@ -621,12 +620,10 @@ def test_probed_model_attention_kernels_passes_blocks_through(icl_model, task):
     assert probes.attach(icl_model).attention_kernels(task, blocks=("query",)).support is None
 
 
-@pytest.mark.xfail(strict=True, reason="stream_probes iterates blocks='query' letter by letter ('got q'), while attention_kernels(blocks='query') and kernel_alignment(kernels='exp') take one name alone")
 def test_stream_probes_takes_one_block_name_as_attention_kernels_does(icl_model, task):
     assert probes.stream_probes(icl_model, icl_model.encode(task), blocks="query").query.shape == (3, 2, 2, 2, 5)
 
 
-@pytest.mark.xfail(strict=True, reason="stream_probes(layers=[L+1]) raises a raw IndexError ('list index out of range') where layer_predictions names the out-of-range layers entry")
 def test_stream_probes_refuses_an_out_of_range_layer_naming_layers(icl_model, task):
     with pytest.raises(ValueError, match="layers"):
         probes.stream_probes(icl_model, icl_model.encode(task), layers=[3])
@@ -783,7 +780,6 @@ def test_diagnose_argument_errors_are_one_line_value_errors_naming_the_argument(
         assert "\n" not in str(error.value)
 
 
-@pytest.mark.xfail(strict=True, reason="diagnose(kernel_params=sampler.kernel_params) (a bound method: GPRegressionSampler.kernel_params is a method, ProjectedKernelFeatures.kernel_params a property) gives a raw TypeError, not a ValueError naming kernel_params")
 def test_diagnose_refuses_kernel_params_that_are_not_a_dict_naming_it(diagnosis):
     model, task, _ = diagnosis
     with pytest.raises(ValueError, match="kernel_params"):
@@ -824,7 +820,6 @@ def test_task_sets_draw_every_applicable_shift_with_consecutive_seeds(gp_sampler
     assert len(notes) == len(tasks.DEFAULT_SHIFTS) - len(sets) + 1
 
 
-@pytest.mark.xfail(strict=True, reason="task_sets does not check seed: -1 draws seed 2**32-1 and 2**32 draws seed 0 (the repeat the README says seeds >= 2**32 are refused for); sample() refuses both")
 @pytest.mark.parametrize("seed", [-1, 2**32])
 def test_task_sets_refuse_seeds_outside_0_to_2_pow_32(gp_sampler, seed):
     with pytest.raises(ValueError, match="seed"):

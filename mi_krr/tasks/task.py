@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from mi_krr._repr import compact_repr
+from mi_krr._validation import check_device, check_float_dtype
 
 
 @dataclass
@@ -85,6 +86,8 @@ class ICLTask:
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "ICLTask":
         """A copy on `device` with floating tensors cast to `dtype` (either may be None)."""
+        device = check_device("device", device)
+        dtype = None if dtype is None else check_float_dtype("dtype", dtype)
         return replace(
             self,
             **{name: getattr(self, name).to(device=device, dtype=dtype) for name in self._tensor_fields()},
