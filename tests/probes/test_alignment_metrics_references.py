@@ -70,11 +70,13 @@ def test_a_numpy_bool_mask_restricts_the_rank_correlations_like_a_tensor():
 
 
 def test_alignment_metrics_reject_a_mask_of_another_shape_and_inputs_below_two_dimensions():
-    """A mask `[r, c]` for matrices `[batch, r, c]` (it would broadcast) and vectors (no matrix to
-    take a spectral norm of) raise ValueError naming the argument."""
+    """A mask that does not broadcast to the matrices `[batch, r, c]` (here `[r, c + 1]`), or is
+    not bool, and vectors (no matrix to take a spectral norm of) raise ValueError naming the
+    argument."""
     attn = torch.rand(2, 3, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
-    with pytest.raises(ValueError, match=r"mask must be a bool tensor of shape \(2, 3, 3\)"):
-        alignment_metrics(attn, attn.flip(-1), mask=torch.ones(3, 3, dtype=torch.bool))
+    for mask in (torch.ones(3, 4, dtype=torch.bool), torch.ones(2, 3, 3)):
+        with pytest.raises(ValueError, match=r"mask must be a bool tensor of shape \(2, 3, 3\) or one that broadcasts to it"):
+            alignment_metrics(attn, attn.flip(-1), mask=mask)
     with pytest.raises(ValueError, match="K_attn must have at least 2 dimensions"):
         alignment_metrics(torch.arange(4.0), torch.arange(4.0).flip(0))
 
