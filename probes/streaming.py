@@ -114,18 +114,19 @@ def model_device_dtype(model: Any) -> tuple[torch.device, torch.dtype]:
     return weight.device, weight.dtype
 
 
-def resolve_layers(model: ICLModel, layers: Sequence[int] | int | None) -> list[int]:
+def resolve_layers(model: ICLModel, layers: Sequence[int] | int | None, allow_empty: bool = False) -> list[int]:
     """Residual-stream indices to probe: None -> all of 0..L (0 = embeddings, l = after block l);
     one index, or a sequence / array / tensor of them.
 
-    Raises ValueError for an empty list, a non-integer, or an index outside [0, L]."""
+    Raises ValueError for a non-integer, an index outside [0, L], or (unless `allow_empty`) an
+    empty list."""
     n_layers = model.n_layers
     if layers is None:
         return list(range(n_layers + 1))
     if hasattr(layers, "tolist"):  # NumPy arrays and tensors
         layers = layers.tolist()
     layers = [layers] if isinstance(layers, int) else list(layers)
-    if not layers:
+    if not layers and not allow_empty:
         raise ValueError(f"layers must name at least one residual index in [0, {n_layers}], got an empty list")
     for layer in layers:
         check_count("layers entry", layer)
@@ -279,8 +280,7 @@ def stream_probes(
     for block in blocks:
         check_choice("blocks entry", block, ATTENTION_BLOCKS)
     check_choice("source", source, ("pattern", "scores"))
-    requested = layers.tolist() if hasattr(layers, "tolist") else layers  # NumPy arrays and tensors
-    layers = [] if isinstance(requested, Sequence) and len(requested) == 0 else resolve_layers(model, requested)
+    layers = resolve_layers(model, layers, allow_empty=True)
     if not layers and not blocks:
         raise ValueError("stream_probes needs layers (read-out lens) or blocks (attention) to keep: both are empty")
     names = model.residual_hook_names()
