@@ -93,6 +93,18 @@ def relative_errors_to_krr(preds, exact):
     return np.sqrt(((preds - exact[:, None]) ** 2).sum(axis=(0, 2))) / np.sqrt((exact**2).sum())
 
 
+def feature_cg_errors_to_krr(phi, kernel, x, xq, y, lam, n_steps):
+    """`relative_errors_to_krr` of NumPy CG on each prompt's feature kernel phi(x) phi(x)^T (query
+    rows phi(xq) phi(x)^T) against exact KRR on `kernel(a, b)`: x `[B, n, d]`, xq `[B, m, d]`,
+    y `[B, n]` -> `[T + 1]`."""
+    preds, exact = [], []
+    for b in range(len(x)):
+        features, features_q = phi(x[b]), phi(xq[b])
+        preds.append(numpy_cg_predictions(features @ features.T, y[b], lam, features_q @ features.T, n_steps))
+        exact.append(kernel(xq[b], x[b]) @ np.linalg.solve(kernel(x[b], x[b]) + lam * np.eye(len(y[b])), y[b]))
+    return relative_errors_to_krr(np.array(preds), np.array(exact))
+
+
 def random_projection_width_errors(x, xq, y, lam, widths, n_steps, seed):
     """The width study's random-projection head by hand: for each width w, CG for `n_steps` on the
     head's kernel of features x W / sqrt(w) (W = `RandomProjection(d, w, seed).weights`), and KRR

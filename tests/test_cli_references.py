@@ -25,7 +25,7 @@ from mi_krr.train import load_model, read_run_config
 from probes.kernel_alignment import kernel_alignment
 from probes.layer_predictions import layer_predictions
 from construct_references import gaussian_kernel as gaussian
-from construct_references import numpy_cg_predictions, numpy_rowsum_richardson_errors, parse_construct_table, relative_errors_to_krr
+from construct_references import feature_cg_errors_to_krr, numpy_cg_predictions, numpy_rowsum_richardson_errors, parse_construct_table, relative_errors_to_krr
 from reproduction_recorder import record_reproduction_calls
 
 
@@ -56,12 +56,7 @@ def test_construct_cg_with_an_exp_head_runs_numpy_cg_on_the_heads_random_feature
         scaled = points / np.sqrt(tau)
         return np.exp(scaled @ W - (scaled**2).sum(-1, keepdims=True) / 2) / np.sqrt(width)
 
-    preds, exact = [], []
-    for b in range(batch):
-        features, features_q = phi(x[b]), phi(xq[b])
-        preds.append(numpy_cg_predictions(features @ features.T, y[b], lam, features_q @ features.T, steps))
-        exact.append(np.exp(xq[b] @ x[b].T / tau) @ np.linalg.solve(np.exp(x[b] @ x[b].T / tau) + lam * np.eye(n), y[b]))
-    expected = relative_errors_to_krr(np.array(preds), np.array(exact))
+    expected = feature_cg_errors_to_krr(phi, lambda a, b: np.exp(a @ b.T / tau), x, xq, y, lam, steps)
     np.testing.assert_allclose(table[:, 3], expected, rtol=2e-3)
     np.testing.assert_allclose(table[:, 2], expected, rtol=2e-3)
 

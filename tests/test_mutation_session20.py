@@ -49,8 +49,7 @@ import numpy as np
 import pytest
 import torch
 
-from construct_references import (numpy_cg_a_norm_ratios, numpy_cg_predictions, parse_construct_table, random_projection_width_errors,
-                                  relative_errors_to_krr)
+from construct_references import feature_cg_errors_to_krr, numpy_cg_a_norm_ratios, numpy_cg_predictions, parse_construct_table, random_projection_width_errors
 from mi_krr.cli import main
 from mi_krr.construct.studies import conditioned_linear_task
 from mi_krr.feature_maps import PositiveRandomFeatures
@@ -314,11 +313,6 @@ def test_construct_cg_with_a_gaussian_head_uses_the_given_bandwidth_for_its_rand
     def gaussian(a, b):
         return np.exp(-((a[:, None] - b[None]) ** 2).sum(-1) / (2 * sigma**2))
 
-    preds, exact = [], []
-    for b in range(batch):
-        features, features_q = phi(x[b]), phi(xq[b])
-        preds.append(numpy_cg_predictions(features @ features.T, y[b], lam, features_q @ features.T, steps))
-        exact.append(gaussian(xq[b], x[b]) @ np.linalg.solve(gaussian(x[b], x[b]) + lam * np.eye(n), y[b]))
-    expected = relative_errors_to_krr(np.array(preds), np.array(exact))
+    expected = feature_cg_errors_to_krr(phi, gaussian, x, xq, y, lam, steps)
     np.testing.assert_allclose(table[:, 3], expected, rtol=2e-3)
     np.testing.assert_allclose(table[:, 2], expected, rtol=2e-3)
