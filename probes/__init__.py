@@ -17,6 +17,7 @@ from probes.sensitivity import label_sensitivities, solver_sensitivities
 from probes.compare import Comparison, compare
 from probes.diagnose import DEFAULT_ALGORITHMS, diagnose
 from probes.diagnosis import Diagnosis, TaskSetDiagnosis
+from probes.diagnosis_archive import load_diagnosis, save_diagnosis
 from probes.identifiability import Verdict, algorithm_agreement, identifiability_verdict
 from probes.plots import diagnosis_figures
 from probes.report import write_report
@@ -50,9 +51,11 @@ __all__ = [
     "kernel_alignment",
     "label_sensitivities",
     "layer_predictions",
+    "load_diagnosis",
     "monotone_alignment",
     "mse_matrix",
     "r2_matrix",
+    "save_diagnosis",
     "score_algorithms",
     "solver_sensitivities",
     "stream_probes",

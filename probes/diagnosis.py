@@ -168,7 +168,8 @@ class Diagnosis:
 
     def save(self, folder: str | Path) -> Path:
         """Write the report (Markdown index, PNG figures, JSON, arrays) to `folder`; returns the
-        index path (see `probes.report.write_report`)."""
+        index path (see `probes.report.write_report`). `probes.load_diagnosis(folder)` reads the
+        diagnosis back without loss (its `arrays.npz`)."""
         from probes.report import write_report
 
         return write_report(self, folder)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -99,17 +99,18 @@ def summary_text(diagnosis: "Diagnosis") -> str:
 
 def write_report(diagnosis: "Diagnosis", folder: str | Path) -> Path:
     """Write `folder/index.md` (summary and figures), `folder/diagnosis.json` (every statistic),
-    `folder/<task set>_<figure>.png` and `folder/arrays.npz` (layer, step and KRR predictions,
-    kappa). Returns the index path."""
+    `folder/<task set>_<figure>.png` and `folder/arrays.npz` (layer, step and KRR predictions and
+    kappa under `probes.diagnosis_archive.prediction_arrays`'s keys, and the whole diagnosis:
+    `probes.load_diagnosis(folder)` reads it back). Returns the index path."""
     import matplotlib.pyplot as plt
 
+    from probes.diagnosis_archive import save_diagnosis
     from probes.plots import diagnosis_figures
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     diagnosis.to_json(folder / "diagnosis.json")
-    arrays: dict[str, Any] = prediction_arrays(diagnosis)  # its keys hold "/": none is savez's allow_pickle
-    np.savez_compressed(folder / "arrays.npz", **arrays)
+    save_diagnosis(diagnosis, folder / "arrays.npz")
 
     lines = ["# mi-krr diagnosis", "", "Settings: " + ", ".join(f"{k}={v}" for k, v in diagnosis.settings.items()), ""]
     stems = _file_stems(list(diagnosis.task_sets))
@@ -120,24 +121,11 @@ def write_report(diagnosis: "Diagnosis", folder: str | Path) -> Path:
             figure.savefig(folder / file_name, dpi=110, bbox_inches="tight")
             plt.close(figure)
             lines += [f"![{name}: {figure_name}]({file_name})", ""]
-    lines += ["Statistics: [diagnosis.json](diagnosis.json); predictions: arrays.npz.", ""]
+    lines += ["Statistics: [diagnosis.json](diagnosis.json); predictions and the whole diagnosis "
+              "(`probes.load_diagnosis(folder)` reads it back): arrays.npz.", ""]
     index = folder / "index.md"
     index.write_text("\n".join(lines))
     return index
-
-
-def prediction_arrays(diagnosis: "Diagnosis") -> dict[str, np.ndarray]:
-    """The arrays a report saves, keyed "<task set>/layer_predictions" `[B, L', m]`,
-    "<task set>/krr_predictions" `[B, m]`, "<task set>/kappa" `[B]` and
-    "<task set>/steps/<algorithm>" `[B, T+1, m]`."""
-    arrays = {}
-    for name, result in diagnosis.task_sets.items():
-        arrays[f"{name}/layer_predictions"] = result.layer_predictions
-        arrays[f"{name}/krr_predictions"] = result.krr_predictions
-        arrays[f"{name}/kappa"] = result.kappa
-        for algorithm, pred in result.step_predictions.items():
-            arrays[f"{name}/steps/{algorithm}"] = pred
-    return arrays
 
 
 def _file_stems(names: list[str]) -> dict[str, str]:

@@ -8,7 +8,9 @@ Report folder:
                        `Diagnosis.to_dict()`
     overview.png       best path R2 and kernel distance per task set, every model
     <model>_<figure>.png   in-distribution figures of each model (probes.plots)
-    <model>.npz        per-layer, per-step and KRR predictions and kappa (`probes.report.prediction_arrays`)
+    <model>.npz        per-layer, per-step and KRR predictions and kappa
+                       (`probes.diagnosis_archive.prediction_arrays`), and the whole diagnosis:
+                       `probes.load_diagnosis("<model>.npz")` reads it back
 """
 
 from __future__ import annotations
@@ -18,7 +20,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
 
 from probes.compare import IN_DISTRIBUTION, Comparison, compare
 
@@ -50,7 +51,8 @@ def write_overview_report(entries: list[ModelEntry], folder: str | Path, title: 
 
     from probes.plots import plot_error_profiles, plot_kernel_alignment, plot_sensitivities, plot_step_map
     from probes.diagnosis import strict_json
-    from probes.report import _safe, prediction_arrays
+    from probes.diagnosis_archive import save_diagnosis
+    from probes.report import _safe
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -89,14 +91,13 @@ def write_overview_report(entries: list[ModelEntry], folder: str | Path, title: 
             lines += [f"![{entry.name}: {name} ({result.name})]({file_name})", ""]
         notes = sorted({note for result in entry.diagnosis.task_sets.values() for note in result.notes})
         lines += [f"- note: {note}" for note in notes] + ([""] if notes else [])
-        arrays: dict[str, Any] = prediction_arrays(entry.diagnosis)  # its keys hold "/": none is savez's allow_pickle
-        np.savez_compressed(folder / f"{safe}.npz", **arrays)
+        save_diagnosis(entry.diagnosis, folder / f"{safe}.npz")
         document["models"][entry.name] = {
             "description": entry.description,
             "diagnosis": entry.diagnosis.to_dict(),
             **({"extra": entry.extra} if entry.extra else {}),
         }
-    lines += [f"Every number: [{REPORT_JSON}]({REPORT_JSON}); predictions: `<model>.npz`.", ""]
+    lines += [f"Every number: [{REPORT_JSON}]({REPORT_JSON}); predictions and each whole diagnosis (`probes.load_diagnosis`): `<model>.npz`.", ""]
     (folder / REPORT_JSON).write_text(json.dumps(strict_json(document), indent=1, allow_nan=False))
     index = folder / INDEX
     index.write_text("\n".join(lines))
