@@ -60,7 +60,8 @@ def save_diagnosis(diagnosis: Diagnosis, path: str | Path) -> Path:
     manifest = {"format": ARCHIVE_FORMAT, "version": ARCHIVE_VERSION, "diagnosis": writer.encode(diagnosis, "diagnosis")}
     text = json.dumps(manifest, allow_nan=False)
     path.parent.mkdir(parents=True, exist_ok=True)
-    np.savez_compressed(path, **{MANIFEST_KEY: np.array(text)}, **writer.arrays)
+    entries: dict[str, Any] = {MANIFEST_KEY: np.array(text), **writer.arrays}  # Any: savez's stubs type its keywords as its flags
+    np.savez_compressed(path, **entries)
     return path
 
 
