@@ -2,6 +2,7 @@
 
     mi-krr demo                       diagnose the shipped and constructed models (< 3 min, CPU)
     mi-krr diagnose PATH              diagnose any supported checkpoint (mi-krr or Garg et al.)
+    mi-krr compare PATH [PATH ...]    saved diagnoses side by side (report folders, .npz files)
     mi-krr construct cg --steps 5     build a constructed solver transformer and check it
     mi-krr reproduce cg-rate          one of the project's reproductions (or `all`)
     mi-krr train --preset softmax_gp  train a model
@@ -78,6 +79,7 @@ def _registrar(module_name: str) -> Callable[[argparse._SubParsersAction], Comma
 COMMANDS: dict[str, Callable[[argparse._SubParsersAction], CommandRunner]] = {
     "demo": _registrar("demo"),
     "diagnose": _registrar("diagnose"),
+    "compare": _registrar("compare"),
     "construct": _registrar("construct"),
     "reproduce": _registrar("reproduce"),
     "train": _register_train,
@@ -87,6 +89,7 @@ COMMANDS: dict[str, Callable[[argparse._SubParsersAction], CommandRunner]] = {
 SUMMARIES: dict[str, str] = {
     "demo": "diagnose the shipped and constructed models and write a report (CPU, < 3 min)",
     "diagnose": "diagnose a checkpoint (mi-krr run folder or Garg et al. run) and write a report",
+    "compare": "compare saved diagnoses (report folders or .npz files) side by side",
     "construct": "build a constructed CG / Richardson / GD transformer and compare it with its solver",
     "reproduce": "run a reproduction (cg-rate, width, softmax-ood, richardson-profile, all)",
     "train": "train an in-context regression transformer (checkpoints, exact resume)",

@@ -52,7 +52,7 @@ def write_overview_report(entries: list[ModelEntry], folder: str | Path, title: 
     from probes.plots import plot_error_profiles, plot_kernel_alignment, plot_sensitivities, plot_step_map
     from probes.diagnosis import strict_json
     from probes.diagnosis_archive import save_diagnosis
-    from probes.report import _safe
+    from probes.report import _file_stems
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -72,8 +72,9 @@ def write_overview_report(entries: list[ModelEntry], folder: str | Path, title: 
                                                 "kernel_alignment": plot_kernel_alignment, "sensitivities": plot_sensitivities}
     document: dict[str, Any] = {"title": title, "settings": settings, "table": [asdict(row) for row in comparison.rows],
                                 "notes": comparison.notes, "models": {}}
+    stems = _file_stems([entry.name for entry in entries])
     for entry in entries:
-        safe = _safe(entry.name)
+        safe = stems[entry.name]
         lines += [f"## {entry.name}", "", entry.description, ""]
         result = entry.diagnosis.task_sets.get(IN_DISTRIBUTION) or next(iter(entry.diagnosis.task_sets.values()))
         lines += ["```", result.verdict.message, "```", ""]
