@@ -620,6 +620,29 @@ COMPARE_ARCHITECTURES = [
         model's heads.
         """
     ),
+    md(
+        """
+        ## Keeping diagnoses for the next session
+
+        A diagnosis can take minutes on a large model; save it once and compare it later without
+        re-running the model. `probes.save_diagnosis` writes one `.npz` file without loss (every
+        array, NaN and ±inf kept apart, the fitted steps and their folds), and `probes.load_diagnosis`
+        reads it back, as it reads the folders of `Diagnosis.save` and the `<model>.npz` files of
+        `mi-krr diagnose`. From a shell, `mi-krr compare PATH ...` puts saved diagnoses side by side.
+        """
+    ),
+    code(
+        """
+        import tempfile
+        from pathlib import Path
+
+        saved = Path(tempfile.mkdtemp())
+        for name, diagnosis in shipped.items():
+            probes.save_diagnosis(diagnosis, saved / f"{name.split()[0]}.npz")
+        reloaded = {path.stem: probes.load_diagnosis(path) for path in sorted(saved.glob("*.npz"))}
+        print(probes.compare(reloaded).summary())  # the table above, from disk
+        """
+    ),
 ]
 
 
