@@ -23,6 +23,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
+import zipfile
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -61,38 +64,104 @@ def save_diagnosis(diagnosis: Diagnosis, path: str | Path) -> Path:
     text = json.dumps(manifest, allow_nan=False)
     path.parent.mkdir(parents=True, exist_ok=True)
     entries: dict[str, Any] = {MANIFEST_KEY: np.array(text), **writer.arrays}  # Any: savez's stubs type its keywords as its flags
-    np.savez_compressed(path, **entries)
+    partial = path.with_name(path.name + ".partial")  # written whole, then renamed: an interrupted save leaves the old file
+    with open(partial, "wb") as file:
+        np.savez_compressed(file, **entries)
+    os.replace(partial, path)
     return path
 
 
 def load_diagnosis(path: str | Path) -> Diagnosis:
-    """The `Diagnosis` saved at `path`: an archive written by `save_diagnosis`, a report folder
-    of `Diagnosis.save` (its `arrays.npz`), or a `<model>.npz` of an `mi-krr demo` / `diagnose`
-    report. Tensors come back on the CPU; NumPy scalars as Python numbers."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / "arrays.npz"
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"path {str(path)!r} is not a file: pass a file written by probes.save_diagnosis, a folder written by "
-            "Diagnosis.save, or a <model>.npz of an mi-krr report"
+    """The `Diagnosis` saved at `path`: an archive written by `save_diagnosis` (the ".npz" may be
+    left out, as `save_diagnosis` allows), a report folder of `Diagnosis.save` (its `arrays.npz`),
+    or a `<model>.npz` of an `mi-krr demo` / `diagnose` report. Tensors come back on the CPU;
+    NumPy scalars as Python numbers. A file that is not such an archive, or one that is damaged
+    or edited (unreadable entries, a manifest this mi-krr does not read, arrays whose shapes
+    disagree), is a ValueError naming it; loading never unpickles."""
+    path = _archive_file(Path(path))
+    if not zipfile.is_zipfile(path):
+        raise ValueError(
+            f"path {str(path)!r} is not an .npz archive: pass a file written by probes.save_diagnosis, a folder written by "
+            "Diagnosis.save, or a <model>.npz of an mi-krr report (not its report.json, index.md or figures)"
         )
-    with np.load(path, allow_pickle=False) as archive:
-        if MANIFEST_KEY not in archive.files:
-            raise ValueError(
-                f"path {str(path)!r} holds arrays but no diagnosis (no {MANIFEST_KEY!r} entry): it was written before "
-                "mi-krr saved diagnoses losslessly, or by another program; diagnose again and save with Diagnosis.save"
-            )
-        manifest = json.loads(str(archive[MANIFEST_KEY]))
-        if manifest.get("format") != ARCHIVE_FORMAT or manifest.get("version") != ARCHIVE_VERSION:
-            raise ValueError(
-                f"path {str(path)!r} is archive format {manifest.get('format')!r} version {manifest.get('version')!r}; this "
-                f"mi-krr reads {ARCHIVE_FORMAT!r} version {ARCHIVE_VERSION}: load it with the mi-krr that wrote it"
-            )
-        diagnosis = _decode(manifest["diagnosis"], archive)
-    if not isinstance(diagnosis, Diagnosis):
-        raise ValueError(f"path {str(path)!r} holds a {type(diagnosis).__name__}, not a Diagnosis")
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            diagnosis = _decode(_manifest(archive), archive, {})
+        if not isinstance(diagnosis, Diagnosis):
+            raise _Refused(f"holds a {type(diagnosis).__name__}, not a Diagnosis")
+        for result in diagnosis.task_sets.values():
+            _check_shapes(result)
+    except _Refused as error:
+        raise ValueError(f"path {str(path)!r} {error}") from None
+    except (zipfile.BadZipFile, EOFError, OSError, zlib.error, ValueError, KeyError, TypeError, AttributeError, IndexError) as error:
+        raise ValueError(
+            f"path {str(path)!r} is not a readable diagnosis archive ({type(error).__name__}: {error}): it is truncated, damaged "
+            "or edited; save the diagnosis again"
+        ) from error
     return diagnosis
+
+
+class _Refused(ValueError):
+    """Why an archive cannot be loaded; `load_diagnosis` puts its path in front."""
+
+
+def _archive_file(path: Path) -> Path:
+    """The archive file `path` names: itself; `path` + ".npz" (what `save_diagnosis(d, path)`
+    wrote); a folder's `arrays.npz` (`Diagnosis.save`). FileNotFoundError naming what it looked
+    for, ValueError where a folder and a file both answer."""
+    written = path if path.suffix == ".npz" or not path.name else path.with_name(path.name + ".npz")  # no name: "." or "/"
+    if path.is_file():
+        return path
+    if path.is_dir() and written.is_file():
+        raise ValueError(f"path {str(path)!r} names both a folder and the file {str(written)!r}: pass the one to load, with or without '/arrays.npz'")
+    if written.is_file():
+        return written
+    if path.is_dir():
+        if (path / "arrays.npz").is_file():
+            return path / "arrays.npz"
+        models = sorted(file.name for file in path.glob("*.npz"))
+        if models:
+            raise FileNotFoundError(
+                f"folder {str(path)!r} has no arrays.npz but holds {', '.join(models)}: load one of those (an mi-krr report "
+                "keeps one per model; `mi-krr compare` reads the whole report)"
+            )
+    raise FileNotFoundError(
+        f"path {str(path)!r} is not a file: pass a file written by probes.save_diagnosis, a folder written by "
+        "Diagnosis.save, or a <model>.npz of an mi-krr report"
+    )
+
+
+def _manifest(archive: Any) -> Any:
+    """The encoded diagnosis of an open archive, after checking its format and version."""
+    if MANIFEST_KEY not in archive.files:
+        raise _Refused(
+            f"holds arrays but no diagnosis (no {MANIFEST_KEY!r} entry): it was written before mi-krr saved diagnoses "
+            "losslessly, or by another program; diagnose again (Diagnosis.save, or rerun the mi-krr command)"
+        )
+    manifest = json.loads(str(archive[MANIFEST_KEY]))
+    if not isinstance(manifest, dict) or (manifest.get("format"), manifest.get("version")) != (ARCHIVE_FORMAT, ARCHIVE_VERSION):
+        found = (manifest.get("format"), manifest.get("version")) if isinstance(manifest, dict) else (None, None)
+        raise _Refused(
+            f"is archive format {found[0]!r} version {found[1]!r}; this mi-krr reads {ARCHIVE_FORMAT!r} version "
+            f"{ARCHIVE_VERSION}: load it with the mi-krr that wrote it"
+        )
+    return manifest["diagnosis"]
+
+
+def _check_shapes(result: TaskSetDiagnosis) -> None:
+    """Refuse a task set whose arrays disagree: layer_predictions `[B, L', m]` with one row per
+    layer, krr_predictions `[B, m]`, kappa `[B]`, each algorithm's steps `[B, T+1, m]`."""
+    layers = np.shape(result.layer_predictions)
+    if len(layers) != 3 or layers[1] != len(result.layers):
+        raise _Refused(f"holds task set {result.name!r} with layer_predictions of shape {layers}, not [B, {len(result.layers)}, m]: save it again")
+    batch, _, queries = layers
+    expected = {"krr_predictions": (batch, queries), "kappa": (batch,)}
+    expected.update({f"step_predictions[{name!r}]": (batch, result.n_steps + 1, queries) for name in result.step_predictions})
+    found = {"krr_predictions": np.shape(result.krr_predictions), "kappa": np.shape(result.kappa)}
+    found.update({f"step_predictions[{name!r}]": np.shape(pred) for name, pred in result.step_predictions.items()})
+    for name, shape in expected.items():
+        if found[name] != shape:
+            raise _Refused(f"holds task set {result.name!r} with {name} of shape {found[name]}, not {shape} (from layer_predictions {layers}): save it again")
 
 
 def prediction_arrays(diagnosis: "Diagnosis") -> dict[str, np.ndarray]:
@@ -110,21 +179,26 @@ def prediction_arrays(diagnosis: "Diagnosis") -> dict[str, np.ndarray]:
 
 
 class _Encoder:
-    """Turns a result into manifest JSON, collecting its arrays; an array that is one of
-    `named` (the prediction arrays, by identity) is stored once under its name."""
+    """Turns a result into manifest JSON, collecting its arrays. Each array or tensor object is
+    stored once however many fields hold it (`_decode` gives them one object again), and one of
+    `named` (the prediction arrays) under its name there."""
 
     def __init__(self, named: dict[str, np.ndarray]):
         self.arrays: dict[str, np.ndarray] = dict(named)
         self._names = {id(array): name for name, array in named.items()}
+        self._held: list[Any] = []  # what an id in _names belongs to, kept alive so no id is reused
 
-    def _store(self, array: np.ndarray, where: str) -> str:
+    def _store(self, value: np.ndarray | torch.Tensor, where: str) -> str:
+        name = self._names.get(id(value))
+        if name is not None:
+            return name
+        array = value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else value
         if array.dtype.hasobject:
             raise TypeError(f"{where} is an array of Python objects, which an archive does not store: hold numbers in it")
-        name = self._names.get(id(array))
-        if name is None:
-            name = f"{ARRAY_PREFIX}{len(self.arrays)}"
-            self.arrays[name] = array
-            self._names[id(array)] = name
+        name = f"{ARRAY_PREFIX}{len(self.arrays)}"
+        self.arrays[name] = array
+        self._names[id(value)] = name
+        self._held.append(value)
         return name
 
     def encode(self, value: Any, where: str) -> Any:
@@ -140,7 +214,7 @@ class _Encoder:
         if isinstance(value, np.ndarray):
             return {"ndarray": self._store(value, where)}
         if isinstance(value, torch.Tensor):
-            return {"tensor": self._store(value.detach().cpu().numpy(), where)}
+            return {"tensor": self._store(value, where)}
         if dataclasses.is_dataclass(value) and not isinstance(value, type):
             name = type(value).__name__
             if RESULT_CLASSES.get(name) is not type(value):
@@ -155,25 +229,36 @@ class _Encoder:
         raise TypeError(f"{where} is a {type(value).__name__}, which an archive does not store: hold numbers, strings, arrays or tensors there")
 
 
-def _decode(value: Any, archive: Any) -> Any:
-    """The value `_Encoder.encode` wrote as `value`, arrays read from `archive`."""
+def _decode(value: Any, archive: Any, loaded: dict[tuple[str, str], Any]) -> Any:
+    """The value `_Encoder.encode` wrote as `value`, arrays read from `archive`; `loaded` holds
+    each (tag, key) read so far, so fields that shared an array share it again."""
     if not isinstance(value, dict):
         return value
     if len(value) == 1 or "dataclass" in value:
         tag = "dataclass" if "dataclass" in value else next(iter(value))
         content = value[tag]
-        if tag == "float":
+        if tag == "float" and content in NON_FINITE:
             return NON_FINITE[content]
-        if tag == "ndarray":
-            return archive[content]
-        if tag == "tensor":
-            return torch.from_numpy(archive[content])
-        if tag == "list":
-            return [_decode(item, archive) for item in content]
-        if tag == "tuple":
-            return tuple(_decode(item, archive) for item in content)
+        if tag in ("ndarray", "tensor"):
+            if (tag, content) not in loaded:
+                if content not in archive.files:
+                    raise _Refused(f"has a manifest naming the array {content!r}, which the file lacks: save the diagnosis again")
+                array = archive[content]
+                loaded[tag, content] = torch.from_numpy(array) if tag == "tensor" else array
+            return loaded[tag, content]
+        if tag in ("list", "tuple"):
+            items = [_decode(item, archive, loaded) for item in content]
+            return items if tag == "list" else tuple(items)
         if tag == "dict":
-            return {_decode(key, archive): _decode(item, archive) for key, item in content}
+            return {_decode(key, archive, loaded): _decode(item, archive, loaded) for key, item in content}
         if tag == "dataclass" and content in RESULT_CLASSES:
-            return RESULT_CLASSES[content](**{name: _decode(item, archive) for name, item in value["fields"].items()})
-    raise ValueError(f"the archive's manifest holds {json.dumps(value)[:80]}, which this mi-krr does not read: load it with the mi-krr that wrote it")
+            cls = RESULT_CLASSES[content]
+            fields = {field.name for field in dataclasses.fields(cls) if field.init}
+            required = {field.name for field in dataclasses.fields(cls) if field.init and field.default is dataclasses.MISSING
+                        and field.default_factory is dataclasses.MISSING}
+            given = set(value["fields"])
+            if not required <= given <= fields:
+                raise _Refused(f"has a manifest whose {content} lacks {sorted(required - given)} or has unknown {sorted(given - fields)}: "
+                               "load it with the mi-krr that wrote it")
+            return cls(**{name: _decode(item, archive, loaded) for name, item in value["fields"].items()})
+    raise _Refused(f"has a manifest holding {json.dumps(value)[:80]}, which this mi-krr does not read: load it with the mi-krr that wrote it")

@@ -43,12 +43,23 @@ def saved_models(path: str | Path) -> list[tuple[str, str, Any]]:
     from probes.report import _file_stems
 
     path = Path(path)
-    if path.is_dir() and (path / REPORT_JSON).is_file():
-        models = json.loads((path / REPORT_JSON).read_text()).get("models", {})
-        if not models:
-            raise ValueError(f"PATH {str(path)!r} is a report folder without models in its {REPORT_JSON}: pass another report")
+    report = path / REPORT_JSON
+    if path.is_dir() and report.is_file():
+        try:
+            models = json.loads(report.read_text()).get("models")
+        except (json.JSONDecodeError, AttributeError, UnicodeDecodeError) as error:
+            raise ValueError(f"{str(report)!r} is not a report's JSON ({error}): rerun the command that wrote {str(path)!r}") from None
+        if not isinstance(models, dict) or not models:
+            raise ValueError(f"{str(report)!r} lists no models by name: rerun the command that wrote {str(path)!r}, or pass its <model>.npz files")
         stems = _file_stems(list(models))  # the file names write_overview_report gave them
-        return [(name, entry.get("description", ""), load_diagnosis(path / f"{stems[name]}.npz")) for name, entry in models.items()]
+        entries = []
+        for name, entry in models.items():
+            file = path / f"{stems[name]}.npz"
+            if not file.is_file():
+                raise ValueError(f"{str(report)!r} lists model {name!r} but {str(file)!r} is missing: rerun the command that wrote {str(path)!r}")
+            description = entry.get("description", "") if isinstance(entry, dict) else ""
+            entries.append((name, description, load_diagnosis(file)))
+        return entries
     name = path.resolve().stem if path.is_file() else path.resolve().name
     return [(name, f"loaded from `{path}`.", load_diagnosis(path))]
 
@@ -59,6 +70,10 @@ def run(args: argparse.Namespace) -> int:
     from mi_krr.commands.overview import ModelEntry, overview_comparison, write_overview_report
 
     start = time.perf_counter()
+    out = Path(args.out).resolve()
+    for path in args.paths:
+        if Path(path).is_dir() and Path(path).resolve() == out:
+            raise ValueError(f"--out {args.out!r} is the input {path!r}: its report would be replaced by the comparison; pass another folder")
     loaded = [model for path in args.paths for model in saved_models(path)]
     names = [name for name, _, _ in loaded]
     if args.names is not None:

@@ -162,7 +162,7 @@ def test_loading_names_the_path_and_the_fix_when_the_file_is_not_a_diagnosis(dia
     with pytest.raises(FileNotFoundError, match=r"'.*nowhere' is not a file: pass a file written by probes.save_diagnosis"):
         probes.load_diagnosis(tmp_path / "nowhere")
     np.savez(tmp_path / "plain.npz", a=np.zeros(2))
-    with pytest.raises(ValueError, match="holds arrays but no diagnosis .*diagnose again and save with Diagnosis.save"):
+    with pytest.raises(ValueError, match=r"holds arrays but no diagnosis .*diagnose again \(Diagnosis.save, or rerun the mi-krr command\)"):
         probes.load_diagnosis(tmp_path / "plain.npz")
     path = probes.save_diagnosis(diagnosis, tmp_path / "d.npz")
     with np.load(path) as archive:
@@ -180,7 +180,7 @@ def test_loading_rebuilds_only_the_result_classes_and_refuses_any_other_name(dia
     manifest = json.loads(str(contents[MANIFEST_KEY]))
     manifest["diagnosis"] = {"dataclass": "Popen", "fields": {"args": "true"}}
     np.savez(tmp_path / "other.npz", **{**contents, MANIFEST_KEY: np.array(json.dumps(manifest))})
-    with pytest.raises(ValueError, match='holds {"dataclass": "Popen".*which this mi-krr does not read'):
+    with pytest.raises(ValueError, match='other.npz\' has a manifest holding {"dataclass": "Popen".*which this mi-krr does not read'):
         probes.load_diagnosis(tmp_path / "other.npz")
 
 
