@@ -65,9 +65,12 @@ def save_diagnosis(diagnosis: Diagnosis, path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     entries: dict[str, Any] = {MANIFEST_KEY: np.array(text), **writer.arrays}  # Any: savez's stubs type its keywords as its flags
     partial = path.with_name(path.name + ".partial")  # written whole, then renamed: an interrupted save leaves the old file
-    with open(partial, "wb") as file:
-        np.savez_compressed(file, **entries)
-    os.replace(partial, path)
+    try:
+        with open(partial, "wb") as file:
+            np.savez_compressed(file, **entries)
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
     return path
 
 

@@ -192,3 +192,17 @@ def test_saving_names_the_field_that_holds_something_an_archive_cannot_store(dia
     with pytest.raises(TypeError, match="diagnosis must be a probes Diagnosis .*got dict"):
         probes.save_diagnosis({"a": 1}, tmp_path / "x.npz")
     assert not (tmp_path / "x.npz").exists()
+
+
+def test_an_interrupted_save_leaves_the_previous_archive_whole_and_no_partial_file(diagnosis, tmp_path, monkeypatch):
+    path = probes.save_diagnosis(diagnosis, tmp_path / "d.npz")
+    before = path.read_bytes()
+
+    def interrupted(file, **entries):
+        file.write(b"PK\x03\x04 half an archive")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(np, "savez_compressed", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        probes.save_diagnosis(diagnosis, path)
+    assert path.read_bytes() == before and sorted(tmp_path.iterdir()) == [path]
