@@ -61,16 +61,18 @@ def _register_train(subparsers: argparse._SubParsersAction) -> CommandRunner:
 
 
 def _registrar(module_name: str) -> Callable[[argparse._SubParsersAction], CommandRunner]:
-    """Registration of a command module in `mi_krr.commands`: its `add_parser(subparsers)` builds
-    the subcommand's parser (returning it and its default --out), `run(args)` runs it. The
-    modules import only argparse at import time."""
+    """Registration of the command module `mi_krr.commands.<module_name>`, the command's name:
+    its docstring is the command's --help description, `add_arguments(parser)` adds its options
+    (returning its default --out), `run(args)` runs it. The modules import only argparse at
+    import time."""
 
     def register(subparsers: argparse._SubParsersAction) -> CommandRunner:
         import importlib
 
         module = importlib.import_module(f"mi_krr.commands.{module_name}")
-        parser, default_out = module.add_parser(subparsers)
-        _add_common_options(parser, default_out=default_out)
+        parser = subparsers.add_parser(module_name, help=SUMMARIES[module_name], description=module.__doc__,
+                                       formatter_class=argparse.RawDescriptionHelpFormatter)
+        _add_common_options(parser, default_out=module.add_arguments(parser))
         return module.run
 
     return register

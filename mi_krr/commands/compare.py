@@ -21,18 +21,13 @@ from typing import Any
 DEFAULT_OUT = "reports/compare"
 
 
-def add_parser(subparsers: argparse._SubParsersAction) -> tuple[argparse.ArgumentParser, str]:
-    parser = subparsers.add_parser(
-        "compare",
-        help="compare saved diagnoses (report folders or .npz files) side by side",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+def add_arguments(parser: argparse.ArgumentParser) -> str:
+    """The options of `mi-krr compare` on its parser; returns its default --out."""
     parser.add_argument("paths", nargs="+", metavar="PATH", help="report folder, Diagnosis.save folder or probes.save_diagnosis .npz")
     parser.add_argument("--names", nargs="+", default=None,
                         help="one name per model loaded, in order (default: the names in each report, else the file or folder name)")
     parser.add_argument("--title", default="mi-krr compare", help="the report's title")
-    return parser, DEFAULT_OUT
+    return DEFAULT_OUT
 
 
 def saved_models(path: str | Path) -> list[tuple[str, str, Any]]:

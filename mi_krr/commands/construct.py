@@ -44,13 +44,8 @@ class _Options(TypedDict):
 DEFAULT_OPTIONS: _Options = {"bandwidth": 1.0, "temperature": 1.0, "mlp": "exact", "mlp_width": 256}
 
 
-def add_parser(subparsers: argparse._SubParsersAction) -> tuple[argparse.ArgumentParser, str]:
-    parser = subparsers.add_parser(
-        "construct",
-        help="build a constructed CG / Richardson / GD transformer and compare it with its solver",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+def add_arguments(parser: argparse.ArgumentParser) -> str:
+    """The options of `mi-krr construct` on its parser; returns its default --out."""
     parser.add_argument("construction", choices=CONSTRUCTIONS, help="which solver the transformer runs")
     parser.add_argument("--steps", type=int, default=None, help="solver steps T (default: cg 8, richardson 10, gd 10)")
     parser.add_argument("--lam", type=float, default=0.1, help="ridge lam (default: 0.1)")
@@ -68,7 +63,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> tuple[argparse.Argumen
     parser.add_argument("--mlp", choices=("exact", "relu"), default=None, help="cg, richardson: MLP arithmetic (default: exact)")
     parser.add_argument("--mlp-width", type=int, default=None, help="ReLU units per scalar operation with --mlp relu (default: 256)")
     parser.add_argument("--save", action="store_true", help="write the model (model.safetensors) and construction.json to --out")
-    return parser, DEFAULT_OUT
+    return DEFAULT_OUT
 
 
 @dataclass

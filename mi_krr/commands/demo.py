@@ -54,13 +54,8 @@ FULL = DemoSettings(batch=64, construction_batch=32, bootstrap=1000, shifts=None
 QUICK = DemoSettings(batch=16, construction_batch=24, bootstrap=100, shifts=("input_scale_x2", "longer_prompts_x2"), cg_steps=3, richardson_steps=3)
 
 
-def add_parser(subparsers: argparse._SubParsersAction) -> tuple[argparse.ArgumentParser, str]:
-    parser = subparsers.add_parser(
-        "demo",
-        help="diagnose the shipped and constructed models and write a report (CPU, < 3 min)",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+def add_arguments(parser: argparse.ArgumentParser) -> str:
+    """The options of `mi-krr demo` on its parser; returns its default --out."""
     parser.add_argument("--quick", action="store_true",
                         help="smaller batches, two shifts, shorter constructions (the same code path; for tests)")
     parser.add_argument("--checkpoints", default=None,
@@ -68,7 +63,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> tuple[argparse.Argumen
     parser.add_argument("--sensitivities", action="store_true",
                         help="also compare label sensitivities d yhat / d y on the trained models' in-distribution prompts (about +1 min)")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    return parser, DEFAULT_OUT
+    return DEFAULT_OUT
 
 
 def run(args: argparse.Namespace) -> int:

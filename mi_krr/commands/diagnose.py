@@ -20,13 +20,8 @@ from typing import Any
 DEFAULT_OUT = "reports/diagnose"
 
 
-def add_parser(subparsers: argparse._SubParsersAction) -> tuple[argparse.ArgumentParser, str]:
-    parser = subparsers.add_parser(
-        "diagnose",
-        help="diagnose a checkpoint (mi-krr run folder or Garg et al. run) and write a report",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+def add_arguments(parser: argparse.ArgumentParser) -> str:
+    """The options of `mi-krr diagnose` on its parser; returns its default --out."""
     parser.add_argument("path", help="checkpoint: mi-krr run folder / .safetensors, or Garg run folder / .pt")
     parser.add_argument("--task", choices=("linear_regression", "gp_regression"), default=None,
                         help="task family to diagnose on (default: the checkpoint's own)")
@@ -43,7 +38,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> tuple[argparse.Argumen
                         help="step sizes on shifted prompts: one fitted global step per algorithm (default), or each prompt's optimal step (faster)")
     parser.add_argument("--no-sensitivities", action="store_true", help="skip label sensitivities d yhat / d y")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    return parser, DEFAULT_OUT
+    return DEFAULT_OUT
 
 
 def diagnose_task_sets(

@@ -23,19 +23,14 @@ DEFAULT_OUT = "reports/reproduce/NAME"  # NAME: replaced by each reproduction's 
 CHECKPOINT_REPRODUCTIONS = ("softmax-ood", "richardson-profile")
 
 
-def add_parser(subparsers: argparse._SubParsersAction) -> tuple[argparse.ArgumentParser, str]:
-    parser = subparsers.add_parser(
-        "reproduce",
-        help="run a reproduction (cg-rate, width, softmax-ood, richardson-profile, all)",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+def add_arguments(parser: argparse.ArgumentParser) -> str:
+    """The options of `mi-krr reproduce` on its parser; returns its default --out."""
     parser.add_argument("name", choices=(*NAMES, "all"), help="which reproduction")
     parser.add_argument("--quick", action="store_true", help="small configuration (seconds)")
     parser.add_argument("--checkpoint", default=None,
                         help="softmax-ood / richardson-profile: the model (default: the shipped checkpoints/softmax_gp)")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    return parser, DEFAULT_OUT
+    return DEFAULT_OUT
 
 
 def run(args: argparse.Namespace) -> int:
