@@ -4,7 +4,7 @@ session can be summarised, plotted and `probes.compare`d with another's in the n
 `save_diagnosis(diagnosis, path)` writes every array in binary (NaN and +-inf kept apart, which
 strict JSON cannot do: `Diagnosis.to_json` writes all three as null) and the structure as a JSON
 manifest inside the same file. The file also holds the prediction arrays under the documented
-keys of `probes.report.prediction_arrays` ("<task set>/layer_predictions", ...), stored once, so
+keys of `prediction_arrays` ("<task set>/layer_predictions", ...), stored once, so
 `np.load(path)["in_distribution/layer_predictions"]` keeps working. `Diagnosis.save(folder)`
 writes its `arrays.npz` this way and the `mi-krr` commands their `<model>.npz`: both load with
 `load_diagnosis`.
