@@ -10,9 +10,9 @@ writes its `arrays.npz` this way and the `mi-krr` commands their `<model>.npz`: 
 `load_diagnosis`.
 
 Archive layout: key `MANIFEST_KEY` holds the manifest as a 0-d string array; other arrays sit
-under the prediction keys or `ARRAY_PREFIX` + a number. The manifest encodes values as JSON: numbers, strings,
-booleans and null as themselves, and every container tagged by a one-key object: {"dict": [[key,
-value], ...]}, {"tuple": [...]}, {"list": [...]}, {"ndarray": key}, {"tensor": key}, {"float":
+under the prediction keys or `ARRAY_PREFIX` + a number. The manifest encodes values as JSON:
+numbers, strings, booleans and null as themselves, and every container tagged by a one-key
+object: {"dict": [[key, value], ...]}, {"tuple": [...]}, {"list": [...]}, {"ndarray": key}, {"tensor": key}, {"float":
 "nan" | "inf" | "-inf"} and {"dataclass": class name, "fields": {...}} for the result classes in
 `RESULT_CLASSES` only (nothing else is rebuilt, so loading runs no code named by the file, and the
 file is read with `allow_pickle=False`).
@@ -49,7 +49,7 @@ NON_FINITE = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
 
 def save_diagnosis(diagnosis: Diagnosis, path: str | Path) -> Path:
     """Write `diagnosis` to the `.npz` file `path` (module docstring), losslessly; returns the
-    path written (NumPy adds ".npz" when `path` lacks it).
+    path written (`path` with ".npz" appended when it has another suffix or none).
 
     Reading it back (`load_diagnosis`) gives every field: arrays with their dtypes and shapes,
     tensors (on the CPU), NaN / inf, tuples, the fitted steps' folds and the sensitivities."""
