@@ -4,6 +4,7 @@ through `BridgeBackedMixin`, the Garg-format checkpoints in `mi_krr.models.garg`
 
 from __future__ import annotations
 
+import copy
 from typing import TYPE_CHECKING, Any, Callable
 
 import torch
@@ -181,3 +182,32 @@ class BridgeICLModel(BridgeBackedMixin, PromptedModelMixin, nn.Module):
         """JSON-able description `model_from_config` rebuilds this architecture from, with the
         weights' current dtype (see `describe_model`)."""
         return describe_model(self)
+
+    def __reduce__(self) -> tuple[Callable[..., BridgeICLModel], tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, bool], bool]]:
+        """Pickling (`pickle`, `torch.save(model)`, multiprocessing) goes through the model's
+        description, weights, trainable flags and train / eval mode: the `TransformerBridge`
+        holds classes local to TransformerLens functions, which pickle cannot name. Hooks added
+        to the model are not pickled. (`copy.deepcopy` copies the whole object, hooks included.)"""
+        trainable = {name: parameter.requires_grad for name, parameter in self.named_parameters()}
+        return (_rebuilt_bridge_model, (self.config_dict(), self.state_dict(), trainable, self.training))
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> BridgeICLModel:
+        """The default deep copy of every attribute (which `__reduce__` would otherwise replace)."""
+        clone = type(self).__new__(type(self))
+        memo[id(self)] = clone
+        clone.__dict__.update(copy.deepcopy(self.__dict__, memo))
+        return clone
+
+
+def _rebuilt_bridge_model(description: dict[str, Any], state: dict[str, torch.Tensor], trainable: dict[str, bool], training: bool) -> BridgeICLModel:
+    """The `BridgeICLModel` that `BridgeICLModel.__reduce__` describes, on its weights' device,
+    built without drawing from torch's global generator (the weights replace the initialisation)."""
+    from mi_krr.models.registry import model_from_config
+
+    device = next(iter(state.values())).device if state else None
+    with torch.random.fork_rng(devices=[]):
+        model = model_from_config(description, device=device)
+    model.load_state_dict(state)
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad_(trainable[name])
+    return model.train(training)

@@ -120,3 +120,49 @@ def test_bridge_refuses_non_softmax_attention():
 def test_bridge_task_of_wrong_dimension_raises_clear_error():
     with pytest.raises(ValueError, match="does not fit this model"):
         make_bridge().predict(ICLTask(torch.randn(1, 2, 4), torch.randn(1, 2), torch.randn(1, 1, 4), torch.randn(1, 1)))
+
+
+@pytest.mark.parametrize("layout", ["concat", "interleaved"])
+@pytest.mark.parametrize("training", [False, True])
+def test_pickle_and_torch_save_rebuild_the_bridge_model_with_its_weights_flags_and_mode(layout, training):
+    """The bridge holds classes local to TransformerLens functions, which pickle cannot name:
+    the model pickles through its description and weights, so the copy predicts bit for bit what
+    the original does, keeps float64, its frozen parameters and its mode, and unpickling draws
+    nothing from torch's global generator."""
+    import io
+    import pickle
+
+    model = make_bridge(layout=layout).train(training)
+    model.read_in.weight.requires_grad_(False)
+    task = make_task()
+    generator_state = torch.random.get_rng_state()
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    for copy_ in (pickle.loads(pickle.dumps(model)), torch.load(buffer, weights_only=False)):
+        assert type(copy_) is BridgeICLModel and copy_.training is training
+        assert {name: p.requires_grad for name, p in copy_.named_parameters()} == {name: p.requires_grad for name, p in model.named_parameters()}
+        assert not copy_.read_in.weight.requires_grad
+        originals = model.state_dict()
+        for name, value in copy_.state_dict().items():
+            assert value.dtype == torch.float64 and torch.equal(value, originals[name]), name
+        with torch.no_grad():
+            model.eval(), copy_.eval()
+            assert torch.equal(copy_.predict(task), model.predict(task))
+            model.train(training)
+    assert torch.equal(torch.random.get_rng_state(), generator_state)
+
+
+def test_deepcopy_still_copies_the_whole_bridge_model_hooks_included():
+    """copy.deepcopy keeps its default meaning (every attribute copied, a forward hook included),
+    not pickling's rebuild from the description."""
+    import copy
+
+    model = make_bridge()
+    calls = []
+    model.read_in.register_forward_hook(lambda module, inputs, output: calls.append(output.shape))
+    clone = copy.deepcopy(model)
+    assert clone.read_in.weight is not model.read_in.weight
+    with torch.no_grad():
+        torch.testing.assert_close(clone.predict(make_task()), model.predict(make_task()), rtol=0, atol=0)
+    assert len(calls) == 2  # the copy's hook fired too
