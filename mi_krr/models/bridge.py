@@ -110,7 +110,8 @@ class BridgeICLModel(BridgeBackedMixin, PromptedModelMixin, nn.Module):
     carries the post-softmax pattern, so `attention_hook_names()` gives `scores=None` (rebuild
     scores from `hook_q`/`hook_k`: q.k / sqrt(d_head)); `run_with_cache` returns an
     `ActivationCache` (not a dict); `hook_embed` does not fire (the read-in is outside the bridge);
-    RMS norms compute in float32 even in a float64 model.
+    RMS norms compute in float32 even in a float64 model; pickling (`torch.save(model)`) goes
+    through the description and weights (`__reduce__`), so added hooks are not pickled.
     """
 
     def __init__(self, cfg: ICLTransformerConfig, device: torch.device | str | None = None):
