@@ -268,9 +268,17 @@ def load_construction(folder: Any, device: str = "cpu"):
     missing = [str(file) for file in files if not file.is_file()]
     if missing:
         raise FileNotFoundError(f"{missing[0]} does not exist: pass the --out folder of `mi-krr construct ... --save`")
-    recipe = json.loads(files[0].read_text())
-    model = check_construction(**{**construction_keywords(recipe["arguments"]), "device": device}).model
-    model.load_state_dict(safetensors.torch.load_file(str(files[1]), device=str(device)))
+    rerun = "save it again with `mi-krr construct ... --save`"
+    try:
+        arguments = json.loads(files[0].read_text())["arguments"]
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as error:
+        raise ValueError(f"{files[0]} is not a construction record ({type(error).__name__}: {error}): {rerun}") from None
+    model = check_construction(**{**construction_keywords(arguments), "device": device}).model
+    try:
+        weights = safetensors.torch.load_file(str(files[1]), device=str(device))
+    except (safetensors.SafetensorError, OSError) as error:
+        raise ValueError(f"{files[1]} is not a readable safetensors file ({error}): {rerun}") from None
+    model.load_state_dict(weights)
     return model
 
 

@@ -5,7 +5,7 @@ through `BridgeBackedMixin`, the Garg-format checkpoints in `mi_krr.models.garg`
 from __future__ import annotations
 
 import copy
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, cast
 
 import torch
 from torch import nn
@@ -95,6 +95,29 @@ class BridgeBackedMixin:
     def hook_dict(self) -> dict[str, HookPoint]:
         return self.bridge.hook_dict
 
+    def _rebuild_arguments(self) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """(args, kwargs) that build this model's architecture, freshly initialised, on the CPU."""
+        raise NotImplementedError
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Pickling (`pickle`, `torch.save(model)`, process pools) goes through the class, the
+        arguments that build it, its parameter and buffer objects and its train / eval mode: the
+        `TransformerBridge` holds classes local to TransformerLens functions, which pickle cannot
+        name. Parameters keep their identity (an optimizer pickled beside the model still trains
+        it), dtype, device and requires_grad; hooks added to the model are not pickled
+        (`copy.deepcopy` copies the whole object, hooks included)."""
+        module = cast(nn.Module, self)
+        parameters = dict(module.named_parameters(remove_duplicate=False))
+        buffers = dict(module.named_buffers(remove_duplicate=False))
+        return (_rebuilt_bridge_backed_model, (type(self), self._rebuild_arguments(), parameters, buffers, module.training))
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Any:
+        """The default deep copy of every attribute (which `__reduce__` would otherwise replace)."""
+        clone = type(self).__new__(type(self))
+        memo[id(self)] = clone
+        clone.__dict__.update(copy.deepcopy(self.__dict__, memo))
+        return clone
+
 
 class BridgeICLModel(BridgeBackedMixin, PromptedModelMixin, nn.Module):
     """An `ICLTransformerConfig` architecture on `TransformerBridge.boot_native` blocks.
@@ -110,8 +133,9 @@ class BridgeICLModel(BridgeBackedMixin, PromptedModelMixin, nn.Module):
     carries the post-softmax pattern, so `attention_hook_names()` gives `scores=None` (rebuild
     scores from `hook_q`/`hook_k`: q.k / sqrt(d_head)); `run_with_cache` returns an
     `ActivationCache` (not a dict); `hook_embed` does not fire (the read-in is outside the bridge);
-    RMS norms compute in float32 even in a float64 model; pickling (`torch.save(model)`) goes
-    through the description and weights (`__reduce__`), so added hooks are not pickled.
+    RMS norms compute in float32 even in a float64 model; pickling (`torch.save(model)`) rebuilds
+    the architecture and puts the pickled parameters in place (`BridgeBackedMixin.__reduce__`),
+    so added hooks are not pickled.
     """
 
     def __init__(self, cfg: ICLTransformerConfig, device: torch.device | str | None = None):
@@ -184,31 +208,20 @@ class BridgeICLModel(BridgeBackedMixin, PromptedModelMixin, nn.Module):
         weights' current dtype (see `describe_model`)."""
         return describe_model(self)
 
-    def __reduce__(self) -> tuple[Callable[..., BridgeICLModel], tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, bool], bool]]:
-        """Pickling (`pickle`, `torch.save(model)`, multiprocessing) goes through the model's
-        description, weights, trainable flags and train / eval mode: the `TransformerBridge`
-        holds classes local to TransformerLens functions, which pickle cannot name. Hooks added
-        to the model are not pickled. (`copy.deepcopy` copies the whole object, hooks included.)"""
-        trainable = {name: parameter.requires_grad for name, parameter in self.named_parameters()}
-        return (_rebuilt_bridge_model, (self.config_dict(), self.state_dict(), trainable, self.training))
-
-    def __deepcopy__(self, memo: dict[int, Any]) -> BridgeICLModel:
-        """The default deep copy of every attribute (which `__reduce__` would otherwise replace)."""
-        clone = type(self).__new__(type(self))
-        memo[id(self)] = clone
-        clone.__dict__.update(copy.deepcopy(self.__dict__, memo))
-        return clone
+    def _rebuild_arguments(self) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        return (self.cfg,), {}
 
 
-def _rebuilt_bridge_model(description: dict[str, Any], state: dict[str, torch.Tensor], trainable: dict[str, bool], training: bool) -> BridgeICLModel:
-    """The `BridgeICLModel` that `BridgeICLModel.__reduce__` describes, on its weights' device,
-    built without drawing from torch's global generator (the weights replace the initialisation)."""
-    from mi_krr.models.registry import model_from_config
-
-    device = next(iter(state.values())).device if state else None
+def _rebuilt_bridge_backed_model(cls: type, arguments: tuple[tuple[Any, ...], dict[str, Any]], parameters: dict[str, nn.Parameter],
+                                 buffers: dict[str, torch.Tensor], training: bool) -> nn.Module:
+    """The model `BridgeBackedMixin.__reduce__` describes: `cls(*args, **kwargs)` built on the CPU
+    without drawing from torch's generators, then the pickled parameter and buffer objects put in
+    place of its own (so an optimizer pickled with the model still holds them)."""
+    args, kwargs = arguments
     with torch.random.fork_rng(devices=[]):
-        model = model_from_config(description, device=device)
-    model.load_state_dict(state)
-    for name, parameter in model.named_parameters():
-        parameter.requires_grad_(trainable[name])
+        model = cls(*args, **kwargs)
+    for kind, tensors in (("_parameters", parameters), ("_buffers", buffers)):
+        for name, tensor in tensors.items():
+            owner, _, leaf = name.rpartition(".")
+            getattr(model.get_submodule(owner), kind)[leaf] = tensor
     return model.train(training)

@@ -118,6 +118,9 @@ class GargICLModel(BridgeBackedMixin, PromptedModelMixin, nn.Module):
     def residual_hook_names(self) -> list[str]:
         return residual_hook_names(self.n_layers)
 
+    def _rebuild_arguments(self) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        return (self.garg_config,), {"source": self.source}
+
     def attention_hook_names(self) -> list[AttentionHooks]:
         return attention_hook_names(self.n_layers, with_scores=True)
 

@@ -85,7 +85,11 @@ class ICLTask:
         return self.x_support.dtype
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "ICLTask":
-        """A copy on `device` with floating tensors cast to `dtype` (either may be None)."""
+        """This task on `device` with floating tensors cast to `dtype` (either may be None): a new
+        `ICLTask` (its own `info` dict) whose tensors are, as with `torch.Tensor.to`, the same
+        tensors where they already have that device and dtype (clone them before writing in place)."""
+        if isinstance(device, torch.dtype):
+            raise ValueError(f"device got the dtype {device}: pass it by name, task.to(dtype={device})")
         device = check_device("device", device)
         dtype = None if dtype is None else check_float_dtype("dtype", dtype)
         return replace(

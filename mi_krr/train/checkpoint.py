@@ -332,16 +332,28 @@ def prune_checkpoints(run_dir: str | Path, keep: int) -> None:
 
 
 def save_model(path: str | Path, model: torch.nn.Module, run_config: dict[str, Any] | None = None) -> Path:
-    """Write `model`'s weights (plain state-dict names) and its `config_dict()` atomically (an
-    `ICLTransformer` or `BridgeICLModel`: `load_model` rebuilds it from that description)."""
+    """Write `model`'s weights (plain state-dict names) and its `config_dict()` atomically to the
+    safetensors file `path` (not a folder; not named .pt, which `load_model` reads as a torch
+    state dict) for an `ICLTransformer` or `BridgeICLModel` (not a subclass: `load_model` rebuilds
+    the class the description names); `run_config` must be JSON-able."""
+    from mi_krr.models.registry import _model_classes
+
+    path = Path(path)
+    if path.is_dir() or path.suffix == ".pt":
+        example = path / MODEL_FILE if path.is_dir() else path.with_suffix(".safetensors")
+        raise ValueError(f"path must name a safetensors file to write (load_model reads .pt files as torch state dicts), got {str(path)!r}: pass e.g. {str(example)!r}")
     config_dict = getattr(model, "config_dict", None)
-    if not callable(config_dict):
+    if not callable(config_dict) or _model_classes().get(type(model).__name__) is not type(model):
         raise ValueError(
-            f"model must describe itself with config_dict() (an ICLTransformer or BridgeICLModel) for load_model to rebuild it, "
+            f"model must be an ICLTransformer or BridgeICLModel (load_model rebuilds one of those from its config_dict()), "
             f"got {type(model).__name__}: save its state_dict() with torch.save or safetensors instead"
         )
     metadata = {"format": MODEL_FORMAT, "version": FORMAT_VERSION, "model_config": config_dict()}
     if run_config is not None:
+        try:
+            json.dumps(run_config)
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"run_config must be JSON-able (numbers, strings, lists, dicts), got {error}: convert tensors with .tolist()") from None
         metadata["run_config"] = run_config
     return _write_safetensors(path, model.state_dict(), metadata)
 
