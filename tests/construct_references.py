@@ -105,6 +105,33 @@ def feature_cg_errors_to_krr(phi, kernel, x, xq, y, lam, n_steps):
     return relative_errors_to_krr(np.array(preds), np.array(exact))
 
 
+def assert_construct_cg_feature_head_matches_numpy(capsys, kernel: str, scale: float, feature_map, exact_kernel) -> None:
+    """`mi-krr construct cg --kernel K --head-width 16 --temperature|--bandwidth scale` (3 steps,
+    lam 0.1, d 2, 3 prompts of 8 support and 3 query points, seed 5): the model matches its solver
+    to 1e-10, and both error-to-KRR columns are NumPy CG on the head's positive random-feature kernel
+    phi phi^T, phi(x) = feature_map(x, W) / sqrt(16) with W the features' weights, against exact KRR
+    on `exact_kernel(a, b)`."""
+    import torch
+
+    from mi_krr.cli import main
+    from mi_krr.feature_maps import PositiveRandomFeatures
+    from mi_krr.tasks import GPRegressionSampler
+
+    steps, lam, dim, n, m, batch, seed, width = 3, 0.1, 2, 8, 3, 3, 5, 16
+    scale_option = {"exp": "temperature", "gaussian": "bandwidth"}[kernel]
+    assert main(["construct", "cg", "--kernel", kernel, "--head-width", str(width), f"--{scale_option}", str(scale), "--steps", str(steps),
+                 "--lam", str(lam), "--dim", str(dim), "--n-support", str(n), "--n-query", str(m), "--batch", str(batch),
+                 "--seed", str(seed)]) == 0
+    table = parse_construct_table(capsys.readouterr().out)
+    assert table[:, 1].max() < 1e-10
+    task = GPRegressionSampler(dim, kernel=kernel, noise_std=0.1, **{scale_option: scale}).sample(batch, n, m, seed=seed, dtype=torch.float64)
+    weights = PositiveRandomFeatures(dim, width, kind=kernel, seed=seed, **{scale_option: scale}).weights.numpy()
+    x, xq, y = task.x_support.numpy(), task.x_query.numpy(), task.y_support.numpy()
+    expected = feature_cg_errors_to_krr(lambda points: feature_map(points, weights) / np.sqrt(width), exact_kernel, x, xq, y, lam, steps)
+    np.testing.assert_allclose(table[:, 3], expected, rtol=2e-3)
+    np.testing.assert_allclose(table[:, 2], expected, rtol=2e-3)
+
+
 def random_projection_width_errors(x, xq, y, lam, widths, n_steps, seed):
     """The width study's random-projection head by hand: for each width w, CG for `n_steps` on the
     head's kernel of features x W / sqrt(w) (W = `RandomProjection(d, w, seed).weights`), and KRR

@@ -18,14 +18,13 @@ import torch
 
 from mi_krr.checkpoints import shipped_checkpoint
 from mi_krr.cli import main
-from mi_krr.feature_maps import PositiveRandomFeatures
 from mi_krr.tasks import (DEFAULT_SHIFTS, GPRegressionSampler, LinearRegressionSampler, apply_shift, sampler_from_config,
                           shift_applies)
 from mi_krr.train import load_model, read_run_config
 from probes.kernel_alignment import kernel_alignment
 from probes.layer_predictions import layer_predictions
 from construct_references import gaussian_kernel as gaussian
-from construct_references import feature_cg_errors_to_krr, numpy_cg_predictions, numpy_rowsum_richardson_errors, parse_construct_table, relative_errors_to_krr
+from construct_references import assert_construct_cg_feature_head_matches_numpy, numpy_cg_predictions, numpy_rowsum_richardson_errors, parse_construct_table, relative_errors_to_krr
 from reproduction_recorder import record_reproduction_calls
 
 
@@ -41,24 +40,15 @@ def run_main(*args: str) -> tuple[int, str]:
 
 
 def test_construct_cg_with_an_exp_head_runs_numpy_cg_on_the_heads_random_feature_kernel(capsys):
-    """cg --kernel exp --head-width m: the solver column is NumPy CG on phi phi^T (positive random features), vs exact exp KRR."""
-    steps, lam, dim, n, m, batch, seed, width, tau = 3, 0.1, 2, 8, 3, 3, 5, 16, 2.0
-    assert main(["construct", "cg", "--kernel", "exp", "--head-width", str(width), "--temperature", str(tau), "--steps", str(steps),
-                 "--lam", str(lam), "--dim", str(dim), "--n-support", str(n), "--n-query", str(m), "--batch", str(batch),
-                 "--seed", str(seed)]) == 0
-    table = parse_construct_table(capsys.readouterr().out)
-    assert table[:, 1].max() < 1e-10
-    task = GPRegressionSampler(dim, kernel="exp", temperature=tau, noise_std=0.1).sample(batch, n, m, seed=seed, dtype=torch.float64)
-    x, xq, y = task.x_support.numpy(), task.x_query.numpy(), task.y_support.numpy()
-    W = PositiveRandomFeatures(dim, width, kind="exp", temperature=tau, seed=seed).weights.numpy()
+    """cg --kernel exp --head-width m --temperature 2: the solver column is NumPy CG on phi phi^T
+    (positive random features phi(x) = exp(w . x' - |x'|^2 / 2) / sqrt(m), x' = x / sqrt(tau)), vs exact exp KRR."""
+    tau = 2.0
 
-    def phi(points):  # exp(w . x' - |x'|^2 / 2) / sqrt(m), x' = x / sqrt(tau)
+    def features(points, W):
         scaled = points / np.sqrt(tau)
-        return np.exp(scaled @ W - (scaled**2).sum(-1, keepdims=True) / 2) / np.sqrt(width)
+        return np.exp(scaled @ W - (scaled**2).sum(-1, keepdims=True) / 2)
 
-    expected = feature_cg_errors_to_krr(phi, lambda a, b: np.exp(a @ b.T / tau), x, xq, y, lam, steps)
-    np.testing.assert_allclose(table[:, 3], expected, rtol=2e-3)
-    np.testing.assert_allclose(table[:, 2], expected, rtol=2e-3)
+    assert_construct_cg_feature_head_matches_numpy(capsys, "exp", tau, features, lambda a, b: np.exp(a @ b.T / tau))
 
 
 def test_construct_gd_default_rate_is_one_over_the_largest_gram_eigenvalue_plus_lam(capsys):

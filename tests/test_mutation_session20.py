@@ -49,10 +49,8 @@ import numpy as np
 import pytest
 import torch
 
-from construct_references import feature_cg_errors_to_krr, numpy_cg_a_norm_ratios, numpy_cg_predictions, parse_construct_table, random_projection_width_errors
-from mi_krr.cli import main
+from construct_references import assert_construct_cg_feature_head_matches_numpy, numpy_cg_a_norm_ratios, numpy_cg_predictions, random_projection_width_errors
 from mi_krr.construct.studies import conditioned_linear_task
-from mi_krr.feature_maps import PositiveRandomFeatures
 from mi_krr.reproductions import cg_rate, width
 from mi_krr.reproductions.richardson_profile import LensResult, RichardsonProfileResult
 from mi_krr.reproductions.softmax_ood import SoftmaxOODResult
@@ -296,23 +294,13 @@ def test_construct_cg_with_a_gaussian_head_uses_the_given_bandwidth_for_its_rand
     """cg --kernel gaussian --head-width m --bandwidth 0.7: the solver column is NumPy CG on
     phi phi^T for the positive random features of the Gaussian kernel at sigma = 0.7
     (phi(x) = exp(w . x' - |x'|^2) / sqrt(m), x' = x / sigma), against exact Gaussian KRR at 0.7."""
-    steps, lam, dim, n, m, batch, seed, width, sigma = 3, 0.1, 2, 8, 3, 3, 5, 16, 0.7
-    assert main(["construct", "cg", "--kernel", "gaussian", "--head-width", str(width), "--bandwidth", str(sigma), "--steps", str(steps),
-                 "--lam", str(lam), "--dim", str(dim), "--n-support", str(n), "--n-query", str(m), "--batch", str(batch),
-                 "--seed", str(seed)]) == 0
-    table = parse_construct_table(capsys.readouterr().out)
-    assert table[:, 1].max() < 1e-10
-    task = GPRegressionSampler(dim, kernel="gaussian", bandwidth=sigma, noise_std=0.1).sample(batch, n, m, seed=seed, dtype=torch.float64)
-    x, xq, y = task.x_support.numpy(), task.x_query.numpy(), task.y_support.numpy()
-    W = PositiveRandomFeatures(dim, width, kind="gaussian", bandwidth=sigma, seed=seed).weights.numpy()
+    sigma = 0.7
 
-    def phi(points):
+    def features(points, W):
         scaled = points / sigma
-        return np.exp(scaled @ W - (scaled**2).sum(-1, keepdims=True)) / np.sqrt(width)
+        return np.exp(scaled @ W - (scaled**2).sum(-1, keepdims=True))
 
     def gaussian(a, b):
         return np.exp(-((a[:, None] - b[None]) ** 2).sum(-1) / (2 * sigma**2))
 
-    expected = feature_cg_errors_to_krr(phi, gaussian, x, xq, y, lam, steps)
-    np.testing.assert_allclose(table[:, 3], expected, rtol=2e-3)
-    np.testing.assert_allclose(table[:, 2], expected, rtol=2e-3)
+    assert_construct_cg_feature_head_matches_numpy(capsys, "gaussian", sigma, features, gaussian)
