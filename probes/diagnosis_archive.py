@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import io
 import math
-import os
 import zipfile
 import zlib
 from pathlib import Path
@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from mi_krr.train.checkpoint import atomic_write_bytes
 from probes.diagnosis import Diagnosis, TaskSetDiagnosis
 from probes.identifiability import Verdict
 from probes.kernel_alignment import KernelAlignment
@@ -62,16 +63,10 @@ def save_diagnosis(diagnosis: Diagnosis, path: str | Path) -> Path:
     writer = _Encoder(arrays)
     manifest = {"format": ARCHIVE_FORMAT, "version": ARCHIVE_VERSION, "diagnosis": writer.encode(diagnosis, "diagnosis")}
     text = json.dumps(manifest, allow_nan=False)
-    path.parent.mkdir(parents=True, exist_ok=True)
     entries: dict[str, Any] = {MANIFEST_KEY: np.array(text), **writer.arrays}  # Any: savez's stubs type its keywords as its flags
-    partial = path.with_name(path.name + ".partial")  # written whole, then renamed: an interrupted save leaves the old file
-    try:
-        with open(partial, "wb") as file:
-            np.savez_compressed(file, **entries)
-        os.replace(partial, path)
-    finally:
-        partial.unlink(missing_ok=True)
-    return path
+    archive = io.BytesIO()
+    np.savez_compressed(archive, **entries)
+    return atomic_write_bytes(path, archive.getvalue())  # an interrupted save leaves the old file whole
 
 
 def load_diagnosis(path: str | Path) -> Diagnosis:
