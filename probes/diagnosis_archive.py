@@ -153,13 +153,11 @@ def _check_shapes(result: TaskSetDiagnosis) -> None:
     if len(layers) != 3 or layers[1] != len(result.layers):
         raise _Refused(f"holds task set {result.name!r} with layer_predictions of shape {layers}, not [B, {len(result.layers)}, m]: save it again")
     batch, _, queries = layers
-    expected = {"krr_predictions": (batch, queries), "kappa": (batch,)}
-    expected.update({f"step_predictions[{name!r}]": (batch, result.n_steps + 1, queries) for name in result.step_predictions})
-    found = {"krr_predictions": np.shape(result.krr_predictions), "kappa": np.shape(result.kappa)}
-    found.update({f"step_predictions[{name!r}]": np.shape(pred) for name, pred in result.step_predictions.items()})
-    for name, shape in expected.items():
-        if found[name] != shape:
-            raise _Refused(f"holds task set {result.name!r} with {name} of shape {found[name]}, not {shape} (from layer_predictions {layers}): save it again")
+    checks = [("krr_predictions", result.krr_predictions, (batch, queries)), ("kappa", result.kappa, (batch,))]
+    checks += [(f"step_predictions[{name!r}]", pred, (batch, result.n_steps + 1, queries)) for name, pred in result.step_predictions.items()]
+    for name, value, shape in checks:
+        if np.shape(value) != shape:
+            raise _Refused(f"holds task set {result.name!r} with {name} of shape {np.shape(value)}, not {shape} (from layer_predictions {layers}): save it again")
 
 
 def prediction_arrays(diagnosis: "Diagnosis") -> dict[str, np.ndarray]:
