@@ -121,6 +121,32 @@ def step_sum_count(steps: np.ndarray) -> int:
     return int(np.prod(steps.shape[2:], dtype=np.int64))
 
 
+SQUARE_SAFE_EXPONENT = 200
+"""Values whose largest |value| lies within 2^+-200 (~6e-61 to ~1.6e60) are squared as they are;
+`common_scale` rescales the others, whose squares would lose precision or underflow (below
+~1e-154) or overflow (above ~1e154)."""
+
+
+def common_scale(*arrays: np.ndarray) -> float:
+    """The power of two to divide all of `arrays` by, alike, before their squares and squared
+    differences are summed: 1 while their largest finite |value| lies within
+    2^+-`SQUARE_SAFE_EXPONENT`, else the power of two nearest it. Ratios of such sums (R2, the
+    alignment) are unchanged by it, and a power of two divides exactly."""
+    largest = max((float(max(np.max(a), -np.min(a))) for a in arrays if a.size), default=0.0)
+    _, exponent = np.frexp(largest)  # exponent 0 for 0, inf and NaN
+    return float(np.ldexp(1.0, exponent)) if abs(int(exponent)) > SQUARE_SAFE_EXPONENT else 1.0
+
+
+def log10_mean_square(values: np.ndarray, axis: int | tuple[int, ...] | None = None) -> np.ndarray:
+    """log10 of the mean of values^2 over `axis`, accurate where the squares would underflow or
+    overflow: each mean is taken of the values divided by the power of two nearest their largest
+    |value| and shifted back in log10. -inf where every value is 0."""
+    _, exponent = np.frexp(np.max(np.abs(values), axis=axis, keepdims=True))
+    scale = np.ldexp(1.0, exponent)
+    with np.errstate(divide="ignore"):
+        return np.log10(np.mean((values / scale) ** 2, axis=axis)) + 2 * np.log10(np.squeeze(scale, axis=axis))
+
+
 def overflow_limit(n_values: int) -> float:
     """The largest magnitude that `n_values` numbers (every prompt's, step's and value's of one
     scoring) may have for their squared differences and centred squares to sum below float64's
@@ -269,12 +295,15 @@ prediction exactly and one that reaches it up to rounding get the same profile."
 def log_error_profile(values, reference) -> np.ndarray:
     """log10 of the MSE of each row against a reference: values `[B, K, m]`, reference `[B, m]`
     -> `[K]` (the per-layer or per-step error to the exact KRR prediction; floored at
-    `PROFILE_FLOOR` times the reference's mean square, or at 1e-300 for an all-zero reference)."""
+    `PROFILE_FLOOR` times the reference's mean square, or at 1e-300 for an all-zero reference).
+    Accurate at any scale (`log10_mean_square`): scaling values and reference by c shifts the
+    profile by 2 log10 |c|."""
     values = _as_array("values", values, 3)
     reference = _as_array("reference", reference, 2)
-    mse = ((values - reference[:, None]) ** 2).mean(axis=(0, 2))
-    floor = max(PROFILE_FLOOR * float(np.mean(reference**2)), 1e-300)
-    return np.log10(np.maximum(mse, floor))
+    log_mse = log10_mean_square(values - reference[:, None], axis=(0, 2))
+    log_reference = log10_mean_square(reference)
+    floor = np.log10(PROFILE_FLOOR) + log_reference if np.isfinite(log_reference) else -300.0
+    return np.maximum(log_mse, floor)
 
 
 def profile_distance(model_profile, algorithm_profile, steps, rows=None) -> float:
@@ -557,6 +586,8 @@ def _score_side_by_side(
                 f"step_preds[{name!r}] holds values beyond +-{limit:.3g}, whose squares overflow float64 (a diverging "
                 "trajectory): leave it out, or check its step sizes"
             )
+    scale = common_scale(layer_values, krr, *step_values.values())  # R2 and the alignment are scale-free
+    unit_layers = layer_values / scale if scale != 1 else layer_values
     weighting = _PromptWeighting.build(n_prompts, resamples, kappa, n_kappa_bins)
     boot = weighting.rows[weighting.resamples]
     digest = hashlib.blake2b(np.ascontiguousarray(boot).tobytes(), digest_size=8).hexdigest() if boot.size else None
@@ -567,8 +598,10 @@ def _score_side_by_side(
     results = {}
     for names in groups.values():
         stacked = np.stack([step_values[name] for name in names], axis=1)  # [B, A, T+1, ...]
+        if scale != 1:
+            stacked /= scale
         every_step = stacked.reshape(n_prompts, -1, *stacked.shape[3:])
-        sse, sst, count = weighted_sse_sst(paired_sums(layer_values, every_step), weighting.rows)
+        sse, sst, count = weighted_sse_sst(paired_sums(unit_layers, every_step), weighting.rows)  # in units of scale^2
         sse = np.ascontiguousarray(einops.rearrange(sse, "w layer (a t) -> a w layer t", a=len(names)))
         sst = np.ascontiguousarray(einops.rearrange(sst, "w (a t) -> a w t", a=len(names)))
         steps, _ = monotone_alignment(sse / count[:, None, None])  # [A, W, L']
@@ -589,7 +622,7 @@ def _score_side_by_side(
                 layers=layers,
                 scored=scored,
                 r2=_r2(sse[a, :1], sst[a, :1])[0],
-                mse=sse[a, 0] / count[0],
+                mse=sse[a, 0] / count[0] * scale**2,
                 aligned_steps=steps[a, 0],
                 argmin_steps=np.argmin(sse[a, 0], axis=-1),
                 aligned_r2=per_layer[a, 0],

@@ -46,7 +46,7 @@ from mi_krr.solvers.spectrum import preconditioner_diagonal
 from mi_krr.solvers.system import krr_system
 from probes.bounded_brent import bounded_brent
 from probes.scoring import (
-    PairedSums, centred_step_sums, monotone_alignment, overflow_limit, pairwise_sse, path_r2, weighted_sse_sst,
+    PairedSums, centred_step_sums, common_scale, monotone_alignment, overflow_limit, pairwise_sse, path_r2, weighted_sse_sst,
 )
 from probes.sensitivity import RICHARDSON_PRECONDITIONERS
 from probes.spectral_trajectories import (
@@ -161,7 +161,11 @@ def path_scores(layer_pred: np.ndarray, candidate_pred: torch.Tensor, scored: np
     limit = overflow_limit(pred.size + np.size(layer_pred))  # beyond it (NaN and inf included), the sums would overflow
     bounded = _bounded_candidates(pred, limit)  # [B, G]: False for a diverging step
     values = (pred if bounded.all() else np.where(bounded[:, :, None, None], pred, 0.0)).reshape(batch, -1, n_query)
-    sums = PairedSums(pairwise_sse(np.asarray(layer_pred, dtype=np.float64), values), *centred_step_sums(values), n_query)
+    layers = np.asarray(layer_pred, dtype=np.float64)
+    scale = common_scale(layers, values)  # the path R2 is scale-free; squares of tiny values would underflow
+    if scale != 1:
+        layers, values = layers / scale, values / scale
+    sums = PairedSums(pairwise_sse(layers, values), *centred_step_sums(values), n_query)
     sse, sst, count = weighted_sse_sst(sums, indicator)  # [F, L', G (T+1)], [F, G (T+1)], [F]
     diverged = indicator @ ~bounded > 0  # [F, G]
     sse = einops.rearrange(sse, "fold layer (g t) -> (fold g) layer t", g=n_candidates)

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 from mi_krr.solvers.spectrum import spectrum_bounds
-from mi_krr.solvers.system import check_steps, krr_system
+from mi_krr.solvers.system import check_steps, krr_system, residual_norm
 from mi_krr.solvers.trajectory import Trajectory
 
 MIN_RELATIVE_WIDTH = 1e-12
@@ -51,7 +51,7 @@ def chebyshev(K: Any, y: Any, lam: float, n_steps: int, eig_bounds: Any = None, 
     residual = system.y
     direction = residual / centre
     rho = 1.0 / sigma
-    iterates, residual_norms = [alpha], [torch.linalg.vector_norm(residual, dim=-1)]
+    iterates, residual_norms = [alpha], [residual_norm(residual)]
     for _ in range(n_steps):
         alpha = alpha + direction
         residual = system.y - system.apply(alpha)
@@ -59,7 +59,7 @@ def chebyshev(K: Any, y: Any, lam: float, n_steps: int, eig_bounds: Any = None, 
         direction = torch.addcmul((rho_next * rho) * direction, 2.0 * rho_next / half_width, residual)
         rho = rho_next
         iterates.append(alpha)
-        residual_norms.append(torch.linalg.vector_norm(residual, dim=-1))
+        residual_norms.append(residual_norm(residual))
     return system.trajectory(
         torch.cat(iterates, dim=-2),
         torch.cat(residual_norms, dim=-1),

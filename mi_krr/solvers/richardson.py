@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from mi_krr.solvers.spectrum import preconditioner_diagonal, richardson_optimal_step, spectrum_bounds
-from mi_krr.solvers.system import check_steps, krr_system
+from mi_krr.solvers.system import check_steps, krr_system, residual_norm
 from mi_krr.solvers.trajectory import Trajectory
 
 
@@ -52,12 +52,12 @@ def richardson(
 
     alpha = torch.zeros_like(system.y)
     residual = system.y
-    iterates, residual_norms = [alpha], [torch.linalg.vector_norm(residual, dim=-1)]
+    iterates, residual_norms = [alpha], [residual_norm(residual)]
     for _ in range(n_steps):
         alpha = torch.addcmul(alpha, scaled, residual)
         residual = system.y - system.apply(alpha)
         iterates.append(alpha)
-        residual_norms.append(torch.linalg.vector_norm(residual, dim=-1))
+        residual_norms.append(residual_norm(residual))
     return system.trajectory(
         torch.cat(iterates, dim=-2),
         torch.cat(residual_norms, dim=-1),

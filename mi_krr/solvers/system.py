@@ -60,7 +60,7 @@ class KRRSystem:
 
     def residual_norms(self, alpha: torch.Tensor) -> torch.Tensor:
         """||y - (K + lam I) alpha_t|| for iterates `alpha` `[batch, T+1, n]` -> `[batch, T+1]`."""
-        return torch.linalg.vector_norm(self.y - self.apply(alpha), dim=-1)
+        return residual_norm(self.y - self.apply(alpha))
 
     def predictions(self, alpha: torch.Tensor) -> torch.Tensor | None:
         """K_query @ alpha_t for iterates `[batch, T+1, n]` -> `[batch, T+1, m]` (None without K_query)."""
@@ -121,6 +121,19 @@ class KRRSystem:
             preconditioner=preconditioner,
             params=params or {},
         )
+
+
+def residual_norm(residual: torch.Tensor) -> torch.Tensor:
+    """||r|| over the last dimension `[..., n]` -> `[...]`, for residuals of any magnitude.
+
+    The squares of entries beyond ~1e+-154 overflow or underflow in float64 (a plain vector norm
+    of a residual ~1e170 is inf, of one ~1e-170 is 0). Each vector is divided by the power of two
+    nearest its largest |entry| and the norm multiplied back: powers of two divide and multiply
+    exactly, so ordinary residuals get the very bits of `torch.linalg.vector_norm`.
+    """
+    _, exponent = torch.frexp(residual.detach().abs().amax(-1, keepdim=True))
+    scale = torch.ldexp(torch.ones_like(residual[..., :1]), exponent)
+    return torch.linalg.vector_norm(residual / scale, dim=-1) * scale.squeeze(-1)
 
 
 def krr_system(K: Any, y: Any, lam: float, K_query: Any = None) -> KRRSystem:
