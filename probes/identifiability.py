@@ -17,12 +17,21 @@ Two questions, answered separately:
    Algorithms inseparable from the top one are reported as its equivalence class, never as
    runners-up.
 
+3. The layers must move along the trajectory: the top algorithm must also beat, by the same
+   rule (paired interval of the gap above 0, gap >= `min_gap`), the no-iteration rival, the
+   model's own last scored layer held at every scored layer along the same aligned steps
+   (`probes.scoring.held_path_r2`). A model whose layers all hold one state (e.g. every layer
+   reads out the exact KRR prediction, or ridge at another lambda, computed in one go) matches
+   some step of every solver and would otherwise be "identified" as whichever solver reaches
+   that state; it scores exactly its rival, so no iteration shows and nothing is identified.
+4. Something must be ruled out: with every other candidate inseparable from the top one (or no
+   other candidate), no rival was beaten.
+
 A model that matches no candidate fails the first condition, so it is never identified. Nor is
 anything identified from fewer than `MIN_VERDICT_PROMPTS` prompts or `MIN_VERDICT_RESAMPLES`
 resamples: a bootstrap over a handful of prompts (or a few resamples) gives intervals that are
 degenerate (two prompts: the lower bound can equal the estimate) or miss the estimate, and a
-verdict would rest on them. Nor is a lone candidate identified: with no rival scored, nothing
-was ruled out.
+verdict would rest on them.
 """
 
 from __future__ import annotations
@@ -142,6 +151,9 @@ class Verdict:
         message: the verdict in words.
         withheld: why no verdict was drawn from these layer predictions (then `identified` is
             False whatever the scores), or None.
+        iteration_gap, iteration_gap_ci: score(best) - its no-iteration rival's score
+            (`AlgorithmScore.held_score`: the model's last scored layer held at every scored
+            layer) and its paired-bootstrap interval; 0 for layers that all hold one state.
     """
 
     __repr__ = compact_repr
@@ -163,6 +175,8 @@ class Verdict:
     message: str
     scores: dict[str, float] = field(default_factory=dict)
     withheld: str | None = None
+    iteration_gap: float = float("nan")
+    iteration_gap_ci: tuple[float, float] = (float("nan"), float("nan"))
 
     @property
     def best_algorithm(self) -> str | None:
@@ -232,13 +246,17 @@ def identifiability_verdict(
     n_prompts = len(next(iter(step_preds.values())))
     enough = n_prompts >= MIN_VERDICT_PROMPTS and top.score_samples.size >= MIN_VERDICT_RESAMPLES
     good_enough = enough and score_ci[0] >= min_score
-    rivals = len(names) > 1  # with no other candidate scored, nothing was ruled out
-    beats_runner_up = rivals and (runner_up is None or (has_intervals and gap_ci[0] > 0 and gap >= min_gap))
-    identified = bool(good_enough and beats_runner_up and withheld is None)
+    # a rival ruled out: none when no other candidate was scored or every other one is inseparable
+    beats_runner_up = runner_up is not None and has_intervals and gap_ci[0] > 0 and gap >= min_gap
+    iteration_gap = top.score - top.held_score
+    with np.errstate(invalid="ignore"):
+        iteration_gap_ci = percentile_interval(top.score_samples - top.held_samples, level) if top.held_samples.size else (np.nan, np.nan)
+    moves = bool(has_intervals and iteration_gap_ci[0] > 0 and iteration_gap >= min_gap)
+    identified = bool(good_enough and moves and beats_runner_up and withheld is None)
 
     message = _message(
         best, top, score_ci, runner_up, scores[runner_up].score if runner_up is not None else None, gap, gap_ci, equivalent, agreement[row], names, identified,
-        has_intervals, min_score, min_gap, enough, n_prompts, withheld,
+        has_intervals, min_score, min_gap, enough, n_prompts, withheld, moves, iteration_gap, iteration_gap_ci,
     )
     return Verdict(
         best=best,
@@ -258,6 +276,8 @@ def identifiability_verdict(
         message=message,
         scores={name: scores[name].score for name in names},
         withheld=withheld,
+        iteration_gap=iteration_gap,
+        iteration_gap_ci=iteration_gap_ci,
     )
 
 
@@ -272,10 +292,11 @@ def _score_text(score: float) -> str:
 
 
 def _message(best, top, score_ci, runner_up, runner_up_score, gap, gap_ci, equivalent, agreement_row, names, identified, has_intervals,
-             min_score, min_gap, enough, n_prompts, withheld) -> str:
+             min_score, min_gap, enough, n_prompts, withheld, moves, iteration_gap, iteration_gap_ci) -> str:
     """The verdict as a few sentences (score_ci: the best score's interval at the verdict's level;
     enough: whether the n_prompts prompts and the resamples are enough for a verdict; withheld:
-    why no verdict may be drawn, or None)."""
+    why no verdict may be drawn, or None; moves: whether the best beats its no-iteration rival by
+    `iteration_gap`, interval `iteration_gap_ci`)."""
     ci = f"[{score_ci[0]:.4f}, {score_ci[1]:.4f}]" if has_intervals else "(no bootstrap interval)"
     if not top.score > -np.inf:  # every candidate -inf or NaN: "best" is only the first listed
         lines = [f"Best: none: every candidate's path R2 is -inf or undefined ({best} is listed first)."]
@@ -322,6 +343,22 @@ def _message(best, top, score_ci, runner_up, runner_up_score, gap, gap_ci, equiv
         lines.append(
             f"Verdict: not identified: no algorithm explains the layers well enough (needs path R2 >= {min_score} "
             "beyond its interval); the model may run none of these candidates."
+        )
+    elif not moves:
+        path = top.aligned_steps[top.scored]
+        where = (f"every scored layer aligns with step {path[0]} of {best}" if path[0] == path[-1]
+                 else f"the scored layers align with {best}'s steps {path[0]}..{path[-1]}")
+        interval = "" if np.isnan(iteration_gap_ci).all() else f" [{iteration_gap_ci[0]:+.4f}, {iteration_gap_ci[1]:+.4f}]"
+        lines.append(
+            f"Verdict: not identified: the layers do not move along {best}'s trajectory: {where}, and the last layer held "
+            f"at every scored layer matches them as well (path R2 {top.held_score:.4f}; gap {iteration_gap:+.4f}{interval}, "
+            f"needs > 0 beyond the interval and >= {min_gap}), so no iteration shows; a model computing that state in one go "
+            "(e.g. the KRR prediction itself) would match as well."
+        )
+    elif runner_up is None:
+        lines.append(
+            f"Verdict: not identified: every other candidate agrees with {best} along the aligned steps, so no rival "
+            "was ruled out."
         )
     else:
         lines.append(

@@ -273,7 +273,22 @@ def path_r2(sse: np.ndarray, sst: np.ndarray, steps: np.ndarray, rows: np.ndarra
     rows = np.arange(sse.shape[-2]) if rows is None else np.asarray(rows)
     picked = steps[:, rows]
     error = np.take_along_axis(sse[:, rows, :], picked[..., None], axis=-1)[..., 0].sum(-1)
-    variance = np.take_along_axis(sst, picked, axis=-1).sum(-1)
+    return _path_ratio(error, np.take_along_axis(sst, picked, axis=-1).sum(-1))
+
+
+def held_path_r2(sse: np.ndarray, sst: np.ndarray, steps: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """The path R2 `[R]` the last of rows `rows`, held at every one of them, reaches at the same
+    steps `steps` `[R, L']` (SSE `[R, L', T+1]`, SST `[R, T+1]`): the score of a model that does
+    not iterate, whose every layer holds its final state. Layers that move along the trajectory
+    beat it; layers that all hold one state score exactly it."""
+    rows = np.asarray(rows)
+    picked = steps[:, rows]
+    error = np.take_along_axis(sse[:, rows[-1], :], picked, axis=-1).sum(-1)
+    return _path_ratio(error, np.take_along_axis(sst, picked, axis=-1).sum(-1))
+
+
+def _path_ratio(error: np.ndarray, variance: np.ndarray) -> np.ndarray:
+    """1 - error / variance, -inf for error without variance, NaN for neither."""
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(variance > 0, 1.0 - error / variance, np.where(error > 0, -np.inf, np.nan))
 
@@ -409,6 +424,9 @@ class AlgorithmScore:
         n_prompts: prompts the score was made on (None for a score built by hand); the verdict
             counts them.
         level: the confidence level of `score_ci` and `aligned_r2_ci`.
+        held_score: the path R2 of the no-iteration rival (`held_path_r2`): the model's last
+            scored layer held at every scored layer, at the same aligned steps; `held_samples`
+            `[R]` its replicates on the same resamples (NaN and empty for a score built by hand).
         resamples_digest: fingerprint of the bootstrap prompt weights (None without resamples or
             for a score built by hand): the verdict pairs only scores made on the same resamples.
     """
@@ -440,6 +458,8 @@ class AlgorithmScore:
     n_prompts: int | None = None
     level: float = 0.95
     resamples_digest: str | None = None
+    held_score: float = float("nan")
+    held_samples: np.ndarray = field(default_factory=lambda: np.zeros(0))
 
 
 def score_algorithm(
@@ -606,6 +626,7 @@ def _score_side_by_side(
         sst = np.ascontiguousarray(einops.rearrange(sst, "w (a t) -> a w t", a=len(names)))
         steps, _ = monotone_alignment(sse / count[:, None, None])  # [A, W, L']
         score = _fold_leading(path_r2, sse, sst, steps, scored)  # [A, W]
+        held = _fold_leading(held_path_r2, sse, sst, steps, scored)  # [A, W]: the no-iteration rival
         per_layer = _fold_leading(aligned_r2, sse, sst, steps)  # [A, W, L']
         at_estimate = np.repeat(steps[:, :1], len(weighting.strata), axis=1)  # strata: at the all-prompt alignment
         strata_sse, strata_sst = sse[:, weighting.strata], sst[:, weighting.strata]
@@ -638,6 +659,8 @@ def _score_side_by_side(
                 n_prompts=n_prompts,
                 level=level,
                 resamples_digest=digest,
+                held_score=float(held[a, 0]),
+                held_samples=held[a, weighting.resamples],
             )
             step_sensitivity = (step_sensitivities or {}).get(name)
             if layer_sensitivity is not None and step_sensitivity is not None:

@@ -193,7 +193,8 @@ def test_identification_needs_the_paired_gap_interval_above_zero_not_just_a_gap_
     preds, scores = _exact_cg_scores(trajectories)
     runner = scores["gd"].score_samples
     differences = 0.02 + spread * np.random.default_rng(5).standard_normal(runner.shape)
-    top = dataclasses.replace(scores["cg"], score=scores["gd"].score + 0.02, score_ci=(0.95, 0.99), score_samples=runner + differences)
+    top = dataclasses.replace(scores["cg"], score=scores["gd"].score + 0.02, score_ci=(0.95, 0.99), score_samples=runner + differences,
+                              held_score=scores["gd"].score - 1.0, held_samples=runner - 1.0)  # the layers move: only the runner-up is in question
     verdict = identifiability_verdict({**scores, "cg": top}, preds, min_score=0.9, min_gap=0.01)
     expected_ci = np.quantile(differences, [0.025, 0.975], method="inverted_cdf")  # NumPy's percentile interval
     np.testing.assert_allclose(verdict.gap_ci, expected_ci, rtol=1e-12)
@@ -202,13 +203,48 @@ def test_identification_needs_the_paired_gap_interval_above_zero_not_just_a_gap_
     assert identified or "does not beat gd beyond the interval" in verdict.message
 
 
-def test_without_a_separable_runner_up_a_good_enough_best_is_identified_with_its_equivalents(trajectories):
+def test_without_a_separable_runner_up_nothing_was_ruled_out_and_nothing_is_identified(trajectories):
     preds, krr = trajectories
     copies = {"cg": preds["cg"], "cg_again": preds["cg"].copy()}
     scores = score_algorithms(preds["cg"][:, :5], copies, krr, bootstrap=300, seed=0)
     verdict = identifiability_verdict(scores, copies)
-    assert verdict.runner_up is None and np.isnan(verdict.gap)
-    assert verdict.identified and "(or its equivalents" in verdict.message
+    assert verdict.runner_up is None and np.isnan(verdict.gap) and verdict.equivalent == ["cg_again"]
+    assert verdict.score_ci[0] > 0.999 and verdict.iteration_gap_ci[0] > 0.01  # good enough, and the layers move
+    assert not verdict.identified and "no rival was ruled out" in verdict.message
+
+
+def _pooled_sse_sst(a, b):
+    """NumPy: squared error of a against b pooled over prompts and queries, and b's sum of squares
+    around its pooled mean."""
+    return ((a - b) ** 2).sum(), ((b - b.mean()) ** 2).sum()
+
+
+def test_the_no_iteration_rival_is_the_last_layer_held_along_the_same_aligned_steps(trajectories):
+    """Layers exactly at CG steps 0, 1, 1, 2, 2: path R2 1; the rival holds layer 4 (step 2) at
+    layers 1..4 along steps 1, 1, 2, 2: 1 - 2 SSE(2 vs 1) / (2 SST(1) + 2 SST(2)) by NumPy."""
+    preds, krr = trajectories
+    path = [0, 1, 1, 2, 2]
+    scores = score_algorithms(preds["cg"][:, path], preds, krr, bootstrap=300, seed=0)
+    np.testing.assert_array_equal(scores["cg"].aligned_steps, path)
+    step_1, step_2 = preds["cg"][:, 1], preds["cg"][:, 2]
+    sse_21, sst_1 = _pooled_sse_sst(step_2, step_1)
+    sst_2 = _pooled_sse_sst(step_2, step_2)[1]
+    held = 1 - 2 * sse_21 / (2 * sst_1 + 2 * sst_2)
+    assert scores["cg"].held_score == pytest.approx(held, abs=1e-12)
+    verdict = identifiability_verdict(scores, preds)
+    assert verdict.iteration_gap == pytest.approx(1 - held, abs=1e-12) and verdict.iteration_gap_ci[0] > 0.01
+    assert verdict.identified, verdict.message
+
+
+def test_layers_that_all_hold_one_state_score_their_rival_exactly_and_are_not_identified(trajectories):
+    """Every scored layer is CG's step 3: path R2 1 at steps 3, 3, 3, 3, the rival's too (gap 0)."""
+    preds, krr = trajectories
+    scores = score_algorithms(preds["cg"][:, [0, 3, 3, 3, 3]], preds, krr, bootstrap=300, seed=0)
+    verdict = identifiability_verdict(scores, preds)
+    assert verdict.best == "cg" and verdict.score_ci[0] > 0.999 and verdict.gap_ci[0] > 0  # good enough, beats gd
+    assert verdict.iteration_gap == 0 and verdict.iteration_gap_ci == (0.0, 0.0)
+    assert not verdict.identified
+    assert "the layers do not move along cg's trajectory: every scored layer aligns with step 3 of cg" in verdict.message
 
 
 def test_layers_at_zero_align_with_step_0_and_say_so(trajectories):

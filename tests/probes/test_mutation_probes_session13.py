@@ -132,8 +132,9 @@ def test_n_steps_hint_names_the_piled_layers_and_the_last_step():
 
 
 def test_no_n_steps_hint_when_identified():
-    """Layers 1-3 on a's last step, identified as "a": the verdict needs no n_steps hint."""
-    scores, preds = _verdict_inputs([0, 4, 4, 4])
+    """Layers 2-3 on a's last step after layer 1 on step 1, identified as "a": the verdict needs no
+    n_steps hint. (Layers 1-3 all on the last step hold one state: not identified since session 22.)"""
+    scores, preds = _verdict_inputs([0, 1, 4, 4])
     verdict = identifiability_verdict(scores, preds)
     assert verdict.identified and verdict.best == "a"
     assert "n_steps" not in verdict.message
