@@ -24,7 +24,7 @@ import torch
 
 from mi_krr._repr import compact_repr
 from mi_krr._validation import as_tuple, check_choice, check_count
-from mi_krr.models.adapter import ICLModel, adapter_for
+from mi_krr.models.adapter import ICLModel, adapter_for, encode_unrecorded
 from mi_krr.models.encoding import EncodedPrompt
 from mi_krr.tasks import ICLTask
 from mi_krr.tasks.task import check_task
@@ -33,12 +33,17 @@ Reduction = Callable[[torch.Tensor], Any]
 
 
 class _HookedModel(Protocol):
-    """What `run_with_reductions` calls beyond `ICLModel`: the TransformerLens hook context of a
-    HookedRootModule or bridge (`adapter_for` requires one) and the forward call."""
+    """What `run_with_reductions` calls beyond `ICLModel`: the TransformerLens hook context and hook
+    points of a HookedRootModule or bridge (`adapter_for` requires one) and the forward call."""
 
     def hooks(self, fwd_hooks: list[tuple[str, Callable[..., None]]]) -> AbstractContextManager[Any]: ...
 
+    @property
+    def hook_dict(self) -> dict[str, torch.nn.Module]: ...
+
     def __call__(self, tokens: torch.Tensor) -> torch.Tensor: ...
+
+
 ATTENTION_BLOCKS = ("support", "query")
 
 
@@ -51,13 +56,14 @@ def probe_model(model: Any) -> ICLModel:
 
 
 def encode_for_probe(model: ICLModel, task: ICLTask) -> EncodedPrompt:
-    """`model.encode(task)` after checking `task` is an `ICLTask` with at least one query (probes
-    read the model at its queries); every mi-krr model's `encode` checks the task's dimension and
-    length against the model (`check_task_fits`)."""
+    """`model.encode(task)`, leaving no record on the model (`encode_unrecorded`), after checking
+    `task` is an `ICLTask` with at least one query (probes read the model at its queries); every
+    mi-krr model's `encode` checks the task's dimension and length against the model
+    (`check_task_fits`)."""
     check_task("task", task)
     if task.n_query < 1:
         raise ValueError("task has no query points (n_query=0): probes read the model at its queries; sample with n_query >= 1")
-    prompt = model.encode(task)
+    prompt = encode_unrecorded(model, task)
     problem = _prompt_mismatch(prompt, task, *model_device_dtype(model))
     if problem:
         raise ValueError(f"{type(model).__name__}.encode(task) returned a prompt that does not fit the task: {problem}")
@@ -170,24 +176,46 @@ def run_with_reductions(
     Only the reductions' outputs outlive the pass. `grad=False` runs under `torch.no_grad`.
     `order`: each reduction's `ForwardOrder`; the hooks must fire in that order (a model listing
     its hooks out of forward order would silently give one layer's reading to another).
+    Only this pass is read: a forward of the same model that a user's hook starts inside it (an
+    activation patch computed on first use) fires the hooks too, and is ignored. (Hook points are
+    leaves, so in one pass no hook point runs inside another; a firing while another hook point's
+    call is under way belongs to a pass started from that point's hooks.)
     Raises ValueError if a named hook never fired, fired more than once (it would be read at its
     last firing), or fired out of `order`.
     """
     results: list[Any] = [None] * len(reductions)
     firings: list[list[int]] = [[] for _ in reductions]
     clock = itertools.count()
+    depth = [0]  # hook-point calls under way
 
     def make_hook(index: int, reduce: Reduction) -> Callable[..., None]:
         def hook(activation: torch.Tensor, hook: Any) -> None:
-            results[index] = reduce(activation)
-            firings[index].append(next(clock))
+            if depth[0] == 1:  # its own call only: not inside a pass a user's hook started
+                results[index] = reduce(activation)
+                firings[index].append(next(clock))
 
         return hook
 
+    def enter(*_: Any) -> None:
+        depth[0] += 1
+
+    def leave(*_: Any) -> None:
+        depth[0] -= 1
+
     fwd_hooks = [(name, make_hook(index, reduce)) for index, (name, reduce) in enumerate(reductions)]
     hooked = cast(_HookedModel, model)  # a HookedRootModule or bridge (adapter_for)
-    with torch.set_grad_enabled(grad), hooked.hooks(fwd_hooks=fwd_hooks):
-        model_output = hooked(tokens)
+    points = {id(point): point for point in hooked.hook_dict.values()}.values()
+    handles = []
+    try:
+        with torch.set_grad_enabled(grad), hooked.hooks(fwd_hooks=fwd_hooks):
+            # `enter` runs before any hook of a point; `leave`, added after every other hook, after them all
+            # (also when one raises), so a point's depth is 1 while its own hooks run in this pass
+            for point in points:
+                handles += [point.register_forward_pre_hook(enter), point.register_forward_hook(leave, always_call=True)]
+            model_output = hooked(tokens)
+    finally:
+        for handle in handles:
+            handle.remove()
     for (name, _), fired in zip(reductions, firings):
         if not fired:
             raise ValueError(f"hook {name!r} did not fire during the forward pass: the model does not use the hook it names")

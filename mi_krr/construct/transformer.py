@@ -134,6 +134,22 @@ def _type_mask(types: tuple[str, ...]) -> torch.Tensor:
     return torch.tensor([float(name in types) for name in TOKEN_TYPES], dtype=torch.float64)
 
 
+@dataclass(frozen=True)
+class ConstructionShape:
+    """The TransformerLens config fields `ActivationCache` reads (`ConstructedTransformer.cfg`), so
+    `ActivationCache(cache, construction)`'s `accumulated_resid`, `stack_activation` and
+    `cache["resid_post", l]` work as on other hooked models. No normalisation (the constructions
+    have none); `d_mlp` None: their MLPs' hidden widths differ by block."""
+
+    n_layers: int
+    n_heads: int
+    d_model: int
+    d_head: int
+    d_mlp: int | None = None
+    attn_only: bool = False
+    normalization_type: str | None = None
+
+
 class ConstructedAttention(nn.Module):
     """Multi-head attention with per-head type masks; TransformerLens weights and hooks."""
 
@@ -370,6 +386,11 @@ class ConstructedTransformer(HookedRootModule):
     @property
     def n_layers(self) -> int:
         return len(self.blocks)
+
+    @property
+    def cfg(self) -> ConstructionShape:
+        """What TransformerLens's `ActivationCache` reads of a model's config (`ConstructionShape`)."""
+        return ConstructionShape(n_layers=self.n_layers, n_heads=self.n_heads, d_model=self.d_model, d_head=self.d_head)
 
     @property
     def d_model(self) -> int:

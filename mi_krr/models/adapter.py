@@ -16,6 +16,7 @@ from typing import Protocol, cast, runtime_checkable
 import torch
 
 from mi_krr.models.encoding import EncodedPrompt
+from mi_krr.models.prompting import PromptedModelMixin
 from mi_krr.tasks import ICLTask
 
 
@@ -114,3 +115,13 @@ def adapter_for(model: object) -> ICLModel:
     if missing:
         raise ValueError(f"{type(model).__name__} lacks hook {missing[0]!r} that probes need (missing: {len(missing)} hooks)")
     return adapter
+
+
+def encode_unrecorded(model: ICLModel, task: ICLTask) -> EncodedPrompt:
+    """`model.encode(task)` for a probe's own use: on mi-krr's prompted models (which remember the
+    n_support of each sequence length they encoded, for untagged tokens) under
+    `encodes_unrecorded`, so that probing never changes how the model later runs a user's tokens."""
+    if isinstance(model, PromptedModelMixin):
+        with model.encodes_unrecorded():
+            return model.encode(task)
+    return model.encode(task)

@@ -29,8 +29,9 @@ class BridgeBackedMixin:
     The subclass sets `read_in` (d_token -> d_model), `bridge`, and implements
     `_bridge_mask(tokens, n_support)` (a bool `[batch|1, 1, q_pos, k_pos]` blocked-entry mask or
     None) and `_outputs(bridge_output)` (`[batch, seq, 1]` -> `[batch, seq]`).
-    `run_with_cache`, `run_with_hooks`, `hooks`, `reset_hooks` and `hook_dict` take our continuous
-    tokens and reach the bridge's hooks; hook names are the bridge's (TransformerLens) names.
+    `run_with_cache`, `run_with_hooks`, `hooks`, `reset_hooks`, `add_hook`, `add_perma_hook`,
+    `remove_all_hook_fns` and `hook_dict` take our continuous tokens and reach the bridge's hooks;
+    hook names are the bridge's (TransformerLens) names.
     """
 
     read_in: nn.Linear
@@ -90,6 +91,17 @@ class BridgeBackedMixin:
 
     def reset_hooks(self, *args: Any, **kwargs: Any) -> None:
         self.bridge.reset_hooks(*args, **kwargs)
+
+    def add_hook(self, *args: Any, **kwargs: Any) -> None:
+        """The bridge's `add_hook(name, hook, dir="fwd", ...)`: a hook kept until `reset_hooks`."""
+        self.bridge.add_hook(*args, **kwargs)
+
+    def add_perma_hook(self, *args: Any, **kwargs: Any) -> None:
+        """The bridge's `add_perma_hook(name, hook, dir="fwd")`: a hook `reset_hooks` keeps."""
+        self.bridge.add_perma_hook(*args, **kwargs)
+
+    def remove_all_hook_fns(self, *args: Any, **kwargs: Any) -> None:
+        self.bridge.remove_all_hook_fns(*args, **kwargs)
 
     @property
     def hook_dict(self) -> dict[str, HookPoint]:

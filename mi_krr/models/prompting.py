@@ -6,6 +6,7 @@ this mixin does the rest.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterator, Protocol
 
@@ -135,6 +136,17 @@ class PromptedModelMixin:
             self._encoded_splits = {}
         self._encoded_splits.setdefault(prompt.tokens.shape[1], set()).add(prompt.n_support)
         return prompt
+
+    @contextlib.contextmanager
+    def encodes_unrecorded(self) -> Iterator[None]:
+        """Within it, `encode` leaves no record of the splits it encodes (the record untagged
+        tokens' n_support falls back on): the probes encode their own prompts under it, so
+        running a probe never changes how the model runs a user's sliced tokens."""
+        saved = None if self._encoded_splits is None else {length: set(splits) for length, splits in self._encoded_splits.items()}
+        try:
+            yield
+        finally:
+            self._encoded_splits = saved
 
     def allowed_attention(self, prompt: EncodedPrompt) -> torch.Tensor:
         """The mask the model applies to `prompt`'s token sequences: bool `[query_pos, key_pos]`,
