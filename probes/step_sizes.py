@@ -8,8 +8,9 @@ Oswald et al.'s GD transformers; line-search GD picks that rate once). `fit_step
 global step by maximising the algorithm's path R2 against the model's layers (`probes.scoring`):
 a log-spaced grid around the prompts' typical optimal step, then a bounded Brent search (golden
 section with parabolic steps) on log step inside the brackets of the best grid points. Heavy ball also
-fits its momentum, on the grid 0, 0.1, 0.3, ..., 0.9 (momentum 0 is GD: heavy ball contains
-it, so a GD network is not read as momentum when GD itself is not among the candidates).
+fits its momentum beta, on the grid `MOMENTUM_GRID`: 0 (GD: heavy ball contains it, so a GD network
+is not read as momentum when GD itself is not among the candidates) and 11 values of 1 - beta
+log-spaced from 0.9 to 0.03 (beta 0.1 .. 0.97).
 
 The searches run side by side: `probes.bounded_brent` is SciPy's `minimize_scalar(method="bounded")`
 step for step, vectorised over brackets, and each of its iterations scores the next candidate of
@@ -61,7 +62,12 @@ median: the lower middle value for an even count; the grid only needs a typical 
 ~1.4 between neighbours; Brent then resolves the step inside the best points' brackets); above
 ~2x the optimal step Richardson diverges on typical prompts."""
 
-MOMENTUM_GRID = np.concatenate([[0.0], np.linspace(0.1, 0.9, 5)])
+MOMENTUM_GRID = np.concatenate([[0.0], 1.0 - np.geomspace(0.9, 0.03, 11)])
+"""Heavy ball's momentum candidates: 0, then 1 - beta log-spaced (ratio ~1.4) from 0.9 to 0.03:
+momentum acts through 1 / (1 - beta), the horizon its velocity averages over, so the grid is
+even in log(1 - beta). Session 22 replaced 0, 0.1, 0.3, ..., 0.9, on which the fit jumped
+between beta 0.7 and 0.9 from one half of the prompts to the other on the shipped models, and the
+cross-fitted score with it (`benchmarks/verdict_stability.py`)."""
 REFINED_BRACKETS = 3
 """Brent refines the step around the 3 best grid cells: near an exact match the path R2 peaks
 sharply, and the peak may sit in the bracket of the second-best grid point."""

@@ -90,9 +90,10 @@ def test_path_score_limit_counts_the_layer_values_too():
 
 
 def test_momentum_grid_starts_at_zero():
-    """Heavy ball's momentum grid is 0, 0.1, 0.3, 0.5, 0.7, 0.9 (momentum 0 is GD, which heavy ball
-    contains), as the module docstring states."""
-    np.testing.assert_allclose(MOMENTUM_GRID, [0.0, 0.1, 0.3, 0.5, 0.7, 0.9], rtol=0, atol=1e-15)
+    """Heavy ball's momentum grid is 0 (GD, which heavy ball contains) and 1 - beta log-spaced from
+    0.9 to 0.03 in 11 values, as the module docstring states."""
+    one_minus = 0.9 * (0.03 / 0.9) ** (np.arange(11) / 10)  # closed form of the log spacing
+    np.testing.assert_allclose(MOMENTUM_GRID, np.concatenate([[0.0], 1 - one_minus]), rtol=0, atol=1e-15)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from mi_krr.solvers import ALGORITHMS, heavy_ball, richardson
 from probes.bounded_brent import bounded_brent
 from probes.spectral_trajectories import FITTED_STEP_ALGORITHMS, fit_preconditioner, optimal_steps, spectral_system, spectral_systems
 from probes.step_sizes import (
+    MOMENTUM_GRID,
     cross_fit_folds,
     cross_fit_step,
     cross_fit_steps,
@@ -97,9 +98,10 @@ def test_a_scalar_jacobi_preconditioner_takes_gds_fit_rescaled_instead_of_a_seco
 
 def test_heavy_ball_fit_recovers_step_and_a_grid_momentum():
     K, y, K_query = system(1)
-    layers = numpy_layers(K, y, K_query, 0.08, momentum=0.5)
+    beta = float(MOMENTUM_GRID[3])  # 1 - 0.9 (0.03 / 0.9)^0.2 ~ 0.544
+    layers = numpy_layers(K, y, K_query, 0.08, momentum=beta)
     step, momentum, score = fit_step("heavy_ball", K, y, LAM, T, K_query, layers, np.arange(1, T + 1))
-    assert momentum == pytest.approx(0.5) and step == pytest.approx(0.08, rel=1e-5) and score > 1 - 1e-9
+    assert momentum == pytest.approx(beta) and step == pytest.approx(0.08, rel=1e-5) and score > 1 - 1e-9
 
 
 def test_cross_fit_uses_each_half_for_its_own_step_only():
@@ -159,11 +161,12 @@ def test_heavy_ball_fit_on_gd_s_shared_eigensystem_recovers_its_step_and_momentu
     both; a heavy-ball fit given gd's recovers the layers' (step, momentum) on both halves."""
     K, y, K_query = system(4)
     assert fit_preconditioner("gd") == fit_preconditioner("heavy_ball") == "none"
-    layers = numpy_layers(K, y, K_query, 0.08, momentum=0.3)
+    beta = float(MOMENTUM_GRID[2])  # 1 - 0.9 (0.03 / 0.9)^0.1 ~ 0.359, on the grid
+    layers = numpy_layers(K, y, K_query, 0.08, momentum=beta)
     shared = spectral_system("gd", K, y, LAM, K_query)
     fit = cross_fit_step("heavy_ball", K, y, LAM, T, K_query, layers, np.arange(1, T + 1), seed=0, spectral=shared)
     np.testing.assert_allclose(fit.step, [0.08, 0.08], rtol=1e-5)
-    np.testing.assert_allclose(fit.momentum, [0.3, 0.3])
+    np.testing.assert_allclose(fit.momentum, [beta, beta])
 
 
 def test_cross_fit_needs_two_prompts():
