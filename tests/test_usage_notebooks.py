@@ -294,12 +294,17 @@ def test_notebook_03_bayes_optimal_ridge_is_the_linear_regression_posterior_mean
 
 def test_notebook_03_part_2_reading_and_table_are_what_its_cell_computes():
     """03 part 2 (the shipped linear_lr and softmax_gp, 128 prompts each): both are best matched by
-    heavy ball and neither is identified, as the closing text says; the table has no kernel flags
-    for linear attention (its distances are NaN: not measured), and the part-1 table drops every
-    kernel column (kernels=() measures none)."""
+    heavy ball, the linear one identified (both halves' fitted momentum ~0.84) and the softmax one
+    not, as the closing text says; the table has no kernel flags for linear attention (its
+    distances are NaN: not measured), and the part-1 table drops every kernel column (kernels=()
+    measures none)."""
     namespace = run_cells("03_compare_architectures", ["import matplotlib.pyplot as plt"])
     table = run_cell(cell("03_compare_architectures", "shipped = {}"), namespace)
-    assert table["best"].tolist() == ["heavy_ball", "heavy_ball"] and not table["identified"].any()
+    assert table["best"].tolist() == ["heavy_ball", "heavy_ball"] and table["identified"].tolist() == [True, False]
+    momentum = namespace["shipped"]["linear_lr (linear)"]["tasks"].fitted_steps["heavy_ball"].momentum
+    np.testing.assert_allclose(momentum, 0.84, atol=0.005)
+    closing = " ".join(cell("03_compare_architectures", "**What this says.**", kind="markdown").split())
+    assert "the linear model is identified as heavy ball (momentum ~0.84) and the softmax model is not" in closing
     linear, softmax = table.loc["linear_lr (linear)"], table.loc["softmax_gp (softmax)"]
     assert np.isnan(linear["exp_distance"]) and linear["exp_uniform"] is None and linear["gaussian_uniform"] is None
     assert np.isfinite(softmax["gaussian_distance"]) and softmax["gaussian_uniform"] in (True, False)
