@@ -10,22 +10,22 @@ Two questions, answered separately:
    predictions can separate them on these prompts (e.g. CG and Jacobi-preconditioned CG on a
    kernel with a constant diagonal, where the preconditioner is a scalar; or any two solvers
    that have converged by the aligned steps).
-2. The verdict: the top-scoring algorithm is identified when its path R2 exceeds `min_score`
-   beyond its interval (lower bound >= min_score) AND it beats the best separable runner-up on
-   paired bootstrap resamples (the 95% interval of the score difference excludes 0) by a gap of
-   at least `min_gap` (a real but negligible difference, e.g. 1e-4 in R2, identifies nothing).
-   Algorithms inseparable from the top one are reported as its equivalence class, never as
-   runners-up.
-
-3. The layers must move along the trajectory: the top algorithm must also beat, by the same
-   rule (paired interval of the gap above 0, gap >= `min_gap`), the no-iteration rival, the
-   model's own last scored layer held at every scored layer along the same aligned steps
-   (`probes.scoring.held_path_r2`). A model whose layers all hold one state (e.g. every layer
-   reads out the exact KRR prediction, or ridge at another lambda, computed in one go) matches
-   some step of every solver and would otherwise be "identified" as whichever solver reaches
-   that state; it scores exactly its rival, so no iteration shows and nothing is identified.
-4. Something must be ruled out: with every other candidate inseparable from the top one (or no
-   other candidate), no rival was beaten.
+2. The verdict: the top-scoring algorithm is identified when all of these hold:
+   a. its path R2 exceeds `min_score` beyond its interval (lower bound >= min_score);
+   b. the layers move along its trajectory: it beats the no-iteration rival, the model's own
+      last scored layer held at every scored layer along the same aligned steps
+      (`probes.scoring.held_path_r2`), by the rule of c. A model whose layers all hold one state
+      (e.g. every layer reads out the exact KRR prediction, or ridge at another lambda, computed
+      in one go) matches some step of every solver and would otherwise be "identified" as
+      whichever solver reaches that state; it scores exactly its rival, so no iteration shows
+      and nothing is identified;
+   c. it beats the best separable runner-up on paired bootstrap resamples (the 95% interval of
+      the score difference excludes 0) by a gap of at least `min_gap` (a real but negligible
+      difference, e.g. 1e-4 in R2, identifies nothing). Algorithms inseparable from the top one
+      are reported as its equivalence class, never as runners-up; with every other candidate
+      inseparable from it (or no other candidate), no rival was beaten.
+The message says why not: a lone candidate, missing intervals or too few prompts first, else the
+first of a, b and c that fails.
 
 A model that matches no candidate fails the first condition, so it is never identified. Nor is
 anything identified from fewer than `MIN_VERDICT_PROMPTS` prompts or `MIN_VERDICT_RESAMPLES`

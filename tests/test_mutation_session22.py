@@ -21,7 +21,7 @@ brute-force loop for held_path_r2; NumPy pooled SSE/SST for the held score and f
 the same scoring at scale 1 (R2 and alignment are scale-free; the values are <= 0, or the layers
 all 0, so the scale must come from magnitudes of every array); a closed form log10 mean(v^2) =
 log10 mean((v/c)^2) + 2 log10 c; NumPy's inverted-CDF quantile for the paired interval; and the
-documented rule ("paired interval of the gap above 0, gap >= min_gap"; condition 3 before 4) and
+documented rule ("paired interval of the gap above 0, gap >= min_gap"; condition b before c) and
 the message text. No real bug found.
 """
 
@@ -170,7 +170,7 @@ def test_the_layers_move_only_with_an_iteration_gap_of_at_least_min_gap(held, mo
 
 def test_held_layers_with_only_inseparable_candidates_say_the_layers_do_not_move():
     """Layers all at a's step 3, the only other candidate a copy of a: both conditions fail; the
-    message gives the first failed one in the documented order (3. the layers must move)."""
+    message gives the first failed one in the documented order (b. the layers must move)."""
     preds, target, _ = _two_candidates()
     copies = {"a": preds["a"], "a_again": preds["a"].copy()}
     scores = score_algorithms(preds["a"][:, [0, 3, 3, 3, 3]], copies, target, bootstrap=120, seed=0)
