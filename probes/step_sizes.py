@@ -21,7 +21,8 @@ time (scores equal to rounding, fitted steps to ~1e-10), in ~30 batches per algo
 ~125 single evaluations. `cross_fit_steps` runs every algorithm's searches in the same lockstep,
 their candidates' path R2 computed together (fitted steps bit-identical to fitting one algorithm
 at a time; `benchmarks/bench_analysis.py` times both: 248-257 -> 209-217 ms on softmax_gp,
-168-180 -> 138-156 ms on linear_lr, 444-453 -> 427-430 ms on a 12-layer, 8-head model).
+168-180 -> 138-156 ms on linear_lr, 444-453 -> 427-430 ms on a 12-layer, 8-head model, before
+session 22 doubled heavy ball's momentum grid).
 The typical optimal step comes from the same eigendecomposition (`optimal_steps`); the
 trajectories `diagnose` reports for the fitted steps are then run by the real solvers.
 
