@@ -23,7 +23,7 @@ from transformer_lens import HookedRootModule
 from transformer_lens.hook_points import HookPoint
 
 import probes
-from mi_krr.construct import richardson_transformer
+from mi_krr.construct import cg_transformer, richardson_transformer
 from mi_krr.models import BridgeICLModel, ICLTransformer, ICLTransformerConfig
 from mi_krr.models.encoding import EncodedPrompt
 from mi_krr.solvers import cg
@@ -253,3 +253,19 @@ def test_candidates_that_all_agree_rule_nothing_out_like_a_lone_candidate():
     assert together.runner_up is None and together.equivalent == ["cg, again"]
     assert together.identified == alone.identified, together.message
     assert "every other candidate agrees with cg along the aligned steps, so no rival was ruled out" in together.message
+
+
+@pytest.mark.parametrize("lam_factor", [0.1, 10.0])
+def test_the_verdict_names_the_algorithm_not_the_ridge_a_cg_construction_runs_at_another_lambda_is_still_cg(lam_factor):
+    """A documented limit (README, "How to read a verdict"): the diagnosis compares algorithms on
+    the KRR system it is given and does not test the model's lambda. The CG construction built at
+    lam = 0.1 (3 steps, 4 blocks each), diagnosed at lam = 0.01 or 1.0, is still best matched by CG
+    with its step map (step t at layer 4t): the identified algorithm is right, the system is not the
+    model's. The lens against NumPy CG at the construction's own lam shows which system it runs."""
+    task = LR.sample(40, 12, 4, seed=0)
+    model = cg_transformer(n_steps=3, lam=0.1, dim=4)
+    lens = probes.attach(model).layer_predictions(task).double().numpy()
+    np.testing.assert_allclose(lens[:, [4, 8, 12]], numpy_cg_steps(task, 0.1, 3)[:, 1:], rtol=1e-6, atol=1e-8)
+    result = verdict_of(model, task, lam=0.1 * lam_factor, n_steps=8)
+    assert result.verdict.best == "cg" and result.verdict.identified, result.verdict.message  # path R2 0.995 / 0.941
+    np.testing.assert_array_equal(result.scores["cg"].aligned_steps[[4, 8, 12]], [1, 2, 3])
