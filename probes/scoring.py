@@ -129,7 +129,7 @@ SQUARE_SAFE_EXPONENT = 200
 
 def common_scale(*arrays: np.ndarray) -> float:
     """The power of two to divide all of `arrays` by, alike, before their squares and squared
-    differences are summed: 1 while their largest finite |value| lies within
+    differences are summed: 1 while their largest |value| lies within
     2^+-`SQUARE_SAFE_EXPONENT`, else the power of two nearest it. Ratios of such sums (R2, the
     alignment) are unchanged by it, and a power of two divides exactly."""
     largest = max((float(max(np.max(a), -np.min(a))) for a in arrays if a.size), default=0.0)
