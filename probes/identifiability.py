@@ -23,9 +23,12 @@ Two questions, answered separately:
       the score difference excludes 0) by a gap of at least `min_gap` (a real but negligible
       difference, e.g. 1e-4 in R2, identifies nothing). Algorithms inseparable from the top one
       are reported as its equivalence class, never as runners-up; with every other candidate
-      inseparable from it (or no other candidate), no rival was beaten.
+      inseparable from it (or no other candidate), no rival was beaten;
+   d. where label sensitivities were scored (`diagnose(sensitivities=True)`), its sensitivity
+      path R2 at the same alignment reaches `min_score` too: layers that match an algorithm's
+      predictions but not how they depend on the labels do not run it.
 The message says why not: a lone candidate, missing intervals or too few prompts first, else the
-first of a, b and c that fails.
+first of a, b, c and d that fails.
 
 A model that matches no candidate fails the first condition, so it is never identified. Nor is
 anything identified from fewer than `MIN_VERDICT_PROMPTS` prompts or `MIN_VERDICT_RESAMPLES`
@@ -252,7 +255,8 @@ def identifiability_verdict(
     with np.errstate(invalid="ignore"):
         iteration_gap_ci = percentile_interval(top.score_samples - top.held_samples, level) if top.held_samples.size else (np.nan, np.nan)
     moves = bool(has_intervals and iteration_gap_ci[0] > 0 and iteration_gap >= min_gap)
-    identified = bool(good_enough and moves and beats_runner_up and withheld is None)
+    sensitivities_agree = top.sensitivity_score is None or top.sensitivity_score >= min_score  # NaN: they do not
+    identified = bool(good_enough and moves and beats_runner_up and sensitivities_agree and withheld is None)
 
     message = _message(
         best, top, score_ci, runner_up, scores[runner_up].score if runner_up is not None else None, gap, gap_ci, equivalent, agreement[row], names, identified,
@@ -360,9 +364,15 @@ def _message(best, top, score_ci, runner_up, runner_up_score, gap, gap_ci, equiv
             f"Verdict: not identified: every other candidate agrees with {best} along the aligned steps, so no rival "
             "was ruled out."
         )
-    else:
+    elif not (has_intervals and gap_ci[0] > 0 and gap >= min_gap):
         lines.append(
             f"Verdict: not identified: {best} does not beat {runner_up} beyond the interval by at least {min_gap}."
+        )
+    else:
+        lines.append(
+            f"Verdict: not identified: the layers' label sensitivities disagree with {best}'s (sensitivity path R2 "
+            f"{_score_text(top.sensitivity_score)} < {min_score} at the same alignment): the layers match its predictions "
+            "but not how they depend on the labels."
         )
     piled = _layers_on_last_step(top)
     if not identified and piled >= 2:
