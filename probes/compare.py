@@ -53,7 +53,8 @@ class SummaryRow:
             linear attention, whose pattern is not a row-normalised kernel).
         gaussian_distance: the same for the fitted Gaussian kernel.
         exp_uniform, gaussian_uniform: whether some layer's best head for that kernel is fitted
-            as uniform attention (scale inf), so the mean includes a distance to mean pooling;
+            as uniform attention (`KernelAlignment.uniform_heads`: scale inf, or a reference within 5%
+            of uniform), so the mean includes a distance to mean pooling;
             the tables mark such distances with `UNIFORM_MARK`.
     """
 
@@ -215,8 +216,8 @@ def kernel_distance(result: "TaskSetDiagnosis", kernel: str = "exp") -> float:
 
 
 def has_uniform_best_head(result: "TaskSetDiagnosis", kernel: str = "exp") -> bool:
-    """Whether some layer's best head for `kernel` is fitted as uniform attention (scale inf;
-    False without an alignment for that kernel)."""
+    """Whether some layer's best head for `kernel` is fitted as uniform attention
+    (`KernelAlignment.uniform_best_heads`; False without an alignment for that kernel)."""
     alignment = result.kernel_alignment
     return alignment is not None and kernel in alignment.metrics and bool(alignment.uniform_best_heads(kernel).any())
 
@@ -250,7 +251,7 @@ TABLE_HEADER = ("model", "task set", "best algorithm", "path R2 [95% CI]", "iden
                 "best-step map (layer:step)")
 """Column titles of `format_table` and `format_html`, in `table_cells` order."""
 
-UNIFORM_NOTE = (f"{UNIFORM_MARK}: some layer's best head is fitted as uniform attention (scale inf): the mean includes a distance to "
+UNIFORM_NOTE = (f"{UNIFORM_MARK}: some layer's heads are all fitted as uniform attention (scale inf, or within 5% of it): the mean includes a distance to "
                 "mean pooling, not to a kernel that ranks the keys")
 """The footnote `format_table` and `format_html` add when a distance carries `UNIFORM_MARK`."""
 

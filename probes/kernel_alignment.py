@@ -38,6 +38,13 @@ BLOCKS = ("query", "support")
 FITS = ("distance", "log_lstsq")
 METRICS = ("operator_distance", "cka", "spearman", "row_spearman")
 
+FLAT_REFERENCE = 0.05
+"""A head's fitted reference counts as uniform (the `u` mark) when its rows deviate from uniform
+attention by less than this on average over prompts (`KernelAlignment.reference_spread`): at a
+fitted scale far beyond the inputs' spread (tau ~ 1000, or sigma ~ 25 on inputs of std 0.7, as
+randomly initialised heads fit) the reference is mean pooling to within 5%, and its distance says
+how flat the head is, not whether it ranks keys like the kernel."""
+
 ROW_SUM_SLACK = 1e-4
 """How far above 1 an attention row's weight on the support keys may sum before the pattern is
 refused as not softmax-normalised (float32 softmax rows sum to 1 within ~1e-6)."""
@@ -65,6 +72,11 @@ class KernelAlignment:
             kernel of this family. NaN for a head whose scale is NaN for want of rows or logs
             to fit; per prompt, also NaN where no row of that prompt has weight on the keys.
         per_prompt: the same per prompt `[batch, layer, head]`.
+        reference_spread: per kernel, how far the fitted reference is from uniform attention: the
+            mean over prompts of max |n_i R_ij - 1| over rows i (with n_i >= 2 visible keys) and
+            their keys j `[layer, head]`; 0 at scale inf, below `FLAT_REFERENCE` for a nearly flat
+            reference. None in an alignment saved before session 22 (then only scale inf counts
+            as uniform).
     """
 
     __repr__ = compact_repr
@@ -73,6 +85,7 @@ class KernelAlignment:
     scale: dict[str, torch.Tensor]
     metrics: dict[str, dict[str, torch.Tensor]]
     per_prompt: dict[str, dict[str, torch.Tensor]]
+    reference_spread: dict[str, torch.Tensor] | None = None
 
     @property
     def tau(self) -> torch.Tensor:
@@ -86,24 +99,39 @@ class KernelAlignment:
 
     def best_heads(self, kernel: str) -> tuple[np.ndarray, np.ndarray]:
         """Per layer, the head closest to `kernel` (smallest finite relative operator distance)
-        and that distance: int64 `[layer]` (-1 for a layer without a finite distance) and float64
-        `[layer]` (NaN there)."""
+        among the heads whose fitted reference ranks the keys (not `uniform_heads`), or among all
+        heads where every one is uniform, and that distance: int64 `[layer]` (-1 for a layer
+        without a finite distance) and float64 `[layer]` (NaN there). A nearly flat head is
+        close to a nearly flat reference whatever it attends to, so it never outranks one that
+        ranks keys."""
         if kernel not in self.metrics:
             raise ValueError(f"kernel must be one this alignment measured, one of {tuple(self.metrics)}; got {kernel!r}")
         distance = np.asarray(self.metrics[kernel]["operator_distance"].cpu(), dtype=np.float64)  # [layer, head]
         finite = np.where(np.isfinite(distance), distance, np.inf)
-        head = finite.argmin(axis=1)
+        ranking = np.where(self.uniform_heads(kernel), np.inf, finite)
+        ranks = np.isfinite(ranking).any(axis=1, keepdims=True)  # some head of the layer ranks keys
+        head = np.where(ranks, ranking, finite).argmin(axis=1)
         best = finite[np.arange(len(head)), head]
         missing = ~np.isfinite(best)
         return np.where(missing, -1, head), np.where(missing, np.nan, best)
 
-    def uniform_best_heads(self, kernel: str) -> np.ndarray:
-        """Per layer, whether the head `best_heads(kernel)` picks has a fitted scale of inf, bool
-        `[layer]` (False for a layer without a best head): its closest reference is uniform over
-        the keys, so its distance is one to mean pooling, not to a kernel that ranks the keys."""
-        head, _ = self.best_heads(kernel)
+    def uniform_heads(self, kernel: str) -> np.ndarray:
+        """Whether each head's fitted reference is uniform over the keys, bool `[layer, head]`:
+        scale inf, or `reference_spread` below `FLAT_REFERENCE`. Its distance is one to mean
+        pooling, not to a kernel that ranks the keys."""
+        distance = self.metrics[kernel]["operator_distance"]
+        if kernel not in self.scale:  # an alignment built by hand without scales: none known to be uniform
+            return np.zeros(tuple(distance.shape), dtype=bool)
         scale = np.asarray(self.scale[kernel].cpu(), dtype=np.float64)  # [layer, head]
-        return (head >= 0) & np.isinf(scale[np.arange(len(head)), np.maximum(head, 0)])
+        if self.reference_spread is None:
+            return np.isinf(scale)
+        return np.isinf(scale) | (np.asarray(self.reference_spread[kernel].cpu(), dtype=np.float64) < FLAT_REFERENCE)
+
+    def uniform_best_heads(self, kernel: str) -> np.ndarray:
+        """Per layer, whether the head `best_heads(kernel)` picks is uniform (`uniform_heads`),
+        bool `[layer]` (False for a layer without a best head): every head of the layer is."""
+        head, _ = self.best_heads(kernel)
+        return (head >= 0) & self.uniform_heads(kernel)[np.arange(len(head)), np.maximum(head, 0)]
 
     def plot(self, title: str = "attention"):
         """Heatmaps per block and head of the operator distance, row Spearman and CKA (the
@@ -192,13 +220,14 @@ def kernel_alignment(
         kernel: log_similarity(kernel, rows_x.to(attn.device), support_x.to(attn.device))[:, None, None] for kernel in kernels
     }
     betas = {kernel: fit_inverse_scale(attn, similarity, keys, fit, min_weight) for kernel, similarity in similarities.items()}
-    per_prompt = _alignment_per_prompt(attn, keys, similarities, betas)
+    per_prompt, spread = _alignment_per_prompt(attn, keys, similarities, betas)
     metrics = {kernel: {name: torch.nanmean(value, dim=0) for name, value in values.items()} for kernel, values in per_prompt.items()}
+    reference_spread = {kernel: torch.nanmean(value, dim=0) for kernel, value in spread.items()}
     scale = {}
     for kernel, beta in betas.items():
         positive = torch.where(beta >= 0, beta, torch.nan)
         scale[kernel] = positive.reciprocal() if kernel == "exp" else positive.rsqrt()
-    return KernelAlignment(block=block, scale=scale, metrics=metrics, per_prompt=per_prompt)
+    return KernelAlignment(block=block, scale=scale, metrics=metrics, per_prompt=per_prompt, reference_spread=reference_spread)
 
 
 def _visible_keys(pattern: torch.Tensor, allowed: torch.Tensor | None, support_share: torch.Tensor) -> torch.Tensor:
@@ -246,27 +275,40 @@ def reference_kernel_names(kernels: Any) -> tuple[str, ...]:
     return tuple(kernels)
 
 
-def _alignment_per_prompt(attn, keys, similarities, betas) -> dict[str, dict[str, torch.Tensor]]:
+def _alignment_per_prompt(attn, keys, similarities, betas) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
     """`alignment_metrics` of attn `[B, L, H, r, n]` against each kernel's reference at its fitted
     beta `[L, H]` clamped to >= 0 (beta < 0, an anti-aligned head, is no kernel of the family:
     its closest member is uniform, beta = 0), built and compared a chunk of prompts at a time (the
-    attention's side prepared once per chunk for every kernel) -> kernel -> metric -> `[B, L, H]`,
-    NaN where beta is. A reference row orders its keys as the similarity does (exp(beta * S)
+    attention's side prepared once per chunk for every kernel) -> (kernel -> metric -> `[B, L, H]`,
+    NaN where beta is; kernel -> the reference's spread `[B, L, H]`, see `_reference_spread`). A reference row orders its keys as the similarity does (exp(beta * S)
     increases with S), so the similarity's order, found once for all heads, is tried first for
     its row ranks (`sort_with_hint` checks it)."""
     visible = head_invariant(keys)
     row_orders = {kernel: sort_with_hint(torch.where(visible, similarity, math.inf))[0] for kernel, similarity in similarities.items()}
     admissible = {kernel: beta.clamp_min(0.0).nan_to_num(0.0)[:, :, None, None] for kernel, beta in betas.items()}
     parts: dict[str, list[dict[str, torch.Tensor]]] = {kernel: [] for kernel in similarities}
+    spreads: dict[str, list[torch.Tensor]] = {kernel: [] for kernel in similarities}
     for chunk in prompt_chunks(attn):
         attn_side = ComparisonTerms.of(attn[chunk], keys[chunk])
         for kernel, similarity in similarities.items():
             reference = row_normalised_kernel(admissible[kernel] * similarity[chunk], keys[chunk])
             parts[kernel].append(compare_terms(attn_side, ComparisonTerms.of(reference, keys[chunk], row_orders[kernel][chunk])))
-    return {
+            spreads[kernel].append(_reference_spread(reference, keys[chunk]))
+    metrics = {
         kernel: {name: torch.cat([part[name] for part in chunks]).masked_fill(betas[kernel].isnan(), torch.nan) for name in METRICS}
         for kernel, chunks in parts.items()
     }
+    return metrics, {kernel: torch.cat(chunks).masked_fill(betas[kernel].isnan(), torch.nan) for kernel, chunks in spreads.items()}
+
+
+def _reference_spread(reference: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """Per prompt, layer and head, max |n_i R_ij - 1| over the rows i of the row-normalised
+    reference `[b, L, H, r, n]` that see n_i >= 2 of the keys `keys` (bool, broadcastable) and
+    their visible keys j -> `[b, L, H]`: 0 for uniform rows (NaN where no row sees two keys)."""
+    counts = keys.sum(-1, keepdim=True).to(reference.dtype)  # [.., r, 1]
+    compared = keys & (counts > 1)
+    deviation = torch.where(compared, (reference * counts - 1.0).abs(), 0.0).amax(dim=(-2, -1))
+    return deviation.masked_fill(~compared.expand_as(reference).any(dim=-1).any(dim=-1), torch.nan)
 
 
 def _representation(task: ICLTask, representation: Any) -> tuple[torch.Tensor, torch.Tensor]:

@@ -61,7 +61,8 @@ def task_set_summary(result: "TaskSetDiagnosis") -> str:
 
 
 UNIFORM_MARK = "u"
-"""Follows a kernel distance whose best head has a fitted scale of inf (uniform attention)."""
+"""Follows a kernel distance whose best head is fitted as uniform attention
+(`KernelAlignment.uniform_best_heads`)."""
 
 
 def distance_text(distance: float, uniform: bool) -> str:
@@ -87,7 +88,7 @@ def _alignment_lines(result: "TaskSetDiagnosis") -> list[str]:
         cells = "".join(f"{distance_text(value, False):>7}{mark}" for value, mark in zip(distances, marks))
         lines.append(f"  {kernel:<{width}} " + cells.rstrip())
     if any(flags.any() for _, flags in best.values()):
-        lines.append(f"  {UNIFORM_MARK}: that block's best head is fitted as uniform attention (scale inf): its distance is "
+        lines.append(f"  {UNIFORM_MARK}: that block's heads are all fitted as uniform attention (scale inf, or within 5% of it): its distance is "
                      "one to mean pooling, not to a kernel that ranks the keys")
     return lines
 

@@ -71,12 +71,34 @@ def lens_finite_differences(model, task, layers=None, eps: float = 1e-6) -> torc
     return torch.stack(columns, dim=-1)
 
 
+def flat_heads(alignment, kernel: str) -> np.ndarray:
+    """The documented uniform-head rule, `[layer, head]`: a fitted scale of inf, or a reference
+    whose rows deviate from uniform by less than 0.05 on average (`reference_spread`)."""
+    flat = np.isinf(alignment.scale[kernel].double().numpy())
+    if alignment.reference_spread is not None:
+        flat |= alignment.reference_spread[kernel].double().numpy() < 0.05
+    return flat
+
+
+def best_head_choices(alignment, kernel: str) -> list[tuple[int, float, bool]]:
+    """Per layer with a finite operator distance, by enumeration: (head, distance, uniform) of the
+    closest head among those not `flat_heads`, or among all where every finite one is flat."""
+    distance = alignment.metrics[kernel]["operator_distance"].double().numpy()  # [layer, head]
+    flat = flat_heads(alignment, kernel)
+    choices = []
+    for row, flats in zip(distance, flat):
+        finite = [head for head in range(len(row)) if np.isfinite(row[head])]
+        if not finite:
+            continue
+        ranking = [head for head in finite if not flats[head]] or finite
+        head = min(ranking, key=lambda h: row[h])
+        choices.append((head, float(row[head]), bool(flats[head])))
+    return choices
+
+
 def uniform_best_head(alignment, kernel: str) -> bool:
-    """Whether some layer's best head for `kernel` (the argmin of its finite operator distances) has
-    a fitted scale of inf (uniform attention); False without an alignment for that kernel."""
+    """Whether some layer's best head for `kernel` (`best_head_choices`) is uniform; False without
+    an alignment for that kernel."""
     if alignment is None or kernel not in alignment.metrics:
         return False
-    distance = alignment.metrics[kernel]["operator_distance"].double().numpy()  # [layer, head]
-    scale = alignment.scale[kernel].double().numpy()
-    return any(np.isinf(scales[np.argmin(np.where(np.isfinite(row), row, np.inf))])
-               for row, scales in zip(distance, scale) if np.isfinite(row).any())
+    return any(uniform for _, _, uniform in best_head_choices(alignment, kernel))

@@ -14,7 +14,7 @@ import torch
 matplotlib.use("Agg")
 
 import probes
-from brute_force import uniform_best_head
+from brute_force import best_head_choices, uniform_best_head
 from mi_krr.construct import cg_transformer
 from mi_krr.models import ICLTransformer, ICLTransformerConfig
 from mi_krr.tasks.samplers import GPRegressionSampler
@@ -41,8 +41,7 @@ def comparison():
 def expected_kernel_distance(result, kernel):
     if result.kernel_alignment is None:
         return math.nan
-    distance = result.kernel_alignment.metrics[kernel]["operator_distance"].numpy()  # [layer, head]
-    per_layer = [min(value for value in row if np.isfinite(value)) for row in distance if np.isfinite(row).any()]
+    per_layer = [distance for _, distance, _ in best_head_choices(result.kernel_alignment, kernel)]
     return float(np.mean(per_layer)) if per_layer else math.nan
 
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from brute_force import monotone_path, path_r2, pooled_sums
+from brute_force import best_head_choices, monotone_path, path_r2, pooled_sums
 
 from mi_krr.construct import cg_transformer, gd_transformer
 from mi_krr.models import ICLTransformer, ICLTransformerConfig
@@ -361,8 +361,10 @@ def test_kernel_params_left_out_are_the_kernels_defaults_and_are_recorded():
 
 
 def test_summary_lists_each_kernels_best_head_distance_per_block():
-    """The kernel-alignment lines: per reference kernel, NumPy's min over each block's finite head
-    distances at 3 decimals ('-' for a block without one), the blocks numbered as in the figure."""
+    """The kernel-alignment lines: per reference kernel, each block's best head distance at 3
+    decimals (`best_head_choices`: the min over finite heads that rank keys, or over all where
+    none does; '-' for a block without one, 'u' after a uniform head's), the blocks numbered as in
+    the figure."""
     task = GPRegressionSampler(dim=3, kernel="exp", temperature=TEMPERATURE, noise_std=NOISE).sample(8, 6, 3, seed=2)
     result = diagnose(small_model(), task, algorithms=("gd",), n_steps=N_STEPS, bootstrap=0, progress=False)["tasks"]
     distance = {kernel: metrics["operator_distance"].double().numpy() for kernel, metrics in result.kernel_alignment.metrics.items()}
@@ -373,7 +375,9 @@ def test_summary_lists_each_kernels_best_head_distance_per_block():
     start = next(i for i, line in enumerate(lines) if line.startswith("kernel alignment (query rows vs support keys;"))
     assert lines[start + 1].split() == ["block", "0", "1"]
     for line, kernel in zip(lines[start + 2 : start + 4], ("exp", "gaussian"), strict=True):
-        expected = [f"{np.min(row[np.isfinite(row)]):.3f}" if np.isfinite(row).any() else "-" for row in distance[kernel]]
+        choices = iter(best_head_choices(alignment, kernel))
+        expected = [(lambda choice: f"{choice[1]:.3f}" + "u" * choice[2])(next(choices)) if np.isfinite(row).any() else "-"
+                    for row in distance[kernel]]
         assert line.split() == [kernel, *expected]
     assert lines[start + 3].split()[2] == "-" and lines[start + 4].startswith("Best: ")
     assert not any(line.startswith("kernel alignment") for line in summary_lines(dataclasses.replace(result, kernel_alignment=None)))

@@ -180,8 +180,6 @@ def test_noisy_kernel_heads_recover_the_true_scale_and_every_metric_matches_nump
 # ---------------------------------------------------------------- kernel alignment: findings
 
 
-@pytest.mark.xfail(strict=True, reason="a pure-noise near-uniform head (row Spearman 0.00, sigma fitted 24 on inputs of std 0.7) is the "
-                   "'best head' at distance 0.18, unmarked, ahead of a noisy Gaussian-kernel head (row Spearman 0.86, sigma 0.52, distance 0.62)")
 def test_a_near_uniform_noise_head_is_not_reported_as_the_block_closest_to_the_kernel_without_a_mark():
     """One block, two heads: head 0 is the Gaussian kernel at sigma = 0.5 with logit noise 1 (it
     ranks keys like the kernel, row Spearman 0.86); head 1 is row-softmax(0.3 N(0, 1)), logits
@@ -199,8 +197,6 @@ def test_a_near_uniform_noise_head_is_not_reported_as_the_block_closest_to_the_k
     assert head[0] == 0 or bool(result.uniform_best_heads("gaussian")[0])
 
 
-@pytest.mark.xfail(strict=True, reason="the `u` mark needs a fitted scale of exactly inf: random-init best heads fitted at tau ~ 1200 "
-                   "(reference rows uniform within 0.1%) are reported unmarked as kernel distances (0.22-0.43, below the trained model's 0.41-0.62)")
 def test_random_heads_whose_fitted_reference_is_uniform_to_within_5_percent_are_marked_uniform():
     """Freshly initialised 2-block, 4-head softmax models on GP prompts (the negative control the
     README's 'kernel distance' column needs). For each block and kernel, the reference at the
