@@ -46,6 +46,9 @@ class SoftmaxOODResult:
             kernel at each head's Frobenius-fitted sigma (its own best head).
         best_bandwidth: set -> per block, fitted sigma of that head.
         batch_size, n_support, n_query: the prompts.
+        best_uniform: set -> per block, whether the exp best head is fitted as uniform attention
+            (`KernelAlignment.uniform_best_heads`: tau inf, or a reference within 5% of uniform);
+            None: read from best_tau (inf) alone.
     """
 
     checkpoint: str
@@ -60,6 +63,7 @@ class SoftmaxOODResult:
     batch_size: int
     n_support: int
     n_query: int
+    best_uniform: dict[str, list[bool]] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -76,14 +80,14 @@ class SoftmaxOODResult:
 
         base = self.overall("in_distribution")
         numbers: dict[str, Any] = {"in_distribution: exp-kernel distance (best head, mean over layers)": base}
-        uniform = [math.isinf(tau) for tau in self.best_tau["in_distribution"]]  # NaN: a block without a best head
+        uniform = (self.best_uniform or {}).get("in_distribution") or [math.isinf(tau) for tau in self.best_tau["in_distribution"]]
         per_block = zip(self.blocks, self.best_distance["in_distribution"], uniform)
         numbers["in_distribution: per block"] = ", ".join(
             f"block {block}: {value:.3f}{UNIFORM_MARK if flat else ''}" for block, value, flat in per_block
         )
         if any(uniform):
             numbers[UNIFORM_MARK] = (
-                "the block's best head is fitted as uniform attention (tau = inf): its distance is to mean pooling, "
+                "the block's heads are all fitted as uniform attention (tau = inf, or within 5% of it): its distance is to mean pooling, "
                 "not to a kernel that ranks the keys"
             )
         for name in self.task_sets[1:]:
@@ -153,7 +157,7 @@ def softmax_ood(
             known = [name for name in sets if name != "in_distribution"]
             raise ValueError(f"shifts names {unknown}, which are not shifts of this checkpoint's task: choose from {known}")
         sets = {name: task for name, task in sets.items() if name == "in_distribution" or name in shifts}
-    best, mean, spearman, tau, gaussian, bandwidth = {}, {}, {}, {}, {}, {}
+    best, mean, spearman, tau, gaussian, bandwidth, uniform = {}, {}, {}, {}, {}, {}, {}
     for name, task in tqdm(sets.items(), desc="softmax-ood", disable=not progress):
         alignment = kernel_alignment(loaded.model, task, kernels=("exp", "gaussian"))
         head, exp_distance = alignment.best_heads("exp")
@@ -163,6 +167,7 @@ def softmax_ood(
         spearman[name] = _at_heads(alignment.metrics["exp"]["row_spearman"], head)
         tau[name] = _at_heads(alignment.scale["exp"], head)
         bandwidth[name] = _at_heads(alignment.scale["gaussian"], gaussian_head)
+        uniform[name] = alignment.uniform_best_heads("exp").tolist()
     return SoftmaxOODResult(
         checkpoint=str(path),
         task_sets=list(sets),
@@ -176,6 +181,7 @@ def softmax_ood(
         batch_size=batch_size,
         n_support=loaded.n_support,
         n_query=loaded.n_query,
+        best_uniform=uniform,
     )
 
 

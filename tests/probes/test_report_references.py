@@ -399,7 +399,18 @@ def test_softmax_ood_key_numbers_mark_a_block_whose_best_head_is_uniform(ood_res
     ood_result.best_tau["in_distribution"] = [1.0, math.inf, math.nan]
     numbers = ood_result.key_numbers()
     assert numbers["in_distribution: per block"] == "block 0: 0.100, block 1: 0.200u, block 2: 0.600"
-    assert numbers["u"].startswith("the block's best head is fitted as uniform attention (tau = inf)")
+    assert numbers["u"].startswith("the block's heads are all fitted as uniform attention (tau = inf, or within 5% of it)")
+
+
+def test_softmax_ood_key_numbers_mark_the_blocks_the_alignment_flags_uniform_at_a_finite_tau(ood_result):
+    """A result made by `softmax_ood` carries the alignment's own flags (`best_uniform`, which
+    also counts a reference within 5% of uniform): block 2 is marked at tau = 3, block 1 not at
+    tau = inf when the flags say otherwise."""
+    ood_result.best_tau["in_distribution"] = [1.0, math.inf, 3.0]
+    ood_result.best_uniform = {"in_distribution": [False, False, True]}
+    numbers = ood_result.key_numbers()
+    assert numbers["in_distribution: per block"] == "block 0: 0.100, block 1: 0.200, block 2: 0.600u"
+    assert "u" in numbers
 
 
 def test_softmax_ood_figure_draws_best_head_distances_per_layer_and_plain_exp_beside_hatched_gaussian_bars(ood_result):
