@@ -19,60 +19,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from transformer_lens import HookedRootModule
-from transformer_lens.hook_points import HookPoint
 
 import probes
+from table_model import TableModel
 from mi_krr.construct import cg_transformer, richardson_transformer
 from mi_krr.models import BridgeICLModel, ICLTransformer, ICLTransformerConfig
-from mi_krr.models.encoding import EncodedPrompt
 from mi_krr.solvers import cg
 from mi_krr.tasks.samplers import GPRegressionSampler, LinearRegressionSampler
-
-# ---------------------------------------------------------------- a model with given read-outs
-
-
-class TableModel(HookedRootModule):
-    """An ICLModel without attention whose residual stream at layer l holds, at each query token,
-    the value `values(task)[b, l, j]` (`[B, L + 1, m]`); the read-out is that coordinate."""
-
-    def __init__(self, values, n_layers: int):
-        super().__init__()
-        self.values, self.n_layers, self.n_heads = values, n_layers, 1
-        self.resid = torch.nn.ModuleList([HookPoint() for _ in range(n_layers + 1)])
-        self.anchor = torch.nn.Parameter(torch.zeros(1, dtype=torch.float64), requires_grad=False)
-        self.setup()
-
-    def encode(self, task) -> EncodedPrompt:
-        task = task.to(dtype=torch.float64)
-        n, m = task.n_support, task.n_query
-        values = torch.as_tensor(np.asarray(self.values(task)), dtype=torch.float64)
-        assert values.shape == (task.batch_size, self.n_layers + 1, m)
-        tokens = torch.zeros(task.batch_size, n + m, self.n_layers + 1, dtype=torch.float64)
-        tokens[:, n:] = values.transpose(1, 2)
-        return EncodedPrompt(tokens=tokens, query_positions=torch.arange(n, n + m), batch_size=task.batch_size, n_query=m,
-                             n_support=n, support_positions=torch.arange(n), label_positions=torch.arange(n))
-
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        for layer, hook in enumerate(self.resid):
-            x = hook(tokens[..., layer:layer + 1].clone())
-        return self.readout(x)
-
-    def residual_hook_names(self) -> list[str]:
-        return [f"resid.{layer}" for layer in range(self.n_layers + 1)]
-
-    def attention_hook_names(self) -> list:
-        return []
-
-    def allowed_attention(self, prompt):
-        return None
-
-    def readout(self, resid: torch.Tensor) -> torch.Tensor:
-        return resid[..., 0]
-
-    def predict(self, task) -> torch.Tensor:
-        prompt = self.encode(task)
-        return prompt.gather_queries(self(prompt.tokens))
 
 
 # ---------------------------------------------------------------- NumPy references

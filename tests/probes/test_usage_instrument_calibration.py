@@ -22,13 +22,11 @@ import numpy as np
 import pytest
 import torch
 from scipy import stats
-from transformer_lens import HookedRootModule
-from transformer_lens.hook_points import HookPoint
 
 import probes
+from table_model import TableModel
 from mi_krr.construct import cg_transformer
 from mi_krr.models import ICLTransformer, ICLTransformerConfig
-from mi_krr.models.encoding import EncodedPrompt
 from mi_krr.solvers import ALGORITHMS, richardson
 from mi_krr.tasks import ICLTask
 from mi_krr.tasks.samplers import GPRegressionSampler, LinearRegressionSampler
@@ -75,45 +73,6 @@ def numpy_metrics(attn: np.ndarray, ref: np.ndarray) -> dict[str, float]:
     return {"operator_distance": np.mean(op), "cka": np.mean(cka), "spearman": np.mean(sp), "row_spearman": np.mean(rsp)}
 
 
-class TorchTable(HookedRootModule):
-    """An ICLModel without attention whose layer-l read-out at query j is values(task)[b, l, j], a
-    torch function of task.y_support (so the probes can differentiate it)."""
-
-    def __init__(self, values, n_layers: int):
-        super().__init__()
-        self.values, self.n_layers, self.n_heads = values, n_layers, 1
-        self.resid = torch.nn.ModuleList([HookPoint() for _ in range(n_layers + 1)])
-        self.anchor = torch.nn.Parameter(torch.zeros(1, dtype=torch.float64), requires_grad=False)
-        self.setup()
-
-    def encode(self, task) -> EncodedPrompt:
-        task = task.to(dtype=torch.float64)
-        n, m = task.n_support, task.n_query
-        values = self.values(task)
-        tokens = torch.cat([torch.zeros(task.batch_size, n, self.n_layers + 1, dtype=torch.float64), values.transpose(1, 2)], 1)
-        return EncodedPrompt(tokens=tokens, query_positions=torch.arange(n, n + m), batch_size=task.batch_size, n_query=m,
-                             n_support=n, support_positions=torch.arange(n), label_positions=torch.arange(n))
-
-    def forward(self, tokens):
-        for layer, hook in enumerate(self.resid):
-            x = hook(tokens[..., layer:layer + 1].clone())
-        return self.readout(x)
-
-    def residual_hook_names(self):
-        return [f"resid.{layer}" for layer in range(self.n_layers + 1)]
-
-    def attention_hook_names(self):
-        return []
-
-    def allowed_attention(self, prompt):
-        return None
-
-    def readout(self, resid):
-        return resid[..., 0]
-
-    def predict(self, task):
-        prompt = self.encode(task)
-        return prompt.gather_queries(self(prompt.tokens))
 
 
 LAM, LR, T, L = 0.4, 0.02, 8, 4
@@ -144,7 +103,7 @@ def gd_task(batch=24):
 
 
 def diagnose_table(values, task, bootstrap=100):
-    model = TorchTable(values, L)
+    model = TableModel(values, L)
     return probes.diagnose(model, task, algorithms=GD_CANDIDATES, kernel="linear", lam=LAM, n_steps=T, sensitivities=True,
                            kernels=(), bootstrap=bootstrap, progress=False, step_sizes="optimal")["tasks"]
 
@@ -251,7 +210,7 @@ def test_sens_r2_drops_for_a_nonlinear_readout_and_stays_for_a_label_free_offset
     task = gd_task()
     nonlinear = lambda t: gd_values(t) + 0.3 * gd_values(t) ** 3  # noqa: E731
     v, maps = gd_values(task).numpy(), gd_maps(task)[:, STEPS].numpy()
-    sens = probes.label_sensitivities(TorchTable(nonlinear, L), task).numpy()
+    sens = probes.label_sensitivities(TableModel(nonlinear, L), task).numpy()
     np.testing.assert_allclose(sens, (1 + 0.9 * v**2)[..., None] * maps, rtol=1e-10, atol=1e-12)
     d = diagnose_table(nonlinear, task)
     assert d.scores["gd(lr)"].sensitivity_score < d.scores["gd(lr)"].score - 0.1
