@@ -71,14 +71,23 @@ def distance_text(distance: float, uniform: bool) -> str:
 
 
 def _alignment_lines(result: "TaskSetDiagnosis") -> list[str]:
-    """Per reference kernel, the smallest relative operator distance over each block's heads (the
-    TransformerLens block index, as in the alignment figure; "-" where no head has one), marked
-    `UNIFORM_MARK` where that head's fitted scale is inf (a footnote then says so); none without a
-    kernel alignment."""
+    """Per reference kernel, the best head's relative operator distance per block
+    (`KernelAlignment.best_heads`; the TransformerLens block index, as in the alignment figure;
+    "-" where no head has one), marked `UNIFORM_MARK` where that head is uniform (a footnote then
+    says so); then the same heads' row Spearman correlation with the kernel, which a distance
+    alone does not show (nearly flat random heads are close to a nearly flat reference but rank
+    keys at ~0.1); none without a kernel alignment."""
     alignment = result.kernel_alignment
     if alignment is None:
         return []
     best = {kernel: (alignment.best_heads(kernel)[1], alignment.uniform_best_heads(kernel)) for kernel in alignment.metrics}
+    spearman = {}
+    for kernel in alignment.metrics:
+        if "row_spearman" not in alignment.metrics[kernel]:  # an alignment built by hand with distances only
+            continue
+        head = alignment.best_heads(kernel)[0]
+        values = np.asarray(alignment.metrics[kernel]["row_spearman"].cpu(), dtype=np.float64)[np.arange(len(head)), np.maximum(head, 0)]
+        spearman[kernel] = np.where(head >= 0, values, np.nan)
     width = max(len("block"), *map(len, best))
     n_blocks = len(next(iter(best.values()))[0])
     lines = [f"kernel alignment ({alignment.block} rows vs support keys; best head's relative operator distance per block, 0 = identical):",
@@ -90,6 +99,10 @@ def _alignment_lines(result: "TaskSetDiagnosis") -> list[str]:
     if any(flags.any() for _, flags in best.values()):
         lines.append(f"  {UNIFORM_MARK}: that block's heads are all fitted as uniform attention (scale inf, or within 5% of it): its distance is "
                      "one to mean pooling, not to a kernel that ranks the keys")
+    if spearman:
+        lines.append("  row Spearman of those heads with the kernel (1 = ranks keys as the kernel does; random heads ~0.1):")
+    for kernel, values in spearman.items():
+        lines.append(f"  {kernel:<{width}} " + " ".join(f"{value:>7.2f}" if np.isfinite(value) else f"{'-':>7}" for value in values))
     return lines
 
 

@@ -305,9 +305,11 @@ def test_the_uniform_footnotes_say_every_head_is_uniform_within_flat_reference()
     within = f"(scale inf, or within {FLAT_REFERENCE:.0%} of it)"
     assert UNIFORM_NOTE == (f"u: some layer's heads are all fitted as uniform attention {within}: the mean includes a "
                             "distance to mean pooling, not to a kernel that ranks the keys")
-    lines = _alignment_lines(SimpleNamespace(kernel_alignment=_hand_alignment(DISTANCE, SCALE, SPREAD)))
+    hand = _hand_alignment(DISTANCE, SCALE, SPREAD)
+    lines = _alignment_lines(SimpleNamespace(kernel_alignment=hand))
     marked = [u for _, _, u in brute_best(np.array(DISTANCE), brute_uniform(np.array(SCALE), np.array(SPREAD)))]
     assert [i for i, cell in enumerate(lines[2][len("  block "):].split()) if cell.endswith("u")] == \
         [i for i, m in enumerate(marked) if m] == [1, 4]
-    assert lines[-1] == (f"  u: that block's heads are all fitted as uniform attention {within}: its distance is one to "
-                         "mean pooling, not to a kernel that ranks the keys")
+    # header, block row, one distance row per kernel, then the footnote
+    assert lines[2 + len(hand.metrics)] == (f"  u: that block's heads are all fitted as uniform attention {within}: its distance is one to "
+                                            "mean pooling, not to a kernel that ranks the keys")

@@ -364,7 +364,7 @@ def test_summary_lists_each_kernels_best_head_distance_per_block():
     """The kernel-alignment lines: per reference kernel, each block's best head distance at 3
     decimals (`best_head_choices`: the min over finite heads that rank keys, or over all where
     none does; '-' for a block without one, 'u' after a uniform head's), the blocks numbered as in
-    the figure."""
+    the figure; then those heads' row Spearman at 2 decimals."""
     task = GPRegressionSampler(dim=3, kernel="exp", temperature=TEMPERATURE, noise_std=NOISE).sample(8, 6, 3, seed=2)
     result = diagnose(small_model(), task, algorithms=("gd",), n_steps=N_STEPS, bootstrap=0, progress=False)["tasks"]
     distance = {kernel: metrics["operator_distance"].double().numpy() for kernel, metrics in result.kernel_alignment.metrics.items()}
@@ -379,5 +379,14 @@ def test_summary_lists_each_kernels_best_head_distance_per_block():
         expected = [(lambda choice: f"{choice[1]:.3f}" + "u" * choice[2])(next(choices)) if np.isfinite(row).any() else "-"
                     for row in distance[kernel]]
         assert line.split() == [kernel, *expected]
-    assert lines[start + 3].split()[2] == "-" and lines[start + 4].startswith("Best: ")
+    assert lines[start + 3].split()[2] == "-"
+    spearman_at = start + 4 + any(line.startswith("  u: ") for line in lines[start + 4 : start + 5])
+    assert lines[spearman_at].startswith("  row Spearman of those heads with the kernel")
+    for line, kernel in zip(lines[spearman_at + 1 : spearman_at + 3], ("exp", "gaussian"), strict=True):
+        rows = iter(best_head_choices(alignment, kernel))
+        spearman = alignment.metrics[kernel]["row_spearman"].double().numpy()
+        expected = [(lambda choice: f"{spearman[block, choice[0]]:.2f}")(next(rows)) if np.isfinite(row).any() else "-"
+                    for block, row in enumerate(distance[kernel])]
+        assert line.split() == [kernel, *[value if value != "nan" else "-" for value in expected]]
+    assert lines[spearman_at + 3].startswith("Best: ")
     assert not any(line.startswith("kernel alignment") for line in summary_lines(dataclasses.replace(result, kernel_alignment=None)))
