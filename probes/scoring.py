@@ -47,6 +47,7 @@ import torch
 
 from mi_krr._repr import compact_repr
 from mi_krr._validation import check_count, check_seed
+from mi_krr.solvers.system import SAFE_EXPONENT_RANGE
 
 _MIN_STRATUM_WEIGHT = np.log10(1.1)
 
@@ -121,20 +122,20 @@ def step_sum_count(steps: np.ndarray) -> int:
     return int(np.prod(steps.shape[2:], dtype=np.int64))
 
 
-SQUARE_SAFE_EXPONENT = 200
-"""Values whose largest |value| lies within 2^+-200 (~6e-61 to ~1.6e60) are squared as they are;
-`common_scale` rescales the others, whose squares would lose precision or underflow (below
-~1e-154) or overflow (above ~1e154)."""
-
-
 def common_scale(*arrays: np.ndarray) -> float:
     """The power of two to divide all of `arrays` by, alike, before their squares and squared
     differences are summed: 1 while their largest |value| lies within
-    2^+-`SQUARE_SAFE_EXPONENT`, else the power of two nearest it. Ratios of such sums (R2, the
+    2^+-`mi_krr.solvers.system.SAFE_EXPONENT_RANGE`, else the power of two nearest it (the rule of
+    the solvers' `power_of_two_scale`, over all values at once). Ratios of such sums (R2, the
     alignment) are unchanged by it, and a power of two divides exactly."""
-    largest = max((float(max(np.max(a), -np.min(a))) for a in arrays if a.size), default=0.0)
+    return magnitude_scale(max((float(max(np.max(a), -np.min(a))) for a in arrays if a.size), default=0.0))
+
+
+def magnitude_scale(largest: float) -> float:
+    """`common_scale` of values whose largest |value| is `largest` (for a caller that already has
+    their extremes)."""
     _, exponent = np.frexp(largest)  # exponent 0 for 0, inf and NaN
-    return float(np.ldexp(1.0, exponent)) if abs(int(exponent)) > SQUARE_SAFE_EXPONENT else 1.0
+    return float(np.ldexp(1.0, exponent)) if abs(int(exponent)) > SAFE_EXPONENT_RANGE else 1.0
 
 
 def log10_mean_square(values: np.ndarray, axis: int | tuple[int, ...] | None = None) -> np.ndarray:

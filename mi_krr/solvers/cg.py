@@ -24,7 +24,7 @@ import torch
 from mi_krr._validation import check_choice, check_count
 from mi_krr.solvers.fused_cg import fused_pcg
 from mi_krr.solvers.spectrum import preconditioner_diagonal
-from mi_krr.solvers.system import KRRSystem, check_positive_definite, check_steps, krr_system, ratio, safe_sqrt
+from mi_krr.solvers.system import KRRSystem, check_positive_definite, check_steps, krr_system, power_of_two_scale, ratio, safe_sqrt
 from mi_krr.solvers.trajectory import Trajectory
 
 CG_BACKENDS = ("auto", "fused", "torch")
@@ -100,7 +100,7 @@ def _conjugate_gradient(
     method: str,
 ) -> Trajectory:
     block = cg_block_size(system.n) if block_size is None else check_count("block_size", block_size, minimum=1)
-    scale = label_scale(system.y)
+    scale = power_of_two_scale(system.y)  # CG's step lengths are ratios of squared norms of y's size
     rescaled = bool((scale != 1).any())
     unit = dataclasses.replace(system, y=system.y / scale) if rescaled else system
     if _use_fused(unit, inverse_diagonal, check_choice("backend", backend, CG_BACKENDS)):
@@ -115,26 +115,6 @@ def _conjugate_gradient(
     return system.trajectory(
         alpha, residual_norm, method, preconditioner="none" if inverse_diagonal is None else "jacobi", pred=pred
     )
-
-
-LABEL_EXPONENT_RANGE = 200
-"""`cg` rescales a prompt's labels when their largest |value| lies outside
-[2^-LABEL_EXPONENT_RANGE, 2^LABEL_EXPONENT_RANGE] (~6e-61 to ~1.6e60; `label_scale`)."""
-
-
-def label_scale(y: torch.Tensor) -> torch.Tensor:
-    """Per prompt, the power of two to divide labels y `[batch, 1, n]` by before CG runs ->
-    `[batch, 1, 1]`, detached: 1 for labels of ordinary size (largest |y| within 2^+-200), else
-    about the largest |y|.
-
-    CG is 1-homogeneous in y (alpha_t(c y) = c alpha_t(y)), but its step lengths are ratios of
-    squared norms, which underflow for |y| below ~1e-154 (steps of 0: alpha stays 0) and overflow
-    above ~1e154 (NaN). `cg` runs such prompts on y / scale and multiplies back: a power of two
-    divides and multiplies exactly, and d alpha_t / d y, 0-homogeneous in y, is unchanged.
-    """
-    _, exponent = torch.frexp(y.detach().abs().amax(-1, keepdim=True))
-    exponent = torch.where(exponent.abs() > LABEL_EXPONENT_RANGE, exponent, 0)
-    return torch.ldexp(torch.ones_like(exponent, dtype=y.dtype), exponent)
 
 
 def _use_fused(system: KRRSystem, inverse_diagonal: torch.Tensor | None, backend: str) -> bool:

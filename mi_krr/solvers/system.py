@@ -123,16 +123,33 @@ class KRRSystem:
         )
 
 
-def residual_norm(residual: torch.Tensor) -> torch.Tensor:
-    """||r|| over the last dimension `[..., n]` -> `[...]`, for residuals of any magnitude.
+SAFE_EXPONENT_RANGE = 200
+"""Values whose largest |value| lies within [2^-200, 2^200] (~6e-61 to ~1.6e60) are squared and
+summed as they are (their squares stay far inside float64's range); `power_of_two_scale` (and
+`probes.scoring.common_scale`) rescale the others."""
 
-    The squares of entries beyond ~1e+-154 overflow or underflow in float64 (a plain vector norm
-    of a residual ~1e170 is inf, of one ~1e-170 is 0). Each vector is divided by the power of two
-    nearest its largest |entry| and the norm multiplied back: powers of two divide and multiply
-    exactly, so ordinary residuals get the very bits of `torch.linalg.vector_norm`.
+
+def power_of_two_scale(values: torch.Tensor) -> torch.Tensor:
+    """Per vector along the last dimension of `values` `[..., n]`, the power of two to divide it by
+    before its squares are formed -> `[..., 1]`, detached: 1 for values of ordinary size (largest
+    |value| within 2^+-`SAFE_EXPONENT_RANGE`), else about the largest |value|.
+
+    Squares of entries beyond ~1e+-154 overflow or underflow in float64: CG's step lengths
+    (ratios of squared norms) become NaN or 0, a plain vector norm inf or 0. A power of two divides
+    and multiplies back exactly, so every quantity 1-homogeneous in the values (CG's iterates in y,
+    a norm) is unchanged by the round trip, and d alpha_t / d y too.
     """
-    _, exponent = torch.frexp(residual.detach().abs().amax(-1, keepdim=True))
-    scale = torch.ldexp(torch.ones_like(residual[..., :1]), exponent)
+    _, exponent = torch.frexp(values.detach().abs().amax(-1, keepdim=True))
+    exponent = torch.where(exponent.abs() > SAFE_EXPONENT_RANGE, exponent, 0)
+    return torch.ldexp(torch.ones_like(exponent, dtype=values.dtype), exponent)
+
+
+def residual_norm(residual: torch.Tensor) -> torch.Tensor:
+    """||r|| over the last dimension `[..., n]` -> `[...]`, for residuals of any magnitude (a
+    plain vector norm of a residual ~1e170 is inf, of one ~1e-170 is 0): computed on r divided by
+    `power_of_two_scale(r)` and multiplied back, so ordinary residuals get the very bits of
+    `torch.linalg.vector_norm`."""
+    scale = power_of_two_scale(residual)
     return torch.linalg.vector_norm(residual / scale, dim=-1) * scale.squeeze(-1)
 
 
