@@ -48,7 +48,7 @@ from mi_krr.solvers.spectrum import preconditioner_diagonal
 from mi_krr.solvers.system import krr_system
 from probes.bounded_brent import bounded_brent
 from probes.scoring import (
-    PairedSums, centred_step_sums, common_scale, monotone_alignment, overflow_limit, pairwise_sse, path_r2, weighted_sse_sst,
+    PairedSums, centred_step_sums, magnitude_scale, monotone_alignment, overflow_limit, pairwise_sse, path_r2, weighted_sse_sst,
 )
 from probes.sensitivity import RICHARDSON_PRECONDITIONERS
 from probes.spectral_trajectories import (
@@ -166,10 +166,13 @@ def path_scores(layer_pred: np.ndarray, candidate_pred: torch.Tensor, scored: np
     indicator = (fold[None, :] == np.arange(fold.max() + 1)[:, None]).astype(np.float64)  # [F, B]
     pred = candidate_pred.detach().cpu().numpy()
     limit = overflow_limit(pred.size + np.size(layer_pred))  # beyond it (NaN and inf included), the sums would overflow
-    bounded = _bounded_candidates(pred, limit)  # [B, G]: False for a diverging step
-    values = (pred if bounded.all() else np.where(bounded[:, :, None, None], pred, 0.0)).reshape(batch, -1, n_query)
+    low, high = (float(pred.min()), float(pred.max())) if pred.size else (0.0, 0.0)  # one pass each, shared below
+    bounded = _bounded_candidates(pred, limit, low, high)  # [B, G]: False for a diverging step
+    every_bounded = bool(bounded.all())
+    values = (pred if every_bounded else np.where(bounded[:, :, None, None], pred, 0.0)).reshape(batch, -1, n_query)
     layers = np.asarray(layer_pred, dtype=np.float64)
-    scale = common_scale(layers, values)  # the path R2 is scale-free; squares of tiny values would underflow
+    largest = max(-low, high) if every_bounded else float(np.abs(values).max(initial=0.0))
+    scale = magnitude_scale(max(largest, float(np.abs(layers).max(initial=0.0))))  # the path R2 is scale-free; tiny squares underflow
     if scale != 1:
         layers, values = layers / scale, values / scale
     sums = PairedSums(pairwise_sse(layers, values), *centred_step_sums(values), n_query)
@@ -183,11 +186,11 @@ def path_scores(layer_pred: np.ndarray, candidate_pred: torch.Tensor, scored: np
     return score[0] if folds is None else score
 
 
-def _bounded_candidates(pred: np.ndarray, limit: float) -> np.ndarray:
-    """Whether each prompt's trajectory of each candidate, pred `[B, G, T+1, m]`, stays within
-    +-limit (False for NaN) -> bool `[B, G]`; the common case, every value within, from the
-    extremes alone (no temporary as large as pred)."""
-    if pred.size and -limit <= pred.min() and pred.max() <= limit:  # NaN fails both comparisons
+def _bounded_candidates(pred: np.ndarray, limit: float, low: float, high: float) -> np.ndarray:
+    """Whether each prompt's trajectory of each candidate, pred `[B, G, T+1, m]` (smallest and
+    largest value `low`, `high`), stays within +-limit (False for NaN) -> bool `[B, G]`; the common
+    case, every value within, from the extremes alone (no temporary as large as pred)."""
+    if pred.size and -limit <= low and high <= limit:  # NaN fails both comparisons
         return np.ones(pred.shape[:2], dtype=bool)
     return (np.abs(pred) <= limit).reshape(*pred.shape[:2], -1).all(axis=2)
 

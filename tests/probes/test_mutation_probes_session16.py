@@ -94,13 +94,13 @@ def test_bounded_candidates_equal_an_elementwise_loop_at_and_beyond_the_limit():
     pred[0, 3, 1, 0] = 3.0
     expected = np.array([[all(-limit <= value <= limit for value in pred[b, g].ravel()) for g in range(4)] for b in range(3)])
     assert expected.tolist() == [[True, True, True, True], [True, False, False, True], [False, True, True, False]]
-    np.testing.assert_array_equal(_bounded_candidates(pred, limit), expected)
+    np.testing.assert_array_equal(_bounded_candidates(pred, limit, pred.min(), pred.max()), expected)
     edge = np.zeros((3, 4, 2, 2))
     edge[1, 2, 0, 0], edge[2, 1, 1, 1] = limit, -limit
-    np.testing.assert_array_equal(_bounded_candidates(edge, limit), np.ones((3, 4), dtype=bool))
+    np.testing.assert_array_equal(_bounded_candidates(edge, limit, edge.min(), edge.max()), np.ones((3, 4), dtype=bool))
     below = np.zeros((3, 4, 2, 2))
     below[1, 2, 0, 0] = -1e300  # only the minimum is out of range
-    assert _bounded_candidates(below, limit).tolist() == [[True] * 4, [True, True, False, True], [True] * 4]
+    assert _bounded_candidates(below, limit, below.min(), below.max()).tolist() == [[True] * 4, [True, True, False, True], [True] * 4]
 
 
 def test_path_scores_of_folds_are_unaffected_by_a_negative_divergence_on_the_other_fold():
