@@ -80,14 +80,13 @@ def _alignment_lines(result: "TaskSetDiagnosis") -> list[str]:
     alignment = result.kernel_alignment
     if alignment is None:
         return []
-    best = {kernel: (alignment.best_heads(kernel)[1], alignment.uniform_best_heads(kernel)) for kernel in alignment.metrics}
-    spearman = {}
-    for kernel in alignment.metrics:
-        if "row_spearman" not in alignment.metrics[kernel]:  # an alignment built by hand with distances only
-            continue
-        head = alignment.best_heads(kernel)[0]
-        values = np.asarray(alignment.metrics[kernel]["row_spearman"].cpu(), dtype=np.float64)[np.arange(len(head)), np.maximum(head, 0)]
-        spearman[kernel] = np.where(head >= 0, values, np.nan)
+    best, spearman = {}, {}
+    for kernel, metrics in alignment.metrics.items():
+        head, distance = alignment.best_heads(kernel)
+        best[kernel] = (distance, alignment.uniform_best_heads(kernel))
+        if "row_spearman" in metrics:  # (an alignment built by hand may hold distances only)
+            values = np.asarray(metrics["row_spearman"].cpu(), dtype=np.float64)[np.arange(len(head)), np.maximum(head, 0)]
+            spearman[kernel] = np.where(head >= 0, values, np.nan)
     width = max(len("block"), *map(len, best))
     n_blocks = len(next(iter(best.values()))[0])
     lines = [f"kernel alignment ({alignment.block} rows vs support keys; best head's relative operator distance per block, 0 = identical):",
